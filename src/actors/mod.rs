@@ -1,0 +1,7 @@
+//! The actors of the relay, one concern each (SPEC §2), and the supervisor
+//! that starts them.
+
+pub mod dead_letter;
+pub mod dispatch;
+pub mod supervisor;
+pub mod sweep;

@@ -1,0 +1,469 @@
+//! `SweepActor`: owns the tick — claim due rows, dispatch them, settle them,
+//! all in one Postgres transaction.
+//!
+//! Messages: [`Tick`] (carries its deadline; sent to itself), [`Stop`]
+//! (answered once the tick in flight has finished or rolled back).
+//! Owns: its Postgres pool (built in `started`, so a restart reconnects).
+//!
+//! A tick runs with `ctx.wait`, so ticks never overlap and `Stop` waits for
+//! the one in flight. The next tick is scheduled when the current one ends:
+//! at once after a full batch (drain mode), after `sweep.interval` otherwise.
+//! The I/O is [`run_tick`], a plain async function.
+//!
+//! Failure: any error rolls the transaction back (nothing half-applied;
+//! the rows stay in the outbox for a later tick). After
+//! [`ERROR_BUDGET`] consecutive failed ticks the actor stops itself so the
+//! supervisor restarts it with a fresh pool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{debug, error, info, warn, Logger};
+
+use super::dead_letter::RowsDeadLettered;
+use super::dispatch::DispatchBatch;
+use crate::db::outbox::{self, OutboxRow};
+use crate::db::{self, is_statement_timeout, pg_error_text, PgPool};
+use crate::deadline::{Deadline, Expired};
+use crate::redis::member::{encode_member, schedule_key};
+use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
+use crate::settle::{settle, RetryPolicy, RowOutcome};
+
+/// Consecutive failed ticks after which the actor restarts itself.
+pub const ERROR_BUDGET: u32 = 10;
+
+/// How long a commit may run past the deadline. The outcome of a commit cut
+/// short is unknown, and both outcomes are safe (ZADD is idempotent), so a
+/// short grace beats abandoning a commit that is about to succeed.
+const COMMIT_GRACE: Duration = Duration::from_secs(1);
+
+/// What a tick needs, fixed for the actor's life.
+#[derive(Clone, Debug)]
+pub struct SweepSettings {
+    pub database_url: String,
+    pub pool_size: u32,
+    pub batch_size: u32,
+    pub interval: Duration,
+    pub tick_timeout: Duration,
+    pub key_prefix: String,
+    pub retry: RetryPolicy,
+}
+
+/// Counters shared with the process (progress line, later metrics); they
+/// outlive actor restarts.
+#[derive(Debug, Default)]
+pub struct SweepStats {
+    pub dispatched: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub ticks_ok: AtomicU64,
+    pub ticks_error: AtomicU64,
+    pub ticks_deadline: AtomicU64,
+    pub restarts: AtomicU64,
+}
+
+/// Run one sweep tick before `deadline`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Tick {
+    pub deadline: Deadline,
+}
+
+/// Finish (or roll back) the tick in flight and schedule no more.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// What one successful tick did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TickReport {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead_lettered: usize,
+    pub deferred: usize,
+    /// Redis gave no usable reply: no row was charged an attempt.
+    pub redis_unavailable: Option<String>,
+    /// Redis reported a server-wide condition for some entries (OOM, READONLY, WAIT shortfall).
+    pub deferred_reason: Option<String>,
+    pub last_retry_error: Option<String>,
+    pub last_dead_error: Option<String>,
+}
+
+/// Why a tick was abandoned. The transaction was rolled back in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum TickError {
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    #[error("{stage}: {reason}")]
+    Db { stage: &'static str, reason: String },
+    #[error("statement timeout during {stage}")]
+    StatementTimeout { stage: &'static str },
+    #[error(transparent)]
+    Deadline(#[from] Expired),
+    #[error("dispatch actor unreachable: {0}")]
+    Mailbox(String),
+    #[error("commit outcome unknown: {0}")]
+    CommitUnknown(String),
+}
+
+impl TickError {
+    /// Whether the tick ran out of time (as opposed to failing).
+    pub fn is_deadline(&self) -> bool {
+        matches!(
+            self,
+            TickError::Deadline(_) | TickError::StatementTimeout { .. }
+        )
+    }
+
+    fn db(stage: &'static str) -> impl Fn(tokio_postgres::Error) -> TickError {
+        move |e| {
+            if is_statement_timeout(&e) {
+                TickError::StatementTimeout { stage }
+            } else {
+                TickError::Db {
+                    stage,
+                    reason: pg_error_text(&e),
+                }
+            }
+        }
+    }
+}
+
+/// One tick: claim, encode, dispatch, settle, commit.
+pub async fn run_tick(
+    pool: &PgPool,
+    dispatch: &Recipient<DispatchBatch>,
+    settings: &SweepSettings,
+    deadline: Deadline,
+) -> Result<TickReport, TickError> {
+    let mut conn = deadline
+        .run("postgres pool get", pool.get())
+        .await?
+        .map_err(|e| TickError::Pool(e.to_string()))?;
+    let tx = deadline
+        .run("begin", conn.transaction())
+        .await?
+        .map_err(TickError::db("begin"))?;
+    // Only SET LOCAL: it ends with the transaction, so nothing leaks to the
+    // next user of a pooled (or pgbouncer) server connection.
+    let t = deadline.pg_timeout();
+    deadline
+        .run(
+            "set timeouts",
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}'"
+            )),
+        )
+        .await?
+        .map_err(TickError::db("set timeouts"))?;
+    let rows = deadline
+        .run(
+            "claim",
+            outbox::claim_due(&tx, i64::from(settings.batch_size)),
+        )
+        .await?
+        .map_err(TickError::db("claim"))?;
+    let mut report = TickReport {
+        claimed: rows.len(),
+        ..TickReport::default()
+    };
+    if rows.is_empty() {
+        deadline
+            .run("commit", tx.commit())
+            .await?
+            .map_err(TickError::db("commit"))?;
+        return Ok(report);
+    }
+
+    let (entries, entry_rows, mut outcomes) = encode_rows(&rows, &settings.key_prefix);
+    if !entries.is_empty() {
+        let reply = deadline
+            .run(
+                "dispatch",
+                dispatch.send(DispatchBatch { entries, deadline }),
+            )
+            .await?
+            .map_err(|e| TickError::Mailbox(e.to_string()))?;
+        match reply {
+            Ok(per_entry) => {
+                for (k, o) in per_entry.into_iter().enumerate() {
+                    outcomes[entry_rows[k]] = match o {
+                        EntryOutcome::Delivered => RowOutcome::Delivered,
+                        EntryOutcome::Rejected(e) => RowOutcome::Failed(e),
+                        EntryOutcome::Deferred(e) => {
+                            report.deferred_reason = Some(e);
+                            RowOutcome::Deferred
+                        }
+                    };
+                }
+            }
+            // The outcome of the ZADDs is unknown: settle nothing.
+            Err(DispatchError::Deadline(e)) => return Err(TickError::Deadline(e)),
+            // Not the rows' fault: they stay as they are (outcomes remain Deferred).
+            Err(DispatchError::Unavailable(why)) => report.redis_unavailable = Some(why),
+        }
+    }
+
+    let plan = settle(&rows, outcomes, &settings.retry);
+    report.delivered = plan.delete.len();
+    report.retried = plan.retry_ids.len();
+    report.dead_lettered = plan.dead_ids.len();
+    report.deferred = plan.deferred;
+    report.last_retry_error = plan.last_retry_error.clone();
+    report.last_dead_error = plan.dead_errors.last().cloned();
+
+    // Three independent statements, pipelined on one connection.
+    let settle_all = async {
+        tokio::try_join!(
+            async {
+                outbox::delete(&tx, &plan.delete)
+                    .await
+                    .map_err(TickError::db("delete delivered"))
+            },
+            async {
+                outbox::reschedule(&tx, &plan.retry_ids, &plan.retry_delays_ms)
+                    .await
+                    .map_err(TickError::db("reschedule failed"))
+            },
+            async {
+                outbox::move_to_dead(&tx, &plan.dead_ids, &plan.dead_errors)
+                    .await
+                    .map_err(TickError::db("move to dead letters"))
+            },
+        )
+    };
+    deadline.run("settle", settle_all).await??;
+    deadline.check("commit")?;
+    tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
+        .await
+        .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
+        .map_err(|e| TickError::CommitUnknown(pg_error_text(&e)))?;
+    Ok(report)
+}
+
+/// Encode every row; rows that cannot be encoded become `Poison`, the others
+/// start as `Deferred` until Redis answers for them.
+fn encode_rows(
+    rows: &[OutboxRow],
+    prefix: &str,
+) -> (Vec<ScheduleEntry>, Vec<usize>, Vec<RowOutcome>) {
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut entry_rows = Vec::with_capacity(rows.len());
+    let mut outcomes = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        match encode_member(row) {
+            Ok(member) => {
+                entries.push(ScheduleEntry {
+                    key: schedule_key(prefix, &row.job_id),
+                    score: row.run_at_ms,
+                    member,
+                });
+                entry_rows.push(i);
+                outcomes.push(RowOutcome::Deferred);
+            }
+            Err(e) => outcomes.push(RowOutcome::Poison(e.to_string())),
+        }
+    }
+    (entries, entry_rows, outcomes)
+}
+
+/// When the next tick starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// The last tick claimed a full batch: more is probably due, go on at once.
+    Drain,
+    /// Wait `sweep.interval`.
+    Idle,
+}
+
+pub struct SweepActor {
+    settings: SweepSettings,
+    log: Logger,
+    dispatch: Recipient<DispatchBatch>,
+    dead_letter: Recipient<RowsDeadLettered>,
+    stats: Arc<SweepStats>,
+    pool: Option<PgPool>,
+    stopping: bool,
+    consecutive_failures: u32,
+}
+
+impl SweepActor {
+    pub fn new(
+        settings: SweepSettings,
+        dispatch: Recipient<DispatchBatch>,
+        dead_letter: Recipient<RowsDeadLettered>,
+        stats: Arc<SweepStats>,
+        log: &Logger,
+    ) -> Self {
+        SweepActor {
+            settings,
+            log: log.new(slog::o!("actor" => "SweepActor")),
+            dispatch,
+            dead_letter,
+            stats,
+            pool: None,
+            stopping: false,
+            consecutive_failures: 0,
+        }
+    }
+
+    fn schedule(&self, ctx: &mut Context<Self>, pace: Pace) {
+        if self.stopping {
+            return;
+        }
+        match pace {
+            Pace::Drain => ctx.notify(Tick {
+                deadline: Deadline::after(self.settings.tick_timeout),
+            }),
+            Pace::Idle => {
+                ctx.run_later(self.settings.interval, |act, ctx| {
+                    ctx.notify(Tick {
+                        deadline: Deadline::after(act.settings.tick_timeout),
+                    })
+                });
+            }
+        }
+    }
+
+    fn finish_tick(&mut self, result: Result<TickReport, TickError>, ctx: &mut Context<Self>) {
+        let pace = match result {
+            Ok(report) => {
+                self.consecutive_failures = 0;
+                self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
+                self.record(&report);
+                if report.claimed == self.settings.batch_size as usize
+                    && report.redis_unavailable.is_none()
+                    && report.deferred == 0
+                {
+                    Pace::Drain
+                } else {
+                    Pace::Idle
+                }
+            }
+            Err(e) => {
+                self.consecutive_failures += 1;
+                if e.is_deadline() {
+                    self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
+                }
+                warn!(self.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
+                    "error" => %e, "deadline" => e.is_deadline(),
+                    "consecutive_failures" => self.consecutive_failures);
+                if self.consecutive_failures >= ERROR_BUDGET && !self.stopping {
+                    error!(self.log, "sweep actor exhausted its error budget; restarting it";
+                        "consecutive_failures" => self.consecutive_failures, "last_error" => %e);
+                    ctx.stop();
+                    return;
+                }
+                Pace::Idle
+            }
+        };
+        self.schedule(ctx, pace);
+    }
+
+    fn record(&self, r: &TickReport) {
+        self.stats
+            .dispatched
+            .fetch_add(r.delivered as u64, Ordering::Relaxed);
+        self.stats
+            .retried
+            .fetch_add(r.retried as u64, Ordering::Relaxed);
+        self.stats
+            .dead_lettered
+            .fetch_add(r.dead_lettered as u64, Ordering::Relaxed);
+        if r.claimed > 0 {
+            debug!(self.log, "sweep tick settled";
+                "claimed" => r.claimed, "delivered" => r.delivered, "retried" => r.retried,
+                "dead_lettered" => r.dead_lettered, "deferred" => r.deferred);
+        }
+        if let Some(why) = &r.redis_unavailable {
+            warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
+                "rows" => r.deferred, "error" => why);
+        } else if let Some(why) = &r.deferred_reason {
+            warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent without counting an attempt";
+                "rows" => r.deferred, "error" => why);
+        }
+        if let Some(err) = &r.last_retry_error {
+            warn!(self.log, "rows failed in redis and will be retried with backoff";
+                "count" => r.retried, "last_error" => err);
+        }
+        if r.dead_lettered > 0 {
+            self.dead_letter.do_send(RowsDeadLettered {
+                count: r.dead_lettered,
+                last_error: r.last_dead_error.clone().unwrap_or_default(),
+            });
+        }
+    }
+}
+
+impl Actor for SweepActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The checkout wait is bounded by each tick's deadline anyway.
+        match db::pool(
+            &self.settings.database_url,
+            self.settings.pool_size,
+            self.settings.tick_timeout,
+        ) {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => {
+                error!(self.log, "cannot build the Postgres pool"; "error" => %e);
+                return;
+            }
+        }
+        self.schedule(ctx, Pace::Drain);
+    }
+}
+
+impl Supervised for SweepActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        // Fresh state: a new pool (new connections), no failure streak.
+        self.pool = None;
+        self.consecutive_failures = 0;
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        info!(self.log, "sweep actor restarting");
+    }
+}
+
+impl Handler<Tick> for SweepActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Tick, ctx: &mut Self::Context) {
+        if self.stopping {
+            return;
+        }
+        if msg.deadline.expired() {
+            self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                self.log,
+                "tick arrived after its deadline; dropped unexecuted"
+            );
+            self.schedule(ctx, Pace::Idle);
+            return;
+        }
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        let dispatch = self.dispatch.clone();
+        let settings = self.settings.clone();
+        let tick = async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await };
+        ctx.wait(
+            tick.into_actor(self)
+                .map(|result, act, ctx| act.finish_tick(result, ctx)),
+        );
+    }
+}
+
+impl Handler<Stop> for SweepActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Stop, _ctx: &mut Self::Context) {
+        // Runs only after the tick in flight (ctx.wait holds the mailbox).
+        self.stopping = true;
+    }
+}

@@ -1,0 +1,133 @@
+//! Postgres side of the relay: pools, start-up checks, migrations and the
+//! outbox queries.
+//!
+//! Every statement goes through the unnamed-statement APIs of tokio-postgres
+//! (`query_typed*`, `execute_typed`, `batch_execute`, `simple_query`), never
+//! `query`/`execute` with a `&str`, which PREPARE a named statement: behind
+//! pgbouncer in transaction pooling mode, named statements collide across
+//! processes (SQLSTATE 42P05, incident 5 of the spec).
+
+pub mod migrate;
+pub mod outbox;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::config::redact_url;
+
+pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Name the relay's sessions carry in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "outbox-relay";
+
+/// Why Postgres could not be used at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DbSetupError {
+    #[error("invalid Postgres URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot reach Postgres at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("Postgres at {url} has no outbox schema (tables task_outbox and task_outbox_dead); run `outbox-relay migrate` first")]
+    SchemaMissing { url: String },
+}
+
+/// Parse a URL into a connection config with the relay's defaults applied.
+pub fn pg_config(
+    url: &str,
+    connect_timeout: Duration,
+) -> Result<tokio_postgres::Config, DbSetupError> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbSetupError::Url {
+        url: redact_url(url),
+        reason: e.to_string(),
+    })?;
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(APPLICATION_NAME);
+    }
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(connect_timeout);
+    }
+    Ok(cfg)
+}
+
+/// A lazily connecting pool. Broken connections are detected by
+/// `Client::is_closed` on return, so no round trip is spent testing
+/// a connection on every checkout.
+pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<PgPool, DbSetupError> {
+    let cfg = pg_config(url, checkout_timeout)?;
+    let manager = PostgresConnectionManager::new(cfg, NoTls);
+    Ok(bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(checkout_timeout)
+        .test_on_check_out(false)
+        .build_unchecked(manager))
+}
+
+/// Open one direct connection (not pooled); the connection task runs on the
+/// current runtime and ends when the client is dropped.
+pub async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Client, DbSetupError> {
+    let cfg = pg_config(url, timeout)?;
+    let unreachable = |reason: String| DbSetupError::Unreachable {
+        url: redact_url(url),
+        reason,
+    };
+    let (client, connection) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {}ms", timeout.as_millis())))?
+        .map_err(|e| unreachable(pg_error_text(&e)))?;
+    tokio::spawn(async move {
+        // The connection ends with an error when the server goes away; the
+        // client's next call reports it, so there is nothing to add here.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Check that Postgres answers and that the outbox tables exist.
+pub async fn check_ready(url: &str, timeout: Duration) -> Result<(), DbSetupError> {
+    let client = connect(url, timeout).await?;
+    let row = client
+        .query_typed_one(
+            "SELECT to_regclass('task_outbox') IS NOT NULL AND to_regclass('task_outbox_dead') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| DbSetupError::Unreachable {
+            url: redact_url(url),
+            reason: pg_error_text(&e),
+        })?;
+    if row.get::<_, bool>(0) {
+        Ok(())
+    } else {
+        Err(DbSetupError::SchemaMissing {
+            url: redact_url(url),
+        })
+    }
+}
+
+/// A readable one-line description of a Postgres error: the server's message
+/// and SQLSTATE when there is one, else the client error and its causes.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// `statement_timeout` (or a cancel) ended the statement: SQLSTATE 57014.
+pub fn is_statement_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::QUERY_CANCELED)
+}

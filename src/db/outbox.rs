@@ -1,0 +1,135 @@
+//! Queries of one sweep tick on `task_outbox` (and the atomic move into
+//! `task_outbox_dead`), each a plain async function on the tick's
+//! transaction so it can be tested without actors.
+//!
+//! All of them take arrays (`= ANY($1)`, `unnest`), so a settle costs one
+//! round trip per kind of outcome whatever the batch size.
+
+use tokio_postgres::types::Type;
+use tokio_postgres::Transaction;
+
+/// A claimed outbox row: the columns the member needs, plus `attempts` for
+/// the retry decision and the score (`run_at` in unix milliseconds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub task_id: String,
+    pub job_id: String,
+    pub page_id: i32,
+    pub host: String,
+    pub path: String,
+    pub priority: f64,
+    pub retry_count: i32,
+    pub source_type: String,
+    pub source_url: String,
+    pub task_type: String,
+    pub lighthouse_run_id: Option<i64>,
+    pub attempts: i32,
+    pub run_at_ms: i64,
+}
+
+/// Claim up to `limit` due rows, oldest `run_at` first, skipping rows another
+/// relay holds. UUIDs come back as text: the member needs their canonical
+/// form, and text columns avoid any type lookup behind pgbouncer.
+pub async fn claim_due(
+    tx: &Transaction<'_>,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
+    let rows = tx
+        .query_typed(
+            "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+                    source_type, source_url, task_type, lighthouse_run_id, attempts,
+                    floor(extract(epoch FROM run_at) * 1000)::int8
+               FROM task_outbox
+              WHERE run_at <= now()
+              ORDER BY run_at
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED",
+            &[(&limit, Type::INT8)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get(0)?,
+                task_id: r.try_get(1)?,
+                job_id: r.try_get(2)?,
+                page_id: r.try_get(3)?,
+                host: r.try_get(4)?,
+                path: r.try_get(5)?,
+                priority: r.try_get(6)?,
+                retry_count: r.try_get(7)?,
+                source_type: r.try_get(8)?,
+                source_url: r.try_get(9)?,
+                task_type: r.try_get(10)?,
+                lighthouse_run_id: r.try_get(11)?,
+                attempts: r.try_get(12)?,
+                run_at_ms: r.try_get(13)?,
+            })
+        })
+        .collect()
+}
+
+/// Delete delivered rows.
+pub async fn delete(tx: &Transaction<'_>, ids: &[i64]) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute_typed(
+        "DELETE FROM task_outbox WHERE id = ANY($1)",
+        &[(&ids, Type::INT8_ARRAY)],
+    )
+    .await
+}
+
+/// Count a failed attempt and push each row's `run_at` out by its own delay.
+pub async fn reschedule(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+    delays_ms: &[i64],
+) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute_typed(
+        "UPDATE task_outbox o
+            SET attempts = o.attempts + 1,
+                run_at = now() + u.delay_ms * interval '1 millisecond'
+           FROM unnest($1::int8[], $2::int8[]) AS u(id, delay_ms)
+          WHERE o.id = u.id",
+        &[(&ids, Type::INT8_ARRAY), (&delays_ms, Type::INT8_ARRAY)],
+    )
+    .await
+}
+
+/// Move rows to `task_outbox_dead` with `attempts + 1` and their own error.
+///
+/// One statement (a DELETE … RETURNING feeding an INSERT) inside the tick's
+/// transaction: a row is never in both tables and never in neither.
+pub async fn move_to_dead(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+    errors: &[String],
+) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute_typed(
+        "WITH moved AS (
+             DELETE FROM task_outbox o
+              USING unnest($1::int8[], $2::text[]) AS u(id, err)
+              WHERE o.id = u.id
+          RETURNING o.*, u.err
+         )
+         INSERT INTO task_outbox_dead
+                (original_id, task_id, job_id, page_id, host, path, priority, retry_count,
+                 source_type, source_url, run_at, attempts, created_at, task_type,
+                 lighthouse_run_id, last_error)
+         SELECT id, task_id, job_id, page_id, host, path, priority, retry_count,
+                source_type, source_url, run_at, attempts + 1, created_at, task_type,
+                lighthouse_run_id, err
+           FROM moved",
+        &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
+    )
+    .await
+}

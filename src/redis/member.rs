@@ -1,0 +1,187 @@
+//! The schedule member: byte-compatible with the existing consumers.
+//!
+//! 11 fields joined by `|`:
+//! `task_id|job_id|page_id|host|path|priority|retry_count|source_type|source_url|task_type|lighthouse_run_id`
+//! with the priority printed with exactly four decimals, an empty `task_type`
+//! written as `crawl` and a NULL `lighthouse_run_id` as `0`. A field that
+//! contains `|` cannot be encoded without corrupting every field after it, so
+//! it is an [`EncodeError`] that names the field; the sweep dead-letters such
+//! a row at once instead of writing it.
+
+use std::fmt::Write;
+
+use crate::db::outbox::OutboxRow;
+
+/// Why a row cannot become a schedule member. These are the row's fault:
+/// retrying cannot help, so the row is dead-lettered immediately.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("field {field} contains the separator '|' and cannot be encoded")]
+    SeparatorInField { field: &'static str },
+    #[error("field priority is not a finite number ({value})")]
+    NonFinitePriority { value: f64 },
+}
+
+/// The sorted-set key of a job's schedule: `{prefix}sched:{job_id}`.
+pub fn schedule_key(prefix: &str, job_id: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + 6 + job_id.len());
+    key.push_str(prefix);
+    key.push_str("sched:");
+    key.push_str(job_id);
+    key
+}
+
+/// Encode `row` as its schedule member.
+pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
+    let text_fields: [(&'static str, &str); 5] = [
+        ("host", &row.host),
+        ("path", &row.path),
+        ("source_type", &row.source_type),
+        ("source_url", &row.source_url),
+        ("task_type", &row.task_type),
+    ];
+    for (field, value) in text_fields {
+        if value.contains('|') {
+            return Err(EncodeError::SeparatorInField { field });
+        }
+    }
+    if !row.priority.is_finite() {
+        return Err(EncodeError::NonFinitePriority {
+            value: row.priority,
+        });
+    }
+    let task_type = if row.task_type.is_empty() {
+        "crawl"
+    } else {
+        &row.task_type
+    };
+    let mut m = String::with_capacity(
+        100 + row.host.len() + row.path.len() + row.source_url.len() + row.source_type.len(),
+    );
+    // Writing to a String cannot fail.
+    let _ = write!(
+        m,
+        "{}|{}|{}|{}|{}|{:.4}|{}|{}|{}|{}|{}",
+        row.task_id,
+        row.job_id,
+        row.page_id,
+        row.host,
+        row.path,
+        row.priority,
+        row.retry_count,
+        row.source_type,
+        row.source_url,
+        task_type,
+        row.lighthouse_run_id.unwrap_or(0)
+    );
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            task_id: "6f1c2a52-4a8e-4d8e-9a43-2b1f3c9d7e01".into(),
+            job_id: "0b7e5e8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b".into(),
+            page_id: 42,
+            host: "example.com".into(),
+            path: "/a/b?c=d".into(),
+            priority: 1.0,
+            retry_count: 0,
+            source_type: "sitemap".into(),
+            source_url: "https://example.com/sitemap.xml".into(),
+            task_type: "crawl".into(),
+            lighthouse_run_id: None,
+            attempts: 0,
+            run_at_ms: 1_700_000_000_123,
+        }
+    }
+
+    #[test]
+    fn fixed_vector_matches_existing_consumers() {
+        assert_eq!(
+            encode_member(&row()).unwrap(),
+            "6f1c2a52-4a8e-4d8e-9a43-2b1f3c9d7e01|0b7e5e8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b|42|example.com|/a/b?c=d|1.0000|0|sitemap|https://example.com/sitemap.xml|crawl|0"
+        );
+    }
+
+    #[test]
+    fn priority_has_exactly_four_decimals() {
+        let cases = [
+            (1.0, "1.0000"),
+            (0.5, "0.5000"),
+            (0.123456, "0.1235"),
+            (12.0, "12.0000"),
+            (-0.25, "-0.2500"),
+            (0.0, "0.0000"),
+        ];
+        for (p, want) in cases {
+            let mut r = row();
+            r.priority = p;
+            let m = encode_member(&r).unwrap();
+            assert_eq!(m.split('|').nth(5), Some(want), "priority {p}");
+        }
+    }
+
+    #[test]
+    fn empty_task_type_is_crawl_and_lighthouse_id_is_kept() {
+        let mut r = row();
+        r.task_type = String::new();
+        r.lighthouse_run_id = Some(987_654_321_012);
+        r.retry_count = 3;
+        let m = encode_member(&r).unwrap();
+        let fields: Vec<&str> = m.split('|').collect();
+        assert_eq!(fields.len(), 11);
+        assert_eq!(fields[6], "3");
+        assert_eq!(fields[9], "crawl");
+        assert_eq!(fields[10], "987654321012");
+    }
+
+    #[test]
+    fn empty_source_url_keeps_eleven_fields() {
+        let mut r = row();
+        r.source_url = String::new();
+        r.task_type = "lighthouse".into();
+        let m = encode_member(&r).unwrap();
+        assert!(m.ends_with("|sitemap||lighthouse|0"), "{m}");
+        assert_eq!(m.split('|').count(), 11);
+    }
+
+    #[test]
+    fn separator_in_any_text_field_names_the_field() {
+        for field in ["host", "path", "source_type", "source_url", "task_type"] {
+            let mut r = row();
+            let v = "a|b".to_string();
+            match field {
+                "host" => r.host = v,
+                "path" => r.path = v,
+                "source_type" => r.source_type = v,
+                "source_url" => r.source_url = v,
+                _ => r.task_type = v,
+            }
+            let err = encode_member(&r).unwrap_err();
+            assert_eq!(err, EncodeError::SeparatorInField { field });
+            assert!(err.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn non_finite_priorities_are_refused() {
+        for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut r = row();
+            r.priority = p;
+            assert!(matches!(
+                encode_member(&r),
+                Err(EncodeError::NonFinitePriority { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn key_layout() {
+        assert_eq!(schedule_key("hover:", "abc"), "hover:sched:abc");
+    }
+}

@@ -1,0 +1,67 @@
+//! Redis side of the relay: the connection pool, the member encoding and the
+//! pipelined ZADD that reports its outcome per entry.
+
+pub mod member;
+pub mod pipeline;
+
+use std::time::Duration;
+
+use bb8_redis::RedisConnectionManager;
+
+use crate::config::{redact_url, RedisConfig};
+
+pub type RedisPool = bb8::Pool<RedisConnectionManager>;
+
+/// Why Redis could not be reached at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("invalid Redis URL {url}: {source}")]
+    Url {
+        url: String,
+        source: ::redis::RedisError,
+    },
+    #[error("cannot reach Redis at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
+/// A lazily connecting pool; connections are checked with PING on checkout
+/// because bb8-redis cannot otherwise tell that a connection died.
+pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<RedisPool, RedisSetupError> {
+    let manager =
+        RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
+            url: redact_url(&cfg.url),
+            source,
+        })?;
+    Ok(bb8::Pool::builder()
+        .max_size(cfg.pool_size)
+        .connection_timeout(checkout_timeout)
+        .test_on_check_out(true)
+        .build_unchecked(manager))
+}
+
+/// Connect once and PING, so start-up fails with the real cause (refused,
+/// auth, DNS) instead of a pool timeout.
+pub async fn ping(url: &str, timeout: Duration) -> Result<Duration, RedisSetupError> {
+    let shown = redact_url(url);
+    let unreachable = |reason: String| RedisSetupError::Unreachable {
+        url: shown.clone(),
+        reason,
+    };
+    let client = ::redis::Client::open(url).map_err(|source| RedisSetupError::Url {
+        url: shown.clone(),
+        source,
+    })?;
+    let started = tokio::time::Instant::now();
+    let attempt = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        ::redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}ms",
+            timeout.as_millis()
+        ))),
+    }
+}

@@ -1,0 +1,159 @@
+//! The pipelined ZADD of one tick, with an outcome per entry.
+//!
+//! redis-rs fails a whole non-atomic pipeline when one command fails, although
+//! the others were applied; `ignore_errors()` gives one reply per command
+//! instead, which is exactly what per-row settlement needs (SPEC §3, incident
+//! 1). Errors are sorted into three kinds:
+//! - the row's fault (`WRONGTYPE`, …): [`EntryOutcome::Rejected`], an attempt counts;
+//! - Redis-wide trouble reported per command (`OOM`, `READONLY`, `LOADING`, …):
+//!   [`EntryOutcome::Deferred`], re-sent later without counting an attempt;
+//! - no usable reply at all (refused, pool timeout, broken connection):
+//!   [`DispatchError::Unavailable`], nothing is counted against any row.
+//!
+//! A deadline that runs out while the pipeline is in flight is
+//! [`DispatchError::Deadline`]: the outcome is unknown, so the caller must
+//! not settle anything on its strength.
+
+use ::redis::{ServerError, Value};
+
+use super::RedisPool;
+use crate::deadline::{Deadline, Expired};
+
+/// One ZADD: `ZADD key score member`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleEntry {
+    pub key: String,
+    pub score: i64,
+    pub member: String,
+}
+
+/// What happened to one entry of the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryOutcome {
+    /// The member is in the sorted set.
+    Delivered,
+    /// Redis refused this entry for a reason that is the row's fault.
+    Rejected(String),
+    /// Redis refused for a reason that is not the row's fault; re-send later.
+    Deferred(String),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DispatchError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Deadline(#[from] Expired),
+}
+
+/// Error codes that describe the server's state, not the entry.
+const TRANSIENT_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "READONLY",
+    "OOM",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
+    "MISCONF",
+    "NOAUTH",
+    "NOPERM",
+];
+
+fn describe(err: &ServerError) -> String {
+    match err.details() {
+        Some(detail) => format!("{} {}", err.code(), detail),
+        None => err.code().to_string(),
+    }
+}
+
+/// Sort one server error into the row's fault or Redis's.
+pub fn classify(err: &ServerError) -> EntryOutcome {
+    let text = describe(err);
+    if TRANSIENT_CODES.contains(&err.code()) {
+        EntryOutcome::Deferred(text)
+    } else {
+        EntryOutcome::Rejected(text)
+    }
+}
+
+/// Send all `entries` in one pipeline and report each entry's outcome, in order.
+///
+/// With `wait_replicas > 0` the pipeline ends with `WAIT n <time left>`; if
+/// fewer replicas acknowledge, delivered entries are reported `Deferred` so
+/// their rows are re-sent rather than deleted.
+pub async fn zadd_batch(
+    pool: &RedisPool,
+    entries: &[ScheduleEntry],
+    wait_replicas: u32,
+    deadline: Deadline,
+) -> Result<Vec<EntryOutcome>, DispatchError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = deadline
+        .run("redis pool get", pool.get())
+        .await?
+        .map_err(|e| DispatchError::Unavailable(format!("pool get: {e}")))?;
+    // The multiplexed connection's own response timeout (500ms by default)
+    // must not cut a large pipeline short: give it exactly the time left.
+    conn.set_response_timeout(
+        deadline
+            .remaining()
+            .max(std::time::Duration::from_millis(1)),
+    );
+    let mut pipe = ::redis::pipe();
+    pipe.ignore_errors();
+    for e in entries {
+        pipe.zadd(&e.key, &e.member, e.score);
+    }
+    if wait_replicas > 0 {
+        let wait_ms = deadline.remaining().as_millis().max(1) as u64;
+        pipe.cmd("WAIT").arg(wait_replicas).arg(wait_ms);
+    }
+    let replies: Vec<Value> = match deadline
+        .run("redis pipeline", pipe.query_async(&mut *conn))
+        .await?
+    {
+        Ok(v) => v,
+        Err(e) if e.is_timeout() && deadline.expired() => {
+            return Err(DispatchError::Deadline(Expired {
+                stage: "redis pipeline",
+            }))
+        }
+        Err(e) => return Err(DispatchError::Unavailable(e.to_string())),
+    };
+    let expected = entries.len() + usize::from(wait_replicas > 0);
+    if replies.len() != expected {
+        return Err(DispatchError::Unavailable(format!(
+            "pipeline returned {} replies for {} commands",
+            replies.len(),
+            expected
+        )));
+    }
+    let mut outcomes: Vec<EntryOutcome> = replies[..entries.len()]
+        .iter()
+        .map(|v| match v {
+            Value::ServerError(err) => classify(err),
+            _ => EntryOutcome::Delivered,
+        })
+        .collect();
+    if wait_replicas > 0 {
+        let acked = match &replies[entries.len()] {
+            Value::Int(n) => *n,
+            _ => 0,
+        };
+        if acked < i64::from(wait_replicas) {
+            let why = format!("WAIT: {acked} of {wait_replicas} replicas acknowledged the batch");
+            for o in outcomes.iter_mut() {
+                if *o == EntryOutcome::Delivered {
+                    *o = EntryOutcome::Deferred(why.clone());
+                }
+            }
+        }
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,168 @@
+//! Settlement rules of one tick (SPEC §3), as pure logic.
+//!
+//! Given the claimed rows and what happened to each, decide which rows are
+//! deleted, which are rescheduled (and when), which move to the dead-letter
+//! table, and which are left untouched for a later tick. No I/O here: the
+//! sweep applies the resulting [`Settlement`] in its transaction.
+
+use std::time::Duration;
+
+use crate::db::outbox::OutboxRow;
+
+/// How failed rows are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    pub max_attempts: u32,
+}
+
+impl RetryPolicy {
+    /// Delay before the next try of a row that has failed `attempts` times
+    /// before this failure: `min(base * 2^attempts, max)`.
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let exp = attempts.clamp(0, 62) as u32;
+        let factor = 1u64 << exp;
+        let base_ms = self.base_backoff.as_millis().min(u128::from(u64::MAX)) as u64;
+        let ms = base_ms.saturating_mul(factor);
+        Duration::from_millis(ms).min(self.max_backoff)
+    }
+
+    /// Whether one more failure exhausts the row's attempts.
+    pub fn exhausted(&self, attempts: i32) -> bool {
+        i64::from(attempts) + 1 >= i64::from(self.max_attempts)
+    }
+}
+
+/// What happened to one claimed row during the tick.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    /// Its member is in Redis.
+    Delivered,
+    /// Redis refused it for a reason that is the row's fault.
+    Failed(String),
+    /// Not the row's fault (Redis unavailable or busy): leave it as it is.
+    Deferred,
+    /// It can never be delivered (cannot be encoded): dead-letter at once.
+    Poison(String),
+}
+
+/// The writes one tick makes, grouped for array statements.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Settlement {
+    pub delete: Vec<i64>,
+    pub retry_ids: Vec<i64>,
+    pub retry_delays_ms: Vec<i64>,
+    pub dead_ids: Vec<i64>,
+    pub dead_errors: Vec<String>,
+    pub deferred: usize,
+    /// The last error among retried rows, for the log line.
+    pub last_retry_error: Option<String>,
+}
+
+/// Apply the rules to `rows` and their `outcomes` (same order, same length).
+pub fn settle(rows: &[OutboxRow], outcomes: Vec<RowOutcome>, policy: &RetryPolicy) -> Settlement {
+    debug_assert_eq!(rows.len(), outcomes.len());
+    let mut s = Settlement::default();
+    for (row, outcome) in rows.iter().zip(outcomes) {
+        match outcome {
+            RowOutcome::Delivered => s.delete.push(row.id),
+            RowOutcome::Deferred => s.deferred += 1,
+            RowOutcome::Poison(err) => {
+                s.dead_ids.push(row.id);
+                s.dead_errors.push(err);
+            }
+            RowOutcome::Failed(err) if policy.exhausted(row.attempts) => {
+                s.dead_ids.push(row.id);
+                s.dead_errors.push(err);
+            }
+            RowOutcome::Failed(err) => {
+                s.retry_ids.push(row.id);
+                s.retry_delays_ms.push(
+                    policy
+                        .backoff(row.attempts)
+                        .as_millis()
+                        .min(i64::MAX as u128) as i64,
+                );
+                s.last_retry_error = Some(err);
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            base_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+            max_attempts: 3,
+        }
+    }
+
+    fn row(id: i64, attempts: i32) -> OutboxRow {
+        OutboxRow {
+            id,
+            task_id: String::new(),
+            job_id: String::new(),
+            page_id: 0,
+            host: String::new(),
+            path: String::new(),
+            priority: 0.0,
+            retry_count: 0,
+            source_type: String::new(),
+            source_url: String::new(),
+            task_type: String::new(),
+            lighthouse_run_id: None,
+            attempts,
+            run_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = policy();
+        assert_eq!(p.backoff(0), Duration::from_secs(2));
+        assert_eq!(p.backoff(1), Duration::from_secs(4));
+        assert_eq!(p.backoff(5), Duration::from_secs(64));
+        assert_eq!(p.backoff(8), Duration::from_secs(300));
+        assert_eq!(p.backoff(10_000), Duration::from_secs(300));
+        assert_eq!(p.backoff(-3), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn exhaustion_at_the_cap() {
+        let p = policy();
+        assert!(!p.exhausted(0));
+        assert!(!p.exhausted(1));
+        assert!(p.exhausted(2));
+        let one = RetryPolicy {
+            max_attempts: 1,
+            ..p
+        };
+        assert!(one.exhausted(0));
+    }
+
+    #[test]
+    fn every_outcome_lands_in_exactly_one_place() {
+        let rows = [row(1, 0), row(2, 0), row(3, 2), row(4, 1), row(5, 0)];
+        let outcomes = vec![
+            RowOutcome::Delivered,
+            RowOutcome::Failed("WRONGTYPE x".into()),
+            RowOutcome::Failed("WRONGTYPE y".into()),
+            RowOutcome::Deferred,
+            RowOutcome::Poison("field path contains the separator".into()),
+        ];
+        let s = settle(&rows, outcomes, &policy());
+        assert_eq!(s.delete, [1]);
+        assert_eq!(s.retry_ids, [2]);
+        assert_eq!(s.retry_delays_ms, [2000]);
+        assert_eq!(s.dead_ids, [3, 5]);
+        assert_eq!(s.dead_errors[0], "WRONGTYPE y");
+        assert_eq!(s.deferred, 1);
+        assert_eq!(s.last_retry_error.as_deref(), Some("WRONGTYPE x"));
+    }
+}
