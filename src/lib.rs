@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deadline;
+pub mod pool;
 pub mod redis;
 pub mod settle;
 pub mod telemetry;

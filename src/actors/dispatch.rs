@@ -17,7 +17,7 @@ use slog::{debug, error, Logger};
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
-use crate::redis::{self as rds, RedisPool};
+use crate::redis::{self as rds, Redis};
 
 /// Send these ZADDs in one pipeline before `deadline`.
 #[derive(Message)]
@@ -29,10 +29,12 @@ pub struct DispatchBatch {
 
 pub struct DispatchActor {
     cfg: RedisConfig,
-    /// How long a pool checkout may wait at most (the tick's deadline is usually shorter).
+    /// How long a pool checkout may wait: shorter than the tick, so that an
+    /// unreachable Redis is reported as such (with its cause) while the tick
+    /// still has time to settle what it can.
     checkout_timeout: Duration,
     log: Logger,
-    pool: Option<RedisPool>,
+    pool: Option<Redis>,
     /// Batches dropped because they arrived after their deadline.
     pub expired: Arc<AtomicU64>,
 }

@@ -34,7 +34,7 @@ pub struct Relay {
 pub fn start(cfg: &Config, log: &Logger) -> Relay {
     let dispatch_arbiter = Arbiter::new();
     let redis_cfg = cfg.redis.clone();
-    let checkout = cfg.sweep.tick_timeout.0;
+    let checkout = (cfg.sweep.tick_timeout.0 / 2).max(std::time::Duration::from_millis(5));
     let dlog = log.clone();
     let dispatch = Supervisor::start_in_arbiter(&dispatch_arbiter.handle(), move |_| {
         DispatchActor::new(redis_cfg, checkout, &dlog)

@@ -25,7 +25,7 @@ use slog::{debug, error, info, warn, Logger};
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
 use crate::db::outbox::{self, OutboxRow};
-use crate::db::{self, is_statement_timeout, pg_error_text, PgPool};
+use crate::db::{self, is_statement_timeout, pg_error_text, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
 use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
@@ -134,15 +134,15 @@ impl TickError {
 
 /// One tick: claim, encode, dispatch, settle, commit.
 pub async fn run_tick(
-    pool: &PgPool,
+    pg: &Pg,
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let mut conn = deadline
-        .run("postgres pool get", pool.get())
+        .run("postgres pool get", pg.pool.get())
         .await?
-        .map_err(|e| TickError::Pool(e.to_string()))?;
+        .map_err(|e| TickError::Pool(pg.last_error.describe(&e)))?;
     let tx = deadline
         .run("begin", conn.transaction())
         .await?
@@ -285,7 +285,7 @@ pub struct SweepActor {
     dispatch: Recipient<DispatchBatch>,
     dead_letter: Recipient<RowsDeadLettered>,
     stats: Arc<SweepStats>,
-    pool: Option<PgPool>,
+    pool: Option<Pg>,
     stopping: bool,
     consecutive_failures: u32,
 }
@@ -404,11 +404,13 @@ impl Actor for SweepActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // The checkout wait is bounded by each tick's deadline anyway.
+        // Half the tick for a checkout: an unreachable Postgres is then
+        // reported with its cause instead of as a bare deadline.
+        let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
         match db::pool(
             &self.settings.database_url,
             self.settings.pool_size,
-            self.settings.tick_timeout,
+            checkout,
         ) {
             Ok(pool) => self.pool = Some(pool),
             Err(e) => {

@@ -18,8 +18,16 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use crate::config::redact_url;
+use crate::pool::LastError;
 
 pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A pool and the latest reason its connections failed.
+#[derive(Clone, Debug)]
+pub struct Pg {
+    pub pool: PgPool,
+    pub last_error: LastError,
+}
 
 /// Name the relay's sessions carry in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "outbox-relay";
@@ -56,14 +64,17 @@ pub fn pg_config(
 /// A lazily connecting pool. Broken connections are detected by
 /// `Client::is_closed` on return, so no round trip is spent testing
 /// a connection on every checkout.
-pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<PgPool, DbSetupError> {
+pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSetupError> {
     let cfg = pg_config(url, checkout_timeout)?;
     let manager = PostgresConnectionManager::new(cfg, NoTls);
-    Ok(bb8::Pool::builder()
+    let last_error = LastError::default();
+    let pool = bb8::Pool::builder()
         .max_size(size)
         .connection_timeout(checkout_timeout)
         .test_on_check_out(false)
-        .build_unchecked(manager))
+        .error_sink(Box::new(last_error.clone()))
+        .build_unchecked(manager);
+    Ok(Pg { pool, last_error })
 }
 
 /// Open one direct connection (not pooled); the connection task runs on the

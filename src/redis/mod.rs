@@ -9,8 +9,16 @@ use std::time::Duration;
 use bb8_redis::RedisConnectionManager;
 
 use crate::config::{redact_url, RedisConfig};
+use crate::pool::LastError;
 
 pub type RedisPool = bb8::Pool<RedisConnectionManager>;
+
+/// A pool and the latest reason its connections failed.
+#[derive(Clone, Debug)]
+pub struct Redis {
+    pub pool: RedisPool,
+    pub last_error: LastError,
+}
 
 /// Why Redis could not be reached at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -26,17 +34,20 @@ pub enum RedisSetupError {
 
 /// A lazily connecting pool; connections are checked with PING on checkout
 /// because bb8-redis cannot otherwise tell that a connection died.
-pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<RedisPool, RedisSetupError> {
+pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
     let manager =
         RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
             url: redact_url(&cfg.url),
             source,
         })?;
-    Ok(bb8::Pool::builder()
+    let last_error = LastError::default();
+    let pool = bb8::Pool::builder()
         .max_size(cfg.pool_size)
         .connection_timeout(checkout_timeout)
         .test_on_check_out(true)
-        .build_unchecked(manager))
+        .error_sink(Box::new(last_error.clone()))
+        .build_unchecked(manager);
+    Ok(Redis { pool, last_error })
 }
 
 /// Connect once and PING, so start-up fails with the real cause (refused,

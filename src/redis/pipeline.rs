@@ -16,7 +16,7 @@
 
 use ::redis::{ServerError, Value};
 
-use super::RedisPool;
+use super::Redis;
 use crate::deadline::{Deadline, Expired};
 
 /// One ZADD: `ZADD key score member`.
@@ -86,7 +86,7 @@ pub fn classify(err: &ServerError) -> EntryOutcome {
 /// fewer replicas acknowledge, delivered entries are reported `Deferred` so
 /// their rows are re-sent rather than deleted.
 pub async fn zadd_batch(
-    pool: &RedisPool,
+    redis: &Redis,
     entries: &[ScheduleEntry],
     wait_replicas: u32,
     deadline: Deadline,
@@ -95,9 +95,11 @@ pub async fn zadd_batch(
         return Ok(Vec::new());
     }
     let mut conn = deadline
-        .run("redis pool get", pool.get())
+        .run("redis pool get", redis.pool.get())
         .await?
-        .map_err(|e| DispatchError::Unavailable(format!("pool get: {e}")))?;
+        .map_err(|e| {
+            DispatchError::Unavailable(format!("pool get: {}", redis.last_error.describe(&e)))
+        })?;
     // The multiplexed connection's own response timeout (500ms by default)
     // must not cut a large pipeline short: give it exactly the time left.
     conn.set_response_timeout(

@@ -1,0 +1,552 @@
+//! Shared fixtures of the integration tests: a fresh database per test, a
+//! unique Redis key prefix, a private `redis-server` when a test needs to
+//! stop Redis, the relay as a real subprocess, and `wait_until`.
+//!
+//! Everything talks to real services: Postgres at `OUTBOX_RELAY_TEST_PG`
+//! (default `postgres://root@127.0.0.1:5432/test`) and Redis at
+//! `OUTBOX_RELAY_TEST_REDIS` (default `redis://127.0.0.1:6379/0`).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use tokio_postgres::NoTls;
+
+pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+pub fn admin_url() -> String {
+    std::env::var("OUTBOX_RELAY_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+pub fn shared_redis_url() -> String {
+    std::env::var("OUTBOX_RELAY_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+fn unique(tag: &str) -> String {
+    format!("{tag}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Poll `cond` every 20ms until it holds or `timeout` passes; panics with
+/// `what` on timeout.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database of its own, migrated, dropped at the end of the test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        let report = outbox_relay::db::migrate::migrate(
+            &db.url,
+            Duration::from_secs(10),
+            &outbox_relay::telemetry::logging::discard(),
+        )
+        .await
+        .expect("migrate test database");
+        assert_eq!(report.applied, [1]);
+        db
+    }
+
+    /// A database without the outbox schema.
+    pub async fn empty() -> TestDb {
+        let name = unique("outbox_test");
+        let admin = pg_connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let base = admin_url();
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => panic!("admin url has no database: {base}"),
+        };
+        TestDb { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        pg_connect(&self.url).await
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let admin = admin_url();
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
+                        tokio::spawn(conn);
+                        let _ = c.batch_execute(&sql).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// A unique key prefix on the shared Redis, so tests never see each other's
+/// keys; its keys are deleted when it is dropped.
+pub struct Prefix(pub String);
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let pattern = format!("{}*", self.0);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(client) = redis::Client::open(shared_redis_url()) else {
+                    return;
+                };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
+                let keys: Vec<String> = conn.keys(&pattern).await.unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<i64, _> = conn.del(keys).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn key_prefix() -> Prefix {
+    Prefix(format!("{}:", unique("t")))
+}
+
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// All members of every `{prefix}sched:*` key, member → score.
+pub async fn schedule_members(url: &str, prefix: &str) -> HashMap<String, f64> {
+    let mut conn = redis_conn(url).await;
+    let keys: Vec<String> = conn.keys(format!("{prefix}sched:*")).await.expect("KEYS");
+    let mut all = HashMap::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        if kind != "zset" {
+            continue;
+        }
+        let pairs: Vec<(String, f64)> = conn.zrange_withscores(&k, 0, -1).await.expect("ZRANGE");
+        all.extend(pairs);
+    }
+    all
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A private `redis-server` the test can stop and start.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let mut s = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        s.resume().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)start the server on its port and wait until it answers PING.
+    pub async fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(
+            "private redis-server answers PING",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    match redis::Client::open(url.as_str()) {
+                        Ok(c) => match c.get_multiplexed_async_connection().await {
+                            Ok(mut conn) => redis::cmd("PING")
+                                .query_async::<String>(&mut conn)
+                                .await
+                                .is_ok(),
+                            Err(_) => false,
+                        },
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Kill the server (its data is gone: it keeps nothing on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The relay binary running as a subprocess, its stdout (JSON log lines) captured.
+pub struct RelayProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Environment for a relay against `db` and `redis_url` with `prefix`, fast
+/// ticks, JSON logs at debug level; `extra` overrides or adds keys.
+pub fn relay_env(
+    db: &TestDb,
+    redis_url: &str,
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("OUTBOX_RELAY_DATABASE__URL".into(), db.url.clone()),
+        ("OUTBOX_RELAY_REDIS__URL".into(), redis_url.into()),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".into(), prefix.into()),
+        ("OUTBOX_RELAY_SWEEP__INTERVAL".into(), "50ms".into()),
+        ("OUTBOX_RELAY_LOG__FORMAT".into(), "json".into()),
+        ("OUTBOX_RELAY_LOG__LEVEL".into(), "debug".into()),
+    ];
+    for (k, v) in extra {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+/// A command for the relay binary with a clean environment (no stray
+/// `OUTBOX_RELAY_*`, `DATABASE_URL` or `REDIS_URL` from the caller) and no
+/// config file, so only `env` decides.
+pub fn relay_command(args: &[&str], env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(RELAY_BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+impl RelayProcess {
+    pub fn spawn(env: &[(String, String)]) -> RelayProcess {
+        let mut child = relay_command(&["run"], env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outbox-relay");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("OUTBOX_RELAY_TEST_ECHO").is_some() {
+                        eprintln!("relay: {line}");
+                    }
+                    sink.lock().expect("log lines").push(line);
+                }
+            });
+        }
+        RelayProcess { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("log lines").clone()
+    }
+
+    /// Parsed JSON log records whose `msg` contains `needle`.
+    pub fn records(&self, needle: &str) -> Vec<serde_json::Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["msg"].as_str().is_some_and(|m| m.contains(needle)))
+            .collect()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.records(needle).len()
+    }
+
+    /// Wait until the relay logged its start-up line (it is then ticking).
+    pub async fn wait_started(&mut self) {
+        wait_until(
+            "relay logs its start-up line",
+            Duration::from_secs(30),
+            || {
+                let started = self.count("outbox-relay starting") > 0;
+                let exited = self.child.try_wait().ok().flatten();
+                if let Some(status) = exited {
+                    panic!("relay exited early with {status}: {:#?}", self.lines());
+                }
+                async move { started }
+            },
+        )
+        .await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit; panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "relay did not exit within {timeout:?}; log: {:#?}",
+                    self.lines()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM and expect a clean exit 0.
+    pub async fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(30)).await;
+        assert!(
+            status.success(),
+            "relay exited with {status}; log: {:#?}",
+            self.lines()
+        );
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Seed `rows` due rows spread over `jobs` jobs; returns the job ids.
+/// Field values vary (priority, task_type, lighthouse_run_id, source_url)
+/// so the encoding is exercised, not just one shape.
+pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
+    let job_ids: Vec<uuid::Uuid> = (0..jobs).map(|_| uuid::Uuid::new_v4()).collect();
+    let c = db.client().await;
+    c.execute(
+        "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                  source_type, source_url, run_at, task_type, lighthouse_run_id)
+         SELECT gen_random_uuid(), ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))], i::int,
+                'host' || (i % 7) || '.example.com', '/page/' || i, (i % 1000) / 7.0, (i % 4)::int,
+                CASE WHEN i % 2 = 0 THEN 'sitemap' ELSE 'link' END,
+                CASE WHEN i % 3 = 0 THEN '' ELSE 'https://example.com/src/' || i END,
+                now() - (i % 5000) * interval '1 millisecond',
+                CASE WHEN i % 5 = 0 THEN '' ELSE 'crawl' END,
+                CASE WHEN i % 11 = 0 THEN i * 1000 ELSE NULL END
+           FROM generate_series(1, $2::int8) AS i",
+        &[&job_ids, &rows],
+    )
+    .await
+    .expect("seed outbox rows");
+    job_ids
+}
+
+/// The member and score every outbox row should end up as, computed here
+/// independently of the relay's encoder: task_id → (key suffix job_id, member, score).
+pub async fn expected_members(db: &TestDb) -> HashMap<String, (String, String, f64)> {
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT task_id::text, job_id::text, page_id, host, path, priority, retry_count, source_type,
+                    source_url, task_type, lighthouse_run_id,
+                    floor(extract(epoch FROM run_at) * 1000)::float8
+               FROM task_outbox",
+            &[],
+        )
+        .await
+        .expect("read outbox");
+    rows.iter()
+        .map(|r| {
+            let task_id: String = r.get(0);
+            let job_id: String = r.get(1);
+            let task_type: String = r.get(9);
+            let member = format!(
+                "{}|{}|{}|{}|{}|{:.4}|{}|{}|{}|{}|{}",
+                task_id,
+                job_id,
+                r.get::<_, i32>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, f64>(5),
+                r.get::<_, i32>(6),
+                r.get::<_, String>(7),
+                r.get::<_, String>(8),
+                if task_type.is_empty() {
+                    "crawl".to_string()
+                } else {
+                    task_type
+                },
+                r.get::<_, Option<i64>>(10).unwrap_or(0),
+            );
+            (task_id, (job_id, member, r.get::<_, f64>(11)))
+        })
+        .collect()
+}
+
+/// Assert every expected member is present in `{prefix}sched:{job_id}` with its score.
+pub async fn assert_all_delivered(
+    redis_url: &str,
+    prefix: &str,
+    expected: &HashMap<String, (String, String, f64)>,
+) {
+    let mut conn = redis_conn(redis_url).await;
+    let mut by_job: HashMap<&str, Vec<(&str, f64)>> = HashMap::new();
+    for (job, member, score) in expected.values() {
+        by_job
+            .entry(job.as_str())
+            .or_default()
+            .push((member.as_str(), *score));
+    }
+    for (job, want) in by_job {
+        let key = format!("{prefix}sched:{job}");
+        let have: HashMap<String, f64> = conn
+            .zrange_withscores::<_, Vec<(String, f64)>>(&key, 0, -1)
+            .await
+            .expect("ZRANGE")
+            .into_iter()
+            .collect();
+        for (member, score) in want {
+            match have.get(member) {
+                Some(s) => assert_eq!(*s, score, "score of {member} in {key}"),
+                None => panic!("member missing from {key}: {member}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Redis down for many ticks is not the rows' fault: with `max_attempts = 2`
+//! an outage across at least five ticks must end with zero dead letters and
+//! every row delivered once Redis is back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn outage_costs_no_attempts_and_everything_drains_after() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let mut redis = RedisServer::start().await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "2"),
+            ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_BACKOFF", "200ms"),
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "1s"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    redis.stop();
+    seed(&db, 1_000, 5).await;
+    let expected = expected_members(&db).await;
+    wait_until(
+        "at least 5 ticks hit the outage",
+        Duration::from_secs(60),
+        || {
+            let n = relay.count("redis unavailable");
+            async move { n >= 5 }
+        },
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0")
+            .await,
+        0,
+        "no attempt was charged"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    let why = relay.records("redis unavailable")[0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!why.is_empty(), "the warning says why Redis is unavailable");
+
+    redis.resume().await;
+    wait_until(
+        "backlog drains after Redis returns",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox_dead").await,
+        0,
+        "zero dead letters"
+    );
+    assert_all_delivered(&redis.url(), &prefix, &expected).await;
+    assert!(relay.is_running());
+    relay.stop().await;
+}
