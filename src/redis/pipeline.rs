@@ -159,3 +159,42 @@ pub async fn zadd_batch(
     }
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(wire: &str) -> ServerError {
+        match ::redis::parse_redis_value(wire.as_bytes()) {
+            Ok(Value::ServerError(e)) => e,
+            other => panic!("not a server error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrongtype_is_the_rows_fault() {
+        let e =
+            server_error("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        assert_eq!(
+            classify(&e),
+            EntryOutcome::Rejected(
+                "WRONGTYPE Operation against a key holding the wrong kind of value".into()
+            )
+        );
+    }
+
+    #[test]
+    fn server_wide_conditions_are_deferred() {
+        for wire in [
+            "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            "-READONLY You can't write against a read only replica.\r\n",
+            "-LOADING Redis is loading the dataset in memory\r\n",
+            "-MASTERDOWN Link with MASTER is down\r\n",
+        ] {
+            assert!(
+                matches!(classify(&server_error(wire)), EntryOutcome::Deferred(_)),
+                "{wire}"
+            );
+        }
+    }
+}

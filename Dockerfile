@@ -1,0 +1,20 @@
+# Build stage: compile the release binary with the locked dependency set.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src src
+COPY migrations migrations
+COPY config config
+RUN cargo build --release --locked \
+ && strip target/release/outbox-relay
+
+# Runtime stage: just the binary, its config and a non-root user.
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
+COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
+COPY config/ /etc/outbox-relay/
+ENV OUTBOX_RELAY_CONFIG=/etc/outbox-relay/default.toml
+USER relay
+# The relay handles SIGTERM itself (finishes the tick in flight, exits 0).
+ENTRYPOINT ["outbox-relay"]
+CMD ["run"]
