@@ -13,6 +13,9 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deadline;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+pub mod http;
 pub mod pool;
 pub mod redis;
 pub mod settle;
@@ -38,6 +41,10 @@ pub enum RelayError {
     Migrate(#[from] db::migrate::MigrateError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]
+    GaveUp { actor: &'static str, error: String },
 }
 
 /// How long start-up checks may wait for a service.
@@ -65,7 +72,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), Relay
         "batch_size" => cfg.sweep.batch_size,
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);
 
-    let relay = actors::supervisor::start(&cfg, &log);
+    let health = actors::supervisor::healths(&cfg);
+    let http = http::start(&cfg.http.listen, health.clone())?;
+    let (relay, mut fatal) = actors::supervisor::start(&cfg, health, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
             cfg.database.url.clone(),
@@ -77,21 +86,41 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), Relay
         None
     };
 
-    let signal = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => Ok("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+        gave_up = fatal.recv() => Err(gave_up),
     };
-    info!(log, "shutdown requested; finishing the tick in flight"; "signal" => signal);
     if let Some(p) = progress {
         p.abort();
     }
     let stats = relay.stats.clone();
-    relay.stop().await;
-    info!(log, "outbox-relay stopped";
-        "dispatched" => stats.dispatched.load(Ordering::Relaxed),
-        "retried" => stats.retried.load(Ordering::Relaxed),
-        "dead_lettered" => stats.dead_lettered.load(Ordering::Relaxed));
-    Ok(())
+    match outcome {
+        Ok(signal) => {
+            info!(log, "shutdown requested; finishing the tick in flight"; "signal" => signal);
+            relay.stop(&log).await;
+            http.stop(true).await;
+            info!(log, "outbox-relay stopped";
+                "dispatched" => stats.dispatched.load(Ordering::Relaxed),
+                "retried" => stats.retried.load(Ordering::Relaxed),
+                "dead_lettered" => stats.dead_lettered.load(Ordering::Relaxed));
+            Ok(())
+        }
+        Err(gave_up) => {
+            relay.stop(&log).await;
+            http.stop(false).await;
+            Err(match gave_up {
+                Some(g) => RelayError::GaveUp {
+                    actor: g.actor,
+                    error: g.error,
+                },
+                None => RelayError::GaveUp {
+                    actor: "supervisor",
+                    error: "supervision channel closed".into(),
+                },
+            })
+        }
+    }
 }
 
 /// One line a second: rows still due, delivery rate, dead letters.

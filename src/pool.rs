@@ -1,37 +1,66 @@
 //! What bb8 pools share: remembering why connections fail.
 //!
 //! bb8 connects in the background and a waiting `get()` only ever reports
-//! "timed out"; the real cause (connection refused, auth failed, …) goes to
-//! the pool's error sink. [`LastError`] keeps the latest one so a failed
-//! checkout can say *why*, which is what an operator needs at 3 a.m.
+//! "timed out"; the real cause (connection refused, auth failed, a server
+//! that accepts but never answers) goes to the pool's error sink.
+//! [`LastError`] keeps the latest one so a failed checkout can say *why*,
+//! and whether it was a timeout (a stalled service) or a refusal (a service
+//! that is down), which callers report differently.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-/// The most recent connection error of one pool (cheap to clone, shared).
+/// Errors that can tell a timeout from other failures.
+pub trait FailureKind: fmt::Display {
+    fn is_timeout(&self) -> bool;
+}
+
+impl FailureKind for ::redis::RedisError {
+    fn is_timeout(&self) -> bool {
+        ::redis::RedisError::is_timeout(self)
+    }
+}
+
+impl FailureKind for tokio_postgres::Error {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+}
+
+/// One connection failure seen by a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFailure {
+    pub text: String,
+    pub timeout: bool,
+}
+
+/// The most recent connection failure of one pool (cheap to clone, shared).
 #[derive(Debug, Clone, Default)]
-pub struct LastError(Arc<Mutex<Option<String>>>);
+pub struct LastError(Arc<Mutex<Option<PoolFailure>>>);
 
 impl LastError {
-    /// The latest error, if any was seen since the last successful checkout.
-    pub fn take(&self) -> Option<String> {
+    /// The latest failure, if any was seen since the last call.
+    pub fn take(&self) -> Option<PoolFailure> {
         self.0.lock().ok().and_then(|mut g| g.take())
     }
 
-    /// Describe a failed checkout: `timed out (last error: connection refused)`.
+    /// Describe a failed checkout: `timed out (Connection refused)`.
     pub fn describe<E: fmt::Display>(&self, err: &bb8::RunError<E>) -> String {
         match (err, self.take()) {
-            (bb8::RunError::TimedOut, Some(cause)) => format!("timed out ({cause})"),
+            (bb8::RunError::TimedOut, Some(cause)) => format!("timed out ({})", cause.text),
             (bb8::RunError::TimedOut, None) => "timed out".to_string(),
             (bb8::RunError::User(e), _) => e.to_string(),
         }
     }
 }
 
-impl<E: fmt::Display + 'static> bb8::ErrorSink<E> for LastError {
+impl<E: FailureKind + 'static> bb8::ErrorSink<E> for LastError {
     fn sink(&self, error: E) {
         if let Ok(mut g) = self.0.lock() {
-            *g = Some(error.to_string());
+            *g = Some(PoolFailure {
+                text: error.to_string(),
+                timeout: error.is_timeout(),
+            });
         }
     }
 

@@ -2,21 +2,27 @@
 //!
 //! Accepts [`DispatchBatch`] and answers with one [`EntryOutcome`] per entry
 //! (or a [`DispatchError`] when Redis gave no usable reply). A batch whose
-//! deadline has already passed when it is picked up is dropped unexecuted.
-//! The pool is built in `started`, so a supervised restart gets fresh
-//! connections. It runs on its own arbiter (thread) so that pipeline I/O and
-//! reply parsing overlap with the sweep's Postgres work.
+//! deadline has already passed when it is picked up is dropped unexecuted
+//! and counted. When it has sent nothing for `health.interval` it pings
+//! Redis, so its health tells the truth on an idle relay too.
+//!
+//! Runs on its own arbiter (thread) so pipeline I/O overlaps with the
+//! sweep's Postgres work. Failure: `supervisor.error_budget` consecutive
+//! failed batches or pings (Redis unreachable or stalled) or a panic make
+//! the actor fail; the supervisor restarts it after a backoff, and
+//! `started` builds a new pool (new connections).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use slog::{debug, error, Logger};
+use slog::{debug, Logger};
 
+use super::health::ActorHealth;
+use super::supervisor::{contain, Supervision};
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
-use crate::redis::pipeline::{zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
+use crate::redis::pipeline::{ping, zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
 use crate::redis::{self as rds, Redis};
 
 /// Send these ZADDs in one pipeline before `deadline`.
@@ -27,38 +33,112 @@ pub struct DispatchBatch {
     pub deadline: Deadline,
 }
 
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub redis: RedisConfig,
+    /// Ping Redis when nothing was sent for this long.
+    pub ping_interval: Duration,
+    /// Upper bound of a pool checkout (each batch's deadline is usually shorter).
+    pub checkout_timeout: Duration,
+    pub error_budget: u32,
+}
+
 pub struct DispatchActor {
-    cfg: RedisConfig,
-    /// How long a pool checkout may wait: shorter than the tick, so that an
-    /// unreachable Redis is reported as such (with its cause) while the tick
-    /// still has time to settle what it can.
-    checkout_timeout: Duration,
+    settings: DispatchSettings,
     log: Logger,
+    health: Arc<ActorHealth>,
+    supervision: Supervision,
     pool: Option<Redis>,
-    /// Batches dropped because they arrived after their deadline.
-    pub expired: Arc<AtomicU64>,
+    last_activity: Instant,
+    ping_in_flight: bool,
+    restart_delay: Option<Duration>,
 }
 
 impl DispatchActor {
-    pub fn new(cfg: RedisConfig, checkout_timeout: Duration, log: &Logger) -> Self {
+    pub fn new(
+        settings: DispatchSettings,
+        health: Arc<ActorHealth>,
+        supervision: Supervision,
+        log: &Logger,
+    ) -> Self {
         DispatchActor {
-            cfg,
-            checkout_timeout,
+            settings,
             log: log.new(slog::o!("actor" => "DispatchActor")),
+            health,
+            supervision,
             pool: None,
-            expired: Arc::new(AtomicU64::new(0)),
+            last_activity: Instant::now(),
+            ping_in_flight: false,
+            restart_delay: None,
         }
+    }
+
+    fn begin(&mut self, ctx: &mut Context<Self>) {
+        if self.supervision.given_up() {
+            return;
+        }
+        match rds::pool(&self.settings.redis, self.settings.checkout_timeout) {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
+        }
+        self.health.set_running();
+        self.last_activity = Instant::now();
+        ctx.run_interval(self.settings.ping_interval, |act, ctx| {
+            act.ping_if_idle(ctx)
+        });
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
+        ctx.stop();
+    }
+
+    /// Record the outcome of one unit of work (a batch or a ping).
+    fn record(&mut self, result: Result<(), &DispatchError>, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        match result {
+            Ok(()) => self.health.ok(),
+            Err(e) => {
+                if matches!(e, DispatchError::Deadline(_)) {
+                    self.health.deadline_exceeded();
+                }
+                let streak = self.health.failed(&e.to_string());
+                if streak >= u64::from(self.settings.error_budget) {
+                    self.fail(ctx, format!("{streak} consecutive failures, last: {e}"));
+                }
+            }
+        }
+    }
+
+    fn ping_if_idle(&mut self, ctx: &mut Context<Self>) {
+        if self.ping_in_flight || self.last_activity.elapsed() < self.settings.ping_interval {
+            return;
+        }
+        let Some(redis) = self.pool.clone() else {
+            return;
+        };
+        self.ping_in_flight = true;
+        let deadline = Deadline::after(self.settings.ping_interval);
+        let fut = contain(async move { ping(&redis, deadline).await });
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.ping_in_flight = false;
+            match res {
+                Ok(r) => act.record(r.as_ref().map(|_| ()), ctx),
+                Err(panic) => act.fail(ctx, format!("ping {panic}")),
+            }
+        }));
     }
 }
 
 impl Actor for DispatchActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Self::Context) {
-        match rds::pool(&self.cfg, self.checkout_timeout) {
-            Ok(pool) => self.pool = Some(pool),
-            // The URL was validated at start-up; this only guards the impossible.
-            Err(e) => error!(self.log, "cannot build the Redis pool"; "error" => %e),
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.restart_delay.take() {
+            Some(delay) => {
+                ctx.run_later(delay, |act, ctx| act.begin(ctx));
+            }
+            None => self.begin(ctx),
         }
     }
 }
@@ -66,26 +146,40 @@ impl Actor for DispatchActor {
 impl Supervised for DispatchActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.pool = None;
+        self.ping_in_flight = false;
     }
 }
 
 impl Handler<DispatchBatch> for DispatchActor {
-    type Result = ResponseFuture<Result<Vec<EntryOutcome>, DispatchError>>;
+    type Result = ResponseActFuture<Self, Result<Vec<EntryOutcome>, DispatchError>>;
 
     fn handle(&mut self, msg: DispatchBatch, _ctx: &mut Self::Context) -> Self::Result {
         if msg.deadline.expired() {
-            self.expired.fetch_add(1, Ordering::Relaxed);
+            self.health.deadline_exceeded();
             debug!(self.log, "batch arrived after its deadline; dropped unexecuted"; "entries" => msg.entries.len());
-            return Box::pin(async {
-                Err(DispatchError::Deadline(Expired {
-                    stage: "dispatch mailbox",
-                }))
-            });
+            return Box::pin(fut::ready(Err(DispatchError::Deadline(Expired {
+                stage: "dispatch mailbox",
+            }))));
         }
-        let Some(pool) = self.pool.clone() else {
-            return Box::pin(async { Err(DispatchError::Unavailable("no Redis pool".into())) });
+        let Some(redis) = self.pool.clone() else {
+            return Box::pin(fut::ready(Err(DispatchError::Unavailable(
+                "dispatch actor is restarting".into(),
+            ))));
         };
-        let wait_replicas = self.cfg.wait_replicas;
-        Box::pin(async move { zadd_batch(&pool, &msg.entries, wait_replicas, msg.deadline).await })
+        let wait_replicas = self.settings.redis.wait_replicas;
+        let work =
+            contain(
+                async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await },
+            );
+        Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
+            Ok(result) => {
+                act.record(result.as_ref().map(|_| ()), ctx);
+                result
+            }
+            Err(panic) => {
+                act.fail(ctx, format!("pipeline {panic}"));
+                Err(DispatchError::Unavailable(format!("dispatch {panic}")))
+            }
+        }))
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod dead_letter;
 pub mod dispatch;
+pub mod health;
 pub mod supervisor;
 pub mod sweep;

@@ -11,28 +11,28 @@
 //! The I/O is [`run_tick`], a plain async function.
 //!
 //! Failure: any error rolls the transaction back (nothing half-applied;
-//! the rows stay in the outbox for a later tick). After
-//! [`ERROR_BUDGET`] consecutive failed ticks the actor stops itself so the
-//! supervisor restarts it with a fresh pool.
+//! the rows stay in the outbox for a later tick). A lost Postgres
+//! connection, a panic, or `supervisor.error_budget` consecutive failed
+//! ticks make the actor fail: the supervisor restarts it, after a backoff,
+//! with a fresh pool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{debug, error, info, warn, Logger};
+use slog::{debug, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
+use super::health::ActorHealth;
+use super::supervisor::{contain, contain_sync, Supervision};
 use crate::db::outbox::{self, OutboxRow};
-use crate::db::{self, is_statement_timeout, pg_error_text, Pg};
+use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
 use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
 use crate::settle::{settle, RetryPolicy, RowOutcome};
-
-/// Consecutive failed ticks after which the actor restarts itself.
-pub const ERROR_BUDGET: u32 = 10;
 
 /// How long a commit may run past the deadline. The outcome of a commit cut
 /// short is unknown, and both outcomes are safe (ZADD is idempotent), so a
@@ -48,6 +48,8 @@ pub struct SweepSettings {
     pub interval: Duration,
     pub tick_timeout: Duration,
     pub key_prefix: String,
+    /// Consecutive failed ticks after which the actor is restarted.
+    pub error_budget: u32,
     pub retry: RetryPolicy,
 }
 
@@ -107,6 +109,8 @@ pub enum TickError {
     Mailbox(String),
     #[error("commit outcome unknown: {0}")]
     CommitUnknown(String),
+    #[error("postgres connection lost during {stage}: {reason}")]
+    ConnectionLost { stage: &'static str, reason: String },
 }
 
 impl TickError {
@@ -118,10 +122,21 @@ impl TickError {
         )
     }
 
+    /// The Postgres connection died under the tick (server restart,
+    /// `pg_terminate_backend`, network): the pool is suspect, restart.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, TickError::ConnectionLost { .. })
+    }
+
     fn db(stage: &'static str) -> impl Fn(tokio_postgres::Error) -> TickError {
         move |e| {
             if is_statement_timeout(&e) {
                 TickError::StatementTimeout { stage }
+            } else if is_connection_lost(&e) {
+                TickError::ConnectionLost {
+                    stage,
+                    reason: pg_error_text(&e),
+                }
             } else {
                 TickError::Db {
                     stage,
@@ -285,9 +300,12 @@ pub struct SweepActor {
     dispatch: Recipient<DispatchBatch>,
     dead_letter: Recipient<RowsDeadLettered>,
     stats: Arc<SweepStats>,
+    health: Arc<ActorHealth>,
+    supervision: Supervision,
     pool: Option<Pg>,
     stopping: bool,
-    consecutive_failures: u32,
+    /// Set when the actor fails: how long the restarted actor waits before work.
+    restart_delay: Option<Duration>,
 }
 
 impl SweepActor {
@@ -296,6 +314,8 @@ impl SweepActor {
         dispatch: Recipient<DispatchBatch>,
         dead_letter: Recipient<RowsDeadLettered>,
         stats: Arc<SweepStats>,
+        health: Arc<ActorHealth>,
+        supervision: Supervision,
         log: &Logger,
     ) -> Self {
         SweepActor {
@@ -304,10 +324,42 @@ impl SweepActor {
             dispatch,
             dead_letter,
             stats,
+            health,
+            supervision,
             pool: None,
             stopping: false,
-            consecutive_failures: 0,
+            restart_delay: None,
         }
+    }
+
+    /// Build the pool and start ticking (at start, or after a restart's backoff).
+    fn begin(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping || self.supervision.given_up() {
+            return;
+        }
+        // Half the tick for a checkout: an unreachable Postgres is then
+        // reported with its cause instead of as a bare deadline.
+        let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
+        match db::pool(
+            &self.settings.database_url,
+            self.settings.pool_size,
+            checkout,
+        ) {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
+        }
+        self.health.set_running();
+        self.schedule(ctx, Pace::Drain);
+    }
+
+    /// Give up on this incarnation: the supervisor restarts it after a
+    /// backoff (or the process exits when restarts come too fast).
+    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+        if self.stopping {
+            return;
+        }
+        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
+        ctx.stop();
     }
 
     fn schedule(&self, ctx: &mut Context<Self>, pace: Pace) {
@@ -328,10 +380,18 @@ impl SweepActor {
         }
     }
 
-    fn finish_tick(&mut self, result: Result<TickReport, TickError>, ctx: &mut Context<Self>) {
+    fn finish_tick(
+        &mut self,
+        result: Result<Result<TickReport, TickError>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => return self.fail(ctx, format!("tick {panic}")),
+        };
         let pace = match result {
             Ok(report) => {
-                self.consecutive_failures = 0;
+                self.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.record(&report);
                 if report.claimed == self.settings.batch_size as usize
@@ -344,20 +404,20 @@ impl SweepActor {
                 }
             }
             Err(e) => {
-                self.consecutive_failures += 1;
+                let streak = self.health.failed(&e.to_string());
                 if e.is_deadline() {
+                    self.health.deadline_exceeded();
                     self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
                 }
                 warn!(self.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
-                    "error" => %e, "deadline" => e.is_deadline(),
-                    "consecutive_failures" => self.consecutive_failures);
-                if self.consecutive_failures >= ERROR_BUDGET && !self.stopping {
-                    error!(self.log, "sweep actor exhausted its error budget; restarting it";
-                        "consecutive_failures" => self.consecutive_failures, "last_error" => %e);
-                    ctx.stop();
-                    return;
+                    "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
+                if e.is_connection_lost() {
+                    return self.fail(ctx, e.to_string());
+                }
+                if streak >= u64::from(self.settings.error_budget) {
+                    return self.fail(ctx, format!("{streak} consecutive failed ticks, last: {e}"));
                 }
                 Pace::Idle
             }
@@ -398,48 +458,14 @@ impl SweepActor {
             });
         }
     }
-}
 
-impl Actor for SweepActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Half the tick for a checkout: an unreachable Postgres is then
-        // reported with its cause instead of as a bare deadline.
-        let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
-        match db::pool(
-            &self.settings.database_url,
-            self.settings.pool_size,
-            checkout,
-        ) {
-            Ok(pool) => self.pool = Some(pool),
-            Err(e) => {
-                error!(self.log, "cannot build the Postgres pool"; "error" => %e);
-                return;
-            }
-        }
-        self.schedule(ctx, Pace::Drain);
-    }
-}
-
-impl Supervised for SweepActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
-        // Fresh state: a new pool (new connections), no failure streak.
-        self.pool = None;
-        self.consecutive_failures = 0;
-        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        info!(self.log, "sweep actor restarting");
-    }
-}
-
-impl Handler<Tick> for SweepActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Tick, ctx: &mut Self::Context) {
-        if self.stopping {
-            return;
-        }
+    /// The synchronous part of the Tick handler (panics here are contained
+    /// by the caller).
+    fn start_tick(&mut self, msg: Tick, ctx: &mut Context<Self>) {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::maybe_panic("sweep.tick");
         if msg.deadline.expired() {
+            self.health.deadline_exceeded();
             self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
             debug!(
                 self.log,
@@ -453,11 +479,48 @@ impl Handler<Tick> for SweepActor {
         };
         let dispatch = self.dispatch.clone();
         let settings = self.settings.clone();
-        let tick = async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await };
+        let tick =
+            contain(async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await });
         ctx.wait(
             tick.into_actor(self)
                 .map(|result, act, ctx| act.finish_tick(result, ctx)),
         );
+    }
+}
+
+impl Actor for SweepActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.restart_delay.take() {
+            Some(delay) => {
+                ctx.run_later(delay, |act, ctx| act.begin(ctx));
+            }
+            None => self.begin(ctx),
+        }
+    }
+}
+
+impl Supervised for SweepActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        // Fresh state: the old pool (and its connections) is dropped; the
+        // tick that was in flight was dropped with its transaction, which
+        // rolls it back.
+        self.pool = None;
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Handler<Tick> for SweepActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Tick, ctx: &mut Self::Context) {
+        if self.stopping {
+            return;
+        }
+        if let Err(panic) = contain_sync(|| self.start_tick(msg, ctx)) {
+            self.fail(ctx, format!("tick handler {panic}"));
+        }
     }
 }
 

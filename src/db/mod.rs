@@ -138,6 +138,16 @@ pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
     text
 }
 
+/// The connection is gone: closed socket, or the server ended the session
+/// (`pg_terminate_backend` 57P01, crash 57P02, restart 57P03).
+pub fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW
+        )
+}
+
 /// `statement_timeout` (or a cancel) ended the statement: SQLSTATE 57014.
 pub fn is_statement_timeout(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::QUERY_CANCELED)

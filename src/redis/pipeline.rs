@@ -14,6 +14,8 @@
 //! [`DispatchError::Deadline`]: the outcome is unknown, so the caller must
 //! not settle anything on its strength.
 
+use std::time::Duration;
+
 use ::redis::{ServerError, Value};
 
 use super::Redis;
@@ -80,6 +82,52 @@ pub fn classify(err: &ServerError) -> EntryOutcome {
     }
 }
 
+/// Take a connection (PINGed by the pool) within half the time left, so a
+/// Redis that is down is reported as such while the tick can still settle.
+/// A refusal is [`DispatchError::Unavailable`] with its cause; no answer at
+/// all (a stalled server) is [`DispatchError::Deadline`].
+async fn checkout(
+    redis: &Redis,
+    deadline: Deadline,
+) -> Result<bb8::PooledConnection<'_, bb8_redis::RedisConnectionManager>, DispatchError> {
+    deadline.check("redis pool get")?;
+    let by = Deadline::after(deadline.remaining() / 2);
+    match tokio::time::timeout_at(by.instant(), redis.pool.get()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(bb8::RunError::User(e))) => {
+            Err(DispatchError::Unavailable(format!("pool get: {e}")))
+        }
+        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => match redis.last_error.take() {
+            Some(cause) if !cause.timeout => Err(DispatchError::Unavailable(format!(
+                "pool get: {}",
+                cause.text
+            ))),
+            _ => Err(DispatchError::Deadline(Expired {
+                stage: "redis pool get",
+            })),
+        },
+    }
+}
+
+/// Check that Redis answers before `deadline` (a checkout PINGs).
+pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError> {
+    let mut conn = checkout(redis, deadline).await?;
+    conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+    match deadline
+        .run(
+            "redis ping",
+            ::redis::cmd("PING").query_async::<String>(&mut *conn),
+        )
+        .await?
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_timeout() => Err(DispatchError::Deadline(Expired {
+            stage: "redis ping",
+        })),
+        Err(e) => Err(DispatchError::Unavailable(e.to_string())),
+    }
+}
+
 /// Send all `entries` in one pipeline and report each entry's outcome, in order.
 ///
 /// With `wait_replicas > 0` the pipeline ends with `WAIT n <time left>`; if
@@ -94,19 +142,10 @@ pub async fn zadd_batch(
     if entries.is_empty() {
         return Ok(Vec::new());
     }
-    let mut conn = deadline
-        .run("redis pool get", redis.pool.get())
-        .await?
-        .map_err(|e| {
-            DispatchError::Unavailable(format!("pool get: {}", redis.last_error.describe(&e)))
-        })?;
+    let mut conn = checkout(redis, deadline).await?;
     // The multiplexed connection's own response timeout (500ms by default)
     // must not cut a large pipeline short: give it exactly the time left.
-    conn.set_response_timeout(
-        deadline
-            .remaining()
-            .max(std::time::Duration::from_millis(1)),
-    );
+    conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
     let mut pipe = ::redis::pipe();
     pipe.ignore_errors();
     for e in entries {

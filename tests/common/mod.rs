@@ -292,6 +292,8 @@ impl Drop for RedisServer {
 pub struct RelayProcess {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Where its /healthz and /readyz answer.
+    pub http_port: u16,
 }
 
 /// Environment for a relay against `db` and `redis_url` with `prefix`, fast
@@ -333,8 +335,26 @@ pub fn relay_command(args: &[&str], env: &[(String, String)]) -> Command {
 }
 
 impl RelayProcess {
+    /// Start `outbox-relay run`; unless `env` names one, the HTTP endpoint
+    /// gets a free port of its own so relays can run side by side.
     pub fn spawn(env: &[(String, String)]) -> RelayProcess {
-        let mut child = relay_command(&["run"], env)
+        let mut env = env.to_vec();
+        let http_port = match env.iter().find(|(k, _)| k == "OUTBOX_RELAY_HTTP__LISTEN") {
+            Some((_, v)) => v
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("port in OUTBOX_RELAY_HTTP__LISTEN"),
+            None => {
+                let port = free_port();
+                env.push((
+                    "OUTBOX_RELAY_HTTP__LISTEN".into(),
+                    format!("127.0.0.1:{port}"),
+                ));
+                port
+            }
+        };
+        let mut child = relay_command(&["run"], &env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -363,7 +383,39 @@ impl RelayProcess {
                 }
             });
         }
-        RelayProcess { child, lines }
+        RelayProcess {
+            child,
+            lines,
+            http_port,
+        }
+    }
+
+    /// `GET path` on the relay's HTTP endpoint: (status, body), or None
+    /// when nothing answers.
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
+            .await
+            .ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Parsed `actor health` lines for `actor`, oldest first.
+    pub fn health_lines(&self, actor: &str) -> Vec<serde_json::Value> {
+        self.records("actor health")
+            .into_iter()
+            .filter(|r| r["actor"] == actor)
+            .collect()
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,83 @@
+//! The HTTP side: `GET /healthz` and `GET /readyz` on `http.listen`.
+//!
+//! - `/healthz`: 200 when every actor is `healthy`, 503 otherwise; the body
+//!   is JSON with each actor's health facts (the same as the health lines).
+//! - `/readyz`: 200 once the relay can do its job: the schema was found at
+//!   start-up (the relay does not start otherwise) and both pools have
+//!   connected at least once; 503 before.
+//!
+//! Health is read from shared state, never through actor mailboxes, so a
+//! busy or dead actor cannot make the endpoint hang.
+
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use serde::Serialize;
+
+use crate::actors::health::{ActorHealth, HealthSnapshot, Status};
+
+type Healths = Arc<Vec<Arc<ActorHealth>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on http.listen {listen}: {source}")]
+pub struct HttpError {
+    listen: String,
+    source: std::io::Error,
+}
+
+#[derive(Serialize)]
+struct HealthBody {
+    status: &'static str,
+    actors: Vec<HealthSnapshot>,
+}
+
+async fn healthz(health: web::Data<Healths>) -> HttpResponse {
+    let actors: Vec<HealthSnapshot> = health.iter().map(|h| h.snapshot()).collect();
+    let all_healthy = actors.iter().all(|a| a.status == Status::Healthy);
+    let body = HealthBody {
+        status: if all_healthy { "healthy" } else { "unhealthy" },
+        actors,
+    };
+    if all_healthy {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn readyz(health: web::Data<Healths>) -> HttpResponse {
+    let waiting: Vec<&'static str> = health
+        .iter()
+        .filter(|h| h.needs_connection() && !h.connected())
+        .map(|h| h.name)
+        .collect();
+    let body = serde_json::json!({ "ready": waiting.is_empty(), "waiting_for": waiting });
+    if waiting.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Bind `listen` and serve in the background; the handle stops the server.
+pub fn start(listen: &str, health: Healths) -> Result<actix_web::dev::ServerHandle, HttpError> {
+    let data = web::Data::new(health);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(listen)
+    .map_err(|source| HttpError {
+        listen: listen.to_string(),
+        source,
+    })?
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Ok(handle)
+}
