@@ -6,7 +6,7 @@
 # Idempotent: on a machine where both already run it only checks.
 set -euo pipefail
 
-PG_URL=${OUTBOX_RELAY_TEST_PG:-postgres://root@127.0.0.1:5432/test}
+PG_URL=${OUTBOX_TEST_PG:-postgres://root@127.0.0.1:5432/test}
 
 log() { echo "services: $*" >&2; }
 

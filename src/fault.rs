@@ -1,7 +1,7 @@
 //! Test-only fault injection (cargo feature `fault-injection`, enabled by
 //! `scripts/test`, absent from release builds).
 //!
-//! `OUTBOX_RELAY_FAULT=<point>:<n>` makes the named point panic the first
+//! `OUTBOX_FAULT_INJECT=<point>:<n>` makes the named point panic the first
 //! `n` times it is reached, process-wide; e.g. `sweep.tick:1` panics the
 //! sweep's tick handler once. Supervision must turn that into a restart.
 
@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static FIRED: AtomicU64 = AtomicU64::new(0);
 
-/// Panic if `OUTBOX_RELAY_FAULT` names `point` and its count is not used up.
+/// Panic if `OUTBOX_FAULT_INJECT` names `point` and its count is not used up.
 pub fn maybe_panic(point: &str) {
-    let Ok(spec) = std::env::var("OUTBOX_RELAY_FAULT") else {
+    let Ok(spec) = std::env::var("OUTBOX_FAULT_INJECT") else {
         return;
     };
     let Some((name, count)) = spec.split_once(':') else {

@@ -255,7 +255,9 @@ pub async fn run_tick(
     tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
         .await
         .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
-        .map_err(|e| TickError::CommitUnknown(pg_error_text(&e)))?;
+        // A connection lost during COMMIT leaves the outcome unknown too;
+        // both outcomes are safe, and the lost connection must restart the actor.
+        .map_err(TickError::db("commit"))?;
     Ok(report)
 }
 

@@ -2,9 +2,9 @@
 //! unique Redis key prefix, a private `redis-server` when a test needs to
 //! stop Redis, the relay as a real subprocess, and `wait_until`.
 //!
-//! Everything talks to real services: Postgres at `OUTBOX_RELAY_TEST_PG`
+//! Everything talks to real services: Postgres at `OUTBOX_TEST_PG`
 //! (default `postgres://root@127.0.0.1:5432/test`) and Redis at
-//! `OUTBOX_RELAY_TEST_REDIS` (default `redis://127.0.0.1:6379/0`).
+//! `OUTBOX_TEST_REDIS` (default `redis://127.0.0.1:6379/0`).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -21,12 +21,11 @@ use tokio_postgres::NoTls;
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
 pub fn admin_url() -> String {
-    std::env::var("OUTBOX_RELAY_TEST_PG")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+    std::env::var("OUTBOX_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
 
 pub fn shared_redis_url() -> String {
-    std::env::var("OUTBOX_RELAY_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+    std::env::var("OUTBOX_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
 fn unique(tag: &str) -> String {
@@ -273,6 +272,25 @@ impl RedisServer {
         .await;
     }
 
+    /// Freeze the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaw a paused server (SIGCONT).
+    pub fn unpause(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} redis-server");
+    }
+
     /// Kill the server (its data is gone: it keeps nothing on disk).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -376,7 +394,7 @@ impl RelayProcess {
             let sink = lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if std::env::var_os("OUTBOX_RELAY_TEST_ECHO").is_some() {
+                    if std::env::var_os("OUTBOX_TEST_ECHO").is_some() {
                         eprintln!("relay: {line}");
                     }
                     sink.lock().expect("log lines").push(line);

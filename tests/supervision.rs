@@ -1,0 +1,327 @@
+//! Supervision that really restarts: lost connections and panics restart the
+//! failing actor with fresh state, work continues and nothing is lost; a
+//! dependency that stays dead makes the process exit non-zero, naming the
+//! actor; health lines and /healthz tell the truth throughout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn max_restarts(relay: &RelayProcess, actor: &str) -> u64 {
+    relay
+        .health_lines(actor)
+        .iter()
+        .filter_map(|r| r["restarts"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn terminated_backends_restart_the_sweep_and_nothing_is_lost() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 60_000, 20).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+            ("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until(
+        "the drain is under way",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await < 59_000 },
+    )
+    .await;
+
+    let admin = pg_connect(&admin_url()).await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'outbox-relay') t",
+            &[&db.name],
+        )
+        .await
+        .expect("terminate backends")
+        .get(0);
+    assert!(killed >= 1, "the relay had a backend to kill");
+
+    wait_until(
+        "a health line shows the sweep restarted",
+        Duration::from_secs(30),
+        || {
+            let restarted = max_restarts(&relay, "SweepActor") >= 1;
+            async move { restarted }
+        },
+    )
+    .await;
+    wait_until(
+        "backlog drains after the restart",
+        Duration::from_secs(120),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert!(relay.is_running());
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_panicking_handler_is_restarted_and_work_continues() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 2_000, 5).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_FAULT_INJECT", "sweep.tick:2"),
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until(
+        "backlog drains despite the panics",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    let failures = relay.records("actor failed; restarting it");
+    assert_eq!(
+        failures.len(),
+        2,
+        "two injected panics, two restarts: {failures:#?}"
+    );
+    assert!(failures.iter().all(|r| r["actor"] == "SweepActor"
+        && r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("injected fault"))));
+    wait_until(
+        "a health line shows the restarts",
+        Duration::from_secs(10),
+        || {
+            let n = max_restarts(&relay, "SweepActor");
+            async move { n >= 2 }
+        },
+    )
+    .await;
+    assert!(
+        relay.is_running(),
+        "the process survives a panicking handler"
+    );
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_redis_abandons_ticks_at_the_deadline_without_charging_rows() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "2"),
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "100"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_MAX", "200ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    redis.pause();
+    seed(&db, 500, 5).await;
+    let expected = expected_members(&db).await;
+    wait_until(
+        "the sweep counts ticks abandoned at their deadline",
+        Duration::from_secs(60),
+        || {
+            let exceeded = relay
+                .health_lines("SweepActor")
+                .iter()
+                .filter_map(|r| r["deadline_exceeded"].as_u64())
+                .max()
+                .unwrap_or(0);
+            async move { exceeded >= 3 }
+        },
+    )
+    .await;
+    assert!(relay.count("sweep tick failed") >= 3);
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0")
+            .await,
+        0,
+        "no row was bumped"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+
+    redis.unpause();
+    wait_until(
+        "backlog drains once Redis answers again",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert_all_delivered(&redis.url(), &prefix, &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_dependency_that_stays_dead_makes_the_process_exit_naming_the_actor() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let env = relay_env(
+        &db,
+        &shared_redis_url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "300ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "2"),
+            ("OUTBOX_RELAY_SUPERVISOR__RESTART_WINDOW", "60s"),
+            ("OUTBOX_RELAY_SUPERVISOR__ERROR_BUDGET", "2"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    // "Postgres stopped for good", for this relay only: its database stops
+    // accepting connections and its sessions are cut.
+    let admin = pg_connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .await
+        .expect("disallow connections");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&db.name],
+        )
+        .await
+        .expect("terminate backends");
+
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "non-zero exit; log {:#?}",
+        relay.lines()
+    );
+    let gave_up = relay.records("restart intensity exceeded");
+    assert_eq!(gave_up.len(), 1, "{:#?}", relay.lines());
+    assert_eq!(gave_up[0]["actor"], "SweepActor");
+    assert_eq!(gave_up[0]["level"], "error");
+    assert!(gave_up[0]["last_error"]
+        .as_str()
+        .is_some_and(|e| !e.is_empty()));
+    assert!(relay
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("outbox-relay: error: SweepActor kept failing")));
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .await
+        .expect("allow connections again");
+}
+
+#[tokio::test]
+async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let mut redis = RedisServer::start().await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "100"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_MAX", "200ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
+        relay
+            .http_get("/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    wait_until("/healthz answers 200", Duration::from_secs(30), || async {
+        relay
+            .http_get("/healthz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, body) = relay.http_get("/healthz").await.expect("healthz");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["actors"].as_array().map(Vec::len), Some(3));
+
+    redis.stop();
+    wait_until(
+        "/healthz turns 503 while Redis is down",
+        Duration::from_secs(30),
+        || async {
+            relay
+                .http_get("/healthz")
+                .await
+                .is_some_and(|(s, _)| s == 503)
+        },
+    )
+    .await;
+    let (_, body) = relay.http_get("/healthz").await.expect("healthz");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
+    let dispatch = v["actors"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["actor"] == "DispatchActor").cloned())
+        .expect("dispatch in body");
+    assert_ne!(dispatch["status"], "healthy", "{v}");
+
+    redis.resume().await;
+    wait_until(
+        "/healthz is 200 again after Redis returns",
+        Duration::from_secs(60),
+        || async {
+            relay
+                .http_get("/healthz")
+                .await
+                .is_some_and(|(s, _)| s == 200)
+        },
+    )
+    .await;
+    relay.stop().await;
+}
