@@ -275,11 +275,22 @@ impl Default for CounterSyncConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// Age after which dead letters are purged; `""` keeps them forever.
     pub retention: OptDur,
+    /// How often the retention purge runs (when `retention` is set).
+    pub purge_interval: Dur,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            retention: OptDur(None),
+            purge_interval: Dur::secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -502,6 +513,18 @@ impl Config {
         }
         if s.max_attempts == 0 {
             bad("sweep.max_attempts", "must be at least 1".into());
+        }
+        if self.dead_letter.retention.0.is_some_and(|d| d.is_zero()) {
+            bad(
+                "dead_letter.retention",
+                "must be greater than 0, or \"\" to keep dead letters forever".into(),
+            );
+        }
+        if self.dead_letter.purge_interval.0.is_zero() {
+            bad(
+                "dead_letter.purge_interval",
+                "must be greater than 0".into(),
+            );
         }
         if self.counter_sync.interval.0.is_zero() {
             bad("counter_sync.interval", "must be greater than 0".into());

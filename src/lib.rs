@@ -43,6 +43,8 @@ pub enum RelayError {
     Signals(std::io::Error),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Triage(#[from] cli::dead_letter::TriageError),
     #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]
     GaveUp { actor: &'static str, error: String },
 }

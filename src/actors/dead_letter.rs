@@ -1,22 +1,38 @@
 //! `DeadLetterActor`: owns the dead-letter concern.
 //!
+//! Messages: [`RowsDeadLettered`] (a committed tick moved rows; log the
+//! operator-facing warning, keep the count) and [`Purge`] (retention; sent to
+//! itself every `dead_letter.purge_interval` when `dead_letter.retention` is
+//! set, carrying its deadline). Owns: a one-connection Postgres pool, built
+//! only when retention is on.
+//!
 //! The move itself happens inside the sweep's tick transaction
 //! ([`crate::db::outbox::move_to_dead`]), because only that transaction
 //! holds the claimed rows' locks: doing it anywhere else would either wait
-//! on those locks or let another relay claim the rows in between. After the
-//! tick commits, the sweep reports the move with [`RowsDeadLettered`]; this
-//! actor logs the operator-facing warning and keeps the running count.
-//! Triage (list / requeue / purge) and retention will live here as well.
-//! Failure: a panic in a handler fails the actor (restart by the supervisor).
+//! on those locks or let another relay claim the rows in between.
+//! Triage (list / requeue / purge on demand) is the `dead-letter` command,
+//! on the same queries ([`crate::db::dead_letter`]).
+//!
+//! Failure: a panic, or `supervisor.error_budget` failed purges in a row,
+//! fail the actor (restart by the supervisor with a fresh pool). A purge cut
+//! short by its deadline keeps what it deleted (each batch commits) and
+//! continues at the next round.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{warn, Logger};
+use slog::{debug, info, warn, Logger};
 
 use super::health::ActorHealth;
-use super::supervisor::{contain_sync, Supervision};
+use super::supervisor::{contain, contain_sync, Supervision};
+use crate::db::dead_letter::{cutoff_ms, purge_batch};
+use crate::db::{self, pg_error_text, Pg};
+use crate::deadline::{Deadline, Expired};
+
+/// Rows deleted per statement by the retention purge.
+pub const RETENTION_BATCH: i64 = 1000;
 
 /// Rows were moved to `task_outbox_dead` by a committed tick.
 #[derive(Message, Debug, Clone)]
@@ -26,26 +42,159 @@ pub struct RowsDeadLettered {
     pub last_error: String,
 }
 
+/// Delete dead letters older than the retention, before `deadline`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Purge {
+    pub deadline: Deadline,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetterSettings {
+    pub database_url: String,
+    pub retention: Option<Duration>,
+    pub purge_interval: Duration,
+    /// Deadline of one purge round.
+    pub round_timeout: Duration,
+    pub error_budget: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    #[error("purge: {0}")]
+    Query(String),
+    #[error(transparent)]
+    Deadline(#[from] Expired),
+}
+
+/// One retention round: delete batches of rows older than `retention`
+/// until none are left or the deadline comes near. Each batch is its own
+/// short transaction with a statement timeout from the time left.
+pub async fn purge_expired(
+    pg: &Pg,
+    retention: Duration,
+    deadline: Deadline,
+) -> Result<u64, PurgeError> {
+    let q = |e: tokio_postgres::Error| PurgeError::Query(pg_error_text(&e));
+    let mut conn = deadline
+        .run("postgres pool get", pg.pool.get())
+        .await?
+        .map_err(|e| PurgeError::Pool(pg.last_error.describe(&e)))?;
+    let cutoff = deadline
+        .run("purge cut-off", cutoff_ms(&*conn, retention))
+        .await?
+        .map_err(|e| PurgeError::Query(e.to_string()))?;
+    let mut total = 0u64;
+    while !deadline.expired() {
+        let tx = deadline
+            .run("begin", conn.transaction())
+            .await?
+            .map_err(q)?;
+        let t = deadline.pg_timeout();
+        deadline
+            .run(
+                "set timeout",
+                tx.batch_execute(&format!("SET LOCAL statement_timeout = '{t}'")),
+            )
+            .await?
+            .map_err(q)?;
+        let n = deadline
+            .run("purge batch", purge_batch(&tx, cutoff, RETENTION_BATCH))
+            .await?
+            .map_err(|e| PurgeError::Query(e.to_string()))?;
+        deadline.run("commit", tx.commit()).await?.map_err(q)?;
+        total += n;
+        if n < RETENTION_BATCH as u64 {
+            break;
+        }
+    }
+    Ok(total)
+}
+
 pub struct DeadLetterActor {
+    settings: DeadLetterSettings,
     log: Logger,
     /// Rows moved since the process started (survives actor restarts).
     pub moved: Arc<AtomicU64>,
     health: Arc<ActorHealth>,
     supervision: Supervision,
+    pool: Option<Pg>,
+    restart_delay: Option<Duration>,
 }
 
 impl DeadLetterActor {
     pub fn new(
-        log: &Logger,
+        settings: DeadLetterSettings,
         moved: Arc<AtomicU64>,
         health: Arc<ActorHealth>,
         supervision: Supervision,
+        log: &Logger,
     ) -> Self {
         DeadLetterActor {
+            settings,
             log: log.new(slog::o!("actor" => "DeadLetterActor")),
             moved,
             health,
             supervision,
+            pool: None,
+            restart_delay: None,
+        }
+    }
+
+    fn begin(&mut self, ctx: &mut Context<Self>) {
+        if self.supervision.given_up() {
+            return;
+        }
+        self.health.set_running();
+        if self.settings.retention.is_none() {
+            return;
+        }
+        match db::pool(&self.settings.database_url, 1, self.settings.round_timeout) {
+            Ok(pool) => self.pool = Some(pool),
+            Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
+        }
+        ctx.run_interval(self.settings.purge_interval, |act, ctx| {
+            ctx.notify(Purge {
+                deadline: Deadline::after(act.settings.round_timeout),
+            })
+        });
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
+        ctx.stop();
+    }
+
+    fn finish_purge(
+        &mut self,
+        result: Result<Result<u64, PurgeError>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Err(panic) => self.fail(ctx, format!("purge {panic}")),
+            Ok(Ok(n)) => {
+                self.health.ok();
+                if n > 0 {
+                    info!(self.log, "dead letters purged by retention"; "count" => n,
+                        "older_than_ms" => self.settings.retention.map_or(0, |d| d.as_millis() as u64));
+                }
+            }
+            Ok(Err(e)) => {
+                if matches!(e, PurgeError::Deadline(_)) {
+                    self.health.deadline_exceeded();
+                }
+                let streak = self.health.failed(&e.to_string());
+                warn!(self.log, "dead-letter retention purge failed; it runs again next interval";
+                    "error" => %e, "consecutive_failures" => streak);
+                if streak >= u64::from(self.settings.error_budget) {
+                    self.fail(
+                        ctx,
+                        format!("{streak} consecutive failed purges, last: {e}"),
+                    );
+                }
+            }
         }
     }
 }
@@ -53,14 +202,21 @@ impl DeadLetterActor {
 impl Actor for DeadLetterActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Self::Context) {
-        if !self.supervision.given_up() {
-            self.health.set_running();
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.restart_delay.take() {
+            Some(delay) => {
+                ctx.run_later(delay, |act, ctx| act.begin(ctx));
+            }
+            None => self.begin(ctx),
         }
     }
 }
 
-impl Supervised for DeadLetterActor {}
+impl Supervised for DeadLetterActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.pool = None;
+    }
+}
 
 impl Handler<RowsDeadLettered> for DeadLetterActor {
     type Result = ();
@@ -73,12 +229,37 @@ impl Handler<RowsDeadLettered> for DeadLetterActor {
                 "count" => msg.count, "last_error" => &msg.last_error, "total_since_start" => total);
         });
         match outcome {
-            Ok(()) => self.health.ok(),
-            Err(panic) => {
-                // The rows are already safe in task_outbox_dead; only the report is lost.
-                let _ = self.supervision.actor_failed(&self.health, &panic);
-                ctx.stop();
+            Ok(()) => {
+                if self.settings.retention.is_none() {
+                    self.health.ok();
+                }
             }
+            // The rows are already safe in task_outbox_dead; only the report is lost.
+            Err(panic) => self.fail(ctx, panic),
         }
+    }
+}
+
+impl Handler<Purge> for DeadLetterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Purge, ctx: &mut Self::Context) {
+        if msg.deadline.expired() {
+            self.health.deadline_exceeded();
+            debug!(
+                self.log,
+                "purge arrived after its deadline; dropped unexecuted"
+            );
+            return;
+        }
+        let (Some(pg), Some(retention)) = (self.pool.clone(), self.settings.retention) else {
+            return;
+        };
+        let round = contain(async move { purge_expired(&pg, retention, msg.deadline).await });
+        ctx.wait(
+            round
+                .into_actor(self)
+                .map(|res, act, ctx| act.finish_purge(res, ctx)),
+        );
     }
 }

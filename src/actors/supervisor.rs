@@ -30,7 +30,7 @@ use futures_util::FutureExt;
 use slog::{error, info, warn, Logger};
 use tokio::sync::mpsc;
 
-use super::dead_letter::DeadLetterActor;
+use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
 use super::health::{ActorHealth, Status};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats};
@@ -230,7 +230,15 @@ pub fn healths(cfg: &Config) -> Arc<Vec<Arc<ActorHealth>>> {
             cfg.health.interval.0.max(cfg.sweep.interval.0),
             true,
         ),
-        ActorHealth::new("DeadLetterActor", Duration::MAX, false),
+        // Event-driven unless retention runs: then it must purge every interval.
+        ActorHealth::new(
+            "DeadLetterActor",
+            match cfg.dead_letter.retention.0 {
+                Some(_) => cfg.dead_letter.purge_interval.0 + cfg.sweep.tick_timeout.0,
+                None => Duration::MAX,
+            },
+            cfg.dead_letter.retention.0.is_some(),
+        ),
     ])
 }
 
@@ -266,7 +274,15 @@ pub fn start(
         supervision.clone(),
         log.clone(),
     );
-    let dead_letter = Supervisor::start(move |_| DeadLetterActor::new(&dl_log, moved, dlh, dls));
+    let dl_settings = DeadLetterSettings {
+        database_url: cfg.database.url.clone(),
+        retention: cfg.dead_letter.retention.0,
+        purge_interval: cfg.dead_letter.purge_interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: budget,
+    };
+    let dead_letter =
+        Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log));
 
     let stats = Arc::new(SweepStats::default());
     let settings = SweepSettings {

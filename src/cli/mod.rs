@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use slog::info;
 
+pub mod dead_letter;
+
 use crate::config::{Config, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
 use crate::telemetry::logging;
 use crate::{db, RelayError, RunOptions, STARTUP_TIMEOUT};
@@ -52,6 +54,9 @@ pub enum Command {
         #[arg(long)]
         no_connect: bool,
     },
+    /// Triage task_outbox_dead: list, requeue, purge.
+    #[command(subcommand)]
+    DeadLetter(dead_letter::DeadLetterCommand),
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -87,6 +92,9 @@ pub fn execute(cli: Cli) -> ExitCode {
                 "already_applied" => format!("{:?}", report.already_applied));
             Ok(())
         }),
+        Command::DeadLetter(cmd) => {
+            block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage)
+        }
         Command::CheckConfig { no_connect } => {
             print!("{}", cfg.to_redacted_toml());
             if no_connect {

@@ -7,6 +7,7 @@
 //! pgbouncer in transaction pooling mode, named statements collide across
 //! processes (SQLSTATE 42P05, incident 5 of the spec).
 
+pub mod dead_letter;
 pub mod migrate;
 pub mod outbox;
 
@@ -99,6 +100,14 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Cli
 
 /// Check that Postgres answers and that the outbox tables exist.
 pub async fn check_ready(url: &str, timeout: Duration) -> Result<(), DbSetupError> {
+    connect_ready(url, timeout).await.map(drop)
+}
+
+/// A direct connection to a database that has the outbox schema.
+pub async fn connect_ready(
+    url: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, DbSetupError> {
     let client = connect(url, timeout).await?;
     let row = client
         .query_typed_one(
@@ -111,7 +120,7 @@ pub async fn check_ready(url: &str, timeout: Duration) -> Result<(), DbSetupErro
             reason: pg_error_text(&e),
         })?;
     if row.get::<_, bool>(0) {
-        Ok(())
+        Ok(client)
     } else {
         Err(DbSetupError::SchemaMissing {
             url: redact_url(url),

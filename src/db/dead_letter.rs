@@ -1,0 +1,305 @@
+//! Queries on `task_outbox_dead`: list, summarise, requeue, purge.
+//!
+//! Used by the `dead-letter` subcommands and by the `DeadLetterActor`'s
+//! retention. Every statement is unnamed (pgbouncer-safe). Requeue is one
+//! transaction: rows move back to `task_outbox` (attempts 0, due now,
+//! original `created_at`) and leave the dead table together, or not at all.
+//! Purge deletes in small batches so it never holds a long lock.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, GenericClient};
+use uuid::Uuid;
+
+/// Which dead letters a `list` looks at (all filters combine with AND).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filter {
+    pub job: Option<Uuid>,
+    /// Only rows dead-lettered within this long.
+    pub since: Option<Duration>,
+    /// Only rows whose `last_error` contains this text (case-sensitive).
+    pub error: Option<String>,
+}
+
+/// Which dead letters a requeue moves. There is no default: the operator
+/// must say what they mean.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    Ids(Vec<i64>),
+    Job(Uuid),
+    Error(String),
+    All,
+}
+
+/// One dead letter as listed.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadRow {
+    pub id: i64,
+    pub original_id: i64,
+    pub task_id: String,
+    pub job_id: String,
+    pub attempts: i32,
+    pub dead_lettered_at: String,
+    pub last_error: String,
+}
+
+/// Dead letters sharing one error.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorCount {
+    pub error: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RequeueReport {
+    /// Dead letters the selector matched.
+    pub matched: u64,
+    /// Moved back into the outbox.
+    pub requeued: u64,
+    /// Left in the dead table because their task is already in the outbox
+    /// (re-produced meanwhile) or is selected twice.
+    pub skipped: u64,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("dead letter query failed: {0}")]
+    Query(String),
+    #[error("no dead letter with id {}", .0.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "))]
+    UnknownIds(Vec<i64>),
+}
+
+impl From<tokio_postgres::Error> for DeadLetterError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DeadLetterError::Query(super::pg_error_text(&e))
+    }
+}
+
+const FILTER: &str = "($1::uuid IS NULL OR job_id = $1)
+     AND ($2::int8 IS NULL OR dead_lettered_at >= now() - $2 * interval '1 millisecond')
+     AND ($3::text IS NULL OR strpos(last_error, $3) > 0)";
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// Newest first, at most `limit` rows.
+pub async fn list(
+    client: &Client,
+    f: &Filter,
+    limit: i64,
+) -> Result<Vec<DeadRow>, DeadLetterError> {
+    let since = f.since.map(ms);
+    let sql = format!(
+        "SELECT id, original_id, task_id::text, job_id::text, attempts,
+                to_char(dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), last_error
+           FROM task_outbox_dead
+          WHERE {FILTER}
+          ORDER BY dead_lettered_at DESC, id DESC
+          LIMIT $4"
+    );
+    let rows = client
+        .query_typed(
+            &sql,
+            &[
+                (&f.job, Type::UUID),
+                (&since, Type::INT8),
+                (&f.error, Type::TEXT),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DeadRow {
+            id: r.get(0),
+            original_id: r.get(1),
+            task_id: r.get(2),
+            job_id: r.get(3),
+            attempts: r.get(4),
+            dead_lettered_at: r.get(5),
+            last_error: r.get(6),
+        })
+        .collect())
+}
+
+/// Count per distinct error over everything the filter matches, largest first.
+pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, DeadLetterError> {
+    let since = f.since.map(ms);
+    let sql = format!(
+        "SELECT last_error, count(*) FROM task_outbox_dead WHERE {FILTER}
+          GROUP BY last_error ORDER BY count(*) DESC, last_error"
+    );
+    let rows = client
+        .query_typed(
+            &sql,
+            &[
+                (&f.job, Type::UUID),
+                (&since, Type::INT8),
+                (&f.error, Type::TEXT),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ErrorCount {
+            error: r.get(0),
+            count: r.get(1),
+        })
+        .collect())
+}
+
+/// Total dead letters.
+pub async fn count(client: &impl GenericClient) -> Result<i64, DeadLetterError> {
+    Ok(client
+        .query_typed_one("SELECT count(*) FROM task_outbox_dead", &[])
+        .await?
+        .get(0))
+}
+
+/// Move the selected dead letters back into `task_outbox`, atomically.
+pub async fn requeue(
+    client: &mut Client,
+    sel: &Selector,
+    dry_run: bool,
+) -> Result<RequeueReport, DeadLetterError> {
+    let (ids, job, error): (Option<Vec<i64>>, Option<Uuid>, Option<String>) = match sel {
+        Selector::Ids(ids) => (Some(ids.clone()), None, None),
+        Selector::Job(j) => (None, Some(*j), None),
+        Selector::Error(e) => (None, None, Some(e.clone())),
+        Selector::All => (None, None, None),
+    };
+    let tx = client.transaction().await?;
+    let locked: Vec<i64> = tx
+        .query_typed(
+            "SELECT id FROM task_outbox_dead
+              WHERE ($1::int8[] IS NULL OR id = ANY($1))
+                AND ($2::uuid IS NULL OR job_id = $2)
+                AND ($3::text IS NULL OR strpos(last_error, $3) > 0)
+              ORDER BY id
+                FOR UPDATE",
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&job, Type::UUID),
+                (&error, Type::TEXT),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(wanted) = &ids {
+        let missing: Vec<i64> = wanted
+            .iter()
+            .filter(|i| !locked.contains(i))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            return Err(DeadLetterError::UnknownIds(missing));
+        }
+    }
+    let matched = locked.len() as u64;
+    if dry_run {
+        let would_skip: i64 = tx
+            .query_typed_one(
+                "SELECT count(*) - count(DISTINCT d.task_id) FILTER (WHERE o.task_id IS NULL)
+                   FROM task_outbox_dead d LEFT JOIN task_outbox o ON o.task_id = d.task_id
+                  WHERE d.id = ANY($1)",
+                &[(&locked, Type::INT8_ARRAY)],
+            )
+            .await?
+            .get(0);
+        let skipped = would_skip.max(0) as u64;
+        return Ok(RequeueReport {
+            matched,
+            requeued: matched - skipped,
+            skipped,
+            dry_run: true,
+        });
+    }
+    let requeued: i64 = tx
+        .query_typed_one(
+            "WITH sel AS (
+                 SELECT DISTINCT ON (task_id) *
+                   FROM task_outbox_dead
+                  WHERE id = ANY($1)
+                  ORDER BY task_id, dead_lettered_at DESC, id DESC
+             ), ins AS (
+                 INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                          source_type, source_url, run_at, attempts, created_at,
+                                          task_type, lighthouse_run_id)
+                 SELECT task_id, job_id, page_id, host, path, priority, retry_count, source_type,
+                        source_url, now(), 0, created_at, task_type, lighthouse_run_id
+                   FROM sel
+                 ON CONFLICT (task_id) DO NOTHING
+                 RETURNING task_id
+             ), del AS (
+                 DELETE FROM task_outbox_dead d
+                  USING sel JOIN ins ON ins.task_id = sel.task_id
+                  WHERE d.id = sel.id
+                 RETURNING d.id
+             )
+             SELECT count(*) FROM del",
+            &[(&locked, Type::INT8_ARRAY)],
+        )
+        .await?
+        .get(0);
+    tx.commit().await?;
+    let requeued = requeued.max(0) as u64;
+    Ok(RequeueReport {
+        matched,
+        requeued,
+        skipped: matched - requeued,
+        dry_run: false,
+    })
+}
+
+/// Dead letters older than `older_than` (counted, nothing deleted).
+pub async fn count_older(
+    client: &impl GenericClient,
+    older_than: Duration,
+) -> Result<i64, DeadLetterError> {
+    Ok(client
+        .query_typed_one(
+            "SELECT count(*) FROM task_outbox_dead WHERE dead_lettered_at < now() - $1 * interval '1 millisecond'",
+            &[(&ms(older_than), Type::INT8)],
+        )
+        .await?
+        .get(0))
+}
+
+/// Delete at most `batch` dead letters dead-lettered before `cutoff_ms`
+/// (unix milliseconds); returns how many went. Each call is its own short
+/// statement, so a large purge never holds a long lock.
+pub async fn purge_batch(
+    client: &impl GenericClient,
+    cutoff_ms: i64,
+    batch: i64,
+) -> Result<u64, DeadLetterError> {
+    Ok(client
+        .execute_typed(
+            "DELETE FROM task_outbox_dead WHERE id IN (
+                 SELECT id FROM task_outbox_dead
+                  WHERE dead_lettered_at < to_timestamp($1::float8 / 1000)
+                  LIMIT $2)",
+            &[(&(cutoff_ms as f64), Type::FLOAT8), (&batch, Type::INT8)],
+        )
+        .await?)
+}
+
+/// The cut-off for "older than `older_than`", fixed once by the server's clock.
+pub async fn cutoff_ms(
+    client: &impl GenericClient,
+    older_than: Duration,
+) -> Result<i64, DeadLetterError> {
+    Ok(client
+        .query_typed_one(
+            "SELECT floor(extract(epoch FROM now()) * 1000)::int8 - $1",
+            &[(&ms(older_than), Type::INT8)],
+        )
+        .await?
+        .get(0))
+}
