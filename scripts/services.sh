@@ -2,7 +2,9 @@
 # Make sure the services the relay and its tests need are running on this
 # machine: PostgreSQL on 127.0.0.1:5432 (user root, database test, trust auth
 # from loopback) and Redis on 127.0.0.1:6379. Starts them when stopped,
-# installs them from Debian's packages when missing. Needs root for installs.
+# installs them from Debian's packages when missing; also installs the tools
+# the tests start themselves (pgbouncer, prometheus's promtool).
+# Needs root for installs.
 # Idempotent: on a machine where both already run it only checks.
 set -euo pipefail
 
@@ -76,5 +78,14 @@ ensure_redis() {
   log "Redis is up"
 }
 
+ensure_tools() {
+  local missing=()
+  command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  log "pgbouncer and promtool are installed"
+}
+
 ensure_postgres
 ensure_redis
+ensure_tools

@@ -45,6 +45,8 @@ pub enum RelayError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Triage(#[from] cli::dead_letter::TriageError),
+    #[error(transparent)]
+    Jobs(#[from] cli::jobs::JobsError),
     #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]
     GaveUp { actor: &'static str, error: String },
 }
@@ -74,9 +76,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), Relay
         "batch_size" => cfg.sweep.batch_size,
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);
 
-    let health = actors::supervisor::healths(&cfg);
-    let http = http::start(&cfg.http.listen, health.clone())?;
-    let (relay, mut fatal) = actors::supervisor::start(&cfg, health, &log);
+    let healths = actors::supervisor::Healths::new(&cfg);
+    let http = http::start(&cfg.http.listen, healths.all())?;
+    let (relay, mut fatal) = actors::supervisor::start(&cfg, &healths, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
             cfg.database.url.clone(),

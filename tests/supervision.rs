@@ -289,7 +289,7 @@ async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
     let (_, body) = relay.http_get("/healthz").await.expect("healthz");
     let v: serde_json::Value = serde_json::from_str(&body).expect("healthz JSON");
     assert_eq!(v["status"], "healthy");
-    assert_eq!(v["actors"].as_array().map(Vec::len), Some(3));
+    assert_eq!(v["actors"].as_array().map(Vec::len), Some(4));
 
     redis.stop();
     wait_until(

@@ -4,7 +4,8 @@
 //! Tree (one level, one-for-one):
 //! - `DispatchActor` on its own arbiter (thread): the Redis pool and pipeline;
 //! - `DeadLetterActor`: dead-letter reporting;
-//! - `SweepActor`: the tick, talking to the two others only through messages.
+//! - `SweepActor`: the tick, talking to the two others only through messages;
+//! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`.
 //!
 //! What actix gives: `Supervisor` re-runs `restarting()` + `started()` on an
 //! actor that stopped itself, and drops its in-flight futures (so an open
@@ -30,6 +31,7 @@ use futures_util::FutureExt;
 use slog::{error, info, warn, Logger};
 use tokio::sync::mpsc;
 
+use super::counter_sync::{CounterSyncActor, CounterSyncSettings};
 use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
 use super::health::{ActorHealth, Status};
@@ -207,53 +209,81 @@ pub struct Relay {
     pub sweep: Addr<SweepActor>,
     pub dispatch: Addr<DispatchActor>,
     pub dead_letter: Addr<DeadLetterActor>,
+    pub counter_sync: Addr<CounterSyncActor>,
     pub stats: Arc<SweepStats>,
     pub dead_lettered_total: Arc<AtomicU64>,
-    /// Every actor's health, in a fixed order (sweep, dispatch, dead letter).
+    /// Every actor's health, in a fixed order (see [`Healths::all`]).
     pub health: Arc<Vec<Arc<ActorHealth>>>,
     dispatch_arbiter: Arbiter,
     reporter: actix_rt::task::JoinHandle<()>,
 }
 
-/// The health records of every actor, in a fixed order: sweep, dispatch,
-/// dead letter. Created before the actors so the HTTP endpoint can be bound
-/// (and fail) before any work starts.
-pub fn healths(cfg: &Config) -> Arc<Vec<Arc<ActorHealth>>> {
-    Arc::new(vec![
-        ActorHealth::new(
-            "SweepActor",
-            cfg.sweep.interval.0 + cfg.sweep.tick_timeout.0,
-            true,
-        ),
-        ActorHealth::new(
-            "DispatchActor",
-            cfg.health.interval.0.max(cfg.sweep.interval.0),
-            true,
-        ),
-        // Event-driven unless retention runs: then it must purge every interval.
-        ActorHealth::new(
-            "DeadLetterActor",
-            match cfg.dead_letter.retention.0 {
-                Some(_) => cfg.dead_letter.purge_interval.0 + cfg.sweep.tick_timeout.0,
-                None => Duration::MAX,
-            },
-            cfg.dead_letter.retention.0.is_some(),
-        ),
-    ])
+/// The health record of every actor.
+#[derive(Clone)]
+pub struct Healths {
+    pub sweep: Arc<ActorHealth>,
+    pub dispatch: Arc<ActorHealth>,
+    pub dead_letter: Arc<ActorHealth>,
+    pub counter_sync: Arc<ActorHealth>,
+}
+
+impl Healths {
+    /// Created before the actors so the HTTP endpoint can be bound (and
+    /// fail) before any work starts. Each cadence is how often the actor
+    /// must succeed to stay `healthy` (see `health::STALE_CADENCES`).
+    pub fn new(cfg: &Config) -> Self {
+        let tick = cfg.sweep.tick_timeout.0;
+        Healths {
+            sweep: ActorHealth::new("SweepActor", cfg.sweep.interval.0 + tick, true),
+            dispatch: ActorHealth::new(
+                "DispatchActor",
+                cfg.health.interval.0.max(cfg.sweep.interval.0),
+                true,
+            ),
+            // Event-driven unless retention runs: then it must purge every interval.
+            dead_letter: ActorHealth::new(
+                "DeadLetterActor",
+                match cfg.dead_letter.retention.0 {
+                    Some(_) => cfg.dead_letter.purge_interval.0 + tick,
+                    None => Duration::MAX,
+                },
+                cfg.dead_letter.retention.0.is_some(),
+            ),
+            counter_sync: ActorHealth::new(
+                "CounterSyncActor",
+                cfg.counter_sync.interval.0 + tick,
+                true,
+            ),
+        }
+    }
+
+    /// All of them, in a fixed order (sweep, dispatch, dead letter, counter sync).
+    pub fn all(&self) -> Arc<Vec<Arc<ActorHealth>>> {
+        Arc::new(vec![
+            self.sweep.clone(),
+            self.dispatch.clone(),
+            self.dead_letter.clone(),
+            self.counter_sync.clone(),
+        ])
+    }
 }
 
 /// Start all actors and the health reporter. Must be called inside a
 /// running actix `System`. The receiver yields when the process must exit.
 pub fn start(
     cfg: &Config,
-    health: Arc<Vec<Arc<ActorHealth>>>,
+    healths: &Healths,
     log: &Logger,
 ) -> (Relay, mpsc::UnboundedReceiver<GiveUp>) {
     let (supervision, fatal) = Supervision::new(RestartPolicy::from(&cfg.supervisor), log);
     let budget = cfg.supervisor.error_budget;
     let health_interval = cfg.health.interval.0;
-    let (sweep_health, dispatch_health, dead_letter_health) =
-        (health[0].clone(), health[1].clone(), health[2].clone());
+    let health = healths.all();
+    let (sweep_health, dispatch_health, dead_letter_health) = (
+        healths.sweep.clone(),
+        healths.dispatch.clone(),
+        healths.dead_letter.clone(),
+    );
 
     let dispatch_arbiter = Arbiter::new();
     let dispatch_settings = DispatchSettings {
@@ -309,12 +339,28 @@ pub fn start(
     );
     let sweep = Supervisor::start(move |_| SweepActor::new(settings, d, dl, st, sh, ss, &slog_));
 
+    let cs_settings = CounterSyncSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        interval: cfg.counter_sync.interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: budget,
+    };
+    let (csh, css, cs_log) = (
+        healths.counter_sync.clone(),
+        supervision.clone(),
+        log.clone(),
+    );
+    let counter_sync =
+        Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, None, &cs_log));
+
     let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
     (
         Relay {
             sweep,
             dispatch,
             dead_letter,
+            counter_sync,
             stats,
             dead_lettered_total,
             health,

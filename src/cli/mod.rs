@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use slog::info;
 
 pub mod dead_letter;
+pub mod jobs;
 
 use crate::config::{Config, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
 use crate::telemetry::logging;
@@ -54,6 +55,20 @@ pub enum Command {
         #[arg(long)]
         no_connect: bool,
     },
+    /// Cancel a job: mark it cancelled, delete its outbox rows, then clear its Redis keys.
+    CancelJob {
+        /// The job's id (UUID).
+        job_id: uuid::Uuid,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backlog, oldest due age, future-dated rows, dead letters and the deepest schedules.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Triage task_outbox_dead: list, requeue, purge.
     #[command(subcommand)]
     DeadLetter(dead_letter::DeadLetterCommand),
@@ -92,6 +107,10 @@ pub fn execute(cli: Cli) -> ExitCode {
                 "already_applied" => format!("{:?}", report.already_applied));
             Ok(())
         }),
+        Command::CancelJob { job_id, json } => {
+            block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs)
+        }
+        Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
         Command::DeadLetter(cmd) => {
             block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage)
         }

@@ -50,29 +50,48 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
     Ok(Redis { pool, last_error })
 }
 
-/// Connect once and PING, so start-up fails with the real cause (refused,
-/// auth, DNS) instead of a pool timeout.
-pub async fn ping(url: &str, timeout: Duration) -> Result<Duration, RedisSetupError> {
+/// One direct multiplexed connection (for the CLI and start-up checks),
+/// failing with the real cause (refused, auth, DNS) instead of a pool timeout.
+pub async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<::redis::aio::MultiplexedConnection, RedisSetupError> {
     let shown = redact_url(url);
-    let unreachable = |reason: String| RedisSetupError::Unreachable {
-        url: shown.clone(),
-        reason,
-    };
     let client = ::redis::Client::open(url).map_err(|source| RedisSetupError::Url {
         url: shown.clone(),
         source,
     })?;
+    match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(RedisSetupError::Unreachable {
+            url: shown,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(RedisSetupError::Unreachable {
+            url: shown,
+            reason: format!("no answer within {}ms", timeout.as_millis()),
+        }),
+    }
+}
+
+/// Connect once and PING; returns the round trip.
+pub async fn ping(url: &str, timeout: Duration) -> Result<Duration, RedisSetupError> {
     let started = tokio::time::Instant::now();
-    let attempt = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        ::redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    match tokio::time::timeout(timeout, attempt).await {
+    let mut conn = connect(url, timeout).await?;
+    match tokio::time::timeout(
+        timeout,
+        ::redis::cmd("PING").query_async::<String>(&mut conn),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(started.elapsed()),
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!(
-            "no answer within {}ms",
-            timeout.as_millis()
-        ))),
+        Ok(Err(e)) => Err(RedisSetupError::Unreachable {
+            url: redact_url(url),
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(RedisSetupError::Unreachable {
+            url: redact_url(url),
+            reason: format!("no answer within {}ms", timeout.as_millis()),
+        }),
     }
 }

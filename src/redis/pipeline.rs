@@ -86,7 +86,7 @@ pub fn classify(err: &ServerError) -> EntryOutcome {
 /// Redis that is down is reported as such while the tick can still settle.
 /// A refusal is [`DispatchError::Unavailable`] with its cause; no answer at
 /// all (a stalled server) is [`DispatchError::Deadline`].
-async fn checkout(
+pub(crate) async fn checkout(
     redis: &Redis,
     deadline: Deadline,
 ) -> Result<bb8::PooledConnection<'_, bb8_redis::RedisConnectionManager>, DispatchError> {

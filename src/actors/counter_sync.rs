@@ -1,0 +1,358 @@
+//! `CounterSyncActor`: copies the running-task counters from the Redis hash
+//! `{prefix}running` (job id → in-flight count) to `jobs.running_tasks`.
+//!
+//! Messages: [`SyncCounters`] (sent to itself every `counter_sync.interval`,
+//! carrying its deadline). Owns: a one-connection Postgres pool and a
+//! one-connection Redis pool, built in `started`.
+//!
+//! Rules: an empty hash zeroes every `running`/`pending` job with a non-zero
+//! counter; otherwise each job in the hash gets `GREATEST(0, count)` if it is
+//! `running` or `pending` (others are left alone). Each job is its own
+//! autocommit statement, so no transaction holds several jobs' row locks.
+//! Fields that are not UUIDs and values that are not integers are skipped
+//! with a warning naming the field. The skew |redis − previous db value| of
+//! each job is logged at debug.
+//!
+//! Failure: `supervisor.error_budget` failed syncs in a row, or a panic,
+//! fail the actor (restart with fresh pools). A sync past its deadline
+//! cancels its statement on the server and counts as `deadline_exceeded`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use slog::{debug, warn, Logger};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use super::health::ActorHealth;
+use super::supervisor::{contain, Supervision};
+use crate::config::RedisConfig;
+use crate::db::{self, jobs, pg_error_text, Pg};
+use crate::deadline::{Deadline, Expired};
+use crate::redis::pipeline::{checkout, DispatchError};
+use crate::redis::{self as rds, Redis};
+
+/// Job updates in flight at once on the one connection (pipelined; each is
+/// still its own transaction).
+const IN_FLIGHT: usize = 16;
+
+/// Copy the counters before `deadline`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct SyncCounters {
+    pub deadline: Deadline,
+}
+
+/// A hash field that was not synced, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Parse the hash into (job, count) pairs, clamping counts to `0..=i32::MAX`
+/// (a negative Redis counter must never violate the CHECK constraint).
+pub fn parse_counts(fields: Vec<(String, String)>) -> (Vec<(Uuid, i32)>, Vec<Skip>) {
+    let mut counts = Vec::with_capacity(fields.len());
+    let mut skipped = Vec::new();
+    for (field, value) in fields {
+        let Ok(job) = Uuid::parse_str(field.trim()) else {
+            skipped.push(Skip {
+                reason: "field is not a job UUID".into(),
+                field,
+            });
+            continue;
+        };
+        match value.trim().parse::<i64>() {
+            Ok(n) => counts.push((job, n.clamp(0, i64::from(i32::MAX)) as i32)),
+            Err(_) => skipped.push(Skip {
+                reason: format!("value {value:?} is not an integer"),
+                field,
+            }),
+        }
+    }
+    (counts, skipped)
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SyncReport {
+    /// Jobs whose counter was compared (and written when it differed).
+    pub synced: usize,
+    /// Jobs in the hash that are absent or not running/pending.
+    pub left_alone: usize,
+    pub skipped: Vec<Skip>,
+    /// |redis − previous db value| per synced job.
+    pub skews: Vec<(Uuid, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("redis: {0}")]
+    Redis(#[from] DispatchError),
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    #[error("postgres: {0}")]
+    Query(String),
+    #[error(transparent)]
+    Deadline(#[from] Expired),
+}
+
+/// One sync round (see the module docs for the rules).
+pub async fn sync_counters(
+    pg: &Pg,
+    redis: &Redis,
+    hash_key: &str,
+    deadline: Deadline,
+) -> Result<SyncReport, SyncError> {
+    let raw: Vec<(Vec<u8>, Vec<u8>)> = {
+        let mut conn = checkout(redis, deadline).await?;
+        conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+        deadline
+            .run(
+                "redis HGETALL",
+                ::redis::cmd("HGETALL")
+                    .arg(hash_key)
+                    .query_async(&mut *conn),
+            )
+            .await?
+            .map_err(|e| SyncError::Redis(DispatchError::Unavailable(e.to_string())))?
+    };
+    let fields = raw
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        })
+        .collect::<Vec<_>>();
+    let hash_empty = fields.is_empty();
+    let (mut counts, skipped) = parse_counts(fields);
+
+    let conn = deadline
+        .run("postgres pool get", pg.pool.get())
+        .await?
+        .map_err(|e| SyncError::Pool(pg.last_error.describe(&e)))?;
+    let cancel = conn.cancel_token();
+    let work = async {
+        if hash_empty {
+            let ids = jobs::jobs_with_running_tasks(&*conn).await?;
+            counts = ids.into_iter().map(|id| (id, 0)).collect();
+        }
+        let client = &*conn;
+        stream::iter(counts.iter().copied())
+            .map(|(job, count)| async move {
+                jobs::set_running_tasks(client, job, count)
+                    .await
+                    .map(|prev| (job, count, prev))
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await
+    };
+    let results = match deadline.run("counter updates", work).await {
+        Ok(r) => r.map_err(|e| SyncError::Query(pg_error_text(&e)))?,
+        Err(expired) => {
+            // Stop the statement on the server too, not just our wait for it.
+            let _ = cancel.cancel_query(NoTls).await;
+            return Err(expired.into());
+        }
+    };
+    let mut report = SyncReport {
+        skipped,
+        ..SyncReport::default()
+    };
+    for (job, count, prev) in results {
+        match prev {
+            Some(prev) => {
+                report.synced += 1;
+                report
+                    .skews
+                    .push((job, (i64::from(count) - i64::from(prev)).unsigned_abs()));
+            }
+            None => report.left_alone += 1,
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Clone)]
+pub struct CounterSyncSettings {
+    pub database_url: String,
+    pub redis: RedisConfig,
+    pub interval: Duration,
+    pub round_timeout: Duration,
+    pub error_budget: u32,
+}
+
+pub struct CounterSyncActor {
+    settings: CounterSyncSettings,
+    log: Logger,
+    health: Arc<ActorHealth>,
+    supervision: Supervision,
+    pools: Option<(Pg, Redis)>,
+    restart_delay: Option<Duration>,
+    /// Observes each job's skew (the metrics histogram, when wired).
+    on_skew: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+impl CounterSyncActor {
+    pub fn new(
+        settings: CounterSyncSettings,
+        health: Arc<ActorHealth>,
+        supervision: Supervision,
+        on_skew: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+        log: &Logger,
+    ) -> Self {
+        CounterSyncActor {
+            settings,
+            log: log.new(slog::o!("actor" => "CounterSyncActor")),
+            health,
+            supervision,
+            pools: None,
+            restart_delay: None,
+            on_skew,
+        }
+    }
+
+    fn begin(&mut self, ctx: &mut Context<Self>) {
+        if self.supervision.given_up() {
+            return;
+        }
+        let pg = db::pool(&self.settings.database_url, 1, self.settings.round_timeout);
+        let redis = rds::pool(
+            &RedisConfig {
+                pool_size: 1,
+                ..self.settings.redis.clone()
+            },
+            self.settings.round_timeout,
+        );
+        match (pg, redis) {
+            (Ok(pg), Ok(redis)) => self.pools = Some((pg, redis)),
+            (Err(e), _) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
+            (_, Err(e)) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
+        }
+        self.health.set_running();
+        ctx.notify(SyncCounters {
+            deadline: Deadline::after(self.settings.round_timeout),
+        });
+        ctx.run_interval(self.settings.interval, |act, ctx| {
+            ctx.notify(SyncCounters {
+                deadline: Deadline::after(act.settings.round_timeout),
+            })
+        });
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
+        ctx.stop();
+    }
+
+    fn finish(
+        &mut self,
+        result: Result<Result<SyncReport, SyncError>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        match result {
+            Err(panic) => self.fail(ctx, format!("counter sync {panic}")),
+            Ok(Ok(report)) => {
+                self.health.ok();
+                for s in &report.skipped {
+                    warn!(self.log, "running counter skipped"; "field" => &s.field, "reason" => &s.reason);
+                }
+                for (job, skew) in &report.skews {
+                    if let Some(observe) = &self.on_skew {
+                        observe(*skew);
+                    }
+                    if *skew > 0 {
+                        debug!(self.log, "running counter corrected"; "job_id" => %job, "skew" => skew);
+                    }
+                }
+                debug!(self.log, "counters synced"; "synced" => report.synced, "left_alone" => report.left_alone,
+                    "skipped" => report.skipped.len());
+            }
+            Ok(Err(e)) => {
+                if matches!(e, SyncError::Deadline(_)) {
+                    self.health.deadline_exceeded();
+                }
+                let streak = self.health.failed(&e.to_string());
+                warn!(self.log, "counter sync failed; it runs again next interval";
+                    "error" => %e, "consecutive_failures" => streak);
+                if streak >= u64::from(self.settings.error_budget) {
+                    self.fail(ctx, format!("{streak} consecutive failed syncs, last: {e}"));
+                }
+            }
+        }
+    }
+}
+
+impl Actor for CounterSyncActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.restart_delay.take() {
+            Some(delay) => {
+                ctx.run_later(delay, |act, ctx| act.begin(ctx));
+            }
+            None => self.begin(ctx),
+        }
+    }
+}
+
+impl Supervised for CounterSyncActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.pools = None;
+    }
+}
+
+impl Handler<SyncCounters> for CounterSyncActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncCounters, ctx: &mut Self::Context) {
+        if msg.deadline.expired() {
+            self.health.deadline_exceeded();
+            debug!(
+                self.log,
+                "counter sync arrived after its deadline; dropped unexecuted"
+            );
+            return;
+        }
+        let Some((pg, redis)) = self.pools.clone() else {
+            return;
+        };
+        let key = format!("{}running", self.settings.redis.key_prefix);
+        let round = contain(async move { sync_counters(&pg, &redis, &key, msg.deadline).await });
+        ctx.wait(
+            round
+                .into_actor(self)
+                .map(|res, act, ctx| act.finish(res, ctx)),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_counts_clamps_and_skips_with_reasons() {
+        let a = "0b7e5e8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b";
+        let b = "6f1c2a52-4a8e-4d8e-9a43-2b1f3c9d7e01";
+        let c = "11111111-2222-3333-4444-555555555555";
+        let (counts, skipped) = parse_counts(vec![
+            (a.into(), "7".into()),
+            (b.into(), "-3".into()),
+            (c.into(), "99999999999".into()),
+            ("not-a-job".into(), "1".into()),
+            (a.to_uppercase(), "lots".into()),
+        ]);
+        let id = |s: &str| Uuid::parse_str(s).unwrap();
+        assert_eq!(counts, [(id(a), 7), (id(b), 0), (id(c), i32::MAX)]);
+        assert_eq!(skipped.len(), 2);
+        assert_eq!(skipped[0].field, "not-a-job");
+        assert!(skipped[0].reason.contains("UUID"));
+        assert!(skipped[1].reason.contains("\"lots\""));
+    }
+}

@@ -1,0 +1,231 @@
+//! `outbox-relay cancel-job` and `outbox-relay status`.
+//!
+//! `cancel-job` cancels in Postgres first (one transaction: status,
+//! `completed_at`, the job's outbox rows), then removes the job's schedule
+//! key and running-counter field from Redis; see [`crate::db::jobs::cancel`]
+//! for why no concurrent sweep can leave a schedule entry behind.
+//! `status` reads the backlog from Postgres and the deepest schedules from
+//! Redis; it prints what it could read even when one side is down.
+
+use ::redis::AsyncCommands;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::db::jobs::{self, CancelError};
+use crate::db::{self, dead_letter, pg_error_text, DbSetupError};
+use crate::redis::member::schedule_key;
+use crate::redis::RedisSetupError;
+use crate::STARTUP_TIMEOUT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error(transparent)]
+    Setup(#[from] DbSetupError),
+    #[error(transparent)]
+    Cancel(#[from] CancelError),
+    #[error("job {job} is cancelled in Postgres, but removing its Redis keys failed ({reason}); run cancel-job again to retry")]
+    RedisCleanup { job: Uuid, reason: String },
+    #[error("status: {0}")]
+    Status(String),
+    #[error("status is incomplete: {0}")]
+    Partial(String),
+}
+
+#[derive(Serialize)]
+struct CancelOutput {
+    job_id: Uuid,
+    already_cancelled: bool,
+    outbox_rows_deleted: u64,
+    schedule_key: String,
+    schedule_entries_removed: bool,
+}
+
+/// Cancel `job`: Postgres first, then its Redis keys.
+pub async fn cancel_job(cfg: &Config, job: Uuid, json: bool) -> Result<(), JobsError> {
+    let mut client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let done = jobs::cancel(&mut client, job).await?;
+    let key = schedule_key(&cfg.redis.key_prefix, &job.to_string());
+    let cleanup = async {
+        let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let removed: i64 = conn.del(&key).await.map_err(|e| e.to_string())?;
+        let _: i64 = conn
+            .hdel(format!("{}running", cfg.redis.key_prefix), job.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(removed > 0)
+    };
+    let removed = cleanup
+        .await
+        .map_err(|reason| JobsError::RedisCleanup { job, reason })?;
+    if json {
+        println!(
+            "{}",
+            to_json(&CancelOutput {
+                job_id: job,
+                already_cancelled: done.already,
+                outbox_rows_deleted: done.outbox_rows_deleted,
+                schedule_key: key,
+                schedule_entries_removed: removed,
+            })
+        );
+    } else if done.already {
+        println!(
+            "job {job} was already cancelled; {} late outbox rows deleted, schedule key {key} {}",
+            done.outbox_rows_deleted,
+            if removed { "removed" } else { "absent" }
+        );
+    } else {
+        println!(
+            "job {job} cancelled: {} outbox rows deleted, schedule key {key} {}",
+            done.outbox_rows_deleted,
+            if removed { "removed" } else { "was empty" }
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Status {
+    /// Rows due now.
+    pub backlog: i64,
+    /// Age of the oldest due row by `created_at`; None when nothing is due.
+    pub oldest_due_age_seconds: Option<f64>,
+    /// Rows scheduled for later (retries with backoff, delayed tasks).
+    pub future_rows: i64,
+    pub dead_letters: i64,
+    /// The ten deepest schedule sets; None when Redis could not be read.
+    pub schedules: Option<Vec<Schedule>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct Schedule {
+    pub job_id: String,
+    pub key: String,
+    pub depth: i64,
+}
+
+/// The ten deepest `{prefix}sched:*` sorted sets (SCAN, then ZCARD in pipelines).
+pub async fn deepest_schedules(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    prefix: &str,
+    top: usize,
+) -> Result<Vec<Schedule>, ::redis::RedisError> {
+    let pattern = format!("{prefix}sched:*");
+    let mut cursor: u64 = 0;
+    let mut all: Vec<Schedule> = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = ::redis::pipe();
+            pipe.ignore_errors();
+            for k in &keys {
+                pipe.zcard(k);
+            }
+            let depths: Vec<::redis::Value> = pipe.query_async(conn).await?;
+            for (k, d) in keys.into_iter().zip(depths) {
+                // A key of another type (WRONGTYPE) is not a schedule: skip it.
+                if let ::redis::Value::Int(depth) = d {
+                    let job_id = k[pattern.len() - 1..].to_string();
+                    all.push(Schedule {
+                        job_id,
+                        key: k,
+                        depth,
+                    });
+                }
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    all.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.key.cmp(&b.key)));
+    all.truncate(top);
+    Ok(all)
+}
+
+/// Print the relay's view of the backlog.
+pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
+    let client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let row = client
+        .query_typed_one(
+            "SELECT count(*) FILTER (WHERE run_at <= now()),
+                    count(*) FILTER (WHERE run_at > now()),
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()))::float8
+               FROM task_outbox",
+            &[],
+        )
+        .await
+        .map_err(|e| JobsError::Status(pg_error_text(&e)))?;
+    let mut st = Status {
+        backlog: row.get(0),
+        future_rows: row.get(1),
+        oldest_due_age_seconds: row.get(2),
+        dead_letters: dead_letter::count(&client)
+            .await
+            .map_err(|e| JobsError::Status(e.to_string()))?,
+        ..Status::default()
+    };
+    let redis: Result<Vec<Schedule>, String> = async {
+        let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e: RedisSetupError| e.to_string())?;
+        deepest_schedules(&mut conn, &cfg.redis.key_prefix, 10)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match redis {
+        Ok(s) => st.schedules = Some(s),
+        Err(e) => st.redis_error = Some(e),
+    }
+    if json {
+        println!("{}", to_json(&st));
+    } else {
+        print_status(&st, &cfg.redis.key_prefix);
+    }
+    match st.redis_error {
+        Some(e) => Err(JobsError::Partial(format!("redis: {e}"))),
+        None => Ok(()),
+    }
+}
+
+fn print_status(st: &Status, prefix: &str) {
+    println!("backlog (due now):      {} rows", st.backlog);
+    match st.oldest_due_age_seconds {
+        Some(age) => println!("oldest due row:         {age:.1}s old (by created_at)"),
+        None => println!("oldest due row:         -"),
+    }
+    println!("future-dated rows:      {}", st.future_rows);
+    println!("dead letters:           {}", st.dead_letters);
+    match &st.schedules {
+        Some(s) if s.is_empty() => println!("schedules ({prefix}sched:*): none"),
+        Some(s) => {
+            println!("deepest schedules ({prefix}sched:*):");
+            for sch in s {
+                println!("{:>12}  {}", sch.depth, sch.job_id);
+            }
+        }
+        None => println!(
+            "schedules:              unavailable ({})",
+            st.redis_error.as_deref().unwrap_or("unknown")
+        ),
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v)
+        .unwrap_or_else(|e| format!("{{\"error\":\"cannot render JSON: {e}\"}}"))
+}

@@ -1,0 +1,125 @@
+//! Queries on `jobs`: the running-task counter and cancellation.
+//!
+//! Each counter write is one autocommit statement that locks one job row:
+//! no transaction ever holds several jobs' row locks (the Go sweeper
+//! deadlocked against a trigger when it did).
+
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, GenericClient};
+use uuid::Uuid;
+
+use super::pg_error_text;
+
+/// Set one job's `running_tasks` to `count` if it is `running` or
+/// `pending`; returns the previous value, or `None` when the job is absent
+/// or in another state (left alone). An unchanged value is not rewritten.
+pub async fn set_running_tasks(
+    client: &impl GenericClient,
+    job: Uuid,
+    count: i32,
+) -> Result<Option<i32>, tokio_postgres::Error> {
+    let row = client
+        .query_typed_opt(
+            "WITH cur AS (
+                 SELECT id, running_tasks AS prev FROM jobs
+                  WHERE id = $1 AND status IN ('running', 'pending')
+                    FOR UPDATE
+             ), upd AS (
+                 UPDATE jobs j SET running_tasks = $2 FROM cur WHERE j.id = cur.id AND cur.prev <> $2
+             )
+             SELECT prev FROM cur",
+            &[(&job, Type::UUID), (&count, Type::INT4)],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Jobs that are `running`/`pending` with a non-zero counter.
+pub async fn jobs_with_running_tasks(
+    client: &impl GenericClient,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    Ok(client
+        .query_typed(
+            "SELECT id FROM jobs WHERE running_tasks > 0 AND status IN ('running', 'pending')",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Statuses a job can be cancelled from.
+pub const CANCELLABLE: &[&str] = &["pending", "running", "paused", "initialising"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no job with id {0}")]
+    UnknownJob(Uuid),
+    #[error("job {job} is {status}; only pending, running, paused or initialising jobs can be cancelled")]
+    NotCancellable { job: Uuid, status: String },
+    #[error("cancel failed: {0}")]
+    Query(String),
+}
+
+impl From<tokio_postgres::Error> for CancelError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CancelError::Query(pg_error_text(&e))
+    }
+}
+
+/// What cancelling did in Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancelled {
+    /// The job was cancelled before (its status did not change).
+    pub already: bool,
+    pub outbox_rows_deleted: u64,
+}
+
+/// In one transaction: mark the job cancelled and delete its outbox rows.
+///
+/// The DELETE waits for rows a sweep has claimed (they are locked until its
+/// tick commits or rolls back), so once this returns no tick still holds a
+/// row of the job: any ZADD for it happened before, and the caller's removal
+/// of the schedule key afterwards cannot be undone by a late sweep.
+pub async fn cancel(client: &mut Client, job: Uuid) -> Result<Cancelled, CancelError> {
+    let tx = client.transaction().await?;
+    let status: Option<String> = tx
+        .query_typed_opt(
+            "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
+            &[(&job, Type::UUID)],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let already = match status.as_deref() {
+        None => return Err(CancelError::UnknownJob(job)),
+        Some("cancelled") => true,
+        Some(s) if CANCELLABLE.contains(&s) => false,
+        Some(s) => {
+            return Err(CancelError::NotCancellable {
+                job,
+                status: s.to_string(),
+            })
+        }
+    };
+    if !already {
+        tx.execute_typed(
+            "UPDATE jobs SET status = 'cancelled', completed_at = now() WHERE id = $1",
+            &[(&job, Type::UUID)],
+        )
+        .await?;
+    }
+    // Also for an already-cancelled job: rows a producer wrote after the
+    // first cancel would otherwise wait forever.
+    let deleted = tx
+        .execute_typed(
+            "DELETE FROM task_outbox WHERE job_id = $1",
+            &[(&job, Type::UUID)],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(Cancelled {
+        already,
+        outbox_rows_deleted: deleted,
+    })
+}

@@ -1,0 +1,194 @@
+//! `cancel-job`: allowed states, idempotence, clear refusals, and no
+//! schedule entry left behind by a sweep draining at the same moment.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+use uuid::Uuid;
+
+fn cancel(db: &TestDb, redis_url: &str, prefix: &str, job: &str) -> Output {
+    let env = vec![
+        ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
+        ("OUTBOX_RELAY_REDIS__URL".to_string(), redis_url.to_string()),
+        (
+            "OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(),
+            prefix.to_string(),
+        ),
+    ];
+    relay_command(&["cancel-job", job, "--json"], &env)
+        .output()
+        .expect("cancel-job")
+}
+
+#[tokio::test]
+async fn cancel_job_states_and_refusals() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let statuses = [
+        "pending",
+        "running",
+        "paused",
+        "initialising",
+        "completed",
+        "failed",
+    ];
+    let ids: Vec<Uuid> = statuses.iter().map(|_| Uuid::new_v4()).collect();
+    let c = db.client().await;
+    for (id, st) in ids.iter().zip(statuses) {
+        c.execute("INSERT INTO jobs (id, status) VALUES ($1, $2)", &[id, &st])
+            .await
+            .expect("job");
+        c.execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             SELECT gen_random_uuid(), $1, i, 'h', '/x', 1, 's', now() + interval '1 hour' FROM generate_series(1, 3) i",
+            &[id],
+        )
+        .await
+        .expect("rows");
+    }
+    let mut conn = redis_conn(&redis_url).await;
+    let running = ids[1];
+    let key = format!("{}sched:{running}", &*prefix);
+    let _: () = conn.zadd(&key, "m", 1).await.expect("ZADD");
+    let _: () = conn
+        .hset(format!("{}running", &*prefix), running.to_string(), 4)
+        .await
+        .expect("HSET");
+
+    for (id, st) in ids.iter().zip(statuses).take(4) {
+        let o = cancel(&db, &redis_url, &prefix, &id.to_string());
+        assert!(
+            o.status.success(),
+            "{st}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(v["outbox_rows_deleted"], 3, "{st}");
+        assert_eq!(v["already_cancelled"], false);
+        let row = c
+            .query_one(
+                "SELECT status, completed_at IS NOT NULL FROM jobs WHERE id = $1",
+                &[id],
+            )
+            .await
+            .expect("job");
+        assert_eq!(
+            (row.get::<_, String>(0), row.get::<_, bool>(1)),
+            ("cancelled".to_string(), true)
+        );
+    }
+    assert!(
+        !conn.exists::<_, bool>(&key).await.expect("EXISTS"),
+        "schedule key removed"
+    );
+    let field: Option<i64> = conn
+        .hget(format!("{}running", &*prefix), running.to_string())
+        .await
+        .expect("HGET");
+    assert_eq!(field, None, "running counter field removed");
+
+    // Again: a no-op success.
+    let o = cancel(&db, &redis_url, &prefix, &running.to_string());
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (
+            v["already_cancelled"].as_bool(),
+            v["outbox_rows_deleted"].as_u64()
+        ),
+        (Some(true), Some(0))
+    );
+
+    for (id, st) in ids.iter().zip(statuses).skip(4) {
+        let o = cancel(&db, &redis_url, &prefix, &id.to_string());
+        assert_eq!(o.status.code(), Some(1), "{st}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("is {st}")));
+        assert_eq!(
+            db.count(&format!(
+                "SELECT count(*) FROM task_outbox WHERE job_id = '{id}'"
+            ))
+            .await,
+            3,
+            "{st} untouched"
+        );
+    }
+    let o = cancel(&db, &redis_url, &prefix, &Uuid::new_v4().to_string());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no job with id"));
+    let o = cancel(&db, &redis_url, &prefix, "not-a-uuid");
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let jobs = seed(&db, 30_000, 3).await;
+    let victim = jobs[0];
+    let c = db.client().await;
+    for j in &jobs {
+        c.execute("INSERT INTO jobs (id, status) VALUES ($1, 'running')", &[j])
+            .await
+            .expect("job");
+    }
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300")],
+    );
+    let mut a = RelayProcess::spawn(&env);
+    let mut b = RelayProcess::spawn(&env);
+    a.wait_started().await;
+    b.wait_started().await;
+    let key = format!("{}sched:{victim}", &*prefix);
+    let mut conn = redis_conn(&redis_url).await;
+    wait_until(
+        "the victim's schedule is filling",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move { conn.zcard::<_, i64>(&key).await.unwrap_or(0) > 100 }
+        },
+    )
+    .await;
+    let o = cancel(&db, &redis_url, &prefix, &victim.to_string());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        conn.zcard::<_, i64>(&key).await.expect("ZCARD"),
+        0,
+        "nothing left right after cancel-job returned"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(
+        v["outbox_rows_deleted"].as_u64().unwrap_or(0) > 0,
+        "cancelled mid-drain: {v}"
+    );
+
+    wait_until("the other jobs drain", Duration::from_secs(120), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+    assert_eq!(
+        conn.zcard::<_, i64>(&key).await.expect("ZCARD"),
+        0,
+        "no late entry from a sweep"
+    );
+    for j in &jobs[1..] {
+        assert_eq!(
+            conn.zcard::<_, i64>(format!("{}sched:{j}", &*prefix))
+                .await
+                .expect("ZCARD"),
+            10_000
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
