@@ -43,10 +43,7 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
     /// One or more keys are wrong; every problem is listed.
@@ -91,20 +88,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "{text:?} is not a duration (expected a number and a unit, e.g. \"500ms\")"
         ));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?}: number out of range"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{text:?}: number out of range"))?;
     let ms_per_unit: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
-            ))
-        }
+        _ => return Err(format!("{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)")),
     };
     n.checked_mul(ms_per_unit)
         .map(Duration::from_millis)
@@ -114,12 +105,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Format a duration in the largest unit that represents it exactly.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000u128),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }
@@ -136,9 +122,7 @@ impl Serialize for Dur {
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
     }
 }
 
@@ -269,9 +253,7 @@ pub struct CounterSyncConfig {
 
 impl Default for CounterSyncConfig {
     fn default() -> Self {
-        CounterSyncConfig {
-            interval: Dur::secs(5),
-        }
+        CounterSyncConfig { interval: Dur::secs(5) }
     }
 }
 
@@ -394,29 +376,20 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut merged = toml::Value::try_from(Config::default())
-            .map_err(|e| ConfigError::one("(defaults)", e.to_string()))?;
+        let mut merged =
+            toml::Value::try_from(Config::default()).map_err(|e| ConfigError::one("(defaults)", e.to_string()))?;
         if let Some(text) = toml_text {
-            let file: toml::Table =
-                text.parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                        path: path.to_string(),
-                        message: one_line(&e.to_string()),
-                    })?;
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: path.to_string(),
+                message: one_line(&e.to_string()),
+            })?;
             merge(&mut merged, toml::Value::Table(file));
         }
         apply_env(&mut merged, env)?;
         let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
             let message = one_line(&e.into_inner().to_string());
-            ConfigError::one(
-                if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message,
-            )
+            ConfigError::one(if key == "." { "(top level)".into() } else { key }, message)
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -461,10 +434,7 @@ impl Config {
         if !(1..=1000).contains(&self.database.pool_size) {
             bad(
                 "database.pool_size",
-                format!(
-                    "must be between 1 and 1000 (got {})",
-                    self.database.pool_size
-                ),
+                format!("must be between 1 and 1000 (got {})", self.database.pool_size),
             );
         }
         if let Err(e) = ::redis::Client::open(self.redis.url.as_str()) {
@@ -492,10 +462,7 @@ impl Config {
         if s.tick_timeout.0 < Duration::from_millis(10) {
             bad(
                 "sweep.tick_timeout",
-                format!(
-                    "must be at least 10ms (got {})",
-                    format_duration(s.tick_timeout.0)
-                ),
+                format!("must be at least 10ms (got {})", format_duration(s.tick_timeout.0)),
             );
         }
         if s.base_backoff.0.is_zero() {
@@ -521,10 +488,7 @@ impl Config {
             );
         }
         if self.dead_letter.purge_interval.0.is_zero() {
-            bad(
-                "dead_letter.purge_interval",
-                "must be greater than 0".into(),
-            );
+            bad("dead_letter.purge_interval", "must be greater than 0".into());
         }
         if self.counter_sync.interval.0.is_zero() {
             bad("counter_sync.interval", "must be greater than 0".into());
@@ -557,10 +521,7 @@ impl Config {
         if SocketAddr::from_str(&self.http.listen).is_err() {
             bad(
                 "http.listen",
-                format!(
-                    "{:?} is not an address like 127.0.0.1:9464",
-                    self.http.listen
-                ),
+                format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen),
             );
         }
         if self.metrics.app.trim().is_empty() {
@@ -651,9 +612,7 @@ where
         let Some(slot) = slot else {
             problems.push(Problem {
                 key: var.clone(),
-                message: format!(
-                    "unknown key {section}.{key} (expected OUTBOX_RELAY_<SECTION>__<KEY>)"
-                ),
+                message: format!("unknown key {section}.{key} (expected OUTBOX_RELAY_<SECTION>__<KEY>)"),
             });
             continue;
         };
@@ -708,12 +667,7 @@ pub fn redact_url(url: &str) -> String {
         if let Some(at) = authority.rfind('@') {
             let userinfo = &authority[..at];
             if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
+                return format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
             }
         }
         return url.to_string();
@@ -864,10 +818,7 @@ mod tests {
             redact_url("postgres://user:s3cret@db:5432/x"),
             "postgres://user:***@db:5432/x"
         );
-        assert_eq!(
-            redact_url("redis://:pw@host:6379/0"),
-            "redis://:***@host:6379/0"
-        );
+        assert_eq!(redact_url("redis://:pw@host:6379/0"), "redis://:***@host:6379/0");
         assert_eq!(
             redact_url("postgres://root@127.0.0.1/test"),
             "postgres://root@127.0.0.1/test"
@@ -880,9 +831,6 @@ mod tests {
         c.database.url = "postgres://u:topsecret@h/d".into();
         c.redis.url = "redis://:alsosecret@h:6379".into();
         let shown = c.to_redacted_toml();
-        assert!(
-            !shown.contains("topsecret") && !shown.contains("alsosecret"),
-            "{shown}"
-        );
+        assert!(!shown.contains("topsecret") && !shown.contains("alsosecret"), "{shown}");
     }
 }

@@ -86,10 +86,7 @@ mod tests {
     async fn run_times_out_naming_the_stage() {
         let d = Deadline::after(Duration::from_millis(50));
         let slow = tokio::time::sleep(Duration::from_secs(10));
-        assert_eq!(
-            d.run("pipeline", slow).await,
-            Err(Expired { stage: "pipeline" })
-        );
+        assert_eq!(d.run("pipeline", slow).await, Err(Expired { stage: "pipeline" }));
         let d = Deadline::after(Duration::from_millis(50));
         assert_eq!(d.run("query", async { 7 }).await, Ok(7));
     }

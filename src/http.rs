@@ -1,10 +1,13 @@
-//! The HTTP side: `GET /healthz` and `GET /readyz` on `http.listen`.
+//! The HTTP side: `GET /healthz`, `GET /readyz` and `GET /metrics` on
+//! `http.listen`.
 //!
 //! - `/healthz`: 200 when every actor is `healthy`, 503 otherwise; the body
 //!   is JSON with each actor's health facts (the same as the health lines).
 //! - `/readyz`: 200 once the relay can do its job: the schema was found at
 //!   start-up (the relay does not start otherwise) and both pools have
 //!   connected at least once; 503 before.
+//! - `/metrics`: the Prometheus text exposition format (health gauges are
+//!   refreshed at scrape time).
 //!
 //! Health is read from shared state, never through actor mailboxes, so a
 //! busy or dead actor cannot make the endpoint hang.
@@ -15,6 +18,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Serialize;
 
 use crate::actors::health::{ActorHealth, HealthSnapshot, Status};
+use crate::telemetry::metrics::Metrics;
 
 type Healths = Arc<Vec<Arc<ActorHealth>>>;
 
@@ -59,14 +63,24 @@ async fn readyz(health: web::Data<Healths>) -> HttpResponse {
     }
 }
 
+async fn metrics(health: web::Data<Healths>, metrics: web::Data<Metrics>) -> HttpResponse {
+    metrics.observe_health(&health);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics.render())
+}
+
 /// Bind `listen` and serve in the background; the handle stops the server.
-pub fn start(listen: &str, health: Healths) -> Result<actix_web::dev::ServerHandle, HttpError> {
+pub fn start(listen: &str, health: Healths, metrics_: Metrics) -> Result<actix_web::dev::ServerHandle, HttpError> {
     let data = web::Data::new(health);
+    let metrics_data = web::Data::new(metrics_);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(metrics_data.clone())
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics))
     })
     .workers(1)
     .disable_signals()

@@ -44,6 +44,8 @@ pub enum RelayError {
     #[error(transparent)]
     Http(#[from] http::HttpError),
     #[error(transparent)]
+    Metrics(#[from] telemetry::metrics::MetricsError),
+    #[error(transparent)]
     Triage(#[from] cli::dead_letter::TriageError),
     #[error(transparent)]
     Jobs(#[from] cli::jobs::JobsError),
@@ -64,8 +66,8 @@ pub struct RunOptions {
 /// Check both services, start the actors, run until SIGTERM/SIGINT, then
 /// let the tick in flight finish and return. Must run inside an actix `System`.
 pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RelayError> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(RelayError::Signals)?;
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RelayError::Signals)?;
     db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     crate::redis::ping(&cfg.redis.url, STARTUP_TIMEOUT).await?;
     info!(log, "outbox-relay starting";
@@ -77,8 +79,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), Relay
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);
 
     let healths = actors::supervisor::Healths::new(&cfg);
-    let http = http::start(&cfg.http.listen, healths.all())?;
-    let (relay, mut fatal) = actors::supervisor::start(&cfg, &healths, &log);
+    let metrics = telemetry::metrics::Metrics::new(&cfg.metrics)?;
+    let http = http::start(&cfg.http.listen, healths.all(), metrics.clone())?;
+    let (relay, mut fatal) = actors::supervisor::start(&cfg, &healths, &metrics, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
             cfg.database.url.clone(),
@@ -140,10 +143,7 @@ async fn progress_lines(
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        if client
-            .as_ref()
-            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
-        {
+        if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
             client = db::connect(&url, STARTUP_TIMEOUT).await.ok();
         }
         let now = stats.dispatched.load(Ordering::Relaxed);
@@ -151,10 +151,7 @@ async fn progress_lines(
         last = now;
         let left = match &client {
             Some(c) => c
-                .query_typed_one(
-                    "SELECT count(*) FROM task_outbox WHERE run_at <= now()",
-                    &[],
-                )
+                .query_typed_one("SELECT count(*) FROM task_outbox WHERE run_at <= now()", &[])
                 .await
                 .map(|r| r.get::<_, i64>(0))
                 .ok(),

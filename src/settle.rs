@@ -78,12 +78,8 @@ pub fn settle(rows: &[OutboxRow], outcomes: Vec<RowOutcome>, policy: &RetryPolic
             }
             RowOutcome::Failed(err) => {
                 s.retry_ids.push(row.id);
-                s.retry_delays_ms.push(
-                    policy
-                        .backoff(row.attempts)
-                        .as_millis()
-                        .min(i64::MAX as u128) as i64,
-                );
+                s.retry_delays_ms
+                    .push(policy.backoff(row.attempts).as_millis().min(i64::MAX as u128) as i64);
                 s.last_retry_error = Some(err);
             }
         }
@@ -139,10 +135,7 @@ mod tests {
         assert!(!p.exhausted(0));
         assert!(!p.exhausted(1));
         assert!(p.exhausted(2));
-        let one = RetryPolicy {
-            max_attempts: 1,
-            ..p
-        };
+        let one = RetryPolicy { max_attempts: 1, ..p };
         assert!(one.exhausted(0));
     }
 

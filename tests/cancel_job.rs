@@ -14,10 +14,7 @@ fn cancel(db: &TestDb, redis_url: &str, prefix: &str, job: &str) -> Output {
     let env = vec![
         ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
         ("OUTBOX_RELAY_REDIS__URL".to_string(), redis_url.to_string()),
-        (
-            "OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(),
-            prefix.to_string(),
-        ),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(), prefix.to_string()),
     ];
     relay_command(&["cancel-job", job, "--json"], &env)
         .output()
@@ -29,14 +26,7 @@ async fn cancel_job_states_and_refusals() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let statuses = [
-        "pending",
-        "running",
-        "paused",
-        "initialising",
-        "completed",
-        "failed",
-    ];
+    let statuses = ["pending", "running", "paused", "initialising", "completed", "failed"];
     let ids: Vec<Uuid> = statuses.iter().map(|_| Uuid::new_v4()).collect();
     let c = db.client().await;
     for (id, st) in ids.iter().zip(statuses) {
@@ -62,19 +52,12 @@ async fn cancel_job_states_and_refusals() {
 
     for (id, st) in ids.iter().zip(statuses).take(4) {
         let o = cancel(&db, &redis_url, &prefix, &id.to_string());
-        assert!(
-            o.status.success(),
-            "{st}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{st}: {}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
         assert_eq!(v["outbox_rows_deleted"], 3, "{st}");
         assert_eq!(v["already_cancelled"], false);
         let row = c
-            .query_one(
-                "SELECT status, completed_at IS NOT NULL FROM jobs WHERE id = $1",
-                &[id],
-            )
+            .query_one("SELECT status, completed_at IS NOT NULL FROM jobs WHERE id = $1", &[id])
             .await
             .expect("job");
         assert_eq!(
@@ -97,10 +80,7 @@ async fn cancel_job_states_and_refusals() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(
-        (
-            v["already_cancelled"].as_bool(),
-            v["outbox_rows_deleted"].as_u64()
-        ),
+        (v["already_cancelled"].as_bool(), v["outbox_rows_deleted"].as_u64()),
         (Some(true), Some(0))
     );
 
@@ -109,10 +89,8 @@ async fn cancel_job_states_and_refusals() {
         assert_eq!(o.status.code(), Some(1), "{st}");
         assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("is {st}")));
         assert_eq!(
-            db.count(&format!(
-                "SELECT count(*) FROM task_outbox WHERE job_id = '{id}'"
-            ))
-            .await,
+            db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{id}'"))
+                .await,
             3,
             "{st} untouched"
         );
@@ -137,27 +115,18 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
             .await
             .expect("job");
     }
-    let env = relay_env(
-        &db,
-        &redis_url,
-        &prefix,
-        &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300")],
-    );
+    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300")]);
     let mut a = RelayProcess::spawn(&env);
     let mut b = RelayProcess::spawn(&env);
     a.wait_started().await;
     b.wait_started().await;
     let key = format!("{}sched:{victim}", &*prefix);
     let mut conn = redis_conn(&redis_url).await;
-    wait_until(
-        "the victim's schedule is filling",
-        Duration::from_secs(60),
-        || {
-            let mut conn = conn.clone();
-            let key = key.clone();
-            async move { conn.zcard::<_, i64>(&key).await.unwrap_or(0) > 100 }
-        },
-    )
+    wait_until("the victim's schedule is filling", Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { conn.zcard::<_, i64>(&key).await.unwrap_or(0) > 100 }
+    })
     .await;
     let o = cancel(&db, &redis_url, &prefix, &victim.to_string());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

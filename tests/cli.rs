@@ -9,13 +9,8 @@ use std::process::Output;
 use common::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    relay_command(args, &env)
-        .output()
-        .expect("run outbox-relay")
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    relay_command(args, &env).output().expect("run outbox-relay")
 }
 
 fn stderr(o: &Output) -> String {
@@ -43,11 +38,7 @@ async fn migrate_twice_is_a_no_op() {
     let second = run(&["migrate"], &env);
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(String::from_utf8_lossy(&second.stdout).contains("\"applied\":\"[]\""));
-    assert_eq!(
-        db.count("SELECT count(*) FROM outbox_relay_migrations")
-            .await,
-        1
-    );
+    assert_eq!(db.count("SELECT count(*) FROM outbox_relay_migrations").await, 1);
     assert_eq!(
         db.count("SELECT count(*) FROM information_schema.tables WHERE table_name IN ('task_outbox', 'task_outbox_dead', 'jobs')")
             .await,
@@ -58,15 +49,9 @@ async fn migrate_twice_is_a_no_op() {
 #[test]
 fn bad_configs_name_the_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[
-        (
-            &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "0")],
-            "sweep.batch_size",
-        ),
+        (&[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "0")], "sweep.batch_size"),
         (&[("OUTBOX_RELAY_SWEEP__INTERVAL", "-5s")], "sweep.interval"),
-        (
-            &[("OUTBOX_RELAY_SWEEP__INTERVAL", "soon")],
-            "sweep.interval",
-        ),
+        (&[("OUTBOX_RELAY_SWEEP__INTERVAL", "soon")], "sweep.interval"),
         (
             &[
                 ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "10m"),
@@ -78,19 +63,13 @@ fn bad_configs_name_the_key() {
             &[("OUTBOX_RELAY_SWEEP__BATCHSIZE", "10")],
             "OUTBOX_RELAY_SWEEP__BATCHSIZE",
         ),
-        (
-            &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "many")],
-            "sweep.max_attempts",
-        ),
+        (&[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "many")], "sweep.max_attempts"),
         (&[("OUTBOX_RELAY_LOG__FORMAT", "xml")], "log.format"),
         (&[("DATABASE_URL", "mysql://nope")], "database.url"),
     ];
     for (env, key) in cases {
         for cmd in ["check-config", "run"] {
-            let o = run(
-                &[cmd, "--no-connect"][..if cmd == "run" { 1 } else { 2 }],
-                env,
-            );
+            let o = run(&[cmd, "--no-connect"][..if cmd == "run" { 1 } else { 2 }], env);
             assert_clean_failure(&o, 2, &[key]);
         }
     }
@@ -101,8 +80,7 @@ fn unknown_key_in_the_file_is_named() {
     let dir = std::env::temp_dir().join(format!("outbox-relay-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let file = dir.join("bad.toml");
-    std::fs::write(&file, "[sweep]\nbatch_size = 10\ntick_timout = \"1s\"\n")
-        .expect("write config");
+    std::fs::write(&file, "[sweep]\nbatch_size = 10\ntick_timout = \"1s\"\n").expect("write config");
     let o = run(
         &[
             "--config",
@@ -113,10 +91,7 @@ fn unknown_key_in_the_file_is_named() {
         &[],
     );
     assert_clean_failure(&o, 2, &["tick_timout"]);
-    let o = run(
-        &["--config", "/nonexistent/outbox.toml", "check-config"],
-        &[],
-    );
+    let o = run(&["--config", "/nonexistent/outbox.toml", "check-config"], &[]);
     assert_clean_failure(&o, 2, &["/nonexistent/outbox.toml"]);
 }
 
@@ -125,19 +100,13 @@ fn check_config_redacts_passwords() {
     let o = run(
         &["check-config", "--no-connect"],
         &[
-            (
-                "DATABASE_URL",
-                "postgres://app:hunter2@db.internal:5432/jobs",
-            ),
+            ("DATABASE_URL", "postgres://app:hunter2@db.internal:5432/jobs"),
             ("REDIS_URL", "redis://:s3cr3t@cache:6379/0"),
         ],
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        out.contains("postgres://app:***@db.internal:5432/jobs"),
-        "{out}"
-    );
+    assert!(out.contains("postgres://app:***@db.internal:5432/jobs"), "{out}");
     assert!(!out.contains("hunter2") && !out.contains("s3cr3t"), "{out}");
     let parsed: toml::Table = out.parse().expect("check-config prints valid TOML");
     assert_eq!(parsed["sweep"]["batch_size"].as_integer(), Some(500));
@@ -151,11 +120,7 @@ async fn unreachable_services_are_named() {
     let redis_down = format!("redis://127.0.0.1:{dead_port}/0");
 
     let o = run(&["run"], &[("OUTBOX_RELAY_DATABASE__URL", &pg_down)]);
-    assert_clean_failure(
-        &o,
-        1,
-        &["cannot reach Postgres", &format!("127.0.0.1:{dead_port}")],
-    );
+    assert_clean_failure(&o, 1, &["cannot reach Postgres", &format!("127.0.0.1:{dead_port}")]);
 
     let o = run(
         &["run"],
@@ -164,11 +129,7 @@ async fn unreachable_services_are_named() {
             ("OUTBOX_RELAY_REDIS__URL", &redis_down),
         ],
     );
-    assert_clean_failure(
-        &o,
-        1,
-        &["cannot reach Redis", &format!("127.0.0.1:{dead_port}")],
-    );
+    assert_clean_failure(&o, 1, &["cannot reach Redis", &format!("127.0.0.1:{dead_port}")]);
 
     let o = run(
         &["check-config"],
@@ -185,14 +146,7 @@ async fn unreachable_services_are_named() {
 
     let o = run(
         &["run"],
-        &[(
-            "OUTBOX_RELAY_DATABASE__URL",
-            "postgres://root:pw123@127.0.0.1:1/x",
-        )],
+        &[("OUTBOX_RELAY_DATABASE__URL", "postgres://root:pw123@127.0.0.1:1/x")],
     );
-    assert!(
-        !stderr(&o).contains("pw123"),
-        "password leaked: {}",
-        stderr(&o)
-    );
+    assert!(!stderr(&o).contains("pw123"), "password leaked: {}", stderr(&o));
 }

@@ -66,56 +66,34 @@ async fn counters_follow_redis_by_the_rules() {
         running_tasks(&db, a).await == 5 && running_tasks(&db, b).await == 0
     })
     .await;
-    assert_eq!(
-        running_tasks(&db, c).await,
-        2,
-        "a completed job is left alone"
-    );
+    assert_eq!(running_tasks(&db, c).await, 2, "a completed job is left alone");
     assert_eq!(
         running_tasks(&db, d).await,
         4,
         "a job absent from the hash is left alone"
     );
-    assert_eq!(
-        running_tasks(&db, e).await,
-        1,
-        "a non-numeric value is skipped"
-    );
-    wait_until(
-        "both bad fields are named in warnings",
-        Duration::from_secs(10),
-        || {
-            let skipped = relay.records("running counter skipped");
-            let named = skipped.iter().any(|r| r["field"] == "not-a-uuid")
-                && skipped.iter().any(|r| {
-                    r["field"] == e.to_string().as_str()
-                        && r["reason"].as_str().is_some_and(|x| x.contains("abc"))
-                });
-            async move { named }
-        },
-    )
+    assert_eq!(running_tasks(&db, e).await, 1, "a non-numeric value is skipped");
+    wait_until("both bad fields are named in warnings", Duration::from_secs(10), || {
+        let skipped = relay.records("running counter skipped");
+        let named = skipped.iter().any(|r| r["field"] == "not-a-uuid")
+            && skipped.iter().any(|r| {
+                r["field"] == e.to_string().as_str() && r["reason"].as_str().is_some_and(|x| x.contains("abc"))
+            });
+        async move { named }
+    })
     .await;
 
     // Empty hash: every running/pending job with a counter goes to 0.
     let _: () = conn.del(&hash).await.expect("DEL");
     wait_until("counters zeroed", Duration::from_secs(30), || async {
-        running_tasks(&db, a).await == 0
-            && running_tasks(&db, d).await == 0
-            && running_tasks(&db, e).await == 0
+        running_tasks(&db, a).await == 0 && running_tasks(&db, d).await == 0 && running_tasks(&db, e).await == 0
     })
     .await;
-    assert_eq!(
-        running_tasks(&db, c).await,
-        2,
-        "completed jobs keep their counter"
-    );
+    assert_eq!(running_tasks(&db, c).await, 2, "completed jobs keep their counter");
 
     let (updates, txids): (i64, i64) = {
         let r = c_db
-            .query_one(
-                "SELECT count(*), count(DISTINCT txid) FROM job_update_log",
-                &[],
-            )
+            .query_one("SELECT count(*), count(DISTINCT txid) FROM job_update_log", &[])
             .await
             .expect("log");
         (r.get(0), r.get(1))

@@ -13,19 +13,12 @@ use redis::AsyncCommands;
 
 fn cli(db: &TestDb, args: &[&str]) -> Output {
     let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
-    relay_command(args, &env)
-        .output()
-        .expect("run outbox-relay")
+    relay_command(args, &env).output().expect("run outbox-relay")
 }
 
 fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+    assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 /// Insert `n` dead letters for `job` with `error`, dead-lettered `age` ago.
@@ -68,10 +61,7 @@ async fn list_summarises_by_error_and_filters() {
     .await;
     insert_dead(&db, b, 1, "OOM command not allowed", "10 minutes").await;
 
-    let v = json(&cli(
-        &db,
-        &["dead-letter", "list", "--json", "--limit", "4"],
-    ));
+    let v = json(&cli(&db, &["dead-letter", "list", "--json", "--limit", "4"]));
     assert_eq!(v["total"], 9);
     assert_eq!(
         v["rows"].as_array().map(Vec::len),
@@ -120,20 +110,13 @@ async fn list_summarises_by_error_and_filters() {
         ],
     ));
     assert_eq!(v["total"], 5);
-    let v = json(&cli(
-        &db,
-        &["dead-letter", "list", "--json", "--error", "separator"],
-    ));
+    let v = json(&cli(&db, &["dead-letter", "list", "--json", "--error", "separator"]));
     assert_eq!(v["total"], 3);
 
     let text = cli(&db, &["dead-letter", "list"]);
     let out = String::from_utf8_lossy(&text.stdout);
     assert!(out.contains("9 dead letters match"), "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.trim_start().starts_with("5  WRONGTYPE")),
-        "{out}"
-    );
+    assert!(out.lines().any(|l| l.trim_start().starts_with("5  WRONGTYPE")), "{out}");
 }
 
 #[tokio::test]
@@ -148,12 +131,7 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     let mut conn = redis_conn(&redis_url).await;
     let _: () = conn.set(&key, "oops").await.expect("SET");
 
-    let env = relay_env(
-        &db,
-        &redis_url,
-        &prefix,
-        &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1")],
-    );
+    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1")]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     wait_until(
@@ -171,40 +149,21 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     // Dry run: counts, changes nothing.
     let v = json(&cli(
         &db,
-        &[
-            "dead-letter",
-            "requeue",
-            "--error",
-            "WRONGTYPE",
-            "--dry-run",
-            "--json",
-        ],
+        &["dead-letter", "requeue", "--error", "WRONGTYPE", "--dry-run", "--json"],
     ));
     assert_eq!(
-        (
-            v["matched"].as_u64(),
-            v["requeued"].as_u64(),
-            v["dry_run"].as_bool()
-        ),
+        (v["matched"].as_u64(), v["requeued"].as_u64(), v["dry_run"].as_bool()),
         (Some(100), Some(100), Some(true))
     );
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 100);
     assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 0);
 
     let _: () = conn.del(&key).await.expect("DEL");
-    let v = json(&cli(
-        &db,
-        &["dead-letter", "requeue", "--error", "WRONGTYPE", "--json"],
-    ));
-    assert_eq!(
-        (v["requeued"].as_u64(), v["skipped"].as_u64()),
-        (Some(100), Some(0))
-    );
-    wait_until(
-        "requeued rows delivered",
-        Duration::from_secs(30),
-        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
-    )
+    let v = json(&cli(&db, &["dead-letter", "requeue", "--error", "WRONGTYPE", "--json"]));
+    assert_eq!((v["requeued"].as_u64(), v["skipped"].as_u64()), (Some(100), Some(0)));
+    wait_until("requeued rows delivered", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
     .await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     // Requeued rows are due "now", so their score is the requeue time; the
@@ -229,12 +188,7 @@ async fn requeue_racing_a_running_sweep_loses_and_duplicates_nothing() {
     }
     // Live traffic at the same time.
     seed(&db, 5_000, 5).await;
-    let env = relay_env(
-        &db,
-        &redis_url,
-        &prefix,
-        &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200")],
-    );
+    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200")]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
 
@@ -295,15 +249,7 @@ async fn requeue_skips_tasks_already_in_the_outbox_and_refuses_bad_input() {
         .collect();
 
     // Unknown id among known ones: clear error, nothing changes.
-    let o = cli(
-        &db,
-        &[
-            "dead-letter",
-            "requeue",
-            "--id",
-            &format!("{},999999", ids[1]),
-        ],
-    );
+    let o = cli(&db, &["dead-letter", "requeue", "--id", &format!("{},999999", ids[1])]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no dead letter with id 999999"));
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 3);
@@ -345,11 +291,7 @@ async fn requeue_skips_tasks_already_in_the_outbox_and_refuses_bad_input() {
         ],
     ));
     assert_eq!(
-        (
-            v["matched"].as_u64(),
-            v["requeued"].as_u64(),
-            v["skipped"].as_u64()
-        ),
+        (v["matched"].as_u64(), v["requeued"].as_u64(), v["skipped"].as_u64()),
         (Some(2), Some(1), Some(1))
     );
     assert_eq!(
@@ -369,10 +311,7 @@ async fn requeue_skips_tasks_already_in_the_outbox_and_refuses_bad_input() {
         )
         .await
         .expect("requeued row");
-    assert_eq!(
-        (requeued.get::<_, i32>(0), requeued.get::<_, bool>(1)),
-        (0, true)
-    );
+    assert_eq!((requeued.get::<_, i32>(0), requeued.get::<_, bool>(1)), (0, true));
 }
 
 #[tokio::test]
@@ -384,41 +323,18 @@ async fn purge_deletes_only_older_rows_in_batches_and_dry_run_changes_nothing() 
 
     let v = json(&cli(
         &db,
-        &[
-            "dead-letter",
-            "purge",
-            "--older-than",
-            "7d",
-            "--dry-run",
-            "--json",
-        ],
+        &["dead-letter", "purge", "--older-than", "7d", "--dry-run", "--json"],
     ));
-    assert_eq!(
-        (v["matched"].as_i64(), v["deleted"].as_u64()),
-        (Some(2_500), Some(0))
-    );
-    assert_eq!(
-        db.count("SELECT count(*) FROM task_outbox_dead").await,
-        2_510
-    );
+    assert_eq!((v["matched"].as_i64(), v["deleted"].as_u64()), (Some(2_500), Some(0)));
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 2_510);
 
     let o = cli(&db, &["dead-letter", "purge", "--older-than", "7d"]);
     assert_eq!(o.status.code(), Some(1), "purge without --yes refuses");
-    assert_eq!(
-        db.count("SELECT count(*) FROM task_outbox_dead").await,
-        2_510
-    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 2_510);
 
     let v = json(&cli(
         &db,
-        &[
-            "dead-letter",
-            "purge",
-            "--older-than",
-            "7d",
-            "--yes",
-            "--json",
-        ],
+        &["dead-letter", "purge", "--older-than", "7d", "--yes", "--json"],
     ));
     assert_eq!(v["deleted"].as_u64(), Some(2_500));
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 10);
@@ -447,11 +363,9 @@ async fn retention_is_enforced_by_the_dead_letter_actor() {
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
-    wait_until(
-        "old dead letters purged",
-        Duration::from_secs(30),
-        || async { db.count("SELECT count(*) FROM task_outbox_dead").await == 7 },
-    )
+    wait_until("old dead letters purged", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox_dead").await == 7
+    })
     .await;
     assert_eq!(
         db.count("SELECT count(*) FROM task_outbox_dead WHERE last_error = 'recent'")

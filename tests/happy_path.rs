@@ -46,9 +46,7 @@ async fn future_rows_wait_for_their_time() {
     let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
     relay.wait_started().await;
     wait_until("due row delivered", Duration::from_secs(30), || async {
-        db.count("SELECT count(*) FROM task_outbox WHERE path = '/due'")
-            .await
-            == 0
+        db.count("SELECT count(*) FROM task_outbox WHERE path = '/due'").await == 0
     })
     .await;
     // A later tick delivers a second due row: the future row was passed over again.
@@ -58,19 +56,12 @@ async fn future_rows_wait_for_their_time() {
     )
     .await
     .expect("insert");
-    wait_until(
-        "second due row delivered",
-        Duration::from_secs(30),
-        || async {
-            db.count("SELECT count(*) FROM task_outbox WHERE path = '/due'")
-                .await
-                == 0
-        },
-    )
+    wait_until("second due row delivered", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE path = '/due'").await == 0
+    })
     .await;
     assert_eq!(
-        db.count("SELECT count(*) FROM task_outbox WHERE path = '/later'")
-            .await,
+        db.count("SELECT count(*) FROM task_outbox WHERE path = '/later'").await,
         1
     );
     let members = schedule_members(&redis_url, &prefix).await;

@@ -17,9 +17,7 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
     let jobs = seed(&db, 400, 10).await;
     let poisoned = jobs[3];
     let poisoned_rows = db
-        .count(&format!(
-            "SELECT count(*) FROM task_outbox WHERE job_id = '{poisoned}'"
-        ))
+        .count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{poisoned}'"))
         .await;
     assert_eq!(poisoned_rows, 40);
     let expected = expected_members(&db).await;
@@ -47,15 +45,9 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
 
     // First failure: the other 360 rows are gone in that same tick, the
     // poisoned rows carry attempts = 1 and run_at = now + 2s.
-    wait_until(
-        "first failure recorded",
-        Duration::from_secs(30),
-        || async {
-            db.count("SELECT count(*) FROM task_outbox WHERE attempts = 1")
-                .await
-                == 40
-        },
-    )
+    wait_until("first failure recorded", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts = 1").await == 40
+    })
     .await;
     let c = db.client().await;
     let row = c
@@ -87,15 +79,9 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
     assert_all_delivered(&redis_url, &prefix, &healthy).await;
 
     // Second failure: delay min(2s * 2, 3s) = 3s.
-    wait_until(
-        "second failure recorded",
-        Duration::from_secs(30),
-        || async {
-            db.count("SELECT count(*) FROM task_outbox WHERE attempts = 2")
-                .await
-                == 40
-        },
-    )
+    wait_until("second failure recorded", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts = 2").await == 40
+    })
     .await;
     let left: f64 = c
         .query_one(
@@ -105,52 +91,31 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
         .await
         .expect("inspect")
         .get(0);
-    assert!(
-        left <= 3.05 && left > 2.05,
-        "second backoff is capped at 3s: {left}"
-    );
+    assert!(left <= 3.05 && left > 2.05, "second backoff is capped at 3s: {left}");
 
     // Third failure: the rows move to task_outbox_dead with attempts = 3.
-    wait_until(
-        "poisoned rows dead-lettered",
-        Duration::from_secs(30),
-        || async { db.count("SELECT count(*) FROM task_outbox_dead").await == 40 },
-    )
+    wait_until("poisoned rows dead-lettered", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox_dead").await == 40
+    })
     .await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 0);
     let dead = c
-        .query(
-            "SELECT attempts, last_error, job_id FROM task_outbox_dead",
-            &[],
-        )
+        .query("SELECT attempts, last_error, job_id FROM task_outbox_dead", &[])
         .await
         .expect("dead rows");
     for r in &dead {
         assert_eq!(r.get::<_, i32>(0), 3);
-        assert!(
-            r.get::<_, String>(1).contains("WRONGTYPE"),
-            "{}",
-            r.get::<_, String>(1)
-        );
+        assert!(r.get::<_, String>(1).contains("WRONGTYPE"), "{}", r.get::<_, String>(1));
         assert_eq!(r.get::<_, uuid::Uuid>(2), poisoned);
     }
-    wait_until(
-        "a warning names the dead-letter move",
-        Duration::from_secs(10),
-        || {
-            let warned = relay
-                .records("rows moved to the dead-letter table")
-                .iter()
-                .any(|r| {
-                    r["level"] == "warn"
-                        && r["count"] == 40
-                        && r["last_error"]
-                            .as_str()
-                            .is_some_and(|e| e.contains("WRONGTYPE"))
-                });
-            async move { warned }
-        },
-    )
+    wait_until("a warning names the dead-letter move", Duration::from_secs(10), || {
+        let warned = relay.records("rows moved to the dead-letter table").iter().any(|r| {
+            r["level"] == "warn"
+                && r["count"] == 40
+                && r["last_error"].as_str().is_some_and(|e| e.contains("WRONGTYPE"))
+        });
+        async move { warned }
+    })
     .await;
     relay.stop().await;
 }

@@ -21,8 +21,7 @@ struct PgBouncer {
 impl PgBouncer {
     async fn start() -> PgBouncer {
         let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("outbox-pgbouncer-{}", Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(format!("outbox-pgbouncer-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("pgbouncer dir");
         let admin = admin_url();
         let (pg_host, pg_port) = (
@@ -32,11 +31,7 @@ impl PgBouncer {
                 .and_then(|(_, r)| r.split('/').next())
                 .unwrap_or("5432"),
         );
-        std::fs::write(
-            dir.join("userlist.txt"),
-            "\"root\" \"\"\n\"postgres\" \"\"\n",
-        )
-        .expect("userlist");
+        std::fs::write(dir.join("userlist.txt"), "\"root\" \"\"\n\"postgres\" \"\"\n").expect("userlist");
         std::fs::write(
             dir.join("pgbouncer.ini"),
             format!(
@@ -69,15 +64,9 @@ impl PgBouncer {
             .spawn()
             .expect("start pgbouncer (scripts/services.sh installs it)");
         let b = PgBouncer { port, child, dir };
-        wait_until(
-            "pgbouncer accepts connections",
-            Duration::from_secs(20),
-            || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
+        wait_until("pgbouncer accepts connections", Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
         .await;
         b
     }
@@ -155,47 +144,34 @@ async fn two_relays_behind_pgbouncer_transaction_pooling() {
         db.count("SELECT count(*) FROM task_outbox").await == 0
     })
     .await;
-    assert_eq!(
-        schedule_members(&redis_url, &prefix).await.len() as i64,
-        produced
-    );
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len() as i64, produced);
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-    wait_until(
-        "counters synced through pgbouncer",
-        Duration::from_secs(30),
-        || async {
-            let mut conn = redis_conn(&redis_url).await;
-            let mut all = true;
-            for j in &jobs {
-                let want: i32 = conn.hget(&hash, j.to_string()).await.unwrap_or(-1);
-                let have: i32 = db
-                    .client()
-                    .await
-                    .query_one("SELECT running_tasks FROM jobs WHERE id = $1", &[j])
-                    .await
-                    .map(|r| r.get(0))
-                    .unwrap_or(-2);
-                all &= want == have;
-            }
-            all
-        },
-    )
+    wait_until("counters synced through pgbouncer", Duration::from_secs(30), || async {
+        let mut conn = redis_conn(&redis_url).await;
+        let mut all = true;
+        for j in &jobs {
+            let want: i32 = conn.hget(&hash, j.to_string()).await.unwrap_or(-1);
+            let have: i32 = db
+                .client()
+                .await
+                .query_one("SELECT running_tasks FROM jobs WHERE id = $1", &[j])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(-2);
+            all &= want == have;
+        }
+        all
+    })
     .await;
     for relay in [&a, &b] {
         let bad: Vec<String> = relay
             .lines()
             .into_iter()
             .filter(|l| {
-                l.contains("42P05")
-                    || l.contains("26000")
-                    || l.contains("08P01")
-                    || l.contains("prepared statement")
+                l.contains("42P05") || l.contains("26000") || l.contains("08P01") || l.contains("prepared statement")
             })
             .collect();
-        assert!(
-            bad.is_empty(),
-            "prepared-statement errors behind pgbouncer: {bad:#?}"
-        );
+        assert!(bad.is_empty(), "prepared-statement errors behind pgbouncer: {bad:#?}");
         assert!(relay.count("sweep tick settled") > 0);
     }
     a.stop().await;

@@ -27,9 +27,7 @@ async fn unencodable_rows_are_dead_lettered_at_once() {
     let good: std::collections::HashMap<_, _> = expected
         .into_iter()
         .filter(|(task, _)| {
-            !task.starts_with("11111111")
-                && !task.starts_with("22222222")
-                && !task.starts_with("33333333")
+            !task.starts_with("11111111") && !task.starts_with("22222222") && !task.starts_with("33333333")
         })
         .collect();
     assert_eq!(good.len(), 200);
@@ -53,10 +51,7 @@ async fn unencodable_rows_are_dead_lettered_at_once() {
         )
         .await
         .expect("dead rows");
-    let got: Vec<(String, i32, String)> = dead
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let got: Vec<(String, i32, String)> = dead.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(
         got[0].0.starts_with("11111111") && got[0].2.contains("field path"),
@@ -78,8 +73,8 @@ async fn unencodable_rows_are_dead_lettered_at_once() {
     assert_all_delivered(&redis_url, &prefix, &good).await;
     let members = schedule_members(&redis_url, &prefix).await;
     assert_eq!(members.len(), 200, "no poison row was written");
-    assert!(!members.keys().any(|m| m.starts_with("11111111")
-        || m.starts_with("22222222")
-        || m.starts_with("33333333")));
+    assert!(!members
+        .keys()
+        .any(|m| m.starts_with("11111111") || m.starts_with("22222222") || m.starts_with("33333333")));
     relay.stop().await;
 }

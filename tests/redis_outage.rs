@@ -30,18 +30,13 @@ async fn outage_costs_no_attempts_and_everything_drains_after() {
     redis.stop();
     seed(&db, 1_000, 5).await;
     let expected = expected_members(&db).await;
-    wait_until(
-        "at least 5 ticks hit the outage",
-        Duration::from_secs(60),
-        || {
-            let n = relay.count("redis unavailable");
-            async move { n >= 5 }
-        },
-    )
+    wait_until("at least 5 ticks hit the outage", Duration::from_secs(60), || {
+        let n = relay.count("redis unavailable");
+        async move { n >= 5 }
+    })
     .await;
     assert_eq!(
-        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0")
-            .await,
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await,
         0,
         "no attempt was charged"
     );

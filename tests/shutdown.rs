@@ -26,30 +26,20 @@ async fn stop_under_load(signal: &str) {
 
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
-    wait_until(
-        "the drain is under way",
-        Duration::from_secs(60),
-        || async { db.count("SELECT count(*) FROM task_outbox").await < 59_000 },
-    )
+    wait_until("the drain is under way", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await < 59_000
+    })
     .await;
     let sent = Instant::now();
     relay.signal(signal);
     let status = relay.wait_exit(Duration::from_secs(30)).await;
-    assert!(
-        status.success(),
-        "exit status {status}; log {:#?}",
-        relay.lines()
-    );
+    assert!(status.success(), "exit status {status}; log {:#?}", relay.lines());
     assert!(
         sent.elapsed() < Duration::from_secs(3),
         "exits within tick_timeout + 1s: {:?}",
         sent.elapsed()
     );
-    assert_eq!(
-        relay.count("outbox-relay stopped"),
-        1,
-        "the last log line was flushed"
-    );
+    assert_eq!(relay.count("outbox-relay stopped"), 1, "the last log line was flushed");
 
     // Nothing lost: a row is either still in the outbox or delivered.
     let left = db.count("SELECT count(*) FROM task_outbox").await;

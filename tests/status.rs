@@ -30,22 +30,14 @@ async fn status_reports_backlog_and_deepest_schedules() {
         let members: Vec<(i64, String)> = (0..depth).map(|i| (i, format!("m{i}"))).collect();
         let _: () = conn.zadd_multiple(&key, &members).await.expect("ZADD");
     }
-    let _: () = conn
-        .set(format!("{}sched:broken", &*prefix), "x")
-        .await
-        .expect("SET");
+    let _: () = conn.set(format!("{}sched:broken", &*prefix), "x").await.expect("SET");
 
     let env = vec![
         ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
         ("OUTBOX_RELAY_REDIS__URL".to_string(), redis_url.clone()),
-        (
-            "OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(),
-            prefix.to_string(),
-        ),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(), prefix.to_string()),
     ];
-    let o = relay_command(&["status", "--json"], &env)
-        .output()
-        .expect("status");
+    let o = relay_command(&["status", "--json"], &env).output().expect("status");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["backlog"], 7);

@@ -15,12 +15,7 @@ async fn two_relays_share_one_backlog() {
     seed(&db, 20_000, 40).await;
     let expected = expected_members(&db).await;
 
-    let env = relay_env(
-        &db,
-        &redis_url,
-        &prefix,
-        &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200")],
-    );
+    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200")]);
     let mut a = RelayProcess::spawn(&env);
     let mut b = RelayProcess::spawn(&env);
     a.wait_started().await;
@@ -40,10 +35,7 @@ async fn two_relays_share_one_backlog() {
             .filter(|l| l.contains("\"level\":\"warn\"") || l.contains("\"level\":\"error\""))
             .collect();
         assert!(problems.is_empty(), "unexpected warnings: {problems:#?}");
-        assert!(
-            relay.count("sweep tick settled") > 0,
-            "both relays took part"
-        );
+        assert!(relay.count("sweep tick settled") > 0, "both relays took part");
     }
     a.stop().await;
     b.stop().await;

@@ -32,24 +32,20 @@ async fn a_held_table_lock_times_ticks_out_and_the_relay_recovers() {
     relay.wait_started().await;
     // Hold the lock until several ticks have timed out (at least ~3 s).
     let held = std::time::Instant::now();
-    wait_until(
-        "ticks time out on the lock",
-        Duration::from_secs(60),
-        || {
-            let failed = relay.records("sweep tick failed");
-            let timeouts = failed
-                .iter()
-                .filter(|r| {
-                    r["deadline"] == true
-                        && r["error"]
-                            .as_str()
-                            .is_some_and(|e| e.contains("timeout") || e.contains("deadline"))
-                })
-                .count();
-            let enough = timeouts >= 3 && held.elapsed() >= Duration::from_secs(3);
-            async move { enough }
-        },
-    )
+    wait_until("ticks time out on the lock", Duration::from_secs(60), || {
+        let failed = relay.records("sweep tick failed");
+        let timeouts = failed
+            .iter()
+            .filter(|r| {
+                r["deadline"] == true
+                    && r["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("timeout") || e.contains("deadline"))
+            })
+            .count();
+        let enough = timeouts >= 3 && held.elapsed() >= Duration::from_secs(3);
+        async move { enough }
+    })
     .await;
     assert!(relay.is_running(), "the relay survives the wedge");
     lock.rollback().await.expect("release lock");

@@ -112,9 +112,7 @@ pub async fn sync_counters(
         deadline
             .run(
                 "redis HGETALL",
-                ::redis::cmd("HGETALL")
-                    .arg(hash_key)
-                    .query_async(&mut *conn),
+                ::redis::cmd("HGETALL").arg(hash_key).query_async(&mut *conn),
             )
             .await?
             .map_err(|e| SyncError::Redis(DispatchError::Unavailable(e.to_string())))?
@@ -250,11 +248,7 @@ impl CounterSyncActor {
         ctx.stop();
     }
 
-    fn finish(
-        &mut self,
-        result: Result<Result<SyncReport, SyncError>, String>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn finish(&mut self, result: Result<Result<SyncReport, SyncError>, String>, ctx: &mut Context<Self>) {
         match result {
             Err(panic) => self.fail(ctx, format!("counter sync {panic}")),
             Ok(Ok(report)) => {
@@ -313,10 +307,7 @@ impl Handler<SyncCounters> for CounterSyncActor {
     fn handle(&mut self, msg: SyncCounters, ctx: &mut Self::Context) {
         if msg.deadline.expired() {
             self.health.deadline_exceeded();
-            debug!(
-                self.log,
-                "counter sync arrived after its deadline; dropped unexecuted"
-            );
+            debug!(self.log, "counter sync arrived after its deadline; dropped unexecuted");
             return;
         }
         let Some((pg, redis)) = self.pools.clone() else {
@@ -324,11 +315,7 @@ impl Handler<SyncCounters> for CounterSyncActor {
         };
         let key = format!("{}running", self.settings.redis.key_prefix);
         let round = contain(async move { sync_counters(&pg, &redis, &key, msg.deadline).await });
-        ctx.wait(
-            round
-                .into_actor(self)
-                .map(|res, act, ctx| act.finish(res, ctx)),
-        );
+        ctx.wait(round.into_actor(self).map(|res, act, ctx| act.finish(res, ctx)));
     }
 }
 

@@ -72,11 +72,7 @@ pub enum PurgeError {
 /// One retention round: delete batches of rows older than `retention`
 /// until none are left or the deadline comes near. Each batch is its own
 /// short transaction with a statement timeout from the time left.
-pub async fn purge_expired(
-    pg: &Pg,
-    retention: Duration,
-    deadline: Deadline,
-) -> Result<u64, PurgeError> {
+pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> Result<u64, PurgeError> {
     let q = |e: tokio_postgres::Error| PurgeError::Query(pg_error_text(&e));
     let mut conn = deadline
         .run("postgres pool get", pg.pool.get())
@@ -88,10 +84,7 @@ pub async fn purge_expired(
         .map_err(|e| PurgeError::Query(e.to_string()))?;
     let mut total = 0u64;
     while !deadline.expired() {
-        let tx = deadline
-            .run("begin", conn.transaction())
-            .await?
-            .map_err(q)?;
+        let tx = deadline.run("begin", conn.transaction()).await?.map_err(q)?;
         let t = deadline.pg_timeout();
         deadline
             .run(
@@ -167,11 +160,7 @@ impl DeadLetterActor {
         ctx.stop();
     }
 
-    fn finish_purge(
-        &mut self,
-        result: Result<Result<u64, PurgeError>, String>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn finish_purge(&mut self, result: Result<Result<u64, PurgeError>, String>, ctx: &mut Context<Self>) {
         match result {
             Err(panic) => self.fail(ctx, format!("purge {panic}")),
             Ok(Ok(n)) => {
@@ -189,10 +178,7 @@ impl DeadLetterActor {
                 warn!(self.log, "dead-letter retention purge failed; it runs again next interval";
                     "error" => %e, "consecutive_failures" => streak);
                 if streak >= u64::from(self.settings.error_budget) {
-                    self.fail(
-                        ctx,
-                        format!("{streak} consecutive failed purges, last: {e}"),
-                    );
+                    self.fail(ctx, format!("{streak} consecutive failed purges, last: {e}"));
                 }
             }
         }
@@ -223,8 +209,7 @@ impl Handler<RowsDeadLettered> for DeadLetterActor {
 
     fn handle(&mut self, msg: RowsDeadLettered, ctx: &mut Self::Context) {
         let outcome = contain_sync(|| {
-            let total =
-                self.moved.fetch_add(msg.count as u64, Ordering::Relaxed) + msg.count as u64;
+            let total = self.moved.fetch_add(msg.count as u64, Ordering::Relaxed) + msg.count as u64;
             warn!(self.log, "rows moved to the dead-letter table";
                 "count" => msg.count, "last_error" => &msg.last_error, "total_since_start" => total);
         });
@@ -246,20 +231,13 @@ impl Handler<Purge> for DeadLetterActor {
     fn handle(&mut self, msg: Purge, ctx: &mut Self::Context) {
         if msg.deadline.expired() {
             self.health.deadline_exceeded();
-            debug!(
-                self.log,
-                "purge arrived after its deadline; dropped unexecuted"
-            );
+            debug!(self.log, "purge arrived after its deadline; dropped unexecuted");
             return;
         }
         let (Some(pg), Some(retention)) = (self.pool.clone(), self.settings.retention) else {
             return;
         };
         let round = contain(async move { purge_expired(&pg, retention, msg.deadline).await });
-        ctx.wait(
-            round
-                .into_actor(self)
-                .map(|res, act, ctx| act.finish_purge(res, ctx)),
-        );
+        ctx.wait(round.into_actor(self).map(|res, act, ctx| act.finish_purge(res, ctx)));
     }
 }

@@ -24,6 +24,7 @@ use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{ping, zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
 use crate::redis::{self as rds, Redis};
+use crate::telemetry::metrics::Metrics;
 
 /// Send these ZADDs in one pipeline before `deadline`.
 #[derive(Message)]
@@ -48,6 +49,7 @@ pub struct DispatchActor {
     log: Logger,
     health: Arc<ActorHealth>,
     supervision: Supervision,
+    metrics: Metrics,
     pool: Option<Redis>,
     last_activity: Instant,
     ping_in_flight: bool,
@@ -59,6 +61,7 @@ impl DispatchActor {
         settings: DispatchSettings,
         health: Arc<ActorHealth>,
         supervision: Supervision,
+        metrics: Metrics,
         log: &Logger,
     ) -> Self {
         DispatchActor {
@@ -66,6 +69,7 @@ impl DispatchActor {
             log: log.new(slog::o!("actor" => "DispatchActor")),
             health,
             supervision,
+            metrics,
             pool: None,
             last_activity: Instant::now(),
             ping_in_flight: false,
@@ -83,9 +87,7 @@ impl DispatchActor {
         }
         self.health.set_running();
         self.last_activity = Instant::now();
-        ctx.run_interval(self.settings.ping_interval, |act, ctx| {
-            act.ping_if_idle(ctx)
-        });
+        ctx.run_interval(self.settings.ping_interval, |act, ctx| act.ping_if_idle(ctx));
     }
 
     fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
@@ -96,6 +98,9 @@ impl DispatchActor {
     /// Record the outcome of one unit of work (a batch or a ping).
     fn record(&mut self, result: Result<(), &DispatchError>, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
+        if let Some(redis) = &self.pool {
+            self.metrics.observe_pool("redis", &redis.pool);
+        }
         match result {
             Ok(()) => self.health.ok(),
             Err(e) => {
@@ -167,10 +172,7 @@ impl Handler<DispatchBatch> for DispatchActor {
             ))));
         };
         let wait_replicas = self.settings.redis.wait_replicas;
-        let work =
-            contain(
-                async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await },
-            );
+        let work = contain(async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
             Ok(result) => {
                 act.record(result.as_ref().map(|_| ()), ctx);

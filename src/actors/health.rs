@@ -223,10 +223,7 @@ mod tests {
     fn no_success_for_three_cadences_is_degraded() {
         let h = ActorHealth::new("T", Duration::from_secs(10), true);
         let now = Instant::now();
-        assert_eq!(
-            h.snapshot_at(now + Duration::from_secs(29)).status,
-            Status::Healthy
-        );
+        assert_eq!(h.snapshot_at(now + Duration::from_secs(29)).status, Status::Healthy);
         let late = h.snapshot_at(now + Duration::from_secs(31));
         assert_eq!(late.status, Status::Degraded);
         assert!(late.last_ok_ms_ago >= 31_000);

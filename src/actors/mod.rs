@@ -5,5 +5,6 @@ pub mod counter_sync;
 pub mod dead_letter;
 pub mod dispatch;
 pub mod health;
+pub mod metrics;
 pub mod supervisor;
 pub mod sweep;

@@ -5,7 +5,8 @@
 //! - `DispatchActor` on its own arbiter (thread): the Redis pool and pipeline;
 //! - `DeadLetterActor`: dead-letter reporting;
 //! - `SweepActor`: the tick, talking to the two others only through messages;
-//! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`.
+//! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`;
+//! - `MetricsActor`: probes behind the Prometheus gauges.
 //!
 //! What actix gives: `Supervisor` re-runs `restarting()` + `started()` on an
 //! actor that stopped itself, and drops its in-flight futures (so an open
@@ -35,9 +36,11 @@ use super::counter_sync::{CounterSyncActor, CounterSyncSettings};
 use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
 use super::health::{ActorHealth, Status};
+use super::metrics::{MetricsActor, MetricsSettings};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats};
 use crate::config::{Config, SupervisorConfig};
 use crate::settle::RetryPolicy;
+use crate::telemetry::metrics::Metrics;
 
 /// The restart-intensity and backoff rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +78,7 @@ pub struct RestartLog {
 }
 
 impl RestartLog {
-    pub fn decide(
-        &mut self,
-        policy: &RestartPolicy,
-        actor: &'static str,
-        now: Instant,
-    ) -> Decision {
+    pub fn decide(&mut self, policy: &RestartPolicy, actor: &'static str, now: Instant) -> Decision {
         while let Some((t, _)) = self.recent.front() {
             if now.saturating_duration_since(*t) > policy.window {
                 self.recent.pop_front();
@@ -148,9 +146,7 @@ impl Supervision {
     pub fn actor_failed(&self, health: &ActorHealth, error: &str) -> Option<Duration> {
         let decision = match self.restarts.lock() {
             Ok(mut log) => log.decide(&self.policy, health.name, Instant::now()),
-            Err(_) => Decision::GiveUp {
-                restarts_in_window: 0,
-            },
+            Err(_) => Decision::GiveUp { restarts_in_window: 0 },
         };
         match decision {
             Decision::Restart { after } => {
@@ -210,6 +206,7 @@ pub struct Relay {
     pub dispatch: Addr<DispatchActor>,
     pub dead_letter: Addr<DeadLetterActor>,
     pub counter_sync: Addr<CounterSyncActor>,
+    pub metrics: Addr<MetricsActor>,
     pub stats: Arc<SweepStats>,
     pub dead_lettered_total: Arc<AtomicU64>,
     /// Every actor's health, in a fixed order (see [`Healths::all`]).
@@ -225,6 +222,7 @@ pub struct Healths {
     pub dispatch: Arc<ActorHealth>,
     pub dead_letter: Arc<ActorHealth>,
     pub counter_sync: Arc<ActorHealth>,
+    pub metrics: Arc<ActorHealth>,
 }
 
 impl Healths {
@@ -235,11 +233,7 @@ impl Healths {
         let tick = cfg.sweep.tick_timeout.0;
         Healths {
             sweep: ActorHealth::new("SweepActor", cfg.sweep.interval.0 + tick, true),
-            dispatch: ActorHealth::new(
-                "DispatchActor",
-                cfg.health.interval.0.max(cfg.sweep.interval.0),
-                true,
-            ),
+            dispatch: ActorHealth::new("DispatchActor", cfg.health.interval.0.max(cfg.sweep.interval.0), true),
             // Event-driven unless retention runs: then it must purge every interval.
             dead_letter: ActorHealth::new(
                 "DeadLetterActor",
@@ -249,21 +243,20 @@ impl Healths {
                 },
                 cfg.dead_letter.retention.0.is_some(),
             ),
-            counter_sync: ActorHealth::new(
-                "CounterSyncActor",
-                cfg.counter_sync.interval.0 + tick,
-                true,
-            ),
+            counter_sync: ActorHealth::new("CounterSyncActor", cfg.counter_sync.interval.0 + tick, true),
+            metrics: ActorHealth::new("MetricsActor", cfg.metrics.probe_interval.0 + tick, false),
         }
     }
 
-    /// All of them, in a fixed order (sweep, dispatch, dead letter, counter sync).
+    /// All of them, in a fixed order (sweep, dispatch, dead letter, counter
+    /// sync, metrics).
     pub fn all(&self) -> Arc<Vec<Arc<ActorHealth>>> {
         Arc::new(vec![
             self.sweep.clone(),
             self.dispatch.clone(),
             self.dead_letter.clone(),
             self.counter_sync.clone(),
+            self.metrics.clone(),
         ])
     }
 }
@@ -273,6 +266,7 @@ impl Healths {
 pub fn start(
     cfg: &Config,
     healths: &Healths,
+    metrics: &Metrics,
     log: &Logger,
 ) -> (Relay, mpsc::UnboundedReceiver<GiveUp>) {
     let (supervision, fatal) = Supervision::new(RestartPolicy::from(&cfg.supervisor), log);
@@ -292,9 +286,14 @@ pub fn start(
         checkout_timeout: cfg.sweep.tick_timeout.0.max(health_interval),
         error_budget: budget,
     };
-    let (dh, ds, dlog) = (dispatch_health.clone(), supervision.clone(), log.clone());
+    let (dh, ds, dm, dlog) = (
+        dispatch_health.clone(),
+        supervision.clone(),
+        metrics.clone(),
+        log.clone(),
+    );
     let dispatch = Supervisor::start_in_arbiter(&dispatch_arbiter.handle(), move |_| {
-        DispatchActor::new(dispatch_settings, dh, ds, &dlog)
+        DispatchActor::new(dispatch_settings, dh, ds, dm, &dlog)
     });
 
     let dead_lettered_total = Arc::new(AtomicU64::new(0));
@@ -311,8 +310,7 @@ pub fn start(
         round_timeout: cfg.sweep.tick_timeout.0,
         error_budget: budget,
     };
-    let dead_letter =
-        Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log));
+    let dead_letter = Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log));
 
     let stats = Arc::new(SweepStats::default());
     let settings = SweepSettings {
@@ -329,15 +327,16 @@ pub fn start(
             max_attempts: cfg.sweep.max_attempts,
         },
     };
-    let (d, dl, st, sh, ss, slog_) = (
+    let (d, dl, st, sh, ss, sm, slog_) = (
         dispatch.clone().recipient(),
         dead_letter.clone().recipient(),
         stats.clone(),
         sweep_health.clone(),
         supervision.clone(),
+        metrics.clone(),
         log.clone(),
     );
-    let sweep = Supervisor::start(move |_| SweepActor::new(settings, d, dl, st, sh, ss, &slog_));
+    let sweep = Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, sm, &slog_));
 
     let cs_settings = CounterSyncSettings {
         database_url: cfg.database.url.clone(),
@@ -346,13 +345,28 @@ pub fn start(
         round_timeout: cfg.sweep.tick_timeout.0,
         error_budget: budget,
     };
-    let (csh, css, cs_log) = (
-        healths.counter_sync.clone(),
+    let (csh, css, cs_log) = (healths.counter_sync.clone(), supervision.clone(), log.clone());
+    let skew = metrics.counter_sync_skew.clone();
+    let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
+    let counter_sync =
+        Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log));
+
+    let m_settings = MetricsSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        probe_interval: cfg.metrics.probe_interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+    };
+    let (mm, mall, mh, ms, m_log) = (
+        metrics.clone(),
+        healths.all(),
+        healths.metrics.clone(),
         supervision.clone(),
         log.clone(),
     );
-    let counter_sync =
-        Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, None, &cs_log));
+    let metrics_actor = Supervisor::start(move |_| {
+        MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log)
+    });
 
     let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
     (
@@ -361,6 +375,7 @@ pub fn start(
             dispatch,
             dead_letter,
             counter_sync,
+            metrics: metrics_actor,
             stats,
             dead_lettered_total,
             health,
@@ -462,9 +477,7 @@ mod tests {
         ));
         assert_eq!(
             log.decide(&p, "C", t0 + Duration::from_secs(2)),
-            Decision::GiveUp {
-                restarts_in_window: 3
-            }
+            Decision::GiveUp { restarts_in_window: 3 }
         );
         // Once the window has moved past the old restarts, restarts are allowed again.
         assert!(matches!(
@@ -478,9 +491,7 @@ mod tests {
         assert_eq!(contain_sync(|| 7), Ok(7));
         let r: Result<(), String> = contain_sync(|| panic!("boom"));
         assert_eq!(r, Err("panic: boom".to_string()));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         let r = rt.block_on(contain(async { panic!("async {}", 1) }));
         assert_eq!(r, Err::<(), _>("panic: async 1".to_string()));
     }

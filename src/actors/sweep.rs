@@ -33,6 +33,7 @@ use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
 use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
 use crate::settle::{settle, RetryPolicy, RowOutcome};
+use crate::telemetry::metrics::Metrics;
 
 /// How long a commit may run past the deadline. The outcome of a commit cut
 /// short is unknown, and both outcomes are safe (ZADD is idempotent), so a
@@ -116,10 +117,7 @@ pub enum TickError {
 impl TickError {
     /// Whether the tick ran out of time (as opposed to failing).
     pub fn is_deadline(&self) -> bool {
-        matches!(
-            self,
-            TickError::Deadline(_) | TickError::StatementTimeout { .. }
-        )
+        matches!(self, TickError::Deadline(_) | TickError::StatementTimeout { .. })
     }
 
     /// The Postgres connection died under the tick (server restart,
@@ -175,10 +173,7 @@ pub async fn run_tick(
         .await?
         .map_err(TickError::db("set timeouts"))?;
     let rows = deadline
-        .run(
-            "claim",
-            outbox::claim_due(&tx, i64::from(settings.batch_size)),
-        )
+        .run("claim", outbox::claim_due(&tx, i64::from(settings.batch_size)))
         .await?
         .map_err(TickError::db("claim"))?;
     let mut report = TickReport {
@@ -196,10 +191,7 @@ pub async fn run_tick(
     let (entries, entry_rows, mut outcomes) = encode_rows(&rows, &settings.key_prefix);
     if !entries.is_empty() {
         let reply = deadline
-            .run(
-                "dispatch",
-                dispatch.send(DispatchBatch { entries, deadline }),
-            )
+            .run("dispatch", dispatch.send(DispatchBatch { entries, deadline }))
             .await?
             .map_err(|e| TickError::Mailbox(e.to_string()))?;
         match reply {
@@ -263,10 +255,7 @@ pub async fn run_tick(
 
 /// Encode every row; rows that cannot be encoded become `Poison`, the others
 /// start as `Deferred` until Redis answers for them.
-fn encode_rows(
-    rows: &[OutboxRow],
-    prefix: &str,
-) -> (Vec<ScheduleEntry>, Vec<usize>, Vec<RowOutcome>) {
+fn encode_rows(rows: &[OutboxRow], prefix: &str) -> (Vec<ScheduleEntry>, Vec<usize>, Vec<RowOutcome>) {
     let mut entries = Vec::with_capacity(rows.len());
     let mut entry_rows = Vec::with_capacity(rows.len());
     let mut outcomes = Vec::with_capacity(rows.len());
@@ -304,8 +293,11 @@ pub struct SweepActor {
     stats: Arc<SweepStats>,
     health: Arc<ActorHealth>,
     supervision: Supervision,
+    metrics: Metrics,
     pool: Option<Pg>,
     stopping: bool,
+    /// When the tick in flight started (for the duration histogram).
+    tick_started: Option<std::time::Instant>,
     /// Set when the actor fails: how long the restarted actor waits before work.
     restart_delay: Option<Duration>,
 }
@@ -313,11 +305,11 @@ pub struct SweepActor {
 impl SweepActor {
     pub fn new(
         settings: SweepSettings,
-        dispatch: Recipient<DispatchBatch>,
-        dead_letter: Recipient<RowsDeadLettered>,
+        (dispatch, dead_letter): (Recipient<DispatchBatch>, Recipient<RowsDeadLettered>),
         stats: Arc<SweepStats>,
         health: Arc<ActorHealth>,
         supervision: Supervision,
+        metrics: Metrics,
         log: &Logger,
     ) -> Self {
         SweepActor {
@@ -328,8 +320,10 @@ impl SweepActor {
             stats,
             health,
             supervision,
+            metrics,
             pool: None,
             stopping: false,
+            tick_started: None,
             restart_delay: None,
         }
     }
@@ -342,11 +336,7 @@ impl SweepActor {
         // Half the tick for a checkout: an unreachable Postgres is then
         // reported with its cause instead of as a bare deadline.
         let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
-        match db::pool(
-            &self.settings.database_url,
-            self.settings.pool_size,
-            checkout,
-        ) {
+        match db::pool(&self.settings.database_url, self.settings.pool_size, checkout) {
             Ok(pool) => self.pool = Some(pool),
             Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
         }
@@ -382,19 +372,25 @@ impl SweepActor {
         }
     }
 
-    fn finish_tick(
-        &mut self,
-        result: Result<Result<TickReport, TickError>, String>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn finish_tick(&mut self, result: Result<Result<TickReport, TickError>, String>, ctx: &mut Context<Self>) {
+        if let Some(started) = self.tick_started.take() {
+            self.metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
+        }
+        if let Some(pg) = &self.pool {
+            self.metrics.observe_pool("postgres", &pg.pool);
+        }
         let result = match result {
             Ok(r) => r,
-            Err(panic) => return self.fail(ctx, format!("tick {panic}")),
+            Err(panic) => {
+                self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
+                return self.fail(ctx, format!("tick {panic}"));
+            }
         };
         let pace = match result {
             Ok(report) => {
                 self.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
+                self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
                 self.record(&report);
                 if report.claimed == self.settings.batch_size as usize
                     && report.redis_unavailable.is_none()
@@ -410,8 +406,10 @@ impl SweepActor {
                 if e.is_deadline() {
                     self.health.deadline_exceeded();
                     self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
                 } else {
                     self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
                 }
                 warn!(self.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
                     "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
@@ -428,12 +426,13 @@ impl SweepActor {
     }
 
     fn record(&self, r: &TickReport) {
-        self.stats
-            .dispatched
-            .fetch_add(r.delivered as u64, Ordering::Relaxed);
-        self.stats
-            .retried
-            .fetch_add(r.retried as u64, Ordering::Relaxed);
+        let rows = &self.metrics.sweep_rows;
+        rows.with_label_values(&["dispatched"]).inc_by(r.delivered as u64);
+        rows.with_label_values(&["retried"]).inc_by(r.retried as u64);
+        rows.with_label_values(&["dead_lettered"])
+            .inc_by(r.dead_lettered as u64);
+        self.stats.dispatched.fetch_add(r.delivered as u64, Ordering::Relaxed);
+        self.stats.retried.fetch_add(r.retried as u64, Ordering::Relaxed);
         self.stats
             .dead_lettered
             .fetch_add(r.dead_lettered as u64, Ordering::Relaxed);
@@ -469,10 +468,8 @@ impl SweepActor {
         if msg.deadline.expired() {
             self.health.deadline_exceeded();
             self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
-            debug!(
-                self.log,
-                "tick arrived after its deadline; dropped unexecuted"
-            );
+            self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
+            debug!(self.log, "tick arrived after its deadline; dropped unexecuted");
             self.schedule(ctx, Pace::Idle);
             return;
         }
@@ -481,8 +478,8 @@ impl SweepActor {
         };
         let dispatch = self.dispatch.clone();
         let settings = self.settings.clone();
-        let tick =
-            contain(async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await });
+        self.tick_started = Some(std::time::Instant::now());
+        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await });
         ctx.wait(
             tick.into_actor(self)
                 .map(|result, act, ctx| act.finish_tick(result, ctx)),

@@ -131,14 +131,7 @@ async fn list(client: &tokio_postgres::Client, a: ListArgs) -> Result<(), Triage
     let by_error = dl::summary(client, &filter).await?;
     let total: i64 = by_error.iter().map(|e| e.count).sum();
     if a.json {
-        println!(
-            "{}",
-            to_json(&ListOutput {
-                total,
-                rows,
-                by_error
-            })
-        );
+        println!("{}", to_json(&ListOutput { total, rows, by_error }));
         return Ok(());
     }
     if rows.is_empty() {
@@ -156,10 +149,7 @@ async fn list(client: &tokio_postgres::Client, a: ListArgs) -> Result<(), Triage
         );
     }
     println!();
-    println!(
-        "{total} dead letters match (showing {}); by error:",
-        rows.len()
-    );
+    println!("{total} dead letters match (showing {}); by error:", rows.len());
     for e in &by_error {
         println!("{:>10}  {}", e.count, e.error);
     }
@@ -264,6 +254,5 @@ async fn purge(client: &tokio_postgres::Client, a: PurgeArgs) -> Result<(), Tria
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v)
-        .unwrap_or_else(|e| format!("{{\"error\":\"cannot render JSON: {e}\"}}"))
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"cannot render JSON: {e}\"}}"))
 }

@@ -138,11 +138,7 @@ pub async fn deepest_schedules(
                 // A key of another type (WRONGTYPE) is not a schedule: skip it.
                 if let ::redis::Value::Int(depth) = d {
                     let job_id = k[pattern.len() - 1..].to_string();
-                    all.push(Schedule {
-                        job_id,
-                        key: k,
-                        depth,
-                    });
+                    all.push(Schedule { job_id, key: k, depth });
                 }
             }
         }
@@ -226,6 +222,5 @@ fn print_status(st: &Status, prefix: &str) {
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string_pretty(v)
-        .unwrap_or_else(|e| format!("{{\"error\":\"cannot render JSON: {e}\"}}"))
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"cannot render JSON: {e}\"}}"))
 }

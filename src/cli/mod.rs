@@ -97,9 +97,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     };
     let (log, guard) = logging::init(&cfg.log);
     let result: Result<(), RelayError> = match cli.command {
-        Command::Run { progress } => {
-            block_on(crate::run(cfg, log.clone(), RunOptions { progress }))
-        }
+        Command::Run { progress } => block_on(crate::run(cfg, log.clone(), RunOptions { progress })),
         Command::Migrate => block_on(async {
             let report = db::migrate::migrate(&cfg.database.url, STARTUP_TIMEOUT, &log).await?;
             info!(log, "migrations up to date";
@@ -107,13 +105,9 @@ pub fn execute(cli: Cli) -> ExitCode {
                 "already_applied" => format!("{:?}", report.already_applied));
             Ok(())
         }),
-        Command::CancelJob { job_id, json } => {
-            block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs)
-        }
+        Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
-        Command::DeadLetter(cmd) => {
-            block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage)
-        }
+        Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
         Command::CheckConfig { no_connect } => {
             print!("{}", cfg.to_redacted_toml());
             if no_connect {

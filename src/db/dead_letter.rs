@@ -87,11 +87,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Newest first, at most `limit` rows.
-pub async fn list(
-    client: &Client,
-    f: &Filter,
-    limit: i64,
-) -> Result<Vec<DeadRow>, DeadLetterError> {
+pub async fn list(client: &Client, f: &Filter, limit: i64) -> Result<Vec<DeadRow>, DeadLetterError> {
     let since = f.since.map(ms);
     let sql = format!(
         "SELECT id, original_id, task_id::text, job_id::text, attempts,
@@ -136,11 +132,7 @@ pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, Dea
     let rows = client
         .query_typed(
             &sql,
-            &[
-                (&f.job, Type::UUID),
-                (&since, Type::INT8),
-                (&f.error, Type::TEXT),
-            ],
+            &[(&f.job, Type::UUID), (&since, Type::INT8), (&f.error, Type::TEXT)],
         )
         .await?;
     Ok(rows
@@ -161,11 +153,7 @@ pub async fn count(client: &impl GenericClient) -> Result<i64, DeadLetterError> 
 }
 
 /// Move the selected dead letters back into `task_outbox`, atomically.
-pub async fn requeue(
-    client: &mut Client,
-    sel: &Selector,
-    dry_run: bool,
-) -> Result<RequeueReport, DeadLetterError> {
+pub async fn requeue(client: &mut Client, sel: &Selector, dry_run: bool) -> Result<RequeueReport, DeadLetterError> {
     let (ids, job, error): (Option<Vec<i64>>, Option<Uuid>, Option<String>) = match sel {
         Selector::Ids(ids) => (Some(ids.clone()), None, None),
         Selector::Job(j) => (None, Some(*j), None),
@@ -181,22 +169,14 @@ pub async fn requeue(
                 AND ($3::text IS NULL OR strpos(last_error, $3) > 0)
               ORDER BY id
                 FOR UPDATE",
-            &[
-                (&ids, Type::INT8_ARRAY),
-                (&job, Type::UUID),
-                (&error, Type::TEXT),
-            ],
+            &[(&ids, Type::INT8_ARRAY), (&job, Type::UUID), (&error, Type::TEXT)],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
     if let Some(wanted) = &ids {
-        let missing: Vec<i64> = wanted
-            .iter()
-            .filter(|i| !locked.contains(i))
-            .copied()
-            .collect();
+        let missing: Vec<i64> = wanted.iter().filter(|i| !locked.contains(i)).copied().collect();
         if !missing.is_empty() {
             return Err(DeadLetterError::UnknownIds(missing));
         }
@@ -258,10 +238,7 @@ pub async fn requeue(
 }
 
 /// Dead letters older than `older_than` (counted, nothing deleted).
-pub async fn count_older(
-    client: &impl GenericClient,
-    older_than: Duration,
-) -> Result<i64, DeadLetterError> {
+pub async fn count_older(client: &impl GenericClient, older_than: Duration) -> Result<i64, DeadLetterError> {
     Ok(client
         .query_typed_one(
             "SELECT count(*) FROM task_outbox_dead WHERE dead_lettered_at < now() - $1 * interval '1 millisecond'",
@@ -274,11 +251,7 @@ pub async fn count_older(
 /// Delete at most `batch` dead letters dead-lettered before `cutoff_ms`
 /// (unix milliseconds); returns how many went. Each call is its own short
 /// statement, so a large purge never holds a long lock.
-pub async fn purge_batch(
-    client: &impl GenericClient,
-    cutoff_ms: i64,
-    batch: i64,
-) -> Result<u64, DeadLetterError> {
+pub async fn purge_batch(client: &impl GenericClient, cutoff_ms: i64, batch: i64) -> Result<u64, DeadLetterError> {
     Ok(client
         .execute_typed(
             "DELETE FROM task_outbox_dead WHERE id IN (
@@ -291,10 +264,7 @@ pub async fn purge_batch(
 }
 
 /// The cut-off for "older than `older_than`", fixed once by the server's clock.
-pub async fn cutoff_ms(
-    client: &impl GenericClient,
-    older_than: Duration,
-) -> Result<i64, DeadLetterError> {
+pub async fn cutoff_ms(client: &impl GenericClient, older_than: Duration) -> Result<i64, DeadLetterError> {
     Ok(client
         .query_typed_one(
             "SELECT floor(extract(epoch FROM now()) * 1000)::int8 - $1",

@@ -35,9 +35,7 @@ pub async fn set_running_tasks(
 }
 
 /// Jobs that are `running`/`pending` with a non-zero counter.
-pub async fn jobs_with_running_tasks(
-    client: &impl GenericClient,
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<Uuid>, tokio_postgres::Error> {
     Ok(client
         .query_typed(
             "SELECT id FROM jobs WHERE running_tasks > 0 AND status IN ('running', 'pending')",
@@ -112,10 +110,7 @@ pub async fn cancel(client: &mut Client, job: Uuid) -> Result<Cancelled, CancelE
     // Also for an already-cancelled job: rows a producer wrote after the
     // first cancel would otherwise wait forever.
     let deleted = tx
-        .execute_typed(
-            "DELETE FROM task_outbox WHERE job_id = $1",
-            &[(&job, Type::UUID)],
-        )
+        .execute_typed("DELETE FROM task_outbox WHERE job_id = $1", &[(&job, Type::UUID)])
         .await?;
     tx.commit().await?;
     Ok(Cancelled {

@@ -71,11 +71,7 @@ pub fn checksum(sql: &str) -> String {
 }
 
 /// Apply every migration not yet recorded. Running it twice is a no-op.
-pub async fn migrate(
-    url: &str,
-    timeout: Duration,
-    log: &Logger,
-) -> Result<MigrateReport, MigrateError> {
+pub async fn migrate(url: &str, timeout: Duration, log: &Logger) -> Result<MigrateReport, MigrateError> {
     let mut client = connect(url, timeout).await?;
     let book = |e: tokio_postgres::Error| MigrateError::Bookkeeping(pg_error_text(&e));
     let tx = client.transaction().await.map_err(book)?;
@@ -110,13 +106,11 @@ pub async fn migrate(
             report.already_applied.push(m.version);
             continue;
         }
-        tx.batch_execute(m.sql)
-            .await
-            .map_err(|e| MigrateError::Failed {
-                version: m.version,
-                name: m.name,
-                reason: pg_error_text(&e),
-            })?;
+        tx.batch_execute(m.sql).await.map_err(|e| MigrateError::Failed {
+            version: m.version,
+            name: m.name,
+            reason: pg_error_text(&e),
+        })?;
         tx.execute_typed(
             "INSERT INTO outbox_relay_migrations (version, name, checksum) VALUES ($1, $2, $3)",
             &[

@@ -46,10 +46,7 @@ pub enum DbSetupError {
 }
 
 /// Parse a URL into a connection config with the relay's defaults applied.
-pub fn pg_config(
-    url: &str,
-    connect_timeout: Duration,
-) -> Result<tokio_postgres::Config, DbSetupError> {
+pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres::Config, DbSetupError> {
     let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| DbSetupError::Url {
         url: redact_url(url),
         reason: e.to_string(),
@@ -105,10 +102,7 @@ pub async fn check_ready(url: &str, timeout: Duration) -> Result<(), DbSetupErro
 }
 
 /// A direct connection to a database that has the outbox schema.
-pub async fn connect_ready(
-    url: &str,
-    timeout: Duration,
-) -> Result<tokio_postgres::Client, DbSetupError> {
+pub async fn connect_ready(url: &str, timeout: Duration) -> Result<tokio_postgres::Client, DbSetupError> {
     let client = connect(url, timeout).await?;
     let row = client
         .query_typed_one(
@@ -123,9 +117,7 @@ pub async fn connect_ready(
     if row.get::<_, bool>(0) {
         Ok(client)
     } else {
-        Err(DbSetupError::SchemaMissing {
-            url: redact_url(url),
-        })
+        Err(DbSetupError::SchemaMissing { url: redact_url(url) })
     }
 }
 

@@ -31,10 +31,7 @@ pub struct OutboxRow {
 /// Claim up to `limit` due rows, oldest `run_at` first, skipping rows another
 /// relay holds. UUIDs come back as text: the member needs their canonical
 /// form, and text columns avoid any type lookup behind pgbouncer.
-pub async fn claim_due(
-    tx: &Transaction<'_>,
-    limit: i64,
-) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
+pub async fn claim_due(tx: &Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
     let rows = tx
         .query_typed(
             "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
@@ -83,11 +80,7 @@ pub async fn delete(tx: &Transaction<'_>, ids: &[i64]) -> Result<u64, tokio_post
 }
 
 /// Count a failed attempt and push each row's `run_at` out by its own delay.
-pub async fn reschedule(
-    tx: &Transaction<'_>,
-    ids: &[i64],
-    delays_ms: &[i64],
-) -> Result<u64, tokio_postgres::Error> {
+pub async fn reschedule(tx: &Transaction<'_>, ids: &[i64], delays_ms: &[i64]) -> Result<u64, tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
@@ -106,11 +99,7 @@ pub async fn reschedule(
 ///
 /// One statement (a DELETE … RETURNING feeding an INSERT) inside the tick's
 /// transaction: a row is never in both tables and never in neither.
-pub async fn move_to_dead(
-    tx: &Transaction<'_>,
-    ids: &[i64],
-    errors: &[String],
-) -> Result<u64, tokio_postgres::Error> {
+pub async fn move_to_dead(tx: &Transaction<'_>, ids: &[i64], errors: &[String]) -> Result<u64, tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(0);
     }

@@ -46,18 +46,15 @@ pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
         }
     }
     if !row.priority.is_finite() {
-        return Err(EncodeError::NonFinitePriority {
-            value: row.priority,
-        });
+        return Err(EncodeError::NonFinitePriority { value: row.priority });
     }
     let task_type = if row.task_type.is_empty() {
         "crawl"
     } else {
         &row.task_type
     };
-    let mut m = String::with_capacity(
-        100 + row.host.len() + row.path.len() + row.source_url.len() + row.source_type.len(),
-    );
+    let mut m =
+        String::with_capacity(100 + row.host.len() + row.path.len() + row.source_url.len() + row.source_type.len());
     // Writing to a String cannot fail.
     let _ = write!(
         m,
@@ -173,10 +170,7 @@ mod tests {
         for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             let mut r = row();
             r.priority = p;
-            assert!(matches!(
-                encode_member(&r),
-                Err(EncodeError::NonFinitePriority { .. })
-            ));
+            assert!(matches!(encode_member(&r), Err(EncodeError::NonFinitePriority { .. })));
         }
     }
 

@@ -24,10 +24,7 @@ pub struct Redis {
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     #[error("invalid Redis URL {url}: {source}")]
-    Url {
-        url: String,
-        source: ::redis::RedisError,
-    },
+    Url { url: String, source: ::redis::RedisError },
     #[error("cannot reach Redis at {url}: {reason}")]
     Unreachable { url: String, reason: String },
 }
@@ -35,11 +32,10 @@ pub enum RedisSetupError {
 /// A lazily connecting pool; connections are checked with PING on checkout
 /// because bb8-redis cannot otherwise tell that a connection died.
 pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
-    let manager =
-        RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
-            url: redact_url(&cfg.url),
-            source,
-        })?;
+    let manager = RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
+        url: redact_url(&cfg.url),
+        source,
+    })?;
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
         .max_size(cfg.pool_size)
@@ -52,10 +48,7 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
 
 /// One direct multiplexed connection (for the CLI and start-up checks),
 /// failing with the real cause (refused, auth, DNS) instead of a pool timeout.
-pub async fn connect(
-    url: &str,
-    timeout: Duration,
-) -> Result<::redis::aio::MultiplexedConnection, RedisSetupError> {
+pub async fn connect(url: &str, timeout: Duration) -> Result<::redis::aio::MultiplexedConnection, RedisSetupError> {
     let shown = redact_url(url);
     let client = ::redis::Client::open(url).map_err(|source| RedisSetupError::Url {
         url: shown.clone(),
@@ -78,12 +71,7 @@ pub async fn connect(
 pub async fn ping(url: &str, timeout: Duration) -> Result<Duration, RedisSetupError> {
     let started = tokio::time::Instant::now();
     let mut conn = connect(url, timeout).await?;
-    match tokio::time::timeout(
-        timeout,
-        ::redis::cmd("PING").query_async::<String>(&mut conn),
-    )
-    .await
-    {
+    match tokio::time::timeout(timeout, ::redis::cmd("PING").query_async::<String>(&mut conn)).await {
         Ok(Ok(_)) => Ok(started.elapsed()),
         Ok(Err(e)) => Err(RedisSetupError::Unreachable {
             url: redact_url(url),

@@ -94,14 +94,9 @@ pub(crate) async fn checkout(
     let by = Deadline::after(deadline.remaining() / 2);
     match tokio::time::timeout_at(by.instant(), redis.pool.get()).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(bb8::RunError::User(e))) => {
-            Err(DispatchError::Unavailable(format!("pool get: {e}")))
-        }
+        Ok(Err(bb8::RunError::User(e))) => Err(DispatchError::Unavailable(format!("pool get: {e}"))),
         Ok(Err(bb8::RunError::TimedOut)) | Err(_) => match redis.last_error.take() {
-            Some(cause) if !cause.timeout => Err(DispatchError::Unavailable(format!(
-                "pool get: {}",
-                cause.text
-            ))),
+            Some(cause) if !cause.timeout => Err(DispatchError::Unavailable(format!("pool get: {}", cause.text))),
             _ => Err(DispatchError::Deadline(Expired {
                 stage: "redis pool get",
             })),
@@ -114,16 +109,11 @@ pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError
     let mut conn = checkout(redis, deadline).await?;
     conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
     match deadline
-        .run(
-            "redis ping",
-            ::redis::cmd("PING").query_async::<String>(&mut *conn),
-        )
+        .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut *conn))
         .await?
     {
         Ok(_) => Ok(()),
-        Err(e) if e.is_timeout() => Err(DispatchError::Deadline(Expired {
-            stage: "redis ping",
-        })),
+        Err(e) if e.is_timeout() => Err(DispatchError::Deadline(Expired { stage: "redis ping" })),
         Err(e) => Err(DispatchError::Unavailable(e.to_string())),
     }
 }
@@ -155,10 +145,7 @@ pub async fn zadd_batch(
         let wait_ms = deadline.remaining().as_millis().max(1) as u64;
         pipe.cmd("WAIT").arg(wait_replicas).arg(wait_ms);
     }
-    let replies: Vec<Value> = match deadline
-        .run("redis pipeline", pipe.query_async(&mut *conn))
-        .await?
-    {
+    let replies: Vec<Value> = match deadline.run("redis pipeline", pipe.query_async(&mut *conn)).await? {
         Ok(v) => v,
         Err(e) if e.is_timeout() && deadline.expired() => {
             return Err(DispatchError::Deadline(Expired {
@@ -212,13 +199,10 @@ mod tests {
 
     #[test]
     fn wrongtype_is_the_rows_fault() {
-        let e =
-            server_error("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        let e = server_error("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
         assert_eq!(
             classify(&e),
-            EntryOutcome::Rejected(
-                "WRONGTYPE Operation against a key holding the wrong kind of value".into()
-            )
+            EntryOutcome::Rejected("WRONGTYPE Operation against a key holding the wrong kind of value".into())
         );
     }
 

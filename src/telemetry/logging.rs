@@ -65,12 +65,7 @@ pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
         .build_with_guard();
     let drain = async_drain.filter_level(level).ignore_res();
     let log = Logger::root(drain, o!());
-    (
-        log,
-        LogGuard {
-            _guard: Some(guard),
-        },
-    )
+    (log, LogGuard { _guard: Some(guard) })
 }
 
 /// A logger that discards everything (library callers, unit tests).

@@ -102,12 +102,7 @@ impl TestDb {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client()
-            .await
-            .query_one(sql, &[])
-            .await
-            .expect(sql)
-            .get(0)
+        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
     }
 }
 
@@ -117,9 +112,7 @@ impl Drop for TestDb {
         let admin = admin_url();
         // Drop runs inside the test's runtime: use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
                     if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
@@ -148,10 +141,7 @@ impl Drop for Prefix {
     fn drop(&mut self) {
         let pattern = format!("{}*", self.0);
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             rt.block_on(async {
@@ -189,11 +179,7 @@ pub async fn schedule_members(url: &str, prefix: &str) -> HashMap<String, f64> {
     let keys: Vec<String> = conn.keys(format!("{prefix}sched:*")).await.expect("KEYS");
     let mut all = HashMap::new();
     for k in keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .expect("TYPE");
+        let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut conn).await.expect("TYPE");
         if kind != "zset" {
             continue;
         }
@@ -250,25 +236,18 @@ impl RedisServer {
             .expect("start redis-server (is it installed?)");
         self.child = Some(child);
         let url = self.url();
-        wait_until(
-            "private redis-server answers PING",
-            Duration::from_secs(20),
-            || {
-                let url = url.clone();
-                async move {
-                    match redis::Client::open(url.as_str()) {
-                        Ok(c) => match c.get_multiplexed_async_connection().await {
-                            Ok(mut conn) => redis::cmd("PING")
-                                .query_async::<String>(&mut conn)
-                                .await
-                                .is_ok(),
-                            Err(_) => false,
-                        },
+        wait_until("private redis-server answers PING", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                match redis::Client::open(url.as_str()) {
+                    Ok(c) => match c.get_multiplexed_async_connection().await {
+                        Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok(),
                         Err(_) => false,
-                    }
+                    },
+                    Err(_) => false,
                 }
-            },
-        )
+            }
+        })
         .await;
     }
 
@@ -316,12 +295,7 @@ pub struct RelayProcess {
 
 /// Environment for a relay against `db` and `redis_url` with `prefix`, fast
 /// ticks, JSON logs at debug level; `extra` overrides or adds keys.
-pub fn relay_env(
-    db: &TestDb,
-    redis_url: &str,
-    prefix: &str,
-    extra: &[(&str, &str)],
-) -> Vec<(String, String)> {
+pub fn relay_env(db: &TestDb, redis_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("OUTBOX_RELAY_DATABASE__URL".into(), db.url.clone()),
         ("OUTBOX_RELAY_REDIS__URL".into(), redis_url.into()),
@@ -365,10 +339,7 @@ impl RelayProcess {
                 .expect("port in OUTBOX_RELAY_HTTP__LISTEN"),
             None => {
                 let port = free_port();
-                env.push((
-                    "OUTBOX_RELAY_HTTP__LISTEN".into(),
-                    format!("127.0.0.1:{port}"),
-                ));
+                env.push(("OUTBOX_RELAY_HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
                 port
             }
         };
@@ -459,18 +430,14 @@ impl RelayProcess {
 
     /// Wait until the relay logged its start-up line (it is then ticking).
     pub async fn wait_started(&mut self) {
-        wait_until(
-            "relay logs its start-up line",
-            Duration::from_secs(30),
-            || {
-                let started = self.count("outbox-relay starting") > 0;
-                let exited = self.child.try_wait().ok().flatten();
-                if let Some(status) = exited {
-                    panic!("relay exited early with {status}: {:#?}", self.lines());
-                }
-                async move { started }
-            },
-        )
+        wait_until("relay logs its start-up line", Duration::from_secs(30), || {
+            let started = self.count("outbox-relay starting") > 0;
+            let exited = self.child.try_wait().ok().flatten();
+            if let Some(status) = exited {
+                panic!("relay exited early with {status}: {:#?}", self.lines());
+            }
+            async move { started }
+        })
         .await;
     }
 
@@ -494,10 +461,7 @@ impl RelayProcess {
                 return status;
             }
             if start.elapsed() > timeout {
-                panic!(
-                    "relay did not exit within {timeout:?}; log: {:#?}",
-                    self.lines()
-                );
+                panic!("relay did not exit within {timeout:?}; log: {:#?}", self.lines());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -507,11 +471,7 @@ impl RelayProcess {
     pub async fn stop(mut self) {
         self.signal("TERM");
         let status = self.wait_exit(Duration::from_secs(30)).await;
-        assert!(
-            status.success(),
-            "relay exited with {status}; log: {:#?}",
-            self.lines()
-        );
+        assert!(status.success(), "relay exited with {status}; log: {:#?}", self.lines());
     }
 }
 
@@ -591,18 +551,11 @@ pub async fn expected_members(db: &TestDb) -> HashMap<String, (String, String, f
 }
 
 /// Assert every expected member is present in `{prefix}sched:{job_id}` with its score.
-pub async fn assert_all_delivered(
-    redis_url: &str,
-    prefix: &str,
-    expected: &HashMap<String, (String, String, f64)>,
-) {
+pub async fn assert_all_delivered(redis_url: &str, prefix: &str, expected: &HashMap<String, (String, String, f64)>) {
     let mut conn = redis_conn(redis_url).await;
     let mut by_job: HashMap<&str, Vec<(&str, f64)>> = HashMap::new();
     for (job, member, score) in expected.values() {
-        by_job
-            .entry(job.as_str())
-            .or_default()
-            .push((member.as_str(), *score));
+        by_job.entry(job.as_str()).or_default().push((member.as_str(), *score));
     }
     for (job, want) in by_job {
         let key = format!("{prefix}sched:{job}");

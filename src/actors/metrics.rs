@@ -1,0 +1,243 @@
+//! `MetricsActor`: owns the periodic probes behind the Prometheus gauges.
+//!
+//! Messages: [`Probe`] (sent to itself every `metrics.probe_interval`,
+//! carrying its deadline). Owns: a one-connection Postgres pool and a
+//! one-connection Redis pool for probing, and the probe side of the shared
+//! [`Metrics`] (the counters are moved by the actors where things happen).
+//!
+//! Each round: backlog and oldest due age from `task_outbox` (due rows
+//! only, so future-dated retries never inflate the age), dead-letter count,
+//! Redis ping latency and up/down, and the actors' health gauges. A failed
+//! probe is logged and leaves a gap in its gauge (no fake 0). Probing a
+//! dependency that is down is the probe's finding, not the actor's failure:
+//! only a panic fails this actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{debug, warn, Logger};
+
+use super::health::ActorHealth;
+use super::supervisor::{contain, Supervision};
+use crate::config::RedisConfig;
+use crate::db::{self, pg_error_text, Pg};
+use crate::deadline::Deadline;
+use crate::redis::pipeline::{checkout, DispatchError};
+use crate::redis::{self as rds, Redis};
+use crate::telemetry::metrics::Metrics;
+
+/// Run the probes before `deadline`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Probe {
+    pub deadline: Deadline,
+}
+
+/// What one probe round found; an `Err` is a probe that failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeReport {
+    /// (due rows, age in seconds of the oldest due row by created_at, dead letters)
+    pub outbox: Result<(i64, f64, i64), String>,
+    pub redis_ping: Result<Duration, String>,
+}
+
+/// Probe Postgres and Redis concurrently, each bounded by `deadline`.
+pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
+    let outbox = async {
+        let mut conn = deadline
+            .run("postgres pool get", pg.pool.get())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("postgres pool: {}", pg.last_error.describe(&e)))?;
+        let q = |e: tokio_postgres::Error| pg_error_text(&e);
+        let tx = conn.transaction().await.map_err(q)?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
+            .await
+            .map_err(q)?;
+        let row = deadline
+            .run(
+                "backlog probe",
+                tx.query_typed_one(
+                    "SELECT count(*) FILTER (WHERE run_at <= now()),
+                            COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now())), 0)::float8,
+                            (SELECT count(*) FROM task_outbox_dead)
+                       FROM task_outbox",
+                    &[],
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        Ok::<_, String>((row.get(0), row.get::<_, f64>(1).max(0.0), row.get(2)))
+    };
+    let ping = async {
+        let started = tokio::time::Instant::now();
+        let mut conn = checkout(redis, deadline)
+            .await
+            .map_err(|e: DispatchError| e.to_string())?;
+        conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+        deadline
+            .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut *conn))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(started.elapsed())
+    };
+    let (outbox, redis_ping) = tokio::join!(outbox, ping);
+    ProbeReport { outbox, redis_ping }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub database_url: String,
+    pub redis: RedisConfig,
+    pub probe_interval: Duration,
+    pub round_timeout: Duration,
+}
+
+pub struct MetricsActor {
+    settings: MetricsSettings,
+    log: Logger,
+    metrics: Metrics,
+    /// Every actor's health, folded into the health gauges each round.
+    healths: Arc<Vec<Arc<ActorHealth>>>,
+    health: Arc<ActorHealth>,
+    supervision: Supervision,
+    pools: Option<(Pg, Redis)>,
+    restart_delay: Option<Duration>,
+}
+
+impl MetricsActor {
+    pub fn new(
+        settings: MetricsSettings,
+        metrics: Metrics,
+        healths: Arc<Vec<Arc<ActorHealth>>>,
+        health: Arc<ActorHealth>,
+        supervision: Supervision,
+        log: &Logger,
+    ) -> Self {
+        MetricsActor {
+            settings,
+            log: log.new(slog::o!("actor" => "MetricsActor")),
+            metrics,
+            healths,
+            health,
+            supervision,
+            pools: None,
+            restart_delay: None,
+        }
+    }
+
+    fn begin(&mut self, ctx: &mut Context<Self>) {
+        if self.supervision.given_up() {
+            return;
+        }
+        let pg = db::pool(&self.settings.database_url, 1, self.settings.round_timeout);
+        let redis = rds::pool(
+            &RedisConfig {
+                pool_size: 1,
+                ..self.settings.redis.clone()
+            },
+            self.settings.round_timeout,
+        );
+        match (pg, redis) {
+            (Ok(pg), Ok(redis)) => self.pools = Some((pg, redis)),
+            (Err(e), _) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
+            (_, Err(e)) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
+        }
+        self.health.set_running();
+        ctx.notify(Probe {
+            deadline: Deadline::after(self.round_timeout()),
+        });
+        ctx.run_interval(self.settings.probe_interval, |act, ctx| {
+            ctx.notify(Probe {
+                deadline: Deadline::after(act.round_timeout()),
+            })
+        });
+    }
+
+    /// A round must end before the next one is due.
+    fn round_timeout(&self) -> Duration {
+        self.settings.round_timeout.min(self.settings.probe_interval)
+    }
+
+    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
+        ctx.stop();
+    }
+
+    fn apply(&mut self, report: ProbeReport) {
+        let m = &self.metrics;
+        match report.outbox {
+            Ok((backlog, age, dead)) => {
+                m.backlog_rows.set(backlog as f64);
+                m.oldest_age_seconds.set(age);
+                m.dead_letter_rows.set(dead as f64);
+            }
+            Err(e) => {
+                m.backlog_rows.clear();
+                m.oldest_age_seconds.clear();
+                m.dead_letter_rows.clear();
+                warn!(self.log, "outbox probe failed; its gauges are left empty"; "error" => e);
+            }
+        }
+        match report.redis_ping {
+            Ok(rtt) => {
+                m.redis_up.set(1);
+                m.redis_ping_seconds.set(rtt.as_secs_f64());
+            }
+            Err(e) => {
+                m.redis_up.set(0);
+                m.redis_ping_seconds.clear();
+                debug!(self.log, "redis ping probe failed"; "error" => e);
+            }
+        }
+        if let Some((pg, redis)) = &self.pools {
+            m.observe_pool("metrics_postgres", &pg.pool);
+            m.observe_pool("metrics_redis", &redis.pool);
+        }
+        m.observe_health(&self.healths);
+    }
+}
+
+impl Actor for MetricsActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        match self.restart_delay.take() {
+            Some(delay) => {
+                ctx.run_later(delay, |act, ctx| act.begin(ctx));
+            }
+            None => self.begin(ctx),
+        }
+    }
+}
+
+impl Supervised for MetricsActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.pools = None;
+    }
+}
+
+impl Handler<Probe> for MetricsActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
+        if msg.deadline.expired() {
+            self.health.deadline_exceeded();
+            debug!(self.log, "probe arrived after its deadline; dropped unexecuted");
+            return;
+        }
+        let Some((pg, redis)) = self.pools.clone() else { return };
+        let round = contain(async move { probe(&pg, &redis, msg.deadline).await });
+        ctx.wait(round.into_actor(self).map(|res, act, ctx| match res {
+            Ok(report) => {
+                act.apply(report);
+                act.health.ok();
+            }
+            Err(panic) => act.fail(ctx, format!("probe {panic}")),
+        }));
+    }
+}

@@ -1,0 +1,322 @@
+//! The Prometheus registry and every metric the relay exports.
+//!
+//! One [`Metrics`] per process, shared (`Arc`) by the actors that move its
+//! counters and owned for probing by the `MetricsActor`. The registry adds
+//! the constant labels `app` and `environment` to every metric at scrape
+//! time, `process_*` included (adding them again per metric would make the
+//! scrape invalid). Names and meanings are listed in the README.
+//!
+//! Probe gauges ([`ProbeGauge`]) are registered only while their probe
+//! succeeds: a failed probe leaves a gap in the series instead of a fake 0.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::actors::health::{ActorHealth, Status};
+use crate::config::MetricsConfig;
+
+/// Tick durations from 1 ms to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Counter skew, in tasks.
+pub const SKEW_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0];
+
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// A gauge that is only exported while its probe works.
+#[derive(Clone)]
+pub struct ProbeGauge {
+    gauge: Gauge,
+    registered: Arc<AtomicBool>,
+    registry: Registry,
+}
+
+impl ProbeGauge {
+    fn new(registry: &Registry, name: &str, help: &str) -> Result<Self, MetricsError> {
+        Ok(ProbeGauge {
+            gauge: Gauge::with_opts(Opts::new(name, help))?,
+            registered: Arc::new(AtomicBool::new(false)),
+            registry: registry.clone(),
+        })
+    }
+
+    /// The probe answered: export `v`.
+    pub fn set(&self, v: f64) {
+        self.gauge.set(v);
+        if !self.registered.swap(true, Ordering::SeqCst) {
+            let _ = self.registry.register(Box::new(self.gauge.clone()));
+        }
+    }
+
+    /// The probe failed: stop exporting until it answers again.
+    pub fn clear(&self) {
+        if self.registered.swap(false, Ordering::SeqCst) {
+            let _ = self.registry.unregister(Box::new(self.gauge.clone()));
+        }
+    }
+}
+
+/// Every metric of the relay.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub sweep_rows: IntCounterVec,
+    pub sweep_ticks: IntCounterVec,
+    pub sweep_duration: Histogram,
+    pub backlog_rows: ProbeGauge,
+    pub oldest_age_seconds: ProbeGauge,
+    pub dead_letter_rows: ProbeGauge,
+    pub redis_up: IntGauge,
+    pub redis_ping_seconds: ProbeGauge,
+    pub counter_sync_skew: Histogram,
+    pub actor_restarts: IntCounterVec,
+    pub actor_healthy: IntGaugeVec,
+    pub deadline_exceeded: IntCounterVec,
+    pub pool_connections: IntGaugeVec,
+    pub pool_idle_connections: IntGaugeVec,
+    pub pool_gets_waited: IntCounterVec,
+    pub pool_gets_timed_out: IntCounterVec,
+    /// Last values folded into the counters above (health and pool
+    /// statistics are cumulative; counters move by the difference).
+    seen: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Metrics {
+    pub fn new(cfg: &MetricsConfig) -> Result<Self, MetricsError> {
+        let labels = HashMap::from([
+            ("app".to_string(), cfg.app.clone()),
+            ("environment".to_string(), cfg.environment.clone()),
+        ]);
+        let registry = Registry::new_custom(None, Some(labels))?;
+        let counter_vec = |name: &str, help: &str, label: &str| -> Result<IntCounterVec, MetricsError> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| -> Result<IntGaugeVec, MetricsError> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, MetricsError> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let m = Metrics {
+            sweep_rows: counter_vec(
+                "outbox_relay_sweep_rows_total",
+                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered).",
+                "outcome",
+            )?,
+            sweep_ticks: counter_vec(
+                "outbox_relay_sweep_ticks_total",
+                "Sweep ticks, by result (ok, error, deadline).",
+                "result",
+            )?,
+            sweep_duration: histogram(
+                "outbox_relay_sweep_duration_seconds",
+                "Duration of sweep ticks that ran (claim to commit or rollback).",
+                DURATION_BUCKETS,
+            )?,
+            backlog_rows: ProbeGauge::new(&registry, "outbox_relay_backlog_rows", "Outbox rows due now (probe).")?,
+            oldest_age_seconds: ProbeGauge::new(
+                &registry,
+                "outbox_relay_oldest_age_seconds",
+                "Age of the oldest due outbox row by created_at (probe; 0 when nothing is due).",
+            )?,
+            dead_letter_rows: ProbeGauge::new(
+                &registry,
+                "outbox_relay_dead_letter_rows",
+                "Rows in task_outbox_dead (probe).",
+            )?,
+            redis_up: {
+                let g = IntGauge::new("outbox_relay_redis_up", "1 when the last Redis ping answered, else 0.")?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            redis_ping_seconds: ProbeGauge::new(
+                &registry,
+                "outbox_relay_redis_ping_seconds",
+                "Round trip of the last Redis ping (absent while Redis does not answer).",
+            )?,
+            counter_sync_skew: histogram(
+                "outbox_relay_counter_sync_skew",
+                "Per job and sync, |running count in Redis - previous jobs.running_tasks|.",
+                SKEW_BUCKETS,
+            )?,
+            actor_restarts: counter_vec(
+                "outbox_relay_actor_restarts_total",
+                "Actor restarts by the supervisor.",
+                "actor",
+            )?,
+            actor_healthy: gauge_vec(
+                "outbox_relay_actor_healthy",
+                "1 when the actor is healthy, else 0.",
+                "actor",
+            )?,
+            deadline_exceeded: counter_vec(
+                "outbox_relay_deadline_exceeded_total",
+                "Work abandoned or dropped because its deadline passed.",
+                "actor",
+            )?,
+            pool_connections: gauge_vec(
+                "outbox_relay_pool_connections",
+                "Open connections of each pool.",
+                "pool",
+            )?,
+            pool_idle_connections: gauge_vec(
+                "outbox_relay_pool_idle_connections",
+                "Idle connections of each pool.",
+                "pool",
+            )?,
+            pool_gets_waited: counter_vec(
+                "outbox_relay_pool_gets_waited_total",
+                "Checkouts that had to wait for a connection.",
+                "pool",
+            )?,
+            pool_gets_timed_out: counter_vec(
+                "outbox_relay_pool_gets_timed_out_total",
+                "Checkouts that timed out.",
+                "pool",
+            )?,
+            seen: Arc::new(Mutex::new(HashMap::new())),
+            registry,
+        };
+        for outcome in ["dispatched", "retried", "dead_lettered"] {
+            m.sweep_rows.with_label_values(&[outcome]);
+        }
+        for result in ["ok", "error", "deadline"] {
+            m.sweep_ticks.with_label_values(&[result]);
+        }
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(m)
+    }
+
+    /// Move `counter` by how much `total` grew since it was last seen under `key`.
+    fn advance(&self, key: String, total: u64, counter: &prometheus::IntCounter) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let last = seen.entry(key).or_insert(0);
+            if total > *last {
+                counter.inc_by(total - *last);
+            }
+            *last = total;
+        }
+    }
+
+    /// Fold the actors' health into the health gauges and counters.
+    pub fn observe_health(&self, healths: &[Arc<ActorHealth>]) {
+        for h in healths {
+            let s = h.snapshot();
+            self.actor_healthy
+                .with_label_values(&[s.actor])
+                .set(i64::from(s.status == Status::Healthy));
+            self.advance(
+                format!("restarts/{}", s.actor),
+                s.restarts,
+                &self.actor_restarts.with_label_values(&[s.actor]),
+            );
+            self.advance(
+                format!("deadline/{}", s.actor),
+                s.deadline_exceeded,
+                &self.deadline_exceeded.with_label_values(&[s.actor]),
+            );
+        }
+    }
+
+    /// Publish a bb8 pool's size and wait statistics under `pool`.
+    pub fn observe_pool<M: bb8::ManageConnection>(&self, name: &str, pool: &bb8::Pool<M>) {
+        let state = pool.state();
+        self.pool_connections
+            .with_label_values(&[name])
+            .set(i64::from(state.connections));
+        self.pool_idle_connections
+            .with_label_values(&[name])
+            .set(i64::from(state.idle_connections));
+        let stats = state.statistics;
+        self.advance(
+            format!("waited/{name}"),
+            stats.get_waited,
+            &self.pool_gets_waited.with_label_values(&[name]),
+        );
+        self.advance(
+            format!("timed_out/{name}"),
+            stats.get_timed_out,
+            &self.pool_gets_timed_out.with_label_values(&[name]),
+        );
+    }
+
+    /// The text exposition format of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            return format!("# error encoding metrics: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::new(&MetricsConfig::default()).expect("metrics")
+    }
+
+    #[test]
+    fn every_metric_carries_app_and_environment() {
+        let m = metrics();
+        m.sweep_rows.with_label_values(&["dispatched"]).inc_by(3);
+        m.backlog_rows.set(5.0);
+        let text = m.render();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            assert!(line.contains("app=\"outbox-relay\""), "{line}");
+            assert!(line.contains("environment=\"development\""), "{line}");
+        }
+        let dispatched = text
+            .lines()
+            .find(|l| l.starts_with("outbox_relay_sweep_rows_total{") && l.contains("outcome=\"dispatched\""))
+            .expect("dispatched series");
+        assert!(dispatched.ends_with(" 3"), "{dispatched}");
+    }
+
+    #[test]
+    fn failed_probes_leave_a_gap() {
+        let m = metrics();
+        assert!(!m.render().contains("outbox_relay_backlog_rows"));
+        m.backlog_rows.set(7.0);
+        assert!(m.render().contains("outbox_relay_backlog_rows{"));
+        m.backlog_rows.clear();
+        assert!(!m.render().contains("outbox_relay_backlog_rows"));
+        m.backlog_rows.set(0.0);
+        assert!(m.render().contains("outbox_relay_backlog_rows{"));
+    }
+
+    #[test]
+    fn cumulative_health_counters_advance_by_difference() {
+        let m = metrics();
+        let h = ActorHealth::new("SweepActor", std::time::Duration::from_secs(60), true);
+        h.set_restarting();
+        h.deadline_exceeded();
+        m.observe_health(std::slice::from_ref(&h));
+        m.observe_health(std::slice::from_ref(&h));
+        h.set_restarting();
+        m.observe_health(std::slice::from_ref(&h));
+        assert_eq!(m.actor_restarts.with_label_values(&["SweepActor"]).get(), 2);
+        assert_eq!(m.deadline_exceeded.with_label_values(&["SweepActor"]).get(), 1);
+        assert_eq!(m.actor_healthy.with_label_values(&["SweepActor"]).get(), 0);
+    }
+}
