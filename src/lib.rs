@@ -20,6 +20,7 @@ pub mod pool;
 pub mod redis;
 pub mod settle;
 pub mod telemetry;
+pub mod verify;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -49,6 +50,10 @@ pub enum RelayError {
     Triage(#[from] cli::dead_letter::TriageError),
     #[error(transparent)]
     Jobs(#[from] cli::jobs::JobsError),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyError),
+    #[error("invariant violated: {0}")]
+    Invariant(String),
     #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]
     GaveUp { actor: &'static str, error: String },
 }

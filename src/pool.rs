@@ -39,14 +39,22 @@ pub struct PoolFailure {
 pub struct LastError(Arc<Mutex<Option<PoolFailure>>>);
 
 impl LastError {
-    /// The latest failure, if any was seen since the last call.
-    pub fn take(&self) -> Option<PoolFailure> {
-        self.0.lock().ok().and_then(|mut g| g.take())
+    /// The latest failure, kept until a checkout succeeds ([`LastError::clear`]):
+    /// while a service stays down, every failed checkout can say why.
+    pub fn get(&self) -> Option<PoolFailure> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// A checkout succeeded: the service is back.
+    pub fn clear(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = None;
+        }
     }
 
     /// Describe a failed checkout: `timed out (Connection refused)`.
     pub fn describe<E: fmt::Display>(&self, err: &bb8::RunError<E>) -> String {
-        match (err, self.take()) {
+        match (err, self.get()) {
             (bb8::RunError::TimedOut, Some(cause)) => format!("timed out ({})", cause.text),
             (bb8::RunError::TimedOut, None) => "timed out".to_string(),
             (bb8::RunError::User(e), _) => e.to_string(),

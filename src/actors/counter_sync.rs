@@ -14,7 +14,8 @@
 //! each job is logged at debug.
 //!
 //! Failure: `supervisor.error_budget` failed syncs in a row, or a panic,
-//! fail the actor (restart with fresh pools). A sync past its deadline
+//! fail the actor (restart with fresh pools); a Redis that refuses
+//! connections only makes it `degraded` (its pool reconnects by itself). A sync past its deadline
 //! cancels its statement on the server and counts as `deadline_exceeded`.
 
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use uuid::Uuid;
 use super::health::ActorHealth;
 use super::supervisor::{contain, Supervision};
 use crate::config::RedisConfig;
-use crate::db::{self, jobs, pg_error_text, Pg};
+use crate::db::{self, jobs, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::{self as rds, Redis};
@@ -129,10 +130,10 @@ pub async fn sync_counters(
     let hash_empty = fields.is_empty();
     let (mut counts, skipped) = parse_counts(fields);
 
-    let conn = deadline
-        .run("postgres pool get", pg.pool.get())
-        .await?
-        .map_err(|e| SyncError::Pool(pg.last_error.describe(&e)))?;
+    let conn = pg.checkout(deadline).await.map_err(|e| match e {
+        CheckoutError::Deadline(e) => SyncError::Deadline(e),
+        CheckoutError::Pool(why) => SyncError::Pool(why),
+    })?;
     let cancel = conn.cancel_token();
     let work = async {
         if hash_empty {
@@ -274,7 +275,9 @@ impl CounterSyncActor {
                 let streak = self.health.failed(&e.to_string());
                 warn!(self.log, "counter sync failed; it runs again next interval";
                     "error" => %e, "consecutive_failures" => streak);
-                if streak >= u64::from(self.settings.error_budget) {
+                // Redis refusing connections: degraded, not failed (see DispatchActor).
+                let redis_down = matches!(e, SyncError::Redis(DispatchError::Unavailable(_)));
+                if !redis_down && streak >= u64::from(self.settings.error_budget) {
                     self.fail(ctx, format!("{streak} consecutive failed syncs, last: {e}"));
                 }
             }

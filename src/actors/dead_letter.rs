@@ -28,7 +28,7 @@ use slog::{debug, info, warn, Logger};
 use super::health::ActorHealth;
 use super::supervisor::{contain, contain_sync, Supervision};
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
-use crate::db::{self, pg_error_text, Pg};
+use crate::db::{self, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 
 /// Rows deleted per statement by the retention purge.
@@ -74,10 +74,10 @@ pub enum PurgeError {
 /// short transaction with a statement timeout from the time left.
 pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> Result<u64, PurgeError> {
     let q = |e: tokio_postgres::Error| PurgeError::Query(pg_error_text(&e));
-    let mut conn = deadline
-        .run("postgres pool get", pg.pool.get())
-        .await?
-        .map_err(|e| PurgeError::Pool(pg.last_error.describe(&e)))?;
+    let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
+        CheckoutError::Deadline(e) => PurgeError::Deadline(e),
+        CheckoutError::Pool(why) => PurgeError::Pool(why),
+    })?;
     let cutoff = deadline
         .run("purge cut-off", cutoff_ms(&*conn, retention))
         .await?

@@ -7,10 +7,11 @@
 //! Redis, so its health tells the truth on an idle relay too.
 //!
 //! Runs on its own arbiter (thread) so pipeline I/O overlaps with the
-//! sweep's Postgres work. Failure: `supervisor.error_budget` consecutive
-//! failed batches or pings (Redis unreachable or stalled) or a panic make
-//! the actor fail; the supervisor restarts it after a backoff, and
-//! `started` builds a new pool (new connections).
+//! sweep's Postgres work. Failure: a panic, or `supervisor.error_budget`
+//! consecutive failures ending in a stall (no answer before the deadline),
+//! make the actor fail; the supervisor restarts it after a backoff, and
+//! `started` builds a new pool (new connections). A Redis that refuses
+//! connections only makes it `degraded`: its pool reconnects by itself.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,12 +105,17 @@ impl DispatchActor {
         match result {
             Ok(()) => self.health.ok(),
             Err(e) => {
+                let streak = self.health.failed(&e.to_string());
+                // A Redis that refuses connections makes the actor degraded,
+                // not failed: the pool reconnects by itself, a restart could
+                // not help, and a long outage must not become a crash loop
+                // (the spec wants outages ridden out). A Redis that stalls
+                // past deadlines does count: fresh connections can help.
                 if matches!(e, DispatchError::Deadline(_)) {
                     self.health.deadline_exceeded();
-                }
-                let streak = self.health.failed(&e.to_string());
-                if streak >= u64::from(self.settings.error_budget) {
-                    self.fail(ctx, format!("{streak} consecutive failures, last: {e}"));
+                    if streak >= u64::from(self.settings.error_budget) {
+                        self.fail(ctx, format!("{streak} consecutive failures, last: {e}"));
+                    }
                 }
             }
         }

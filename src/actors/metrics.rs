@@ -45,11 +45,7 @@ pub struct ProbeReport {
 /// Probe Postgres and Redis concurrently, each bounded by `deadline`.
 pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
     let outbox = async {
-        let mut conn = deadline
-            .run("postgres pool get", pg.pool.get())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("postgres pool: {}", pg.last_error.describe(&e)))?;
+        let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
         let q = |e: tokio_postgres::Error| pg_error_text(&e);
         let tx = conn.transaction().await.map_err(q)?;
         tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))

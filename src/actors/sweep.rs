@@ -28,7 +28,7 @@ use super::dispatch::DispatchBatch;
 use super::health::ActorHealth;
 use super::supervisor::{contain, contain_sync, Supervision};
 use crate::db::outbox::{self, OutboxRow};
-use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, Pg};
+use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
 use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
@@ -152,10 +152,10 @@ pub async fn run_tick(
     settings: &SweepSettings,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
-    let mut conn = deadline
-        .run("postgres pool get", pg.pool.get())
-        .await?
-        .map_err(|e| TickError::Pool(pg.last_error.describe(&e)))?;
+    let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
+        CheckoutError::Deadline(e) => TickError::Deadline(e),
+        CheckoutError::Pool(why) => TickError::Pool(why),
+    })?;
     let tx = deadline
         .run("begin", conn.transaction())
         .await?

@@ -69,6 +69,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the outbox invariant over a ledger of produced rows: each one is
+    /// in its job's schedule (exact member), in task_outbox_dead, or still pending.
+    Verify {
+        /// Table with task_outbox's columns that the producer filled alongside
+        /// the outbox (e.g. `CREATE TABLE produced (LIKE task_outbox)`).
+        #[arg(long, value_name = "TABLE")]
+        ledger: String,
+        /// Only rows created since then: a duration ago (`1h`, `7d`) or a timestamp.
+        #[arg(long, value_name = "DURATION|TIMESTAMP")]
+        since: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Triage task_outbox_dead: list, requeue, purge.
     #[command(subcommand)]
     DeadLetter(dead_letter::DeadLetterCommand),
@@ -107,6 +121,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         }),
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
+        Command::Verify { ledger, since, json } => block_on(verify_cmd(&cfg, &ledger, since, json)),
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
         Command::CheckConfig { no_connect } => {
             print!("{}", cfg.to_redacted_toml());
@@ -131,4 +146,54 @@ pub fn execute(cli: Cli) -> ExitCode {
         Err(RelayError::Config(e)) => fail(2, e),
         Err(e) => fail(1, e),
     }
+}
+
+/// `outbox-relay verify`: exit 0 when the invariant holds and nothing due is
+/// left, 1 otherwise (the report says what is wrong).
+async fn verify_cmd(cfg: &Config, ledger: &str, since: Option<String>, json: bool) -> Result<(), RelayError> {
+    use crate::verify::{ledger_rows, verify, Since};
+    let since = since.map(|s| match crate::config::parse_duration(&s) {
+        Ok(d) => Since::Ago(d.as_millis().min(i64::MAX as u128) as i64),
+        Err(_) => Since::At(s),
+    });
+    let client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT).await?;
+    let produced = ledger_rows(&client, ledger, since.as_ref()).await?;
+    let report = verify(&client, &mut conn, &cfg.redis.key_prefix, &produced).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        println!(
+            "produced {}: delivered {}, dead-lettered {}, pending due {}, pending later {}, lost {}, corrupted {}, wrong score {}",
+            report.produced,
+            report.delivered,
+            report.dead_lettered,
+            report.pending_due,
+            report.pending_future,
+            report.lost.len(),
+            report.corrupted.len(),
+            report.wrong_score.len()
+        );
+        for t in report.lost.iter().take(20) {
+            println!("lost: {t}");
+        }
+        for (t, m) in report.corrupted.iter().take(20) {
+            println!("corrupted: {t}: {m}");
+        }
+    }
+    if !report.holds() {
+        return Err(RelayError::Invariant(format!(
+            "{} lost, {} corrupted, {} with a wrong score",
+            report.lost.len(),
+            report.corrupted.len(),
+            report.wrong_score.len()
+        )));
+    }
+    if report.pending_due > 0 {
+        return Err(RelayError::Invariant(format!(
+            "{} rows are still due in task_outbox (is the relay running?)",
+            report.pending_due
+        )));
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 use crate::config::redact_url;
+use crate::deadline::{Deadline, Expired};
 use crate::pool::LastError;
 
 pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
@@ -29,6 +30,32 @@ pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
 pub struct Pg {
     pub pool: PgPool,
     pub last_error: LastError,
+}
+
+/// Why a connection could not be taken from a [`Pg`] pool.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error(transparent)]
+    Deadline(#[from] Expired),
+    /// The pool could not connect; the text says why (refused, auth, …).
+    #[error("postgres pool: {0}")]
+    Pool(String),
+}
+
+impl Pg {
+    /// A connection before `deadline`; a failure names its cause.
+    pub async fn checkout(
+        &self,
+        deadline: Deadline,
+    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, CheckoutError> {
+        match deadline.run("postgres pool get", self.pool.get()).await? {
+            Ok(conn) => {
+                self.last_error.clear();
+                Ok(conn)
+            }
+            Err(e) => Err(CheckoutError::Pool(self.last_error.describe(&e))),
+        }
+    }
 }
 
 /// Name the relay's sessions carry in `pg_stat_activity`.

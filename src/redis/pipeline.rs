@@ -93,9 +93,12 @@ pub(crate) async fn checkout(
     deadline.check("redis pool get")?;
     let by = Deadline::after(deadline.remaining() / 2);
     match tokio::time::timeout_at(by.instant(), redis.pool.get()).await {
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => {
+            redis.last_error.clear();
+            Ok(conn)
+        }
         Ok(Err(bb8::RunError::User(e))) => Err(DispatchError::Unavailable(format!("pool get: {e}"))),
-        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => match redis.last_error.take() {
+        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => match redis.last_error.get() {
             Some(cause) if !cause.timeout => Err(DispatchError::Unavailable(format!("pool get: {}", cause.text))),
             _ => Err(DispatchError::Deadline(Expired {
                 stage: "redis pool get",

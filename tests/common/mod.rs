@@ -65,11 +65,18 @@ pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The server's maintenance URL (where the database is created and dropped).
+    admin: String,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let db = TestDb::empty().await;
+        TestDb::new_on(&admin_url()).await
+    }
+
+    /// A fresh, migrated database on the server behind `admin`.
+    pub async fn new_on(admin: &str) -> TestDb {
+        let db = TestDb::empty_on(admin).await;
         let report = outbox_relay::db::migrate::migrate(
             &db.url,
             Duration::from_secs(10),
@@ -83,18 +90,25 @@ impl TestDb {
 
     /// A database without the outbox schema.
     pub async fn empty() -> TestDb {
+        TestDb::empty_on(&admin_url()).await
+    }
+
+    async fn empty_on(base: &str) -> TestDb {
         let name = unique("outbox_test");
-        let admin = pg_connect(&admin_url()).await;
+        let admin = pg_connect(base).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let base = admin_url();
         let url = match base.rfind('/') {
             Some(i) => format!("{}/{name}", &base[..i]),
             None => panic!("admin url has no database: {base}"),
         };
-        TestDb { name, url }
+        TestDb {
+            name,
+            url,
+            admin: base.to_string(),
+        }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -109,7 +123,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let admin = admin_url();
+        let admin = self.admin.clone();
         // Drop runs inside the test's runtime: use a thread with its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
@@ -201,6 +215,8 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Data directory of a durable server.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -208,6 +224,21 @@ impl RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
+            dir: None,
+        };
+        s.resume().await;
+        s
+    }
+
+    /// A server that keeps every write on disk (AOF, fsync always), so a
+    /// restart — even `kill -9` — loses nothing it acknowledged.
+    pub async fn start_durable() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("outbox-redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut s = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: Some(dir),
         };
         s.resume().await;
         s
@@ -219,17 +250,15 @@ impl RedisServer {
 
     /// (Re)start the server on its port and wait until it answers PING.
     pub async fn resume(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match &self.dir {
+            Some(dir) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -282,6 +311,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -572,4 +604,237 @@ pub async fn assert_all_delivered(redis_url: &str, prefix: &str, expected: &Hash
             }
         }
     }
+}
+
+/// The ledger of produced rows (`produced`): the same columns as the outbox,
+/// written by [`produce`] in the same statement as the outbox rows.
+pub async fn create_ledger(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE produced AS SELECT * FROM task_outbox WITH NO DATA")
+        .await
+        .expect("create ledger");
+}
+
+/// Produce `rows` due rows over `jobs`, into the outbox and the ledger at
+/// once (one statement, so both or neither), like a real producer would.
+pub async fn produce(
+    client: &tokio_postgres::Client,
+    jobs: &[uuid::Uuid],
+    rows: i64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "WITH r AS (
+                 SELECT gen_random_uuid() AS task_id, ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))] AS job_id,
+                        i::int AS page_id, 'host' || (i % 7) || '.example.com' AS host, '/p/' || i AS path,
+                        (i % 100) / 3.0 AS priority, (i % 3)::int AS retry_count, 'sitemap' AS source_type,
+                        'https://example.com/s' AS source_url, now() AS run_at, 'crawl' AS task_type,
+                        CASE WHEN i % 4 = 0 THEN i::int8 END AS lighthouse_run_id
+                   FROM generate_series(1, $2::int8) AS i
+             ), o AS (
+                 INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count, source_type,
+                                          source_url, run_at, task_type, lighthouse_run_id)
+                 SELECT task_id, job_id, page_id, host, path, priority, retry_count, source_type, source_url, run_at,
+                        task_type, lighthouse_run_id FROM r
+             )
+             INSERT INTO produced (task_id, job_id, page_id, host, path, priority, retry_count, source_type,
+                                   source_url, run_at, attempts, created_at, task_type, lighthouse_run_id)
+             SELECT task_id, job_id, page_id, host, path, priority, retry_count, source_type, source_url, run_at, 0,
+                    now(), task_type, lighthouse_run_id FROM r",
+            &[&jobs, &rows],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// A producer inserting `batch` rows every `every` until stopped; it rides
+/// out database restarts by reconnecting.
+pub struct Producer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<u64>,
+}
+
+impl Producer {
+    pub fn start(url: String, jobs: Vec<uuid::Uuid>, batch: i64, every: Duration) -> Producer {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut committed = 0u64;
+            let mut client: Option<tokio_postgres::Client> = None;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    client = match tokio_postgres::connect(&url, NoTls).await {
+                        Ok((c, conn)) => {
+                            tokio::spawn(conn);
+                            Some(c)
+                        }
+                        Err(_) => None,
+                    };
+                }
+                if let Some(c) = &client {
+                    if produce(c, &jobs, batch).await.is_ok() {
+                        committed += batch as u64;
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+            committed
+        });
+        Producer { stop, handle }
+    }
+
+    /// Stop producing; returns the rows committed.
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.await.expect("producer task")
+    }
+}
+
+/// Check the invariant over the ledger.
+pub async fn verify_ledger(db: &TestDb, redis_url: &str, prefix: &str) -> outbox_relay::verify::VerifyReport {
+    let client = db.client().await;
+    let mut conn = redis_conn(redis_url).await;
+    let produced = outbox_relay::verify::ledger_rows(&client, "produced", None)
+        .await
+        .expect("ledger rows");
+    outbox_relay::verify::verify(&client, &mut conn, prefix, &produced)
+        .await
+        .expect("verify")
+}
+
+/// Resident set size of a process, in KiB (Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A private PostgreSQL cluster (initdb + pg_ctl on a free port) that a test
+/// may restart without disturbing the shared server. Runs as `postgres`
+/// when the tests run as root (Postgres refuses to run as root).
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    fn pg_bin() -> std::path::PathBuf {
+        let mut versions: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("/usr/lib/postgresql (Debian's postgresql package)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .collect();
+        versions.sort();
+        versions.pop().expect("an initdb under /usr/lib/postgresql/*/bin")
+    }
+
+    fn as_owner(&self, program: &str) -> Command {
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let path = self.bin.join(program);
+        if is_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    pub async fn start() -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!("outbox-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let pg = PrivatePostgres {
+            port: free_port(),
+            dir,
+            bin: Self::pg_bin(),
+        };
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&pg.dir)
+            .status();
+        let status = pg
+            .as_owner("initdb")
+            .args(["-D"])
+            .arg(pg.dir.join("data"))
+            .args(["-A", "trust", "-U", "root", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("initdb");
+        assert!(status.success(), "initdb failed");
+        pg.ctl(&["start"]);
+        pg.wait_ready().await;
+        pg
+    }
+
+    fn ctl(&self, action: &[&str]) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        let status = self
+            .as_owner("pg_ctl")
+            .args(action)
+            .args(["-m", "fast", "-w", "-t", "60", "-D"])
+            .arg(self.dir.join("data"))
+            .args(["-l"])
+            .arg(self.dir.join("log"))
+            .args(["-o", &opts])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {action:?} failed");
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url();
+        wait_until("private postgres accepts connections", Duration::from_secs(60), || {
+            let url = url.clone();
+            async move { tokio_postgres::connect(&url, NoTls).await.is_ok() }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://root@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl restart -m fast`: every session is cut, the server comes back.
+    pub async fn restart(&self) {
+        self.ctl(&["restart"]);
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A cheap pseudo-random number in `range` (no extra dependency).
+pub fn jitter(range: std::ops::Range<i64>) -> i64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as i64)
+        .unwrap_or(0);
+    range.start + nanos % (range.end - range.start)
 }
