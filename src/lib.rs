@@ -52,6 +52,8 @@ pub enum RelayError {
     Jobs(#[from] cli::jobs::JobsError),
     #[error(transparent)]
     Verify(#[from] verify::VerifyError),
+    #[error(transparent)]
+    Bench(#[from] cli::bench::BenchError),
     #[error("invariant violated: {0}")]
     Invariant(String),
     #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]

@@ -37,7 +37,7 @@ use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
 use super::health::{ActorHealth, Status};
 use super::metrics::{MetricsActor, MetricsSettings};
-use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats};
+use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Wake};
 use crate::config::{Config, SupervisorConfig};
 use crate::settle::RetryPolicy;
 use crate::telemetry::metrics::Metrics;
@@ -213,6 +213,8 @@ pub struct Relay {
     pub health: Arc<Vec<Arc<ActorHealth>>>,
     dispatch_arbiter: Arbiter,
     reporter: actix_rt::task::JoinHandle<()>,
+    /// The LISTEN task, when `database.listen_url` is set.
+    listener: Option<actix_rt::task::JoinHandle<()>>,
 }
 
 /// The health record of every actor.
@@ -368,6 +370,15 @@ pub fn start(
         MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log)
     });
 
+    let listener = (!cfg.database.listen_url.is_empty()).then(|| {
+        let sweep = sweep.clone();
+        actix_rt::spawn(crate::db::listen::listen(
+            cfg.database.listen_url.clone(),
+            move || sweep.do_send(Wake),
+            log.new(slog::o!("actor" => "SweepActor")),
+        ))
+    });
+
     let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
     (
         Relay {
@@ -381,6 +392,7 @@ pub fn start(
             health,
             dispatch_arbiter,
             reporter,
+            listener,
         },
         fatal,
     )
@@ -425,6 +437,9 @@ impl Relay {
         let _ = self.sweep.send(Stop).await;
         self.dispatch_arbiter.stop();
         self.reporter.abort();
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
         for h in self.health.iter() {
             h.set_stopped();
             log_health(log, h, true);

@@ -1,8 +1,9 @@
 //! `SweepActor`: owns the tick — claim due rows, dispatch them, settle them,
 //! all in one Postgres transaction.
 //!
-//! Messages: [`Tick`] (carries its deadline; sent to itself), [`Stop`]
-//! (answered once the tick in flight has finished or rolled back).
+//! Messages: [`Tick`] (carries its deadline; sent to itself), [`Wake`] (new
+//! rows were committed: skip the rest of the idle wait), [`Stop`] (answered
+//! once the tick in flight has finished or rolled back).
 //! Owns: its Postgres pool (built in `started`, so a restart reconnects).
 //!
 //! A tick runs with `ctx.wait`, so ticks never overlap and `Stop` waits for
@@ -73,6 +74,12 @@ pub struct SweepStats {
 pub struct Tick {
     pub deadline: Deadline,
 }
+
+/// New rows were committed (LISTEN/NOTIFY): tick now instead of waiting
+/// out `sweep.interval`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Wake;
 
 /// Finish (or roll back) the tick in flight and schedule no more.
 #[derive(Message, Debug)]
@@ -298,6 +305,10 @@ pub struct SweepActor {
     stopping: bool,
     /// When the tick in flight started (for the duration histogram).
     tick_started: Option<std::time::Instant>,
+    /// The pending `sweep.interval` wait, cancelled by a [`Wake`].
+    idle_timer: Option<SpawnHandle>,
+    /// A [`Wake`] arrived while a tick was queued or running.
+    woken: bool,
     /// Set when the actor fails: how long the restarted actor waits before work.
     restart_delay: Option<Duration>,
 }
@@ -324,6 +335,8 @@ impl SweepActor {
             pool: None,
             stopping: false,
             tick_started: None,
+            idle_timer: None,
+            woken: false,
             restart_delay: None,
         }
     }
@@ -354,20 +367,29 @@ impl SweepActor {
         ctx.stop();
     }
 
-    fn schedule(&self, ctx: &mut Context<Self>, pace: Pace) {
+    fn schedule(&mut self, ctx: &mut Context<Self>, pace: Pace) {
         if self.stopping {
             return;
         }
+        // A wake-up that came in while this tick ran may announce rows the
+        // tick's claim did not see yet: go on at once.
+        let pace = if std::mem::take(&mut self.woken) {
+            Pace::Drain
+        } else {
+            pace
+        };
         match pace {
             Pace::Drain => ctx.notify(Tick {
                 deadline: Deadline::after(self.settings.tick_timeout),
             }),
             Pace::Idle => {
-                ctx.run_later(self.settings.interval, |act, ctx| {
+                let timer = ctx.run_later(self.settings.interval, |act, ctx| {
+                    act.idle_timer = None;
                     ctx.notify(Tick {
                         deadline: Deadline::after(act.settings.tick_timeout),
                     })
                 });
+                self.idle_timer = Some(timer);
             }
         }
     }
@@ -465,6 +487,8 @@ impl SweepActor {
     fn start_tick(&mut self, msg: Tick, ctx: &mut Context<Self>) {
         #[cfg(feature = "fault-injection")]
         crate::fault::maybe_panic("sweep.tick");
+        // This tick's claim sees every row committed before now.
+        self.woken = false;
         if msg.deadline.expired() {
             self.health.deadline_exceeded();
             self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
@@ -506,6 +530,8 @@ impl Supervised for SweepActor {
         // tick that was in flight was dropped with its transaction, which
         // rolls it back.
         self.pool = None;
+        self.idle_timer = None;
+        self.woken = false;
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -519,6 +545,27 @@ impl Handler<Tick> for SweepActor {
         }
         if let Err(panic) = contain_sync(|| self.start_tick(msg, ctx)) {
             self.fail(ctx, format!("tick handler {panic}"));
+        }
+    }
+}
+
+impl Handler<Wake> for SweepActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Wake, ctx: &mut Self::Context) {
+        if self.stopping || self.pool.is_none() {
+            return;
+        }
+        match self.idle_timer.take() {
+            // Idle: skip the rest of the wait.
+            Some(timer) => {
+                ctx.cancel_future(timer);
+                ctx.notify(Tick {
+                    deadline: Deadline::after(self.settings.tick_timeout),
+                });
+            }
+            // A tick is queued or running: make sure another one follows.
+            None => self.woken = true,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use slog::info;
 
+pub mod bench;
 pub mod dead_letter;
 pub mod jobs;
 
@@ -83,6 +84,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure drain throughput (vs a Postgres-only floor) and commit-to-schedule
+    /// latency on a scratch database and key prefix; see docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
     /// Triage task_outbox_dead: list, requeue, purge.
     #[command(subcommand)]
     DeadLetter(dead_letter::DeadLetterCommand),
@@ -122,6 +126,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
         Command::Verify { ledger, since, json } => block_on(verify_cmd(&cfg, &ledger, since, json)),
+        Command::Bench(args) => block_on(bench::run(&cfg, args)).map_err(RelayError::Bench),
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
         Command::CheckConfig { no_connect } => {
             print!("{}", cfg.to_redacted_toml());

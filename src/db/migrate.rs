@@ -23,11 +23,18 @@ pub struct Migration {
 }
 
 /// All migrations, in order. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox",
-    sql: include_str!("../../migrations/0001_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox",
+        sql: include_str!("../../migrations/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "notify",
+        sql: include_str!("../../migrations/0002_notify.sql"),
+    },
+];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
 const MIGRATE_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
@@ -145,8 +152,11 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(" ");
                 let s = s.trim().to_ascii_uppercase();
-                if s.starts_with("CREATE TABLE") || s.starts_with("CREATE INDEX") {
-                    assert!(s.contains("IF NOT EXISTS"), "not idempotent: {s}");
+                if s.starts_with("CREATE TABLE") || s.starts_with("CREATE INDEX") || s.starts_with("CREATE TRIGGER") {
+                    assert!(
+                        s.contains("IF NOT EXISTS") || m.sql.contains("DROP TRIGGER IF EXISTS"),
+                        "not idempotent: {s}"
+                    );
                 }
             }
         }

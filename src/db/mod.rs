@@ -9,6 +9,7 @@
 
 pub mod dead_letter;
 pub mod jobs;
+pub mod listen;
 pub mod migrate;
 pub mod outbox;
 

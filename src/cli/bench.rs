@@ -1,0 +1,576 @@
+//! `outbox-relay bench`: how fast the relay moves rows, measured on this
+//! machine against the configured Postgres and Redis.
+//!
+//! On a scratch database (created next to `database.url`'s database and
+//! dropped at the end) and a scratch key prefix it measures:
+//! 1. **floor**: what Postgres alone does on the same data and batch size —
+//!    a bare `DELETE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
+//!    RETURNING …` loop on one connection;
+//! 2. **drain**: N rows seeded in one statement, drained by the real relay
+//!    (this binary, `run`, as a subprocess with LISTEN/NOTIFY on): rows/s
+//!    overall and per tenth of the drain, relay CPU seconds and peak RSS;
+//! 3. **latency**: single rows committed at a steady rate, time from commit
+//!    to the member being visible in Redis (Redis keyspace notifications,
+//!    one job per row), with the relay idle and while a backlog drains.
+//!
+//! Speed goals live here, never in tests.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use crate::config::{redact_url, Config};
+use crate::db::{self, pg_error_text};
+use crate::STARTUP_TIMEOUT;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Rows to seed for the drain (and the floor).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: i64,
+    /// Jobs the rows are spread over (one schedule key each).
+    #[arg(long, default_value_t = 50)]
+    pub jobs: i64,
+    /// Single-row commits per second in the latency runs.
+    #[arg(long, default_value_t = 200)]
+    pub latency_rate: u32,
+    /// Duration of the idle latency run, in seconds.
+    #[arg(long, default_value_t = 20)]
+    pub latency_seconds: u64,
+    /// Backlog drained during the second latency run (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog_rows: i64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Setup(#[from] db::DbSetupError),
+    #[error(transparent)]
+    Migrate(#[from] db::migrate::MigrateError),
+    #[error("postgres: {0}")]
+    Postgres(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("relay subprocess: {0}")]
+    Relay(String),
+}
+
+fn pg(e: tokio_postgres::Error) -> BenchError {
+    BenchError::Postgres(pg_error_text(&e))
+}
+
+fn rd(e: ::redis::RedisError) -> BenchError {
+    BenchError::Redis(e.to_string())
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Latency {
+    pub rows: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct BenchReport {
+    pub rows: i64,
+    pub jobs: i64,
+    pub batch_size: u32,
+    pub floor_rows_per_sec: f64,
+    pub drain_rows_per_sec: f64,
+    pub drain_seconds: f64,
+    /// Rows/s in each tenth of the drain, first to last.
+    pub drain_deciles: Vec<f64>,
+    pub ratio_to_floor: f64,
+    pub last_to_first_decile: f64,
+    pub relay_cpu_seconds: f64,
+    pub relay_peak_rss_mib: f64,
+    pub latency_idle: Latency,
+    pub latency_during_backlog: Option<Latency>,
+    pub cores: usize,
+}
+
+/// Run the benchmark and print its report.
+pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
+    let name = format!("outbox_bench_{}", std::process::id());
+    let admin = db::connect(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .map_err(pg)?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(pg)?;
+    let url = scratch_url(&cfg.database.url, &name);
+    let prefix = format!("bench{}:", std::process::id());
+    let result = bench(cfg, &args, &url, &prefix).await;
+    // Clean up whatever happened.
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
+    if let Ok(mut conn) = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT).await {
+        let _ = delete_prefix(&mut conn, &prefix).await;
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// `database.url` with its database replaced by `name`.
+fn scratch_url(url: &str, name: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(mut c) => {
+            c.dbname(name);
+            // Rebuild a URL the subprocess can take: user, host, port, db.
+            let user = c.get_user().unwrap_or("postgres");
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "127.0.0.1".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            let password = c
+                .get_password()
+                .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+                .unwrap_or_default();
+            format!("postgres://{user}{password}@{host}:{port}/{name}")
+        }
+        Err(_) => url.to_string(),
+    }
+}
+
+async fn delete_prefix(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Result<(), ::redis::RedisError> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = ::redis::cmd("DEL").arg(&keys).query_async(conn).await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(());
+        }
+    }
+}
+
+const SEED_SQL: &str = "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                    source_type, source_url, run_at, task_type)
+     SELECT gen_random_uuid(),
+            ('00000000-0000-4000-8000-' || lpad((i % $2)::text, 12, '0'))::uuid,
+            i::int, 'shop' || (i % $2) || '.example.com', '/products/' || i, (i % 100) / 10.0, 0,
+            'sitemap', 'https://example.com/sitemap.xml', now() - interval '1 minute', 'crawl'
+       FROM generate_series(1, $1::int8) AS i";
+
+async fn seed(client: &tokio_postgres::Client, rows: i64, jobs: i64) -> Result<(), BenchError> {
+    client
+        .execute_typed(SEED_SQL, &[(&rows, Type::INT8), (&jobs, Type::INT8)])
+        .await
+        .map_err(pg)?;
+    client.batch_execute("VACUUM ANALYZE task_outbox").await.map_err(pg)?;
+    Ok(())
+}
+
+/// The yardstick: Postgres alone deleting the same rows in the same batches.
+async fn floor(client: &tokio_postgres::Client, batch: i64) -> Result<f64, BenchError> {
+    let started = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let rows = client
+            .query_typed(
+                "DELETE FROM task_outbox WHERE id IN (
+                     SELECT id FROM task_outbox WHERE run_at <= now() ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+                           source_type, source_url, task_type, lighthouse_run_id",
+                &[(&batch, Type::INT8)],
+            )
+            .await
+            .map_err(pg)?;
+        if rows.is_empty() {
+            break;
+        }
+        total += rows.len() as u64;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+struct RelayChild(Child);
+
+impl Drop for RelayChild {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_relay(url: &str, prefix: &str) -> Result<RelayChild, BenchError> {
+    let exe = std::env::current_exe().map_err(|e| BenchError::Relay(e.to_string()))?;
+    Command::new(exe)
+        .arg("run")
+        .env("OUTBOX_RELAY_DATABASE__URL", url)
+        .env("OUTBOX_RELAY_DATABASE__LISTEN_URL", url)
+        .env("OUTBOX_RELAY_REDIS__KEY_PREFIX", prefix)
+        .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_LOG__LEVEL", "warning")
+        .stdout(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .map(RelayChild)
+        .map_err(|e| BenchError::Relay(e.to_string()))
+}
+
+/// (CPU seconds, peak RSS in KiB) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let utime: f64 = after.get(11)?.parse().ok()?;
+            let stime: f64 = after.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0);
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    (cpu, hwm)
+}
+
+async fn scheduled(conn: &mut ::redis::aio::MultiplexedConnection, prefix: &str, jobs: i64) -> Result<i64, BenchError> {
+    let mut pipe = ::redis::pipe();
+    for j in 0..jobs {
+        pipe.zcard(format!("{prefix}sched:00000000-0000-4000-8000-{j:012}"));
+    }
+    let counts: Vec<i64> = pipe.query_async(conn).await.map_err(rd)?;
+    Ok(counts.iter().sum())
+}
+
+async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Result<BenchReport, BenchError> {
+    let log = crate::telemetry::logging::discard();
+    db::migrate::migrate(url, STARTUP_TIMEOUT, &log).await?;
+    let client = db::connect(url, STARTUP_TIMEOUT).await?;
+    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+        .await
+        .map_err(|e| BenchError::Redis(e.to_string()))?;
+    let batch = i64::from(cfg.sweep.batch_size);
+    eprintln!(
+        "bench: database {}, redis {}, {} rows over {} jobs, batch {}",
+        redact_url(url),
+        redact_url(&cfg.redis.url),
+        args.rows,
+        args.jobs,
+        batch
+    );
+
+    eprintln!("bench: floor (Postgres alone)…");
+    seed(&client, args.rows, args.jobs).await?;
+    let floor_rps = floor(&client, batch).await?;
+    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+
+    eprintln!("bench: drain…");
+    seed(&client, args.rows, args.jobs).await?;
+    let mut relay = spawn_relay(url, prefix)?;
+    let pid = relay.0.id();
+    let (cpu_before, _) = proc_usage(pid);
+    let started = Instant::now();
+    let mut marks = Vec::with_capacity(10);
+    let mut next = 1;
+    loop {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            return Err(BenchError::Relay(format!("exited during the drain with {status}")));
+        }
+        let done = scheduled(&mut conn, prefix, args.jobs).await?;
+        while next <= 10 && done * 10 >= args.rows * next {
+            marks.push(started.elapsed().as_secs_f64());
+            next += 1;
+        }
+        if done >= args.rows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain_secs = started.elapsed().as_secs_f64();
+    let (cpu_after, _) = proc_usage(pid);
+    let left: i64 = client
+        .query_typed_one("SELECT count(*) FROM task_outbox", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if left != 0 {
+        eprintln!("bench: warning: {left} rows still in the outbox after every member arrived");
+    }
+    let tenth = args.rows as f64 / 10.0;
+    let mut deciles = Vec::new();
+    let mut prev = 0.0;
+    for m in &marks {
+        deciles.push(tenth / (m - prev).max(1e-9));
+        prev = *m;
+    }
+
+    eprintln!("bench: latency, relay idle…");
+    let idle = latency(
+        cfg,
+        &client,
+        url,
+        prefix,
+        args.latency_rate,
+        Duration::from_secs(args.latency_seconds),
+        0,
+    )
+    .await?;
+    let during = if args.backlog_rows > 0 {
+        eprintln!("bench: latency while a {}-row backlog drains…", args.backlog_rows);
+        seed(&client, args.backlog_rows, args.jobs).await?;
+        Some(
+            latency(
+                cfg,
+                &client,
+                url,
+                prefix,
+                args.latency_rate,
+                Duration::from_secs(60),
+                args.backlog_rows,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let (_, peak_kib) = proc_usage(pid);
+    drop(relay);
+
+    let drain_rps = args.rows as f64 / drain_secs;
+    Ok(BenchReport {
+        rows: args.rows,
+        jobs: args.jobs,
+        batch_size: cfg.sweep.batch_size,
+        floor_rows_per_sec: floor_rps,
+        drain_rows_per_sec: drain_rps,
+        drain_seconds: drain_secs,
+        last_to_first_decile: match (deciles.first(), deciles.last()) {
+            (Some(f), Some(l)) if *f > 0.0 => l / f,
+            _ => 0.0,
+        },
+        drain_deciles: deciles,
+        ratio_to_floor: drain_rps / floor_rps.max(1e-9),
+        relay_cpu_seconds: cpu_after - cpu_before,
+        relay_peak_rss_mib: peak_kib as f64 / 1024.0,
+        latency_idle: idle,
+        latency_during_backlog: during,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+/// Commit single rows at `rate`/s (each for a job of its own) and time each
+/// one until its ZADD shows up as a keyspace notification. With `backlog`
+/// > 0 the run lasts until that backlog has drained (at most `duration`);
+/// otherwise it lasts `duration`.
+async fn latency(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    _url: &str,
+    prefix: &str,
+    rate: u32,
+    duration: Duration,
+    backlog: i64,
+) -> Result<Latency, BenchError> {
+    let redis_client = ::redis::Client::open(cfg.redis.url.as_str()).map_err(rd)?;
+    let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
+    let old: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(&mut admin)
+        .await
+        .map_err(rd)?;
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kz")
+        .query_async(&mut admin)
+        .await
+        .map_err(rd)?;
+    let mut pubsub = redis_client.get_async_pubsub().await.map_err(rd)?;
+    pubsub
+        .psubscribe(format!("__keyspace@*__:{prefix}sched:{LATENCY_JOB_PREFIX}*"))
+        .await
+        .map_err(rd)?;
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let sink = seen.clone();
+    let listener = tokio::spawn(async move {
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let now = Instant::now();
+            let channel = msg.get_channel_name().to_string();
+            if let Some(job) = channel.rsplit("sched:").next() {
+                if let Ok(mut m) = sink.lock() {
+                    m.entry(job.to_string()).or_insert(now);
+                }
+            }
+        }
+    });
+
+    let mut committed: Vec<(String, Instant)> = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let started = Instant::now();
+    let mut backlog_done = backlog == 0;
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        // One job (one key) per row, so each keyspace event names its row.
+        let job = latency_job(n);
+        n += 1;
+        client
+            .execute_typed(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 VALUES (gen_random_uuid(), $1, 1, 'latency.example.com', '/l', 1, 'bench', now())",
+                &[(&job, Type::UUID)],
+            )
+            .await
+            .map_err(pg)?;
+        committed.push((job.to_string(), Instant::now()));
+        if backlog > 0 && !backlog_done && n % u64::from(rate.max(1) / 10).max(1) == 0 {
+            let left: i64 = client
+                .query_typed_one(
+                    "SELECT count(*) FROM task_outbox WHERE host <> 'latency.example.com'",
+                    &[],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            backlog_done = left == 0;
+        }
+        if backlog > 0 && backlog_done {
+            break;
+        }
+    }
+    // Let the last rows arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = seen
+            .lock()
+            .map(|m| committed.iter().all(|(j, _)| m.contains_key(j)))
+            .unwrap_or(true);
+        if all || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    listener.abort();
+    let _: Result<(), _> = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(old.get(1).cloned().unwrap_or_default())
+        .query_async(&mut admin)
+        .await;
+    let seen = seen.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(j, t)| {
+            seen.get(j)
+                .map(|s| s.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    if ms.len() < committed.len() {
+        eprintln!(
+            "bench: {} of {} latency rows never arrived",
+            committed.len() - ms.len(),
+            committed.len()
+        );
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| -> f64 {
+        if ms.is_empty() {
+            return 0.0;
+        }
+        ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1]
+    };
+    Ok(Latency {
+        rows: ms.len(),
+        p50_ms: q(0.50),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        max_ms: ms.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// Latency rows' job ids all start with this, so one pattern subscribes to them.
+const LATENCY_JOB_PREFIX: &str = "1a7e0000-";
+
+/// The job id of latency row `n`: `1a7e0000-0000-4000-8000-<n>`.
+fn latency_job(n: u64) -> Uuid {
+    Uuid::from_u128(0x1a7e_0000_0000_4000_8000_0000_0000_0000u128 | u128::from(n))
+}
+
+fn print_report(r: &BenchReport) {
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!("| machine | {} cores, Postgres and Redis on the same host |", r.cores);
+    println!("| rows / jobs / batch | {} / {} / {} |", r.rows, r.jobs, r.batch_size);
+    println!(
+        "| floor (Postgres alone, 1 connection) | {:.0} rows/s |",
+        r.floor_rows_per_sec
+    );
+    println!(
+        "| drain | {:.0} rows/s ({:.1} s) |",
+        r.drain_rows_per_sec, r.drain_seconds
+    );
+    println!("| drain / floor | {:.2} |", r.ratio_to_floor);
+    println!(
+        "| drain per tenth | {} rows/s |",
+        r.drain_deciles
+            .iter()
+            .map(|d| format!("{d:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("| last tenth / first tenth | {:.2} |", r.last_to_first_decile);
+    println!("| relay CPU during the drain | {:.1} s |", r.relay_cpu_seconds);
+    println!("| relay peak RSS | {:.1} MiB |", r.relay_peak_rss_mib);
+    let l = &r.latency_idle;
+    println!(
+        "| commit→schedule latency, idle ({} rows) | p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+        l.rows, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+    );
+    if let Some(l) = &r.latency_during_backlog {
+        println!(
+            "| latency while a backlog drains ({} rows) | p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+            l.rows, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! LISTEN/NOTIFY wake-ups: the commit-to-schedule latency becomes a round
+//! trip instead of half a polling interval.
+//!
+//! Migration 2 adds a statement-level trigger that sends `NOTIFY
+//! outbox_relay` on every INSERT into `task_outbox`. [`listen`] holds one
+//! direct connection (`database.listen_url`; LISTEN cannot work through
+//! pgbouncer in transaction pooling mode) and calls `wake` for each
+//! notification. Polling every `sweep.interval` stays on as the fallback:
+//! a lost notification or a broken listen connection only costs latency.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use slog::{info, warn, Logger};
+use tokio_postgres::AsyncMessage;
+
+use super::{pg_config, pg_error_text};
+use crate::config::redact_url;
+
+/// The channel the trigger notifies.
+pub const CHANNEL: &str = "outbox_relay";
+
+/// Listen forever (until the task is aborted), reconnecting with backoff.
+pub async fn listen<F: Fn() + Send + 'static>(url: String, wake: F, log: Logger) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match listen_once(&url, &wake, &log).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(log, "LISTEN connection failed; polling continues, reconnecting";
+                    "url" => redact_url(&url), "error" => e, "retry_in_ms" => backoff.as_millis() as u64);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// One connection's life: LISTEN, then wake for each notification until the
+/// connection ends (`Ok`) or fails (`Err`).
+async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), String> {
+    let cfg = pg_config(url, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let (client, mut connection) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| pg_error_text(&e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The connection must be polled for notifications to arrive.
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(pg_error_text(&e)),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(|e| pg_error_text(&e))?;
+    info!(log, "listening for new outbox rows"; "channel" => CHANNEL);
+    while rx.recv().await.is_some() {
+        wake();
+    }
+    match driver.await {
+        Ok(r) => r,
+        Err(e) => Err(e.to_string()),
+    }
+}
