@@ -398,9 +398,9 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
 }
 
 /// Commit single rows at `rate`/s (each for a job of its own) and time each
-/// one until its ZADD shows up as a keyspace notification. With `backlog`
-/// > 0 the run lasts until that backlog has drained (at most `duration`);
-/// otherwise it lasts `duration`.
+/// one until its ZADD shows up as a keyspace notification. With a
+/// `backlog`, the run lasts until that backlog has drained (at most
+/// `duration`); otherwise it lasts `duration`.
 async fn latency(
     cfg: &Config,
     client: &tokio_postgres::Client,
