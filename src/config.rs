@@ -230,6 +230,8 @@ pub struct SweepConfig {
     pub max_backoff: Dur,
     /// Failed attempts after which a row moves to `task_outbox_dead`.
     pub max_attempts: u32,
+    /// Ticks one process runs at once, each with its own batch.
+    pub concurrency: u32,
 }
 
 impl Default for SweepConfig {
@@ -241,6 +243,7 @@ impl Default for SweepConfig {
             base_backoff: Dur::secs(2),
             max_backoff: Dur::secs(300),
             max_attempts: 10,
+            concurrency: 1,
         }
     }
 }
@@ -480,6 +483,20 @@ impl Config {
         }
         if s.max_attempts == 0 {
             bad("sweep.max_attempts", "must be at least 1".into());
+        }
+        if !(1..=64).contains(&s.concurrency) {
+            bad(
+                "sweep.concurrency",
+                format!("must be between 1 and 64 (got {})", s.concurrency),
+            );
+        } else if s.concurrency > self.database.pool_size {
+            bad(
+                "sweep.concurrency",
+                format!(
+                    "{} concurrent ticks need database.pool_size >= {} (got {})",
+                    s.concurrency, s.concurrency, self.database.pool_size
+                ),
+            );
         }
         if self.dead_letter.retention.0.is_some_and(|d| d.is_zero()) {
             bad(

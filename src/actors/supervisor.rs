@@ -322,6 +322,7 @@ pub fn start(
         interval: cfg.sweep.interval.0,
         tick_timeout: cfg.sweep.tick_timeout.0,
         key_prefix: cfg.redis.key_prefix.clone(),
+        concurrency: cfg.sweep.concurrency,
         error_budget: budget,
         retry: RetryPolicy {
             base_backoff: cfg.sweep.base_backoff.0,

@@ -6,9 +6,11 @@
 //! once the tick in flight has finished or rolled back).
 //! Owns: its Postgres pool (built in `started`, so a restart reconnects).
 //!
-//! A tick runs with `ctx.wait`, so ticks never overlap and `Stop` waits for
-//! the one in flight. The next tick is scheduled when the current one ends:
-//! at once after a full batch (drain mode), after `sweep.interval` otherwise.
+//! `sweep.concurrency` lanes each run one tick at a time (spawned on the
+//! actor's context, each with its own connection and claimed batch; SKIP
+//! LOCKED keeps them apart). A lane schedules its next tick when the current
+//! one ends: at once after a full batch (drain mode), after `sweep.interval`
+//! otherwise. `Stop` waits for every tick in flight.
 //! The I/O is [`run_tick`], a plain async function.
 //!
 //! Failure: any error rolls the transaction back (nothing half-applied;
@@ -50,6 +52,8 @@ pub struct SweepSettings {
     pub interval: Duration,
     pub tick_timeout: Duration,
     pub key_prefix: String,
+    /// Ticks run at once, each with its own claimed batch and connection.
+    pub concurrency: u32,
     /// Consecutive failed ticks after which the actor is restarted.
     pub error_budget: u32,
     pub retry: RetryPolicy,
@@ -100,6 +104,9 @@ pub struct TickReport {
     pub deferred_reason: Option<String>,
     pub last_retry_error: Option<String>,
     pub last_dead_error: Option<String>,
+    /// Microseconds spent in each stage: claim (checkout, begin, claim),
+    /// dispatch (encode and the ZADD round trip), settle, commit.
+    pub stage_us: [u64; 4],
 }
 
 /// Why a tick was abandoned. The transaction was rolled back in every case.
@@ -159,6 +166,7 @@ pub async fn run_tick(
     settings: &SweepSettings,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
+    let claim_started = std::time::Instant::now();
     let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
         CheckoutError::Deadline(e) => TickError::Deadline(e),
         CheckoutError::Pool(why) => TickError::Pool(why),
@@ -169,20 +177,21 @@ pub async fn run_tick(
         .map_err(TickError::db("begin"))?;
     // Only SET LOCAL: it ends with the transaction, so nothing leaks to the
     // next user of a pooled (or pgbouncer) server connection.
+    // synchronous_commit = off is safe here: a tick's commit lost in a
+    // Postgres crash only brings its rows back into the outbox, and they are
+    // re-sent (ZADD is idempotent); nothing can be lost that way. It spares
+    // every tick a WAL flush wait.
     let t = deadline.pg_timeout();
-    deadline
-        .run(
-            "set timeouts",
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}'"
-            )),
-        )
-        .await?
-        .map_err(TickError::db("set timeouts"))?;
-    let rows = deadline
-        .run("claim", outbox::claim_due(&tx, i64::from(settings.batch_size)))
-        .await?
-        .map_err(TickError::db("claim"))?;
+    let set_sql = format!(
+        "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}';
+         SET LOCAL synchronous_commit = off"
+    );
+    let set = tx.batch_execute(&set_sql);
+    let claim = outbox::claim_due(&tx, i64::from(settings.batch_size));
+    // Both requests go out together (pipelined); the server runs them in order.
+    let (set, claim) = deadline.run("claim", async { tokio::join!(set, claim) }).await?;
+    set.map_err(TickError::db("set timeouts"))?;
+    let rows = claim.map_err(TickError::db("claim"))?;
     let mut report = TickReport {
         claimed: rows.len(),
         ..TickReport::default()
@@ -195,6 +204,14 @@ pub async fn run_tick(
         return Ok(report);
     }
 
+    let mut clock = std::time::Instant::now();
+    let mut lap = |slot: &mut u64| {
+        let now = std::time::Instant::now();
+        *slot = now.duration_since(clock).as_micros() as u64;
+        clock = now;
+    };
+    let mut stage_us = [0u64; 4];
+    stage_us[0] = claim_started.elapsed().as_micros() as u64;
     let (entries, entry_rows, mut outcomes) = encode_rows(&rows, &settings.key_prefix);
     if !entries.is_empty() {
         let reply = deadline
@@ -221,6 +238,7 @@ pub async fn run_tick(
         }
     }
 
+    lap(&mut stage_us[1]);
     let plan = settle(&rows, outcomes, &settings.retry);
     report.delivered = plan.delete.len();
     report.retried = plan.retry_ids.len();
@@ -250,6 +268,7 @@ pub async fn run_tick(
         )
     };
     deadline.run("settle", settle_all).await??;
+    lap(&mut stage_us[2]);
     deadline.check("commit")?;
     tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
         .await
@@ -257,6 +276,8 @@ pub async fn run_tick(
         // A connection lost during COMMIT leaves the outcome unknown too;
         // both outcomes are safe, and the lost connection must restart the actor.
         .map_err(TickError::db("commit"))?;
+    lap(&mut stage_us[3]);
+    report.stage_us = stage_us;
     Ok(report)
 }
 
@@ -303,11 +324,12 @@ pub struct SweepActor {
     metrics: Metrics,
     pool: Option<Pg>,
     stopping: bool,
-    /// When the tick in flight started (for the duration histogram).
-    tick_started: Option<std::time::Instant>,
-    /// The pending `sweep.interval` wait, cancelled by a [`Wake`].
-    idle_timer: Option<SpawnHandle>,
-    /// A [`Wake`] arrived while a tick was queued or running.
+    /// Ticks running now (at most `sweep.concurrency`), published so that
+    /// `Stop` can wait for all of them.
+    in_flight: tokio::sync::watch::Sender<usize>,
+    /// Pending `sweep.interval` waits, one per idle lane; a [`Wake`] cancels one.
+    idle_timers: Vec<SpawnHandle>,
+    /// A [`Wake`] arrived while every lane was busy.
     woken: bool,
     /// Set when the actor fails: how long the restarted actor waits before work.
     restart_delay: Option<Duration>,
@@ -334,8 +356,8 @@ impl SweepActor {
             metrics,
             pool: None,
             stopping: false,
-            tick_started: None,
-            idle_timer: None,
+            in_flight: tokio::sync::watch::channel(0).0,
+            idle_timers: Vec::new(),
             woken: false,
             restart_delay: None,
         }
@@ -354,7 +376,10 @@ impl SweepActor {
             Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
         }
         self.health.set_running();
-        self.schedule(ctx, Pace::Drain);
+        // One lane per concurrent tick; each lane reschedules itself.
+        for _ in 0..self.settings.concurrency.max(1) {
+            self.schedule(ctx, Pace::Drain);
+        }
     }
 
     /// Give up on this incarnation: the supervisor restarts it after a
@@ -383,21 +408,30 @@ impl SweepActor {
                 deadline: Deadline::after(self.settings.tick_timeout),
             }),
             Pace::Idle => {
-                let timer = ctx.run_later(self.settings.interval, |act, ctx| {
-                    act.idle_timer = None;
+                let slot = std::rc::Rc::new(std::cell::Cell::new(None::<SpawnHandle>));
+                let me = slot.clone();
+                let timer = ctx.run_later(self.settings.interval, move |act, ctx| {
+                    if let Some(h) = me.get() {
+                        act.idle_timers.retain(|t| *t != h);
+                    }
                     ctx.notify(Tick {
                         deadline: Deadline::after(act.settings.tick_timeout),
                     })
                 });
-                self.idle_timer = Some(timer);
+                slot.set(Some(timer));
+                self.idle_timers.push(timer);
             }
         }
     }
 
-    fn finish_tick(&mut self, result: Result<Result<TickReport, TickError>, String>, ctx: &mut Context<Self>) {
-        if let Some(started) = self.tick_started.take() {
-            self.metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
-        }
+    fn finish_tick(
+        &mut self,
+        started: std::time::Instant,
+        result: Result<Result<TickReport, TickError>, String>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
         if let Some(pg) = &self.pool {
             self.metrics.observe_pool("postgres", &pg.pool);
         }
@@ -461,7 +495,9 @@ impl SweepActor {
         if r.claimed > 0 {
             debug!(self.log, "sweep tick settled";
                 "claimed" => r.claimed, "delivered" => r.delivered, "retried" => r.retried,
-                "dead_lettered" => r.dead_lettered, "deferred" => r.deferred);
+                "dead_lettered" => r.dead_lettered, "deferred" => r.deferred,
+                "claim_us" => r.stage_us[0], "dispatch_us" => r.stage_us[1],
+                "settle_us" => r.stage_us[2], "commit_us" => r.stage_us[3]);
         }
         if let Some(why) = &r.redis_unavailable {
             warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
@@ -502,11 +538,14 @@ impl SweepActor {
         };
         let dispatch = self.dispatch.clone();
         let settings = self.settings.clone();
-        self.tick_started = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        self.in_flight.send_modify(|n| *n += 1);
         let tick = contain(async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await });
-        ctx.wait(
+        // Spawned, not awaited: other lanes, wake-ups and Stop are handled
+        // while this tick runs.
+        ctx.spawn(
             tick.into_actor(self)
-                .map(|result, act, ctx| act.finish_tick(result, ctx)),
+                .map(move |result, act, ctx| act.finish_tick(started, result, ctx)),
         );
     }
 }
@@ -530,8 +569,9 @@ impl Supervised for SweepActor {
         // tick that was in flight was dropped with its transaction, which
         // rolls it back.
         self.pool = None;
-        self.idle_timer = None;
+        self.idle_timers.clear();
         self.woken = false;
+        self.in_flight.send_replace(0);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -556,7 +596,7 @@ impl Handler<Wake> for SweepActor {
         if self.stopping || self.pool.is_none() {
             return;
         }
-        match self.idle_timer.take() {
+        match self.idle_timers.pop() {
             // Idle: skip the rest of the wait.
             Some(timer) => {
                 ctx.cancel_future(timer);
@@ -571,10 +611,18 @@ impl Handler<Wake> for SweepActor {
 }
 
 impl Handler<Stop> for SweepActor {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _msg: Stop, _ctx: &mut Self::Context) {
-        // Runs only after the tick in flight (ctx.wait holds the mailbox).
+    fn handle(&mut self, _msg: Stop, ctx: &mut Self::Context) -> Self::Result {
+        // No new ticks; answer once the ones in flight have committed or
+        // rolled back (each is bounded by its deadline).
         self.stopping = true;
+        for t in self.idle_timers.drain(..) {
+            ctx.cancel_future(t);
+        }
+        let mut in_flight = self.in_flight.subscribe();
+        Box::pin(async move {
+            let _ = in_flight.wait_for(|n| *n == 0).await;
+        })
     }
 }
