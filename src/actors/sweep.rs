@@ -30,7 +30,7 @@ use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
 use super::health::ActorHealth;
 use super::supervisor::{contain, contain_sync, Supervision};
-use crate::db::outbox::{self, OutboxRow};
+use crate::db::outbox::{self, ClaimOrder, OutboxRow};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
@@ -72,11 +72,27 @@ pub struct SweepStats {
     pub restarts: AtomicU64,
 }
 
+/// Rows a fresh-lane tick claims at most.
+pub const FRESH_BATCH: u32 = 100;
+
+/// What a tick is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// One of the `sweep.concurrency` lanes: oldest rows first, full batches,
+    /// reschedules itself.
+    Drain,
+    /// A one-off tick started by a wake-up while every lane is busy: the
+    /// newest rows first, so a just-committed row does not wait behind a
+    /// backlog.
+    Fresh,
+}
+
 /// Run one sweep tick before `deadline`.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Tick {
     pub deadline: Deadline,
+    pub lane: Lane,
 }
 
 /// New rows were committed (LISTEN/NOTIFY): tick now instead of waiting
@@ -164,6 +180,7 @@ pub async fn run_tick(
     pg: &Pg,
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
+    lane: Lane,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let claim_started = std::time::Instant::now();
@@ -187,7 +204,11 @@ pub async fn run_tick(
          SET LOCAL synchronous_commit = off"
     );
     let set = tx.batch_execute(&set_sql);
-    let claim = outbox::claim_due(&tx, i64::from(settings.batch_size));
+    let (limit, order) = match lane {
+        Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
+        Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
+    };
+    let claim = outbox::claim_due(&tx, limit, order);
     // Both requests go out together (pipelined); the server runs them in order.
     let (set, claim) = deadline.run("claim", async { tokio::join!(set, claim) }).await?;
     set.map_err(TickError::db("set timeouts"))?;
@@ -331,6 +352,10 @@ pub struct SweepActor {
     idle_timers: Vec<SpawnHandle>,
     /// A [`Wake`] arrived while every lane was busy.
     woken: bool,
+    /// A fresh-lane tick is queued or running (at most one at a time).
+    fresh_in_flight: bool,
+    /// Another wake-up came while it ran: run one more after it.
+    fresh_again: bool,
     /// Set when the actor fails: how long the restarted actor waits before work.
     restart_delay: Option<Duration>,
 }
@@ -359,6 +384,8 @@ impl SweepActor {
             in_flight: tokio::sync::watch::channel(0).0,
             idle_timers: Vec::new(),
             woken: false,
+            fresh_in_flight: false,
+            fresh_again: false,
             restart_delay: None,
         }
     }
@@ -406,6 +433,7 @@ impl SweepActor {
         match pace {
             Pace::Drain => ctx.notify(Tick {
                 deadline: Deadline::after(self.settings.tick_timeout),
+                lane: Lane::Drain,
             }),
             Pace::Idle => {
                 let slot = std::rc::Rc::new(std::cell::Cell::new(None::<SpawnHandle>));
@@ -416,6 +444,7 @@ impl SweepActor {
                     }
                     ctx.notify(Tick {
                         deadline: Deadline::after(act.settings.tick_timeout),
+                        lane: Lane::Drain,
                     })
                 });
                 slot.set(Some(timer));
@@ -426,6 +455,7 @@ impl SweepActor {
 
     fn finish_tick(
         &mut self,
+        lane: Lane,
         started: std::time::Instant,
         result: Result<Result<TickReport, TickError>, String>,
         ctx: &mut Context<Self>,
@@ -478,7 +508,21 @@ impl SweepActor {
                 Pace::Idle
             }
         };
-        self.schedule(ctx, pace);
+        match lane {
+            Lane::Drain => self.schedule(ctx, pace),
+            // The fresh lane does not reschedule itself; it runs again only
+            // for a wake-up that came while it ran.
+            Lane::Fresh => {
+                if std::mem::take(&mut self.fresh_again) && !self.stopping {
+                    ctx.notify(Tick {
+                        deadline: Deadline::after(self.settings.tick_timeout),
+                        lane: Lane::Fresh,
+                    });
+                } else {
+                    self.fresh_in_flight = false;
+                }
+            }
+        }
     }
 
     fn record(&self, r: &TickReport) {
@@ -523,14 +567,19 @@ impl SweepActor {
     fn start_tick(&mut self, msg: Tick, ctx: &mut Context<Self>) {
         #[cfg(feature = "fault-injection")]
         crate::fault::maybe_panic("sweep.tick");
-        // This tick's claim sees every row committed before now.
-        self.woken = false;
+        if msg.lane == Lane::Drain {
+            // This tick's claim sees every row committed before now.
+            self.woken = false;
+        }
         if msg.deadline.expired() {
             self.health.deadline_exceeded();
             self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
             self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
             debug!(self.log, "tick arrived after its deadline; dropped unexecuted");
-            self.schedule(ctx, Pace::Idle);
+            match msg.lane {
+                Lane::Drain => self.schedule(ctx, Pace::Idle),
+                Lane::Fresh => self.fresh_in_flight = false,
+            }
             return;
         }
         let Some(pool) = self.pool.clone() else {
@@ -540,12 +589,13 @@ impl SweepActor {
         let settings = self.settings.clone();
         let started = std::time::Instant::now();
         self.in_flight.send_modify(|n| *n += 1);
-        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, msg.deadline).await });
+        let lane = msg.lane;
+        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, lane, msg.deadline).await });
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.
         ctx.spawn(
             tick.into_actor(self)
-                .map(move |result, act, ctx| act.finish_tick(started, result, ctx)),
+                .map(move |result, act, ctx| act.finish_tick(lane, started, result, ctx)),
         );
     }
 }
@@ -571,6 +621,8 @@ impl Supervised for SweepActor {
         self.pool = None;
         self.idle_timers.clear();
         self.woken = false;
+        self.fresh_in_flight = false;
+        self.fresh_again = false;
         self.in_flight.send_replace(0);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }
@@ -602,10 +654,23 @@ impl Handler<Wake> for SweepActor {
                 ctx.cancel_future(timer);
                 ctx.notify(Tick {
                     deadline: Deadline::after(self.settings.tick_timeout),
+                    lane: Lane::Drain,
                 });
             }
-            // A tick is queued or running: make sure another one follows.
-            None => self.woken = true,
+            // Every lane is busy (draining a backlog, say): make sure a lane
+            // ticks again, and get the new rows out now on the fresh lane.
+            None => {
+                self.woken = true;
+                if self.fresh_in_flight {
+                    self.fresh_again = true;
+                } else {
+                    self.fresh_in_flight = true;
+                    ctx.notify(Tick {
+                        deadline: Deadline::after(self.settings.tick_timeout),
+                        lane: Lane::Fresh,
+                    });
+                }
+            }
         }
     }
 }

@@ -28,23 +28,48 @@ pub struct OutboxRow {
     pub run_at_ms: i64,
 }
 
-/// Claim up to `limit` due rows, oldest `run_at` first, skipping rows another
+/// Which due rows a tick claims first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOrder {
+    /// Oldest `run_at` first: the normal, fair drain (walks the `run_at` index).
+    Oldest,
+    /// Newest rows first (walks the primary key backwards): the "fresh
+    /// lane" that gets a just-committed row out while a backlog drains.
+    /// Delivery order does not matter to consumers, who read by score.
+    Newest,
+}
+
+const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+        source_type, source_url, task_type, lighthouse_run_id, attempts,
+        floor(extract(epoch FROM run_at) * 1000)::int8
+   FROM task_outbox
+  WHERE run_at <= now()
+  ORDER BY run_at
+  LIMIT $1
+    FOR UPDATE SKIP LOCKED";
+
+const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+        source_type, source_url, task_type, lighthouse_run_id, attempts,
+        floor(extract(epoch FROM run_at) * 1000)::int8
+   FROM task_outbox
+  WHERE run_at <= now()
+  ORDER BY id DESC
+  LIMIT $1
+    FOR UPDATE SKIP LOCKED";
+
+/// Claim up to `limit` due rows in `order`, skipping rows another tick or
 /// relay holds. UUIDs come back as text: the member needs their canonical
 /// form, and text columns avoid any type lookup behind pgbouncer.
-pub async fn claim_due(tx: &Transaction<'_>, limit: i64) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
-    let rows = tx
-        .query_typed(
-            "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
-                    source_type, source_url, task_type, lighthouse_run_id, attempts,
-                    floor(extract(epoch FROM run_at) * 1000)::int8
-               FROM task_outbox
-              WHERE run_at <= now()
-              ORDER BY run_at
-              LIMIT $1
-                FOR UPDATE SKIP LOCKED",
-            &[(&limit, Type::INT8)],
-        )
-        .await?;
+pub async fn claim_due(
+    tx: &Transaction<'_>,
+    limit: i64,
+    order: ClaimOrder,
+) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
+    let sql = match order {
+        ClaimOrder::Oldest => CLAIM_OLDEST,
+        ClaimOrder::Newest => CLAIM_NEWEST,
+    };
+    let rows = tx.query_typed(sql, &[(&limit, Type::INT8)]).await?;
     rows.iter()
         .map(|r| {
             Ok(OutboxRow {

@@ -326,10 +326,13 @@ pub struct RelayProcess {
 }
 
 /// Environment for a relay against `db` and `redis_url` with `prefix`, fast
-/// ticks, JSON logs at debug level; `extra` overrides or adds keys.
+/// ticks, LISTEN on, JSON logs at debug level; `extra` overrides or adds keys.
 pub fn relay_env(db: &TestDb, redis_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("OUTBOX_RELAY_DATABASE__URL".into(), db.url.clone()),
+        // LISTEN/NOTIFY on, as in production: wake-ups and the fresh lane
+        // run in every test (a test may point it elsewhere or clear it).
+        ("OUTBOX_RELAY_DATABASE__LISTEN_URL".into(), db.url.clone()),
         ("OUTBOX_RELAY_REDIS__URL".into(), redis_url.into()),
         ("OUTBOX_RELAY_REDIS__KEY_PREFIX".into(), prefix.into()),
         ("OUTBOX_RELAY_SWEEP__INTERVAL".into(), "50ms".into()),
