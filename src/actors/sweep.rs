@@ -30,7 +30,7 @@ use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
 use super::health::ActorHealth;
 use super::supervisor::{contain, contain_sync, Supervision};
-use crate::db::outbox::{self, ClaimOrder, OutboxRow};
+use crate::db::outbox::{self, ClaimCursor, ClaimOrder, OutboxRow};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
@@ -74,6 +74,12 @@ pub struct SweepStats {
 
 /// Rows a fresh-lane tick claims at most.
 pub const FRESH_BATCH: u32 = 100;
+
+/// While draining, lanes resume their claim after the last key claimed; at
+/// least this often a claim starts from the beginning instead, so rows that
+/// appear behind the cursor (a producer transaction that committed late
+/// with an old `now()`, a tick that rolled back) wait at most this long.
+pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// What a tick is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +126,8 @@ pub struct TickReport {
     pub deferred_reason: Option<String>,
     pub last_retry_error: Option<String>,
     pub last_dead_error: Option<String>,
+    /// Key of the last row claimed (oldest-first lanes resume after it).
+    pub cursor: Option<ClaimCursor>,
     /// Microseconds spent in each stage: claim (checkout, begin, claim),
     /// dispatch (encode and the ZADD round trip), settle, commit.
     pub stage_us: [u64; 4],
@@ -181,6 +189,7 @@ pub async fn run_tick(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
+    from: Option<ClaimCursor>,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let claim_started = std::time::Instant::now();
@@ -208,13 +217,14 @@ pub async fn run_tick(
         Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
         Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
     };
-    let claim = outbox::claim_due(&tx, limit, order);
+    let claim = outbox::claim_due(&tx, limit, order, from);
     // Both requests go out together (pipelined); the server runs them in order.
     let (set, claim) = deadline.run("claim", async { tokio::join!(set, claim) }).await?;
     set.map_err(TickError::db("set timeouts"))?;
-    let rows = claim.map_err(TickError::db("claim"))?;
+    let (rows, cursor) = claim.map_err(TickError::db("claim"))?;
     let mut report = TickReport {
         claimed: rows.len(),
+        cursor,
         ..TickReport::default()
     };
     if rows.is_empty() {
@@ -352,6 +362,10 @@ pub struct SweepActor {
     idle_timers: Vec<SpawnHandle>,
     /// A [`Wake`] arrived while every lane was busy.
     woken: bool,
+    /// Where the next oldest-first claim resumes while draining.
+    cursor: Option<ClaimCursor>,
+    /// When a claim last started from the beginning of the index.
+    last_full_scan: std::time::Instant,
     /// A fresh-lane tick is queued or running (at most one at a time).
     fresh_in_flight: bool,
     /// Another wake-up came while it ran: run one more after it.
@@ -384,6 +398,8 @@ impl SweepActor {
             in_flight: tokio::sync::watch::channel(0).0,
             idle_timers: Vec::new(),
             woken: false,
+            cursor: None,
+            last_full_scan: std::time::Instant::now(),
             fresh_in_flight: false,
             fresh_again: false,
             restart_delay: None,
@@ -478,6 +494,15 @@ impl SweepActor {
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
                 self.record(&report);
+                if lane == Lane::Drain {
+                    // Resume after this batch while full batches keep coming;
+                    // start from the beginning once the drain thins out.
+                    self.cursor = if report.claimed == self.settings.batch_size as usize {
+                        self.cursor.max(report.cursor)
+                    } else {
+                        None
+                    };
+                }
                 if report.claimed == self.settings.batch_size as usize
                     && report.redis_unavailable.is_none()
                     && report.deferred == 0
@@ -590,7 +615,15 @@ impl SweepActor {
         let started = std::time::Instant::now();
         self.in_flight.send_modify(|n| *n += 1);
         let lane = msg.lane;
-        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, lane, msg.deadline).await });
+        let from = match (lane, self.cursor) {
+            (Lane::Fresh, _) => None,
+            (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < FULL_SCAN_EVERY => Some(c),
+            (Lane::Drain, _) => {
+                self.last_full_scan = std::time::Instant::now();
+                None
+            }
+        };
+        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await });
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.
         ctx.spawn(
@@ -623,6 +656,7 @@ impl Supervised for SweepActor {
         self.woken = false;
         self.fresh_in_flight = false;
         self.fresh_again = false;
+        self.cursor = None;
         self.in_flight.send_replace(0);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }

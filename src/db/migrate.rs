@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "notify",
         sql: include_str!("../../migrations/0002_notify.sql"),
     },
+    Migration {
+        version: 3,
+        name: "claim_index",
+        sql: include_str!("../../migrations/0003_claim_index.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

@@ -5,6 +5,8 @@
 //! All of them take arrays (`= ANY($1)`, `unnest`), so a settle costs one
 //! round trip per kind of outcome whatever the batch size.
 
+use std::time::SystemTime;
+
 use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
@@ -41,36 +43,75 @@ pub enum ClaimOrder {
 
 const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
         source_type, source_url, task_type, lighthouse_run_id, attempts,
-        floor(extract(epoch FROM run_at) * 1000)::int8
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
    FROM task_outbox
   WHERE run_at <= now()
-  ORDER BY run_at
+  ORDER BY run_at, id
+  LIMIT $1
+    FOR UPDATE SKIP LOCKED";
+
+/// The same, resuming at a key: the index scan starts there instead of
+/// walking the dead entries of rows already delivered.
+const CLAIM_OLDEST_FROM: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+        source_type, source_url, task_type, lighthouse_run_id, attempts,
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
+   FROM task_outbox
+  WHERE run_at <= now() AND (run_at, id) >= ($2, $3)
+  ORDER BY run_at, id
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
 
 const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
         source_type, source_url, task_type, lighthouse_run_id, attempts,
-        floor(extract(epoch FROM run_at) * 1000)::int8
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
    FROM task_outbox
   WHERE run_at <= now()
   ORDER BY id DESC
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
 
-/// Claim up to `limit` due rows in `order`, skipping rows another tick or
-/// relay holds. UUIDs come back as text: the member needs their canonical
-/// form, and text columns avoid any type lookup behind pgbouncer.
+/// Where an oldest-first claim resumes: the (run_at, id) key of the last
+/// row of a previous batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClaimCursor {
+    pub run_at: SystemTime,
+    pub id: i64,
+}
+
+/// Claim up to `limit` due rows in `order` (oldest-first from `from` when
+/// given), skipping rows another tick or relay holds. Returns the rows and
+/// the key of the last one. UUIDs come back as text: the member needs their
+/// canonical form, and text columns avoid any type lookup behind pgbouncer.
 pub async fn claim_due(
     tx: &Transaction<'_>,
     limit: i64,
     order: ClaimOrder,
-) -> Result<Vec<OutboxRow>, tokio_postgres::Error> {
-    let sql = match order {
-        ClaimOrder::Oldest => CLAIM_OLDEST,
-        ClaimOrder::Newest => CLAIM_NEWEST,
+    from: Option<ClaimCursor>,
+) -> Result<(Vec<OutboxRow>, Option<ClaimCursor>), tokio_postgres::Error> {
+    let rows = match (order, from) {
+        (ClaimOrder::Oldest, Some(c)) => {
+            tx.query_typed(
+                CLAIM_OLDEST_FROM,
+                &[
+                    (&limit, Type::INT8),
+                    (&c.run_at, Type::TIMESTAMPTZ),
+                    (&c.id, Type::INT8),
+                ],
+            )
+            .await?
+        }
+        (ClaimOrder::Oldest, None) => tx.query_typed(CLAIM_OLDEST, &[(&limit, Type::INT8)]).await?,
+        (ClaimOrder::Newest, _) => tx.query_typed(CLAIM_NEWEST, &[(&limit, Type::INT8)]).await?,
     };
-    let rows = tx.query_typed(sql, &[(&limit, Type::INT8)]).await?;
-    rows.iter()
+    let cursor = match rows.last() {
+        Some(r) => Some(ClaimCursor {
+            run_at: r.try_get(14)?,
+            id: r.try_get(0)?,
+        }),
+        None => None,
+    };
+    let rows = rows
+        .iter()
         .map(|r| {
             Ok(OutboxRow {
                 id: r.try_get(0)?,
@@ -89,7 +130,8 @@ pub async fn claim_due(
                 run_at_ms: r.try_get(13)?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;
+    Ok((rows, cursor))
 }
 
 /// Delete delivered rows.

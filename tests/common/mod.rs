@@ -84,7 +84,7 @@ impl TestDb {
         )
         .await
         .expect("migrate test database");
-        assert_eq!(report.applied, [1, 2]);
+        assert_eq!(report.applied, [1, 2, 3]);
         db
     }
 
