@@ -75,11 +75,12 @@ pub struct SweepStats {
 /// Rows a fresh-lane tick claims at most.
 pub const FRESH_BATCH: u32 = 100;
 
-/// While draining, lanes resume their claim after the last key claimed; at
-/// least this often a claim starts from the beginning instead, so rows that
-/// appear behind the cursor (a producer transaction that committed late
-/// with an old `now()`, a tick that rolled back) wait at most this long.
-pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// Lanes resume their claim after the last key claimed, so they do not
+/// re-walk the index entries of rows already delivered; at least this often
+/// a claim starts from the beginning instead, so rows that appear behind the
+/// cursor (a producer transaction that committed late with an old `now()`,
+/// a tick that rolled back) wait at most this long.
+pub const FULL_SCAN_EVERY: Duration = Duration::from_millis(250);
 
 /// What a tick is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,13 +496,11 @@ impl SweepActor {
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
                 self.record(&report);
                 if lane == Lane::Drain {
-                    // Resume after this batch while full batches keep coming;
-                    // start from the beginning once the drain thins out.
-                    self.cursor = if report.claimed == self.settings.batch_size as usize {
-                        self.cursor.max(report.cursor)
-                    } else {
-                        None
-                    };
+                    // Resume after this batch next time (a claim from the
+                    // start that found an older backlog moves the cursor
+                    // back to it); a claim from the start runs at least
+                    // every FULL_SCAN_EVERY anyway.
+                    self.cursor = report.cursor.or(self.cursor);
                 }
                 if report.claimed == self.settings.batch_size as usize
                     && report.redis_unavailable.is_none()
