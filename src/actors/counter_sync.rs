@@ -28,7 +28,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::health::ActorHealth;
-use super::supervisor::{contain, Supervision};
+use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::db::{self, jobs, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -289,12 +289,8 @@ impl Actor for CounterSyncActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.restart_delay.take() {
-            Some(delay) => {
-                ctx.run_later(delay, |act, ctx| act.begin(ctx));
-            }
-            None => self.begin(ctx),
-        }
+        let delay = self.restart_delay.take();
+        begin_after(self, ctx, delay, Self::begin);
     }
 }
 

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use slog::{debug, info, warn, Logger};
 
 use super::health::ActorHealth;
-use super::supervisor::{contain, contain_sync, Supervision};
+use super::supervisor::{begin_after, contain, contain_sync, Supervision};
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
 use crate::db::{self, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -189,12 +189,8 @@ impl Actor for DeadLetterActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.restart_delay.take() {
-            Some(delay) => {
-                ctx.run_later(delay, |act, ctx| act.begin(ctx));
-            }
-            None => self.begin(ctx),
-        }
+        let delay = self.restart_delay.take();
+        begin_after(self, ctx, delay, Self::begin);
     }
 }
 

@@ -20,7 +20,7 @@ use actix::prelude::*;
 use slog::{debug, Logger};
 
 use super::health::ActorHealth;
-use super::supervisor::{contain, Supervision};
+use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{ping, zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
@@ -145,12 +145,8 @@ impl Actor for DispatchActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.restart_delay.take() {
-            Some(delay) => {
-                ctx.run_later(delay, |act, ctx| act.begin(ctx));
-            }
-            None => self.begin(ctx),
-        }
+        let delay = self.restart_delay.take();
+        begin_after(self, ctx, delay, Self::begin);
     }
 }
 

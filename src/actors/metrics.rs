@@ -19,7 +19,7 @@ use actix::prelude::*;
 use slog::{debug, warn, Logger};
 
 use super::health::ActorHealth;
-use super::supervisor::{contain, Supervision};
+use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::db::{self, pg_error_text, Pg};
 use crate::deadline::Deadline;
@@ -202,12 +202,8 @@ impl Actor for MetricsActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.restart_delay.take() {
-            Some(delay) => {
-                ctx.run_later(delay, |act, ctx| act.begin(ctx));
-            }
-            None => self.begin(ctx),
-        }
+        let delay = self.restart_delay.take();
+        begin_after(self, ctx, delay, Self::begin);
     }
 }
 

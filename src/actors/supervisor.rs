@@ -176,6 +176,20 @@ impl Supervision {
     }
 }
 
+/// Every actor's `started`: do its work now on a first start, or after the
+/// restart backoff the supervision decided when it failed.
+pub fn begin_after<A>(act: &mut A, ctx: &mut Context<A>, delay: Option<Duration>, begin: fn(&mut A, &mut Context<A>))
+where
+    A: Actor<Context = Context<A>>,
+{
+    match delay {
+        Some(delay) => {
+            ctx.run_later(delay, begin);
+        }
+        None => begin(act, ctx),
+    }
+}
+
 /// Text of a panic payload.
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

@@ -29,7 +29,7 @@ use slog::{debug, warn, Logger};
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
 use super::health::ActorHealth;
-use super::supervisor::{contain, contain_sync, Supervision};
+use super::supervisor::{begin_after, contain, contain_sync, Supervision};
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder, OutboxRow};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -636,12 +636,8 @@ impl Actor for SweepActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        match self.restart_delay.take() {
-            Some(delay) => {
-                ctx.run_later(delay, |act, ctx| act.begin(ctx));
-            }
-            None => self.begin(ctx),
-        }
+        let delay = self.restart_delay.take();
+        begin_after(self, ctx, delay, Self::begin);
     }
 }
 
