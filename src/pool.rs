@@ -76,3 +76,19 @@ impl<E: FailureKind + 'static> bb8::ErrorSink<E> for LastError {
         Box::new(self.clone())
     }
 }
+
+/// One Postgres and one Redis connection, for the actors that work on a
+/// cadence (counter sync, probes) rather than on the hot path.
+pub fn small_pools(
+    database_url: &str,
+    redis: &crate::config::RedisConfig,
+    checkout: std::time::Duration,
+) -> Result<(crate::db::Pg, crate::redis::Redis), String> {
+    let pg = crate::db::pool(database_url, 1, checkout).map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
+    let one = crate::config::RedisConfig {
+        pool_size: 1,
+        ..redis.clone()
+    };
+    let redis = crate::redis::pool(&one, checkout).map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+    Ok((pg, redis))
+}

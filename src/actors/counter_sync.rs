@@ -30,10 +30,11 @@ use uuid::Uuid;
 use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
-use crate::db::{self, jobs, pg_error_text, CheckoutError, Pg};
+use crate::db::{jobs, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
+use crate::pool::small_pools;
 use crate::redis::pipeline::{checkout, DispatchError};
-use crate::redis::{self as rds, Redis};
+use crate::redis::Redis;
 
 /// Job updates in flight at once on the one connection (pipelined; each is
 /// still its own transaction).
@@ -220,18 +221,13 @@ impl CounterSyncActor {
         if self.supervision.given_up() {
             return;
         }
-        let pg = db::pool(&self.settings.database_url, 1, self.settings.round_timeout);
-        let redis = rds::pool(
-            &RedisConfig {
-                pool_size: 1,
-                ..self.settings.redis.clone()
-            },
+        match small_pools(
+            &self.settings.database_url,
+            &self.settings.redis,
             self.settings.round_timeout,
-        );
-        match (pg, redis) {
-            (Ok(pg), Ok(redis)) => self.pools = Some((pg, redis)),
-            (Err(e), _) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
-            (_, Err(e)) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
+        ) {
+            Ok(pools) => self.pools = Some(pools),
+            Err(e) => return self.fail(ctx, e),
         }
         self.health.set_running();
         ctx.notify(SyncCounters {

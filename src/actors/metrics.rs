@@ -21,10 +21,11 @@ use slog::{debug, warn, Logger};
 use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
-use crate::db::{self, pg_error_text, Pg};
+use crate::db::{pg_error_text, Pg};
 use crate::deadline::Deadline;
+use crate::pool::small_pools;
 use crate::redis::pipeline::{checkout, DispatchError};
-use crate::redis::{self as rds, Redis};
+use crate::redis::Redis;
 use crate::telemetry::metrics::Metrics;
 
 /// Run the probes before `deadline`.
@@ -130,18 +131,13 @@ impl MetricsActor {
         if self.supervision.given_up() {
             return;
         }
-        let pg = db::pool(&self.settings.database_url, 1, self.settings.round_timeout);
-        let redis = rds::pool(
-            &RedisConfig {
-                pool_size: 1,
-                ..self.settings.redis.clone()
-            },
+        match small_pools(
+            &self.settings.database_url,
+            &self.settings.redis,
             self.settings.round_timeout,
-        );
-        match (pg, redis) {
-            (Ok(pg), Ok(redis)) => self.pools = Some((pg, redis)),
-            (Err(e), _) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
-            (_, Err(e)) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
+        ) {
+            Ok(pools) => self.pools = Some(pools),
+            Err(e) => return self.fail(ctx, e),
         }
         self.health.set_running();
         ctx.notify(Probe {
