@@ -141,10 +141,7 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
         "cancelled mid-drain: {v}"
     );
 
-    wait_until("the other jobs drain", Duration::from_secs(120), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(120)).await;
     assert_eq!(
         conn.zcard::<_, i64>(&key).await.expect("ZCARD"),
         0,

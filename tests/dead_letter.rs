@@ -161,10 +161,7 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     let _: () = conn.del(&key).await.expect("DEL");
     let v = json(&cli(&db, &["dead-letter", "requeue", "--error", "WRONGTYPE", "--json"]));
     assert_eq!((v["requeued"].as_u64(), v["skipped"].as_u64()), (Some(100), Some(0)));
-    wait_until("requeued rows delivered", Duration::from_secs(30), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(30)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     // Requeued rows are due "now", so their score is the requeue time; the
     // members themselves are exactly the expected ones.
@@ -208,10 +205,7 @@ async fn requeue_racing_a_running_sweep_loses_and_duplicates_nothing() {
         requeued += json(&o)["requeued"].as_u64().unwrap_or(0);
     }
     assert_eq!(requeued, 8_000);
-    wait_until("everything delivered", Duration::from_secs(120), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(120)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     let members = schedule_members(&redis_url, &prefix).await;
     assert_eq!(members.len(), 13_000, "each task exactly once");

@@ -18,10 +18,7 @@ async fn drains_every_row_with_the_right_member_and_score() {
 
     let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
     relay.wait_started().await;
-    wait_until("outbox is empty", Duration::from_secs(60), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(60)).await;
 
     assert_all_delivered(&redis_url, &prefix, &expected).await;
     let members = schedule_members(&redis_url, &prefix).await;

@@ -140,10 +140,7 @@ async fn two_relays_behind_pgbouncer_transaction_pooling() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    wait_until("everything delivered", Duration::from_secs(60), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(60)).await;
     assert_eq!(schedule_members(&redis_url, &prefix).await.len() as i64, produced);
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     wait_until("counters synced through pgbouncer", Duration::from_secs(30), || async {

@@ -39,10 +39,7 @@ async fn unencodable_rows_are_dead_lettered_at_once() {
         &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "10")],
     ));
     relay.wait_started().await;
-    wait_until("outbox is empty", Duration::from_secs(30), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(30)).await;
 
     let dead = c
         .query(

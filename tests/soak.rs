@@ -64,10 +64,7 @@ async fn soak_steady_load_with_redis_pauses() {
         db.count("SELECT count(*) FROM task_outbox WHERE run_at <= now()").await == 0
     })
     .await;
-    wait_until("retries finish", Duration::from_secs(600), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(600)).await;
     let report = verify_ledger(&db, &redis.url(), &prefix).await;
     let restarts: u64 = [
         "SweepActor",

@@ -63,10 +63,7 @@ async fn terminated_backends_restart_the_sweep_and_nothing_is_lost() {
         },
     )
     .await;
-    wait_until("backlog drains after the restart", Duration::from_secs(120), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(120)).await;
     assert!(relay.is_running());
     assert_all_delivered(&redis_url, &prefix, &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
@@ -93,10 +90,7 @@ async fn a_panicking_handler_is_restarted_and_work_continues() {
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
-    wait_until("backlog drains despite the panics", Duration::from_secs(60), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(60)).await;
     let failures = relay.records("actor failed; restarting it");
     assert_eq!(failures.len(), 2, "two injected panics, two restarts: {failures:#?}");
     assert!(failures

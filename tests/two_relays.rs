@@ -20,10 +20,7 @@ async fn two_relays_share_one_backlog() {
     let mut b = RelayProcess::spawn(&env);
     a.wait_started().await;
     b.wait_started().await;
-    wait_until("outbox is empty", Duration::from_secs(120), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(120)).await;
 
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     assert_all_delivered(&redis_url, &prefix, &expected).await;

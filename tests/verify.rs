@@ -37,10 +37,7 @@ async fn verify_passes_after_a_drain_and_names_lost_and_corrupted_rows() {
     assert!(err.contains("still due"), "{err}");
 
     let relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
-    wait_until("drained", Duration::from_secs(60), || async {
-        db.count("SELECT count(*) FROM task_outbox").await == 0
-    })
-    .await;
+    wait_drained(&db, Duration::from_secs(60)).await;
     relay.stop().await;
     let (code, v, err) = verify_cmd(&db, &redis_url, &prefix);
     assert_eq!(code, Some(0), "{err}");

@@ -51,6 +51,14 @@ where
     }
 }
 
+/// Wait until `db`'s outbox is empty (every row delivered or dead-lettered).
+pub async fn wait_drained(db: &TestDb, timeout: Duration) {
+    wait_until("the outbox is empty", timeout, || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+}
+
 pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
