@@ -199,9 +199,22 @@ pub struct RedisConfig {
     pub pool_size: u32,
     /// Prefix of every key the relay writes; `hover:` matches existing consumers.
     pub key_prefix: String,
-    /// With N > 0 every pipeline ends with `WAIT N <time left>`; a batch not
+    /// With N > 0 every pipeline ends with `WAIT N <time>`; a batch not
     /// acknowledged by N replicas is re-sent instead of deleted.
     pub wait_replicas: u32,
+    /// `standalone` (one server, `url`) or `cluster` (Redis Cluster, `cluster_urls`).
+    pub mode: RedisMode,
+    /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
+    pub cluster_urls: Vec<String>,
+}
+
+/// How the relay talks to Redis.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
 }
 
 impl Default for RedisConfig {
@@ -211,6 +224,8 @@ impl Default for RedisConfig {
             pool_size: 4,
             key_prefix: "hover:".into(),
             wait_replicas: 0,
+            mode: RedisMode::Standalone,
+            cluster_urls: Vec::new(),
         }
     }
 }
@@ -452,6 +467,24 @@ impl Config {
         if self.redis.key_prefix.chars().any(char::is_whitespace) {
             bad("redis.key_prefix", "must not contain whitespace".into());
         }
+        if self.redis.mode == RedisMode::Cluster {
+            if self.redis.cluster_urls.is_empty() {
+                bad(
+                    "redis.cluster_urls",
+                    "cluster mode needs at least one seed node (e.g. [\"redis://10.0.0.1:6379\"])".into(),
+                );
+            }
+            for (i, url) in self.redis.cluster_urls.iter().enumerate() {
+                if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    bad(&format!("redis.cluster_urls[{i}]"), format!("not a Redis URL: {e}"));
+                }
+            }
+            if let Err(e) = ::redis::cluster::ClusterClient::new(self.redis.cluster_urls.clone()) {
+                if !self.redis.cluster_urls.is_empty() {
+                    bad("redis.cluster_urls", format!("not usable as cluster seeds: {e}"));
+                }
+            }
+        }
         let s = &self.sweep;
         if s.interval.0.is_zero() {
             bad("sweep.interval", "must be greater than 0".into());
@@ -574,6 +607,7 @@ impl Config {
         c.database.url = redact_url(&c.database.url);
         c.database.listen_url = redact_url(&c.database.listen_url);
         c.redis.url = redact_url(&c.redis.url);
+        c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -649,6 +683,15 @@ where
                 "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
                 _ => Err("true or false"),
             },
+            // A list (`redis.cluster_urls`) is written comma-separated.
+            toml::Value::Array(_) => Ok(toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| toml::Value::String(v.to_string()))
+                    .collect(),
+            )),
             _ => Ok(toml::Value::String(value.clone())),
         };
         match parsed {
@@ -767,6 +810,34 @@ mod tests {
         assert_eq!(c.redis.key_prefix, "123");
         assert_eq!(c.database.url, "postgres://a@b/c");
         assert!(!c.database.pgbouncer_compat);
+    }
+
+    #[test]
+    fn cluster_mode_needs_seed_nodes_and_takes_them_from_the_environment() {
+        let p = problems("[redis]\nmode = \"cluster\"", &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "redis.cluster_urls");
+        let c = load(
+            "[redis]\nmode = \"cluster\"",
+            &[(
+                "OUTBOX_RELAY_REDIS__CLUSTER_URLS",
+                "redis://10.0.0.1:7000, redis://:pw@10.0.0.2:7001",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(
+            c.redis.cluster_urls,
+            vec!["redis://10.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]
+        );
+        assert!(!c.to_redacted_toml().contains("pw@"));
+        let p = problems(
+            "[redis]\nmode = \"cluster\"\ncluster_urls = [\"redis://ok:1\", \"nope://x\"]",
+            &[],
+        );
+        assert!(p.iter().any(|p| p.key == "redis.cluster_urls[1]"), "{p:?}");
+        let p = problems("[redis]\nmode = \"sharded\"", &[]);
+        assert!(p.iter().any(|p| p.key.contains("redis.mode")), "{p:?}");
     }
 
     #[test]

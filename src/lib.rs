@@ -76,7 +76,7 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), Relay
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RelayError::Signals)?;
     db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-    crate::redis::ping(&cfg.redis.url, STARTUP_TIMEOUT).await?;
+    crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),
         "database" => redact_url(&cfg.database.url),

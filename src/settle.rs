@@ -41,8 +41,15 @@ pub enum RowOutcome {
     Delivered,
     /// Redis refused it for a reason that is the row's fault.
     Failed(String),
-    /// Not the row's fault (Redis unavailable or busy): leave it as it is.
+    /// Redis as a whole gave no usable answer: leave the row as it is (no
+    /// other row could be delivered either).
     Deferred,
+    /// Redis refused this entry for a reason that is not the row's fault
+    /// (its cluster node is down, OOM, READONLY, a WAIT shortfall) while
+    /// other entries may have gone through: try it again after
+    /// `base_backoff`, without counting an attempt, so it does not sit at
+    /// the head of the queue and starve the rows that can be delivered.
+    Postponed,
     /// It can never be delivered (cannot be encoded): dead-letter at once.
     Poison(String),
 }
@@ -55,6 +62,10 @@ pub struct Settlement {
     pub retry_delays_ms: Vec<i64>,
     pub dead_ids: Vec<i64>,
     pub dead_errors: Vec<String>,
+    /// Rows to try again after `postpone_delay_ms` (attempts unchanged).
+    pub postpone_ids: Vec<i64>,
+    pub postpone_delay_ms: i64,
+    /// Rows not settled this time (left as they are, or postponed).
     pub deferred: usize,
     /// The last error among retried rows, for the log line.
     pub last_retry_error: Option<String>,
@@ -63,11 +74,18 @@ pub struct Settlement {
 /// Apply the rules to `rows` and their `outcomes` (same order, same length).
 pub fn settle(rows: &[OutboxRow], outcomes: Vec<RowOutcome>, policy: &RetryPolicy) -> Settlement {
     debug_assert_eq!(rows.len(), outcomes.len());
-    let mut s = Settlement::default();
+    let mut s = Settlement {
+        postpone_delay_ms: policy.base_backoff.as_millis().min(i64::MAX as u128) as i64,
+        ..Settlement::default()
+    };
     for (row, outcome) in rows.iter().zip(outcomes) {
         match outcome {
             RowOutcome::Delivered => s.delete.push(row.id),
             RowOutcome::Deferred => s.deferred += 1,
+            RowOutcome::Postponed => {
+                s.postpone_ids.push(row.id);
+                s.deferred += 1;
+            }
             RowOutcome::Poison(err) => {
                 s.dead_ids.push(row.id);
                 s.dead_errors.push(err);
@@ -141,13 +159,14 @@ mod tests {
 
     #[test]
     fn every_outcome_lands_in_exactly_one_place() {
-        let rows = [row(1, 0), row(2, 0), row(3, 2), row(4, 1), row(5, 0)];
+        let rows = [row(1, 0), row(2, 0), row(3, 2), row(4, 1), row(5, 0), row(6, 2)];
         let outcomes = vec![
             RowOutcome::Delivered,
             RowOutcome::Failed("WRONGTYPE x".into()),
             RowOutcome::Failed("WRONGTYPE y".into()),
             RowOutcome::Deferred,
             RowOutcome::Poison("field path contains the separator".into()),
+            RowOutcome::Postponed,
         ];
         let s = settle(&rows, outcomes, &policy());
         assert_eq!(s.delete, [1]);
@@ -155,7 +174,11 @@ mod tests {
         assert_eq!(s.retry_delays_ms, [2000]);
         assert_eq!(s.dead_ids, [3, 5]);
         assert_eq!(s.dead_errors[0], "WRONGTYPE y");
-        assert_eq!(s.deferred, 1);
+        // A postponed row is not failed: it keeps its attempts even when
+        // one more failure would exhaust them.
+        assert_eq!(s.postpone_ids, [6]);
+        assert_eq!(s.postpone_delay_ms, 2000);
+        assert_eq!(s.deferred, 2);
         assert_eq!(s.last_retry_error.as_deref(), Some("WRONGTYPE x"));
     }
 }

@@ -121,9 +121,9 @@ pub async fn ledger_rows(client: &Client, ledger: &str, since: Option<&Since>) -
 }
 
 /// Check the invariant for `produced` against Postgres and Redis.
-pub async fn verify(
+pub async fn verify<C: ::redis::aio::ConnectionLike + Send>(
     client: &Client,
-    redis: &mut ::redis::aio::MultiplexedConnection,
+    redis: &mut C,
     prefix: &str,
     produced: &[OutboxRow],
 ) -> Result<VerifyReport, VerifyError> {

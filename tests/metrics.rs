@@ -13,37 +13,6 @@ use std::time::Duration;
 use common::*;
 use redis::AsyncCommands;
 
-/// Sample values of a scrape: "name{labels}" → value, labels in scrape order.
-fn samples(scrape: &str) -> Vec<(String, String, f64)> {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
-                None => (series.to_string(), String::new()),
-            };
-            Some((name, labels, value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The value of `name` whose labels contain every `want` pair.
-fn value(scrape: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    samples(scrape)
-        .into_iter()
-        .find(|(n, labels, _)| n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
-        .map(|(_, _, v)| v)
-}
-
-async fn scrape(relay: &RelayProcess) -> String {
-    match relay.http_get("/metrics").await {
-        Some((200, body)) => body,
-        other => panic!("/metrics answered {other:?}"),
-    }
-}
-
 /// Scrape until `pred` holds; returns that scrape. Panics after `timeout`.
 async fn scrape_until(relay: &RelayProcess, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
     let start = std::time::Instant::now();
@@ -140,15 +109,15 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         "probes have seen the drained outbox",
         Duration::from_secs(30),
         |t| {
-            value(t, "outbox_relay_backlog_rows", &[]) == Some(0.0)
-                && value(t, "outbox_relay_dead_letter_rows", &[]) == Some(300.0)
-                && value(t, "outbox_relay_counter_sync_skew_count", &[]).is_some_and(|c| c >= 1.0)
+            metric_value(t, "outbox_relay_backlog_rows", &[]) == Some(0.0)
+                && metric_value(t, "outbox_relay_dead_letter_rows", &[]) == Some(300.0)
+                && metric_value(t, "outbox_relay_counter_sync_skew_count", &[]).is_some_and(|c| c >= 1.0)
         },
     )
     .await;
 
     // Counters equal what happened.
-    let rows = |outcome| value(&text, "outbox_relay_sweep_rows_total", &[("outcome", outcome)]);
+    let rows = |outcome| metric_value(&text, "outbox_relay_sweep_rows_total", &[("outcome", outcome)]);
     assert_eq!(rows("dispatched"), Some(2_700.0));
     assert_eq!(
         rows("retried"),
@@ -156,17 +125,17 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         "each poisoned row failed once before the cap"
     );
     assert_eq!(rows("dead_lettered"), Some(300.0));
-    assert!(value(&text, "outbox_relay_sweep_ticks_total", &[("result", "ok")]).is_some_and(|v| v > 0.0));
-    assert!(value(&text, "outbox_relay_sweep_duration_seconds_count", &[]).is_some_and(|v| v > 0.0));
-    assert_eq!(value(&text, "outbox_relay_redis_up", &[]), Some(1.0));
-    assert!(value(&text, "outbox_relay_redis_ping_seconds", &[]).is_some());
+    assert!(metric_value(&text, "outbox_relay_sweep_ticks_total", &[("result", "ok")]).is_some_and(|v| v > 0.0));
+    assert!(metric_value(&text, "outbox_relay_sweep_duration_seconds_count", &[]).is_some_and(|v| v > 0.0));
+    assert_eq!(metric_value(&text, "outbox_relay_redis_up", &[]), Some(1.0));
+    assert!(metric_value(&text, "outbox_relay_redis_ping_seconds", &[]).is_some());
     assert_eq!(
-        value(&text, "outbox_relay_actor_healthy", &[("actor", "SweepActor")]),
+        metric_value(&text, "outbox_relay_actor_healthy", &[("actor", "SweepActor")]),
         Some(1.0)
     );
-    assert!(value(&text, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
-    assert!(value(&text, "process_cpu_seconds_total", &[]).is_some());
-    assert!(value(&text, "process_open_fds", &[]).is_some());
+    assert!(metric_value(&text, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
+    assert!(metric_value(&text, "process_cpu_seconds_total", &[]).is_some());
+    assert!(metric_value(&text, "process_open_fds", &[]).is_some());
     // Every sample carries app and environment from config.
     for (name, labels, _) in samples(&text) {
         assert!(
@@ -288,17 +257,17 @@ async fn backlog_gauges_follow_the_outbox_and_failed_probes_leave_gaps() {
     .expect("seed");
 
     let text = scrape_until(&relay, "gauges show the stuck backlog", Duration::from_secs(30), |t| {
-        value(t, "outbox_relay_backlog_rows", &[]) == Some(250.0)
+        metric_value(t, "outbox_relay_backlog_rows", &[]) == Some(250.0)
     })
     .await;
-    let age = value(&text, "outbox_relay_oldest_age_seconds", &[]).expect("age");
+    let age = metric_value(&text, "outbox_relay_oldest_age_seconds", &[]).expect("age");
     assert!(
         (119.0..600.0).contains(&age),
         "age of due rows only, by created_at: {age}"
     );
-    assert_eq!(value(&text, "outbox_relay_redis_up", &[]), Some(0.0));
+    assert_eq!(metric_value(&text, "outbox_relay_redis_up", &[]), Some(0.0));
     assert_eq!(
-        value(&text, "outbox_relay_redis_ping_seconds", &[]),
+        metric_value(&text, "outbox_relay_redis_ping_seconds", &[]),
         None,
         "a failed ping leaves a gap"
     );
@@ -309,9 +278,9 @@ async fn backlog_gauges_follow_the_outbox_and_failed_probes_leave_gaps() {
         "gauges return to 0 after the drain",
         Duration::from_secs(60),
         |t| {
-            value(t, "outbox_relay_backlog_rows", &[]) == Some(0.0)
-                && value(t, "outbox_relay_oldest_age_seconds", &[]) == Some(0.0)
-                && value(t, "outbox_relay_redis_up", &[]) == Some(1.0)
+            metric_value(t, "outbox_relay_backlog_rows", &[]) == Some(0.0)
+                && metric_value(t, "outbox_relay_oldest_age_seconds", &[]) == Some(0.0)
+                && metric_value(t, "outbox_relay_redis_up", &[]) == Some(1.0)
         },
     )
     .await;
@@ -334,7 +303,8 @@ async fn backlog_gauges_follow_the_outbox_and_failed_probes_leave_gaps() {
         .await
         .expect("terminate");
     scrape_until(&relay, "outbox gauges leave a gap", Duration::from_secs(30), |t| {
-        value(t, "outbox_relay_backlog_rows", &[]).is_none() && value(t, "outbox_relay_dead_letter_rows", &[]).is_none()
+        metric_value(t, "outbox_relay_backlog_rows", &[]).is_none()
+            && metric_value(t, "outbox_relay_dead_letter_rows", &[]).is_none()
     })
     .await;
     admin

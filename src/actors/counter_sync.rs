@@ -114,7 +114,7 @@ pub async fn sync_counters(
         deadline
             .run(
                 "redis HGETALL",
-                ::redis::cmd("HGETALL").arg(hash_key).query_async(&mut *conn),
+                ::redis::cmd("HGETALL").arg(hash_key).query_async(&mut conn),
             )
             .await?
             .map_err(|e| SyncError::Redis(DispatchError::Unavailable(e.to_string())))?

@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use slog::{debug, Logger};
+use slog::{debug, info, warn, Logger};
 
 use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
-use crate::redis::pipeline::{ping, zadd_batch, DispatchError, EntryOutcome, ScheduleEntry};
+use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError, EntryOutcome, ScheduleEntry};
 use crate::redis::{self as rds, Redis};
 use crate::telemetry::metrics::Metrics;
 
@@ -55,6 +55,9 @@ pub struct DispatchActor {
     last_activity: Instant,
     ping_in_flight: bool,
     restart_delay: Option<Duration>,
+    /// A WAIT shortfall / an unreachable cluster node was reported and has not cleared.
+    wait_short: bool,
+    nodes_unreachable: bool,
 }
 
 impl DispatchActor {
@@ -75,6 +78,8 @@ impl DispatchActor {
             last_activity: Instant::now(),
             ping_in_flight: false,
             restart_delay: None,
+            wait_short: false,
+            nodes_unreachable: false,
         }
     }
 
@@ -100,7 +105,7 @@ impl DispatchActor {
     fn record(&mut self, result: Result<(), &DispatchError>, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
         if let Some(redis) = &self.pool {
-            self.metrics.observe_pool("redis", &redis.pool);
+            self.metrics.observe_pool("redis", redis.pool.state());
         }
         match result {
             Ok(()) => self.health.ok(),
@@ -119,6 +124,45 @@ impl DispatchActor {
                 }
             }
         }
+    }
+
+    /// Count and log what the operator must hear about a batch; the
+    /// outcomes go back to the sweep.
+    fn report(&mut self, batch: BatchOutcome) -> Vec<EntryOutcome> {
+        if batch.wait_shortfalls > 0 {
+            self.metrics
+                .redis_wait_shortfall
+                .inc_by(u64::from(batch.wait_shortfalls));
+        }
+        if batch.unreachable > 0 {
+            self.metrics.redis_unreachable_entries.inc_by(batch.unreachable as u64);
+        }
+        // One line when a condition starts and one when it ends, not one per tick.
+        match (&batch.wait_shortfall, self.wait_short) {
+            (Some(why), false) => {
+                warn!(self.log, "redis replicas did not acknowledge; rows are kept in the outbox and re-sent";
+                    "reason" => why, "wait_replicas" => self.settings.redis.wait_replicas);
+                self.wait_short = true;
+            }
+            (None, true) if batch.outcomes.contains(&EntryOutcome::Delivered) => {
+                info!(self.log, "redis replicas acknowledge again"; "wait_replicas" => self.settings.redis.wait_replicas);
+                self.wait_short = false;
+            }
+            _ => {}
+        }
+        match (&batch.unreachable_reason, self.nodes_unreachable) {
+            (Some(why), false) => {
+                warn!(self.log, "redis cluster node unreachable; its entries are re-sent, the other nodes' delivered";
+                    "reason" => why, "entries" => batch.unreachable);
+                self.nodes_unreachable = true;
+            }
+            (None, true) => {
+                info!(self.log, "every redis cluster node answers again");
+                self.nodes_unreachable = false;
+            }
+            _ => {}
+        }
+        batch.outcomes
     }
 
     fn ping_if_idle(&mut self, ctx: &mut Context<Self>) {
@@ -178,7 +222,7 @@ impl Handler<DispatchBatch> for DispatchActor {
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
             Ok(result) => {
                 act.record(result.as_ref().map(|_| ()), ctx);
-                result
+                result.map(|batch| act.report(batch))
             }
             Err(panic) => {
                 act.fail(ctx, format!("pipeline {panic}"));

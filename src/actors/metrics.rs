@@ -76,7 +76,7 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             .map_err(|e: DispatchError| e.to_string())?;
         conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
         deadline
-            .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut *conn))
+            .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -187,8 +187,8 @@ impl MetricsActor {
             }
         }
         if let Some((pg, redis)) = &self.pools {
-            m.observe_pool("metrics_postgres", &pg.pool);
-            m.observe_pool("metrics_redis", &redis.pool);
+            m.observe_pool("metrics_postgres", pg.pool.state());
+            m.observe_pool("metrics_redis", redis.pool.state());
         }
         m.observe_health(&self.healths);
     }

@@ -258,7 +258,7 @@ pub async fn run_tick(
                         EntryOutcome::Rejected(e) => RowOutcome::Failed(e),
                         EntryOutcome::Deferred(e) => {
                             report.deferred_reason = Some(e);
-                            RowOutcome::Deferred
+                            RowOutcome::Postponed
                         }
                     };
                 }
@@ -279,7 +279,7 @@ pub async fn run_tick(
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
 
-    // Three independent statements, pipelined on one connection.
+    // Four independent statements, pipelined on one connection.
     let settle_all = async {
         tokio::try_join!(
             async {
@@ -296,6 +296,11 @@ pub async fn run_tick(
                 outbox::move_to_dead(&tx, &plan.dead_ids, &plan.dead_errors)
                     .await
                     .map_err(TickError::db("move to dead letters"))
+            },
+            async {
+                outbox::postpone(&tx, &plan.postpone_ids, plan.postpone_delay_ms)
+                    .await
+                    .map_err(TickError::db("postpone deferred"))
             },
         )
     };
@@ -480,7 +485,7 @@ impl SweepActor {
         self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
         self.metrics.sweep_duration.observe(started.elapsed().as_secs_f64());
         if let Some(pg) = &self.pool {
-            self.metrics.observe_pool("postgres", &pg.pool);
+            self.metrics.observe_pool("postgres", pg.pool.state());
         }
         let result = match result {
             Ok(r) => r,
@@ -504,7 +509,9 @@ impl SweepActor {
                 }
                 if report.claimed == self.settings.batch_size as usize
                     && report.redis_unavailable.is_none()
-                    && report.deferred == 0
+                    // Rows Redis refused are postponed; keep draining as
+                    // long as some of the batch could be settled.
+                    && report.deferred < report.claimed
                 {
                     Pace::Drain
                 } else {
@@ -571,7 +578,7 @@ impl SweepActor {
             warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
                 "rows" => r.deferred, "error" => why);
         } else if let Some(why) = &r.deferred_reason {
-            warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent without counting an attempt";
+            warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
                 "rows" => r.deferred, "error" => why);
         }
         if let Some(err) = &r.last_retry_error {

@@ -15,8 +15,9 @@ use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
 use crate::db::{self, dead_letter, pg_error_text, DbSetupError};
 use crate::redis::member::schedule_key;
-use crate::redis::RedisSetupError;
+use crate::redis::{DirectConn, RedisSetupError};
 use crate::STARTUP_TIMEOUT;
+use ::redis::cluster_async::ClusterConnection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
@@ -47,7 +48,7 @@ pub async fn cancel_job(cfg: &Config, job: Uuid, json: bool) -> Result<(), JobsE
     let done = jobs::cancel(&mut client, job).await?;
     let key = schedule_key(&cfg.redis.key_prefix, &job.to_string());
     let cleanup = async {
-        let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+        let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
         let removed: i64 = conn.del(&key).await.map_err(|e| e.to_string())?;
@@ -109,47 +110,92 @@ pub struct Schedule {
     pub depth: i64,
 }
 
-/// The ten deepest `{prefix}sched:*` sorted sets (SCAN, then ZCARD in pipelines).
+/// The `top` deepest `{prefix}sched:*` sorted sets (SCAN on every master,
+/// then ZCARD).
 pub async fn deepest_schedules(
-    conn: &mut ::redis::aio::MultiplexedConnection,
+    conn: &mut DirectConn,
     prefix: &str,
     top: usize,
 ) -> Result<Vec<Schedule>, ::redis::RedisError> {
     let pattern = format!("{prefix}sched:*");
-    let mut cursor: u64 = 0;
-    let mut all: Vec<Schedule> = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let mut pipe = ::redis::pipe();
-            pipe.ignore_errors();
-            for k in &keys {
-                pipe.zcard(k);
+    let keys = match &mut *conn {
+        DirectConn::Standalone(_) => scan(conn, &pattern, None).await?,
+        DirectConn::Cluster(c) => {
+            let slots = one_slot_per_master(c).await?;
+            let mut keys = Vec::new();
+            for slot in slots {
+                keys.extend(scan(conn, &pattern, Some(slot)).await?);
             }
-            let depths: Vec<::redis::Value> = pipe.query_async(conn).await?;
-            for (k, d) in keys.into_iter().zip(depths) {
-                // A key of another type (WRONGTYPE) is not a schedule: skip it.
-                if let ::redis::Value::Int(depth) = d {
-                    let job_id = k[pattern.len() - 1..].to_string();
-                    all.push(Schedule { job_id, key: k, depth });
-                }
-            }
+            keys
         }
-        cursor = next;
-        if cursor == 0 {
-            break;
+    };
+    let mut all: Vec<Schedule> = Vec::new();
+    // One ZCARD per key: in a cluster the keys live on different nodes, so
+    // they cannot share a pipeline; the cluster client sends them concurrently.
+    for chunk in keys.chunks(1000) {
+        let depths: Vec<::redis::RedisResult<::redis::Value>> = futures_util::future::join_all(chunk.iter().map(|k| {
+            let mut c = conn.clone();
+            let cmd = ::redis::cmd("ZCARD").arg(k).to_owned();
+            async move { cmd.query_async::<::redis::Value>(&mut c).await }
+        }))
+        .await;
+        for (k, d) in chunk.iter().zip(depths) {
+            match d {
+                Ok(::redis::Value::Int(depth)) => {
+                    let job_id = k[pattern.len() - 1..].to_string();
+                    all.push(Schedule {
+                        job_id,
+                        key: k.clone(),
+                        depth,
+                    });
+                }
+                // A key of another type (WRONGTYPE) is not a schedule: skip it.
+                Ok(_) => {}
+                Err(e) if e.code() == Some("WRONGTYPE") => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     all.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.key.cmp(&b.key)));
     all.truncate(top);
     Ok(all)
+}
+
+/// Every key matching `pattern`: on one server (`slot` None) or on the
+/// cluster master that owns `slot` (SCAN has no key to route by).
+async fn scan(conn: &mut DirectConn, pattern: &str, slot: Option<u16>) -> Result<Vec<String>, ::redis::RedisError> {
+    use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let mut cmd = ::redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
+        let reply = match (&mut *conn, slot) {
+            (DirectConn::Cluster(c), Some(slot)) => {
+                let to =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)));
+                c.route_command(cmd, to).await?
+            }
+            (c, _) => cmd.query_async::<::redis::Value>(c).await?,
+        };
+        let (next, batch): (u64, Vec<String>) = ::redis::from_redis_value(reply)?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            return Ok(keys);
+        }
+    }
+}
+
+/// The first slot of every master's ranges (CLUSTER SLOTS), one per master.
+async fn one_slot_per_master(conn: &mut ClusterConnection) -> Result<Vec<u16>, ::redis::RedisError> {
+    let mut seen = std::collections::HashSet::new();
+    Ok(crate::redis::cluster_slots(conn)
+        .await?
+        .into_iter()
+        .filter(|r| seen.insert(r.master.clone()))
+        .map(|r| r.start)
+        .collect())
 }
 
 /// Print the relay's view of the backlog.
@@ -175,7 +221,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
         ..Status::default()
     };
     let redis: Result<Vec<Schedule>, String> = async {
-        let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+        let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
             .await
             .map_err(|e: RedisSetupError| e.to_string())?;
         deepest_schedules(&mut conn, &cfg.redis.key_prefix, 10)

@@ -136,7 +136,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 block_on(async {
                     db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
                     println!("# postgres: reachable, outbox schema present");
-                    let rtt = crate::redis::ping(&cfg.redis.url, STARTUP_TIMEOUT).await?;
+                    let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
                     println!("# redis: reachable (PING {}µs)", rtt.as_micros());
                     Ok(())
                 })
@@ -162,7 +162,7 @@ async fn verify_cmd(cfg: &Config, ledger: &str, since: Option<String>, json: boo
         Err(_) => Since::At(s),
     });
     let client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT).await?;
+    let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT).await?;
     let produced = ledger_rows(&client, ledger, since.as_ref()).await?;
     let report = verify(&client, &mut conn, &cfg.redis.key_prefix, &produced).await?;
     if json {

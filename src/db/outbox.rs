@@ -162,6 +162,18 @@ pub async fn reschedule(tx: &Transaction<'_>, ids: &[i64], delays_ms: &[i64]) ->
     .await
 }
 
+/// Try rows again after `delay_ms`, attempts unchanged (not their fault).
+pub async fn postpone(tx: &Transaction<'_>, ids: &[i64], delay_ms: i64) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute_typed(
+        "UPDATE task_outbox SET run_at = now() + $2::int8 * interval '1 millisecond' WHERE id = ANY($1::int8[])",
+        &[(&ids, Type::INT8_ARRAY), (&delay_ms, Type::INT8)],
+    )
+    .await
+}
+
 /// Move rows to `task_outbox_dead` with `attempts + 1` and their own error.
 ///
 /// One statement (a DELETE … RETURNING feeding an INSERT) inside the tick's

@@ -6,18 +6,112 @@ pub mod pipeline;
 
 use std::time::Duration;
 
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 use bb8_redis::RedisConnectionManager;
 
-use crate::config::{redact_url, RedisConfig};
+use crate::config::{redact_url, RedisConfig, RedisMode};
 use crate::pool::LastError;
 
-pub type RedisPool = bb8::Pool<RedisConnectionManager>;
+/// The dispatch pool: one Redis server, or a Redis Cluster through
+/// redis-rs's cluster client (bb8-redis has no cluster support).
+#[derive(Clone, Debug)]
+pub enum RedisPool {
+    Standalone(bb8::Pool<RedisConnectionManager>),
+    Cluster(bb8::Pool<ClusterClient>),
+}
+
+impl RedisPool {
+    pub fn state(&self) -> bb8::State {
+        match self {
+            RedisPool::Standalone(p) => p.state(),
+            RedisPool::Cluster(p) => p.state(),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisPool::Cluster(_))
+    }
+}
+
+/// A connection checked out of a [`RedisPool`]; a `ConnectionLike`, so any
+/// command runs on it. In cluster mode each command is routed by its key's
+/// hash slot, and MOVED/ASK redirects are followed by the client.
+pub enum RedisConn<'a> {
+    Standalone(bb8::PooledConnection<'a, RedisConnectionManager>),
+    Cluster(bb8::PooledConnection<'a, ClusterClient>),
+}
+
+impl RedisConn<'_> {
+    /// Bound the wait for each reply (standalone; the cluster client's
+    /// replies are bounded by its own response timeout and our deadlines).
+    pub fn set_response_timeout(&mut self, timeout: Duration) {
+        if let RedisConn::Standalone(c) = self {
+            c.set_response_timeout(timeout);
+        }
+    }
+
+    /// The cluster handle, to send per-slot pipelines concurrently.
+    pub fn cluster(&self) -> Option<ClusterConnection> {
+        match self {
+            RedisConn::Cluster(c) => Some((**c).clone()),
+            RedisConn::Standalone(_) => None,
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Standalone(c) => (**c).req_packed_command(cmd),
+            RedisConn::Cluster(c) => (**c).req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Standalone(c) => (**c).req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => (**c).req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Standalone(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 /// A pool and the latest reason its connections failed.
 #[derive(Clone, Debug)]
 pub struct Redis {
     pub pool: RedisPool,
     pub last_error: LastError,
+}
+
+impl Redis {
+    /// Where this pool connects, for messages (passwords redacted).
+    pub fn describe(cfg: &RedisConfig) -> String {
+        match cfg.mode {
+            RedisMode::Standalone => redact_url(&cfg.url),
+            RedisMode::Cluster => format!(
+                "cluster {}",
+                cfg.cluster_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
 }
 
 /// Why Redis could not be reached at start-up.
@@ -29,21 +123,115 @@ pub enum RedisSetupError {
     Unreachable { url: String, reason: String },
 }
 
-/// A lazily connecting pool; connections are checked with PING on checkout
-/// because bb8-redis cannot otherwise tell that a connection died.
+/// The cluster client: few, quick retries (a tick has one deadline, and
+/// entries for a node that stays down are re-sent next tick anyway) and a
+/// bounded connect per node.
+fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<ClusterClient, RedisSetupError> {
+    ClusterClient::builder(cfg.cluster_urls.clone())
+        .retries(4)
+        .min_retry_wait(10)
+        .max_retry_wait(200)
+        .connection_timeout((checkout_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2)))
+        // Bound every reply inside the client too (slot refreshes included):
+        // a node that died mid-request must not hold up the others.
+        .response_timeout((checkout_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2)))
+        .build()
+        .map_err(|source| RedisSetupError::Url {
+            url: Redis::describe(cfg),
+            source,
+        })
+}
+
+/// A lazily connecting pool. Standalone connections are checked with PING
+/// on checkout because bb8-redis cannot otherwise tell that one died; a
+/// cluster connection repairs itself per node (one dead node must not make
+/// the whole connection look broken).
 pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
-    let manager = RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
-        url: redact_url(&cfg.url),
-        source,
-    })?;
     let last_error = LastError::default();
-    let pool = bb8::Pool::builder()
-        .max_size(cfg.pool_size)
-        .connection_timeout(checkout_timeout)
-        .test_on_check_out(true)
-        .error_sink(Box::new(last_error.clone()))
-        .build_unchecked(manager);
+    let pool = match cfg.mode {
+        RedisMode::Standalone => {
+            let manager = RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
+                url: redact_url(&cfg.url),
+                source,
+            })?;
+            RedisPool::Standalone(
+                bb8::Pool::builder()
+                    .max_size(cfg.pool_size)
+                    .connection_timeout(checkout_timeout)
+                    .test_on_check_out(true)
+                    .error_sink(Box::new(last_error.clone()))
+                    .build_unchecked(manager),
+            )
+        }
+        RedisMode::Cluster => RedisPool::Cluster(
+            bb8::Pool::builder()
+                .max_size(cfg.pool_size)
+                .connection_timeout(checkout_timeout)
+                .test_on_check_out(false)
+                .error_sink(Box::new(last_error.clone()))
+                .build_unchecked(cluster_client(cfg, checkout_timeout)?),
+        ),
+    };
     Ok(Redis { pool, last_error })
+}
+
+/// A direct connection for the CLI and start-up checks: one server, or the
+/// cluster through its seed nodes.
+#[derive(Clone)]
+pub enum DirectConn {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for DirectConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            DirectConn::Standalone(c) => c.req_packed_command(cmd),
+            DirectConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            DirectConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            DirectConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            DirectConn::Standalone(c) => c.get_db(),
+            DirectConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Connect as the config says (standalone `url` or the cluster's seeds),
+/// failing with the real cause instead of a pool timeout.
+pub async fn connect_config(cfg: &RedisConfig, timeout: Duration) -> Result<DirectConn, RedisSetupError> {
+    match cfg.mode {
+        RedisMode::Standalone => connect(&cfg.url, timeout).await.map(DirectConn::Standalone),
+        RedisMode::Cluster => {
+            let shown = Redis::describe(cfg);
+            let client = cluster_client(cfg, timeout)?;
+            match tokio::time::timeout(timeout, client.get_async_connection()).await {
+                Ok(Ok(conn)) => Ok(DirectConn::Cluster(conn)),
+                Ok(Err(e)) => Err(RedisSetupError::Unreachable {
+                    url: shown,
+                    reason: e.to_string(),
+                }),
+                Err(_) => Err(RedisSetupError::Unreachable {
+                    url: shown,
+                    reason: format!("no answer within {}ms", timeout.as_millis()),
+                }),
+            }
+        }
+    }
 }
 
 /// One direct multiplexed connection (for the CLI and start-up checks),
@@ -67,19 +255,64 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<::redis::aio::Multi
     }
 }
 
-/// Connect once and PING; returns the round trip.
-pub async fn ping(url: &str, timeout: Duration) -> Result<Duration, RedisSetupError> {
+/// One range of hash slots and the master serving it (`CLUSTER SLOTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRange {
+    pub start: u16,
+    pub end: u16,
+    /// `host:port` of the master.
+    pub master: String,
+}
+
+/// The cluster's slot map as one node reports it.
+pub async fn cluster_slots(conn: &mut ClusterConnection) -> Result<Vec<SlotRange>, ::redis::RedisError> {
+    let reply: Value = ::redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    Ok(parse_cluster_slots(&reply))
+}
+
+/// `[[start, end, [host, port, id, ...], replica...], ...]` → ranges.
+pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    ranges
+        .iter()
+        .filter_map(|r| {
+            let Value::Array(parts) = r else { return None };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return None;
+            };
+            let host = master.first().and_then(text)?;
+            let Some(Value::Int(port)) = master.get(1) else {
+                return None;
+            };
+            Some(SlotRange {
+                start: u16::try_from(*start).ok()?,
+                end: u16::try_from(*end).ok()?,
+                master: format!("{host}:{port}"),
+            })
+        })
+        .collect()
+}
+
+/// Connect once (as the config says) and PING; returns the round trip.
+pub async fn ping(cfg: &RedisConfig, timeout: Duration) -> Result<Duration, RedisSetupError> {
     let started = tokio::time::Instant::now();
-    let mut conn = connect(url, timeout).await?;
+    let mut conn = connect_config(cfg, timeout).await?;
+    let unreachable = |reason: String| RedisSetupError::Unreachable {
+        url: Redis::describe(cfg),
+        reason,
+    };
     match tokio::time::timeout(timeout, ::redis::cmd("PING").query_async::<String>(&mut conn)).await {
         Ok(Ok(_)) => Ok(started.elapsed()),
-        Ok(Err(e)) => Err(RedisSetupError::Unreachable {
-            url: redact_url(url),
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(RedisSetupError::Unreachable {
-            url: redact_url(url),
-            reason: format!("no answer within {}ms", timeout.as_millis()),
-        }),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!("no answer within {}ms", timeout.as_millis()))),
     }
 }

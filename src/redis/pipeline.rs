@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ::redis::{ServerError, Value};
 
-use super::Redis;
+use super::{Redis, RedisConn, RedisPool};
 use crate::deadline::{Deadline, Expired};
 
 /// One ZADD: `ZADD key score member`.
@@ -86,13 +86,16 @@ pub fn classify(err: &ServerError) -> EntryOutcome {
 /// Redis that is down is reported as such while the tick can still settle.
 /// A refusal is [`DispatchError::Unavailable`] with its cause; no answer at
 /// all (a stalled server) is [`DispatchError::Deadline`].
-pub(crate) async fn checkout(
-    redis: &Redis,
-    deadline: Deadline,
-) -> Result<bb8::PooledConnection<'_, bb8_redis::RedisConnectionManager>, DispatchError> {
+pub(crate) async fn checkout(redis: &Redis, deadline: Deadline) -> Result<RedisConn<'_>, DispatchError> {
     deadline.check("redis pool get")?;
     let by = Deadline::after(deadline.remaining() / 2);
-    match tokio::time::timeout_at(by.instant(), redis.pool.get()).await {
+    let get = async {
+        match &redis.pool {
+            RedisPool::Standalone(p) => p.get().await.map(RedisConn::Standalone),
+            RedisPool::Cluster(p) => p.get().await.map(RedisConn::Cluster),
+        }
+    };
+    match tokio::time::timeout_at(by.instant(), get).await {
         Ok(Ok(conn)) => {
             redis.last_error.clear();
             Ok(conn)
@@ -112,7 +115,7 @@ pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError
     let mut conn = checkout(redis, deadline).await?;
     conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
     match deadline
-        .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut *conn))
+        .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut conn))
         .await?
     {
         Ok(_) => Ok(()),
@@ -121,55 +124,257 @@ pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError
     }
 }
 
-/// Send all `entries` in one pipeline and report each entry's outcome, in order.
+/// What one batch did: an outcome per entry, and what the operator should
+/// hear about (the dispatch actor logs and counts these).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchOutcome {
+    /// One per entry, in order.
+    pub outcomes: Vec<EntryOutcome>,
+    /// `WAIT` came back with fewer replicas than asked (pipelines affected,
+    /// and the reason of the last one).
+    pub wait_shortfalls: u32,
+    pub wait_shortfall: Option<String>,
+    /// Cluster: entries whose node did not answer (down, failing over).
+    pub unreachable: usize,
+    pub unreachable_reason: Option<String>,
+}
+
+/// Send all `entries` and report each entry's outcome, in order.
 ///
-/// With `wait_replicas > 0` the pipeline ends with `WAIT n <time left>`; if
-/// fewer replicas acknowledge, delivered entries are reported `Deferred` so
-/// their rows are re-sent rather than deleted.
+/// Standalone: one pipeline. Cluster: a pipeline may not span hash slots, so
+/// one pipeline per slot, all sent concurrently; a slot whose node does not
+/// answer in time (down, failing over) makes only its own entries
+/// `Deferred` (re-sent next tick, no attempt counted), while the other
+/// slots are delivered in the same tick.
+///
+/// With `wait_replicas > 0` each pipeline ends with `WAIT n <half the time
+/// left>`; if fewer replicas acknowledge, the pipeline's delivered entries
+/// are reported `Deferred` so their rows are re-sent rather than deleted.
 pub async fn zadd_batch(
     redis: &Redis,
     entries: &[ScheduleEntry],
     wait_replicas: u32,
     deadline: Deadline,
-) -> Result<Vec<EntryOutcome>, DispatchError> {
+) -> Result<BatchOutcome, DispatchError> {
+    let mut batch = BatchOutcome {
+        outcomes: vec![EntryOutcome::Delivered; entries.len()],
+        ..BatchOutcome::default()
+    };
     if entries.is_empty() {
-        return Ok(Vec::new());
+        return Ok(batch);
     }
     let mut conn = checkout(redis, deadline).await?;
     // The multiplexed connection's own response timeout (500ms by default)
     // must not cut a large pipeline short: give it exactly the time left.
     conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+    // WAIT must answer while the tick can still settle what it learnt.
+    let wait_ms = (deadline.remaining() / 2).as_millis().max(1) as u64;
     // One ZADD per key with all of that key's members: far fewer commands
     // for Redis to run and for us to parse than one per entry. Per-entry
     // outcomes survive: the errors a ZADD can return for well-formed
     // arguments (WRONGTYPE, OOM, READONLY, ...) are about the key or the
     // server, so every entry of the command shares them.
     let groups = group_by_key(entries);
+    let Some(cluster) = conn.cluster() else {
+        let all: Vec<usize> = (0..groups.len()).collect();
+        let pipe = build_pipeline(entries, &groups, &all, wait_replicas, wait_ms);
+        let replies: Vec<Value> = match deadline.run("redis pipeline", pipe.query_async(&mut conn)).await? {
+            Ok(v) => v,
+            // No answer in time: the outcome is unknown (Redis may have applied it).
+            Err(e) if e.is_timeout() => {
+                return Err(DispatchError::Deadline(Expired {
+                    stage: "redis pipeline",
+                }))
+            }
+            Err(e) => return Err(DispatchError::Unavailable(e.to_string())),
+        };
+        apply_replies(&mut batch, &groups, &all, wait_replicas, &replies)?;
+        return Ok(batch);
+    };
+    drop(conn);
+    zadd_cluster(cluster, entries, &groups, wait_replicas, wait_ms, deadline, batch).await
+}
+
+/// The cluster half of [`zadd_batch`]: one ZADD pipeline per hash slot, all
+/// at once; then, with `wait_replicas`, one `WAIT` per master that took
+/// writes. WAIT is not put in the per-slot pipelines: a master runs a
+/// connection's commands in order and WAIT blocks that connection, so a
+/// shortfall would cost one WAIT timeout per slot instead of one per node.
+async fn zadd_cluster(
+    cluster: ::redis::cluster_async::ClusterConnection,
+    entries: &[ScheduleEntry],
+    groups: &[(&str, Vec<usize>)],
+    wait_replicas: u32,
+    wait_ms: u64,
+    deadline: Deadline,
+    mut batch: BatchOutcome,
+) -> Result<BatchOutcome, DispatchError> {
+    // A slot that has not answered by three quarters of the time left is
+    // given up on, so the tick can still settle the slots that did answer.
+    let by = deadline.instant() - deadline.remaining() / 4;
+    let slots = group_by_slot(groups);
+    let sends = slots.iter().map(|members| {
+        let pipe = build_pipeline(entries, groups, members, 0, 0);
+        let mut c = cluster.clone();
+        async move { tokio::time::timeout_at(by, async move { pipe.query_async::<Vec<Value>>(&mut c).await }).await }
+    });
+    // The slot map for the WAITs is read while the ZADDs run.
+    let topology = async {
+        if wait_replicas == 0 {
+            return None;
+        }
+        let mut c = cluster.clone();
+        tokio::time::timeout_at(by, super::cluster_slots(&mut c))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    };
+    let (results, topology) = tokio::join!(futures_util::future::join_all(sends), topology);
+    let mut failed_slots = 0;
+    let mut stalled_slots = 0;
+    let mut answered: Vec<(u16, &Vec<usize>)> = Vec::new();
+    for (members, result) in slots.iter().zip(results) {
+        let slot = key_slot(groups[members[0]].0);
+        let why = match result {
+            Ok(Ok(replies)) => match apply_replies(&mut batch, groups, members, 0, &replies) {
+                Ok(()) => {
+                    answered.push((slot, members));
+                    continue;
+                }
+                Err(e) => e.to_string(),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => {
+                stalled_slots += 1;
+                "no answer before the tick deadline".to_string()
+            }
+        };
+        failed_slots += 1;
+        let why = format!("redis cluster node for slot {slot} unreachable: {why}");
+        for &g in members {
+            for &i in &groups[g].1 {
+                batch.outcomes[i] = EntryOutcome::Deferred(why.clone());
+                batch.unreachable += 1;
+            }
+        }
+        batch.unreachable_reason = Some(why);
+    }
+    if stalled_slots == slots.len() {
+        // Not one node answered in time: a stall, like a frozen standalone
+        // server. It counts toward the dispatch actor's error budget, whose
+        // restart builds a fresh cluster connection from the seed nodes.
+        return Err(DispatchError::Deadline(Expired {
+            stage: "redis cluster pipelines",
+        }));
+    }
+    if failed_slots == slots.len() {
+        // Nothing answered: the cluster as a whole is unreachable.
+        return Err(DispatchError::Unavailable(
+            batch
+                .unreachable_reason
+                .unwrap_or_else(|| "redis cluster unreachable".into()),
+        ));
+    }
+    if wait_replicas == 0 || answered.is_empty() {
+        return Ok(batch);
+    }
+
+    // Group the slots that took writes by master; WAIT once on each.
+    let ranges = topology.unwrap_or_default();
+    let mut by_master: Vec<(Option<String>, u16, Vec<&Vec<usize>>)> = Vec::new();
+    for (slot, members) in answered {
+        let master = ranges
+            .iter()
+            .find(|r| (r.start..=r.end).contains(&slot))
+            .map(|r| r.master.clone());
+        match by_master.iter_mut().find(|(m, _, _)| m.is_some() && *m == master) {
+            Some((_, _, list)) => list.push(members),
+            None => by_master.push((master, slot, vec![members])),
+        }
+    }
+    let waits = by_master.iter().map(|(master, slot, _)| {
+        let mut c = cluster.clone();
+        let known = master.is_some();
+        let slot = *slot;
+        async move {
+            if !known {
+                return Err("the cluster's slot map could not be read".to_string());
+            }
+            let mut wait = ::redis::cmd("WAIT");
+            wait.arg(wait_replicas).arg(wait_ms);
+            let to = ::redis::cluster_routing::RoutingInfo::SingleNode(
+                ::redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(::redis::cluster_routing::Route::new(
+                    slot,
+                    ::redis::cluster_routing::SlotAddr::Master,
+                )),
+            );
+            match tokio::time::timeout_at(by, c.route_command(wait, to)).await {
+                Ok(Ok(Value::Int(n))) => Ok(n),
+                Ok(Ok(other)) => Err(format!("unexpected WAIT reply {other:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer before the tick deadline".to_string()),
+            }
+        }
+    });
+    let acks = futures_util::future::join_all(waits).await;
+    for ((master, _, members), acked) in by_master.iter().zip(acks) {
+        let why = match acked {
+            Ok(n) if n >= i64::from(wait_replicas) => continue,
+            Ok(n) => format!(
+                "WAIT: {n} of {wait_replicas} replicas acknowledged the batch on {}",
+                master.as_deref().unwrap_or("?")
+            ),
+            Err(e) => format!("WAIT on {} failed: {e}", master.as_deref().unwrap_or("?")),
+        };
+        for list in members {
+            for &g in *list {
+                for &i in &groups[g].1 {
+                    if batch.outcomes[i] == EntryOutcome::Delivered {
+                        batch.outcomes[i] = EntryOutcome::Deferred(why.clone());
+                    }
+                }
+            }
+        }
+        batch.wait_shortfalls += 1;
+        batch.wait_shortfall = Some(why);
+    }
+    Ok(batch)
+}
+
+/// The pipeline for the key groups `members` (indexes into `groups`).
+fn build_pipeline(
+    entries: &[ScheduleEntry],
+    groups: &[(&str, Vec<usize>)],
+    members: &[usize],
+    wait_replicas: u32,
+    wait_ms: u64,
+) -> ::redis::Pipeline {
     let mut pipe = ::redis::pipe();
     pipe.ignore_errors();
-    for (key, members) in &groups {
+    for &g in members {
+        let (key, idx) = &groups[g];
         let mut cmd = ::redis::cmd("ZADD");
         cmd.arg(*key);
-        for &i in members {
+        for &i in idx {
             cmd.arg(entries[i].score).arg(&entries[i].member);
         }
         pipe.add_command(cmd);
     }
     if wait_replicas > 0 {
-        let wait_ms = deadline.remaining().as_millis().max(1) as u64;
         pipe.cmd("WAIT").arg(wait_replicas).arg(wait_ms);
     }
-    let replies: Vec<Value> = match deadline.run("redis pipeline", pipe.query_async(&mut *conn)).await? {
-        Ok(v) => v,
-        // No answer in time: the outcome is unknown (Redis may have applied it).
-        Err(e) if e.is_timeout() => {
-            return Err(DispatchError::Deadline(Expired {
-                stage: "redis pipeline",
-            }))
-        }
-        Err(e) => return Err(DispatchError::Unavailable(e.to_string())),
-    };
-    let expected = groups.len() + usize::from(wait_replicas > 0);
+    pipe
+}
+
+/// Record the replies of one pipeline built by [`build_pipeline`].
+fn apply_replies(
+    batch: &mut BatchOutcome,
+    groups: &[(&str, Vec<usize>)],
+    members: &[usize],
+    wait_replicas: u32,
+    replies: &[Value],
+) -> Result<(), DispatchError> {
+    let expected = members.len() + usize::from(wait_replicas > 0);
     if replies.len() != expected {
         return Err(DispatchError::Unavailable(format!(
             "pipeline returned {} replies for {} commands",
@@ -177,30 +382,76 @@ pub async fn zadd_batch(
             expected
         )));
     }
-    let mut outcomes = vec![EntryOutcome::Delivered; entries.len()];
-    for ((_, members), reply) in groups.iter().zip(&replies) {
+    for (&g, reply) in members.iter().zip(replies) {
         if let Value::ServerError(err) = reply {
             let outcome = classify(err);
-            for &i in members {
-                outcomes[i] = outcome.clone();
+            for &i in &groups[g].1 {
+                batch.outcomes[i] = outcome.clone();
             }
         }
     }
     if wait_replicas > 0 {
-        let acked = match &replies[groups.len()] {
+        let acked = match &replies[members.len()] {
             Value::Int(n) => *n,
             _ => 0,
         };
         if acked < i64::from(wait_replicas) {
             let why = format!("WAIT: {acked} of {wait_replicas} replicas acknowledged the batch");
-            for o in outcomes.iter_mut() {
-                if *o == EntryOutcome::Delivered {
-                    *o = EntryOutcome::Deferred(why.clone());
+            for &g in members {
+                for &i in &groups[g].1 {
+                    if batch.outcomes[i] == EntryOutcome::Delivered {
+                        batch.outcomes[i] = EntryOutcome::Deferred(why.clone());
+                    }
                 }
+            }
+            batch.wait_shortfalls += 1;
+            batch.wait_shortfall = Some(why);
+        }
+    }
+    Ok(())
+}
+
+/// Key groups (indexes into `groups`) that share a hash slot, in order of
+/// first appearance: one cluster pipeline each.
+fn group_by_slot(groups: &[(&str, Vec<usize>)]) -> Vec<Vec<usize>> {
+    let mut index: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    let mut slots: Vec<Vec<usize>> = Vec::new();
+    for (g, (key, _)) in groups.iter().enumerate() {
+        let slot = key_slot(key);
+        match index.get(&slot) {
+            Some(&s) => slots[s].push(g),
+            None => {
+                index.insert(slot, slots.len());
+                slots.push(vec![g]);
             }
         }
     }
-    Ok(outcomes)
+    slots
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of
+/// its `{hash tag}` when it has a non-empty one, mod 16384.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match bytes.iter().position(|&b| b == b'{') {
+        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
+            _ => bytes,
+        },
+        None => bytes,
+    };
+    let mut crc: u16 = 0;
+    for &b in hashed {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
 }
 
 /// Entry indexes grouped by key, keys in order of first appearance.
@@ -242,6 +493,40 @@ mod tests {
             group_by_key(&entries),
             vec![("b", vec![0, 2]), ("a", vec![1, 4]), ("c", vec![3])]
         );
+    }
+
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        // Values from `CLUSTER KEYSLOT` (and the redis-rs router).
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"));
+        assert_ne!(key_slot("foo{}{bar}"), key_slot("bar"));
+        for key in [
+            "hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
+            "a",
+            "",
+            "{x}y",
+            "x{y",
+        ] {
+            assert_eq!(
+                ::redis::cluster_routing::Slot::new(key_slot(key)),
+                Some(::redis::cluster_routing::Slot::for_key(key)),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_groups_split_by_slot() {
+        let groups = vec![
+            ("foo", vec![0]),
+            ("bar", vec![1]),
+            ("{foo}x", vec![2]),
+            ("{bar}", vec![3]),
+        ];
+        assert_eq!(group_by_slot(&groups), vec![vec![0, 2], vec![1, 3]]);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::actors::health::{ActorHealth, Status};
@@ -85,6 +86,8 @@ pub struct Metrics {
     pub pool_idle_connections: IntGaugeVec,
     pub pool_gets_waited: IntCounterVec,
     pub pool_gets_timed_out: IntCounterVec,
+    pub redis_wait_shortfall: IntCounter,
+    pub redis_unreachable_entries: IntCounter,
     /// Last values folded into the counters above (health and pool
     /// statistics are cumulative; counters move by the difference).
     seen: Arc<Mutex<HashMap<String, u64>>>,
@@ -106,6 +109,11 @@ impl Metrics {
             let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, MetricsError> {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
@@ -189,6 +197,14 @@ impl Metrics {
                 "Checkouts that timed out.",
                 "pool",
             )?,
+            redis_wait_shortfall: counter(
+                "outbox_relay_redis_wait_shortfall_total",
+                "Pipelines whose WAIT saw fewer replicas than redis.wait_replicas (their rows were kept and re-sent).",
+            )?,
+            redis_unreachable_entries: counter(
+                "outbox_relay_redis_unreachable_entries_total",
+                "Cluster: entries re-sent later because the node owning their slot did not answer.",
+            )?,
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,
         };
@@ -236,8 +252,7 @@ impl Metrics {
     }
 
     /// Publish a bb8 pool's size and wait statistics under `pool`.
-    pub fn observe_pool<M: bb8::ManageConnection>(&self, name: &str, pool: &bb8::Pool<M>) {
-        let state = pool.state();
+    pub fn observe_pool(&self, name: &str, state: bb8::State) {
         self.pool_connections
             .with_label_values(&[name])
             .set(i64::from(state.connections));

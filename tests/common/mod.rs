@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use tokio_postgres::NoTls;
 
+pub mod cluster;
+
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
 pub fn admin_url() -> String {
@@ -225,6 +227,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Data directory of a durable server.
     dir: Option<std::path::PathBuf>,
+    /// Port of the primary this server replicates.
+    replica_of: Option<u16>,
 }
 
 impl RedisServer {
@@ -233,6 +237,20 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir: None,
+            replica_of: None,
+        };
+        s.resume().await;
+        s
+    }
+
+    /// A replica of the server at `primary` (`--replicaof`); `resume`
+    /// brings it back as a replica again.
+    pub async fn start_replica_of(primary: u16) -> RedisServer {
+        let mut s = RedisServer {
+            port: free_port(),
+            child: None,
+            dir: None,
+            replica_of: Some(primary),
         };
         s.resume().await;
         s
@@ -247,6 +265,7 @@ impl RedisServer {
             port: free_port(),
             child: None,
             dir: Some(dir),
+            replica_of: None,
         };
         s.resume().await;
         s
@@ -266,6 +285,9 @@ impl RedisServer {
                 .arg(dir),
             None => cmd.args(["--appendonly", "no"]),
         };
+        if let Some(primary) = self.replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -704,12 +726,21 @@ impl Producer {
 
 /// Check the invariant over the ledger.
 pub async fn verify_ledger(db: &TestDb, redis_url: &str, prefix: &str) -> outbox_relay::verify::VerifyReport {
-    let client = db.client().await;
     let mut conn = redis_conn(redis_url).await;
+    verify_ledger_on(db, &mut conn, prefix).await
+}
+
+/// Check the invariant over the ledger through any Redis connection (a cluster one too).
+pub async fn verify_ledger_on<C: redis::aio::ConnectionLike + Send>(
+    db: &TestDb,
+    conn: &mut C,
+    prefix: &str,
+) -> outbox_relay::verify::VerifyReport {
+    let client = db.client().await;
     let produced = outbox_relay::verify::ledger_rows(&client, "produced", None)
         .await
         .expect("ledger rows");
-    outbox_relay::verify::verify(&client, &mut conn, prefix, &produced)
+    outbox_relay::verify::verify(&client, conn, prefix, &produced)
         .await
         .expect("verify")
 }
@@ -848,4 +879,35 @@ pub fn jitter(range: std::ops::Range<i64>) -> i64 {
         .map(|d| d.subsec_nanos() as i64)
         .unwrap_or(0);
     range.start + nanos % (range.end - range.start)
+}
+
+/// Sample values of a scrape: "name{labels}" → value, labels in scrape order.
+pub fn samples(scrape: &str) -> Vec<(String, String, f64)> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n.to_string(), rest.trim_end_matches('}').to_string()),
+                None => (series.to_string(), String::new()),
+            };
+            Some((name, labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of `name` whose labels contain every `want` pair.
+pub fn metric_value(scrape: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    samples(scrape)
+        .into_iter()
+        .find(|(n, labels, _)| n == name && want.iter().all(|(k, v)| labels.contains(&format!("{k}=\"{v}\""))))
+        .map(|(_, _, v)| v)
+}
+
+pub async fn scrape(relay: &RelayProcess) -> String {
+    match relay.http_get("/metrics").await {
+        Some((200, body)) => body,
+        other => panic!("/metrics answered {other:?}"),
+    }
 }

@@ -1,0 +1,249 @@
+//! Redis Cluster mode against a real cluster on loopback (3 masters, with
+//! or without replicas, started per test): every member lands on the node
+//! owning its key's slot, a dead node defers only its own entries (no
+//! attempt counted) while the others are delivered, and a master that dies
+//! mid-drain fails over without dead letters or loss.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cluster::RedisCluster;
+use common::*;
+use outbox_relay::redis::pipeline::key_slot;
+use uuid::Uuid;
+
+fn jobs(n: usize) -> Vec<Uuid> {
+    (0..n).map(|_| Uuid::new_v4()).collect()
+}
+
+fn cluster_env(db: &TestDb, cluster: &RedisCluster, prefix: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let seeds = cluster.seed_urls();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("OUTBOX_RELAY_REDIS__MODE", "cluster"),
+        ("OUTBOX_RELAY_REDIS__CLUSTER_URLS", seeds.as_str()),
+    ];
+    all.extend_from_slice(extra);
+    // `redis.url` is unused in cluster mode: point it nowhere useful.
+    relay_env(db, "redis://127.0.0.1:1/0", prefix, &all)
+}
+
+/// Watch the outbox while a test runs: the highest `attempts` any row had.
+fn watch_attempts(url: String) -> (Arc<AtomicI64>, tokio::task::JoinHandle<()>) {
+    let max = Arc::new(AtomicI64::new(0));
+    let seen = max.clone();
+    let handle = tokio::spawn(async move {
+        let c = pg_connect(&url).await;
+        loop {
+            if let Ok(row) = c
+                .query_one("SELECT COALESCE(max(attempts), 0)::int8 FROM task_outbox", &[])
+                .await
+            {
+                seen.fetch_max(row.get(0), Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    (max, handle)
+}
+
+#[tokio::test]
+async fn cluster_delivers_every_member_to_the_node_owning_its_slot() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = jobs(200);
+    produce(&db.client().await, &js, 20_000).await.expect("seed");
+
+    let env = cluster_env(&db, &cluster, &prefix, &[("OUTBOX_RELAY_SWEEP__CONCURRENCY", "2")]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!(report.delivered, 20_000);
+    assert_eq!(report.dead_lettered, 0);
+
+    // Each master holds exactly the schedules whose slot it owns, and
+    // together they hold all 200 (keys stay `{prefix}sched:{job_id}`).
+    let masters = cluster.masters().expect("cluster topology");
+    assert_eq!(masters.len(), 3);
+    let mut seen: HashSet<String> = HashSet::new();
+    for m in &masters {
+        let keys = RedisCluster::keys_on(m.port, &format!("{}sched:*", &*prefix));
+        assert!(!keys.is_empty(), "master {} holds some schedules", m.port);
+        for k in &keys {
+            assert!(
+                m.owns(key_slot(k)),
+                "{k} (slot {}) is on master {}",
+                key_slot(k),
+                m.port
+            );
+            assert!(seen.insert(k.clone()), "{k} on two masters");
+        }
+    }
+    let want: HashSet<String> = js.iter().map(|j| format!("{}sched:{j}", &*prefix)).collect();
+    assert_eq!(seen, want);
+
+    // `status` finds the schedules on every master.
+    let out = relay_command(&["status", "--json"], &env).output().expect("run status");
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let schedules = st["schedules"].as_array().expect("schedules");
+    assert_eq!(schedules.len(), 10, "{st}");
+    assert!(schedules.iter().all(|s| s["depth"] == 100), "{st}");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_node_defers_only_its_own_entries() {
+    // No replicas: the node's slots stay unserved until it comes back.
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = jobs(60);
+    let env = cluster_env(
+        &db,
+        &cluster,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "2s"),
+            ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let masters = cluster.masters().expect("cluster topology");
+    let dead = masters[0].clone();
+    cluster.kill(dead.port);
+    let (max_attempts, watcher) = watch_attempts(db.url.clone());
+
+    produce(&db.client().await, &js, 6_000).await.expect("seed");
+    let on_dead: i64 = {
+        let c = db.client().await;
+        let rows = c.query("SELECT job_id::text FROM produced", &[]).await.expect("ledger");
+        rows.iter()
+            .filter(|r| dead.owns(key_slot(&format!("{}sched:{}", &*prefix, r.get::<_, String>(0)))))
+            .count() as i64
+    };
+    assert!(
+        on_dead > 0 && on_dead < 6_000,
+        "the dead node owns some of the jobs ({on_dead})"
+    );
+
+    // Everything for the live nodes is delivered while the node is down;
+    // exactly its rows wait in the outbox, not failed, not dead-lettered.
+    wait_until("rows for live nodes delivered", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == on_dead
+    })
+    .await;
+    wait_until("unreachable entries counted", Duration::from_secs(30), || async {
+        let text = scrape(&relay).await;
+        metric_value(&text, "outbox_relay_redis_unreachable_entries_total", &[]).is_some_and(|v| v >= on_dead as f64)
+    })
+    .await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, on_dead);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(
+        max_attempts.load(Ordering::Relaxed),
+        0,
+        "no attempt counted for an unreachable node"
+    );
+    assert!(
+        relay.count("redis cluster node unreachable") >= 1,
+        "the operator is told"
+    );
+
+    // The node comes back (empty, same slots): the rest drains.
+    cluster.revive(dead.port).await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+    watcher.abort();
+    assert_eq!(max_attempts.load(Ordering::Relaxed), 0);
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!(report.delivered, 6_000);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = jobs(200);
+    // Replication is asynchronous: without WAIT, a ZADD the master
+    // acknowledged just before dying may never reach the replica that
+    // replaces it. `wait_replicas = 1` is what makes "nothing lost" hold.
+    let env = cluster_env(
+        &db,
+        &cluster,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_REDIS__WAIT_REPLICAS", "1"),
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "2s"),
+            ("OUTBOX_RELAY_LOG__LEVEL", "info"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let (max_attempts, watcher) = watch_attempts(db.url.clone());
+    let producer = Producer::start(db.url.clone(), js.clone(), 100, Duration::from_millis(20));
+
+    let delivered = || async {
+        db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
+            .await
+    };
+    wait_until("drain under way", Duration::from_secs(60), || async {
+        delivered().await >= 3_000
+    })
+    .await;
+
+    let victim = cluster.masters().expect("cluster topology")[0].clone();
+    cluster.kill(victim.port);
+    // Its replica takes over its slots (node timeout 1s).
+    wait_until("replica promoted", Duration::from_secs(60), || async {
+        cluster.masters().is_some_and(|m| {
+            m.len() == 3
+                && m.iter().all(|m| m.port != victim.port)
+                && m.iter()
+                    .any(|m| m.port == victim.replicas[0] && m.owns(victim.ranges[0].0))
+        })
+    })
+    .await;
+    // The other masters' rows keep flowing meanwhile.
+    let after_failover = delivered().await;
+    wait_until(
+        "drain continues after the failover",
+        Duration::from_secs(60),
+        || async { delivered().await >= after_failover + 2_000 },
+    )
+    .await;
+    // The old master comes back as the new master's replica, so WAIT can be
+    // satisfied for those slots again.
+    cluster.revive(victim.port).await;
+    let produced = producer.stop().await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+    watcher.abort();
+
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(
+        max_attempts.load(Ordering::Relaxed),
+        0,
+        "the failover counted no attempt"
+    );
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!(report.produced as u64, produced);
+    assert_eq!(report.delivered as u64, produced);
+    relay.stop().await;
+}
