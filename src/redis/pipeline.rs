@@ -281,7 +281,9 @@ async fn zadd_cluster(
 
     // Group the slots that took writes by master; WAIT once on each.
     let ranges = topology.unwrap_or_default();
-    let mut by_master: Vec<(Option<String>, u16, Vec<&Vec<usize>>)> = Vec::new();
+    // (master or None when unknown, a slot to route its WAIT by, its slots' key groups)
+    type MasterWrites<'a> = (Option<String>, u16, Vec<&'a Vec<usize>>);
+    let mut by_master: Vec<MasterWrites> = Vec::new();
     for (slot, members) in answered {
         let master = ranges
             .iter()
