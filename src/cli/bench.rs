@@ -47,6 +47,14 @@ pub struct BenchArgs {
     /// Backlog drained during the second latency run (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     pub backlog_rows: i64,
+    /// Instead of the drain and latency runs: drain `--scaling-rows` rows
+    /// with 1, 2 and 3 relay processes × `sweep.concurrency` 1, 2 and 4,
+    /// each against the floor measured in the same run (docs/SCALING.md).
+    #[arg(long)]
+    pub scaling: bool,
+    /// Rows per drain of the scaling matrix.
+    #[arg(long, default_value_t = 200_000)]
+    pub scaling_rows: i64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -83,6 +91,27 @@ pub struct Latency {
     pub max_ms: f64,
 }
 
+/// One drain of the scaling matrix.
+#[derive(Debug, Serialize, Default)]
+pub struct ScalingRun {
+    pub relays: u32,
+    pub concurrency: u32,
+    pub rows_per_sec: f64,
+    pub ratio_to_floor: f64,
+    /// CPU seconds of all relay processes together.
+    pub relay_cpu_seconds: f64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ScalingReport {
+    pub rows: i64,
+    pub jobs: i64,
+    pub batch_size: u32,
+    pub floor_rows_per_sec: f64,
+    pub runs: Vec<ScalingRun>,
+    pub cores: usize,
+}
+
 #[derive(Debug, Serialize, Default)]
 pub struct BenchReport {
     pub rows: i64,
@@ -116,7 +145,11 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
         .map_err(pg)?;
     let url = scratch_url(&cfg.database.url, &name);
     let prefix = format!("bench{}:", std::process::id());
-    let result = bench(cfg, &args, &url, &prefix).await;
+    let result = if args.scaling {
+        scaling(cfg, &args, &url, &prefix).await.map(Report::Scaling)
+    } else {
+        bench(cfg, &args, &url, &prefix).await.map(Report::Drain)
+    };
     // Clean up whatever happened.
     let _ = admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -124,13 +157,18 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
     if let Ok(mut conn) = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT).await {
         let _ = delete_prefix(&mut conn, &prefix).await;
     }
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-    } else {
-        print_report(&report);
+    match result? {
+        Report::Drain(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Scaling(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Drain(r) => print_report(&r),
+        Report::Scaling(r) => print_scaling(&r),
     }
     Ok(())
+}
+
+enum Report {
+    Drain(BenchReport),
+    Scaling(ScalingReport),
 }
 
 /// `database.url` with its database replaced by `name`.
@@ -234,9 +272,14 @@ impl Drop for RelayChild {
 }
 
 fn spawn_relay(url: &str, prefix: &str) -> Result<RelayChild, BenchError> {
+    spawn_relay_with(url, prefix, &[])
+}
+
+fn spawn_relay_with(url: &str, prefix: &str, env: &[(&str, String)]) -> Result<RelayChild, BenchError> {
     let exe = std::env::current_exe().map_err(|e| BenchError::Relay(e.to_string()))?;
     Command::new(exe)
         .arg("run")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("OUTBOX_RELAY_DATABASE__URL", url)
         .env("OUTBOX_RELAY_DATABASE__LISTEN_URL", url)
         .env("OUTBOX_RELAY_REDIS__KEY_PREFIX", prefix)
@@ -395,6 +438,88 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
         latency_during_backlog: during,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
+}
+
+/// The scaling matrix: the floor, then one drain per (relays, concurrency).
+async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Result<ScalingReport, BenchError> {
+    let log = crate::telemetry::logging::discard();
+    db::migrate::migrate(url, STARTUP_TIMEOUT, &log).await?;
+    let client = db::connect(url, STARTUP_TIMEOUT).await?;
+    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+        .await
+        .map_err(|e| BenchError::Redis(e.to_string()))?;
+    let batch = i64::from(cfg.sweep.batch_size);
+    let rows = args.scaling_rows;
+    eprintln!(
+        "bench: scaling matrix, {rows} rows over {} jobs per drain, batch {batch}",
+        args.jobs
+    );
+    seed(&client, rows, args.jobs).await?;
+    let floor_rps = floor(&client, batch).await?;
+    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+    let mut runs = Vec::new();
+    for relays in 1..=3u32 {
+        for concurrency in [1u32, 2, 4] {
+            delete_prefix(&mut conn, prefix).await.map_err(rd)?;
+            seed(&client, rows, args.jobs).await?;
+            let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
+            let mut children = Vec::new();
+            for _ in 0..relays {
+                children.push(spawn_relay_with(url, prefix, &env)?);
+            }
+            let cpu_before: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
+            let started = Instant::now();
+            loop {
+                for c in &mut children {
+                    if let Ok(Some(status)) = c.0.try_wait() {
+                        return Err(BenchError::Relay(format!("exited during the drain with {status}")));
+                    }
+                }
+                if scheduled(&mut conn, prefix, args.jobs).await? >= rows {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let cpu_after: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
+            drop(children);
+            let rps = rows as f64 / secs;
+            eprintln!("bench: {relays} relay(s) × concurrency {concurrency}: {rps:.0} rows/s");
+            runs.push(ScalingRun {
+                relays,
+                concurrency,
+                rows_per_sec: rps,
+                ratio_to_floor: rps / floor_rps.max(1e-9),
+                relay_cpu_seconds: cpu_after - cpu_before,
+            });
+            // Whatever is left (none, normally) must not leak into the next run.
+            client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+        }
+    }
+    Ok(ScalingReport {
+        rows,
+        jobs: args.jobs,
+        batch_size: cfg.sweep.batch_size,
+        floor_rows_per_sec: floor_rps,
+        runs,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+fn print_scaling(r: &ScalingReport) {
+    println!(
+        "{} rows over {} jobs per drain, batch {}, {} cores; floor (Postgres alone, 1 connection) {:.0} rows/s",
+        r.rows, r.jobs, r.batch_size, r.cores, r.floor_rows_per_sec
+    );
+    println!();
+    println!("| relays | sweep.concurrency | rows/s | × floor | relay CPU s |");
+    println!("| --- | --- | --- | --- | --- |");
+    for run in &r.runs {
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.1} |",
+            run.relays, run.concurrency, run.rows_per_sec, run.ratio_to_floor, run.relay_cpu_seconds
+        );
+    }
 }
 
 /// Commit single rows at `rate`/s (each for a job of its own) and time each
