@@ -247,3 +247,74 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     assert_eq!(report.delivered as u64, produced);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn resharding_mid_drain_is_followed_without_loss() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = jobs(200);
+    let env = cluster_env(&db, &cluster, &prefix, &[("OUTBOX_RELAY_LOG__LEVEL", "info")]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let (max_attempts, watcher) = watch_attempts(db.url.clone());
+    let producer = Producer::start(db.url.clone(), js.clone(), 100, Duration::from_millis(20));
+    let delivered = || async {
+        db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
+            .await
+    };
+    wait_until("drain under way", Duration::from_secs(60), || async {
+        delivered().await >= 2_000
+    })
+    .await;
+
+    // Move 3000 slots (keys and all) from one master to another while rows
+    // flow: the relay meets ASK during the migration and MOVED after it.
+    let masters = cluster.masters().expect("cluster topology");
+    let id = |port: u16| {
+        common::cluster::cli(port, &["CLUSTER", "MYID"])
+            .map(|s| s.trim().to_string())
+            .expect("node id")
+    };
+    let (from, to) = (id(masters[0].port), id(masters[1].port));
+    let status = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &format!("127.0.0.1:{}", masters[0].port)])
+        .args(["--cluster-from", &from, "--cluster-to", &to, "--cluster-slots", "3000"])
+        .args(["--cluster-yes", "--cluster-pipeline", "100"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run redis-cli --cluster reshard");
+    assert!(status.success(), "reshard failed");
+    let moved = cluster.masters().expect("cluster topology");
+    let to_port = masters[1].port;
+    assert!(
+        moved
+            .iter()
+            .find(|m| m.port == to_port)
+            .expect("target master")
+            .ranges
+            .len()
+            > masters[1].ranges.len(),
+        "slots moved: {moved:?}"
+    );
+    let after = delivered().await;
+    wait_until(
+        "drain continues after the resharding",
+        Duration::from_secs(60),
+        || async { delivered().await >= after + 2_000 },
+    )
+    .await;
+    let produced = producer.stop().await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+    watcher.abort();
+
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(max_attempts.load(Ordering::Relaxed), 0, "redirects counted no attempt");
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!(report.delivered as u64, produced);
+    relay.stop().await;
+}

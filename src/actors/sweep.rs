@@ -73,7 +73,7 @@ pub struct SweepStats {
 }
 
 /// Rows a fresh-lane tick claims at most.
-pub const FRESH_BATCH: u32 = 100;
+pub const FRESH_BATCH: u32 = 20;
 
 /// Lanes resume their claim after the last key claimed, so they do not
 /// re-walk the index entries of rows already delivered; at least this often
@@ -494,8 +494,11 @@ impl SweepActor {
                 return self.fail(ctx, format!("tick {panic}"));
             }
         };
+        let mut fresh_full = false;
         let pace = match result {
             Ok(report) => {
+                fresh_full =
+                    lane == Lane::Fresh && report.claimed >= self.settings.batch_size.min(FRESH_BATCH) as usize;
                 self.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
@@ -544,6 +547,16 @@ impl SweepActor {
             // The fresh lane does not reschedule itself; it runs again only
             // for a wake-up that came while it ran.
             Lane::Fresh => {
+                // More new rows than one fresh batch: an idle lane takes over now.
+                if fresh_full && !self.stopping {
+                    if let Some(timer) = self.idle_timers.pop() {
+                        ctx.cancel_future(timer);
+                        ctx.notify(Tick {
+                            deadline: Deadline::after(self.settings.tick_timeout),
+                            lane: Lane::Drain,
+                        });
+                    }
+                }
                 if std::mem::take(&mut self.fresh_again) && !self.stopping {
                     ctx.notify(Tick {
                         deadline: Deadline::after(self.settings.tick_timeout),
@@ -684,29 +697,24 @@ impl Handler<Wake> for SweepActor {
         if self.stopping || self.pool.is_none() {
             return;
         }
-        match self.idle_timers.pop() {
-            // Idle: skip the rest of the wait.
-            Some(timer) => {
-                ctx.cancel_future(timer);
-                ctx.notify(Tick {
-                    deadline: Deadline::after(self.settings.tick_timeout),
-                    lane: Lane::Drain,
-                });
-            }
+        if self.idle_timers.is_empty() {
             // Every lane is busy (draining a backlog, say): make sure a lane
-            // ticks again, and get the new rows out now on the fresh lane.
-            None => {
-                self.woken = true;
-                if self.fresh_in_flight {
-                    self.fresh_again = true;
-                } else {
-                    self.fresh_in_flight = true;
-                    ctx.notify(Tick {
-                        deadline: Deadline::after(self.settings.tick_timeout),
-                        lane: Lane::Fresh,
-                    });
-                }
-            }
+            // ticks again after its current tick.
+            self.woken = true;
+        }
+        // The new rows go out now on the fresh lane, newest first: they wait
+        // neither behind a backlog nor behind a drain lane's claim from the
+        // start of the index (which, after a big drain and until vacuum,
+        // walks every dead entry the drain left). Idle lanes keep their
+        // cadence; a fresh tick that finds a full batch wakes one of them.
+        if self.fresh_in_flight {
+            self.fresh_again = true;
+        } else {
+            self.fresh_in_flight = true;
+            ctx.notify(Tick {
+                deadline: Deadline::after(self.settings.tick_timeout),
+                lane: Lane::Fresh,
+            });
         }
     }
 }

@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// Backlog drained during the second latency run (0 skips it).
     #[arg(long, default_value_t = 100_000)]
     pub backlog_rows: i64,
+    /// How many times the backlog run is repeated (its samples pooled: one
+    /// drain of 100,000 rows lasts about a second, ~200 samples at 200/s).
+    #[arg(long, default_value_t = 5)]
+    pub backlog_runs: u32,
     /// Instead of the drain and latency runs: drain `--scaling-rows` rows
     /// with 1, 2 and 3 relay processes × `sweep.concurrency` 1, 2 and 4,
     /// each against the floor measured in the same run (docs/SCALING.md).
@@ -387,31 +391,41 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
     }
 
     eprintln!("bench: latency, relay idle…");
-    let idle = latency(
-        cfg,
-        &client,
-        url,
-        prefix,
-        args.latency_rate,
-        Duration::from_secs(args.latency_seconds),
-        0,
-    )
-    .await?;
-    let during = if args.backlog_rows > 0 {
-        eprintln!("bench: latency while a {}-row backlog drains…", args.backlog_rows);
-        seed(&client, args.backlog_rows, args.jobs).await?;
-        Some(
-            latency(
-                cfg,
-                &client,
-                url,
-                prefix,
-                args.latency_rate,
-                Duration::from_secs(60),
-                args.backlog_rows,
-            )
-            .await?,
+    let idle = summarize(
+        latency(
+            cfg,
+            &client,
+            url,
+            prefix,
+            args.latency_rate,
+            Duration::from_secs(args.latency_seconds),
+            0,
         )
+        .await?,
+    );
+    let during = if args.backlog_rows > 0 {
+        let mut samples = Vec::new();
+        for run in 1..=args.backlog_runs.max(1) {
+            eprintln!(
+                "bench: latency while a {}-row backlog drains ({run}/{})…",
+                args.backlog_rows,
+                args.backlog_runs.max(1)
+            );
+            seed(&client, args.backlog_rows, args.jobs).await?;
+            samples.extend(
+                latency(
+                    cfg,
+                    &client,
+                    url,
+                    prefix,
+                    args.latency_rate,
+                    Duration::from_secs(60),
+                    args.backlog_rows,
+                )
+                .await?,
+            );
+        }
+        Some(summarize(samples))
     } else {
         None
     };
@@ -534,7 +548,7 @@ async fn latency(
     rate: u32,
     duration: Duration,
     backlog: i64,
-) -> Result<Latency, BenchError> {
+) -> Result<Vec<f64>, BenchError> {
     let redis_client = ::redis::Client::open(cfg.redis.url.as_str()).map_err(rd)?;
     let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
     let old: Vec<String> = ::redis::cmd("CONFIG")
@@ -624,7 +638,7 @@ async fn latency(
         .query_async(&mut admin)
         .await;
     let seen = seen.lock().map(|m| m.clone()).unwrap_or_default();
-    let mut ms: Vec<f64> = committed
+    let ms: Vec<f64> = committed
         .iter()
         .filter_map(|(j, t)| {
             seen.get(j)
@@ -638,6 +652,11 @@ async fn latency(
             committed.len()
         );
     }
+    Ok(ms)
+}
+
+/// Percentiles of latency samples (ms).
+fn summarize(mut ms: Vec<f64>) -> Latency {
     ms.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| -> f64 {
         if ms.is_empty() {
@@ -645,13 +664,13 @@ async fn latency(
         }
         ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1]
     };
-    Ok(Latency {
+    Latency {
         rows: ms.len(),
         p50_ms: q(0.50),
         p95_ms: q(0.95),
         p99_ms: q(0.99),
         max_ms: ms.last().copied().unwrap_or(0.0),
-    })
+    }
 }
 
 /// Latency rows' job ids all start with this, so one pattern subscribes to them.
