@@ -218,7 +218,10 @@ async fn zadd_cluster(
         let mut c = cluster.clone();
         async move { tokio::time::timeout_at(by, async move { pipe.query_async::<Vec<Value>>(&mut c).await }).await }
     });
-    // The slot map for the WAITs is read while the ZADDs run.
+    // The slot map for the WAITs is read while the ZADDs run. During a
+    // resharding a slot that moves between this read and its ZADD is WAITed
+    // on its old master for this one batch (a narrow window; the next batch
+    // reads the new map).
     let topology = async {
         if wait_replicas == 0 {
             return None;
