@@ -474,13 +474,16 @@ impl Config {
                     "cluster mode needs at least one seed node (e.g. [\"redis://10.0.0.1:6379\"])".into(),
                 );
             }
+            let mut urls_ok = true;
             for (i, url) in self.redis.cluster_urls.iter().enumerate() {
                 if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    urls_ok = false;
                     bad(&format!("redis.cluster_urls[{i}]"), format!("not a Redis URL: {e}"));
                 }
             }
-            if let Err(e) = ::redis::cluster::ClusterClient::new(self.redis.cluster_urls.clone()) {
-                if !self.redis.cluster_urls.is_empty() {
+            // Each URL is fine on its own; the set may still not be (e.g. mixed credentials).
+            if urls_ok && !self.redis.cluster_urls.is_empty() {
+                if let Err(e) = ::redis::cluster::ClusterClient::new(self.redis.cluster_urls.clone()) {
                     bad("redis.cluster_urls", format!("not usable as cluster seeds: {e}"));
                 }
             }

@@ -14,11 +14,6 @@ use std::time::Duration;
 use common::cluster::RedisCluster;
 use common::*;
 use outbox_relay::redis::pipeline::key_slot;
-use uuid::Uuid;
-
-fn jobs(n: usize) -> Vec<Uuid> {
-    (0..n).map(|_| Uuid::new_v4()).collect()
-}
 
 fn cluster_env(db: &TestDb, cluster: &RedisCluster, prefix: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let seeds = cluster.seed_urls();
@@ -56,7 +51,7 @@ async fn cluster_delivers_every_member_to_the_node_owning_its_slot() {
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
-    let js = jobs(200);
+    let js = new_jobs(200);
     produce(&db.client().await, &js, 20_000).await.expect("seed");
 
     let env = cluster_env(&db, &cluster, &prefix, &[("OUTBOX_RELAY_SWEEP__CONCURRENCY", "2")]);
@@ -108,7 +103,7 @@ async fn a_dead_node_defers_only_its_own_entries() {
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
-    let js = jobs(60);
+    let js = new_jobs(60);
     let env = cluster_env(
         &db,
         &cluster,
@@ -179,7 +174,7 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
-    let js = jobs(200);
+    let js = new_jobs(200);
     // Replication is asynchronous: without WAIT, a ZADD the master
     // acknowledged just before dying may never reach the replica that
     // replaces it. `wait_replicas = 1` is what makes "nothing lost" hold.
@@ -198,12 +193,8 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     let (max_attempts, watcher) = watch_attempts(db.url.clone());
     let producer = Producer::start(db.url.clone(), js.clone(), 100, Duration::from_millis(20));
 
-    let delivered = || async {
-        db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
-            .await
-    };
     wait_until("drain under way", Duration::from_secs(60), || async {
-        delivered().await >= 3_000
+        delivered_so_far(&db).await >= 3_000
     })
     .await;
 
@@ -220,11 +211,11 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     })
     .await;
     // The other masters' rows keep flowing meanwhile.
-    let after_failover = delivered().await;
+    let after_failover = delivered_so_far(&db).await;
     wait_until(
         "drain continues after the failover",
         Duration::from_secs(60),
-        || async { delivered().await >= after_failover + 2_000 },
+        || async { delivered_so_far(&db).await >= after_failover + 2_000 },
     )
     .await;
     // The old master comes back as the new master's replica, so WAIT can be
@@ -256,18 +247,14 @@ async fn resharding_mid_drain_is_followed_without_loss() {
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
-    let js = jobs(200);
+    let js = new_jobs(200);
     let env = cluster_env(&db, &cluster, &prefix, &[("OUTBOX_RELAY_LOG__LEVEL", "info")]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     let (max_attempts, watcher) = watch_attempts(db.url.clone());
     let producer = Producer::start(db.url.clone(), js.clone(), 100, Duration::from_millis(20));
-    let delivered = || async {
-        db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
-            .await
-    };
     wait_until("drain under way", Duration::from_secs(60), || async {
-        delivered().await >= 2_000
+        delivered_so_far(&db).await >= 2_000
     })
     .await;
 
@@ -293,11 +280,11 @@ async fn resharding_mid_drain_is_followed_without_loss() {
     let moved = cluster.masters().expect("cluster topology");
     let target = moved.iter().find(|m| m.port == masters[1].port).expect("target master");
     assert_eq!(owned(target), owned(&masters[1]) + 3000, "slots moved: {moved:?}");
-    let after = delivered().await;
+    let after = delivered_so_far(&db).await;
     wait_until(
         "drain continues after the resharding",
         Duration::from_secs(60),
-        || async { delivered().await >= after + 2_000 },
+        || async { delivered_so_far(&db).await >= after + 2_000 },
     )
     .await;
     let produced = producer.stop().await;

@@ -12,17 +12,8 @@ use common::*;
 use redis::AsyncCommands;
 use uuid::Uuid;
 
-fn jobs(n: usize) -> Vec<Uuid> {
-    (0..n).map(|_| Uuid::new_v4()).collect()
-}
-
 async fn outbox_rows(db: &TestDb) -> i64 {
     db.count("SELECT count(*) FROM task_outbox").await
-}
-
-async fn delivered_so_far(db: &TestDb) -> i64 {
-    db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
-        .await
 }
 
 /// Wait until the relay(s) drained everything, then check the invariant.
@@ -49,7 +40,7 @@ async fn kill_9_five_times_mid_drain_loses_nothing() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let js = jobs(50);
+    let js = new_jobs(50);
     let c = db.client().await;
     for _ in 0..4 {
         produce(&c, &js, 45_000).await.expect("seed");
@@ -84,7 +75,7 @@ async fn postgres_restart_mid_drain_needs_no_manual_step() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let js = jobs(10);
+    let js = new_jobs(10);
     produce(&db.client().await, &js, 30_000).await.expect("seed");
     let producer = Producer::start(db.url.clone(), js.clone(), 100, Duration::from_millis(50));
     let env = relay_env(
@@ -124,7 +115,7 @@ async fn redis_restart_and_30s_outage_cost_no_dead_letters() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let mut redis = RedisServer::start_durable().await;
-    let js = jobs(10);
+    let js = new_jobs(10);
     produce(&db.client().await, &js, 10_000).await.expect("seed");
     let producer = Producer::start(db.url.clone(), js.clone(), 50, Duration::from_millis(50));
     let env = relay_env(
@@ -184,7 +175,7 @@ async fn sigterm_under_load_exits_promptly_and_a_restart_finishes() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let js = jobs(20);
+    let js = new_jobs(20);
     produce(&db.client().await, &js, 60_000).await.expect("seed");
     let producer = Producer::start(db.url.clone(), js.clone(), 200, Duration::from_millis(50));
     let env = relay_env(
@@ -224,7 +215,7 @@ async fn the_survivor_takes_over_a_killed_relays_rows() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let js = jobs(20);
+    let js = new_jobs(20);
     produce(&db.client().await, &js, 60_000).await.expect("seed");
     let producer = Producer::start(db.url.clone(), js.clone(), 200, Duration::from_millis(50));
     let env = relay_env(
@@ -258,7 +249,7 @@ async fn poison_rows_are_dead_lettered_precisely_and_good_rows_flow() {
     create_ledger(&db).await;
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
-    let js = jobs(6);
+    let js = new_jobs(6);
     let wrongtype_job = Uuid::new_v4();
     let mut conn = redis_conn(&redis_url).await;
     let _: () = conn

@@ -7,11 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use redis::AsyncCommands;
-use uuid::Uuid;
-
-fn jobs(n: usize) -> Vec<Uuid> {
-    (0..n).map(|_| Uuid::new_v4()).collect()
-}
 
 #[tokio::test]
 async fn three_relays_with_two_ticks_each_settle_every_row_once() {
@@ -38,7 +33,9 @@ async fn three_relays_with_two_ticks_each_settle_every_row_once() {
         r.wait_started().await;
     }
     // The backlog appears while all three are up (LISTEN wakes them all).
-    produce(&db.client().await, &jobs(100), 100_000).await.expect("seed");
+    produce(&db.client().await, &new_jobs(100), 100_000)
+        .await
+        .expect("seed");
     wait_drained(&db, Duration::from_secs(240)).await;
 
     // Each relay counts what it settled; a row settled by two relays would
@@ -102,7 +99,7 @@ async fn wait_replicas_keeps_rows_until_a_replica_has_them() {
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
-    let js = jobs(20);
+    let js = new_jobs(20);
     let c = db.client().await;
 
     // With the replica up: delivered normally, and the replica has it all.

@@ -275,11 +275,9 @@ impl Drop for RelayChild {
     }
 }
 
-fn spawn_relay(url: &str, prefix: &str) -> Result<RelayChild, BenchError> {
-    spawn_relay_with(url, prefix, &[])
-}
-
-fn spawn_relay_with(url: &str, prefix: &str, env: &[(&str, String)]) -> Result<RelayChild, BenchError> {
+/// This binary as `outbox-relay run` on the scratch database and prefix;
+/// `env` adds settings (the rest comes from the benchmark's own environment).
+fn spawn_relay(url: &str, prefix: &str, env: &[(&str, String)]) -> Result<RelayChild, BenchError> {
     let exe = std::env::current_exe().map_err(|e| BenchError::Relay(e.to_string()))?;
     Command::new(exe)
         .arg("run")
@@ -329,12 +327,7 @@ async fn scheduled(conn: &mut ::redis::aio::MultiplexedConnection, prefix: &str,
 }
 
 async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Result<BenchReport, BenchError> {
-    let log = crate::telemetry::logging::discard();
-    db::migrate::migrate(url, STARTUP_TIMEOUT, &log).await?;
-    let client = db::connect(url, STARTUP_TIMEOUT).await?;
-    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
-        .await
-        .map_err(|e| BenchError::Redis(e.to_string()))?;
+    let (client, mut conn) = open_scratch(cfg, url).await?;
     let batch = i64::from(cfg.sweep.batch_size);
     eprintln!(
         "bench: database {}, redis {}, {} rows over {} jobs, batch {}",
@@ -352,27 +345,18 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
 
     eprintln!("bench: drain…");
     seed(&client, args.rows, args.jobs).await?;
-    let mut relay = spawn_relay(url, prefix)?;
-    let pid = relay.0.id();
+    let mut relay = [spawn_relay(url, prefix, &[])?];
+    let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
-    let started = Instant::now();
     let mut marks = Vec::with_capacity(10);
     let mut next = 1;
-    loop {
-        if let Ok(Some(status)) = relay.0.try_wait() {
-            return Err(BenchError::Relay(format!("exited during the drain with {status}")));
-        }
-        let done = scheduled(&mut conn, prefix, args.jobs).await?;
+    let drain_secs = wait_scheduled(&mut relay, &mut conn, prefix, args.jobs, args.rows, |done, at| {
         while next <= 10 && done * 10 >= args.rows * next {
-            marks.push(started.elapsed().as_secs_f64());
+            marks.push(at);
             next += 1;
         }
-        if done >= args.rows {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let drain_secs = started.elapsed().as_secs_f64();
+    })
+    .await?;
     let (cpu_after, _) = proc_usage(pid);
     let left: i64 = client
         .query_typed_one("SELECT count(*) FROM task_outbox", &[])
@@ -454,14 +438,49 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
     })
 }
 
-/// The scaling matrix: the floor, then one drain per (relays, concurrency).
-async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Result<ScalingReport, BenchError> {
+/// Migrate the scratch database; connect to it and to Redis.
+async fn open_scratch(
+    cfg: &Config,
+    url: &str,
+) -> Result<(tokio_postgres::Client, ::redis::aio::MultiplexedConnection), BenchError> {
     let log = crate::telemetry::logging::discard();
     db::migrate::migrate(url, STARTUP_TIMEOUT, &log).await?;
     let client = db::connect(url, STARTUP_TIMEOUT).await?;
-    let mut conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+    let conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
         .await
         .map_err(|e| BenchError::Redis(e.to_string()))?;
+    Ok((client, conn))
+}
+
+/// Poll the schedules until `rows` members arrived, failing if a relay
+/// exits; `progress` sees each count. Returns the seconds it took.
+async fn wait_scheduled(
+    children: &mut [RelayChild],
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    prefix: &str,
+    jobs: i64,
+    rows: i64,
+    mut progress: impl FnMut(i64, f64),
+) -> Result<f64, BenchError> {
+    let started = Instant::now();
+    loop {
+        for c in children.iter_mut() {
+            if let Ok(Some(status)) = c.0.try_wait() {
+                return Err(BenchError::Relay(format!("exited during the drain with {status}")));
+            }
+        }
+        let done = scheduled(conn, prefix, jobs).await?;
+        progress(done, started.elapsed().as_secs_f64());
+        if done >= rows {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The scaling matrix: the floor, then one drain per (relays, concurrency).
+async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Result<ScalingReport, BenchError> {
+    let (client, mut conn) = open_scratch(cfg, url).await?;
     let batch = i64::from(cfg.sweep.batch_size);
     let rows = args.scaling_rows;
     eprintln!(
@@ -479,22 +498,10 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
             let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
             let mut children = Vec::new();
             for _ in 0..relays {
-                children.push(spawn_relay_with(url, prefix, &env)?);
+                children.push(spawn_relay(url, prefix, &env)?);
             }
             let cpu_before: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
-            let started = Instant::now();
-            loop {
-                for c in &mut children {
-                    if let Ok(Some(status)) = c.0.try_wait() {
-                        return Err(BenchError::Relay(format!("exited during the drain with {status}")));
-                    }
-                }
-                if scheduled(&mut conn, prefix, args.jobs).await? >= rows {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let secs = started.elapsed().as_secs_f64();
+            let secs = wait_scheduled(&mut children, &mut conn, prefix, args.jobs, rows, |_, _| {}).await?;
             let cpu_after: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
             drop(children);
             let rps = rows as f64 / secs;

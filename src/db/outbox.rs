@@ -66,7 +66,7 @@ const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
         floor(extract(epoch FROM run_at) * 1000)::int8, run_at
    FROM task_outbox
   WHERE run_at <= now()
-    -- Only the newest FRESH_WINDOW ids: when fewer than LIMIT rows are
+    -- Only the newest 20,000 ids: when fewer than LIMIT rows are
     -- there, the backward scan stops at this bound instead of walking every
     -- dead entry a past drain left in the primary key. Older rows are the
     -- drain lanes' work.

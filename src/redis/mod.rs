@@ -30,10 +30,6 @@ impl RedisPool {
             RedisPool::Cluster(p) => p.state(),
         }
     }
-
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisPool::Cluster(_))
-    }
 }
 
 /// A connection checked out of a [`RedisPool`]; a `ConnectionLike`, so any
@@ -62,33 +58,41 @@ impl RedisConn<'_> {
     }
 }
 
-impl ConnectionLike for RedisConn<'_> {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConn::Standalone(c) => (**c).req_packed_command(cmd),
-            RedisConn::Cluster(c) => (**c).req_packed_command(cmd),
-        }
-    }
+/// `ConnectionLike` for an enum whose two variants (`Standalone`,
+/// `Cluster`) each hold a connection (or a pool guard that derefs to one).
+macro_rules! delegate_connection_like {
+    ($ty:ty, $name:ident) => {
+        impl ConnectionLike for $ty {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                match self {
+                    $name::Standalone(c) => c.req_packed_command(cmd),
+                    $name::Cluster(c) => c.req_packed_command(cmd),
+                }
+            }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConn::Standalone(c) => (**c).req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => (**c).req_packed_commands(pipeline, offset, count),
-        }
-    }
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                match self {
+                    $name::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+                    $name::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+                }
+            }
 
-    fn get_db(&self) -> i64 {
-        match self {
-            RedisConn::Standalone(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            fn get_db(&self) -> i64 {
+                match self {
+                    $name::Standalone(c) => c.get_db(),
+                    $name::Cluster(c) => c.get_db(),
+                }
+            }
         }
-    }
+    };
 }
+
+delegate_connection_like!(RedisConn<'_>, RedisConn);
 
 /// A pool and the latest reason its connections failed.
 #[derive(Clone, Debug)]
@@ -183,33 +187,7 @@ pub enum DirectConn {
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for DirectConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            DirectConn::Standalone(c) => c.req_packed_command(cmd),
-            DirectConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            DirectConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            DirectConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            DirectConn::Standalone(c) => c.get_db(),
-            DirectConn::Cluster(c) => c.get_db(),
-        }
-    }
-}
+delegate_connection_like!(DirectConn, DirectConn);
 
 /// Connect as the config says (standalone `url` or the cluster's seeds),
 /// failing with the real cause instead of a pool timeout.

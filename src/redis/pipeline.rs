@@ -147,9 +147,10 @@ pub struct BatchOutcome {
 /// `Deferred` (re-sent next tick, no attempt counted), while the other
 /// slots are delivered in the same tick.
 ///
-/// With `wait_replicas > 0` each pipeline ends with `WAIT n <half the time
-/// left>`; if fewer replicas acknowledge, the pipeline's delivered entries
-/// are reported `Deferred` so their rows are re-sent rather than deleted.
+/// With `wait_replicas > 0`, `WAIT n <half the time left>` follows the
+/// ZADDs (at the end of the standalone pipeline; once per master in a
+/// cluster); entries whose WAIT saw fewer replicas are reported `Deferred`
+/// so their rows are re-sent rather than deleted.
 pub async fn zadd_batch(
     redis: &Redis,
     entries: &[ScheduleEntry],

@@ -639,6 +639,17 @@ pub async fn assert_all_delivered(redis_url: &str, prefix: &str, expected: &Hash
     }
 }
 
+/// `n` fresh job ids.
+pub fn new_jobs(n: usize) -> Vec<uuid::Uuid> {
+    (0..n).map(|_| uuid::Uuid::new_v4()).collect()
+}
+
+/// Rows of the ledger no longer in the outbox (delivered or dead-lettered).
+pub async fn delivered_so_far(db: &TestDb) -> i64 {
+    db.count("SELECT (SELECT count(*) FROM produced) - (SELECT count(*) FROM task_outbox)")
+        .await
+}
+
 /// The ledger of produced rows (`produced`): the same columns as the outbox,
 /// written by [`produce`] in the same statement as the outbox rows.
 pub async fn create_ledger(db: &TestDb) {
