@@ -240,8 +240,6 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
 }
 
 #[tokio::test]
-#[ignore = "flaky: in 1 of 5 runs the relay stopped delivering for over 60 s after a live resharding (suspected \
-            redis-rs cluster connection wedge, as seen after a master was killed); run with --ignored while fixing"]
 async fn resharding_mid_drain_is_followed_without_loss() {
     let cluster = RedisCluster::start(3, 0).await;
     let db = TestDb::new().await;

@@ -20,7 +20,50 @@ use crate::pool::LastError;
 #[derive(Clone, Debug)]
 pub enum RedisPool {
     Standalone(bb8::Pool<RedisConnectionManager>),
-    Cluster(bb8::Pool<ClusterClient>),
+    Cluster(bb8::Pool<ClusterManager>),
+}
+
+/// bb8 manager for cluster connections. redis-rs's own (feature `bb8`)
+/// never reports a connection broken; ours lets the dispatch path discard
+/// one that stopped answering altogether (see [`RedisConn::discard`]).
+#[derive(Clone, Debug)]
+pub struct ClusterManager(ClusterClient);
+
+/// A pooled cluster connection and whether it must be thrown away.
+pub struct ClusterConn {
+    conn: ClusterConnection,
+    broken: bool,
+}
+
+impl std::ops::Deref for ClusterConn {
+    type Target = ClusterConnection;
+    fn deref(&self) -> &ClusterConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for ClusterConn {
+    fn deref_mut(&mut self) -> &mut ClusterConnection {
+        &mut self.conn
+    }
+}
+
+impl bb8::ManageConnection for ClusterManager {
+    type Connection = ClusterConn;
+    type Error = ::redis::RedisError;
+
+    async fn connect(&self) -> Result<ClusterConn, ::redis::RedisError> {
+        let conn = self.0.get_async_connection().await?;
+        Ok(ClusterConn { conn, broken: false })
+    }
+
+    async fn is_valid(&self, conn: &mut ClusterConn) -> Result<(), ::redis::RedisError> {
+        ::redis::cmd("PING").query_async::<()>(&mut conn.conn).await
+    }
+
+    fn has_broken(&self, conn: &mut ClusterConn) -> bool {
+        conn.broken
+    }
 }
 
 impl RedisPool {
@@ -37,7 +80,7 @@ impl RedisPool {
 /// hash slot, and MOVED/ASK redirects are followed by the client.
 pub enum RedisConn<'a> {
     Standalone(bb8::PooledConnection<'a, RedisConnectionManager>),
-    Cluster(bb8::PooledConnection<'a, ClusterClient>),
+    Cluster(bb8::PooledConnection<'a, ClusterManager>),
 }
 
 impl RedisConn<'_> {
@@ -52,8 +95,21 @@ impl RedisConn<'_> {
     /// The cluster handle, to send per-slot pipelines concurrently.
     pub fn cluster(&self) -> Option<ClusterConnection> {
         match self {
-            RedisConn::Cluster(c) => Some((**c).clone()),
+            RedisConn::Cluster(c) => Some(c.conn.clone()),
             RedisConn::Standalone(_) => None,
+        }
+    }
+
+    /// Do not return this connection to the pool: bb8 drops it and builds a
+    /// new one. For a cluster connection that answered nothing on any node
+    /// while it was used. redis-rs's cluster connection can deadlock
+    /// for good (a slot refresh waiting on a lock that a request it no
+    /// longer polls holds), seen after a master died and during a
+    /// resharding; only a new connection recovers. Standalone connections
+    /// are checked with PING on checkout instead.
+    pub fn discard(&mut self) {
+        if let RedisConn::Cluster(c) = self {
+            c.broken = true;
         }
     }
 }
@@ -173,7 +229,7 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
                 .connection_timeout(checkout_timeout)
                 .test_on_check_out(false)
                 .error_sink(Box::new(last_error.clone()))
-                .build_unchecked(cluster_client(cfg, checkout_timeout)?),
+                .build_unchecked(ClusterManager(cluster_client(cfg, checkout_timeout)?)),
         ),
     };
     Ok(Redis { pool, last_error })
@@ -240,6 +296,8 @@ pub struct SlotRange {
     pub end: u16,
     /// `host:port` of the master.
     pub master: String,
+    /// The master's node id (CLUSTER SLOTS gives it since Redis 4).
+    pub master_id: Option<String>,
 }
 
 /// The cluster's slot map as one node reports it.
@@ -275,6 +333,7 @@ pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
                 start: u16::try_from(*start).ok()?,
                 end: u16::try_from(*end).ok()?,
                 master: format!("{host}:{port}"),
+                master_id: master.get(2).and_then(text),
             })
         })
         .collect()
@@ -292,5 +351,52 @@ pub async fn ping(cfg: &RedisConfig, timeout: Duration) -> Result<Duration, Redi
         Ok(Ok(_)) => Ok(started.elapsed()),
         Ok(Err(e)) => Err(unreachable(e.to_string())),
         Err(_) => Err(unreachable(format!("no answer within {}ms", timeout.as_millis()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn cluster_slots_keep_master_address_and_id() {
+        // Two ranges as Redis 7 answers CLUSTER SLOTS: [start, end, master, replica...],
+        // each node as [host, port, id, {metadata}].
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                Value::Array(vec![
+                    bulk("10.0.0.1"),
+                    Value::Int(7000),
+                    bulk("aaa"),
+                    Value::Array(vec![]),
+                ]),
+                Value::Array(vec![
+                    bulk("10.0.0.4"),
+                    Value::Int(7003),
+                    bulk("ddd"),
+                    Value::Array(vec![]),
+                ]),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                Value::Array(vec![bulk("10.0.0.2"), Value::Int(7001)]),
+            ]),
+            Value::Int(3),
+        ]);
+        let ranges = parse_cluster_slots(&reply);
+        assert_eq!(ranges.len(), 2, "malformed entries are skipped: {ranges:?}");
+        assert_eq!((ranges[0].start, ranges[0].end), (0, 5460));
+        assert_eq!(ranges[0].master, "10.0.0.1:7000");
+        assert_eq!(ranges[0].master_id.as_deref(), Some("aaa"));
+        assert_eq!(ranges[1].master, "10.0.0.2:7001");
+        assert_eq!(ranges[1].master_id, None, "pre-Redis-4 replies have no id");
+        assert!(parse_cluster_slots(&Value::Nil).is_empty());
     }
 }

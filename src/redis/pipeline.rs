@@ -192,15 +192,31 @@ pub async fn zadd_batch(
         apply_replies(&mut batch, &groups, &all, wait_replicas, &replies)?;
         return Ok(batch);
     };
-    drop(conn);
-    zadd_cluster(cluster, entries, &groups, wait_replicas, wait_ms, deadline, batch).await
+    let result = zadd_cluster(cluster, entries, &groups, wait_replicas, wait_ms, deadline, batch).await;
+    if matches!(result, Err(DispatchError::Deadline(_) | DispatchError::Unavailable(_))) {
+        // Not one slot answered on this connection. Whether the nodes are
+        // down or the connection is wedged, a new one costs little and is
+        // the only way out of the latter (other pooled connections may be
+        // delivering meanwhile, so no error budget would ever run out).
+        conn.discard();
+    }
+    result
 }
 
 /// The cluster half of [`zadd_batch`]: one ZADD pipeline per hash slot, all
-/// at once; then, with `wait_replicas`, one `WAIT` per master that took
+/// at once; then, with `wait_replicas`, one `WAIT` per node that took
 /// writes. WAIT is not put in the per-slot pipelines: a master runs a
 /// connection's commands in order and WAIT blocks that connection, so a
 /// shortfall would cost one WAIT timeout per slot instead of one per node.
+///
+/// The WAIT must reach the node that ran the ZADDs, not the node some slot
+/// map says owns the slot: during a failover or a resharding the client's
+/// map, ours and the cluster's disagree for a moment (a master that was
+/// killed and restarted believes it still owns its slots until gossip
+/// demotes it, and accepts writes it then throws away). So each slot
+/// pipeline ends with `CLUSTER MYID`, answered by whichever node finally
+/// ran it after the redirects the client followed, and the WAIT goes to
+/// that node by address.
 async fn zadd_cluster(
     cluster: ::redis::cluster_async::ClusterConnection,
     entries: &[ScheduleEntry],
@@ -213,18 +229,26 @@ async fn zadd_cluster(
     // A slot that has not answered by three quarters of the time left is
     // given up on, so the tick can still settle the slots that did answer.
     let by = deadline.instant() - deadline.remaining() / 4;
+    let durable = wait_replicas > 0;
     let slots = group_by_slot(groups);
     let sends = slots.iter().map(|members| {
-        let pipe = build_pipeline(entries, groups, members, 0, 0);
+        let mut pipe = build_pipeline(entries, groups, members, 0, 0);
+        if durable {
+            pipe.cmd("CLUSTER").arg("MYID");
+        }
+        // Routed by the slot explicitly: the client would take MYID for a key.
+        let to = ::redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(::redis::cluster_routing::Route::new(
+            key_slot(groups[members[0]].0),
+            ::redis::cluster_routing::SlotAddr::Master,
+        ));
+        let count = pipe.len();
         let mut c = cluster.clone();
-        async move { tokio::time::timeout_at(by, async move { pipe.query_async::<Vec<Value>>(&mut c).await }).await }
+        async move { tokio::time::timeout_at(by, c.route_pipeline(pipe, 0, count, to)).await }
     });
-    // The slot map for the WAITs is read while the ZADDs run. During a
-    // resharding a slot that moves between this read and its ZADD is WAITed
-    // on its old master for this one batch (a narrow window; the next batch
-    // reads the new map).
+    // Node ids to addresses, read while the ZADDs run (ids and addresses
+    // do not change when slots move).
     let topology = async {
-        if wait_replicas == 0 {
+        if !durable {
             return None;
         }
         let mut c = cluster.clone();
@@ -236,17 +260,25 @@ async fn zadd_cluster(
     let (results, topology) = tokio::join!(futures_util::future::join_all(sends), topology);
     let mut failed_slots = 0;
     let mut stalled_slots = 0;
-    let mut answered: Vec<(u16, &Vec<usize>)> = Vec::new();
+    // (the id of the node that ran the slot's pipeline, the slot's key groups)
+    let mut answered: Vec<(Option<String>, &Vec<usize>)> = Vec::new();
     for (members, result) in slots.iter().zip(results) {
         let slot = key_slot(groups[members[0]].0);
         let why = match result {
-            Ok(Ok(replies)) => match apply_replies(&mut batch, groups, members, 0, &replies) {
-                Ok(()) => {
-                    answered.push((slot, members));
-                    continue;
+            Ok(Ok(mut replies)) => {
+                let ran_on = if durable {
+                    replies.pop().as_ref().and_then(text)
+                } else {
+                    None
+                };
+                match apply_replies(&mut batch, groups, members, 0, &replies) {
+                    Ok(()) => {
+                        answered.push((ran_on, members));
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
                 }
-                Err(e) => e.to_string(),
-            },
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => {
                 stalled_slots += 1;
@@ -279,58 +311,61 @@ async fn zadd_cluster(
                 .unwrap_or_else(|| "redis cluster unreachable".into()),
         ));
     }
-    if wait_replicas == 0 || answered.is_empty() {
+    if !durable || answered.is_empty() {
         return Ok(batch);
     }
 
-    // Group the slots that took writes by master; WAIT once on each.
-    let ranges = topology.unwrap_or_default();
-    // (master or None when unknown, a slot to route its WAIT by, its slots' key groups)
-    type MasterWrites<'a> = (Option<String>, u16, Vec<&'a Vec<usize>>);
-    let mut by_master: Vec<MasterWrites> = Vec::new();
-    for (slot, members) in answered {
-        let master = ranges
-            .iter()
-            .find(|r| (r.start..=r.end).contains(&slot))
-            .map(|r| r.master.clone());
-        match by_master.iter_mut().find(|(m, _, _)| m.is_some() && *m == master) {
-            Some((_, _, list)) => list.push(members),
-            None => by_master.push((master, slot, vec![members])),
+    let masters = topology.unwrap_or_default();
+    let mut by_node: Vec<(Option<String>, Vec<&Vec<usize>>)> = Vec::new();
+    for (ran_on, members) in answered {
+        match by_node.iter_mut().find(|(id, _)| id.is_some() && *id == ran_on) {
+            Some((_, list)) => list.push(members),
+            None => by_node.push((ran_on, vec![members])),
         }
     }
-    let waits = by_master.iter().map(|(master, slot, _)| {
+    let waits = by_node.iter().map(|(id, _)| {
+        let addr = id.as_ref().and_then(|id| {
+            masters
+                .iter()
+                .find(|r| r.master_id.as_deref() == Some(id.as_str()))
+                .map(|r| r.master.clone())
+        });
         let mut c = cluster.clone();
-        let known = master.is_some();
-        let slot = *slot;
         async move {
-            if !known {
-                return Err("the cluster's slot map could not be read".to_string());
-            }
+            let Some(addr) = addr else {
+                let why = match id {
+                    None => "the node that took the writes did not say which it was",
+                    Some(_) => "the node that took the writes is not a master in the cluster's slot map",
+                };
+                return (None, Err(why.to_string()));
+            };
+            let Some((host, port)) = addr
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+            else {
+                return (Some(addr.clone()), Err(format!("unusable node address {addr}")));
+            };
             let mut wait = ::redis::cmd("WAIT");
             wait.arg(wait_replicas).arg(wait_ms);
             let to = ::redis::cluster_routing::RoutingInfo::SingleNode(
-                ::redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(::redis::cluster_routing::Route::new(
-                    slot,
-                    ::redis::cluster_routing::SlotAddr::Master,
-                )),
+                ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port },
             );
-            match tokio::time::timeout_at(by, c.route_command(wait, to)).await {
+            let acked = match tokio::time::timeout_at(by, c.route_command(wait, to)).await {
                 Ok(Ok(Value::Int(n))) => Ok(n),
                 Ok(Ok(other)) => Err(format!("unexpected WAIT reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("no answer before the tick deadline".to_string()),
-            }
+            };
+            (Some(addr), acked)
         }
     });
     let acks = futures_util::future::join_all(waits).await;
-    for ((master, _, members), acked) in by_master.iter().zip(acks) {
+    for ((_, members), (addr, acked)) in by_node.iter().zip(acks) {
+        let on = addr.as_deref().unwrap_or("?");
         let why = match acked {
             Ok(n) if n >= i64::from(wait_replicas) => continue,
-            Ok(n) => format!(
-                "WAIT: {n} of {wait_replicas} replicas acknowledged the batch on {}",
-                master.as_deref().unwrap_or("?")
-            ),
-            Err(e) => format!("WAIT on {} failed: {e}", master.as_deref().unwrap_or("?")),
+            Ok(n) => format!("WAIT: {n} of {wait_replicas} replicas acknowledged the batch on {on}"),
+            Err(e) => format!("WAIT on {on} failed: {e}"),
         };
         for list in members {
             for &g in *list {
@@ -345,6 +380,15 @@ async fn zadd_cluster(
         batch.wait_shortfall = Some(why);
     }
     Ok(batch)
+}
+
+/// A bulk or simple string reply as text.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// The pipeline for the key groups `members` (indexes into `groups`).

@@ -65,7 +65,52 @@ pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
         .build_with_guard();
     let drain = async_drain.filter_level(level).ignore_res();
     let log = Logger::root(drain, o!());
+    forward_library_logs(&log, level);
     (log, LogGuard { _guard: Some(guard) })
+}
+
+/// Route what our libraries say through the `log` facade (redis-rs's
+/// cluster recovery, tokio-postgres's server notices, bb8) into the same
+/// log lines, tagged `"source": "library"` and the library's module path.
+/// Libraries speak one step quieter than we do: at our `info` only their
+/// errors pass (redis-rs warns once per failed reconnect attempt, dozens
+/// of lines a second while a node is down), at `debug` their warnings, at
+/// `trace` their info as our debug.
+fn forward_library_logs(log: &Logger, level: Level) {
+    struct Bridge {
+        log: Logger,
+        max: log::LevelFilter,
+    }
+    impl log::Log for Bridge {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= self.max
+        }
+        fn log(&self, r: &log::Record) {
+            if !self.enabled(r.metadata()) {
+                return;
+            }
+            let target = r.target().to_string();
+            let msg = r.args().to_string();
+            let kv = o!("source" => "library", "target" => target);
+            let l = self.log.new(kv);
+            match r.level() {
+                log::Level::Error => slog::error!(l, "{}", msg),
+                log::Level::Warn => slog::warn!(l, "{}", msg),
+                log::Level::Info => slog::debug!(l, "{}", msg),
+                log::Level::Debug | log::Level::Trace => slog::trace!(l, "{}", msg),
+            }
+        }
+        fn flush(&self) {}
+    }
+    let max = match level {
+        Level::Critical | Level::Error | Level::Warning | Level::Info => log::LevelFilter::Error,
+        Level::Debug => log::LevelFilter::Warn,
+        Level::Trace => log::LevelFilter::Info,
+    };
+    // Only the first logger built in a process is installed (tests build many).
+    if log::set_boxed_logger(Box::new(Bridge { log: log.clone(), max })).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
 /// A logger that discards everything (library callers, unit tests).
