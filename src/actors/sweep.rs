@@ -36,6 +36,7 @@ use crate::deadline::{Deadline, Expired};
 use crate::redis::member::{encode_member, schedule_key};
 use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
 use crate::settle::{settle, RetryPolicy, RowOutcome};
+use crate::telemetry::logging::Throttle;
 use crate::telemetry::metrics::Metrics;
 
 /// How long a commit may run past the deadline. The outcome of a commit cut
@@ -378,7 +379,13 @@ pub struct SweepActor {
     fresh_again: bool,
     /// Set when the actor fails: how long the restarted actor waits before work.
     restart_delay: Option<Duration>,
+    /// Per-tick warnings (Redis unavailable / refusing / row retries), at
+    /// most one line per [`WARN_EVERY`] each.
+    warn_throttles: [Throttle; 3],
 }
+
+/// How often a warning that every tick could repeat is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl SweepActor {
     pub fn new(
@@ -409,6 +416,7 @@ impl SweepActor {
             fresh_in_flight: false,
             fresh_again: false,
             restart_delay: None,
+            warn_throttles: std::array::from_fn(|_| Throttle::new(WARN_EVERY)),
         }
     }
 
@@ -569,7 +577,7 @@ impl SweepActor {
         }
     }
 
-    fn record(&self, r: &TickReport) {
+    fn record(&mut self, r: &TickReport) {
         let rows = &self.metrics.sweep_rows;
         rows.with_label_values(&["dispatched"]).inc_by(r.delivered as u64);
         rows.with_label_values(&["retried"]).inc_by(r.retried as u64);
@@ -587,16 +595,25 @@ impl SweepActor {
                 "claim_us" => r.stage_us[0], "dispatch_us" => r.stage_us[1],
                 "settle_us" => r.stage_us[2], "commit_us" => r.stage_us[3]);
         }
+        // `rows` is this tick's; `suppressed` counts the ticks since the
+        // last line that had the same news.
+        let now = std::time::Instant::now();
         if let Some(why) = &r.redis_unavailable {
-            warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
-                "rows" => r.deferred, "error" => why);
+            if let Some(held) = self.warn_throttles[0].pass(now) {
+                warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
+                    "rows" => r.deferred, "error" => why, "suppressed" => held);
+            }
         } else if let Some(why) = &r.deferred_reason {
-            warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
-                "rows" => r.deferred, "error" => why);
+            if let Some(held) = self.warn_throttles[1].pass(now) {
+                warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
+                    "rows" => r.deferred, "error" => why, "suppressed" => held);
+            }
         }
         if let Some(err) = &r.last_retry_error {
-            warn!(self.log, "rows failed in redis and will be retried with backoff";
-                "count" => r.retried, "last_error" => err);
+            if let Some(held) = self.warn_throttles[2].pass(now) {
+                warn!(self.log, "rows failed in redis and will be retried with backoff";
+                    "count" => r.retried, "last_error" => err, "suppressed" => held);
+            }
         }
         if r.dead_lettered > 0 {
             self.dead_letter.do_send(RowsDeadLettered {

@@ -113,6 +113,42 @@ fn forward_library_logs(log: &Logger, level: Level) {
     }
 }
 
+/// Lets a recurring warning through at most once per `every`, counting the
+/// occurrences it held back so the next line can say how many. A tick runs
+/// every few milliseconds while Redis is refusing; one line per tick would
+/// bury everything else.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    pub fn new(every: std::time::Duration) -> Self {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// `Some(n)` when this occurrence should be logged, `n` being how many
+    /// were held back since the last line; `None` to stay quiet.
+    pub fn pass(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.held += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held))
+            }
+        }
+    }
+}
+
 /// A logger that discards everything (library callers, unit tests).
 pub fn discard() -> Logger {
     Logger::root(slog::Discard, o!())
@@ -160,6 +196,20 @@ mod tests {
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(20_783), (2026, 11, 26));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let t0 = std::time::Instant::now();
+        let s = std::time::Duration::from_secs(1);
+        let mut t = Throttle::new(10 * s);
+        assert_eq!(t.pass(t0), Some(0), "the first occurrence is logged");
+        assert_eq!(t.pass(t0 + s), None);
+        assert_eq!(t.pass(t0 + 9 * s), None);
+        assert_eq!(t.pass(t0 + 10 * s), Some(2), "the next line reports the two held back");
+        assert_eq!(t.pass(t0 + 11 * s), None);
+        assert_eq!(t.pass(t0 + 30 * s), Some(1));
+        assert_eq!(t.pass(t0 + 31 * s), None);
     }
 
     #[test]
