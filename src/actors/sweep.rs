@@ -510,7 +510,7 @@ impl SweepActor {
                 self.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
-                self.record(&report);
+                self.record(lane, &report);
                 if lane == Lane::Drain {
                     // Resume after this batch next time (a claim from the
                     // start that found an older backlog moves the cursor
@@ -577,7 +577,7 @@ impl SweepActor {
         }
     }
 
-    fn record(&mut self, r: &TickReport) {
+    fn record(&mut self, lane: Lane, r: &TickReport) {
         let rows = &self.metrics.sweep_rows;
         rows.with_label_values(&["dispatched"]).inc_by(r.delivered as u64);
         rows.with_label_values(&["retried"]).inc_by(r.retried as u64);
@@ -589,7 +589,7 @@ impl SweepActor {
             .dead_lettered
             .fetch_add(r.dead_lettered as u64, Ordering::Relaxed);
         if r.claimed > 0 {
-            debug!(self.log, "sweep tick settled";
+            debug!(self.log, "sweep tick settled"; "lane" => ?lane,
                 "claimed" => r.claimed, "delivered" => r.delivered, "retried" => r.retried,
                 "dead_lettered" => r.dead_lettered, "deferred" => r.deferred,
                 "claim_us" => r.stage_us[0], "dispatch_us" => r.stage_us[1],

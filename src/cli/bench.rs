@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Append the relay's own log lines, at debug level (one `sweep tick
+    /// settled` line per tick with its lane and stage timings), to FILE:
+    /// for finding where a slow run spends its time.
+    #[arg(long, value_name = "FILE")]
+    pub relay_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -277,8 +282,24 @@ impl Drop for RelayChild {
 
 /// This binary as `outbox-relay run` on the scratch database and prefix;
 /// `env` adds settings (the rest comes from the benchmark's own environment).
-fn spawn_relay(url: &str, prefix: &str, env: &[(&str, String)]) -> Result<RelayChild, BenchError> {
+fn spawn_relay(
+    url: &str,
+    prefix: &str,
+    env: &[(&str, String)],
+    log: Option<&std::path::Path>,
+) -> Result<RelayChild, BenchError> {
     let exe = std::env::current_exe().map_err(|e| BenchError::Relay(e.to_string()))?;
+    let (level, stdout) = match log {
+        None => ("warning", Stdio::null()),
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| BenchError::Relay(format!("cannot open {}: {e}", path.display())))?;
+            ("debug", Stdio::from(file))
+        }
+    };
     Command::new(exe)
         .arg("run")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -286,8 +307,8 @@ fn spawn_relay(url: &str, prefix: &str, env: &[(&str, String)]) -> Result<RelayC
         .env("OUTBOX_RELAY_DATABASE__LISTEN_URL", url)
         .env("OUTBOX_RELAY_REDIS__KEY_PREFIX", prefix)
         .env("OUTBOX_RELAY_HTTP__LISTEN", "127.0.0.1:0")
-        .env("OUTBOX_RELAY_LOG__LEVEL", "warning")
-        .stdout(Stdio::null())
+        .env("OUTBOX_RELAY_LOG__LEVEL", level)
+        .stdout(stdout)
         .stdin(Stdio::null())
         .spawn()
         .map(RelayChild)
@@ -345,7 +366,7 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
 
     eprintln!("bench: drain…");
     seed(&client, args.rows, args.jobs).await?;
-    let mut relay = [spawn_relay(url, prefix, &[])?];
+    let mut relay = [spawn_relay(url, prefix, &[], args.relay_log.as_deref())?];
     let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
     let mut marks = Vec::with_capacity(10);
@@ -498,7 +519,7 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
             let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
             let mut children = Vec::new();
             for _ in 0..relays {
-                children.push(spawn_relay(url, prefix, &env)?);
+                children.push(spawn_relay(url, prefix, &env, args.relay_log.as_deref())?);
             }
             let cpu_before: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
             let secs = wait_scheduled(&mut children, &mut conn, prefix, args.jobs, rows, |_, _| {}).await?;

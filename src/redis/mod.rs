@@ -19,8 +19,84 @@ use crate::pool::LastError;
 /// redis-rs's cluster client (bb8-redis has no cluster support).
 #[derive(Clone, Debug)]
 pub enum RedisPool {
-    Standalone(bb8::Pool<RedisConnectionManager>),
+    Standalone(bb8::Pool<StandaloneManager>),
     Cluster(bb8::Pool<ClusterManager>),
+}
+
+/// bb8 manager for one Redis server: bb8-redis's, except that a connection
+/// on which a command failed at the transport level (I/O error, dropped,
+/// no reply in time) is reported broken and dropped when it goes back to
+/// the pool. bb8-redis's own manager never reports one broken, so a pool
+/// would otherwise need a PING on every checkout to notice a dead
+/// connection: one more round trip per batch, on the latency path.
+#[derive(Clone, Debug)]
+pub struct StandaloneManager(RedisConnectionManager);
+
+/// A pooled standalone connection that remembers a transport failure.
+pub struct StandaloneConn {
+    conn: MultiplexedConnection,
+    broken: bool,
+}
+
+impl StandaloneConn {
+    fn note(&mut self, e: &::redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
+            self.broken = true;
+        }
+    }
+
+    pub fn set_response_timeout(&mut self, timeout: Duration) {
+        self.conn.set_response_timeout(timeout);
+    }
+}
+
+impl ConnectionLike for StandaloneConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let r = self.conn.req_packed_command(cmd).await;
+            if let Err(e) = &r {
+                self.note(e);
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let r = self.conn.req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &r {
+                self.note(e);
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+impl bb8::ManageConnection for StandaloneManager {
+    type Connection = StandaloneConn;
+    type Error = ::redis::RedisError;
+
+    async fn connect(&self) -> Result<StandaloneConn, ::redis::RedisError> {
+        let conn = self.0.connect().await?;
+        Ok(StandaloneConn { conn, broken: false })
+    }
+
+    async fn is_valid(&self, conn: &mut StandaloneConn) -> Result<(), ::redis::RedisError> {
+        self.0.is_valid(&mut conn.conn).await
+    }
+
+    fn has_broken(&self, conn: &mut StandaloneConn) -> bool {
+        conn.broken
+    }
 }
 
 /// bb8 manager for cluster connections. redis-rs's own (feature `bb8`)
@@ -79,7 +155,7 @@ impl RedisPool {
 /// command runs on it. In cluster mode each command is routed by its key's
 /// hash slot, and MOVED/ASK redirects are followed by the client.
 pub enum RedisConn<'a> {
-    Standalone(bb8::PooledConnection<'a, RedisConnectionManager>),
+    Standalone(bb8::PooledConnection<'a, StandaloneManager>),
     Cluster(bb8::PooledConnection<'a, ClusterManager>),
 }
 
@@ -101,15 +177,18 @@ impl RedisConn<'_> {
     }
 
     /// Do not return this connection to the pool: bb8 drops it and builds a
-    /// new one. For a cluster connection that answered nothing on any node
-    /// while it was used. redis-rs's cluster connection can deadlock
+    /// new one. For a standalone connection that gave no reply before a
+    /// deadline (transport errors mark it by themselves), and for a
+    /// cluster connection that answered nothing on any node while it was
+    /// used. redis-rs's cluster connection can deadlock
     /// for good (a slot refresh waiting on a lock that a request it no
     /// longer polls holds), seen after a master died and during a
     /// resharding; only a new connection recovers. Standalone connections
     /// are checked with PING on checkout instead.
     pub fn discard(&mut self) {
-        if let RedisConn::Cluster(c) = self {
-            c.broken = true;
+        match self {
+            RedisConn::Standalone(c) => c.broken = true,
+            RedisConn::Cluster(c) => c.broken = true,
         }
     }
 }
@@ -202,10 +281,12 @@ fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Clust
         })
 }
 
-/// A lazily connecting pool. Standalone connections are checked with PING
-/// on checkout because bb8-redis cannot otherwise tell that one died; a
-/// cluster connection repairs itself per node (one dead node must not make
-/// the whole connection look broken).
+/// A lazily connecting pool. Connections are not tested on checkout: a
+/// standalone connection whose command failed at the transport level is
+/// dropped when it returns to the pool ([`StandaloneManager`]); a cluster
+/// connection repairs itself per node (one dead node must not make the
+/// whole connection look broken) and is dropped only when nothing answered
+/// on it ([`RedisConn::discard`]).
 pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
     let last_error = LastError::default();
     let pool = match cfg.mode {
@@ -218,9 +299,9 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
                 bb8::Pool::builder()
                     .max_size(cfg.pool_size)
                     .connection_timeout(checkout_timeout)
-                    .test_on_check_out(true)
+                    .test_on_check_out(false)
                     .error_sink(Box::new(last_error.clone()))
-                    .build_unchecked(manager),
+                    .build_unchecked(StandaloneManager(manager)),
             )
         }
         RedisMode::Cluster => RedisPool::Cluster(

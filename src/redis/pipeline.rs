@@ -114,10 +114,14 @@ pub(crate) async fn checkout(redis: &Redis, deadline: Deadline) -> Result<RedisC
 pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError> {
     let mut conn = checkout(redis, deadline).await?;
     conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
-    match deadline
+    let answered = deadline
         .run("redis ping", ::redis::cmd("PING").query_async::<String>(&mut conn))
-        .await?
-    {
+        .await;
+    let Ok(answered) = answered else {
+        conn.discard();
+        return Err(DispatchError::Deadline(Expired { stage: "redis ping" }));
+    };
+    match answered {
         Ok(_) => Ok(()),
         Err(e) if e.is_timeout() => Err(DispatchError::Deadline(Expired { stage: "redis ping" })),
         Err(e) => Err(DispatchError::Unavailable(e.to_string())),
@@ -179,7 +183,15 @@ pub async fn zadd_batch(
     let Some(cluster) = conn.cluster() else {
         let all: Vec<usize> = (0..groups.len()).collect();
         let pipe = build_pipeline(entries, &groups, &all, wait_replicas, wait_ms);
-        let replies: Vec<Value> = match deadline.run("redis pipeline", pipe.query_async(&mut conn)).await? {
+        let answered = deadline.run("redis pipeline", pipe.query_async(&mut conn)).await;
+        let Ok(answered) = answered else {
+            // No reply before the deadline: the connection may be stuck.
+            conn.discard();
+            return Err(DispatchError::Deadline(Expired {
+                stage: "redis pipeline",
+            }));
+        };
+        let replies: Vec<Value> = match answered {
             Ok(v) => v,
             // No answer in time: the outcome is unknown (Redis may have applied it).
             Err(e) if e.is_timeout() => {
