@@ -247,6 +247,19 @@ pub struct SweepConfig {
     pub max_attempts: u32,
     /// Ticks one process runs at once, each with its own batch.
     pub concurrency: u32,
+    /// Drain ticks run at once while new rows keep arriving (a wake-up in
+    /// the last second); 0: half of `concurrency`, rounded up.
+    pub live_concurrency: u32,
+}
+
+impl SweepConfig {
+    /// `live_concurrency`, with 0 resolved to its default.
+    pub fn live_concurrency(&self) -> u32 {
+        match self.live_concurrency {
+            0 => self.concurrency.div_ceil(2),
+            n => n,
+        }
+    }
 }
 
 impl Default for SweepConfig {
@@ -259,6 +272,7 @@ impl Default for SweepConfig {
             max_backoff: Dur::secs(300),
             max_attempts: 10,
             concurrency: 1,
+            live_concurrency: 0,
         }
     }
 }
@@ -531,6 +545,15 @@ impl Config {
                 format!(
                     "{} concurrent ticks need database.pool_size >= {} (got {})",
                     s.concurrency, s.concurrency, self.database.pool_size
+                ),
+            );
+        }
+        if s.live_concurrency > s.concurrency {
+            bad(
+                "sweep.live_concurrency",
+                format!(
+                    "must be 0 (half of sweep.concurrency) or at most sweep.concurrency ({}) (got {})",
+                    s.concurrency, s.live_concurrency
                 ),
             );
         }
@@ -813,6 +836,22 @@ mod tests {
         assert_eq!(c.redis.key_prefix, "123");
         assert_eq!(c.database.url, "postgres://a@b/c");
         assert!(!c.database.pgbouncer_compat);
+    }
+
+    #[test]
+    fn live_concurrency_defaults_to_half_of_concurrency_and_is_bounded_by_it() {
+        let c = load("[sweep]\nconcurrency = 3\n[database]\npool_size = 4", &[]).unwrap();
+        assert_eq!(c.sweep.live_concurrency(), 2, "0 means half, rounded up");
+        assert_eq!(load("", &[]).unwrap().sweep.live_concurrency(), 1);
+        let c = load(
+            "[sweep]\nconcurrency = 4\n[database]\npool_size = 4",
+            &[("OUTBOX_RELAY_SWEEP__LIVE_CONCURRENCY", "4")],
+        )
+        .unwrap();
+        assert_eq!(c.sweep.live_concurrency(), 4);
+        let p = problems("[sweep]\nconcurrency = 2\nlive_concurrency = 3", &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "sweep.live_concurrency");
     }
 
     #[test]

@@ -337,6 +337,7 @@ pub fn start(
         tick_timeout: cfg.sweep.tick_timeout.0,
         key_prefix: cfg.redis.key_prefix.clone(),
         concurrency: cfg.sweep.concurrency,
+        live_concurrency: cfg.sweep.live_concurrency(),
         error_budget: budget,
         retry: RetryPolicy {
             base_backoff: cfg.sweep.base_backoff.0,

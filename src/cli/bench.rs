@@ -137,6 +137,9 @@ pub struct BenchReport {
     pub relay_peak_rss_mib: f64,
     pub latency_idle: Latency,
     pub latency_during_backlog: Option<Latency>,
+    /// How fast the backlog drained while the latency rows arrived (live
+    /// traffic: at most `sweep.live_concurrency` drain ticks at once).
+    pub backlog_drain_rows_per_sec: Option<f64>,
     pub cores: usize,
 }
 
@@ -406,8 +409,10 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
             Duration::from_secs(args.latency_seconds),
             0,
         )
-        .await?,
+        .await?
+        .0,
     );
+    let mut backlog_secs = 0.0;
     let during = if args.backlog_rows > 0 {
         let mut samples = Vec::new();
         for run in 1..=args.backlog_runs.max(1) {
@@ -417,18 +422,18 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
                 args.backlog_runs.max(1)
             );
             seed(&client, args.backlog_rows, args.jobs).await?;
-            samples.extend(
-                latency(
-                    cfg,
-                    &client,
-                    url,
-                    prefix,
-                    args.latency_rate,
-                    Duration::from_secs(60),
-                    args.backlog_rows,
-                )
-                .await?,
-            );
+            let (ms, took) = latency(
+                cfg,
+                &client,
+                url,
+                prefix,
+                args.latency_rate,
+                Duration::from_secs(60),
+                args.backlog_rows,
+            )
+            .await?;
+            samples.extend(ms);
+            backlog_secs += took.as_secs_f64();
         }
         Some(summarize(samples))
     } else {
@@ -455,6 +460,8 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
         relay_peak_rss_mib: peak_kib as f64 / 1024.0,
         latency_idle: idle,
         latency_during_backlog: during,
+        backlog_drain_rows_per_sec: (backlog_secs > 0.0)
+            .then(|| (args.backlog_rows * i64::from(args.backlog_runs.max(1))) as f64 / backlog_secs),
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
 }
@@ -576,7 +583,7 @@ async fn latency(
     rate: u32,
     duration: Duration,
     backlog: i64,
-) -> Result<Vec<f64>, BenchError> {
+) -> Result<(Vec<f64>, Duration), BenchError> {
     let redis_client = ::redis::Client::open(cfg.redis.url.as_str()).map_err(rd)?;
     let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
     let old: Vec<String> = ::redis::cmd("CONFIG")
@@ -646,6 +653,8 @@ async fn latency(
             break;
         }
     }
+    // With a backlog: about how long it took to drain (checked every 100 ms).
+    let ran = started.elapsed();
     // Let the last rows arrive.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -680,7 +689,7 @@ async fn latency(
             committed.len()
         );
     }
-    Ok(ms)
+    Ok((ms, ran))
 }
 
 /// Percentiles of latency samples (ms).
@@ -744,5 +753,8 @@ fn print_report(r: &BenchReport) {
             "| latency while a backlog drains ({} rows) | p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
             l.rows, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
         );
+    }
+    if let Some(rps) = r.backlog_drain_rows_per_sec {
+        println!("| backlog drain rate during that run (live traffic) | {rps:.0} rows/s |");
     }
 }
