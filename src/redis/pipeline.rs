@@ -228,7 +228,10 @@ pub async fn zadd_batch(
 /// demotes it, and accepts writes it then throws away). So each slot
 /// pipeline ends with `CLUSTER MYID`, answered by whichever node finally
 /// ran it after the redirects the client followed, and the WAIT goes to
-/// that node by address.
+/// that node by address. One window remains: WAIT counts the writes of the
+/// connection it arrives on, so if the client reconnected to that node
+/// between the ZADDs and the WAIT, the WAIT is satisfied at once (it needs
+/// a connection loss and then the node's death within one batch).
 async fn zadd_cluster(
     cluster: ::redis::cluster_async::ClusterConnection,
     entries: &[ScheduleEntry],
