@@ -32,21 +32,40 @@ pub enum RedisPool {
 #[derive(Clone, Debug)]
 pub struct StandaloneManager(RedisConnectionManager);
 
-/// A pooled standalone connection that remembers a transport failure.
-pub struct StandaloneConn {
-    conn: MultiplexedConnection,
+/// A pooled connection and whether it must be thrown away when it goes
+/// back to the pool (both managers' `has_broken`).
+pub struct Discardable<C> {
+    conn: C,
     broken: bool,
 }
+
+impl<C> Discardable<C> {
+    fn new(conn: C) -> Self {
+        Discardable { conn, broken: false }
+    }
+}
+
+impl<C> std::ops::Deref for Discardable<C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        &self.conn
+    }
+}
+
+impl<C> std::ops::DerefMut for Discardable<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.conn
+    }
+}
+
+/// A pooled standalone connection; it remembers a transport failure.
+pub type StandaloneConn = Discardable<MultiplexedConnection>;
 
 impl StandaloneConn {
     fn note(&mut self, e: &::redis::RedisError) {
         if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout() {
             self.broken = true;
         }
-    }
-
-    pub fn set_response_timeout(&mut self, timeout: Duration) {
-        self.conn.set_response_timeout(timeout);
     }
 }
 
@@ -86,8 +105,7 @@ impl bb8::ManageConnection for StandaloneManager {
     type Error = ::redis::RedisError;
 
     async fn connect(&self) -> Result<StandaloneConn, ::redis::RedisError> {
-        let conn = self.0.connect().await?;
-        Ok(StandaloneConn { conn, broken: false })
+        Ok(Discardable::new(self.0.connect().await?))
     }
 
     async fn is_valid(&self, conn: &mut StandaloneConn) -> Result<(), ::redis::RedisError> {
@@ -105,32 +123,15 @@ impl bb8::ManageConnection for StandaloneManager {
 #[derive(Clone, Debug)]
 pub struct ClusterManager(ClusterClient);
 
-/// A pooled cluster connection and whether it must be thrown away.
-pub struct ClusterConn {
-    conn: ClusterConnection,
-    broken: bool,
-}
-
-impl std::ops::Deref for ClusterConn {
-    type Target = ClusterConnection;
-    fn deref(&self) -> &ClusterConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for ClusterConn {
-    fn deref_mut(&mut self) -> &mut ClusterConnection {
-        &mut self.conn
-    }
-}
+/// A pooled cluster connection.
+pub type ClusterConn = Discardable<ClusterConnection>;
 
 impl bb8::ManageConnection for ClusterManager {
     type Connection = ClusterConn;
     type Error = ::redis::RedisError;
 
     async fn connect(&self) -> Result<ClusterConn, ::redis::RedisError> {
-        let conn = self.0.get_async_connection().await?;
-        Ok(ClusterConn { conn, broken: false })
+        Ok(Discardable::new(self.0.get_async_connection().await?))
     }
 
     async fn is_valid(&self, conn: &mut ClusterConn) -> Result<(), ::redis::RedisError> {
@@ -381,6 +382,15 @@ pub struct SlotRange {
     pub master_id: Option<String>,
 }
 
+/// A bulk or simple string reply as text.
+pub(crate) fn reply_text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// The cluster's slot map as one node reports it.
 pub async fn cluster_slots(conn: &mut ClusterConnection) -> Result<Vec<SlotRange>, ::redis::RedisError> {
     let reply: Value = ::redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
@@ -392,11 +402,6 @@ pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
     let Value::Array(ranges) = reply else {
         return Vec::new();
     };
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
     ranges
         .iter()
         .filter_map(|r| {
@@ -406,7 +411,7 @@ pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
             else {
                 return None;
             };
-            let host = master.first().and_then(text)?;
+            let host = master.first().and_then(reply_text)?;
             let Some(Value::Int(port)) = master.get(1) else {
                 return None;
             };
@@ -414,7 +419,7 @@ pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
                 start: u16::try_from(*start).ok()?,
                 end: u16::try_from(*end).ok()?,
                 master: format!("{host}:{port}"),
-                master_id: master.get(2).and_then(text),
+                master_id: master.get(2).and_then(reply_text),
             })
         })
         .collect()

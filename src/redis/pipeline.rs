@@ -282,7 +282,7 @@ async fn zadd_cluster(
         let why = match result {
             Ok(Ok(mut replies)) => {
                 let ran_on = if durable {
-                    replies.pop().as_ref().and_then(text)
+                    replies.pop().as_ref().and_then(super::reply_text)
                 } else {
                     None
                 };
@@ -395,15 +395,6 @@ async fn zadd_cluster(
         batch.wait_shortfall = Some(why);
     }
     Ok(batch)
-}
-
-/// A bulk or simple string reply as text.
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 /// The pipeline for the key groups `members` (indexes into `groups`).
