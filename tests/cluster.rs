@@ -168,6 +168,30 @@ async fn a_dead_node_defers_only_its_own_entries() {
     relay.stop().await;
 }
 
+/// For each lost task: its job's key, that key's slot, and whether the
+/// killed master owned the slot (a failure message that says where to look).
+async fn lost_whereabouts(
+    db: &TestDb,
+    prefix: &str,
+    lost: &[String],
+    victim: &common::cluster::Master,
+) -> Vec<(String, String, u16, bool)> {
+    let client = db.client().await;
+    let mut out = Vec::new();
+    for task in lost {
+        let job: Option<uuid::Uuid> = client
+            .query_opt("SELECT job_id FROM produced WHERE task_id::text = $1", &[task])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        let key = job.map(|j| format!("{prefix}sched:{j}")).unwrap_or_default();
+        let slot = key_slot(&key);
+        out.push((task.clone(), key, slot, victim.owns(slot)));
+    }
+    out
+}
+
 #[tokio::test]
 async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     let mut cluster = RedisCluster::start(3, 1).await;
@@ -233,7 +257,24 @@ async fn a_master_killed_mid_drain_fails_over_without_dead_letters_or_loss() {
     );
     let mut conn = cluster.connection().await;
     let report = verify_ledger_on(&db, &mut conn, &prefix).await;
-    assert!(report.holds(), "invariant violated: {report:#?}");
+    if !report.holds() {
+        let whereabouts = lost_whereabouts(&db, &prefix, &report.lost, &victim).await;
+        let lines = relay.lines();
+        let log = std::env::temp_dir().join(format!("outbox-relay-failover-{}.log", uuid::Uuid::new_v4().simple()));
+        let saved = std::fs::write(&log, lines.join("\n"));
+        let on_victim = whereabouts.iter().filter(|w| w.3).count();
+        panic!(
+            "invariant violated: {} of {} rows lost, {on_victim} of them in the killed master's slots \
+             (victim {victim:?}), {} corrupted, {} with a wrong score; first lost (task, key, slot, victim's): \
+             {:#?}\nrelay log: {} ({saved:?})",
+            report.lost.len(),
+            report.produced,
+            report.corrupted.len(),
+            report.wrong_score.len(),
+            &whereabouts[..whereabouts.len().min(10)],
+            log.display(),
+        );
+    }
     assert_eq!(report.produced as u64, produced);
     assert_eq!(report.delivered as u64, produced);
     relay.stop().await;

@@ -69,6 +69,12 @@ impl RedisCluster {
         cluster
     }
 
+    fn node_dir(&self, port: u16) -> PathBuf {
+        let dir = self.dir.join(format!("node-{port}"));
+        std::fs::create_dir_all(&dir).expect("cluster node dir");
+        dir
+    }
+
     fn spawn(&self, node: &mut ClusterNode) {
         let port = node.port.to_string();
         let child = Command::new("redis-server")
@@ -86,8 +92,11 @@ impl RedisCluster {
             .args(["--cluster-require-full-coverage", "no"])
             .arg("--cluster-config-file")
             .arg(self.dir.join(format!("nodes-{port}.conf")))
+            .args(super::REDIS_REPLICATION_ARGS)
+            // Each node its own data directory: a replica writes what it
+            // receives there, and a node that restarts loads it.
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(self.node_dir(node.port))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

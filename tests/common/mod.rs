@@ -222,11 +222,28 @@ pub fn free_port() -> u16 {
 }
 
 /// A private `redis-server` the test can stop and start.
+/// A new empty directory under the system temp dir, named `{stem}-{uuid}`.
+pub fn scratch_dir(stem: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{stem}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("scratch dir under the temp dir");
+    dir
+}
+
+/// Replication settings for every test redis-server: a replica loads what
+/// its primary sends straight from the socket (no RDB file, which servers
+/// sharing a directory would overwrite under each other: a replica could
+/// load another shard's data) and a primary starts that transfer at once
+/// instead of waiting 5 s for more replicas.
+pub const REDIS_REPLICATION_ARGS: &[&str] = &["--repl-diskless-load", "swapdb", "--repl-diskless-sync-delay", "0"];
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
-    /// Data directory of a durable server.
-    dir: Option<std::path::PathBuf>,
+    /// The server's own directory: its AOF when durable, and where a
+    /// replica puts the RDB it receives (servers must never share one).
+    dir: std::path::PathBuf,
+    /// AOF with fsync always.
+    durable: bool,
     /// Port of the primary this server replicates.
     replica_of: Option<u16>,
 }
@@ -236,7 +253,8 @@ impl RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
-            dir: None,
+            dir: scratch_dir("outbox-redis"),
+            durable: false,
             replica_of: None,
         };
         s.resume().await;
@@ -249,7 +267,8 @@ impl RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
-            dir: None,
+            dir: scratch_dir("outbox-redis"),
+            durable: false,
             replica_of: Some(primary),
         };
         s.resume().await;
@@ -259,12 +278,11 @@ impl RedisServer {
     /// A server that keeps every write on disk (AOF, fsync always), so a
     /// restart — even `kill -9` — loses nothing it acknowledged.
     pub async fn start_durable() -> RedisServer {
-        let dir = std::env::temp_dir().join(format!("outbox-redis-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("redis dir");
         let mut s = RedisServer {
             port: free_port(),
             child: None,
-            dir: Some(dir),
+            dir: scratch_dir("outbox-redis"),
+            durable: true,
             replica_of: None,
         };
         s.resume().await;
@@ -278,13 +296,15 @@ impl RedisServer {
     /// (Re)start the server on its port and wait until it answers PING.
     pub async fn resume(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
-        match &self.dir {
-            Some(dir) => cmd
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-                .arg(dir),
-            None => cmd.args(["--appendonly", "no"]),
-        };
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(REDIS_REPLICATION_ARGS)
+            .arg("--dir")
+            .arg(&self.dir);
+        if self.durable {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
         if let Some(primary) = self.replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
@@ -341,9 +361,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
