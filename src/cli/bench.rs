@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,10 @@ pub struct Latency {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Share of the run (sampled every 100 ms) during which a VACUUM was in
+    /// progress in the scratch database: Postgres's own maintenance after a
+    /// big drain, competing with the relay for the same cores.
+    pub vacuum_share: f64,
 }
 
 /// One drain of the scaling matrix.
@@ -399,22 +404,24 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
     }
 
     eprintln!("bench: latency, relay idle…");
-    let idle = summarize(
-        latency(
-            cfg,
-            &client,
-            url,
-            prefix,
-            args.latency_rate,
-            Duration::from_secs(args.latency_seconds),
-            0,
-        )
-        .await?
-        .0,
-    );
+    let run = latency(
+        cfg,
+        &client,
+        url,
+        prefix,
+        args.latency_rate,
+        Duration::from_secs(args.latency_seconds),
+        0,
+    )
+    .await?;
+    let idle = Latency {
+        vacuum_share: run.vacuum_share,
+        ..summarize(run.ms)
+    };
     let mut backlog_secs = 0.0;
     let during = if args.backlog_rows > 0 {
         let mut samples = Vec::new();
+        let mut vacuum_shares = Vec::new();
         for run in 1..=args.backlog_runs.max(1) {
             eprintln!(
                 "bench: latency while a {}-row backlog drains ({run}/{})…",
@@ -422,7 +429,7 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
                 args.backlog_runs.max(1)
             );
             seed(&client, args.backlog_rows, args.jobs).await?;
-            let (ms, took) = latency(
+            let run = latency(
                 cfg,
                 &client,
                 url,
@@ -432,10 +439,14 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
                 args.backlog_rows,
             )
             .await?;
-            samples.extend(ms);
-            backlog_secs += took.as_secs_f64();
+            samples.extend(run.ms);
+            vacuum_shares.push(run.vacuum_share);
+            backlog_secs += run.ran.as_secs_f64();
         }
-        Some(summarize(samples))
+        Some(Latency {
+            vacuum_share: vacuum_shares.iter().sum::<f64>() / vacuum_shares.len().max(1) as f64,
+            ..summarize(samples)
+        })
     } else {
         None
     };
@@ -571,6 +582,47 @@ fn print_scaling(r: &ScalingReport) {
     }
 }
 
+/// One latency run: the commit→schedule times (ms), how long the rows were
+/// produced for, and the share of that time a VACUUM ran in the database.
+struct LatencyRun {
+    ms: Vec<f64>,
+    ran: Duration,
+    vacuum_share: f64,
+}
+
+/// A background task that stops when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sample, every 100 ms while the returned guard lives, whether a VACUUM
+/// (autovacuum included) is in progress in the database at `url`:
+/// (samples, hits).
+async fn watch_vacuum(url: &str) -> Result<(AbortOnDrop, Arc<[AtomicU64; 2]>), BenchError> {
+    let client = db::connect(url, STARTUP_TIMEOUT).await?;
+    let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let seen = counts.clone();
+    let task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            let q = "SELECT count(*) FROM pg_stat_progress_vacuum p JOIN pg_database d ON d.oid = p.datid \
+                     WHERE d.datname = current_database()";
+            if let Ok(row) = client.query_typed_one(q, &[]).await {
+                seen[0].fetch_add(1, Ordering::Relaxed);
+                if row.get::<_, i64>(0) > 0 {
+                    seen[1].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    Ok((AbortOnDrop(task), counts))
+}
+
 /// Commit single rows at `rate`/s (each for a job of its own) and time each
 /// one until its ZADD shows up as a keyspace notification. With a
 /// `backlog`, the run lasts until that backlog has drained (at most
@@ -578,12 +630,13 @@ fn print_scaling(r: &ScalingReport) {
 async fn latency(
     cfg: &Config,
     client: &tokio_postgres::Client,
-    _url: &str,
+    url: &str,
     prefix: &str,
     rate: u32,
     duration: Duration,
     backlog: i64,
-) -> Result<(Vec<f64>, Duration), BenchError> {
+) -> Result<LatencyRun, BenchError> {
+    let (vacuum_watch, vacuum_counts) = watch_vacuum(url).await?;
     let redis_client = ::redis::Client::open(cfg.redis.url.as_str()).map_err(rd)?;
     let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
     let old: Vec<String> = ::redis::cmd("CONFIG")
@@ -655,6 +708,9 @@ async fn latency(
     }
     // With a backlog: about how long it took to drain (checked every 100 ms).
     let ran = started.elapsed();
+    drop(vacuum_watch);
+    let [samples, hits] = &*vacuum_counts;
+    let vacuum_share = hits.load(Ordering::Relaxed) as f64 / (samples.load(Ordering::Relaxed) as f64).max(1.0);
     // Let the last rows arrive.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -689,7 +745,7 @@ async fn latency(
             committed.len()
         );
     }
-    Ok((ms, ran))
+    Ok(LatencyRun { ms, ran, vacuum_share })
 }
 
 /// Percentiles of latency samples (ms).
@@ -707,6 +763,7 @@ fn summarize(mut ms: Vec<f64>) -> Latency {
         p95_ms: q(0.95),
         p99_ms: q(0.99),
         max_ms: ms.last().copied().unwrap_or(0.0),
+        vacuum_share: 0.0,
     }
 }
 
@@ -748,10 +805,18 @@ fn print_report(r: &BenchReport) {
         "| commit→schedule latency, idle ({} rows) | p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
         l.rows, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
     );
+    println!(
+        "| VACUUM running in the database during the idle run | {:.0}% of the run |",
+        l.vacuum_share * 100.0
+    );
     if let Some(l) = &r.latency_during_backlog {
         println!(
             "| latency while a backlog drains ({} rows) | p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
             l.rows, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
+        );
+        println!(
+            "| VACUUM running during the backlog runs | {:.0}% of the time |",
+            l.vacuum_share * 100.0
         );
     }
     if let Some(rps) = r.backlog_drain_rows_per_sec {
