@@ -403,17 +403,10 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
         prev = *m;
     }
 
+    // One latency run: rows for `duration`, or until a `backlog` drained.
+    let measure = |duration, backlog| latency(cfg, &client, url, prefix, args.latency_rate, duration, backlog);
     eprintln!("bench: latency, relay idle…");
-    let run = latency(
-        cfg,
-        &client,
-        url,
-        prefix,
-        args.latency_rate,
-        Duration::from_secs(args.latency_seconds),
-        0,
-    )
-    .await?;
+    let run = measure(Duration::from_secs(args.latency_seconds), 0).await?;
     let idle = Latency {
         vacuum_share: run.vacuum_share,
         ..summarize(run.ms)
@@ -429,16 +422,7 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
                 args.backlog_runs.max(1)
             );
             seed(&client, args.backlog_rows, args.jobs).await?;
-            let run = latency(
-                cfg,
-                &client,
-                url,
-                prefix,
-                args.latency_rate,
-                Duration::from_secs(60),
-                args.backlog_rows,
-            )
-            .await?;
+            let run = measure(Duration::from_secs(60), args.backlog_rows).await?;
             samples.extend(run.ms);
             vacuum_shares.push(run.vacuum_share);
             backlog_secs += run.ran.as_secs_f64();
