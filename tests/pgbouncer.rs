@@ -21,8 +21,7 @@ struct PgBouncer {
 impl PgBouncer {
     async fn start() -> PgBouncer {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("outbox-pgbouncer-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+        let dir = scratch_dir("outbox-pgbouncer");
         let admin = admin_url();
         let (pg_host, pg_port) = (
             "127.0.0.1",

@@ -407,10 +407,7 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
     let measure = |duration, backlog| latency(cfg, &client, url, prefix, args.latency_rate, duration, backlog);
     eprintln!("bench: latency, relay idle…");
     let run = measure(Duration::from_secs(args.latency_seconds), 0).await?;
-    let idle = Latency {
-        vacuum_share: run.vacuum_share,
-        ..summarize(run.ms)
-    };
+    let idle = summarize(run.ms, run.vacuum_share);
     let mut backlog_secs = 0.0;
     let during = if args.backlog_rows > 0 {
         let mut samples = Vec::new();
@@ -427,10 +424,8 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
             vacuum_shares.push(run.vacuum_share);
             backlog_secs += run.ran.as_secs_f64();
         }
-        Some(Latency {
-            vacuum_share: vacuum_shares.iter().sum::<f64>() / vacuum_shares.len().max(1) as f64,
-            ..summarize(samples)
-        })
+        let vacuum_share = vacuum_shares.iter().sum::<f64>() / vacuum_shares.len().max(1) as f64;
+        Some(summarize(samples, vacuum_share))
     } else {
         None
     };
@@ -732,8 +727,8 @@ async fn latency(
     Ok(LatencyRun { ms, ran, vacuum_share })
 }
 
-/// Percentiles of latency samples (ms).
-fn summarize(mut ms: Vec<f64>) -> Latency {
+/// Percentiles of latency samples (ms), with the share of the time a VACUUM ran.
+fn summarize(mut ms: Vec<f64>, vacuum_share: f64) -> Latency {
     ms.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| -> f64 {
         if ms.is_empty() {
@@ -747,7 +742,7 @@ fn summarize(mut ms: Vec<f64>) -> Latency {
         p95_ms: q(0.95),
         p99_ms: q(0.99),
         max_ms: ms.last().copied().unwrap_or(0.0),
-        vacuum_share: 0.0,
+        vacuum_share,
     }
 }
 

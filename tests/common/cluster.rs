@@ -39,8 +39,7 @@ impl RedisCluster {
     /// killed master fails over within seconds; full coverage is not
     /// required, so the healthy masters keep serving while one is down.
     pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
-        let dir = std::env::temp_dir().join(format!("outbox-cluster-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let dir = super::scratch_dir("outbox-cluster");
         let mut cluster = RedisCluster { nodes: Vec::new(), dir };
         for _ in 0..masters * (1 + replicas) {
             let port = free_port();

@@ -221,7 +221,6 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A private `redis-server` the test can stop and start.
 /// A new empty directory under the system temp dir, named `{stem}-{uuid}`.
 pub fn scratch_dir(stem: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("{stem}-{}", uuid::Uuid::new_v4().simple()));
@@ -236,6 +235,7 @@ pub fn scratch_dir(stem: &str) -> std::path::PathBuf {
 /// instead of waiting 5 s for more replicas.
 pub const REDIS_REPLICATION_ARGS: &[&str] = &["--repl-diskless-load", "swapdb", "--repl-diskless-sync-delay", "0"];
 
+/// A private `redis-server` the test can stop and start.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
@@ -249,44 +249,33 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    pub async fn start() -> RedisServer {
+    /// Start one on a free port, in a directory of its own.
+    async fn launch(durable: bool, replica_of: Option<u16>) -> RedisServer {
         let mut s = RedisServer {
             port: free_port(),
             child: None,
             dir: scratch_dir("outbox-redis"),
-            durable: false,
-            replica_of: None,
+            durable,
+            replica_of,
         };
         s.resume().await;
         s
+    }
+
+    pub async fn start() -> RedisServer {
+        Self::launch(false, None).await
     }
 
     /// A replica of the server at `primary` (`--replicaof`); `resume`
     /// brings it back as a replica again.
     pub async fn start_replica_of(primary: u16) -> RedisServer {
-        let mut s = RedisServer {
-            port: free_port(),
-            child: None,
-            dir: scratch_dir("outbox-redis"),
-            durable: false,
-            replica_of: Some(primary),
-        };
-        s.resume().await;
-        s
+        Self::launch(false, Some(primary)).await
     }
 
     /// A server that keeps every write on disk (AOF, fsync always), so a
     /// restart — even `kill -9` — loses nothing it acknowledged.
     pub async fn start_durable() -> RedisServer {
-        let mut s = RedisServer {
-            port: free_port(),
-            child: None,
-            dir: scratch_dir("outbox-redis"),
-            durable: true,
-            replica_of: None,
-        };
-        s.resume().await;
-        s
+        Self::launch(true, None).await
     }
 
     pub fn url(&self) -> String {
@@ -821,8 +810,7 @@ impl PrivatePostgres {
     }
 
     pub async fn start() -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(format!("outbox-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("pg dir");
+        let dir = scratch_dir("outbox-pg");
         let pg = PrivatePostgres {
             port: free_port(),
             dir,
