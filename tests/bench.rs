@@ -81,3 +81,75 @@ async fn bench_runs_every_phase_and_reports_every_figure() {
         .await;
     assert_eq!(left, 0, "bench left a scratch database behind");
 }
+
+#[tokio::test]
+async fn scaling_matrix_runs_against_a_redis_cluster_named_in_the_config_file() {
+    let cluster = common::cluster::RedisCluster::start(3, 0).await;
+    let db = TestDb::new().await;
+    // The cluster is named only in the file: the relays the bench starts
+    // reach it only if the bench hands its `--config` on to them (the
+    // environment's `redis.url` points nowhere).
+    let dir = scratch_dir("outbox-bench-config");
+    let config = dir.join("cluster.toml");
+    let seeds: Vec<String> = cluster.seed_urls().split(',').map(|u| format!("{u:?}")).collect();
+    std::fs::write(
+        &config,
+        format!("[redis]\nmode = \"cluster\"\ncluster_urls = [{}]\n", seeds.join(", ")),
+    )
+    .expect("write config");
+    let mut env = relay_env(&db, "redis://127.0.0.1:1/0", "unused:", &[]);
+    env.retain(|(k, _)| k != "OUTBOX_RELAY_REDIS__URL");
+    let config = config.display().to_string();
+
+    // Only the scaling matrix runs in cluster mode; asking for more is a
+    // command-line error, said in one line.
+    let out = relay_command(&["--config", &config, "bench", "--rows", "10"], &env)
+        .output()
+        .expect("run outbox-relay bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bench --scaling"), "{stderr}");
+
+    let args = [
+        "--config",
+        &config,
+        "bench",
+        "--scaling",
+        "--scaling-rows",
+        "3000",
+        "--jobs",
+        "30",
+        "--json",
+    ];
+    let out = relay_command(&args, &env)
+        .output()
+        .expect("run outbox-relay bench --scaling");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench --scaling failed: {}\n{stderr}", out.status);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench --json prints JSON");
+    assert!(
+        r["redis_mode"].as_str().is_some_and(|m| m.starts_with("cluster")),
+        "{r}"
+    );
+    assert!(r["floor_rows_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    let runs = r["runs"].as_array().expect("runs");
+    let cells: Vec<(u64, u64)> = runs
+        .iter()
+        .map(|run| {
+            assert!(run["rows_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{run}");
+            (
+                run["relays"].as_u64().unwrap_or(0),
+                run["concurrency"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, u64)> = (1..=3).flat_map(|n| [1, 2, 4].map(|c| (n, c))).collect();
+    assert_eq!(cells, want);
+
+    // The bench's schedules are gone from every master again.
+    let masters = cluster.masters().expect("cluster topology");
+    for m in &masters {
+        let left = common::cluster::RedisCluster::keys_on(m.port, "bench*");
+        assert!(left.is_empty(), "master {} kept {left:?}", m.port);
+    }
+}

@@ -27,8 +27,10 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::config::{redact_url, Config};
+use crate::cli::jobs::keys_matching;
+use crate::config::{redact_url, Config, RedisMode, CONFIG_PATH_ENV};
 use crate::db::{self, pg_error_text};
+use crate::redis::{DirectConn, Redis};
 use crate::STARTUP_TIMEOUT;
 
 #[derive(Debug, Args)]
@@ -68,6 +70,11 @@ pub struct BenchArgs {
     /// for finding where a slow run spends its time.
     #[arg(long, value_name = "FILE")]
     pub relay_log: Option<std::path::PathBuf>,
+    /// The configuration file the bench was started with, handed on to the
+    /// relay subprocesses so they talk to the same Redis with the same
+    /// settings (set by the CLI from `--config`).
+    #[arg(skip)]
+    pub config: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +89,8 @@ pub enum BenchError {
     Redis(String),
     #[error("relay subprocess: {0}")]
     Relay(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn pg(e: tokio_postgres::Error) -> BenchError {
@@ -118,6 +127,8 @@ pub struct ScalingRun {
 
 #[derive(Debug, Serialize, Default)]
 pub struct ScalingReport {
+    /// `standalone` or `cluster`: where the schedules went.
+    pub redis_mode: String,
     pub rows: i64,
     pub jobs: i64,
     pub batch_size: u32,
@@ -150,6 +161,14 @@ pub struct BenchReport {
 
 /// Run the benchmark and print its report.
 pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
+    if cfg.redis.mode == RedisMode::Cluster && !args.scaling {
+        // Keyspace notifications, which time the latency runs, are per node.
+        return Err(BenchError::Usage(
+            "bench: with redis.mode = \"cluster\" only the scaling matrix runs (bench --scaling); \
+             the latency runs need a standalone Redis"
+                .into(),
+        ));
+    }
     let name = format!("outbox_bench_{}", std::process::id());
     let admin = db::connect(&cfg.database.url, STARTUP_TIMEOUT).await?;
     admin
@@ -171,7 +190,7 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
     let _ = admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await;
-    if let Ok(mut conn) = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT).await {
+    if let Ok(mut conn) = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT).await {
         let _ = delete_prefix(&mut conn, &prefix).await;
     }
     match result? {
@@ -215,28 +234,30 @@ fn scratch_url(url: &str, name: &str) -> String {
     }
 }
 
-async fn delete_prefix(
-    conn: &mut ::redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> Result<(), ::redis::RedisError> {
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = ::redis::cmd("DEL").arg(&keys).query_async(conn).await?;
+/// Delete every key under `prefix` (on every master of a cluster).
+async fn delete_prefix(conn: &mut DirectConn, prefix: &str) -> Result<(), ::redis::RedisError> {
+    let keys = keys_matching(conn, &format!("{prefix}*")).await?;
+    match conn {
+        DirectConn::Standalone(c) => {
+            for chunk in keys.chunks(1000) {
+                let _: i64 = ::redis::cmd("DEL").arg(chunk).query_async(c).await?;
+            }
         }
-        cursor = next;
-        if cursor == 0 {
-            return Ok(());
+        // Keys on different slots cannot share a DEL: one each, concurrently.
+        DirectConn::Cluster(c) => {
+            for chunk in keys.chunks(1000) {
+                let dels = chunk.iter().map(|k| {
+                    let mut c = c.clone();
+                    let cmd = ::redis::cmd("DEL").arg(k).to_owned();
+                    async move { cmd.query_async::<i64>(&mut c).await }
+                });
+                for deleted in futures_util::future::join_all(dels).await {
+                    deleted?;
+                }
+            }
         }
     }
+    Ok(())
 }
 
 const SEED_SQL: &str = "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
@@ -291,6 +312,7 @@ impl Drop for RelayChild {
 /// This binary as `outbox-relay run` on the scratch database and prefix;
 /// `env` adds settings (the rest comes from the benchmark's own environment).
 fn spawn_relay(
+    config: Option<&str>,
     url: &str,
     prefix: &str,
     env: &[(&str, String)],
@@ -308,8 +330,11 @@ fn spawn_relay(
             ("debug", Stdio::from(file))
         }
     };
-    Command::new(exe)
-        .arg("run")
+    let mut cmd = Command::new(exe);
+    if let Some(path) = config {
+        cmd.env(CONFIG_PATH_ENV, path);
+    }
+    cmd.arg("run")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("OUTBOX_RELAY_DATABASE__URL", url)
         .env("OUTBOX_RELAY_DATABASE__LISTEN_URL", url)
@@ -346,12 +371,27 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu, hwm)
 }
 
-async fn scheduled(conn: &mut ::redis::aio::MultiplexedConnection, prefix: &str, jobs: i64) -> Result<i64, BenchError> {
-    let mut pipe = ::redis::pipe();
-    for j in 0..jobs {
-        pipe.zcard(format!("{prefix}sched:00000000-0000-4000-8000-{j:012}"));
-    }
-    let counts: Vec<i64> = pipe.query_async(conn).await.map_err(rd)?;
+/// Members in the seeded jobs' schedules, all together.
+async fn scheduled(conn: &mut DirectConn, prefix: &str, jobs: i64) -> Result<i64, BenchError> {
+    let keys = (0..jobs).map(|j| format!("{prefix}sched:00000000-0000-4000-8000-{j:012}"));
+    let counts: Vec<i64> = match conn {
+        DirectConn::Standalone(c) => {
+            let mut pipe = ::redis::pipe();
+            for k in keys {
+                pipe.zcard(k);
+            }
+            pipe.query_async(c).await.map_err(rd)?
+        }
+        // The keys live on different nodes: one ZCARD each, concurrently.
+        DirectConn::Cluster(c) => futures_util::future::join_all(keys.map(|k| {
+            let mut c = c.clone();
+            async move { ::redis::cmd("ZCARD").arg(k).query_async::<i64>(&mut c).await }
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(rd)?,
+    };
     Ok(counts.iter().sum())
 }
 
@@ -361,7 +401,7 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
     eprintln!(
         "bench: database {}, redis {}, {} rows over {} jobs, batch {}",
         redact_url(url),
-        redact_url(&cfg.redis.url),
+        Redis::describe(&cfg.redis),
         args.rows,
         args.jobs,
         batch
@@ -374,7 +414,13 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
 
     eprintln!("bench: drain…");
     seed(&client, args.rows, args.jobs).await?;
-    let mut relay = [spawn_relay(url, prefix, &[], args.relay_log.as_deref())?];
+    let mut relay = [spawn_relay(
+        args.config.as_deref(),
+        url,
+        prefix,
+        &[],
+        args.relay_log.as_deref(),
+    )?];
     let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
     let mut marks = Vec::with_capacity(10);
@@ -457,30 +503,33 @@ async fn bench(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Resul
 }
 
 /// Migrate the scratch database; connect to it and to Redis.
-async fn open_scratch(
-    cfg: &Config,
-    url: &str,
-) -> Result<(tokio_postgres::Client, ::redis::aio::MultiplexedConnection), BenchError> {
+async fn open_scratch(cfg: &Config, url: &str) -> Result<(tokio_postgres::Client, DirectConn), BenchError> {
     let log = crate::telemetry::logging::discard();
     db::migrate::migrate(url, STARTUP_TIMEOUT, &log).await?;
     let client = db::connect(url, STARTUP_TIMEOUT).await?;
-    let conn = crate::redis::connect(&cfg.redis.url, STARTUP_TIMEOUT)
+    let conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
         .await
         .map_err(|e| BenchError::Redis(e.to_string()))?;
     Ok((client, conn))
 }
 
+/// No new member for this long means the drain is stuck (a relay that
+/// writes elsewhere, a Redis that refuses): fail instead of waiting forever.
+const STALL: Duration = Duration::from_secs(60);
+
 /// Poll the schedules until `rows` members arrived, failing if a relay
-/// exits; `progress` sees each count. Returns the seconds it took.
+/// exits or nothing arrives for [`STALL`]; `progress` sees each count.
+/// Returns the seconds it took.
 async fn wait_scheduled(
     children: &mut [RelayChild],
-    conn: &mut ::redis::aio::MultiplexedConnection,
+    conn: &mut DirectConn,
     prefix: &str,
     jobs: i64,
     rows: i64,
     mut progress: impl FnMut(i64, f64),
 ) -> Result<f64, BenchError> {
     let started = Instant::now();
+    let mut last = (-1, Instant::now());
     loop {
         for c in children.iter_mut() {
             if let Ok(Some(status)) = c.0.try_wait() {
@@ -488,6 +537,14 @@ async fn wait_scheduled(
             }
         }
         let done = scheduled(conn, prefix, jobs).await?;
+        if done != last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            return Err(BenchError::Relay(format!(
+                "no member arrived for {}s ({done} of {rows} scheduled): is the relay writing to this Redis?",
+                STALL.as_secs()
+            )));
+        }
         progress(done, started.elapsed().as_secs_f64());
         if done >= rows {
             return Ok(started.elapsed().as_secs_f64());
@@ -502,8 +559,9 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
     let batch = i64::from(cfg.sweep.batch_size);
     let rows = args.scaling_rows;
     eprintln!(
-        "bench: scaling matrix, {rows} rows over {} jobs per drain, batch {batch}",
-        args.jobs
+        "bench: scaling matrix, {rows} rows over {} jobs per drain, batch {batch}, redis {}",
+        args.jobs,
+        Redis::describe(&cfg.redis)
     );
     seed(&client, rows, args.jobs).await?;
     let floor_rps = floor(&client, batch).await?;
@@ -516,7 +574,13 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
             let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
             let mut children = Vec::new();
             for _ in 0..relays {
-                children.push(spawn_relay(url, prefix, &env, args.relay_log.as_deref())?);
+                children.push(spawn_relay(
+                    args.config.as_deref(),
+                    url,
+                    prefix,
+                    &env,
+                    args.relay_log.as_deref(),
+                )?);
             }
             let cpu_before: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
             let secs = wait_scheduled(&mut children, &mut conn, prefix, args.jobs, rows, |_, _| {}).await?;
@@ -536,6 +600,10 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
         }
     }
     Ok(ScalingReport {
+        redis_mode: match cfg.redis.mode {
+            RedisMode::Standalone => "standalone".into(),
+            RedisMode::Cluster => format!("cluster ({} seed nodes)", cfg.redis.cluster_urls.len()),
+        },
         rows,
         jobs: args.jobs,
         batch_size: cfg.sweep.batch_size,
@@ -547,8 +615,8 @@ async fn scaling(cfg: &Config, args: &BenchArgs, url: &str, prefix: &str) -> Res
 
 fn print_scaling(r: &ScalingReport) {
     println!(
-        "{} rows over {} jobs per drain, batch {}, {} cores; floor (Postgres alone, 1 connection) {:.0} rows/s",
-        r.rows, r.jobs, r.batch_size, r.cores, r.floor_rows_per_sec
+        "{} rows over {} jobs per drain, batch {}, {} cores, redis {}; floor (Postgres alone, 1 connection) {:.0} rows/s",
+        r.rows, r.jobs, r.batch_size, r.cores, r.redis_mode, r.floor_rows_per_sec
     );
     println!();
     println!("| relays | sweep.concurrency | rows/s | × floor | relay CPU s |");

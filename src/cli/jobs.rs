@@ -118,17 +118,7 @@ pub async fn deepest_schedules(
     top: usize,
 ) -> Result<Vec<Schedule>, ::redis::RedisError> {
     let pattern = format!("{prefix}sched:*");
-    let keys = match &mut *conn {
-        DirectConn::Standalone(_) => scan(conn, &pattern, None).await?,
-        DirectConn::Cluster(c) => {
-            let slots = one_slot_per_master(c).await?;
-            let mut keys = Vec::new();
-            for slot in slots {
-                keys.extend(scan(conn, &pattern, Some(slot)).await?);
-            }
-            keys
-        }
-    };
+    let keys = keys_matching(conn, &pattern).await?;
     let mut all: Vec<Schedule> = Vec::new();
     // One ZCARD per key: in a cluster the keys live on different nodes, so
     // they cannot share a pipeline; the cluster client sends them concurrently.
@@ -159,6 +149,22 @@ pub async fn deepest_schedules(
     all.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.key.cmp(&b.key)));
     all.truncate(top);
     Ok(all)
+}
+
+/// Every key matching `pattern`, on the one server or on every cluster
+/// master (SCAN walks one node's keyspace only).
+pub(crate) async fn keys_matching(conn: &mut DirectConn, pattern: &str) -> Result<Vec<String>, ::redis::RedisError> {
+    match &mut *conn {
+        DirectConn::Standalone(_) => scan(conn, pattern, None).await,
+        DirectConn::Cluster(c) => {
+            let slots = one_slot_per_master(c).await?;
+            let mut keys = Vec::new();
+            for slot in slots {
+                keys.extend(scan(conn, pattern, Some(slot)).await?);
+            }
+            Ok(keys)
+        }
+    }
 }
 
 /// Every key matching `pattern`: on one server (`slot` None) or on the

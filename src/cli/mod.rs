@@ -126,7 +126,10 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
         Command::Verify { ledger, since, json } => block_on(verify_cmd(&cfg, &ledger, since, json)),
-        Command::Bench(args) => block_on(bench::run(&cfg, args)).map_err(RelayError::Bench),
+        Command::Bench(mut args) => {
+            args.config = cli.config.clone();
+            block_on(bench::run(&cfg, args)).map_err(RelayError::Bench)
+        }
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
         Command::CheckConfig { no_connect } => {
             print!("{}", cfg.to_redacted_toml());
@@ -149,6 +152,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(RelayError::Config(e)) => fail(2, e),
+        Err(e @ RelayError::Bench(bench::BenchError::Usage(_))) => fail(2, e),
         Err(e) => fail(1, e),
     }
 }
