@@ -14,6 +14,10 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin rela
 COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
 COPY config/ /etc/outbox-relay/
 ENV OUTBOX_RELAY_CONFIG=/etc/outbox-relay/default.toml
+# /healthz, /readyz and /metrics must be reachable from outside the
+# container (probes, Prometheus): the config's default is loopback only.
+ENV OUTBOX_RELAY_HTTP__LISTEN=0.0.0.0:9464
+EXPOSE 9464
 USER relay
 # The relay handles SIGTERM itself (finishes the tick in flight, exits 0).
 ENTRYPOINT ["outbox-relay"]
