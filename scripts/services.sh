@@ -3,7 +3,8 @@
 # machine: PostgreSQL on 127.0.0.1:5432 (user root, database test, trust auth
 # from loopback) and Redis on 127.0.0.1:6379. Starts them when stopped,
 # installs them from Debian's packages when missing; also installs the tools
-# the tests start themselves (pgbouncer, prometheus's promtool).
+# the tests start themselves (pgbouncer, prometheus's promtool, and the
+# openssl command that makes a TLS test server's certificate).
 # Needs root for installs.
 # Idempotent: on a machine where both already run it only checks.
 set -euo pipefail
@@ -82,8 +83,9 @@ ensure_tools() {
   local missing=()
   command -v pgbouncer >/dev/null || missing+=(pgbouncer)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v openssl >/dev/null || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
-  log "pgbouncer and promtool are installed"
+  log "pgbouncer, promtool and openssl are installed"
 }
 
 ensure_postgres

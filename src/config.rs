@@ -400,6 +400,18 @@ impl Default for LogConfig {
     }
 }
 
+/// A Postgres URL tokio-postgres can use, or why not (naming the
+/// `sslmode` values it does not know, since libpq users will try them).
+fn check_pg_url(url: &str) -> Result<(), String> {
+    match tokio_postgres::Config::from_str(url) {
+        Ok(_) => Ok(()),
+        Err(_) if url.contains("verify-ca") || url.contains("verify-full") => Err(
+            "sslmode verify-ca and verify-full are not supported; use sslmode=require (TLS, server certificate not checked) or prefer".into(),
+        ),
+        Err(e) => Err(format!("not a Postgres URL: {e}")),
+    }
+}
+
 impl Config {
     /// Load from an optional TOML text and an environment, then validate.
     ///
@@ -455,12 +467,12 @@ impl Config {
                 message,
             })
         };
-        if let Err(e) = tokio_postgres::Config::from_str(&self.database.url) {
-            bad("database.url", format!("not a Postgres URL: {e}"));
+        if let Err(e) = check_pg_url(&self.database.url) {
+            bad("database.url", e);
         }
         if !self.database.listen_url.is_empty() {
-            if let Err(e) = tokio_postgres::Config::from_str(&self.database.listen_url) {
-                bad("database.listen_url", format!("not a Postgres URL: {e}"));
+            if let Err(e) = check_pg_url(&self.database.listen_url) {
+                bad("database.listen_url", e);
             }
         }
         if !(1..=1000).contains(&self.database.pool_size) {
@@ -934,6 +946,16 @@ mod tests {
                 "log.format"
             ]
         );
+    }
+
+    #[test]
+    fn sslmodes_tokio_postgres_lacks_are_named() {
+        let p = problems("", &[("DATABASE_URL", "postgres://u@h/d?sslmode=verify-full")]);
+        assert_eq!(p[0].key, "database.url");
+        assert!(p[0].message.contains("sslmode=require"), "{p:?}");
+        assert!(load("", &[("DATABASE_URL", "postgres://u@h/d?sslmode=require")]).is_ok());
+        let p = problems("", &[("DATABASE_URL", "postgres://u@h/d?nonsense=1")]);
+        assert!(p[0].message.starts_with("not a Postgres URL"), "{p:?}");
     }
 
     #[test]

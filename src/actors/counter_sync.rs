@@ -24,7 +24,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::health::ActorHealth;
@@ -156,7 +155,7 @@ pub async fn sync_counters(
         Ok(r) => r.map_err(|e| SyncError::Query(pg_error_text(&e)))?,
         Err(expired) => {
             // Stop the statement on the server too, not just our wait for it.
-            let _ = cancel.cancel_query(NoTls).await;
+            let _ = cancel.cancel_query(crate::db::tls::connector()).await;
             return Err(expired.into());
         }
     };

@@ -41,7 +41,7 @@ pub async fn listen<F: Fn() + Send + 'static>(url: String, wake: F, log: Logger)
 async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), String> {
     let cfg = pg_config(url, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let (client, mut connection) = cfg
-        .connect(tokio_postgres::NoTls)
+        .connect(super::tls::connector())
         .await
         .map_err(|e| pg_error_text(&e))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -12,19 +12,19 @@ pub mod jobs;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 use crate::config::redact_url;
 use crate::deadline::{Deadline, Expired};
 use crate::pool::LastError;
 
-pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type PgPool = bb8::Pool<PostgresConnectionManager<tls::Tls>>;
 
 /// A pool and the latest reason its connections failed.
 #[derive(Clone, Debug)]
@@ -48,7 +48,7 @@ impl Pg {
     pub async fn checkout(
         &self,
         deadline: Deadline,
-    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, CheckoutError> {
+    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<tls::Tls>>, CheckoutError> {
         match deadline.run("postgres pool get", self.pool.get()).await? {
             Ok(conn) => {
                 self.last_error.clear();
@@ -79,6 +79,11 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
         url: redact_url(url),
         reason: e.to_string(),
     })?;
+    // TLS only where the URL asks for it (see `tls`): tokio-postgres's own
+    // default would be `prefer`.
+    if !tls::names_sslmode(url) {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     if cfg.get_application_name().is_none() {
         cfg.application_name(APPLICATION_NAME);
     }
@@ -93,7 +98,7 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
 /// a connection on every checkout.
 pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSetupError> {
     let cfg = pg_config(url, checkout_timeout)?;
-    let manager = PostgresConnectionManager::new(cfg, NoTls);
+    let manager = PostgresConnectionManager::new(cfg, tls::connector());
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
         .max_size(size)
@@ -112,7 +117,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Cli
         url: redact_url(url),
         reason,
     };
-    let (client, connection) = tokio::time::timeout(timeout, cfg.connect(NoTls))
+    let (client, connection) = tokio::time::timeout(timeout, cfg.connect(tls::connector()))
         .await
         .map_err(|_| unreachable(format!("no answer within {}ms", timeout.as_millis())))?
         .map_err(|e| unreachable(pg_error_text(&e)))?;

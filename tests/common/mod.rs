@@ -780,6 +780,8 @@ pub struct PrivatePostgres {
     pub port: u16,
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
+    /// `-c ssl=on` with a self-signed certificate made for this server.
+    tls: bool,
 }
 
 impl PrivatePostgres {
@@ -810,11 +812,22 @@ impl PrivatePostgres {
     }
 
     pub async fn start() -> PrivatePostgres {
+        Self::start_with(false).await
+    }
+
+    /// A private server that also accepts TLS (a fresh self-signed
+    /// certificate, made with the `openssl` command).
+    pub async fn start_with_tls() -> PrivatePostgres {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> PrivatePostgres {
         let dir = scratch_dir("outbox-pg");
         let pg = PrivatePostgres {
             port: free_port(),
             dir,
             bin: Self::pg_bin(),
+            tls,
         };
         let _ = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -830,6 +843,26 @@ impl PrivatePostgres {
             .status()
             .expect("initdb");
         assert!(status.success(), "initdb failed");
+        if tls {
+            let data = pg.dir.join("data");
+            let status = Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+                .args(["-subj", "/CN=localhost", "-keyout"])
+                .arg(data.join("server.key"))
+                .arg("-out")
+                .arg(data.join("server.crt"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl (is it installed?)");
+            assert!(status.success(), "openssl req failed");
+            let _ = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.key"))
+                .arg(data.join("server.crt"))
+                .status();
+            let _ = Command::new("chmod").arg("600").arg(data.join("server.key")).status();
+        }
         pg.ctl(&["start"]);
         pg.wait_ready().await;
         pg
@@ -837,9 +870,10 @@ impl PrivatePostgres {
 
     fn ctl(&self, action: &[&str]) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100 -c ssl={}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            if self.tls { "on" } else { "off" }
         );
         let status = self
             .as_owner("pg_ctl")

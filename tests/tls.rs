@@ -1,0 +1,130 @@
+//! TLS to Postgres, against private servers with and without TLS: with
+//! `sslmode=require` every session the relay opens (pool, LISTEN, CLI) is
+//! encrypted and the drain works as always; without `sslmode` nothing
+//! changes (plain TCP, even where the server offers TLS); `require` against
+//! a server without TLS is one clear error line, not a hang.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// (encrypted, all) sessions of the relay on the server behind `db`.
+async fn relay_sessions(db: &TestDb) -> (i64, i64) {
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*)
+               FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+              WHERE a.application_name = 'outbox-relay'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn sslmode_require_encrypts_every_relay_session() {
+    let pg = PrivatePostgres::start_with_tls().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let url = format!("{}?sslmode=require", db.url);
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_DATABASE__URL", url.as_str()),
+            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", url.as_str()),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    seed(&db, 3_000, 10).await;
+    let expected = expected_members(&db).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+
+    // The sweep pool, the LISTEN connection and the probes: all encrypted.
+    wait_until("the relay's sessions are up", Duration::from_secs(30), || async {
+        relay_sessions(&db).await.1 >= 2
+    })
+    .await;
+    let (encrypted, all) = relay_sessions(&db).await;
+    assert_eq!(encrypted, all, "{encrypted} of {all} relay sessions use TLS");
+
+    // The CLI goes the same way.
+    let out = relay_command(&["status", "--json"], &env).output().expect("run status");
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn without_sslmode_the_relay_stays_on_plain_tcp() {
+    // The server offers TLS; a URL that does not ask for it keeps the
+    // behaviour it had before the relay knew TLS.
+    let pg = PrivatePostgres::start_with_tls().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let prefix = key_prefix();
+    let mut relay = RelayProcess::spawn(&relay_env(&db, &shared_redis_url(), &prefix, &[]));
+    relay.wait_started().await;
+    seed(&db, 500, 5).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    wait_until("the relay's sessions are up", Duration::from_secs(30), || async {
+        relay_sessions(&db).await.1 >= 2
+    })
+    .await;
+    assert_eq!(relay_sessions(&db).await.0, 0, "no relay session uses TLS");
+    relay.stop().await;
+}
+
+/// Run `cmd` to its end; a command still running after `timeout` (a relay
+/// that connected after all) is killed and fails the test.
+async fn output_within(mut cmd: std::process::Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outbox-relay");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait for outbox-relay").is_none() {
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("outbox-relay output");
+            panic!(
+                "still running after {timeout:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.wait_with_output().expect("outbox-relay output")
+}
+
+#[tokio::test]
+async fn sslmode_require_without_server_tls_is_one_clear_error() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let url = format!("{}?sslmode=require", db.url);
+    let env = relay_env(
+        &db,
+        &shared_redis_url(),
+        "unused:",
+        &[("OUTBOX_RELAY_DATABASE__URL", url.as_str())],
+    );
+    for cmd in [&["run"][..], &["check-config"][..]] {
+        let out = output_within(relay_command(cmd, &env), Duration::from_secs(60)).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {stderr}");
+        assert!(
+            errors.len() == 1 && errors[0].contains("Postgres") && errors[0].contains("TLS"),
+            "{cmd:?}: one error line naming Postgres and TLS: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
