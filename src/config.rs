@@ -178,6 +178,11 @@ pub struct DatabaseConfig {
     pub pgbouncer_compat: bool,
     /// Direct (non-pgbouncer) URL for LISTEN/NOTIFY; empty means poll only.
     pub listen_url: String,
+    /// PEM file of the CA(s) that signed the server's certificate. Set, every
+    /// TLS connection (`sslmode=require|prefer` in the URL) checks the
+    /// certificate chain and that it names the host of the URL (libpq's
+    /// `verify-full`); empty, TLS encrypts without checking (libpq's `require`).
+    pub tls_ca_file: String,
 }
 
 impl Default for DatabaseConfig {
@@ -187,6 +192,7 @@ impl Default for DatabaseConfig {
             pool_size: 4,
             pgbouncer_compat: true,
             listen_url: String::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -473,6 +479,16 @@ impl Config {
         if !self.database.listen_url.is_empty() {
             if let Err(e) = check_pg_url(&self.database.listen_url) {
                 bad("database.listen_url", e);
+            }
+        }
+        if !self.database.tls_ca_file.is_empty() {
+            if let Err(e) = crate::db::tls::read_ca_file(&self.database.tls_ca_file) {
+                bad("database.tls_ca_file", e.to_string());
+            } else if !crate::db::tls::names_sslmode(&self.database.url) {
+                bad(
+                    "database.tls_ca_file",
+                    "is set, but database.url has no sslmode: add ?sslmode=require, or the CA is never used".into(),
+                );
             }
         }
         if !(1..=1000).contains(&self.database.pool_size) {
@@ -956,6 +972,22 @@ mod tests {
         assert!(load("", &[("DATABASE_URL", "postgres://u@h/d?sslmode=require")]).is_ok());
         let p = problems("", &[("DATABASE_URL", "postgres://u@h/d?nonsense=1")]);
         assert!(p[0].message.starts_with("not a Postgres URL"), "{p:?}");
+    }
+
+    #[test]
+    fn tls_ca_file_must_hold_certificates_and_be_asked_for() {
+        let tls =
+            |ca: &str, url: &str| problems("", &[("OUTBOX_RELAY_DATABASE__TLS_CA_FILE", ca), ("DATABASE_URL", url)]);
+        let p = tls("/nonexistent/ca.pem", "postgres://u@h/d?sslmode=require");
+        assert_eq!(p[0].key, "database.tls_ca_file");
+        assert!(p[0].message.contains("/nonexistent/ca.pem"), "{p:?}");
+        let junk = std::env::temp_dir().join(format!("outbox-relay-junk-{}.pem", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").expect("write junk");
+        let p = tls(&junk.display().to_string(), "postgres://u@h/d?sslmode=require");
+        let _ = std::fs::remove_file(&junk);
+        assert_eq!(p[0].key, "database.tls_ca_file");
+        assert!(p[0].message.contains("no PEM certificate"), "{p:?}");
+        assert!(load("", &[]).is_ok_and(|c| c.database.tls_ca_file.is_empty()));
     }
 
     #[test]

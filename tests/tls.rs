@@ -128,3 +128,93 @@ async fn sslmode_require_without_server_tls_is_one_clear_error() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// `check-config` against `env`: (exit code, stdout, the stderr lines that
+/// say "error").
+async fn check_config(env: &[(String, String)]) -> (Option<i32>, String, Vec<String>) {
+    let out = output_within(relay_command(&["check-config"], env), Duration::from_secs(60)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr
+            .lines()
+            .filter(|l| l.contains("error"))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn tls_ca_file_checks_the_chain_and_the_host_name() {
+    let pg = PrivatePostgres::start_with_tls().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let url = format!("{}?sslmode=require", db.url);
+    let ca = pg.ca_file().display().to_string();
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let with = |url: &str, ca: &str| {
+        relay_env(
+            &db,
+            &redis_url,
+            &prefix,
+            &[
+                ("OUTBOX_RELAY_DATABASE__URL", url),
+                ("OUTBOX_RELAY_DATABASE__LISTEN_URL", url),
+                ("OUTBOX_RELAY_DATABASE__TLS_CA_FILE", ca),
+            ],
+        )
+    };
+
+    // The right CA and the name in the certificate: connected, and the
+    // relay drains over verified, encrypted sessions.
+    let env = with(&url, &ca);
+    let (code, stdout, errors) = check_config(&env).await;
+    assert_eq!(code, Some(0), "{errors:?}");
+    assert!(stdout.contains("# postgres: reachable"), "{stdout}");
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    seed(&db, 500, 5).await;
+    let expected = expected_members(&db).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    let (encrypted, all) = relay_sessions(&db).await;
+    assert!(
+        all >= 1 && encrypted == all,
+        "{encrypted} of {all} relay sessions use TLS"
+    );
+    relay.stop().await;
+
+    // A certificate from another CA: refused, in one line.
+    let dir = scratch_dir("outbox-tls-other-ca");
+    let other = make_ca(&dir, "other").display().to_string();
+    let (code, _, errors) = check_config(&with(&url, &other)).await;
+    assert_eq!(code, Some(1), "{errors:?}");
+    assert!(
+        errors.len() == 1 && errors[0].contains("Postgres") && errors[0].contains("certificate"),
+        "{errors:?}"
+    );
+
+    // The right CA, but a host name the certificate does not carry (it names
+    // 127.0.0.1 only; `hostaddr` still connects to 127.0.0.1).
+    let by_name = format!(
+        "postgres://root@localhost:{}/{}?sslmode=require&hostaddr=127.0.0.1",
+        pg.port, db.name
+    );
+    let (code, _, errors) = check_config(&with(&by_name, &ca)).await;
+    assert_eq!(code, Some(1), "{errors:?}");
+    assert!(errors.len() == 1 && errors[0].contains("certificate"), "{errors:?}");
+
+    // A CA file that is not there, or TLS not asked for: a config error
+    // naming the key, before anything connects.
+    let (code, _, errors) = check_config(&with(&url, "/nonexistent/ca.pem")).await;
+    assert_eq!(code, Some(2), "{errors:?}");
+    assert!(errors[0].contains("database.tls_ca_file"), "{errors:?}");
+    let (code, _, errors) = check_config(&with(&db.url, &ca)).await;
+    assert_eq!(code, Some(2), "{errors:?}");
+    assert!(
+        errors[0].contains("database.tls_ca_file") && errors[0].contains("sslmode"),
+        "{errors:?}"
+    );
+}

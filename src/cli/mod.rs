@@ -113,6 +113,9 @@ pub fn execute(cli: Cli) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    if let Err(e) = db::tls::configure(&cfg.database.tls_ca_file) {
+        return fail(2, format!("invalid config: database.tls_ca_file: {e}"));
+    }
     let (log, guard) = logging::init(&cfg.log);
     let result: Result<(), RelayError> = match cli.command {
         Command::Run { progress } => block_on(crate::run(cfg, log.clone(), RunOptions { progress })),

@@ -7,19 +7,25 @@
 //! - `require`: TLS or no connection (the usual setting for managed
 //!   Postgres services).
 //!
-//! Like libpq's `prefer` and `require`, neither checks the server's
-//! certificate: the traffic (passwords, rows) is encrypted against anyone
-//! listening, not against an active man in the middle. tokio-postgres
-//! refuses `verify-ca` and `verify-full` as values; config validation says
-//! so in one line. Absent means `disable` here, not libpq's `prefer`, so a
-//! URL that worked before TLS existed behaves exactly as it did.
+//! Without `database.tls_ca_file`, like libpq's `prefer` and `require`,
+//! neither checks the server's certificate: the traffic (passwords, rows)
+//! is encrypted against anyone listening, not against an active man in the
+//! middle. With it, the chain must lead to one of the file's CAs and the
+//! certificate must name the URL's host (libpq's `verify-full`; the value
+//! itself is refused by tokio-postgres's URL parser, so it is a key of
+//! ours). Absent means `disable` here, not libpq's `prefer`, so a URL that
+//! worked before TLS existed behaves exactly as it did.
+//!
+//! The connector is process-wide: [`configure`] sets it once from the
+//! config at start-up; until then (tests, tools) it encrypts without checks.
 
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// What every Postgres connection of the relay is made with.
 pub type Tls = tokio_postgres_rustls::MakeRustlsConnect;
@@ -29,20 +35,77 @@ pub fn names_sslmode(url: &str) -> bool {
     url.contains("sslmode")
 }
 
-/// The connector (built once; it holds no per-connection state).
-pub fn connector() -> Tls {
-    static TLS: OnceLock<Tls> = OnceLock::new();
-    TLS.get_or_init(|| {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("the ring provider supports rustls's default protocol versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+/// Why `database.tls_ca_file` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read CA certificates from {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate { path: String },
+    #[error("CA certificate in {path} is not usable: {reason}")]
+    BadCertificate { path: String, reason: String },
+}
+
+static CONNECTOR: OnceLock<Tls> = OnceLock::new();
+
+/// The certificates of a PEM file, as trust anchors.
+pub fn read_ca_file(path: &str) -> Result<RootCertStore, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::CaFile {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_string() });
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| TlsError::BadCertificate {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn builder() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports rustls's default protocol versions")
+}
+
+fn encrypt_only() -> Tls {
+    let config = builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Set the process's connector from `database.tls_ca_file` ("" = encrypt
+/// without checks). Call once, before the first connection; a later call
+/// keeps the first connector.
+pub fn configure(ca_file: &str) -> Result<(), TlsError> {
+    let tls = if ca_file.is_empty() {
+        encrypt_only()
+    } else {
+        let config = builder()
+            .with_root_certificates(read_ca_file(ca_file)?)
             .with_no_client_auth();
         tokio_postgres_rustls::MakeRustlsConnect::new(config)
-    })
-    .clone()
+    };
+    let _ = CONNECTOR.set(tls);
+    Ok(())
+}
+
+/// The connector every Postgres connection is made with.
+pub fn connector() -> Tls {
+    CONNECTOR.get_or_init(encrypt_only).clone()
 }
 
 /// libpq's `sslmode=require`: any certificate is accepted, but the

@@ -815,10 +815,16 @@ impl PrivatePostgres {
         Self::start_with(false).await
     }
 
-    /// A private server that also accepts TLS (a fresh self-signed
-    /// certificate, made with the `openssl` command).
+    /// A private server that also accepts TLS, with a certificate for
+    /// `127.0.0.1` (and no other name) signed by a CA of its own
+    /// ([`PrivatePostgres::ca_file`]), made with the `openssl` command.
     pub async fn start_with_tls() -> PrivatePostgres {
         Self::start_with(true).await
+    }
+
+    /// The PEM file of the CA that signed the server's certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.crt")
     }
 
     async fn start_with(tls: bool) -> PrivatePostgres {
@@ -845,17 +851,42 @@ impl PrivatePostgres {
         assert!(status.success(), "initdb failed");
         if tls {
             let data = pg.dir.join("data");
-            let status = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
-                .args(["-subj", "/CN=localhost", "-keyout"])
-                .arg(data.join("server.key"))
-                .arg("-out")
-                .arg(data.join("server.crt"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("run openssl (is it installed?)");
-            assert!(status.success(), "openssl req failed");
+            let ca = make_ca(&pg.dir, "ca");
+            let ext = pg.dir.join("server.ext");
+            std::fs::write(
+                &ext,
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            )
+            .expect("write server.ext");
+            let csr = pg.dir.join("server.csr");
+            openssl(
+                Command::new("openssl")
+                    .args([
+                        "req",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-subj",
+                        "/CN=127.0.0.1",
+                        "-keyout",
+                    ])
+                    .arg(data.join("server.key"))
+                    .arg("-out")
+                    .arg(&csr),
+            );
+            openssl(
+                Command::new("openssl")
+                    .args(["x509", "-req", "-days", "2", "-in"])
+                    .arg(&csr)
+                    .arg("-CA")
+                    .arg(&ca)
+                    .arg("-CAkey")
+                    .arg(ca.with_extension("key"))
+                    .args(["-CAcreateserial", "-out"])
+                    .arg(data.join("server.crt"))
+                    .arg("-extfile")
+                    .arg(&ext),
+            );
             let _ = Command::new("chown")
                 .args(["postgres:postgres"])
                 .arg(data.join("server.key"))
@@ -921,6 +952,29 @@ impl Drop for PrivatePostgres {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn openssl(cmd: &mut Command) {
+    let out = cmd.output().expect("run openssl (is it installed?)");
+    assert!(
+        out.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh self-signed CA in `dir`: `{name}.crt` (returned) and `{name}.key`.
+pub fn make_ca(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let crt = dir.join(format!("{name}.crt"));
+    openssl(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN=outbox-relay test {name}"), "-keyout"])
+            .arg(dir.join(format!("{name}.key")))
+            .arg("-out")
+            .arg(&crt),
+    );
+    crt
 }
 
 /// A cheap pseudo-random number in `range` (no extra dependency).
