@@ -10,6 +10,10 @@ RUN cargo build --release --locked \
 
 # Runtime stage: just the binary, its config and a non-root user.
 FROM debian:bookworm-slim
+# The system's roots, for rediss:// servers with a public certificate.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 COPY --from=build /src/target/release/outbox-relay /usr/local/bin/outbox-relay
 COPY config/ /etc/outbox-relay/

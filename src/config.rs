@@ -212,6 +212,10 @@ pub struct RedisConfig {
     pub mode: RedisMode,
     /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
     pub cluster_urls: Vec<String>,
+    /// PEM file of the CA(s) that signed the servers' certificates, for
+    /// `rediss://` URLs whose CA is not in the system's trust store (a
+    /// private CA). Empty: the system's roots.
+    pub tls_ca_file: String,
 }
 
 /// How the relay talks to Redis.
@@ -232,6 +236,7 @@ impl Default for RedisConfig {
             wait_replicas: 0,
             mode: RedisMode::Standalone,
             cluster_urls: Vec::new(),
+            tls_ca_file: String::new(),
         }
     }
 }
@@ -528,6 +533,20 @@ impl Config {
                 if let Err(e) = ::redis::cluster::ClusterClient::new(self.redis.cluster_urls.clone()) {
                     bad("redis.cluster_urls", format!("not usable as cluster seeds: {e}"));
                 }
+            }
+        }
+        if !self.redis.tls_ca_file.is_empty() {
+            let urls: Vec<&String> = match self.redis.mode {
+                RedisMode::Standalone => vec![&self.redis.url],
+                RedisMode::Cluster => self.redis.cluster_urls.iter().collect(),
+            };
+            if let Err(e) = crate::db::tls::read_ca_file(&self.redis.tls_ca_file) {
+                bad("redis.tls_ca_file", e.to_string());
+            } else if !urls.iter().any(|u| u.starts_with("rediss://")) {
+                bad(
+                    "redis.tls_ca_file",
+                    "is set, but no Redis URL is rediss://: use rediss://, or the CA is never used".into(),
+                );
             }
         }
         let s = &self.sweep;
@@ -988,6 +1007,15 @@ mod tests {
         assert_eq!(p[0].key, "database.tls_ca_file");
         assert!(p[0].message.contains("no PEM certificate"), "{p:?}");
         assert!(load("", &[]).is_ok_and(|c| c.database.tls_ca_file.is_empty()));
+        let p = problems(
+            "",
+            &[
+                ("OUTBOX_RELAY_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem"),
+                ("REDIS_URL", "rediss://h:6380/0"),
+            ],
+        );
+        assert_eq!(p[0].key, "redis.tls_ca_file");
+        assert!(p[0].message.contains("/nonexistent/ca.pem"), "{p:?}");
     }
 
     #[test]

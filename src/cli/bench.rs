@@ -684,7 +684,7 @@ async fn latency(
     backlog: i64,
 ) -> Result<LatencyRun, BenchError> {
     let (vacuum_watch, vacuum_counts) = watch_vacuum(url).await?;
-    let redis_client = ::redis::Client::open(cfg.redis.url.as_str()).map_err(rd)?;
+    let redis_client = crate::redis::standalone_client(&cfg.redis).map_err(|e| BenchError::Redis(e.to_string()))?;
     let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
     let old: Vec<String> = ::redis::cmd("CONFIG")
         .arg("GET")

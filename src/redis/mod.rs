@@ -9,7 +9,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::{Cmd, Pipeline, RedisFuture, Value};
+use ::redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 use bb8_redis::RedisConnectionManager;
 
 use crate::config::{redact_url, RedisConfig, RedisMode};
@@ -261,13 +261,58 @@ pub enum RedisSetupError {
     Url { url: String, source: ::redis::RedisError },
     #[error("cannot reach Redis at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error("cannot read redis.tls_ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+}
+
+/// `redis.tls_ca_file`'s CAs for `rediss://` connections; None = the
+/// system's roots (or plain TCP for `redis://`).
+fn tls_certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, RedisSetupError> {
+    if cfg.tls_ca_file.is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(&cfg.tls_ca_file).map_err(|e| RedisSetupError::CaFile {
+        path: cfg.tls_ca_file.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// Where and how to reach the one server of standalone mode: `redis.url`,
+/// with `redis.tls_ca_file`'s CAs trusted when it is `rediss://`.
+fn standalone_info(cfg: &RedisConfig) -> Result<ConnectionInfo, RedisSetupError> {
+    let url_error = |source| RedisSetupError::Url {
+        url: redact_url(&cfg.url),
+        source,
+    };
+    match tls_certificates(cfg)? {
+        None => cfg.url.as_str().into_connection_info().map_err(url_error),
+        Some(certs) => Client::build_with_tls(cfg.url.as_str(), certs)
+            .map(|c| c.get_connection_info().clone())
+            .map_err(url_error),
+    }
+}
+
+/// A client for the one server of standalone mode (see [`standalone_info`]).
+pub fn standalone_client(cfg: &RedisConfig) -> Result<Client, RedisSetupError> {
+    Client::open(standalone_info(cfg)?).map_err(|source| RedisSetupError::Url {
+        url: redact_url(&cfg.url),
+        source,
+    })
 }
 
 /// The cluster client: few, quick retries (a tick has one deadline, and
 /// entries for a node that stays down are re-sent next tick anyway) and a
 /// bounded connect per node.
 fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<ClusterClient, RedisSetupError> {
-    ClusterClient::builder(cfg.cluster_urls.clone())
+    let mut builder = ClusterClient::builder(cfg.cluster_urls.clone());
+    if let Some(certs) = tls_certificates(cfg)? {
+        builder = builder.certs(certs);
+    }
+    builder
         .retries(4)
         .min_retry_wait(10)
         .max_retry_wait(200)
@@ -292,10 +337,11 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
     let last_error = LastError::default();
     let pool = match cfg.mode {
         RedisMode::Standalone => {
-            let manager = RedisConnectionManager::new(cfg.url.as_str()).map_err(|source| RedisSetupError::Url {
-                url: redact_url(&cfg.url),
-                source,
-            })?;
+            let manager =
+                RedisConnectionManager::new(standalone_info(cfg)?).map_err(|source| RedisSetupError::Url {
+                    url: redact_url(&cfg.url),
+                    source,
+                })?;
             RedisPool::Standalone(
                 bb8::Pool::builder()
                     .max_size(cfg.pool_size)
@@ -331,7 +377,9 @@ delegate_connection_like!(DirectConn, DirectConn);
 /// failing with the real cause instead of a pool timeout.
 pub async fn connect_config(cfg: &RedisConfig, timeout: Duration) -> Result<DirectConn, RedisSetupError> {
     match cfg.mode {
-        RedisMode::Standalone => connect(&cfg.url, timeout).await.map(DirectConn::Standalone),
+        RedisMode::Standalone => connect_client(standalone_client(cfg)?, &redact_url(&cfg.url), timeout)
+            .await
+            .map(DirectConn::Standalone),
         RedisMode::Cluster => {
             let shown = Redis::describe(cfg);
             let client = cluster_client(cfg, timeout)?;
@@ -358,6 +406,16 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<::redis::aio::Multi
         url: shown.clone(),
         source,
     })?;
+    connect_client(client, &shown, timeout).await
+}
+
+/// Connect `client` (shown as `shown` in errors) within `timeout`.
+async fn connect_client(
+    client: Client,
+    shown: &str,
+    timeout: Duration,
+) -> Result<::redis::aio::MultiplexedConnection, RedisSetupError> {
+    let shown = shown.to_string();
     match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(RedisSetupError::Unreachable {

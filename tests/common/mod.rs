@@ -246,20 +246,47 @@ pub struct RedisServer {
     durable: bool,
     /// Port of the primary this server replicates.
     replica_of: Option<u16>,
+    /// A TLS port beside the plain one (certificate from [`server_cert`]).
+    pub tls_port: Option<u16>,
 }
 
 impl RedisServer {
     /// Start one on a free port, in a directory of its own.
     async fn launch(durable: bool, replica_of: Option<u16>) -> RedisServer {
+        Self::launch_with(durable, replica_of, false).await
+    }
+
+    async fn launch_with(durable: bool, replica_of: Option<u16>, tls: bool) -> RedisServer {
+        let dir = scratch_dir("outbox-redis");
+        let tls_port = tls.then(|| {
+            server_cert(&dir, &dir.join("server.key"), &dir.join("server.crt"));
+            free_port()
+        });
         let mut s = RedisServer {
             port: free_port(),
             child: None,
-            dir: scratch_dir("outbox-redis"),
+            dir,
             durable,
             replica_of,
+            tls_port,
         };
         s.resume().await;
         s
+    }
+
+    /// A server that also speaks TLS on [`RedisServer::tls_url`], with a
+    /// certificate for 127.0.0.1 from the CA in [`RedisServer::ca_file`];
+    /// the plain port stays open for the test's own checks.
+    pub async fn start_with_tls() -> RedisServer {
+        Self::launch_with(false, None, true).await
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.tls_port.expect("a TLS port"))
+    }
+
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.join("ca.crt")
     }
 
     pub async fn start() -> RedisServer {
@@ -296,6 +323,15 @@ impl RedisServer {
         }
         if let Some(primary) = self.replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        if let Some(tls_port) = self.tls_port {
+            cmd.args(["--tls-port", &tls_port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(self.dir.join("ca.crt"));
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -851,42 +887,7 @@ impl PrivatePostgres {
         assert!(status.success(), "initdb failed");
         if tls {
             let data = pg.dir.join("data");
-            let ca = make_ca(&pg.dir, "ca");
-            let ext = pg.dir.join("server.ext");
-            std::fs::write(
-                &ext,
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-            )
-            .expect("write server.ext");
-            let csr = pg.dir.join("server.csr");
-            openssl(
-                Command::new("openssl")
-                    .args([
-                        "req",
-                        "-newkey",
-                        "rsa:2048",
-                        "-nodes",
-                        "-subj",
-                        "/CN=127.0.0.1",
-                        "-keyout",
-                    ])
-                    .arg(data.join("server.key"))
-                    .arg("-out")
-                    .arg(&csr),
-            );
-            openssl(
-                Command::new("openssl")
-                    .args(["x509", "-req", "-days", "2", "-in"])
-                    .arg(&csr)
-                    .arg("-CA")
-                    .arg(&ca)
-                    .arg("-CAkey")
-                    .arg(ca.with_extension("key"))
-                    .args(["-CAcreateserial", "-out"])
-                    .arg(data.join("server.crt"))
-                    .arg("-extfile")
-                    .arg(&ext),
-            );
+            server_cert(&pg.dir, &data.join("server.key"), &data.join("server.crt"));
             let _ = Command::new("chown")
                 .args(["postgres:postgres"])
                 .arg(data.join("server.key"))
@@ -961,6 +962,48 @@ fn openssl(cmd: &mut Command) {
         "openssl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A CA of its own in `dir` (`ca.crt`, returned) and a server key and
+/// certificate it signed, for `127.0.0.1` and no other name.
+pub fn server_cert(dir: &std::path::Path, key: &std::path::Path, crt: &std::path::Path) -> std::path::PathBuf {
+    let ca = make_ca(dir, "ca");
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write server.ext");
+    let csr = dir.join("server.csr");
+    openssl(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+            ])
+            .arg(key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    openssl(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(ca.with_extension("key"))
+            .args(["-CAcreateserial", "-out"])
+            .arg(crt)
+            .arg("-extfile")
+            .arg(&ext),
+    );
+    ca
 }
 
 /// A fresh self-signed CA in `dir`: `{name}.crt` (returned) and `{name}.key`.
