@@ -5,7 +5,8 @@
 //! where the server offers TLS); `require` against a server without TLS,
 //! a certificate from another CA or for another name are one clear error
 //! line each, not a hang. Redis: a `rediss://` URL with `redis.tls_ca_file`
-//! delivers; untrusted certificates are one clear error line.
+//! delivers, to one server and to a TLS-only cluster; untrusted
+//! certificates are one clear error line.
 
 mod common;
 
@@ -265,4 +266,41 @@ async fn rediss_with_the_ca_file_delivers_and_untrusted_servers_are_refused() {
     let (code, _, errors) = check_config(&with(&redis.url(), &ca)).await;
     assert_eq!(code, Some(2), "{errors:?}");
     assert!(errors[0].contains("redis.tls_ca_file"), "{errors:?}");
+}
+
+#[tokio::test]
+async fn a_tls_only_cluster_is_drained_with_the_ca_file() {
+    let cluster = common::cluster::TlsCluster::start(3).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let seeds = cluster.seed_urls();
+    let ca = cluster.ca_file().display().to_string();
+    let env = relay_env(
+        &db,
+        "redis://127.0.0.1:1/0",
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_REDIS__MODE", "cluster"),
+            ("OUTBOX_RELAY_REDIS__CLUSTER_URLS", seeds.as_str()),
+            ("OUTBOX_RELAY_REDIS__TLS_CA_FILE", ca.as_str()),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    produce(&db.client().await, &new_jobs(30), 3_000).await.expect("seed");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!(report.delivered, 3_000);
+    // Every master took part: the relay followed the cluster's TLS ports.
+    for &port in &cluster.ports {
+        let keys = cluster.cli(port, &["--scan", "--pattern", &format!("{}sched:*", &*prefix)]);
+        assert!(
+            keys.is_some_and(|k| !k.trim().is_empty()),
+            "master {port} holds schedules"
+        );
+    }
+    relay.stop().await;
 }

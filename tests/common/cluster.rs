@@ -273,3 +273,150 @@ pub fn cli(port: u16, args: &[&str]) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A Redis Cluster that speaks only TLS (`--port 0 --tls-port P
+/// --tls-cluster yes`), with one certificate for 127.0.0.1 from a CA of its
+/// own ([`TlsCluster::ca_file`]); masters only.
+pub struct TlsCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl TlsCluster {
+    pub async fn start(masters: usize) -> TlsCluster {
+        let dir = super::scratch_dir("outbox-tls-cluster");
+        let (key, crt) = (dir.join("server.key"), dir.join("server.crt"));
+        super::server_cert(&dir, &key, &crt);
+        let mut cluster = TlsCluster {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
+        for _ in 0..masters {
+            let port = free_port();
+            let node_dir = cluster.dir.join(format!("node-{port}"));
+            std::fs::create_dir_all(&node_dir).expect("cluster node dir");
+            let child = Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(&crt)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(cluster.ca_file())
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .arg("--cluster-config-file")
+                .arg(node_dir.join("nodes.conf"))
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server (is it installed?)");
+            cluster.ports.push(port);
+            cluster.children.push(child);
+        }
+        for &port in &cluster.ports {
+            wait_until("TLS cluster node answers PING", Duration::from_secs(20), || async {
+                cluster.cli(port, &["PING"]).is_some_and(|o| o.trim() == "PONG")
+            })
+            .await;
+        }
+        let mut create = cluster.cli_command();
+        create.arg("--cluster").arg("create");
+        for port in &cluster.ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let mut create = create
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-cli --cluster create");
+        // It waits for the nodes to join over the TLS bus forever if they
+        // cannot (a certificate they refuse): give up instead of hanging.
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = create.try_wait().expect("wait for redis-cli") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = create.kill();
+                let _ = create.wait();
+                panic!("redis-cli --tls --cluster create did not return within 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "redis-cli --tls --cluster create failed");
+        wait_until("TLS cluster healthy", Duration::from_secs(60), || async {
+            cluster.ports.iter().all(|&p| {
+                cluster
+                    .cli(p, &["CLUSTER", "INFO"])
+                    .is_some_and(|o| o.contains("cluster_state:ok"))
+            })
+        })
+        .await;
+        cluster
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Comma-separated `rediss://` seed URLs.
+    pub fn seed_urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn cli_command(&self) -> Command {
+        let mut c = Command::new("redis-cli");
+        c.arg("--tls").arg("--cacert").arg(self.ca_file());
+        c
+    }
+
+    /// `redis-cli --tls -p port args…`; its stdout, or None when it failed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
+        let out = self
+            .cli_command()
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A cluster connection over TLS that trusts the cluster's CA.
+    pub async fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        let pem = std::fs::read(self.ca_file()).expect("read the CA");
+        redis::cluster::ClusterClient::builder(self.seed_urls().split(',').map(str::to_string))
+            .certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            })
+            .build()
+            .expect("TLS cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the TLS cluster")
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
