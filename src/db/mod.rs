@@ -1,5 +1,5 @@
 //! Postgres side of the relay: pools, start-up checks, migrations and the
-//! outbox queries.
+//! outbox queries; TLS when the URL asks for it ([`tls`]).
 //!
 //! Every statement goes through the unnamed-statement APIs of tokio-postgres
 //! (`query_typed*`, `execute_typed`, `batch_execute`, `simple_query`), never

@@ -1,5 +1,6 @@
 //! Redis side of the relay: the connection pool, the member encoding and the
-//! pipelined ZADD that reports its outcome per entry.
+//! pipelined ZADD that reports its outcome per entry. `rediss://` URLs are
+//! TLS (rustls), checked against the system's roots or `redis.tls_ca_file`.
 
 pub mod member;
 pub mod pipeline;
