@@ -417,7 +417,7 @@ fn check_pg_url(url: &str) -> Result<(), String> {
     match tokio_postgres::Config::from_str(url) {
         Ok(_) => Ok(()),
         Err(_) if url.contains("verify-ca") || url.contains("verify-full") => Err(
-            "sslmode verify-ca and verify-full are not supported; use sslmode=require (TLS, server certificate not checked) or prefer".into(),
+            "sslmode verify-ca and verify-full are not accepted in the URL; use sslmode=require, plus database.tls_ca_file to check the server certificate".into(),
         ),
         Err(e) => Err(format!("not a Postgres URL: {e}")),
     }
@@ -487,7 +487,7 @@ impl Config {
             }
         }
         if !self.database.tls_ca_file.is_empty() {
-            if let Err(e) = crate::db::tls::read_ca_file(&self.database.tls_ca_file) {
+            if let Err(e) = crate::tls::read_ca_file(&self.database.tls_ca_file) {
                 bad("database.tls_ca_file", e.to_string());
             } else if !crate::db::tls::names_sslmode(&self.database.url) {
                 bad(
@@ -540,7 +540,7 @@ impl Config {
                 RedisMode::Standalone => vec![&self.redis.url],
                 RedisMode::Cluster => self.redis.cluster_urls.iter().collect(),
             };
-            if let Err(e) = crate::db::tls::read_ca_file(&self.redis.tls_ca_file) {
+            if let Err(e) = crate::tls::read_ca_file(&self.redis.tls_ca_file) {
                 bad("redis.tls_ca_file", e.to_string());
             } else if !urls.iter().any(|u| u.starts_with("rediss://")) {
                 bad(

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod redis;
 pub mod settle;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;
 
 use std::sync::atomic::Ordering;

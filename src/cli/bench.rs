@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::cli::jobs::keys_matching;
+use crate::cli::jobs::{keys_matching, per_key};
 use crate::config::{redact_url, Config, RedisMode, CONFIG_PATH_ENV};
 use crate::db::{self, pg_error_text};
 use crate::redis::{DirectConn, Redis};
@@ -243,15 +243,10 @@ async fn delete_prefix(conn: &mut DirectConn, prefix: &str) -> Result<(), ::redi
                 let _: i64 = ::redis::cmd("DEL").arg(chunk).query_async(c).await?;
             }
         }
-        // Keys on different slots cannot share a DEL: one each, concurrently.
-        DirectConn::Cluster(c) => {
+        // Keys on different slots cannot share a DEL.
+        DirectConn::Cluster(_) => {
             for chunk in keys.chunks(1000) {
-                let dels = chunk.iter().map(|k| {
-                    let mut c = c.clone();
-                    let cmd = ::redis::cmd("DEL").arg(k).to_owned();
-                    async move { cmd.query_async::<i64>(&mut c).await }
-                });
-                for deleted in futures_util::future::join_all(dels).await {
+                for deleted in per_key::<i64>(conn, "DEL", chunk).await {
                     deleted?;
                 }
             }
@@ -373,24 +368,22 @@ fn proc_usage(pid: u32) -> (f64, u64) {
 
 /// Members in the seeded jobs' schedules, all together.
 async fn scheduled(conn: &mut DirectConn, prefix: &str, jobs: i64) -> Result<i64, BenchError> {
-    let keys = (0..jobs).map(|j| format!("{prefix}sched:00000000-0000-4000-8000-{j:012}"));
+    let keys: Vec<String> = (0..jobs)
+        .map(|j| format!("{prefix}sched:00000000-0000-4000-8000-{j:012}"))
+        .collect();
     let counts: Vec<i64> = match conn {
         DirectConn::Standalone(c) => {
             let mut pipe = ::redis::pipe();
-            for k in keys {
+            for k in &keys {
                 pipe.zcard(k);
             }
             pipe.query_async(c).await.map_err(rd)?
         }
-        // The keys live on different nodes: one ZCARD each, concurrently.
-        DirectConn::Cluster(c) => futures_util::future::join_all(keys.map(|k| {
-            let mut c = c.clone();
-            async move { ::redis::cmd("ZCARD").arg(k).query_async::<i64>(&mut c).await }
-        }))
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(rd)?,
+        DirectConn::Cluster(_) => per_key::<i64>(conn, "ZCARD", &keys)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(rd)?,
     };
     Ok(counts.iter().sum())
 }

@@ -120,15 +120,8 @@ pub async fn deepest_schedules(
     let pattern = format!("{prefix}sched:*");
     let keys = keys_matching(conn, &pattern).await?;
     let mut all: Vec<Schedule> = Vec::new();
-    // One ZCARD per key: in a cluster the keys live on different nodes, so
-    // they cannot share a pipeline; the cluster client sends them concurrently.
     for chunk in keys.chunks(1000) {
-        let depths: Vec<::redis::RedisResult<::redis::Value>> = futures_util::future::join_all(chunk.iter().map(|k| {
-            let mut c = conn.clone();
-            let cmd = ::redis::cmd("ZCARD").arg(k).to_owned();
-            async move { cmd.query_async::<::redis::Value>(&mut c).await }
-        }))
-        .await;
+        let depths = per_key::<::redis::Value>(conn, "ZCARD", chunk).await;
         for (k, d) in chunk.iter().zip(depths) {
             match d {
                 Ok(::redis::Value::Int(depth)) => {
@@ -149,6 +142,22 @@ pub async fn deepest_schedules(
     all.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.key.cmp(&b.key)));
     all.truncate(top);
     Ok(all)
+}
+
+/// `cmd key` for each of `keys`, all at once: in a cluster the keys live on
+/// different nodes, so they cannot share a pipeline; the cluster client
+/// sends each to its key's node.
+pub(crate) async fn per_key<T: ::redis::FromRedisValue>(
+    conn: &DirectConn,
+    cmd: &str,
+    keys: &[String],
+) -> Vec<::redis::RedisResult<T>> {
+    futures_util::future::join_all(keys.iter().map(|k| {
+        let mut c = conn.clone();
+        let cmd = ::redis::cmd(cmd).arg(k).to_owned();
+        async move { cmd.query_async::<T>(&mut c).await }
+    }))
+    .await
 }
 
 /// Every key matching `pattern`, on the one server or on every cluster

@@ -23,9 +23,10 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::tls::{read_ca_file, TlsError};
 
 /// What every Postgres connection of the relay is made with.
 pub type Tls = tokio_postgres_rustls::MakeRustlsConnect;
@@ -35,39 +36,7 @@ pub fn names_sslmode(url: &str) -> bool {
     url.contains("sslmode")
 }
 
-/// Why `database.tls_ca_file` cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read CA certificates from {path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
-    NoCertificate { path: String },
-    #[error("CA certificate in {path} is not usable: {reason}")]
-    BadCertificate { path: String, reason: String },
-}
-
 static CONNECTOR: OnceLock<Tls> = OnceLock::new();
-
-/// The certificates of a PEM file, as trust anchors.
-pub fn read_ca_file(path: &str) -> Result<RootCertStore, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::CaFile {
-            path: path.to_string(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_string() });
-    }
-    let mut roots = RootCertStore::empty();
-    for cert in certs {
-        roots.add(cert).map_err(|e| TlsError::BadCertificate {
-            path: path.to_string(),
-            reason: e.to_string(),
-        })?;
-    }
-    Ok(roots)
-}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -399,18 +399,8 @@ pub async fn connect_config(cfg: &RedisConfig, timeout: Duration) -> Result<Dire
     }
 }
 
-/// One direct multiplexed connection (for the CLI and start-up checks),
-/// failing with the real cause (refused, auth, DNS) instead of a pool timeout.
-pub async fn connect(url: &str, timeout: Duration) -> Result<::redis::aio::MultiplexedConnection, RedisSetupError> {
-    let shown = redact_url(url);
-    let client = ::redis::Client::open(url).map_err(|source| RedisSetupError::Url {
-        url: shown.clone(),
-        source,
-    })?;
-    connect_client(client, &shown, timeout).await
-}
-
-/// Connect `client` (shown as `shown` in errors) within `timeout`.
+/// Connect `client` (shown as `shown` in errors) within `timeout`, failing
+/// with the real cause (refused, auth, DNS, TLS) instead of a pool timeout.
 async fn connect_client(
     client: Client,
     shown: &str,

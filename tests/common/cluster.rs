@@ -263,7 +263,13 @@ impl Drop for RedisCluster {
 
 /// Run `redis-cli -p port args…`; its stdout, or None when it failed.
 pub fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
+    run_cli(Command::new("redis-cli"), port, args)
+}
+
+/// Run `redis_cli` (`redis-cli` with its connection options) against
+/// 127.0.0.1:`port` with `args`; its stdout, or None when it failed.
+fn run_cli(mut redis_cli: Command, port: u16, args: &[&str]) -> Option<String> {
+    let out = redis_cli
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stderr(Stdio::null())
@@ -383,16 +389,7 @@ impl TlsCluster {
 
     /// `redis-cli --tls -p port args…`; its stdout, or None when it failed.
     pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
-        let out = self
-            .cli_command()
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        run_cli(self.cli_command(), port, args)
     }
 
     /// A cluster connection over TLS that trusts the cluster's CA.

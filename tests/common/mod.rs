@@ -816,7 +816,7 @@ pub struct PrivatePostgres {
     pub port: u16,
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
-    /// `-c ssl=on` with a self-signed certificate made for this server.
+    /// `-c ssl=on`, with a certificate from [`server_cert`].
     tls: bool,
 }
 
