@@ -17,7 +17,7 @@ use std::sync::Arc;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Serialize;
 
-use crate::actors::health::{ActorHealth, HealthSnapshot, Status};
+use crate::telemetry::health::{ActorHealth, HealthSnapshot, Status};
 use crate::telemetry::metrics::Metrics;
 
 type Healths = Arc<Vec<Arc<ActorHealth>>>;

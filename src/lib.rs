@@ -13,12 +13,13 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deadline;
+pub mod domain;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod http;
 pub mod pool;
+pub mod redact;
 pub mod redis;
-pub mod settle;
 pub mod telemetry;
 pub mod tls;
 pub mod verify;
@@ -28,7 +29,8 @@ use std::time::Duration;
 
 use slog::{info, warn, Logger};
 
-use crate::config::{redact_url, Config};
+use crate::config::Config;
+use crate::redact::redact_url;
 
 /// Anything that stops the relay from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -10,21 +10,10 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-/// Errors that can tell a timeout from other failures.
+/// Errors that can tell a timeout from other failures (each store
+/// implements it for its client's error type).
 pub trait FailureKind: fmt::Display {
     fn is_timeout(&self) -> bool;
-}
-
-impl FailureKind for ::redis::RedisError {
-    fn is_timeout(&self) -> bool {
-        ::redis::RedisError::is_timeout(self)
-    }
-}
-
-impl FailureKind for tokio_postgres::Error {
-    fn is_timeout(&self) -> bool {
-        false
-    }
 }
 
 /// One connection failure seen by a pool.
@@ -75,20 +64,4 @@ impl<E: FailureKind + 'static> bb8::ErrorSink<E> for LastError {
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<E>> {
         Box::new(self.clone())
     }
-}
-
-/// One Postgres and one Redis connection, for the actors that work on a
-/// cadence (counter sync, probes) rather than on the hot path.
-pub fn small_pools(
-    database_url: &str,
-    redis: &crate::config::RedisConfig,
-    checkout: std::time::Duration,
-) -> Result<(crate::db::Pg, crate::redis::Redis), String> {
-    let pg = crate::db::pool(database_url, 1, checkout).map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
-    let one = crate::config::RedisConfig {
-        pool_size: 1,
-        ..redis.clone()
-    };
-    let redis = crate::redis::pool(&one, checkout).map_err(|e| format!("cannot build the Redis pool: {e}"))?;
-    Ok((pg, redis))
 }

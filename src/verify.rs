@@ -15,9 +15,8 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::db::outbox::OutboxRow;
 use crate::db::pg_error_text;
-use crate::redis::member::{encode_member, schedule_key};
+use crate::domain::{encode_member, schedule_key, OutboxRow};
 
 /// Where the produced rows ended up. The invariant holds when `lost`,
 /// `corrupted` and `wrong_score` are empty and, after a drain, `pending_due` is 0.

@@ -26,14 +26,14 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
 use uuid::Uuid;
 
-use super::health::ActorHealth;
+use super::small_pools;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::db::{jobs, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
-use crate::pool::small_pools;
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
+use crate::telemetry::health::ActorHealth;
 
 /// Job updates in flight at once on the one connection (pipelined; each is
 /// still its own transaction).

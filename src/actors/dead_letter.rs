@@ -25,11 +25,11 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{debug, info, warn, Logger};
 
-use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, contain_sync, Supervision};
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
 use crate::db::{self, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
+use crate::telemetry::health::ActorHealth;
 
 /// Rows deleted per statement by the retention purge.
 pub const RETENTION_BATCH: i64 = 1000;

@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use slog::{debug, info, warn, Logger};
 
-use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
-use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError, EntryOutcome, ScheduleEntry};
+use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError};
 use crate::redis::{self as rds, Redis};
+use crate::telemetry::health::ActorHealth;
 use crate::telemetry::metrics::Metrics;
 
 /// Send these ZADDs in one pipeline before `deadline`.

@@ -18,14 +18,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{debug, warn, Logger};
 
-use super::health::ActorHealth;
+use super::small_pools;
 use super::supervisor::{begin_after, contain, Supervision};
 use crate::config::RedisConfig;
 use crate::db::{pg_error_text, Pg};
 use crate::deadline::Deadline;
-use crate::pool::small_pools;
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
+use crate::telemetry::health::ActorHealth;
 use crate::telemetry::metrics::Metrics;
 
 /// Run the probes before `deadline`.

@@ -35,11 +35,11 @@ use tokio::sync::mpsc;
 use super::counter_sync::{CounterSyncActor, CounterSyncSettings};
 use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
-use super::health::{ActorHealth, Status};
 use super::metrics::{MetricsActor, MetricsSettings};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Wake};
 use crate::config::{Config, SupervisorConfig};
-use crate::settle::RetryPolicy;
+use crate::domain::RetryPolicy;
+use crate::telemetry::health::{ActorHealth, Status};
 use crate::telemetry::metrics::Metrics;
 
 /// The restart-intensity and backoff rules.

@@ -28,14 +28,13 @@ use slog::{debug, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::health::ActorHealth;
 use super::supervisor::{begin_after, contain, contain_sync, Supervision};
-use crate::db::outbox::{self, ClaimCursor, ClaimOrder, OutboxRow};
+use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
-use crate::redis::member::{encode_member, schedule_key};
-use crate::redis::pipeline::{DispatchError, EntryOutcome, ScheduleEntry};
-use crate::settle::{settle, RetryPolicy, RowOutcome};
+use crate::domain::{encode_rows, settle, EntryOutcome, RetryPolicy, RowOutcome};
+use crate::redis::pipeline::DispatchError;
+use crate::telemetry::health::ActorHealth;
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::metrics::Metrics;
 
@@ -330,29 +329,6 @@ pub async fn run_tick(
     lap(&mut stage_us[3]);
     report.stage_us = stage_us;
     Ok(report)
-}
-
-/// Encode every row; rows that cannot be encoded become `Poison`, the others
-/// start as `Deferred` until Redis answers for them.
-fn encode_rows(rows: &[OutboxRow], prefix: &str) -> (Vec<ScheduleEntry>, Vec<usize>, Vec<RowOutcome>) {
-    let mut entries = Vec::with_capacity(rows.len());
-    let mut entry_rows = Vec::with_capacity(rows.len());
-    let mut outcomes = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        match encode_member(row) {
-            Ok(member) => {
-                entries.push(ScheduleEntry {
-                    key: schedule_key(prefix, &row.job_id),
-                    score: row.run_at_ms,
-                    member,
-                });
-                entry_rows.push(i);
-                outcomes.push(RowOutcome::Deferred);
-            }
-            Err(e) => outcomes.push(RowOutcome::Poison(e.to_string())),
-        }
-    }
-    (entries, entry_rows, outcomes)
 }
 
 /// When the next tick starts.

@@ -28,8 +28,9 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::cli::jobs::{keys_matching, per_key};
-use crate::config::{redact_url, Config, RedisMode, CONFIG_PATH_ENV};
+use crate::config::{Config, RedisMode, CONFIG_PATH_ENV};
 use crate::db::{self, pg_error_text};
+use crate::redact::redact_url;
 use crate::redis::{DirectConn, Redis};
 use crate::STARTUP_TIMEOUT;
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
 use crate::db::{self, dead_letter, pg_error_text, DbSetupError};
-use crate::redis::member::schedule_key;
+use crate::domain::schedule_key;
 use crate::redis::{DirectConn, RedisSetupError};
 use crate::STARTUP_TIMEOUT;
 use ::redis::cluster_async::ClusterConnection;

@@ -15,7 +15,7 @@ use slog::{info, warn, Logger};
 use tokio_postgres::AsyncMessage;
 
 use super::{pg_config, pg_error_text};
-use crate::config::redact_url;
+use crate::redact::redact_url;
 
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "outbox_relay";

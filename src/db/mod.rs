@@ -20,9 +20,17 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::error::SqlState;
 
-use crate::config::redact_url;
 use crate::deadline::{Deadline, Expired};
-use crate::pool::LastError;
+use crate::pool::{FailureKind, LastError};
+use crate::redact::redact_url;
+
+/// tokio-postgres does not tell a connect timeout apart; bb8 reports it
+/// as its own timeout.
+impl FailureKind for tokio_postgres::Error {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+}
 
 pub type PgPool = bb8::Pool<PostgresConnectionManager<tls::Tls>>;
 
@@ -81,7 +89,7 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
     })?;
     // TLS only where the URL asks for it (see `tls`): tokio-postgres's own
     // default would be `prefer`.
-    if !tls::names_sslmode(url) {
+    if !crate::tls::names_sslmode(url) {
         cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
     }
     if cfg.get_application_name().is_none() {

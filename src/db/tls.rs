@@ -31,11 +31,6 @@ use crate::tls::{read_ca_file, TlsError};
 /// What every Postgres connection of the relay is made with.
 pub type Tls = tokio_postgres_rustls::MakeRustlsConnect;
 
-/// Whether `url` names an `sslmode` at all (URL or key=value form).
-pub fn names_sslmode(url: &str) -> bool {
-    url.contains("sslmode")
-}
-
 static CONNECTOR: OnceLock<Tls> = OnceLock::new();
 
 fn provider() -> Arc<CryptoProvider> {
@@ -120,19 +115,11 @@ impl ServerCertVerifier for EncryptOnly {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::str::FromStr;
     use tokio_postgres::config::SslMode;
 
     #[test]
     fn sslmode_is_only_what_the_url_says() {
-        for (url, named) in [
-            ("postgres://u@h/d", false),
-            ("postgres://u@h/d?sslmode=require", true),
-            ("host=h user=u sslmode=prefer", true),
-        ] {
-            assert_eq!(names_sslmode(url), named, "{url}");
-        }
         let cfg = crate::db::pg_config("postgres://u@h/d", std::time::Duration::from_secs(1)).expect("url");
         assert_eq!(cfg.get_ssl_mode(), SslMode::Disable);
         let cfg =

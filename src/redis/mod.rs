@@ -2,7 +2,6 @@
 //! pipelined ZADD that reports its outcome per entry. `rediss://` URLs are
 //! TLS (rustls), checked against the system's roots or `redis.tls_ca_file`.
 
-pub mod member;
 pub mod pipeline;
 
 use std::time::Duration;
@@ -13,8 +12,15 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 use bb8_redis::RedisConnectionManager;
 
-use crate::config::{redact_url, RedisConfig, RedisMode};
-use crate::pool::LastError;
+use crate::config::{RedisConfig, RedisMode};
+use crate::pool::{FailureKind, LastError};
+use crate::redact::redact_url;
+
+impl FailureKind for ::redis::RedisError {
+    fn is_timeout(&self) -> bool {
+        ::redis::RedisError::is_timeout(self)
+    }
+}
 
 /// The dispatch pool: one Redis server, or a Redis Cluster through
 /// redis-rs's cluster client (bb8-redis has no cluster support).

@@ -20,25 +20,7 @@ use ::redis::{ServerError, Value};
 
 use super::{Redis, RedisConn, RedisPool};
 use crate::deadline::{Deadline, Expired};
-
-/// One ZADD: `ZADD key score member`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScheduleEntry {
-    pub key: String,
-    pub score: i64,
-    pub member: String,
-}
-
-/// What happened to one entry of the pipeline.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EntryOutcome {
-    /// The member is in the sorted set.
-    Delivered,
-    /// Redis refused this entry for a reason that is the row's fault.
-    Rejected(String),
-    /// Redis refused for a reason that is not the row's fault; re-send later.
-    Deferred(String),
-}
+use crate::domain::{EntryOutcome, ScheduleEntry};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DispatchError {

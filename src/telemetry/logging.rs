@@ -16,19 +16,6 @@ pub struct LogGuard {
     _guard: Option<slog_async::AsyncGuard>,
 }
 
-/// Parse a configured level name.
-pub fn parse_level(name: &str) -> Option<Level> {
-    match name.to_ascii_lowercase().as_str() {
-        "critical" | "crit" => Some(Level::Critical),
-        "error" => Some(Level::Error),
-        "warning" | "warn" => Some(Level::Warning),
-        "info" => Some(Level::Info),
-        "debug" => Some(Level::Debug),
-        "trace" => Some(Level::Trace),
-        _ => None,
-    }
-}
-
 fn level_name(level: Level) -> &'static str {
     match level {
         Level::Critical => "critical",
@@ -42,7 +29,7 @@ fn level_name(level: Level) -> &'static str {
 
 /// Build the process logger from `[log]`. The config was validated before.
 pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
-    let level = parse_level(&cfg.level).unwrap_or(Level::Info);
+    let level = cfg.level().unwrap_or(Level::Info);
     let drain: Box<dyn Drain<Ok = (), Err = slog::Never> + Send> = if cfg.format == "text" {
         let decorator = slog_term::PlainSyncDecorator::new(io::stdout());
         Box::new(slog_term::FullFormat::new(decorator).build().ignore_res())
@@ -51,7 +38,7 @@ pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
             .set_newlines(true)
             .add_key_value(o!(
                 "ts" => FnValue(|_: &Record| {
-                    time_now_rfc3339()
+                    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
                 }),
                 "level" => FnValue(|r: &Record| level_name(r.level())),
                 "msg" => PushFnValue(|r: &Record, ser| ser.emit(r.msg())),
@@ -154,49 +141,9 @@ pub fn discard() -> Logger {
     Logger::root(slog::Discard, o!())
 }
 
-/// UTC wall clock as RFC 3339 with milliseconds, without a date crate.
-fn time_now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let ms = now.subsec_millis();
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(20_783), (2026, 11, 26));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-    }
 
     #[test]
     fn throttle_lets_one_line_through_per_period_and_counts_the_rest() {
@@ -210,12 +157,5 @@ mod tests {
         assert_eq!(t.pass(t0 + 11 * s), None);
         assert_eq!(t.pass(t0 + 30 * s), Some(1));
         assert_eq!(t.pass(t0 + 31 * s), None);
-    }
-
-    #[test]
-    fn levels() {
-        assert_eq!(parse_level("INFO"), Some(Level::Info));
-        assert_eq!(parse_level("warn"), Some(Level::Warning));
-        assert_eq!(parse_level("loud"), None);
     }
 }

@@ -18,8 +18,8 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::actors::health::{ActorHealth, Status};
 use crate::config::MetricsConfig;
+use crate::telemetry::health::{ActorHealth, Status};
 
 /// Tick durations from 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use crate::db::outbox::OutboxRow;
+use super::{OutboxRow, RowOutcome, ScheduleEntry};
 
 /// Why a row cannot become a schedule member. These are the row's fault:
 /// retrying cannot help, so the row is dead-lettered immediately.
@@ -72,6 +72,30 @@ pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
         row.lighthouse_run_id.unwrap_or(0)
     );
     Ok(m)
+}
+
+/// Encode a claimed batch: the ZADDs to send, the row index of each, and an
+/// outcome per row. Rows that cannot be encoded are `Poison`; the others
+/// start as `Deferred` until Redis answers for them.
+pub fn encode_rows(rows: &[OutboxRow], prefix: &str) -> (Vec<ScheduleEntry>, Vec<usize>, Vec<RowOutcome>) {
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut entry_rows = Vec::with_capacity(rows.len());
+    let mut outcomes = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        match encode_member(row) {
+            Ok(member) => {
+                entries.push(ScheduleEntry {
+                    key: schedule_key(prefix, &row.job_id),
+                    score: row.run_at_ms,
+                    member,
+                });
+                entry_rows.push(i);
+                outcomes.push(RowOutcome::Deferred);
+            }
+            Err(e) => outcomes.push(RowOutcome::Poison(e.to_string())),
+        }
+    }
+    (entries, entry_rows, outcomes)
 }
 
 #[cfg(test)]

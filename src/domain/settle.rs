@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::db::outbox::OutboxRow;
+use super::{OutboxRow, RowOutcome};
 
 /// How failed rows are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,26 +32,6 @@ impl RetryPolicy {
     pub fn exhausted(&self, attempts: i32) -> bool {
         i64::from(attempts) + 1 >= i64::from(self.max_attempts)
     }
-}
-
-/// What happened to one claimed row during the tick.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RowOutcome {
-    /// Its member is in Redis.
-    Delivered,
-    /// Redis refused it for a reason that is the row's fault.
-    Failed(String),
-    /// Redis as a whole gave no usable answer: leave the row as it is (no
-    /// other row could be delivered either).
-    Deferred,
-    /// Redis refused this entry for a reason that is not the row's fault
-    /// (its cluster node is down, OOM, READONLY, a WAIT shortfall) while
-    /// other entries may have gone through: try it again after
-    /// `base_backoff`, without counting an attempt, so it does not sit at
-    /// the head of the queue and starve the rows that can be delivered.
-    Postponed,
-    /// It can never be delivered (cannot be encoded): dead-letter at once.
-    Poison(String),
 }
 
 /// The writes one tick makes, grouped for array statements.

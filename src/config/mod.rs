@@ -1,0 +1,599 @@
+//! Configuration: one TOML file, layered under environment overrides.
+//!
+//! Layers, lowest first: built-in defaults, the TOML file (`--config`),
+//! `DATABASE_URL` / `REDIS_URL`, then `OUTBOX_RELAY_<SECTION>__<KEY>`.
+//! Every section denies unknown keys, so a typo is an error rather than a
+//! silently ignored setting. [`Config::validate`] reports *every* problem at
+//! once, each naming its key, and runs before any actor starts.
+//!
+//! Files: this one holds the sections, their defaults and the loading API;
+//! [`layers`] merges defaults, file and environment; [`validate`] checks
+//! the values; [`duration`] parses `5s`-style values.
+//!
+//! Secrets: [`Config::to_redacted_toml`] (passwords hidden by
+//! [`crate::redact`]) is what `check-config` prints and what logs may show.
+
+mod duration;
+mod layers;
+mod validate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::{format_duration, parse_duration, Dur, OptDur};
+
+use crate::redact::redact_url;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+
+/// Environment variable naming the config file (same as `--config`).
+pub const CONFIG_PATH_ENV: &str = "OUTBOX_RELAY_CONFIG";
+
+/// The config file used when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+
+/// One problem with the configuration, naming the key (or variable) at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    /// One or more keys are wrong; every problem is listed.
+    #[error("{}", .0.iter().map(|p| format!("invalid config: {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub(crate) fn one(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid(vec![Problem {
+            key: key.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub sweep: SweepConfig,
+    pub counter_sync: CounterSyncConfig,
+    pub dead_letter: DeadLetterConfig,
+    pub supervisor: SupervisorConfig,
+    pub health: HealthConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Where the outbox lives. `DATABASE_URL` overrides it.
+    pub url: String,
+    /// Connections per pool (the sweep and the dead-letter actor each own one).
+    pub pool_size: u32,
+    /// Never use named prepared statements (pgbouncer transaction pooling).
+    /// The relay currently uses unnamed statements in both modes.
+    pub pgbouncer_compat: bool,
+    /// Direct (non-pgbouncer) URL for LISTEN/NOTIFY; empty means poll only.
+    pub listen_url: String,
+    /// PEM file of the CA(s) that signed the server's certificate. Set, every
+    /// TLS connection (`sslmode=require|prefer` in the URL) checks the
+    /// certificate chain and that it names the host of the URL (libpq's
+    /// `verify-full`); empty, TLS encrypts without checking (libpq's `require`).
+    pub tls_ca_file: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://root@127.0.0.1:5432/test".into(),
+            pool_size: 4,
+            pgbouncer_compat: true,
+            listen_url: String::new(),
+            tls_ca_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// The Redis holding the schedules. `REDIS_URL` overrides it.
+    pub url: String,
+    pub pool_size: u32,
+    /// Prefix of every key the relay writes; `hover:` matches existing consumers.
+    pub key_prefix: String,
+    /// With N > 0 every pipeline ends with `WAIT N <time>`; a batch not
+    /// acknowledged by N replicas is re-sent instead of deleted.
+    pub wait_replicas: u32,
+    /// `standalone` (one server, `url`) or `cluster` (Redis Cluster, `cluster_urls`).
+    pub mode: RedisMode,
+    /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
+    pub cluster_urls: Vec<String>,
+    /// PEM file of the CA(s) that signed the servers' certificates, for
+    /// `rediss://` URLs whose CA is not in the system's trust store (a
+    /// private CA). Empty: the system's roots.
+    pub tls_ca_file: String,
+}
+
+/// How the relay talks to Redis.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            pool_size: 4,
+            key_prefix: "hover:".into(),
+            wait_replicas: 0,
+            mode: RedisMode::Standalone,
+            cluster_urls: Vec::new(),
+            tls_ca_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Pause between ticks when the last tick did not claim a full batch.
+    pub interval: Dur,
+    /// Rows claimed per tick (and ZADDs per pipeline).
+    pub batch_size: u32,
+    /// The tick's deadline; also its statement and idle-in-transaction timeout.
+    pub tick_timeout: Dur,
+    /// First retry delay; doubles with every failed attempt.
+    pub base_backoff: Dur,
+    /// Cap of the retry delay.
+    pub max_backoff: Dur,
+    /// Failed attempts after which a row moves to `task_outbox_dead`.
+    pub max_attempts: u32,
+    /// Ticks one process runs at once, each with its own batch.
+    pub concurrency: u32,
+    /// Drain ticks run at once while new rows keep arriving (a wake-up in
+    /// the last second); 0: half of `concurrency`, rounded up.
+    pub live_concurrency: u32,
+}
+
+impl SweepConfig {
+    /// `live_concurrency`, with 0 resolved to its default.
+    pub fn live_concurrency(&self) -> u32 {
+        match self.live_concurrency {
+            0 => self.concurrency.div_ceil(2),
+            n => n,
+        }
+    }
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            interval: Dur::millis(500),
+            batch_size: 500,
+            tick_timeout: Dur::secs(5),
+            base_backoff: Dur::secs(2),
+            max_backoff: Dur::secs(300),
+            max_attempts: 10,
+            concurrency: 1,
+            live_concurrency: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CounterSyncConfig {
+    pub interval: Dur,
+}
+
+impl Default for CounterSyncConfig {
+    fn default() -> Self {
+        CounterSyncConfig { interval: Dur::secs(5) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Age after which dead letters are purged; `""` keeps them forever.
+    pub retention: OptDur,
+    /// How often the retention purge runs (when `retention` is set).
+    pub purge_interval: Dur,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            retention: OptDur(None),
+            purge_interval: Dur::secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Restarts allowed (all actors together) within `restart_window` before
+    /// the process gives up and exits non-zero.
+    pub max_restarts: u32,
+    pub restart_window: Dur,
+    /// Consecutive failed units of work (ticks, batches, pings) after which
+    /// an actor is restarted with fresh state.
+    pub error_budget: u32,
+    /// Delay before an actor's first restart; doubles for each further
+    /// restart of that actor within the window.
+    pub backoff_base: Dur,
+    /// Cap of the restart delay.
+    pub backoff_max: Dur,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            max_restarts: 5,
+            restart_window: Dur::secs(60),
+            error_budget: 5,
+            backoff_base: Dur::millis(500),
+            backoff_max: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub interval: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Dur::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub app: String,
+    pub environment: String,
+    pub probe_interval: Dur,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            app: "outbox-relay".into(),
+            environment: "development".into(),
+            probe_interval: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text` (for terminals).
+    pub format: String,
+    /// `critical`, `error`, `warning`, `info`, `debug` or `trace`.
+    pub level: String,
+}
+
+impl LogConfig {
+    /// The configured level (validation rejects names this does not know).
+    pub fn level(&self) -> Option<slog::Level> {
+        parse_level(&self.level)
+    }
+}
+
+/// A level name as written in `log.level` (a few common aliases too).
+pub fn parse_level(name: &str) -> Option<slog::Level> {
+    use slog::Level;
+    match name.to_ascii_lowercase().as_str() {
+        "critical" | "crit" => Some(Level::Critical),
+        "error" => Some(Level::Error),
+        "warning" | "warn" => Some(Level::Warning),
+        "info" => Some(Level::Info),
+        "debug" => Some(Level::Debug),
+        "trace" => Some(Level::Trace),
+        _ => None,
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "json".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Load from an optional TOML text and an environment, then validate.
+    ///
+    /// `path` only names the file in error messages.
+    pub fn load_from<I>(path: &str, toml_text: Option<&str>, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let config = layers::layered(path, toml_text, env)?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Load `path` (when it exists or was named explicitly) and the process environment.
+    pub fn load(path: &str, must_exist: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => None,
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_string(),
+                    source,
+                })
+            }
+        };
+        Config::load_from(path, text.as_deref(), std::env::vars())
+    }
+
+    /// The effective configuration as TOML, passwords replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        c.database.url = redact_url(&c.database.url);
+        c.database.listen_url = redact_url(&c.database.listen_url);
+        c.redis.url = redact_url(&c.redis.url);
+        c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load_from(
+            "test.toml",
+            Some(toml),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<Problem> {
+        match load(toml, env) {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.sweep.batch_size, 500);
+        assert_eq!(c.sweep.interval.0, Duration::from_millis(500));
+        assert_eq!(c.redis.key_prefix, "hover:");
+        assert!(c.database.pgbouncer_compat);
+    }
+
+    #[test]
+    fn shipped_default_toml_equals_builtin_defaults() {
+        let text = include_str!("../../config/default.toml");
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn file_then_env_layering() {
+        let c = load(
+            "[sweep]\nbatch_size = 100\n[redis]\nkey_prefix = \"x:\"",
+            &[
+                ("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "1000"),
+                ("OUTBOX_RELAY_REDIS__KEY_PREFIX", "123"),
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("OUTBOX_RELAY_DATABASE__PGBOUNCER_COMPAT", "false"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.sweep.batch_size, 1000);
+        assert_eq!(c.redis.key_prefix, "123");
+        assert_eq!(c.database.url, "postgres://a@b/c");
+        assert!(!c.database.pgbouncer_compat);
+    }
+
+    #[test]
+    fn live_concurrency_defaults_to_half_of_concurrency_and_is_bounded_by_it() {
+        let c = load("[sweep]\nconcurrency = 3\n[database]\npool_size = 4", &[]).unwrap();
+        assert_eq!(c.sweep.live_concurrency(), 2, "0 means half, rounded up");
+        assert_eq!(load("", &[]).unwrap().sweep.live_concurrency(), 1);
+        let c = load(
+            "[sweep]\nconcurrency = 4\n[database]\npool_size = 4",
+            &[("OUTBOX_RELAY_SWEEP__LIVE_CONCURRENCY", "4")],
+        )
+        .unwrap();
+        assert_eq!(c.sweep.live_concurrency(), 4);
+        let p = problems("[sweep]\nconcurrency = 2\nlive_concurrency = 3", &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "sweep.live_concurrency");
+    }
+
+    #[test]
+    fn cluster_mode_needs_seed_nodes_and_takes_them_from_the_environment() {
+        let p = problems("[redis]\nmode = \"cluster\"", &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "redis.cluster_urls");
+        let c = load(
+            "[redis]\nmode = \"cluster\"",
+            &[(
+                "OUTBOX_RELAY_REDIS__CLUSTER_URLS",
+                "redis://10.0.0.1:7000, redis://:pw@10.0.0.2:7001",
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(
+            c.redis.cluster_urls,
+            vec!["redis://10.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]
+        );
+        assert!(!c.to_redacted_toml().contains("pw@"));
+        let p = problems(
+            "[redis]\nmode = \"cluster\"\ncluster_urls = [\"redis://ok:1\", \"nope://x\"]",
+            &[],
+        );
+        assert!(p.iter().any(|p| p.key == "redis.cluster_urls[1]"), "{p:?}");
+        let p = problems("[redis]\nmode = \"sharded\"", &[]);
+        assert!(p.iter().any(|p| p.key.contains("redis.mode")), "{p:?}");
+    }
+
+    #[test]
+    fn specific_env_beats_generic_url_variable() {
+        let c = load(
+            "",
+            &[
+                ("OUTBOX_RELAY_REDIS__URL", "redis://specific:6379"),
+                ("REDIS_URL", "redis://generic:6379"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.redis.url, "redis://specific:6379");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let p = problems("[sweep]\nbatchsize = 1", &[]);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].key.starts_with("sweep"), "{p:?}");
+        assert!(p[0].message.contains("batchsize"), "{p:?}");
+        let p = problems("[swep]\ninterval = \"1s\"", &[]);
+        assert!(p[0].message.contains("swep"), "{p:?}");
+        let p = problems("", &[("OUTBOX_RELAY_SWEEP__NOPE", "1")]);
+        assert!(p[0].key.contains("OUTBOX_RELAY_SWEEP__NOPE"), "{p:?}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let p = problems("[sweep]\nbatch_size = \"many\"", &[]);
+        assert_eq!(p[0].key, "sweep.batch_size");
+        let p = problems("[sweep]\ninterval = \"-5s\"", &[]);
+        assert_eq!(p[0].key, "sweep.interval");
+        assert!(p[0].message.contains("negative"));
+        let p = problems("", &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "lots")]);
+        assert!(p[0].key.starts_with("sweep.batch_size"));
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let p = problems(
+            "[sweep]\nbatch_size = 0\nbase_backoff = \"10s\"\nmax_backoff = \"1s\"\nmax_attempts = 0\n[log]\nformat = \"xml\"",
+            &[],
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "sweep.batch_size",
+                "sweep.max_backoff",
+                "sweep.max_attempts",
+                "log.format"
+            ]
+        );
+    }
+
+    #[test]
+    fn sslmodes_tokio_postgres_lacks_are_named() {
+        let p = problems("", &[("DATABASE_URL", "postgres://u@h/d?sslmode=verify-full")]);
+        assert_eq!(p[0].key, "database.url");
+        assert!(p[0].message.contains("sslmode=require"), "{p:?}");
+        assert!(load("", &[("DATABASE_URL", "postgres://u@h/d?sslmode=require")]).is_ok());
+        let p = problems("", &[("DATABASE_URL", "postgres://u@h/d?nonsense=1")]);
+        assert!(p[0].message.starts_with("not a Postgres URL"), "{p:?}");
+    }
+
+    #[test]
+    fn tls_ca_file_must_hold_certificates_and_be_asked_for() {
+        let tls =
+            |ca: &str, url: &str| problems("", &[("OUTBOX_RELAY_DATABASE__TLS_CA_FILE", ca), ("DATABASE_URL", url)]);
+        let p = tls("/nonexistent/ca.pem", "postgres://u@h/d?sslmode=require");
+        assert_eq!(p[0].key, "database.tls_ca_file");
+        assert!(p[0].message.contains("/nonexistent/ca.pem"), "{p:?}");
+        let junk = std::env::temp_dir().join(format!("outbox-relay-junk-{}.pem", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").expect("write junk");
+        let p = tls(&junk.display().to_string(), "postgres://u@h/d?sslmode=require");
+        let _ = std::fs::remove_file(&junk);
+        assert_eq!(p[0].key, "database.tls_ca_file");
+        assert!(p[0].message.contains("no PEM certificate"), "{p:?}");
+        assert!(load("", &[]).is_ok_and(|c| c.database.tls_ca_file.is_empty()));
+        let p = problems(
+            "",
+            &[
+                ("OUTBOX_RELAY_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem"),
+                ("REDIS_URL", "rediss://h:6380/0"),
+            ],
+        );
+        assert_eq!(p[0].key, "redis.tls_ca_file");
+        assert!(p[0].message.contains("/nonexistent/ca.pem"), "{p:?}");
+    }
+
+    #[test]
+    fn negative_integers_are_rejected_by_type() {
+        let p = problems("[sweep]\nbatch_size = -1", &[]);
+        assert_eq!(p[0].key, "sweep.batch_size");
+    }
+
+    #[test]
+    fn check_config_output_hides_passwords() {
+        let mut c = Config::default();
+        c.database.url = "postgres://u:topsecret@h/d".into();
+        c.redis.url = "redis://:alsosecret@h:6379".into();
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("topsecret") && !shown.contains("alsosecret"), "{shown}");
+    }
+}

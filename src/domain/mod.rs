@@ -1,0 +1,21 @@
+//! The domain: the nouns both stores share and the pure rules over them.
+//!
+//! - [`row`]: [`OutboxRow`], a claimed row;
+//! - [`member`]: how a row becomes a schedule member and key (byte-compatible
+//!   with the existing consumers);
+//! - [`outcome`]: the ZADD a row becomes, what Redis said about it, and what
+//!   that means for the row;
+//! - [`settle`]: the settlement rules of one tick (SPEC §3).
+//!
+//! No I/O and no knowledge of Postgres or Redis clients: `db` and `redis`
+//! depend on this module, never on each other.
+
+pub mod member;
+pub mod outcome;
+pub mod row;
+pub mod settle;
+
+pub use member::{encode_member, encode_rows, schedule_key, EncodeError};
+pub use outcome::{EntryOutcome, RowOutcome, ScheduleEntry};
+pub use row::OutboxRow;
+pub use settle::{settle, RetryPolicy, Settlement};

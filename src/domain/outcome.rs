@@ -1,0 +1,43 @@
+//! What happens to a row on its way out: the ZADD a row becomes
+//! ([`ScheduleEntry`]), what Redis said about it ([`EntryOutcome`], decided
+//! by the dispatch) and what that means for the row ([`RowOutcome`], what
+//! settlement works on). The sweep maps one onto the other.
+
+/// One ZADD: `ZADD key score member`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleEntry {
+    pub key: String,
+    pub score: i64,
+    pub member: String,
+}
+
+/// What happened to one entry of the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EntryOutcome {
+    /// The member is in the sorted set.
+    Delivered,
+    /// Redis refused this entry for a reason that is the row's fault.
+    Rejected(String),
+    /// Redis refused for a reason that is not the row's fault; re-send later.
+    Deferred(String),
+}
+
+/// What happened to one claimed row during the tick.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    /// Its member is in Redis.
+    Delivered,
+    /// Redis refused it for a reason that is the row's fault.
+    Failed(String),
+    /// Redis as a whole gave no usable answer: leave the row as it is (no
+    /// other row could be delivered either).
+    Deferred,
+    /// Redis refused this entry for a reason that is not the row's fault
+    /// (its cluster node is down, OOM, READONLY, a WAIT shortfall) while
+    /// other entries may have gone through: try it again after
+    /// `base_backoff`, without counting an attempt, so it does not sit at
+    /// the head of the queue and starve the rows that can be delivered.
+    Postponed,
+    /// It can never be delivered (cannot be encoded): dead-letter at once.
+    Poison(String),
+}
