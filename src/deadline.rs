@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How long start-up checks (and one-shot commands) may wait for a service.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The instant by which a unit of work must be finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline(Instant);

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::config::{format_duration, parse_duration, Config};
 use crate::db::dead_letter::{self as dl, DeadLetterError, Filter, Selector};
 use crate::db::{self, DbSetupError};
-use crate::STARTUP_TIMEOUT;
+use crate::deadline::STARTUP_TIMEOUT;
 
 /// Rows deleted per statement by `purge` (short locks, steady progress).
 pub const PURGE_BATCH: i64 = 1000;

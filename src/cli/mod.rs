@@ -14,9 +14,11 @@ pub mod bench;
 pub mod dead_letter;
 pub mod jobs;
 
+use crate::app::RunOptions;
 use crate::config::{Config, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
+use crate::db;
+use crate::deadline::STARTUP_TIMEOUT;
 use crate::telemetry::logging;
-use crate::{db, RelayError, RunOptions, STARTUP_TIMEOUT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,6 +94,31 @@ pub enum Command {
     DeadLetter(dead_letter::DeadLetterCommand),
 }
 
+/// Anything that makes a command fail (the exit code follows the kind).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Database(#[from] db::DbSetupError),
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisSetupError),
+    #[error(transparent)]
+    Migrate(#[from] db::migrate::MigrateError),
+    #[error(transparent)]
+    Run(#[from] crate::app::RunError),
+    #[error(transparent)]
+    Triage(#[from] dead_letter::TriageError),
+    #[error(transparent)]
+    Jobs(#[from] jobs::JobsError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    #[error(transparent)]
+    Bench(#[from] bench::BenchError),
+    #[error("invariant violated: {0}")]
+    Invariant(String),
+}
+
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     for line in message.to_string().lines() {
         eprintln!("outbox-relay: error: {line}");
@@ -118,7 +145,9 @@ pub fn execute(cli: Cli) -> ExitCode {
     }
     let (log, guard) = logging::init(&cfg.log);
     let result: Result<(), RelayError> = match cli.command {
-        Command::Run { progress } => block_on(crate::run(cfg, log.clone(), RunOptions { progress })),
+        Command::Run { progress } => {
+            block_on(crate::app::run(cfg, log.clone(), RunOptions { progress })).map_err(RelayError::Run)
+        }
         Command::Migrate => block_on(async {
             let report = db::migrate::migrate(&cfg.database.url, STARTUP_TIMEOUT, &log).await?;
             info!(log, "migrations up to date";

@@ -2,6 +2,7 @@
 //! pipelined ZADD that reports its outcome per entry. `rediss://` URLs are
 //! TLS (rustls), checked against the system's roots or `redis.tls_ca_file`.
 
+pub mod keys;
 pub mod pipeline;
 
 use std::time::Duration;

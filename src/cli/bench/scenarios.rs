@@ -1,0 +1,371 @@
+//! What `bench` runs: the Postgres-only floor, the drain with latency runs
+//! (idle and while a backlog drains), and the scaling matrix.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use super::measure::{proc_usage, spawn_relay, summarize, wait_scheduled, watch_vacuum, LatencyRun};
+use super::report::{BenchReport, ScalingReport, ScalingRun};
+use super::{delete_prefix, open_scratch, pg, rd, BenchArgs, BenchError};
+use crate::config::{Config, RedisMode};
+use crate::redact::redact_url;
+use crate::redis::Redis;
+
+pub(super) const SEED_SQL: &str =
+    "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                    source_type, source_url, run_at, task_type)
+     SELECT gen_random_uuid(),
+            ('00000000-0000-4000-8000-' || lpad((i % $2)::text, 12, '0'))::uuid,
+            i::int, 'shop' || (i % $2) || '.example.com', '/products/' || i, (i % 100) / 10.0, 0,
+            'sitemap', 'https://example.com/sitemap.xml', now() - interval '1 minute', 'crawl'
+       FROM generate_series(1, $1::int8) AS i";
+
+pub(super) async fn seed(client: &tokio_postgres::Client, rows: i64, jobs: i64) -> Result<(), BenchError> {
+    client
+        .execute_typed(SEED_SQL, &[(&rows, Type::INT8), (&jobs, Type::INT8)])
+        .await
+        .map_err(pg)?;
+    client.batch_execute("VACUUM ANALYZE task_outbox").await.map_err(pg)?;
+    Ok(())
+}
+
+/// The yardstick: Postgres alone deleting the same rows in the same batches.
+pub(super) async fn floor(client: &tokio_postgres::Client, batch: i64) -> Result<f64, BenchError> {
+    let started = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let rows = client
+            .query_typed(
+                "DELETE FROM task_outbox WHERE id IN (
+                     SELECT id FROM task_outbox WHERE run_at <= now() ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+                           source_type, source_url, task_type, lighthouse_run_id",
+                &[(&batch, Type::INT8)],
+            )
+            .await
+            .map_err(pg)?;
+        if rows.is_empty() {
+            break;
+        }
+        total += rows.len() as u64;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The drain of `--rows` against the floor, then the latency runs (idle,
+/// and while `--backlog-rows` drain).
+pub(super) async fn drain_and_latency(
+    cfg: &Config,
+    args: &BenchArgs,
+    url: &str,
+    prefix: &str,
+) -> Result<BenchReport, BenchError> {
+    let (client, mut conn) = open_scratch(cfg, url).await?;
+    let batch = i64::from(cfg.sweep.batch_size);
+    eprintln!(
+        "bench: database {}, redis {}, {} rows over {} jobs, batch {}",
+        redact_url(url),
+        Redis::describe(&cfg.redis),
+        args.rows,
+        args.jobs,
+        batch
+    );
+
+    eprintln!("bench: floor (Postgres alone)…");
+    seed(&client, args.rows, args.jobs).await?;
+    let floor_rps = floor(&client, batch).await?;
+    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+
+    eprintln!("bench: drain…");
+    seed(&client, args.rows, args.jobs).await?;
+    let mut relay = [spawn_relay(
+        args.config.as_deref(),
+        url,
+        prefix,
+        &[],
+        args.relay_log.as_deref(),
+    )?];
+    let pid = relay[0].0.id();
+    let (cpu_before, _) = proc_usage(pid);
+    let mut marks = Vec::with_capacity(10);
+    let mut next = 1;
+    let drain_secs = wait_scheduled(&mut relay, &mut conn, prefix, args.jobs, args.rows, |done, at| {
+        while next <= 10 && done * 10 >= args.rows * next {
+            marks.push(at);
+            next += 1;
+        }
+    })
+    .await?;
+    let (cpu_after, _) = proc_usage(pid);
+    let left: i64 = client
+        .query_typed_one("SELECT count(*) FROM task_outbox", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if left != 0 {
+        eprintln!("bench: warning: {left} rows still in the outbox after every member arrived");
+    }
+    let tenth = args.rows as f64 / 10.0;
+    let mut deciles = Vec::new();
+    let mut prev = 0.0;
+    for m in &marks {
+        deciles.push(tenth / (m - prev).max(1e-9));
+        prev = *m;
+    }
+
+    // One latency run: rows for `duration`, or until a `backlog` drained.
+    let measure = |duration, backlog| latency(cfg, &client, url, prefix, args.latency_rate, duration, backlog);
+    eprintln!("bench: latency, relay idle…");
+    let run = measure(Duration::from_secs(args.latency_seconds), 0).await?;
+    let idle = summarize(run.ms, run.vacuum_share);
+    let mut backlog_secs = 0.0;
+    let during = if args.backlog_rows > 0 {
+        let mut samples = Vec::new();
+        let mut vacuum_shares = Vec::new();
+        for run in 1..=args.backlog_runs.max(1) {
+            eprintln!(
+                "bench: latency while a {}-row backlog drains ({run}/{})…",
+                args.backlog_rows,
+                args.backlog_runs.max(1)
+            );
+            seed(&client, args.backlog_rows, args.jobs).await?;
+            let run = measure(Duration::from_secs(60), args.backlog_rows).await?;
+            samples.extend(run.ms);
+            vacuum_shares.push(run.vacuum_share);
+            backlog_secs += run.ran.as_secs_f64();
+        }
+        let vacuum_share = vacuum_shares.iter().sum::<f64>() / vacuum_shares.len().max(1) as f64;
+        Some(summarize(samples, vacuum_share))
+    } else {
+        None
+    };
+    let (_, peak_kib) = proc_usage(pid);
+    drop(relay);
+
+    let drain_rps = args.rows as f64 / drain_secs;
+    Ok(BenchReport {
+        rows: args.rows,
+        jobs: args.jobs,
+        batch_size: cfg.sweep.batch_size,
+        floor_rows_per_sec: floor_rps,
+        drain_rows_per_sec: drain_rps,
+        drain_seconds: drain_secs,
+        last_to_first_decile: match (deciles.first(), deciles.last()) {
+            (Some(f), Some(l)) if *f > 0.0 => l / f,
+            _ => 0.0,
+        },
+        drain_deciles: deciles,
+        ratio_to_floor: drain_rps / floor_rps.max(1e-9),
+        relay_cpu_seconds: cpu_after - cpu_before,
+        relay_peak_rss_mib: peak_kib as f64 / 1024.0,
+        latency_idle: idle,
+        latency_during_backlog: during,
+        backlog_drain_rows_per_sec: (backlog_secs > 0.0)
+            .then(|| (args.backlog_rows * i64::from(args.backlog_runs.max(1))) as f64 / backlog_secs),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+/// The scaling matrix: the floor, then one drain per (relays, concurrency).
+pub(super) async fn scaling(
+    cfg: &Config,
+    args: &BenchArgs,
+    url: &str,
+    prefix: &str,
+) -> Result<ScalingReport, BenchError> {
+    let (client, mut conn) = open_scratch(cfg, url).await?;
+    let batch = i64::from(cfg.sweep.batch_size);
+    let rows = args.scaling_rows;
+    eprintln!(
+        "bench: scaling matrix, {rows} rows over {} jobs per drain, batch {batch}, redis {}",
+        args.jobs,
+        Redis::describe(&cfg.redis)
+    );
+    seed(&client, rows, args.jobs).await?;
+    let floor_rps = floor(&client, batch).await?;
+    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+    let mut runs = Vec::new();
+    for relays in 1..=3u32 {
+        for concurrency in [1u32, 2, 4] {
+            delete_prefix(&mut conn, prefix).await.map_err(rd)?;
+            seed(&client, rows, args.jobs).await?;
+            let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
+            let mut children = Vec::new();
+            for _ in 0..relays {
+                children.push(spawn_relay(
+                    args.config.as_deref(),
+                    url,
+                    prefix,
+                    &env,
+                    args.relay_log.as_deref(),
+                )?);
+            }
+            let cpu_before: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
+            let secs = wait_scheduled(&mut children, &mut conn, prefix, args.jobs, rows, |_, _| {}).await?;
+            let cpu_after: f64 = children.iter().map(|c| proc_usage(c.0.id()).0).sum();
+            drop(children);
+            let rps = rows as f64 / secs;
+            eprintln!("bench: {relays} relay(s) × concurrency {concurrency}: {rps:.0} rows/s");
+            runs.push(ScalingRun {
+                relays,
+                concurrency,
+                rows_per_sec: rps,
+                ratio_to_floor: rps / floor_rps.max(1e-9),
+                relay_cpu_seconds: cpu_after - cpu_before,
+            });
+            // Whatever is left (none, normally) must not leak into the next run.
+            client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+        }
+    }
+    Ok(ScalingReport {
+        redis_mode: match cfg.redis.mode {
+            RedisMode::Standalone => "standalone".into(),
+            RedisMode::Cluster => format!("cluster ({} seed nodes)", cfg.redis.cluster_urls.len()),
+        },
+        rows,
+        jobs: args.jobs,
+        batch_size: cfg.sweep.batch_size,
+        floor_rows_per_sec: floor_rps,
+        runs,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+/// Commit single rows at `rate`/s (each for a job of its own) and time each
+/// one until its ZADD shows up as a keyspace notification. With a
+/// `backlog`, the run lasts until that backlog has drained (at most
+/// `duration`); otherwise it lasts `duration`.
+pub(super) async fn latency(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    url: &str,
+    prefix: &str,
+    rate: u32,
+    duration: Duration,
+    backlog: i64,
+) -> Result<LatencyRun, BenchError> {
+    let (vacuum_watch, vacuum_counts) = watch_vacuum(url).await?;
+    let redis_client = crate::redis::standalone_client(&cfg.redis).map_err(|e| BenchError::Redis(e.to_string()))?;
+    let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
+    let old: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(&mut admin)
+        .await
+        .map_err(rd)?;
+    let _: () = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("Kz")
+        .query_async(&mut admin)
+        .await
+        .map_err(rd)?;
+    let mut pubsub = redis_client.get_async_pubsub().await.map_err(rd)?;
+    pubsub
+        .psubscribe(format!("__keyspace@*__:{prefix}sched:{LATENCY_JOB_PREFIX}*"))
+        .await
+        .map_err(rd)?;
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let sink = seen.clone();
+    let listener = tokio::spawn(async move {
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let now = Instant::now();
+            let channel = msg.get_channel_name().to_string();
+            if let Some(job) = channel.rsplit("sched:").next() {
+                if let Ok(mut m) = sink.lock() {
+                    m.entry(job.to_string()).or_insert(now);
+                }
+            }
+        }
+    });
+
+    let mut committed: Vec<(String, Instant)> = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let started = Instant::now();
+    let mut backlog_done = backlog == 0;
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        // One job (one key) per row, so each keyspace event names its row.
+        let job = latency_job(n);
+        n += 1;
+        client
+            .execute_typed(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 VALUES (gen_random_uuid(), $1, 1, 'latency.example.com', '/l', 1, 'bench', now())",
+                &[(&job, Type::UUID)],
+            )
+            .await
+            .map_err(pg)?;
+        committed.push((job.to_string(), Instant::now()));
+        if backlog > 0 && !backlog_done && n % u64::from(rate.max(1) / 10).max(1) == 0 {
+            let left: i64 = client
+                .query_typed_one(
+                    "SELECT count(*) FROM task_outbox WHERE host <> 'latency.example.com'",
+                    &[],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            backlog_done = left == 0;
+        }
+        if backlog > 0 && backlog_done {
+            break;
+        }
+    }
+    // With a backlog: about how long it took to drain (checked every 100 ms).
+    let ran = started.elapsed();
+    drop(vacuum_watch);
+    let [samples, hits] = &*vacuum_counts;
+    let vacuum_share = hits.load(Ordering::Relaxed) as f64 / (samples.load(Ordering::Relaxed) as f64).max(1.0);
+    // Let the last rows arrive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = seen
+            .lock()
+            .map(|m| committed.iter().all(|(j, _)| m.contains_key(j)))
+            .unwrap_or(true);
+        if all || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    listener.abort();
+    let _: Result<(), _> = ::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(old.get(1).cloned().unwrap_or_default())
+        .query_async(&mut admin)
+        .await;
+    let seen = seen.lock().map(|m| m.clone()).unwrap_or_default();
+    let ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(j, t)| {
+            seen.get(j)
+                .map(|s| s.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    if ms.len() < committed.len() {
+        eprintln!(
+            "bench: {} of {} latency rows never arrived",
+            committed.len() - ms.len(),
+            committed.len()
+        );
+    }
+    Ok(LatencyRun { ms, ran, vacuum_share })
+}
+
+/// Latency rows' job ids all start with this, so one pattern subscribes to them.
+pub(super) const LATENCY_JOB_PREFIX: &str = "1a7e0000-";
+
+/// The job id of latency row `n`: `1a7e0000-0000-4000-8000-<n>`.
+pub(super) fn latency_job(n: u64) -> Uuid {
+    Uuid::from_u128(0x1a7e_0000_0000_4000_8000_0000_0000_0000u128 | u128::from(n))
+}
