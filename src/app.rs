@@ -54,10 +54,10 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
         "batch_size" => cfg.sweep.batch_size,
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);
 
-    let healths = actors::supervisor::Healths::new(&cfg);
+    let healths = actors::tree::Healths::new(&cfg);
     let metrics = telemetry::metrics::Metrics::new(&cfg.metrics)?;
     let http = http::start(&cfg.http.listen, healths.all(), metrics.clone())?;
-    let (relay, mut fatal) = actors::supervisor::start(&cfg, &healths, &metrics, &log);
+    let (relay, mut fatal) = actors::tree::start(&cfg, &healths, &metrics, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
             cfg.database.url.clone(),

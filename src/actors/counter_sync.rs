@@ -26,8 +26,9 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
 use uuid::Uuid;
 
+use super::lifecycle::{every, fail, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
-use super::supervisor::{begin_after, contain, Supervision};
+use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::db::{jobs, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -188,11 +189,8 @@ pub struct CounterSyncSettings {
 
 pub struct CounterSyncActor {
     settings: CounterSyncSettings,
-    log: Logger,
-    health: Arc<ActorHealth>,
-    supervision: Supervision,
+    core: Core,
     pools: Option<(Pg, Redis)>,
-    restart_delay: Option<Duration>,
     /// Observes each job's skew (the metrics histogram, when wired).
     on_skew: Option<Arc<dyn Fn(u64) + Send + Sync>>,
 }
@@ -206,110 +204,79 @@ impl CounterSyncActor {
         log: &Logger,
     ) -> Self {
         CounterSyncActor {
+            core: Core::new(health, supervision, settings.error_budget, log),
             settings,
-            log: log.new(slog::o!("actor" => "CounterSyncActor")),
-            health,
-            supervision,
             pools: None,
-            restart_delay: None,
             on_skew,
         }
     }
 
-    fn begin(&mut self, ctx: &mut Context<Self>) {
-        if self.supervision.given_up() {
-            return;
-        }
-        match small_pools(
-            &self.settings.database_url,
-            &self.settings.redis,
-            self.settings.round_timeout,
-        ) {
-            Ok(pools) => self.pools = Some(pools),
-            Err(e) => return self.fail(ctx, e),
-        }
-        self.health.set_running();
-        ctx.notify(SyncCounters {
-            deadline: Deadline::after(self.settings.round_timeout),
-        });
-        ctx.run_interval(self.settings.interval, |act, ctx| {
-            ctx.notify(SyncCounters {
-                deadline: Deadline::after(act.settings.round_timeout),
-            })
-        });
-    }
-
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
-        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
-        ctx.stop();
-    }
-
-    fn finish(&mut self, result: Result<Result<SyncReport, SyncError>, String>, ctx: &mut Context<Self>) {
+    fn finish(&mut self, result: Result<SyncReport, SyncError>, ctx: &mut Context<Self>) {
         match result {
-            Err(panic) => self.fail(ctx, format!("counter sync {panic}")),
-            Ok(Ok(report)) => {
-                self.health.ok();
+            Ok(report) => {
+                self.core.health.ok();
                 for s in &report.skipped {
-                    warn!(self.log, "running counter skipped"; "field" => &s.field, "reason" => &s.reason);
+                    warn!(self.core.log, "running counter skipped"; "field" => &s.field, "reason" => &s.reason);
                 }
                 for (job, skew) in &report.skews {
                     if let Some(observe) = &self.on_skew {
                         observe(*skew);
                     }
                     if *skew > 0 {
-                        debug!(self.log, "running counter corrected"; "job_id" => %job, "skew" => skew);
+                        debug!(self.core.log, "running counter corrected"; "job_id" => %job, "skew" => skew);
                     }
                 }
-                debug!(self.log, "counters synced"; "synced" => report.synced, "left_alone" => report.left_alone,
+                debug!(self.core.log, "counters synced"; "synced" => report.synced, "left_alone" => report.left_alone,
                     "skipped" => report.skipped.len());
             }
-            Ok(Err(e)) => {
-                if matches!(e, SyncError::Deadline(_)) {
-                    self.health.deadline_exceeded();
-                }
-                let streak = self.health.failed(&e.to_string());
-                warn!(self.log, "counter sync failed; it runs again next interval";
+            Err(e) => {
+                let streak = self.core.failed(&e.to_string(), matches!(e, SyncError::Deadline(_)));
+                warn!(self.core.log, "counter sync failed; it runs again next interval";
                     "error" => %e, "consecutive_failures" => streak);
                 // Redis refusing connections: degraded, not failed (see DispatchActor).
                 let redis_down = matches!(e, SyncError::Redis(DispatchError::Unavailable(_)));
-                if !redis_down && streak >= u64::from(self.settings.error_budget) {
-                    self.fail(ctx, format!("{streak} consecutive failed syncs, last: {e}"));
+                if !redis_down && self.core.budget_spent(streak) {
+                    fail(self, ctx, format!("{streak} consecutive failed syncs, last: {e}"));
                 }
             }
         }
     }
 }
 
-impl Actor for CounterSyncActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.restart_delay.take();
-        begin_after(self, ctx, delay, Self::begin);
+impl Lifecycle for CounterSyncActor {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
-}
 
-impl Supervised for CounterSyncActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        let s = &self.settings;
+        self.pools = Some(small_pools(&s.database_url, &s.redis, s.round_timeout)?);
+        every(self, ctx, self.settings.interval, true, |act| SyncCounters {
+            deadline: Deadline::after(act.settings.round_timeout),
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
         self.pools = None;
     }
 }
+
+crate::supervised_actor!(CounterSyncActor);
 
 impl Handler<SyncCounters> for CounterSyncActor {
     type Result = ();
 
     fn handle(&mut self, msg: SyncCounters, ctx: &mut Self::Context) {
-        if msg.deadline.expired() {
-            self.health.deadline_exceeded();
-            debug!(self.log, "counter sync arrived after its deadline; dropped unexecuted");
+        if self.core.expired(msg.deadline, "counter sync") {
             return;
         }
         let Some((pg, redis)) = self.pools.clone() else {
             return;
         };
         let key = format!("{}running", self.settings.redis.key_prefix);
-        let round = contain(async move { sync_counters(&pg, &redis, &key, msg.deadline).await });
-        ctx.wait(round.into_actor(self).map(|res, act, ctx| act.finish(res, ctx)));
+        let round = async move { sync_counters(&pg, &redis, &key, msg.deadline).await };
+        run_contained(self, ctx, "counter sync", Mode::Wait, round, Self::finish);
     }
 }
 

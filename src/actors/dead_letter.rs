@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{debug, info, warn, Logger};
+use slog::{info, warn, Logger};
 
-use super::supervisor::{begin_after, contain, contain_sync, Supervision};
+use super::lifecycle::{every, fail, guarded, run_contained, Core, Lifecycle, Mode};
+use super::supervisor::Supervision;
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
 use crate::db::{self, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -108,13 +109,10 @@ pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> 
 
 pub struct DeadLetterActor {
     settings: DeadLetterSettings,
-    log: Logger,
+    core: Core,
     /// Rows moved since the process started (survives actor restarts).
     pub moved: Arc<AtomicU64>,
-    health: Arc<ActorHealth>,
-    supervision: Supervision,
     pool: Option<Pg>,
-    restart_delay: Option<Duration>,
 }
 
 impl DeadLetterActor {
@@ -126,97 +124,73 @@ impl DeadLetterActor {
         log: &Logger,
     ) -> Self {
         DeadLetterActor {
+            core: Core::new(health, supervision, settings.error_budget, log),
             settings,
-            log: log.new(slog::o!("actor" => "DeadLetterActor")),
             moved,
-            health,
-            supervision,
             pool: None,
-            restart_delay: None,
         }
     }
 
-    fn begin(&mut self, ctx: &mut Context<Self>) {
-        if self.supervision.given_up() {
-            return;
-        }
-        self.health.set_running();
-        if self.settings.retention.is_none() {
-            return;
-        }
-        match db::pool(&self.settings.database_url, 1, self.settings.round_timeout) {
-            Ok(pool) => self.pool = Some(pool),
-            Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
-        }
-        ctx.run_interval(self.settings.purge_interval, |act, ctx| {
-            ctx.notify(Purge {
-                deadline: Deadline::after(act.settings.round_timeout),
-            })
-        });
-    }
-
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
-        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
-        ctx.stop();
-    }
-
-    fn finish_purge(&mut self, result: Result<Result<u64, PurgeError>, String>, ctx: &mut Context<Self>) {
+    fn finish_purge(&mut self, result: Result<u64, PurgeError>, ctx: &mut Context<Self>) {
         match result {
-            Err(panic) => self.fail(ctx, format!("purge {panic}")),
-            Ok(Ok(n)) => {
-                self.health.ok();
+            Ok(n) => {
+                self.core.health.ok();
                 if n > 0 {
-                    info!(self.log, "dead letters purged by retention"; "count" => n,
+                    info!(self.core.log, "dead letters purged by retention"; "count" => n,
                         "older_than_ms" => self.settings.retention.map_or(0, |d| d.as_millis() as u64));
                 }
             }
-            Ok(Err(e)) => {
-                if matches!(e, PurgeError::Deadline(_)) {
-                    self.health.deadline_exceeded();
-                }
-                let streak = self.health.failed(&e.to_string());
-                warn!(self.log, "dead-letter retention purge failed; it runs again next interval";
+            Err(e) => {
+                let streak = self.core.failed(&e.to_string(), matches!(e, PurgeError::Deadline(_)));
+                warn!(self.core.log, "dead-letter retention purge failed; it runs again next interval";
                     "error" => %e, "consecutive_failures" => streak);
-                if streak >= u64::from(self.settings.error_budget) {
-                    self.fail(ctx, format!("{streak} consecutive failed purges, last: {e}"));
+                if self.core.budget_spent(streak) {
+                    fail(self, ctx, format!("{streak} consecutive failed purges, last: {e}"));
                 }
             }
         }
     }
 }
 
-impl Actor for DeadLetterActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.restart_delay.take();
-        begin_after(self, ctx, delay, Self::begin);
+impl Lifecycle for DeadLetterActor {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
-}
 
-impl Supervised for DeadLetterActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    /// Event-driven without retention; with it, a purge every interval.
+    fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        if self.settings.retention.is_none() {
+            return Ok(());
+        }
+        let pool = db::pool(&self.settings.database_url, 1, self.settings.round_timeout)
+            .map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
+        self.pool = Some(pool);
+        every(self, ctx, self.settings.purge_interval, false, |act| Purge {
+            deadline: Deadline::after(act.settings.round_timeout),
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
         self.pool = None;
     }
 }
+
+crate::supervised_actor!(DeadLetterActor);
 
 impl Handler<RowsDeadLettered> for DeadLetterActor {
     type Result = ();
 
     fn handle(&mut self, msg: RowsDeadLettered, ctx: &mut Self::Context) {
-        let outcome = contain_sync(|| {
-            let total = self.moved.fetch_add(msg.count as u64, Ordering::Relaxed) + msg.count as u64;
-            warn!(self.log, "rows moved to the dead-letter table";
+        // A panic here loses only the report: the rows are already safe in
+        // task_outbox_dead.
+        let reported = guarded(self, ctx, "dead-letter report", |act, _| {
+            let total = act.moved.fetch_add(msg.count as u64, Ordering::Relaxed) + msg.count as u64;
+            warn!(act.core.log, "rows moved to the dead-letter table";
                 "count" => msg.count, "last_error" => &msg.last_error, "total_since_start" => total);
         });
-        match outcome {
-            Ok(()) => {
-                if self.settings.retention.is_none() {
-                    self.health.ok();
-                }
-            }
-            // The rows are already safe in task_outbox_dead; only the report is lost.
-            Err(panic) => self.fail(ctx, panic),
+        if reported.is_some() && self.settings.retention.is_none() {
+            self.core.health.ok();
         }
     }
 }
@@ -225,15 +199,13 @@ impl Handler<Purge> for DeadLetterActor {
     type Result = ();
 
     fn handle(&mut self, msg: Purge, ctx: &mut Self::Context) {
-        if msg.deadline.expired() {
-            self.health.deadline_exceeded();
-            debug!(self.log, "purge arrived after its deadline; dropped unexecuted");
+        if self.core.expired(msg.deadline, "purge") {
             return;
         }
         let (Some(pg), Some(retention)) = (self.pool.clone(), self.settings.retention) else {
             return;
         };
-        let round = contain(async move { purge_expired(&pg, retention, msg.deadline).await });
-        ctx.wait(round.into_actor(self).map(|res, act, ctx| act.finish_purge(res, ctx)));
+        let round = async move { purge_expired(&pg, retention, msg.deadline).await };
+        run_contained(self, ctx, "purge", Mode::Wait, round, Self::finish_purge);
     }
 }

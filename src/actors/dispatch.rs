@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use slog::{debug, info, warn, Logger};
+use slog::{info, warn, Logger};
 
-use super::supervisor::{begin_after, contain, Supervision};
+use super::lifecycle::{contain, fail, run_contained, Core, Lifecycle, Mode};
+use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::domain::{EntryOutcome, ScheduleEntry};
@@ -48,14 +49,11 @@ pub struct DispatchSettings {
 
 pub struct DispatchActor {
     settings: DispatchSettings,
-    log: Logger,
-    health: Arc<ActorHealth>,
-    supervision: Supervision,
+    core: Core,
     metrics: Metrics,
     pool: Option<Redis>,
     last_activity: Instant,
     ping_in_flight: bool,
-    restart_delay: Option<Duration>,
     /// A WAIT shortfall / an unreachable cluster node was reported and has not cleared.
     wait_short: bool,
     nodes_unreachable: bool,
@@ -70,36 +68,15 @@ impl DispatchActor {
         log: &Logger,
     ) -> Self {
         DispatchActor {
+            core: Core::new(health, supervision, settings.error_budget, log),
             settings,
-            log: log.new(slog::o!("actor" => "DispatchActor")),
-            health,
-            supervision,
             metrics,
             pool: None,
             last_activity: Instant::now(),
             ping_in_flight: false,
-            restart_delay: None,
             wait_short: false,
             nodes_unreachable: false,
         }
-    }
-
-    fn begin(&mut self, ctx: &mut Context<Self>) {
-        if self.supervision.given_up() {
-            return;
-        }
-        match rds::pool(&self.settings.redis, self.settings.checkout_timeout) {
-            Ok(pool) => self.pool = Some(pool),
-            Err(e) => return self.fail(ctx, format!("cannot build the Redis pool: {e}")),
-        }
-        self.health.set_running();
-        self.last_activity = Instant::now();
-        ctx.run_interval(self.settings.ping_interval, |act, ctx| act.ping_if_idle(ctx));
-    }
-
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
-        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
-        ctx.stop();
     }
 
     /// Record the outcome of one unit of work (a batch or a ping).
@@ -109,19 +86,17 @@ impl DispatchActor {
             self.metrics.observe_pool("redis", redis.pool.state());
         }
         match result {
-            Ok(()) => self.health.ok(),
+            Ok(()) => self.core.health.ok(),
             Err(e) => {
-                let streak = self.health.failed(&e.to_string());
+                let stalled = matches!(e, DispatchError::Deadline(_));
+                let streak = self.core.failed(&e.to_string(), stalled);
                 // A Redis that refuses connections makes the actor degraded,
                 // not failed: the pool reconnects by itself, a restart could
                 // not help, and a long outage must not become a crash loop
                 // (the spec wants outages ridden out). A Redis that stalls
                 // past deadlines does count: fresh connections can help.
-                if matches!(e, DispatchError::Deadline(_)) {
-                    self.health.deadline_exceeded();
-                    if streak >= u64::from(self.settings.error_budget) {
-                        self.fail(ctx, format!("{streak} consecutive failures, last: {e}"));
-                    }
+                if stalled && self.core.budget_spent(streak) {
+                    fail(self, ctx, format!("{streak} consecutive failures, last: {e}"));
                 }
             }
         }
@@ -141,24 +116,24 @@ impl DispatchActor {
         // One line when a condition starts and one when it ends, not one per tick.
         match (&batch.wait_shortfall, self.wait_short) {
             (Some(why), false) => {
-                warn!(self.log, "redis replicas did not acknowledge; rows are kept in the outbox and re-sent";
+                warn!(self.core.log, "redis replicas did not acknowledge; rows are kept in the outbox and re-sent";
                     "reason" => why, "wait_replicas" => self.settings.redis.wait_replicas);
                 self.wait_short = true;
             }
             (None, true) if batch.outcomes.contains(&EntryOutcome::Delivered) => {
-                info!(self.log, "redis replicas acknowledge again"; "wait_replicas" => self.settings.redis.wait_replicas);
+                info!(self.core.log, "redis replicas acknowledge again"; "wait_replicas" => self.settings.redis.wait_replicas);
                 self.wait_short = false;
             }
             _ => {}
         }
         match (&batch.unreachable_reason, self.nodes_unreachable) {
             (Some(why), false) => {
-                warn!(self.log, "redis cluster node unreachable; its entries are re-sent, the other nodes' delivered";
+                warn!(self.core.log, "redis cluster node unreachable; its entries are re-sent, the other nodes' delivered";
                     "reason" => why, "entries" => batch.unreachable);
                 self.nodes_unreachable = true;
             }
             (None, true) => {
-                info!(self.log, "every redis cluster node answers again");
+                info!(self.core.log, "every redis cluster node answers again");
                 self.nodes_unreachable = false;
             }
             _ => {}
@@ -175,40 +150,41 @@ impl DispatchActor {
         };
         self.ping_in_flight = true;
         let deadline = Deadline::after(self.settings.ping_interval);
-        let fut = contain(async move { ping(&redis, deadline).await });
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+        let work = async move { ping(&redis, deadline).await };
+        run_contained(self, ctx, "ping", Mode::Spawn, work, |act, r, ctx| {
             act.ping_in_flight = false;
-            match res {
-                Ok(r) => act.record(r.as_ref().map(|_| ()), ctx),
-                Err(panic) => act.fail(ctx, format!("ping {panic}")),
-            }
-        }));
+            act.record(r.as_ref().map(|_| ()), ctx);
+        });
     }
 }
 
-impl Actor for DispatchActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.restart_delay.take();
-        begin_after(self, ctx, delay, Self::begin);
+impl Lifecycle for DispatchActor {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
-}
 
-impl Supervised for DispatchActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        let pool = rds::pool(&self.settings.redis, self.settings.checkout_timeout)
+            .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+        self.pool = Some(pool);
+        self.last_activity = Instant::now();
+        ctx.run_interval(self.settings.ping_interval, |act, ctx| act.ping_if_idle(ctx));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
         self.pool = None;
         self.ping_in_flight = false;
     }
 }
 
+crate::supervised_actor!(DispatchActor);
+
 impl Handler<DispatchBatch> for DispatchActor {
     type Result = ResponseActFuture<Self, Result<Vec<EntryOutcome>, DispatchError>>;
 
     fn handle(&mut self, msg: DispatchBatch, _ctx: &mut Self::Context) -> Self::Result {
-        if msg.deadline.expired() {
-            self.health.deadline_exceeded();
-            debug!(self.log, "batch arrived after its deadline; dropped unexecuted"; "entries" => msg.entries.len());
+        if self.core.expired(msg.deadline, "batch") {
             return Box::pin(fut::ready(Err(DispatchError::Deadline(Expired {
                 stage: "dispatch mailbox",
             }))));
@@ -219,6 +195,8 @@ impl Handler<DispatchBatch> for DispatchActor {
             ))));
         };
         let wait_replicas = self.settings.redis.wait_replicas;
+        // The reply goes back to the sweep, so this one is not
+        // `run_contained`: a panic must still answer the sender.
         let work = contain(async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
             Ok(result) => {
@@ -226,7 +204,7 @@ impl Handler<DispatchBatch> for DispatchActor {
                 result.map(|batch| act.report(batch))
             }
             Err(panic) => {
-                act.fail(ctx, format!("pipeline {panic}"));
+                fail(act, ctx, format!("pipeline {panic}"));
                 Err(DispatchError::Unavailable(format!("dispatch {panic}")))
             }
         }))

@@ -18,8 +18,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{debug, warn, Logger};
 
+use super::lifecycle::{every, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
-use super::supervisor::{begin_after, contain, Supervision};
+use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::db::{pg_error_text, Pg};
 use crate::deadline::Deadline;
@@ -96,14 +97,11 @@ pub struct MetricsSettings {
 
 pub struct MetricsActor {
     settings: MetricsSettings,
-    log: Logger,
     metrics: Metrics,
     /// Every actor's health, folded into the health gauges each round.
     healths: Arc<Vec<Arc<ActorHealth>>>,
-    health: Arc<ActorHealth>,
-    supervision: Supervision,
+    core: Core,
     pools: Option<(Pg, Redis)>,
-    restart_delay: Option<Duration>,
 }
 
 impl MetricsActor {
@@ -117,47 +115,18 @@ impl MetricsActor {
     ) -> Self {
         MetricsActor {
             settings,
-            log: log.new(slog::o!("actor" => "MetricsActor")),
+            // Probing a dependency that is down is the probe's finding: only
+            // a panic fails this actor, so it has no error budget.
+            core: Core::new(health, supervision, u32::MAX, log),
             metrics,
             healths,
-            health,
-            supervision,
             pools: None,
-            restart_delay: None,
         }
-    }
-
-    fn begin(&mut self, ctx: &mut Context<Self>) {
-        if self.supervision.given_up() {
-            return;
-        }
-        match small_pools(
-            &self.settings.database_url,
-            &self.settings.redis,
-            self.settings.round_timeout,
-        ) {
-            Ok(pools) => self.pools = Some(pools),
-            Err(e) => return self.fail(ctx, e),
-        }
-        self.health.set_running();
-        ctx.notify(Probe {
-            deadline: Deadline::after(self.round_timeout()),
-        });
-        ctx.run_interval(self.settings.probe_interval, |act, ctx| {
-            ctx.notify(Probe {
-                deadline: Deadline::after(act.round_timeout()),
-            })
-        });
     }
 
     /// A round must end before the next one is due.
     fn round_timeout(&self) -> Duration {
         self.settings.round_timeout.min(self.settings.probe_interval)
-    }
-
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
-        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
-        ctx.stop();
     }
 
     fn apply(&mut self, report: ProbeReport) {
@@ -172,7 +141,7 @@ impl MetricsActor {
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();
                 m.dead_letter_rows.clear();
-                warn!(self.log, "outbox probe failed; its gauges are left empty"; "error" => e);
+                warn!(self.core.log, "outbox probe failed; its gauges are left empty"; "error" => e);
             }
         }
         match report.redis_ping {
@@ -183,7 +152,7 @@ impl MetricsActor {
             Err(e) => {
                 m.redis_up.set(0);
                 m.redis_ping_seconds.clear();
-                debug!(self.log, "redis ping probe failed"; "error" => e);
+                debug!(self.core.log, "redis ping probe failed"; "error" => e);
             }
         }
         if let Some((pg, redis)) = &self.pools {
@@ -194,38 +163,39 @@ impl MetricsActor {
     }
 }
 
-impl Actor for MetricsActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.restart_delay.take();
-        begin_after(self, ctx, delay, Self::begin);
+impl Lifecycle for MetricsActor {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
-}
 
-impl Supervised for MetricsActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        let s = &self.settings;
+        self.pools = Some(small_pools(&s.database_url, &s.redis, s.round_timeout)?);
+        every(self, ctx, self.settings.probe_interval, true, |act| Probe {
+            deadline: Deadline::after(act.round_timeout()),
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
         self.pools = None;
     }
 }
+
+crate::supervised_actor!(MetricsActor);
 
 impl Handler<Probe> for MetricsActor {
     type Result = ();
 
     fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
-        if msg.deadline.expired() {
-            self.health.deadline_exceeded();
-            debug!(self.log, "probe arrived after its deadline; dropped unexecuted");
+        if self.core.expired(msg.deadline, "probe") {
             return;
         }
         let Some((pg, redis)) = self.pools.clone() else { return };
-        let round = contain(async move { probe(&pg, &redis, msg.deadline).await });
-        ctx.wait(round.into_actor(self).map(|res, act, ctx| match res {
-            Ok(report) => {
-                act.apply(report);
-                act.health.ok();
-            }
-            Err(panic) => act.fail(ctx, format!("probe {panic}")),
-        }));
+        let round = async move { probe(&pg, &redis, msg.deadline).await };
+        run_contained(self, ctx, "probe", Mode::Wait, round, |act, report, _| {
+            act.apply(report);
+            act.core.health.ok();
+        });
     }
 }

@@ -1,12 +1,19 @@
-//! The actors of the relay, one concern each (SPEC §2), and the supervisor
-//! that starts them.
+//! The actors of the relay, one concern each (SPEC §2):
+//! - [`lifecycle`]: the protocol every actor follows (start, work under a
+//!   deadline, fail, restart), written once;
+//! - [`supervisor`]: restart intensity and backoff, when the process gives up;
+//! - [`tree`]: which actors run, wired together;
+//! - one file per actor, holding its messages, settings, handlers and the
+//!   plain async function that does its I/O.
 
 pub mod counter_sync;
 pub mod dead_letter;
 pub mod dispatch;
+pub mod lifecycle;
 pub mod metrics;
 pub mod supervisor;
 pub mod sweep;
+pub mod tree;
 
 /// One Postgres and one Redis connection, for the actors that work on a
 /// cadence (counter sync, probes) rather than on the hot path.

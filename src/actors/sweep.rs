@@ -28,7 +28,8 @@ use slog::{debug, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::supervisor::{begin_after, contain, contain_sync, Supervision};
+use super::lifecycle::{contain, fail, guarded, Core, Lifecycle};
+use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
@@ -342,12 +343,10 @@ enum Pace {
 
 pub struct SweepActor {
     settings: SweepSettings,
-    log: Logger,
+    core: Core,
     dispatch: Recipient<DispatchBatch>,
     dead_letter: Recipient<RowsDeadLettered>,
     stats: Arc<SweepStats>,
-    health: Arc<ActorHealth>,
-    supervision: Supervision,
     metrics: Metrics,
     pool: Option<Pg>,
     stopping: bool,
@@ -370,8 +369,6 @@ pub struct SweepActor {
     last_wake: Option<std::time::Instant>,
     /// Another wake-up came while it ran: run one more after it.
     fresh_again: bool,
-    /// Set when the actor fails: how long the restarted actor waits before work.
-    restart_delay: Option<Duration>,
     /// Per-tick warnings (Redis unavailable / refusing / row retries), at
     /// most one line per [`WARN_EVERY`] each.
     warn_throttles: [Throttle; 3],
@@ -391,13 +388,11 @@ impl SweepActor {
         log: &Logger,
     ) -> Self {
         SweepActor {
+            core: Core::new(health, supervision, settings.error_budget, log),
             settings,
-            log: log.new(slog::o!("actor" => "SweepActor")),
             dispatch,
             dead_letter,
             stats,
-            health,
-            supervision,
             metrics,
             pool: None,
             stopping: false,
@@ -410,38 +405,8 @@ impl SweepActor {
             drain_in_flight: 0,
             last_wake: None,
             fresh_again: false,
-            restart_delay: None,
             warn_throttles: std::array::from_fn(|_| Throttle::new(WARN_EVERY)),
         }
-    }
-
-    /// Build the pool and start ticking (at start, or after a restart's backoff).
-    fn begin(&mut self, ctx: &mut Context<Self>) {
-        if self.stopping || self.supervision.given_up() {
-            return;
-        }
-        // Half the tick for a checkout: an unreachable Postgres is then
-        // reported with its cause instead of as a bare deadline.
-        let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
-        match db::pool(&self.settings.database_url, self.settings.pool_size, checkout) {
-            Ok(pool) => self.pool = Some(pool),
-            Err(e) => return self.fail(ctx, format!("cannot build the Postgres pool: {e}")),
-        }
-        self.health.set_running();
-        // One lane per concurrent tick; each lane reschedules itself.
-        for _ in 0..self.settings.concurrency.max(1) {
-            self.schedule(ctx, Pace::Drain);
-        }
-    }
-
-    /// Give up on this incarnation: the supervisor restarts it after a
-    /// backoff (or the process exits when restarts come too fast).
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
-        if self.stopping {
-            return;
-        }
-        self.restart_delay = self.supervision.actor_failed(&self.health, &error);
-        ctx.stop();
     }
 
     fn schedule(&mut self, ctx: &mut Context<Self>, pace: Pace) {
@@ -510,7 +475,7 @@ impl SweepActor {
             Ok(r) => r,
             Err(panic) => {
                 self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
-                return self.fail(ctx, format!("tick {panic}"));
+                return fail(self, ctx, format!("tick {panic}"));
             }
         };
         let mut fresh_full = false;
@@ -518,7 +483,7 @@ impl SweepActor {
             Ok(report) => {
                 fresh_full =
                     lane == Lane::Fresh && report.claimed >= self.settings.batch_size.min(FRESH_BATCH) as usize;
-                self.health.ok();
+                self.core.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
                 self.record(lane, &report);
@@ -541,22 +506,21 @@ impl SweepActor {
                 }
             }
             Err(e) => {
-                let streak = self.health.failed(&e.to_string());
+                let streak = self.core.failed(&e.to_string(), e.is_deadline());
                 if e.is_deadline() {
-                    self.health.deadline_exceeded();
                     self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
                     self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
                 } else {
                     self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
                     self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
                 }
-                warn!(self.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
+                warn!(self.core.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
                     "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
                 if e.is_connection_lost() {
-                    return self.fail(ctx, e.to_string());
+                    return fail(self, ctx, e.to_string());
                 }
-                if streak >= u64::from(self.settings.error_budget) {
-                    return self.fail(ctx, format!("{streak} consecutive failed ticks, last: {e}"));
+                if self.core.budget_spent(streak) {
+                    return fail(self, ctx, format!("{streak} consecutive failed ticks, last: {e}"));
                 }
                 Pace::Idle
             }
@@ -600,7 +564,7 @@ impl SweepActor {
             .dead_lettered
             .fetch_add(r.dead_lettered as u64, Ordering::Relaxed);
         if r.claimed > 0 {
-            debug!(self.log, "sweep tick settled"; "lane" => ?lane,
+            debug!(self.core.log, "sweep tick settled"; "lane" => ?lane,
                 "claimed" => r.claimed, "delivered" => r.delivered, "retried" => r.retried,
                 "dead_lettered" => r.dead_lettered, "deferred" => r.deferred,
                 "claim_us" => r.stage_us[0], "dispatch_us" => r.stage_us[1],
@@ -611,18 +575,18 @@ impl SweepActor {
         let now = std::time::Instant::now();
         if let Some(why) = &r.redis_unavailable {
             if let Some(held) = self.warn_throttles[0].pass(now) {
-                warn!(self.log, "redis unavailable; rows left in the outbox without counting an attempt";
+                warn!(self.core.log, "redis unavailable; rows left in the outbox without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
             }
         } else if let Some(why) = &r.deferred_reason {
             if let Some(held) = self.warn_throttles[1].pass(now) {
-                warn!(self.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
+                warn!(self.core.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
             }
         }
         if let Some(err) = &r.last_retry_error {
             if let Some(held) = self.warn_throttles[2].pass(now) {
-                warn!(self.log, "rows failed in redis and will be retried with backoff";
+                warn!(self.core.log, "rows failed in redis and will be retried with backoff";
                     "count" => r.retried, "last_error" => err, "suppressed" => held);
             }
         }
@@ -643,11 +607,9 @@ impl SweepActor {
             // This tick's claim sees every row committed before now.
             self.woken = false;
         }
-        if msg.deadline.expired() {
-            self.health.deadline_exceeded();
+        if self.core.expired(msg.deadline, "tick") {
             self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
             self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
-            debug!(self.log, "tick arrived after its deadline; dropped unexecuted");
             match msg.lane {
                 Lane::Drain => self.schedule(ctx, Pace::Idle),
                 Lane::Fresh => self.fresh_in_flight = false,
@@ -673,27 +635,40 @@ impl SweepActor {
                 None
             }
         };
-        let tick = contain(async move { run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await });
+        let tick = async move { run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await };
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.
+        // Not `run_contained`: the lane's bookkeeping in `finish_tick` must
+        // run even when the tick panicked (Stop waits for it).
         ctx.spawn(
-            tick.into_actor(self)
+            contain(tick)
+                .into_actor(self)
                 .map(move |result, act, ctx| act.finish_tick(lane, started, result, ctx)),
         );
     }
 }
 
-impl Actor for SweepActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let delay = self.restart_delay.take();
-        begin_after(self, ctx, delay, Self::begin);
+impl Lifecycle for SweepActor {
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
     }
-}
 
-impl Supervised for SweepActor {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    /// Build the pool and start one lane per concurrent tick; each lane
+    /// reschedules itself.
+    fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
+        // Half the tick for a checkout: an unreachable Postgres is then
+        // reported with its cause instead of as a bare deadline.
+        let checkout = (self.settings.tick_timeout / 2).max(Duration::from_millis(5));
+        let pool = db::pool(&self.settings.database_url, self.settings.pool_size, checkout)
+            .map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
+        self.pool = Some(pool);
+        for _ in 0..self.settings.concurrency.max(1) {
+            self.schedule(ctx, Pace::Drain);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
         // Fresh state: the old pool (and its connections) is dropped; the
         // tick that was in flight was dropped with its transaction, which
         // rolls it back.
@@ -707,7 +682,13 @@ impl Supervised for SweepActor {
         self.in_flight.send_replace(0);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn shutting_down(&self) -> bool {
+        self.stopping
+    }
 }
+
+crate::supervised_actor!(SweepActor);
 
 impl Handler<Tick> for SweepActor {
     type Result = ();
@@ -716,9 +697,7 @@ impl Handler<Tick> for SweepActor {
         if self.stopping {
             return;
         }
-        if let Err(panic) = contain_sync(|| self.start_tick(msg, ctx)) {
-            self.fail(ctx, format!("tick handler {panic}"));
-        }
+        guarded(self, ctx, "tick handler", |act, ctx| act.start_tick(msg, ctx));
     }
 }
 

@@ -1,0 +1,283 @@
+//! The supervision tree (one level, one-for-one): starts every actor under
+//! actix's `Supervisor` with its settings from the config, wires their
+//! addresses, and runs the health reporter. [`Relay`] is the handle the
+//! run loop keeps; [`Relay::stop`] ends it in order.
+//!
+//! - `DispatchActor` on its own arbiter (thread): the Redis pool and
+//!   pipeline, so pipeline I/O overlaps with the sweep's Postgres work;
+//! - `DeadLetterActor`: dead-letter reporting and retention;
+//! - `SweepActor`: the tick, talking to the two others only through messages;
+//! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`;
+//! - `MetricsActor`: probes behind the Prometheus gauges;
+//! - the LISTEN task (when `database.listen_url` is set), which wakes the sweep.
+//!
+//! Adding an actor: its file implements [`super::lifecycle::Lifecycle`];
+//! give it an [`ActorHealth`] in [`Healths`] and start it in [`start`].
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use slog::{info, warn, Logger};
+use tokio::sync::mpsc;
+
+use super::counter_sync::{CounterSyncActor, CounterSyncSettings};
+use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
+use super::dispatch::{DispatchActor, DispatchSettings};
+use super::metrics::{MetricsActor, MetricsSettings};
+use super::supervisor::{GiveUp, RestartPolicy, Supervision};
+use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Wake};
+use crate::config::Config;
+use crate::domain::RetryPolicy;
+use crate::telemetry::health::{ActorHealth, Status};
+use crate::telemetry::metrics::Metrics;
+
+/// Handles on the running actors.
+pub struct Relay {
+    pub sweep: Addr<SweepActor>,
+    pub dispatch: Addr<DispatchActor>,
+    pub dead_letter: Addr<DeadLetterActor>,
+    pub counter_sync: Addr<CounterSyncActor>,
+    pub metrics: Addr<MetricsActor>,
+    pub stats: Arc<SweepStats>,
+    pub dead_lettered_total: Arc<AtomicU64>,
+    /// Every actor's health, in a fixed order (see [`Healths::all`]).
+    pub health: Arc<Vec<Arc<ActorHealth>>>,
+    dispatch_arbiter: Arbiter,
+    reporter: actix_rt::task::JoinHandle<()>,
+    /// The LISTEN task, when `database.listen_url` is set.
+    listener: Option<actix_rt::task::JoinHandle<()>>,
+}
+
+/// The health record of every actor.
+#[derive(Clone)]
+pub struct Healths {
+    pub sweep: Arc<ActorHealth>,
+    pub dispatch: Arc<ActorHealth>,
+    pub dead_letter: Arc<ActorHealth>,
+    pub counter_sync: Arc<ActorHealth>,
+    pub metrics: Arc<ActorHealth>,
+}
+
+impl Healths {
+    /// Created before the actors so the HTTP endpoint can be bound (and
+    /// fail) before any work starts. Each cadence is how often the actor
+    /// must succeed to stay `healthy` (see `health::STALE_CADENCES`).
+    pub fn new(cfg: &Config) -> Self {
+        let tick = cfg.sweep.tick_timeout.0;
+        Healths {
+            sweep: ActorHealth::new("SweepActor", cfg.sweep.interval.0 + tick, true),
+            dispatch: ActorHealth::new("DispatchActor", cfg.health.interval.0.max(cfg.sweep.interval.0), true),
+            // Event-driven unless retention runs: then it must purge every interval.
+            dead_letter: ActorHealth::new(
+                "DeadLetterActor",
+                match cfg.dead_letter.retention.0 {
+                    Some(_) => cfg.dead_letter.purge_interval.0 + tick,
+                    None => Duration::MAX,
+                },
+                cfg.dead_letter.retention.0.is_some(),
+            ),
+            counter_sync: ActorHealth::new("CounterSyncActor", cfg.counter_sync.interval.0 + tick, true),
+            metrics: ActorHealth::new("MetricsActor", cfg.metrics.probe_interval.0 + tick, false),
+        }
+    }
+
+    /// All of them, in a fixed order (sweep, dispatch, dead letter, counter
+    /// sync, metrics).
+    pub fn all(&self) -> Arc<Vec<Arc<ActorHealth>>> {
+        Arc::new(vec![
+            self.sweep.clone(),
+            self.dispatch.clone(),
+            self.dead_letter.clone(),
+            self.counter_sync.clone(),
+            self.metrics.clone(),
+        ])
+    }
+}
+
+/// Start all actors and the health reporter. Must be called inside a
+/// running actix `System`. The receiver yields when the process must exit.
+pub fn start(
+    cfg: &Config,
+    healths: &Healths,
+    metrics: &Metrics,
+    log: &Logger,
+) -> (Relay, mpsc::UnboundedReceiver<GiveUp>) {
+    let (supervision, fatal) = Supervision::new(RestartPolicy::from(&cfg.supervisor), log);
+    let budget = cfg.supervisor.error_budget;
+    let health_interval = cfg.health.interval.0;
+    let health = healths.all();
+    let (sweep_health, dispatch_health, dead_letter_health) = (
+        healths.sweep.clone(),
+        healths.dispatch.clone(),
+        healths.dead_letter.clone(),
+    );
+
+    let dispatch_arbiter = Arbiter::new();
+    let dispatch_settings = DispatchSettings {
+        redis: cfg.redis.clone(),
+        ping_interval: health_interval,
+        checkout_timeout: cfg.sweep.tick_timeout.0.max(health_interval),
+        error_budget: budget,
+    };
+    let (dh, ds, dm, dlog) = (
+        dispatch_health.clone(),
+        supervision.clone(),
+        metrics.clone(),
+        log.clone(),
+    );
+    let dispatch = Supervisor::start_in_arbiter(&dispatch_arbiter.handle(), move |_| {
+        DispatchActor::new(dispatch_settings, dh, ds, dm, &dlog)
+    });
+
+    let dead_lettered_total = Arc::new(AtomicU64::new(0));
+    let (moved, dlh, dls, dl_log) = (
+        dead_lettered_total.clone(),
+        dead_letter_health.clone(),
+        supervision.clone(),
+        log.clone(),
+    );
+    let dl_settings = DeadLetterSettings {
+        database_url: cfg.database.url.clone(),
+        retention: cfg.dead_letter.retention.0,
+        purge_interval: cfg.dead_letter.purge_interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: budget,
+    };
+    let dead_letter = Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log));
+
+    let stats = Arc::new(SweepStats::default());
+    let settings = SweepSettings {
+        database_url: cfg.database.url.clone(),
+        pool_size: cfg.database.pool_size,
+        batch_size: cfg.sweep.batch_size,
+        interval: cfg.sweep.interval.0,
+        tick_timeout: cfg.sweep.tick_timeout.0,
+        key_prefix: cfg.redis.key_prefix.clone(),
+        concurrency: cfg.sweep.concurrency,
+        live_concurrency: cfg.sweep.live_concurrency(),
+        error_budget: budget,
+        retry: RetryPolicy {
+            base_backoff: cfg.sweep.base_backoff.0,
+            max_backoff: cfg.sweep.max_backoff.0,
+            max_attempts: cfg.sweep.max_attempts,
+        },
+    };
+    let (d, dl, st, sh, ss, sm, slog_) = (
+        dispatch.clone().recipient(),
+        dead_letter.clone().recipient(),
+        stats.clone(),
+        sweep_health.clone(),
+        supervision.clone(),
+        metrics.clone(),
+        log.clone(),
+    );
+    let sweep = Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, sm, &slog_));
+
+    let cs_settings = CounterSyncSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        interval: cfg.counter_sync.interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: budget,
+    };
+    let (csh, css, cs_log) = (healths.counter_sync.clone(), supervision.clone(), log.clone());
+    let skew = metrics.counter_sync_skew.clone();
+    let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
+    let counter_sync =
+        Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log));
+
+    let m_settings = MetricsSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        probe_interval: cfg.metrics.probe_interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+    };
+    let (mm, mall, mh, ms, m_log) = (
+        metrics.clone(),
+        healths.all(),
+        healths.metrics.clone(),
+        supervision.clone(),
+        log.clone(),
+    );
+    let metrics_actor = Supervisor::start(move |_| {
+        MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log)
+    });
+
+    let listener = (!cfg.database.listen_url.is_empty()).then(|| {
+        let sweep = sweep.clone();
+        actix_rt::spawn(crate::db::listen::listen(
+            cfg.database.listen_url.clone(),
+            move || sweep.do_send(Wake),
+            log.new(slog::o!("actor" => "SweepActor")),
+        ))
+    });
+
+    let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
+    (
+        Relay {
+            sweep,
+            dispatch,
+            dead_letter,
+            counter_sync,
+            metrics: metrics_actor,
+            stats,
+            dead_lettered_total,
+            health,
+            dispatch_arbiter,
+            reporter,
+            listener,
+        },
+        fatal,
+    )
+}
+
+/// One `actor health` line per actor every `interval`.
+async fn report_health(health: Arc<Vec<Arc<ActorHealth>>>, interval: Duration, log: Logger) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        for h in health.iter() {
+            log_health(&log, h, false);
+        }
+    }
+}
+
+/// One health line; unhealthy states are warnings unless the process is
+/// shutting down on purpose.
+fn log_health(log: &Logger, h: &ActorHealth, shutting_down: bool) {
+    let s = h.snapshot();
+    let last_error = s.last_error.unwrap_or_default();
+    if s.status == Status::Healthy || shutting_down {
+        info!(log, "actor health";
+            "actor" => s.actor, "status" => s.status.as_str(), "restarts" => s.restarts,
+            "last_ok_ms_ago" => s.last_ok_ms_ago, "processed" => s.processed,
+            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded);
+    } else {
+        warn!(log, "actor health";
+            "actor" => s.actor, "status" => s.status.as_str(), "restarts" => s.restarts,
+            "last_ok_ms_ago" => s.last_ok_ms_ago, "processed" => s.processed,
+            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded,
+            "last_error" => last_error);
+    }
+}
+
+impl Relay {
+    /// Let the tick in flight finish (or roll back at its deadline), then
+    /// stop the dispatch arbiter; every actor ends `stopped`.
+    pub async fn stop(self, log: &Logger) {
+        // An error means the sweep actor is already gone: nothing in flight.
+        let _ = self.sweep.send(Stop).await;
+        self.dispatch_arbiter.stop();
+        self.reporter.abort();
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
+        for h in self.health.iter() {
+            h.set_stopped();
+            log_health(log, h, true);
+        }
+    }
+}
