@@ -26,7 +26,7 @@
 //!    are dropped by actix, so an open transaction rolls back) and
 //!    `started` again, which is step 1.
 //!
-//! [`supervised_actor!`] writes the two actix impls (`Actor`,
+//! [`crate::supervised_actor!`] writes the two actix impls (`Actor`,
 //! `Supervised`) that route into this protocol.
 
 use std::any::Any;

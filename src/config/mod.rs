@@ -7,8 +7,8 @@
 //! once, each naming its key, and runs before any actor starts.
 //!
 //! Files: this one holds the sections, their defaults and the loading API;
-//! [`layers`] merges defaults, file and environment; [`validate`] checks
-//! the values; [`duration`] parses `5s`-style values.
+//! `layers` merges defaults, file and environment; `validate` checks
+//! the values; `duration` parses `5s`-style values.
 //!
 //! Secrets: [`Config::to_redacted_toml`] (passwords hidden by
 //! [`crate::redact`]) is what `check-config` prints and what logs may show.

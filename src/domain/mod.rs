@@ -5,7 +5,7 @@
 //!   with the existing consumers);
 //! - [`outcome`]: the ZADD a row becomes, what Redis said about it, and what
 //!   that means for the row;
-//! - [`settle`]: the settlement rules of one tick (SPEC §3).
+//! - [`mod@settle`]: the settlement rules of one tick (SPEC §3).
 //!
 //! No I/O and no knowledge of Postgres or Redis clients: `db` and `redis`
 //! depend on this module, never on each other.

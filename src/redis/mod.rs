@@ -304,7 +304,7 @@ fn standalone_info(cfg: &RedisConfig) -> Result<ConnectionInfo, RedisSetupError>
     }
 }
 
-/// A client for the one server of standalone mode (see [`standalone_info`]).
+/// A client for the one server of standalone mode (see `standalone_info`).
 pub fn standalone_client(cfg: &RedisConfig) -> Result<Client, RedisSetupError> {
     Client::open(standalone_info(cfg)?).map_err(|source| RedisSetupError::Url {
         url: redact_url(&cfg.url),

@@ -13,8 +13,8 @@
 //!    to the member being visible in Redis (Redis keyspace notifications,
 //!    one job per row), with the relay idle and while a backlog drains.
 //!
-//! Files: [`scenarios`] (what runs), [`measure`] (how it is measured),
-//! [`report`] (what is printed). Speed goals live here, never in tests.
+//! Files: `scenarios` (what runs), `measure` (how it is measured),
+//! `report` (what is printed). Speed goals live here, never in tests.
 
 mod measure;
 mod report;
