@@ -19,7 +19,7 @@ use prometheus::{
 };
 
 use crate::config::MetricsConfig;
-use crate::telemetry::health::{ActorHealth, Status};
+use super::health::{ActorHealth, Status};
 
 /// Tick durations from 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
