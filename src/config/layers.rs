@@ -69,10 +69,13 @@ where
             "REDIS_URL" => Some((0, "redis".to_string(), "url".to_string())),
             // Names the config file itself, not a key in it.
             CONFIG_PATH_ENV => None,
-            _ => var.strip_prefix(ENV_PREFIX).map(|rest| {
-                let (section, key) = rest.split_once("__").unwrap_or((rest, ""));
-                (1, section.to_ascii_lowercase(), key.to_ascii_lowercase())
-            }),
+            // Without `__` it is not ours: Kubernetes injects
+            // OUTBOX_RELAY_SERVICE_HOST, OUTBOX_RELAY_PORT=tcp://… and the
+            // like into every pod when a Service is named outbox-relay.
+            _ => var
+                .strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.split_once("__"))
+                .map(|(section, key)| (1, section.to_ascii_lowercase(), key.to_ascii_lowercase())),
         };
         if let Some((rank, section, key)) = target {
             overrides.insert((rank, var.clone()), (section, key, value));

@@ -518,6 +518,34 @@ mod tests {
         assert!(p[0].key.contains("OUTBOX_RELAY_SWEEP__NOPE"), "{p:?}");
     }
 
+    /// What Kubernetes puts into a pod's environment for a Service named
+    /// `outbox-relay` with one port named `metrics` (docker-style links).
+    pub(crate) const SERVICE_LINKS: &[(&str, &str)] = &[
+        ("OUTBOX_RELAY_SERVICE_HOST", "10.96.12.34"),
+        ("OUTBOX_RELAY_SERVICE_PORT", "9464"),
+        ("OUTBOX_RELAY_SERVICE_PORT_METRICS", "9464"),
+        ("OUTBOX_RELAY_PORT", "tcp://10.96.12.34:9464"),
+        ("OUTBOX_RELAY_PORT_9464_TCP", "tcp://10.96.12.34:9464"),
+        ("OUTBOX_RELAY_PORT_9464_TCP_PROTO", "tcp"),
+        ("OUTBOX_RELAY_PORT_9464_TCP_PORT", "9464"),
+        ("OUTBOX_RELAY_PORT_9464_TCP_ADDR", "10.96.12.34"),
+    ];
+
+    #[test]
+    fn kubernetes_service_links_are_not_configuration() {
+        let c = load("", SERVICE_LINKS).expect("service-link variables are ignored");
+        assert_eq!(c, Config::default());
+        let mut env = SERVICE_LINKS.to_vec();
+        env.push(("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "1000"));
+        assert_eq!(load("", &env).expect("valid").sweep.batch_size, 1000);
+        // A variable that does use the `__` form still has to name a real key.
+        env.push(("OUTBOX_RELAY_PORT__METRICS", "9464"));
+        let p = problems("", &env);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].key.contains("OUTBOX_RELAY_PORT__METRICS"), "{p:?}");
+        assert!(p[0].message.contains("unknown key port.metrics"), "{p:?}");
+    }
+
     #[test]
     fn wrong_types_are_named() {
         let p = problems("[sweep]\nbatch_size = \"many\"", &[]);
