@@ -18,8 +18,8 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::config::MetricsConfig;
 use super::health::{ActorHealth, Status};
+use crate::config::MetricsConfig;
 
 /// Tick durations from 1 ms to 10 s.
 pub const DURATION_BUCKETS: &[f64] = &[
