@@ -1,0 +1,278 @@
+//! A relay started the way Kubernetes starts it from `deploy/kubernetes/`:
+//! the environment a pod of that Deployment gets (the image's `ENV`, the
+//! container's `env` with the Secret's keys filled in, the service-link
+//! variables of the `outbox-relay` Service and of `kubernetes`), and the
+//! ConfigMap's TOML as its config file. It must migrate, drain, answer the
+//! probes the Deployment declares, and stop cleanly on SIGTERM.
+//!
+//! The only liberty taken: the config file lives in a temporary directory
+//! instead of the Deployment's mount path (OUTBOX_RELAY_CONFIG is pointed
+//! there). The Secret's values are this test's database and a private
+//! Redis (the ConfigMap's `hover:` prefix then touches nobody else's keys).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use serde_yaml::Value;
+
+fn manifests() -> Vec<Value> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut docs = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("deploy/kubernetes").flatten().collect();
+    files.sort_by_key(|e| e.path());
+    for f in files {
+        let text = std::fs::read_to_string(f.path()).expect("read manifest");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            docs.push(serde::Deserialize::deserialize(doc).expect("manifest YAML"));
+        }
+    }
+    docs
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} named {name} in deploy/kubernetes"))
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("expected a string, got {v:?}"))
+}
+
+/// `ENV` lines of the Dockerfile's last stage (what the image sets).
+fn image_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).expect("Dockerfile");
+    let last_stage = text.rsplit("\nFROM ").next().expect("a FROM line");
+    last_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("ENV K=V");
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+/// What kubelet injects for a Service (docker-link style variables).
+fn service_links(name: &str, ip: &str, ports: &[(Option<&str>, i64)]) -> Vec<(String, String)> {
+    let n = name.to_ascii_uppercase().replace('-', "_");
+    let mut env = vec![(format!("{n}_SERVICE_HOST"), ip.to_string())];
+    if let Some((_, first)) = ports.first() {
+        env.push((format!("{n}_SERVICE_PORT"), first.to_string()));
+        env.push((format!("{n}_PORT"), format!("tcp://{ip}:{first}")));
+    }
+    for (port_name, port) in ports {
+        if let Some(pn) = port_name {
+            env.push((
+                format!("{n}_SERVICE_PORT_{}", pn.to_ascii_uppercase().replace('-', "_")),
+                port.to_string(),
+            ));
+        }
+        let p = format!("{n}_PORT_{port}_TCP");
+        env.push((p.clone(), format!("tcp://{ip}:{port}")));
+        env.push((format!("{p}_PROTO"), "tcp".into()));
+        env.push((format!("{p}_PORT"), port.to_string()));
+        env.push((format!("{p}_ADDR"), ip.to_string()));
+    }
+    env
+}
+
+#[tokio::test]
+async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() {
+    let docs = manifests();
+    let deployment = find(&docs, "Deployment", "outbox-relay");
+    let service = find(&docs, "Service", "outbox-relay");
+    let config_map = find(&docs, "ConfigMap", "outbox-relay-config");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+
+    // The ConfigMap's key, at the path the Deployment mounts it.
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == "config")
+        .expect("config volume mount");
+    let (key, toml_text) = config_map["data"]
+        .as_mapping()
+        .expect("ConfigMap data")
+        .iter()
+        .next()
+        .map(|(k, v)| (s(k).to_string(), s(v).to_string()))
+        .expect("one key");
+    let mounted_at = format!("{}/{key}", s(&mount["mountPath"]));
+    let dir = scratch_dir("k8s-config");
+    let config_file = dir.join(&key);
+    std::fs::write(&config_file, &toml_text).expect("write config");
+
+    // The pod's environment, in kubelet's order (later wins in ours too).
+    let db = TestDb::empty().await;
+    let redis = RedisServer::start().await;
+    let mut env: BTreeMap<String, String> = image_env().into_iter().collect();
+    for e in container["env"].as_sequence().expect("container env") {
+        let name = s(&e["name"]).to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_string()
+        } else {
+            match s(&e["valueFrom"]["secretKeyRef"]["key"]) {
+                "DATABASE_URL" => db.url.clone(),
+                "REDIS_URL" => redis.url(),
+                other => panic!("the test does not know Secret key {other}"),
+            }
+        };
+        env.insert(name, value);
+    }
+    let ports: Vec<(Option<&str>, i64)> = service["spec"]["ports"]
+        .as_sequence()
+        .expect("Service ports")
+        .iter()
+        .map(|p| (p["name"].as_str(), p["port"].as_i64().expect("port")))
+        .collect();
+    env.extend(service_links(s(&service["metadata"]["name"]), "10.96.12.34", &ports));
+    env.extend(service_links("kubernetes", "10.96.0.1", &[(Some("https"), 443)]));
+    env.insert("HOSTNAME".into(), "outbox-relay-6d9f7c5b8-x2x7q".into());
+    assert_eq!(
+        env.get("OUTBOX_RELAY_CONFIG").map(String::as_str),
+        Some(mounted_at.as_str()),
+        "OUTBOX_RELAY_CONFIG must name the mounted ConfigMap key"
+    );
+    env.insert("OUTBOX_RELAY_CONFIG".into(), config_file.display().to_string());
+    let env: Vec<(String, String)> = env.into_iter().collect();
+
+    // The listen address the relay will use is the one the probes target.
+    let listen = env
+        .iter()
+        .find(|(k, _)| k == "OUTBOX_RELAY_HTTP__LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("the image sets OUTBOX_RELAY_HTTP__LISTEN");
+    let port: i64 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let container_port = container["ports"][0]["containerPort"].as_i64().expect("containerPort");
+    assert_eq!(port, container_port, "the relay listens where the probes look");
+    assert!(
+        std::net::TcpListener::bind(("0.0.0.0", port as u16)).is_ok(),
+        "port {port} is busy: stop whatever listens there (a demo relay?) and re-run"
+    );
+
+    let migrate = relay_command(&["migrate"], &env).output().expect("run migrate");
+    assert!(
+        migrate.status.success(),
+        "migrate with the pod's environment failed: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    seed(&db, 2_000, 5).await;
+    let expected = expected_members(&db).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let prefix: toml::Table = toml_text.parse().expect("ConfigMap TOML");
+    let prefix = prefix["redis"]["key_prefix"]
+        .as_str()
+        .expect("redis.key_prefix")
+        .to_string();
+    assert_all_delivered(&redis.url(), &prefix, &expected).await;
+
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let path = s(&container[probe]["httpGet"]["path"]).to_string();
+        assert_eq!(
+            container[probe]["httpGet"]["port"].as_str(),
+            container["ports"][0]["name"].as_str(),
+            "{probe} targets the named metrics port"
+        );
+        wait_until(
+            &format!("{probe} {path} answers 200"),
+            Duration::from_secs(30),
+            || async { relay.http_get(&path).await.is_some_and(|(code, _)| code == 200) },
+        )
+        .await;
+    }
+    let (_, metrics) = relay.http_get("/metrics").await.expect("/metrics answers");
+    assert!(
+        metrics.contains("environment=\"production\""),
+        "metrics carry the ConfigMap's environment"
+    );
+
+    // The grace period covers a tick's deadline plus the commit grace.
+    let cfg: toml::Table = toml_text.parse().expect("ConfigMap TOML");
+    let tick = outbox_relay::config::parse_duration(cfg["sweep"]["tick_timeout"].as_str().expect("tick_timeout"))
+        .expect("tick_timeout");
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        Duration::from_secs(grace) > tick + Duration::from_secs(1),
+        "terminationGracePeriodSeconds {grace} must exceed tick_timeout + 1s"
+    );
+    let started = std::time::Instant::now();
+    relay.signal("TERM");
+    let status = relay.wait_exit(Duration::from_secs(grace)).await;
+    assert!(status.success(), "SIGTERM: {status}; log: {:#?}", relay.lines());
+    assert!(started.elapsed() < tick + Duration::from_secs(1));
+}
+
+#[test]
+fn the_pod_runs_locked_down_as_the_images_user() {
+    let docs = manifests();
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).expect("Dockerfile");
+    let image_user = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .last()
+        .expect("USER in the Dockerfile");
+    for (kind, name) in [("Deployment", "outbox-relay"), ("Job", "outbox-relay-migrate")] {
+        let pod = &find(&docs, kind, name)["spec"]["template"]["spec"];
+        let sc = &pod["securityContext"];
+        assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{kind}: runAsNonRoot");
+        assert_eq!(
+            format!(
+                "{}:{}",
+                sc["runAsUser"].as_i64().unwrap_or(-1),
+                sc["runAsGroup"].as_i64().unwrap_or(-1)
+            ),
+            image_user,
+            "{kind}: the pod's user is the image's"
+        );
+        assert_eq!(
+            sc["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault"),
+            "{kind}: seccomp"
+        );
+        assert_eq!(
+            pod["automountServiceAccountToken"].as_bool(),
+            Some(false),
+            "{kind}: no API token"
+        );
+        for c in pod["containers"].as_sequence().expect("containers") {
+            let csc = &c["securityContext"];
+            assert_eq!(
+                csc["readOnlyRootFilesystem"].as_bool(),
+                Some(true),
+                "{kind}: read-only root"
+            );
+            assert_eq!(
+                csc["allowPrivilegeEscalation"].as_bool(),
+                Some(false),
+                "{kind}: no escalation"
+            );
+            assert_eq!(
+                csc["capabilities"]["drop"][0].as_str(),
+                Some("ALL"),
+                "{kind}: no capabilities"
+            );
+            assert!(
+                c["resources"]["requests"]["memory"].is_string(),
+                "{kind}: memory request"
+            );
+            assert!(c["resources"]["limits"]["memory"].is_string(), "{kind}: memory limit");
+        }
+    }
+    let pdb = find(&docs, "PodDisruptionBudget", "outbox-relay");
+    let dep = find(&docs, "Deployment", "outbox-relay");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"], dep["spec"]["selector"]["matchLabels"],
+        "the PDB covers the Deployment's pods"
+    );
+}
