@@ -219,8 +219,8 @@ fn the_pod_runs_locked_down_as_the_images_user() {
     let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).expect("Dockerfile");
     let image_user = dockerfile
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("USER in the Dockerfile");
     for (kind, name) in [("Deployment", "outbox-relay"), ("Job", "outbox-relay-migrate")] {
         let pod = &find(&docs, kind, name)["spec"]["template"]["spec"];
