@@ -110,6 +110,9 @@ impl DispatchActor {
                 .redis_wait_shortfall
                 .inc_by(u64::from(batch.wait_shortfalls));
         }
+        for (code, n) in &batch.refused {
+            self.metrics.redis_refused_entries.with_label_values(&[code]).inc_by(*n);
+        }
         if batch.unreachable > 0 {
             self.metrics.redis_unreachable_entries.inc_by(batch.unreachable as u64);
         }

@@ -4,9 +4,14 @@
 //! the others were applied; `ignore_errors()` gives one reply per command
 //! instead, which is exactly what per-row settlement needs (SPEC §3, incident
 //! 1). Errors are sorted into three kinds:
-//! - the row's fault (`WRONGTYPE`, …): [`EntryOutcome::Rejected`], an attempt counts;
-//! - Redis-wide trouble reported per command (`OOM`, `READONLY`, `LOADING`, …):
-//!   [`EntryOutcome::Deferred`], re-sent later without counting an attempt;
+//! - about the entry itself (`WRONGTYPE` on its key, the only one):
+//!   [`EntryOutcome::Rejected`], an attempt counts;
+//! - every other reply error (server state `OOM`, `READONLY`, `LOADING`, …;
+//!   an unknown or renamed command; an ACL refusal `NOPERM`; a proxy's or a
+//!   module's `ERR`; a code nobody has seen yet): [`EntryOutcome::Deferred`],
+//!   re-sent later without counting an attempt, counted by code. A
+//!   misconfigured Redis must never be able to dead-letter the outbox
+//!   (SPEC §3), so an error is the entry's fault only when we know it is;
 //! - no usable reply at all (refused, pool timeout, broken connection):
 //!   [`DispatchError::Unavailable`], nothing is counted against any row.
 //!
@@ -30,8 +35,15 @@ pub enum DispatchError {
     Deadline(#[from] Expired),
 }
 
-/// Error codes that describe the server's state, not the entry.
-const TRANSIENT_CODES: &[&str] = &[
+/// Error codes that are about the entry itself: retrying the same entry
+/// against the same key cannot help, so they count an attempt.
+const ENTRY_CODES: &[&str] = &["WRONGTYPE"];
+
+/// Codes reported under their own name in
+/// `outbox_relay_redis_refused_entries_total{code}`; any other is `other`,
+/// so a server (or proxy) inventing codes cannot grow the label set.
+const KNOWN_CODES: &[&str] = &[
+    "ERR",
     "LOADING",
     "BUSY",
     "MASTERDOWN",
@@ -45,7 +57,18 @@ const TRANSIENT_CODES: &[&str] = &[
     "MISCONF",
     "NOAUTH",
     "NOPERM",
+    "EXECABORT",
+    "CROSSSLOT",
 ];
+
+/// The metric label of a refusal's code.
+pub fn refusal_label(err: &ServerError) -> &'static str {
+    KNOWN_CODES
+        .iter()
+        .find(|c| **c == err.code())
+        .copied()
+        .unwrap_or("other")
+}
 
 fn describe(err: &ServerError) -> String {
     match err.details() {
@@ -57,10 +80,10 @@ fn describe(err: &ServerError) -> String {
 /// Sort one server error into the row's fault or Redis's.
 pub fn classify(err: &ServerError) -> EntryOutcome {
     let text = describe(err);
-    if TRANSIENT_CODES.contains(&err.code()) {
-        EntryOutcome::Deferred(text)
-    } else {
+    if ENTRY_CODES.contains(&err.code()) {
         EntryOutcome::Rejected(text)
+    } else {
+        EntryOutcome::Deferred(text)
     }
 }
 
@@ -123,6 +146,8 @@ pub struct BatchOutcome {
     /// Cluster: entries whose node did not answer (down, failing over).
     pub unreachable: usize,
     pub unreachable_reason: Option<String>,
+    /// Entries Redis refused for a reason that is not theirs, by code label.
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Send all `entries` and report each entry's outcome, in order.
@@ -423,6 +448,9 @@ fn apply_replies(
     for (&g, reply) in members.iter().zip(replies) {
         if let Value::ServerError(err) = reply {
             let outcome = classify(err);
+            if matches!(outcome, EntryOutcome::Deferred(_)) {
+                *batch.refused.entry(refusal_label(err)).or_default() += groups[g].1.len() as u64;
+            }
             for &i in &groups[g].1 {
                 batch.outcomes[i] = outcome.clone();
             }
@@ -577,17 +605,23 @@ mod tests {
     }
 
     #[test]
-    fn server_wide_conditions_are_deferred() {
-        for wire in [
-            "-OOM command not allowed when used memory > 'maxmemory'.\r\n",
-            "-READONLY You can't write against a read only replica.\r\n",
-            "-LOADING Redis is loading the dataset in memory\r\n",
-            "-MASTERDOWN Link with MASTER is down\r\n",
+    fn every_other_error_is_deferred_and_labelled_boundedly() {
+        for (wire, label) in [
+            ("-OOM command not allowed when used memory > 'maxmemory'.\r\n", "OOM"),
+            ("-READONLY You can't write against a read only replica.\r\n", "READONLY"),
+            ("-LOADING Redis is loading the dataset in memory\r\n", "LOADING"),
+            ("-MASTERDOWN Link with MASTER is down\r\n", "MASTERDOWN"),
+            ("-ERR unknown command 'ZADD', with args beginning with: \r\n", "ERR"),
+            (
+                "-NOPERM User relay has no permissions to run the 'zadd' command\r\n",
+                "NOPERM",
+            ),
+            ("-ERR proxy refused\r\n", "ERR"),
+            ("-WEIRDNEWCODE something a module says\r\n", "other"),
         ] {
-            assert!(
-                matches!(classify(&server_error(wire)), EntryOutcome::Deferred(_)),
-                "{wire}"
-            );
+            let e = server_error(wire);
+            assert!(matches!(classify(&e), EntryOutcome::Deferred(_)), "{wire}");
+            assert_eq!(refusal_label(&e), label, "{wire}");
         }
     }
 }

@@ -88,6 +88,7 @@ pub struct Metrics {
     pub pool_gets_timed_out: IntCounterVec,
     pub redis_wait_shortfall: IntCounter,
     pub redis_unreachable_entries: IntCounter,
+    pub redis_refused_entries: IntCounterVec,
     /// Last values folded into the counters above (health and pool
     /// statistics are cumulative; counters move by the difference).
     seen: Arc<Mutex<HashMap<String, u64>>>,
@@ -204,6 +205,11 @@ impl Metrics {
             redis_unreachable_entries: counter(
                 "outbox_relay_redis_unreachable_entries_total",
                 "Cluster: entries re-sent later because the node owning their slot did not answer.",
+            )?,
+            redis_refused_entries: counter_vec(
+                "outbox_relay_redis_refused_entries_total",
+                "Entries Redis refused for a reason that is not the entry's (server state, unknown or renamed command, ACL, a proxy's error), by error code; re-sent later without counting an attempt.",
+                "code",
             )?,
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,

@@ -248,6 +248,9 @@ pub struct RedisServer {
     replica_of: Option<u16>,
     /// A TLS port beside the plain one (certificate from [`server_cert`]).
     pub tls_port: Option<u16>,
+    /// More `redis-server` arguments (e.g. `--rename-command`), applied at
+    /// every (re)start: change them, `stop`, `resume`.
+    pub extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -269,6 +272,7 @@ impl RedisServer {
             durable,
             replica_of,
             tls_port,
+            extra_args: Vec::new(),
         };
         s.resume().await;
         s
@@ -291,6 +295,15 @@ impl RedisServer {
 
     pub async fn start() -> RedisServer {
         Self::launch(false, None).await
+    }
+
+    /// A server started with more arguments (see [`RedisServer::extra_args`]).
+    pub async fn start_with_args(args: &[&str]) -> RedisServer {
+        let mut s = Self::launch(false, None).await;
+        s.stop();
+        s.extra_args = args.iter().map(|a| a.to_string()).collect();
+        s.resume().await;
+        s
     }
 
     /// A replica of the server at `primary` (`--replicaof`); `resume`
@@ -333,6 +346,7 @@ impl RedisServer {
                 .arg("--tls-ca-cert-file")
                 .arg(self.dir.join("ca.crt"));
         }
+        cmd.args(&self.extra_args);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
