@@ -50,10 +50,6 @@ fn promtool(text: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), all)
 }
 
-/// The one lint finding we accept: the spec fixes this metric's name
-/// (SPEC §4), and promtool dislikes the word "counter" in it.
-const ACCEPTED_LINT: &str = "outbox_relay_counter_sync_skew metric name should not include type 'counter'";
-
 #[tokio::test]
 async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
     let db = TestDb::new().await;
@@ -111,7 +107,7 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         |t| {
             metric_value(t, "outbox_relay_backlog_rows", &[]) == Some(0.0)
                 && metric_value(t, "outbox_relay_dead_letter_rows", &[]) == Some(300.0)
-                && metric_value(t, "outbox_relay_counter_sync_skew_count", &[]).is_some_and(|c| c >= 1.0)
+                && metric_value(t, "outbox_relay_running_tasks_skew_count", &[]).is_some_and(|c| c >= 1.0)
         },
     )
     .await;
@@ -144,14 +140,10 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         );
     }
 
-    // The real promtool: no parse error, no lint finding but the accepted one.
+    // The real promtool: no parse error and no lint finding at all.
     let (code, out) = promtool(&text);
-    assert!(code == 0 || code == 3, "promtool exit {code}: {out}");
-    let findings: Vec<&str> = out
-        .lines()
-        .filter(|l| !l.trim().is_empty() && *l != ACCEPTED_LINT)
-        .collect();
-    assert!(findings.is_empty(), "promtool findings: {findings:#?}");
+    assert_eq!(code, 0, "promtool exit {code}: {out}");
+    assert!(out.trim().is_empty(), "promtool findings: {out}");
 
     // Every metric the dashboard queries is exported.
     let mut exported: BTreeSet<String> = BTreeSet::new();
@@ -195,7 +187,7 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         "outbox_relay_redis_ping_seconds",
         "outbox_relay_actor_healthy",
         "outbox_relay_actor_restarts_total",
-        "outbox_relay_counter_sync_skew_bucket",
+        "outbox_relay_running_tasks_skew_bucket",
     ] {
         assert!(referenced.contains(required), "the dashboard should show {required}");
     }

@@ -183,7 +183,7 @@ pub fn start(
         error_budget: budget,
     };
     let (csh, css, cs_log) = (healths.counter_sync.clone(), supervision.clone(), log.clone());
-    let skew = metrics.counter_sync_skew.clone();
+    let skew = metrics.running_tasks_skew.clone();
     let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
     let counter_sync =
         Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log));

@@ -78,7 +78,7 @@ pub struct Metrics {
     pub dead_letter_rows: ProbeGauge,
     pub redis_up: IntGauge,
     pub redis_ping_seconds: ProbeGauge,
-    pub counter_sync_skew: Histogram,
+    pub running_tasks_skew: Histogram,
     pub actor_restarts: IntCounterVec,
     pub actor_healthy: IntGaugeVec,
     pub deadline_exceeded: IntCounterVec,
@@ -158,8 +158,8 @@ impl Metrics {
                 "outbox_relay_redis_ping_seconds",
                 "Round trip of the last Redis ping (absent while Redis does not answer).",
             )?,
-            counter_sync_skew: histogram(
-                "outbox_relay_counter_sync_skew",
+            running_tasks_skew: histogram(
+                "outbox_relay_running_tasks_skew",
                 "Per job and sync, |running count in Redis - previous jobs.running_tasks|.",
                 SKEW_BUCKETS,
             )?,
