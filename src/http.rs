@@ -3,9 +3,12 @@
 //!
 //! - `/healthz`: 200 when every actor is `healthy`, 503 otherwise; the body
 //!   is JSON with each actor's health facts (the same as the health lines).
-//! - `/readyz`: 200 once the relay can do its job: the schema was found at
-//!   start-up (the relay does not start otherwise) and both pools have
-//!   connected at least once; 503 before.
+//! - `/readyz`: 200 while the relay can do its job: the schema was found at
+//!   start-up (the relay does not start otherwise), and every actor that
+//!   talks to a service has reached it and is `healthy` now; 503 before
+//!   that and while Postgres or Redis is down or stalled (`waiting_for`
+//!   names the actors that have not connected yet, `unhealthy` those that
+//!   have but are failing now).
 //! - `/metrics`: the Prometheus text exposition format (health gauges are
 //!   refreshed at scrape time).
 //!
@@ -50,13 +53,16 @@ async fn healthz(health: web::Data<Healths>) -> HttpResponse {
 }
 
 async fn readyz(health: web::Data<Healths>) -> HttpResponse {
-    let waiting: Vec<&'static str> = health
+    let serving: Vec<&ActorHealth> = health.iter().filter(|h| h.needs_connection()).map(|h| &**h).collect();
+    let waiting: Vec<&'static str> = serving.iter().filter(|h| !h.connected()).map(|h| h.name).collect();
+    let unhealthy: Vec<&'static str> = serving
         .iter()
-        .filter(|h| h.needs_connection() && !h.connected())
+        .filter(|h| h.connected() && h.snapshot().status != Status::Healthy)
         .map(|h| h.name)
         .collect();
-    let body = serde_json::json!({ "ready": waiting.is_empty(), "waiting_for": waiting });
-    if waiting.is_empty() {
+    let ready = waiting.is_empty() && unhealthy.is_empty();
+    let body = serde_json::json!({ "ready": ready, "waiting_for": waiting, "unhealthy": unhealthy });
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -165,25 +165,33 @@ async fn a_stalled_redis_abandons_ticks_at_the_deadline_without_charging_rows() 
 }
 
 #[tokio::test]
-async fn a_dependency_that_stays_dead_makes_the_process_exit_naming_the_actor() {
+async fn a_dependency_that_stays_dead_leaves_the_process_running_degraded_and_unready() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    // A tiny intensity and error budget: before, the Postgres outage below
+    // made the process exit within seconds ("restart intensity exceeded").
     let env = relay_env(
         &db,
-        &shared_redis_url(),
+        &redis_url,
         &prefix,
         &[
-            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "300ms"),
             ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "2"),
             ("OUTBOX_RELAY_SUPERVISOR__RESTART_WINDOW", "60s"),
             ("OUTBOX_RELAY_SUPERVISOR__ERROR_BUDGET", "2"),
             ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_MAX", "500ms"),
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
         ],
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
+    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
+        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
 
-    // "Postgres stopped for good", for this relay only: its database stops
+    // "Postgres stopped", for this relay only: its database stops
     // accepting connections and its sessions are cut.
     let admin = pg_connect(&admin_url()).await;
     admin
@@ -198,21 +206,72 @@ async fn a_dependency_that_stays_dead_makes_the_process_exit_naming_the_actor() 
         .await
         .expect("terminate backends");
 
+    wait_until(
+        "more restarts than max_restarts, all for the dependency",
+        Duration::from_secs(60),
+        || {
+            assert!(relay.is_running(), "the process exited: {:#?}", relay.lines());
+            let restarts = relay
+                .records("actor failed; restarting it")
+                .iter()
+                .filter(|r| r["cause"] == "dependency")
+                .count();
+            async move { restarts > 4 }
+        },
+    )
+    .await;
+    assert!(relay.records("restart intensity exceeded").is_empty());
+    let (code, body) = relay.http_get("/readyz").await.expect("/readyz answers");
+    assert_eq!(code, 503, "not ready while Postgres is down: {body}");
+    let (code, _) = relay.http_get("/healthz").await.expect("/healthz answers");
+    assert_eq!(code, 503);
+
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name))
+        .await
+        .expect("allow connections again");
+    wait_until("/readyz is 200 again", Duration::from_secs(60), || async {
+        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    seed(&db, 500, 5).await;
+    let expected = expected_members(&db).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn own_faults_past_the_restart_intensity_make_the_process_exit_naming_the_actor() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            // A tick handler that panics every time: the relay's own fault.
+            ("OUTBOX_FAULT_INJECT", "sweep.tick:1000000"),
+            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "2"),
+            ("OUTBOX_RELAY_SUPERVISOR__RESTART_WINDOW", "60s"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(1), "non-zero exit; log {:#?}", relay.lines());
     let gave_up = relay.records("restart intensity exceeded");
     assert_eq!(gave_up.len(), 1, "{:#?}", relay.lines());
     assert_eq!(gave_up[0]["actor"], "SweepActor");
     assert_eq!(gave_up[0]["level"], "error");
-    assert!(gave_up[0]["last_error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(gave_up[0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("injected fault")));
     assert!(relay
         .lines()
         .iter()
         .any(|l| l.starts_with("outbox-relay: error: SweepActor kept failing")));
-    admin
-        .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name))
-        .await
-        .expect("allow connections again");
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
 use uuid::Uuid;
 
-use super::lifecycle::{every, fail, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{every, fail_dependency, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
@@ -236,7 +236,7 @@ impl CounterSyncActor {
                 // Redis refusing connections: degraded, not failed (see DispatchActor).
                 let redis_down = matches!(e, SyncError::Redis(DispatchError::Unavailable(_)));
                 if !redis_down && self.core.budget_spent(streak) {
-                    fail(self, ctx, format!("{streak} consecutive failed syncs, last: {e}"));
+                    fail_dependency(self, ctx, format!("{streak} consecutive failed syncs, last: {e}"));
                 }
             }
         }

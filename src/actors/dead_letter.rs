@@ -25,7 +25,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
-use super::lifecycle::{every, fail, guarded, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{every, fail_dependency, guarded, run_contained, Core, Lifecycle, Mode};
 use super::supervisor::Supervision;
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
 use crate::db::{self, pg_error_text, CheckoutError, Pg};
@@ -145,7 +145,7 @@ impl DeadLetterActor {
                 warn!(self.core.log, "dead-letter retention purge failed; it runs again next interval";
                     "error" => %e, "consecutive_failures" => streak);
                 if self.core.budget_spent(streak) {
-                    fail(self, ctx, format!("{streak} consecutive failed purges, last: {e}"));
+                    fail_dependency(self, ctx, format!("{streak} consecutive failed purges, last: {e}"));
                 }
             }
         }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
-use super::lifecycle::{contain, fail, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{contain, fail, fail_dependency, run_contained, Core, Lifecycle, Mode};
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
@@ -96,7 +96,7 @@ impl DispatchActor {
                 // (the spec wants outages ridden out). A Redis that stalls
                 // past deadlines does count: fresh connections can help.
                 if stalled && self.core.budget_spent(streak) {
-                    fail(self, ctx, format!("{streak} consecutive failures, last: {e}"));
+                    fail_dependency(self, ctx, format!("{streak} consecutive failures, last: {e}"));
                 }
             }
         }

@@ -19,8 +19,10 @@
 //!    show). [`Core::failed`] returns the failure streak; each actor decides
 //!    which failures count toward `supervisor.error_budget`
 //!    ([`Core::budget_spent`]).
-//! 4. **Fail.** [`fail`] asks the supervision for a restart delay (or makes
-//!    the process give up, see [`super::supervisor`]) and stops the
+//! 4. **Fail.** [`fail`] (the relay's own fault: a panic) or
+//!    [`fail_dependency`] (Postgres or Redis kept failing the work) asks the
+//!    supervision for a restart delay (only own faults can make the
+//!    process give up, see [`super::supervisor`]) and stops the
 //!    context; actix's `Supervisor` then calls `restarting` (the actor's
 //!    [`Lifecycle::reset`]: drop pools, timers, cursors; in-flight futures
 //!    are dropped by actix, so an open transaction rolls back) and
@@ -39,7 +41,7 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use slog::{debug, Logger};
 
-use super::supervisor::Supervision;
+use super::supervisor::{Cause, Supervision};
 use crate::deadline::Deadline;
 use crate::telemetry::health::ActorHealth;
 
@@ -153,15 +155,27 @@ fn begin<A: Lifecycle>(act: &mut A, ctx: &mut Context<A>) {
     }
 }
 
-/// Give up on this incarnation: the supervision decides the restart delay
-/// (or that the process exits), and stopping the context makes actix
-/// restart the actor.
+/// Give up on this incarnation for a fault of the relay's own (a panic, an
+/// actor that cannot start): the supervision decides the restart delay (or
+/// that the process exits), and stopping the context makes actix restart
+/// the actor.
 pub fn fail<A: Lifecycle>(act: &mut A, ctx: &mut Context<A>, error: String) {
+    fail_with(act, ctx, error, Cause::Own);
+}
+
+/// Restart with fresh connections because a dependency keeps failing the
+/// actor's work (error budget spent, connection lost). Backs off like any
+/// restart, but never counts toward the restart intensity.
+pub fn fail_dependency<A: Lifecycle>(act: &mut A, ctx: &mut Context<A>, error: String) {
+    fail_with(act, ctx, error, Cause::Dependency);
+}
+
+fn fail_with<A: Lifecycle>(act: &mut A, ctx: &mut Context<A>, error: String, cause: Cause) {
     if act.shutting_down() {
         return;
     }
     let core = act.core();
-    core.restart_delay = core.supervision.actor_failed(&core.health, &error);
+    core.restart_delay = core.supervision.actor_failed(&core.health, &error, cause);
     ctx.stop();
 }
 

@@ -41,6 +41,20 @@ impl From<&SupervisorConfig> for RestartPolicy {
     }
 }
 
+/// Whose fault a failure is. Only the relay's own faults count toward the
+/// restart intensity: a dependency that is down, refusing or stalled makes
+/// actors restart (fresh connections can help) and stay `degraded`, but it
+/// must never make the process exit, since a crash loop would only add the
+/// container runtime's back-off to the recovery (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A panic, an actor that cannot start: the relay's own fault.
+    Own,
+    /// Postgres or Redis failing the actor's work (error budget spent,
+    /// connection lost): restart with backoff, never give up.
+    Dependency,
+}
+
 /// What to do with an actor that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -50,34 +64,38 @@ pub enum Decision {
     GiveUp { restarts_in_window: usize },
 }
 
-/// Recent restarts, oldest first (pure logic; time is passed in).
+/// Recent restarts, oldest first, with their cause (pure logic; time is
+/// passed in).
 #[derive(Debug, Default)]
 pub struct RestartLog {
-    recent: VecDeque<(Instant, &'static str)>,
+    recent: VecDeque<(Instant, &'static str, Cause)>,
 }
 
 impl RestartLog {
-    pub fn decide(&mut self, policy: &RestartPolicy, actor: &'static str, now: Instant) -> Decision {
-        while let Some((t, _)) = self.recent.front() {
+    /// Every restart in the window makes the actor's next one wait longer;
+    /// only [`Cause::Own`] restarts count toward `max_restarts`.
+    pub fn decide(&mut self, policy: &RestartPolicy, actor: &'static str, cause: Cause, now: Instant) -> Decision {
+        while let Some((t, _, _)) = self.recent.front() {
             if now.saturating_duration_since(*t) > policy.window {
                 self.recent.pop_front();
             } else {
                 break;
             }
         }
-        if self.recent.len() >= policy.max_restarts as usize {
+        let own = self.recent.iter().filter(|(_, _, c)| *c == Cause::Own).count();
+        if cause == Cause::Own && own >= policy.max_restarts as usize {
             return Decision::GiveUp {
-                restarts_in_window: self.recent.len(),
+                restarts_in_window: own,
             };
         }
-        let previous = self.recent.iter().filter(|(_, a)| *a == actor).count() as u32;
+        let previous = self.recent.iter().filter(|(_, a, _)| *a == actor).count() as u32;
         let factor = 1u32.checked_shl(previous.min(31)).unwrap_or(u32::MAX);
         let after = policy
             .backoff_base
             .checked_mul(factor)
             .unwrap_or(policy.backoff_max)
             .min(policy.backoff_max);
-        self.recent.push_back((now, actor));
+        self.recent.push_back((now, actor, cause));
         Decision::Restart { after }
     }
 }
@@ -122,9 +140,9 @@ impl Supervision {
     /// An actor failed with `error`. Returns the restart delay, or `None`
     /// when the restart intensity is exceeded (the process will exit).
     /// The caller then stops its context so actix restarts it.
-    pub fn actor_failed(&self, health: &ActorHealth, error: &str) -> Option<Duration> {
+    pub fn actor_failed(&self, health: &ActorHealth, error: &str, cause: Cause) -> Option<Duration> {
         let decision = match self.restarts.lock() {
-            Ok(mut log) => log.decide(&self.policy, health.name, Instant::now()),
+            Ok(mut log) => log.decide(&self.policy, health.name, cause, Instant::now()),
             Err(_) => Decision::GiveUp { restarts_in_window: 0 },
         };
         match decision {
@@ -132,6 +150,7 @@ impl Supervision {
                 health.set_restarting();
                 warn!(self.log, "actor failed; restarting it with fresh state";
                     "actor" => health.name, "error" => error,
+                    "cause" => match cause { Cause::Own => "own", Cause::Dependency => "dependency" },
                     "restart_in_ms" => after.as_millis() as u64,
                     "restarts" => health.snapshot().restarts);
                 Some(after)
@@ -180,11 +199,11 @@ mod tests {
             Decision::Restart { after } => after.as_millis(),
             other => panic!("{other:?}"),
         };
-        assert_eq!(ms(log.decide(&p, "A", t0)), 500);
-        assert_eq!(ms(log.decide(&p, "A", t0)), 1000);
-        assert_eq!(ms(log.decide(&p, "B", t0)), 500, "backoff is per actor");
-        assert_eq!(ms(log.decide(&p, "A", t0)), 2000);
-        assert_eq!(ms(log.decide(&p, "A", t0)), 2000, "capped");
+        assert_eq!(ms(log.decide(&p, "A", Cause::Own, t0)), 500);
+        assert_eq!(ms(log.decide(&p, "A", Cause::Own, t0)), 1000);
+        assert_eq!(ms(log.decide(&p, "B", Cause::Own, t0)), 500, "backoff is per actor");
+        assert_eq!(ms(log.decide(&p, "A", Cause::Own, t0)), 2000);
+        assert_eq!(ms(log.decide(&p, "A", Cause::Own, t0)), 2000, "capped");
     }
 
     #[test]
@@ -192,19 +211,39 @@ mod tests {
         let mut log = RestartLog::default();
         let t0 = Instant::now();
         let p = policy();
-        assert!(matches!(log.decide(&p, "A", t0), Decision::Restart { .. }));
-        assert!(matches!(log.decide(&p, "B", t0), Decision::Restart { .. }));
+        assert!(matches!(log.decide(&p, "A", Cause::Own, t0), Decision::Restart { .. }));
+        assert!(matches!(log.decide(&p, "B", Cause::Own, t0), Decision::Restart { .. }));
         assert!(matches!(
-            log.decide(&p, "A", t0 + Duration::from_secs(1)),
+            log.decide(&p, "A", Cause::Own, t0 + Duration::from_secs(1)),
             Decision::Restart { .. }
         ));
         assert_eq!(
-            log.decide(&p, "C", t0 + Duration::from_secs(2)),
+            log.decide(&p, "C", Cause::Own, t0 + Duration::from_secs(2)),
             Decision::GiveUp { restarts_in_window: 3 }
         );
         // Once the window has moved past the old restarts, restarts are allowed again.
         assert!(matches!(
-            log.decide(&p, "A", t0 + Duration::from_secs(62)),
+            log.decide(&p, "A", Cause::Own, t0 + Duration::from_secs(62)),
+            Decision::Restart { .. }
+        ));
+    }
+
+    #[test]
+    fn dependency_restarts_back_off_but_never_give_up() {
+        let mut log = RestartLog::default();
+        let t0 = Instant::now();
+        let p = policy();
+        let mut last = Duration::ZERO;
+        for i in 0..50 {
+            match log.decide(&p, "SweepActor", Cause::Dependency, t0 + Duration::from_millis(i * 100)) {
+                Decision::Restart { after } => last = after,
+                other => panic!("a dependency outage gave up: {other:?}"),
+            }
+        }
+        assert_eq!(last, p.backoff_max, "the backoff still grows to its cap");
+        // They do not use up the budget for the relay's own faults either.
+        assert!(matches!(
+            log.decide(&p, "DispatchActor", Cause::Own, t0 + Duration::from_secs(6)),
             Decision::Restart { .. }
         ));
     }

@@ -28,7 +28,7 @@ use slog::{debug, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::lifecycle::{contain, fail, guarded, Core, Lifecycle};
+use super::lifecycle::{contain, fail, fail_dependency, guarded, Core, Lifecycle};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
@@ -517,10 +517,10 @@ impl SweepActor {
                 warn!(self.core.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
                     "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
                 if e.is_connection_lost() {
-                    return fail(self, ctx, e.to_string());
+                    return fail_dependency(self, ctx, e.to_string());
                 }
                 if self.core.budget_spent(streak) {
-                    return fail(self, ctx, format!("{streak} consecutive failed ticks, last: {e}"));
+                    return fail_dependency(self, ctx, format!("{streak} consecutive failed ticks, last: {e}"));
                 }
                 Pace::Idle
             }

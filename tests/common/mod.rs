@@ -954,6 +954,17 @@ impl PrivatePostgres {
         self.ctl(&["restart"]);
         self.wait_ready().await;
     }
+
+    /// `pg_ctl stop -m fast`: every session is cut, nothing answers on the port.
+    pub fn stop(&self) {
+        self.ctl(&["stop"]);
+    }
+
+    /// Start it again after [`PrivatePostgres::stop`].
+    pub async fn start_again(&self) {
+        self.ctl(&["start"]);
+        self.wait_ready().await;
+    }
 }
 
 impl Drop for PrivatePostgres {
