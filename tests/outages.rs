@@ -62,10 +62,7 @@ async fn a_three_minute_redis_freeze_with_default_supervision_is_ridden_out() {
         &[("OUTBOX_RELAY_LOG__LEVEL", "info")],
     ));
     relay.wait_started().await;
-    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
 
     redis.pause();
     seed(&db, 2_000, 10).await;
@@ -77,10 +74,7 @@ async fn a_three_minute_redis_freeze_with_default_supervision_is_ridden_out() {
     wait_drained(&db, Duration::from_secs(120)).await;
     assert_all_delivered(&redis.url(), &prefix, &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-    wait_until("/readyz is 200 again", Duration::from_secs(60), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     relay.stop().await;
 }
 
@@ -97,10 +91,7 @@ async fn a_two_minute_postgres_stop_with_default_supervision_is_ridden_out() {
         &[("OUTBOX_RELAY_LOG__LEVEL", "info")],
     ));
     relay.wait_started().await;
-    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
     seed(&db, 1_000, 10).await;
     let mut expected = expected_members(&db).await;
 
@@ -115,9 +106,6 @@ async fn a_two_minute_postgres_stop_with_default_supervision_is_ridden_out() {
     wait_drained(&db, Duration::from_secs(120)).await;
     assert_all_delivered(&redis_url, &prefix, &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-    wait_until("/readyz is 200 again", Duration::from_secs(60), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     relay.stop().await;
 }

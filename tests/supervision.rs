@@ -186,10 +186,7 @@ async fn a_dependency_that_stays_dead_leaves_the_process_running_degraded_and_un
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
-    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
 
     // "Postgres stopped", for this relay only: its database stops
     // accepting connections and its sessions are cut.
@@ -230,10 +227,7 @@ async fn a_dependency_that_stays_dead_leaves_the_process_running_degraded_and_un
         .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name))
         .await
         .expect("allow connections again");
-    wait_until("/readyz is 200 again", Duration::from_secs(60), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     seed(&db, 500, 5).await;
     let expected = expected_members(&db).await;
     wait_drained(&db, Duration::from_secs(60)).await;
@@ -293,10 +287,7 @@ async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
 
-    wait_until("/readyz answers 200", Duration::from_secs(30), || async {
-        relay.http_get("/readyz").await.is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
     wait_until("/healthz answers 200", Duration::from_secs(30), || async {
         relay.http_get("/healthz").await.is_some_and(|(s, _)| s == 200)
     })

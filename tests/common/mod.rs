@@ -521,6 +521,14 @@ impl RelayProcess {
         Some((status, body))
     }
 
+    /// Wait until `GET path` answers `status` (e.g. `/readyz` 200).
+    pub async fn wait_http(&self, path: &str, status: u16, timeout: Duration) {
+        wait_until(&format!("{path} answers {status}"), timeout, || async {
+            self.http_get(path).await.is_some_and(|(s, _)| s == status)
+        })
+        .await;
+    }
+
     /// Parsed `actor health` lines for `actor`, oldest first.
     pub fn health_lines(&self, actor: &str) -> Vec<serde_json::Value> {
         self.records("actor health")
