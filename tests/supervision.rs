@@ -336,3 +336,77 @@ async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
     .await;
     relay.stop().await;
 }
+
+/// A panic at a fault point in each of the five actors — in handlers, in
+/// the callback that takes an I/O result, in a timer-driven round —
+/// restarts exactly that actor, which then goes back to healthy work.
+#[tokio::test]
+async fn a_panic_in_any_actor_restarts_that_actor_and_work_goes_on() {
+    for (point, actor) in [
+        ("sweep.tick", "SweepActor"),
+        ("sweep.settled", "SweepActor"),
+        ("dispatch.batch", "DispatchActor"),
+        ("dead_letter.report", "DeadLetterActor"),
+        ("counter_sync.round", "CounterSyncActor"),
+        ("metrics.probe", "MetricsActor"),
+    ] {
+        let db = TestDb::new().await;
+        let prefix = key_prefix();
+        let redis_url = shared_redis_url();
+        seed(&db, 300, 3).await;
+        // One row that can never be encoded: it is dead-lettered, which is
+        // what reaches the DeadLetterActor.
+        db.client()
+            .await
+            .batch_execute(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 VALUES (gen_random_uuid(), gen_random_uuid(), 1, 'h', '/a|b', 1, 's', now())",
+            )
+            .await
+            .expect("poison row");
+        let env = relay_env(
+            &db,
+            &redis_url,
+            &prefix,
+            &[
+                ("OUTBOX_FAULT_INJECT", &format!("{point}:1")),
+                ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+                ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+                ("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "200ms"),
+                ("OUTBOX_RELAY_METRICS__PROBE_INTERVAL", "200ms"),
+            ],
+        );
+        let mut relay = RelayProcess::spawn(&env);
+        relay.wait_started().await;
+        wait_until(
+            &format!("{actor} restarted after the panic at {point} and is healthy"),
+            Duration::from_secs(30),
+            || async {
+                let Some((_, body)) = relay.http_get("/healthz").await else {
+                    return false;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                    return false;
+                };
+                v["actors"].as_array().is_some_and(|all| {
+                    all.iter()
+                        .any(|a| a["actor"] == actor && a["restarts"] == 1 && a["status"] == "healthy")
+                })
+            },
+        )
+        .await;
+        wait_drained(&db, Duration::from_secs(30)).await;
+        assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 1, "{point}");
+        let failures = relay.records("actor failed; restarting it");
+        assert_eq!(failures.len(), 1, "{point}: {failures:#?}");
+        assert_eq!(failures[0]["actor"], actor, "{point}");
+        assert_eq!(failures[0]["cause"], "own", "{point}");
+        assert!(
+            failures[0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("injected fault")),
+            "{point}: {failures:#?}"
+        );
+        relay.stop().await;
+    }
+}

@@ -26,7 +26,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
 use uuid::Uuid;
 
-use super::lifecycle::{every, fail_dependency, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{every, fail_dependency, fault_point, guarded, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
@@ -268,15 +268,18 @@ impl Handler<SyncCounters> for CounterSyncActor {
     type Result = ();
 
     fn handle(&mut self, msg: SyncCounters, ctx: &mut Self::Context) {
-        if self.core.expired(msg.deadline, "counter sync") {
-            return;
-        }
-        let Some((pg, redis)) = self.pools.clone() else {
-            return;
-        };
-        let key = format!("{}running", self.settings.redis.key_prefix);
-        let round = async move { sync_counters(&pg, &redis, &key, msg.deadline).await };
-        run_contained(self, ctx, "counter sync", Mode::Wait, round, Self::finish);
+        guarded(self, ctx, "counter sync handler", |act, ctx| {
+            fault_point("counter_sync.round");
+            if act.core.expired(msg.deadline, "counter sync") {
+                return;
+            }
+            let Some((pg, redis)) = act.pools.clone() else {
+                return;
+            };
+            let key = format!("{}running", act.settings.redis.key_prefix);
+            let round = async move { sync_counters(&pg, &redis, &key, msg.deadline).await };
+            run_contained(act, ctx, "counter sync", Mode::Wait, round, Self::finish);
+        });
     }
 }
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
-use super::lifecycle::{every, fail_dependency, guarded, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{every, fail_dependency, fault_point, guarded, interval, run_contained, Core, Lifecycle, Mode};
 use super::supervisor::Supervision;
 use crate::db::dead_letter::{cutoff_ms, purge_batch};
 use crate::db::{self, pg_error_text, CheckoutError, Pg};
@@ -55,6 +55,9 @@ pub struct DeadLetterSettings {
     pub database_url: String,
     pub retention: Option<Duration>,
     pub purge_interval: Duration,
+    /// Without retention: how often the actor proves it is alive
+    /// (`health.interval`).
+    pub heartbeat: Duration,
     /// Deadline of one purge round.
     pub round_timeout: Duration,
     pub error_budget: u32,
@@ -157,9 +160,13 @@ impl Lifecycle for DeadLetterActor {
         &mut self.core
     }
 
-    /// Event-driven without retention; with it, a purge every interval.
+    /// Event-driven without retention (plus a heartbeat); with it, a purge
+    /// every interval.
     fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         if self.settings.retention.is_none() {
+            // Nothing on a cadence but this: a heartbeat through the
+            // actor's own timers, so a dead or wedged actor goes stale.
+            interval(ctx, self.settings.heartbeat, |act, _| act.core.health.alive());
             return Ok(());
         }
         let pool = db::pool(&self.settings.database_url, 1, self.settings.round_timeout)
@@ -185,6 +192,7 @@ impl Handler<RowsDeadLettered> for DeadLetterActor {
         // A panic here loses only the report: the rows are already safe in
         // task_outbox_dead.
         let reported = guarded(self, ctx, "dead-letter report", |act, _| {
+            fault_point("dead_letter.report");
             let total = act.moved.fetch_add(msg.count as u64, Ordering::Relaxed) + msg.count as u64;
             warn!(act.core.log, "rows moved to the dead-letter table";
                 "count" => msg.count, "last_error" => &msg.last_error, "total_since_start" => total);
@@ -199,13 +207,15 @@ impl Handler<Purge> for DeadLetterActor {
     type Result = ();
 
     fn handle(&mut self, msg: Purge, ctx: &mut Self::Context) {
-        if self.core.expired(msg.deadline, "purge") {
-            return;
-        }
-        let (Some(pg), Some(retention)) = (self.pool.clone(), self.settings.retention) else {
-            return;
-        };
-        let round = async move { purge_expired(&pg, retention, msg.deadline).await };
-        run_contained(self, ctx, "purge", Mode::Wait, round, Self::finish_purge);
+        guarded(self, ctx, "purge handler", |act, ctx| {
+            if act.core.expired(msg.deadline, "purge") {
+                return;
+            }
+            let (Some(pg), Some(retention)) = (act.pool.clone(), act.settings.retention) else {
+                return;
+            };
+            let round = async move { purge_expired(&pg, retention, msg.deadline).await };
+            run_contained(act, ctx, "purge", Mode::Wait, round, Self::finish_purge);
+        });
     }
 }

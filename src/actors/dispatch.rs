@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use slog::{info, warn, Logger};
 
-use super::lifecycle::{contain, fail, fail_dependency, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{
+    contain, fail, fail_dependency, fault_point, guarded, interval, run_contained, Core, Lifecycle, Mode,
+};
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
@@ -171,7 +173,7 @@ impl Lifecycle for DispatchActor {
             .map_err(|e| format!("cannot build the Redis pool: {e}"))?;
         self.pool = Some(pool);
         self.last_activity = Instant::now();
-        ctx.run_interval(self.settings.ping_interval, |act, ctx| act.ping_if_idle(ctx));
+        interval(ctx, self.settings.ping_interval, |act, ctx| act.ping_if_idle(ctx));
         Ok(())
     }
 
@@ -186,18 +188,29 @@ crate::supervised_actor!(DispatchActor);
 impl Handler<DispatchBatch> for DispatchActor {
     type Result = ResponseActFuture<Self, Result<Vec<EntryOutcome>, DispatchError>>;
 
-    fn handle(&mut self, msg: DispatchBatch, _ctx: &mut Self::Context) -> Self::Result {
-        if self.core.expired(msg.deadline, "batch") {
-            return Box::pin(fut::ready(Err(DispatchError::Deadline(Expired {
-                stage: "dispatch mailbox",
-            }))));
-        }
-        let Some(redis) = self.pool.clone() else {
-            return Box::pin(fut::ready(Err(DispatchError::Unavailable(
-                "dispatch actor is restarting".into(),
-            ))));
+    fn handle(&mut self, msg: DispatchBatch, ctx: &mut Self::Context) -> Self::Result {
+        let ready = |r| -> Self::Result { Box::pin(fut::ready(r)) };
+        let start = guarded(self, ctx, "batch handler", |act, _| {
+            fault_point("dispatch.batch");
+            if act.core.expired(msg.deadline, "batch") {
+                return Err(DispatchError::Deadline(Expired {
+                    stage: "dispatch mailbox",
+                }));
+            }
+            match act.pool.clone() {
+                Some(redis) => Ok((redis, act.settings.redis.wait_replicas)),
+                None => Err(DispatchError::Unavailable("dispatch actor is restarting".into())),
+            }
+        });
+        let (redis, wait_replicas) = match start {
+            Some(Ok(go)) => go,
+            Some(Err(e)) => return ready(Err(e)),
+            None => {
+                return ready(Err(DispatchError::Unavailable(
+                    "dispatch batch handler panicked".into(),
+                )))
+            }
         };
-        let wait_replicas = self.settings.redis.wait_replicas;
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
         let work = contain(async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await });

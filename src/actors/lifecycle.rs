@@ -11,9 +11,11 @@
 //!    carrying an absolute [`Deadline`]. One that arrives after it is
 //!    dropped unexecuted and counted ([`Core::expired`]). The I/O runs in
 //!    plain async functions, on the actor's context through
-//!    [`run_contained`], so a panic inside becomes a failure of the actor.
-//!    The synchronous part of a handler goes through [`guarded`] for the
-//!    same reason.
+//!    [`run_contained`], so a panic inside (or in the callback that takes
+//!    its result) becomes a failure of the actor. The synchronous part of a
+//!    handler goes through [`guarded`], timers through [`every`], [`later`]
+//!    and [`interval`], for the same reason: actix never restarts an actor
+//!    that panicked, it only loses it.
 //! 3. **Outcome.** Successes and failures go to the actor's
 //!    [`ActorHealth`] (what health lines, `/healthz` and the health gauges
 //!    show). [`Core::failed`] returns the failure streak; each actor decides
@@ -214,7 +216,9 @@ where
     D: FnOnce(&mut A, F::Output, &mut Context<A>) + 'static,
 {
     let fut = contain(work).into_actor(act).map(move |res, act, ctx| match res {
-        Ok(out) => done(act, out, ctx),
+        Ok(out) => {
+            guarded(act, ctx, what, |act, ctx| done(act, out, ctx));
+        }
         Err(panic) => fail(act, ctx, format!("{what} {panic}")),
     });
     match mode {
@@ -236,7 +240,41 @@ where
     if now {
         ctx.notify(make(act));
     }
-    ctx.run_interval(interval, move |act, ctx| ctx.notify(make(act)));
+    ctx.run_interval(interval, move |act, ctx| {
+        guarded(act, ctx, "timer", |act, ctx| ctx.notify(make(act)));
+    });
+}
+
+/// `ctx.run_later`, with a panic in `f` failing the actor.
+pub fn later<A: Lifecycle>(
+    ctx: &mut Context<A>,
+    delay: Duration,
+    f: impl FnOnce(&mut A, &mut Context<A>) + 'static,
+) -> SpawnHandle {
+    ctx.run_later(delay, move |act, ctx| {
+        guarded(act, ctx, "timer", f);
+    })
+}
+
+/// `ctx.run_interval`, with a panic in `f` failing the actor.
+pub fn interval<A: Lifecycle>(
+    ctx: &mut Context<A>,
+    every: Duration,
+    mut f: impl FnMut(&mut A, &mut Context<A>) + 'static,
+) -> SpawnHandle {
+    ctx.run_interval(every, move |act, ctx| {
+        guarded(act, ctx, "timer", &mut f);
+    })
+}
+
+/// A test-only fault point: with the `fault-injection` feature,
+/// `OUTBOX_FAULT_INJECT=<name>:<n>` panics here the first `n` times (see
+/// `crate::fault`); without it, nothing. Every actor has one, so a test can
+/// prove each one restarts.
+#[inline]
+pub fn fault_point(_name: &str) {
+    #[cfg(feature = "fault-injection")]
+    crate::fault::maybe_panic(_name);
 }
 
 /// Text of a panic payload.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use slog::{debug, warn, Logger};
 
-use super::lifecycle::{every, run_contained, Core, Lifecycle, Mode};
+use super::lifecycle::{every, fault_point, guarded, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
@@ -188,14 +188,18 @@ impl Handler<Probe> for MetricsActor {
     type Result = ();
 
     fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
-        if self.core.expired(msg.deadline, "probe") {
-            return;
-        }
-        let Some((pg, redis)) = self.pools.clone() else { return };
-        let round = async move { probe(&pg, &redis, msg.deadline).await };
-        run_contained(self, ctx, "probe", Mode::Wait, round, |act, report, _| {
-            act.apply(report);
-            act.core.health.ok();
+        guarded(self, ctx, "probe handler", |act, ctx| {
+            if act.core.expired(msg.deadline, "probe") {
+                return;
+            }
+            let Some((pg, redis)) = act.pools.clone() else { return };
+            let round = async move { probe(&pg, &redis, msg.deadline).await };
+            run_contained(act, ctx, "probe", Mode::Wait, round, |act, report, _| {
+                // In the callback, not the handler: proves callbacks are covered.
+                fault_point("metrics.probe");
+                act.apply(report);
+                act.core.health.ok();
+            });
         });
     }
 }

@@ -28,7 +28,7 @@ use slog::{debug, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::lifecycle::{contain, fail, fail_dependency, guarded, Core, Lifecycle};
+use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, Core, Lifecycle};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
@@ -423,7 +423,7 @@ impl SweepActor {
         match pace {
             Pace::Drain if self.held_back_by_live_traffic() => {
                 // Let the fresh lane have the CPU: look again shortly.
-                ctx.run_later(LIVE_RECHECK, |act, ctx| act.schedule(ctx, Pace::Drain));
+                later(ctx, LIVE_RECHECK, |act, ctx| act.schedule(ctx, Pace::Drain));
             }
             Pace::Drain => ctx.notify(Tick {
                 deadline: Deadline::after(self.settings.tick_timeout),
@@ -432,7 +432,7 @@ impl SweepActor {
             Pace::Idle => {
                 let slot = std::rc::Rc::new(std::cell::Cell::new(None::<SpawnHandle>));
                 let me = slot.clone();
-                let timer = ctx.run_later(self.settings.interval, move |act, ctx| {
+                let timer = later(ctx, self.settings.interval, move |act, ctx| {
                     if let Some(h) = me.get() {
                         act.idle_timers.retain(|t| *t != h);
                     }
@@ -601,8 +601,7 @@ impl SweepActor {
     /// The synchronous part of the Tick handler (panics here are contained
     /// by the caller).
     fn start_tick(&mut self, msg: Tick, ctx: &mut Context<Self>) {
-        #[cfg(feature = "fault-injection")]
-        crate::fault::maybe_panic("sweep.tick");
+        fault_point("sweep.tick");
         if msg.lane == Lane::Drain {
             // This tick's claim sees every row committed before now.
             self.woken = false;
@@ -640,11 +639,12 @@ impl SweepActor {
         // while this tick runs.
         // Not `run_contained`: the lane's bookkeeping in `finish_tick` must
         // run even when the tick panicked (Stop waits for it).
-        ctx.spawn(
-            contain(tick)
-                .into_actor(self)
-                .map(move |result, act, ctx| act.finish_tick(lane, started, result, ctx)),
-        );
+        ctx.spawn(contain(tick).into_actor(self).map(move |result, act, ctx| {
+            guarded(act, ctx, "tick callback", |act, ctx| {
+                fault_point("sweep.settled");
+                act.finish_tick(lane, started, result, ctx)
+            });
+        }));
     }
 }
 
@@ -705,29 +705,31 @@ impl Handler<Wake> for SweepActor {
     type Result = ();
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Self::Context) {
-        if self.stopping || self.pool.is_none() {
-            return;
-        }
-        self.last_wake = Some(std::time::Instant::now());
-        if self.idle_timers.is_empty() {
-            // Every lane is busy (draining a backlog, say): make sure a lane
-            // ticks again after its current tick.
-            self.woken = true;
-        }
-        // The new rows go out now on the fresh lane, newest first: they wait
-        // neither behind a backlog nor behind a drain lane's claim from the
-        // start of the index (which, after a big drain and until vacuum,
-        // walks every dead entry the drain left). Idle lanes keep their
-        // cadence; a fresh tick that finds a full batch wakes one of them.
-        if self.fresh_in_flight {
-            self.fresh_again = true;
-        } else {
-            self.fresh_in_flight = true;
-            ctx.notify(Tick {
-                deadline: Deadline::after(self.settings.tick_timeout),
-                lane: Lane::Fresh,
-            });
-        }
+        guarded(self, ctx, "wake handler", |act, ctx| {
+            if act.stopping || act.pool.is_none() {
+                return;
+            }
+            act.last_wake = Some(std::time::Instant::now());
+            if act.idle_timers.is_empty() {
+                // Every lane is busy (draining a backlog, say): make sure a lane
+                // ticks again after its current tick.
+                act.woken = true;
+            }
+            // The new rows go out now on the fresh lane, newest first: they wait
+            // neither behind a backlog nor behind a drain lane's claim from the
+            // start of the index (which, after a big drain and until vacuum,
+            // walks every dead entry the drain left). Idle lanes keep their
+            // cadence; a fresh tick that finds a full batch wakes one of them.
+            if act.fresh_in_flight {
+                act.fresh_again = true;
+            } else {
+                act.fresh_in_flight = true;
+                ctx.notify(Tick {
+                    deadline: Deadline::after(act.settings.tick_timeout),
+                    lane: Lane::Fresh,
+                });
+            }
+        });
     }
 }
 

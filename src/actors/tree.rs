@@ -69,12 +69,13 @@ impl Healths {
         Healths {
             sweep: ActorHealth::new("SweepActor", cfg.sweep.interval.0 + tick, true),
             dispatch: ActorHealth::new("DispatchActor", cfg.health.interval.0.max(cfg.sweep.interval.0), true),
-            // Event-driven unless retention runs: then it must purge every interval.
+            // Event-driven unless retention runs (then it must purge every
+            // interval); without retention its heartbeat is the cadence.
             dead_letter: ActorHealth::new(
                 "DeadLetterActor",
                 match cfg.dead_letter.retention.0 {
                     Some(_) => cfg.dead_letter.purge_interval.0 + tick,
-                    None => Duration::MAX,
+                    None => cfg.health.interval.0,
                 },
                 cfg.dead_letter.retention.0.is_some(),
             ),
@@ -142,6 +143,7 @@ pub fn start(
         database_url: cfg.database.url.clone(),
         retention: cfg.dead_letter.retention.0,
         purge_interval: cfg.dead_letter.purge_interval.0,
+        heartbeat: health_interval,
         round_timeout: cfg.sweep.tick_timeout.0,
         error_budget: budget,
     };

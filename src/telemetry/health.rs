@@ -109,6 +109,14 @@ impl ActorHealth {
         }
     }
 
+    /// The actor is alive and on its cadence, with no unit of work to
+    /// report (an event-driven actor's heartbeat): keeps it from going stale.
+    pub fn alive(&self) {
+        if let Ok(mut t) = self.last_ok.lock() {
+            *t = Instant::now();
+        }
+    }
+
     /// A unit of work failed; returns the length of the failure streak.
     pub fn failed(&self, error: &str) -> u64 {
         self.failures.fetch_add(1, Ordering::Relaxed);
