@@ -133,6 +133,38 @@ async fn sslmode_require_without_server_tls_is_one_clear_error() {
     }
 }
 
+/// A CA file with `sslmode=prefer` would connect in plaintext to a server
+/// that refuses TLS (this one has none), certificate unchecked: refused by
+/// the config check, before anything connects.
+#[tokio::test]
+async fn a_ca_file_with_a_url_that_permits_plaintext_is_refused() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ca-for-config-tests.pem");
+    for mode in ["prefer", "disable"] {
+        let url = format!("{}?sslmode={mode}", db.url);
+        let env = relay_env(
+            &db,
+            &shared_redis_url(),
+            "unused:",
+            &[
+                ("OUTBOX_RELAY_DATABASE__URL", url.as_str()),
+                ("OUTBOX_RELAY_DATABASE__TLS_CA_FILE", ca),
+            ],
+        );
+        for cmd in [&["run"][..], &["check-config"][..]] {
+            let out = output_within(relay_command(cmd, &env), Duration::from_secs(60)).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+            assert_eq!(out.status.code(), Some(2), "{mode} {cmd:?}: {stderr}");
+            assert!(
+                errors.len() == 1 && errors[0].contains("database.url") && errors[0].contains("sslmode=require"),
+                "{mode} {cmd:?}: one line naming the key and the fix: {stderr}"
+            );
+        }
+    }
+}
+
 /// `check-config` against `env`: (exit code, stdout, the stderr lines that
 /// say "error").
 async fn check_config(env: &[(String, String)]) -> (Option<i32>, String, Vec<String>) {

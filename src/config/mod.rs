@@ -599,6 +599,22 @@ mod tests {
         assert_eq!(p[0].key, "database.tls_ca_file");
         assert!(p[0].message.contains("no PEM certificate"), "{p:?}");
         assert!(load("", &[]).is_ok_and(|c| c.database.tls_ca_file.is_empty()));
+        // No silent downgrade: a CA file with a URL that permits plaintext.
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ca-for-config-tests.pem");
+        let p = tls(ca, "postgres://u@h/d?sslmode=prefer");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "database.url");
+        assert!(p[0].message.contains("plaintext"), "{p:?}");
+        let p = tls(ca, "postgres://u@h/d?sslmode=disable");
+        assert!(p.len() == 1 && p[0].message.contains("plaintext"), "{p:?}");
+        assert!(load(
+            "",
+            &[
+                ("OUTBOX_RELAY_DATABASE__TLS_CA_FILE", ca),
+                ("DATABASE_URL", "postgres://u@h/d?sslmode=require")
+            ]
+        )
+        .is_ok());
         let p = problems(
             "",
             &[

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio_postgres::config::SslMode;
+
 use super::{format_duration, parse_level, Config, Problem, RedisMode};
 
 /// A Postgres URL tokio-postgres can use, or why not (naming the
@@ -45,6 +47,26 @@ impl Config {
                     "database.tls_ca_file",
                     "is set, but database.url has no sslmode: add ?sslmode=require, or the CA is never used".into(),
                 );
+            }
+            // A CA check the operator believes in must not be skippable: with
+            // `prefer`, a server (or anyone on the path) that refuses TLS gets
+            // a plaintext connection, certificate unchecked.
+            for (key, url) in [
+                ("database.url", &self.database.url),
+                ("database.listen_url", &self.database.listen_url),
+            ] {
+                let mode = tokio_postgres::Config::from_str(url).map(|c| c.get_ssl_mode());
+                let plaintext = match mode {
+                    Ok(SslMode::Prefer) => "sslmode=prefer falls back to plaintext when TLS is refused",
+                    Ok(SslMode::Disable) => "sslmode=disable is plaintext",
+                    _ => continue,
+                };
+                if crate::tls::names_sslmode(url) {
+                    bad(
+                        key,
+                        format!("{plaintext}, so database.tls_ca_file would not be enforced: use sslmode=require"),
+                    );
+                }
             }
         }
         if !(1..=1000).contains(&self.database.pool_size) {
