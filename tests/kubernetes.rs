@@ -168,8 +168,8 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
     seed(&db, 2_000, 5).await;
     let expected = expected_members(&db).await;
     wait_drained(&db, Duration::from_secs(60)).await;
-    let prefix: toml::Table = toml_text.parse().expect("ConfigMap TOML");
-    let prefix = prefix["redis"]["key_prefix"]
+    let cfg: toml::Table = toml_text.parse().expect("ConfigMap TOML");
+    let prefix = cfg["redis"]["key_prefix"]
         .as_str()
         .expect("redis.key_prefix")
         .to_string();
@@ -196,7 +196,6 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
     );
 
     // The grace period covers a tick's deadline plus the commit grace.
-    let cfg: toml::Table = toml_text.parse().expect("ConfigMap TOML");
     let tick = outbox_relay::config::parse_duration(cfg["sweep"]["tick_timeout"].as_str().expect("tick_timeout"))
         .expect("tick_timeout");
     let grace = pod["terminationGracePeriodSeconds"]

@@ -55,6 +55,15 @@ pub enum Cause {
     Dependency,
 }
 
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Own => "own",
+            Cause::Dependency => "dependency",
+        }
+    }
+}
+
 /// What to do with an actor that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -150,7 +159,7 @@ impl Supervision {
                 health.set_restarting();
                 warn!(self.log, "actor failed; restarting it with fresh state";
                     "actor" => health.name, "error" => error,
-                    "cause" => match cause { Cause::Own => "own", Cause::Dependency => "dependency" },
+                    "cause" => cause.as_str(),
                     "restart_in_ms" => after.as_millis() as u64,
                     "restarts" => health.snapshot().restarts);
                 Some(after)

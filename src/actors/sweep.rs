@@ -580,7 +580,7 @@ impl SweepActor {
             }
         } else if let Some(why) = &r.deferred_reason {
             if let Some(held) = self.warn_throttles[1].pass(now) {
-                warn!(self.core.log, "redis refused writes for a server-wide reason; rows will be re-sent after base_backoff without counting an attempt";
+                warn!(self.core.log, "redis refused writes for a reason that is not the rows'; rows will be re-sent after base_backoff without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
             }
         }
