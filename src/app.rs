@@ -129,8 +129,8 @@ async fn progress_lines(
             Some(c) => c
                 .query_typed_one("SELECT count(*) FROM task_outbox WHERE run_at <= now()", &[])
                 .await
-                .map(|r| r.get::<_, i64>(0))
-                .ok(),
+                .ok()
+                .and_then(|r| db::column::<i64>(&r, "task_outbox", 0).ok()),
             None => None,
         };
         match left {

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::db::pg_error_text;
+use crate::db::{column, pg_error_text, ColumnError};
 use crate::domain::{encode_member, schedule_key, OutboxRow};
 
 /// Where the produced rows ended up. The invariant holds when `lost`,
@@ -49,6 +49,9 @@ pub enum VerifyError {
     BadLedger(String),
     #[error("postgres: {0}")]
     Postgres(String),
+    /// A ledger column is NULL or of another type than the outbox's.
+    #[error("ledger {ledger}, column {}: {}", .error.column, .error.reason)]
+    Column { ledger: String, error: ColumnError },
     #[error("redis: {0}")]
     Redis(String),
 }
@@ -98,25 +101,30 @@ pub async fn ledger_rows(client: &Client, ledger: &str, since: Option<&Since>) -
         .query_typed(&sql, &[(&ago, Type::INT8), (&at, Type::TEXT)])
         .await
         .map_err(pg)?;
-    Ok(rows
-        .iter()
-        .map(|r| OutboxRow {
-            id: 0,
-            task_id: r.get(0),
-            job_id: r.get(1),
-            page_id: r.get(2),
-            host: r.get(3),
-            path: r.get(4),
-            priority: r.get(5),
-            retry_count: r.get(6),
-            source_type: r.get(7),
-            source_url: r.get(8),
-            task_type: r.get(9),
-            lighthouse_run_id: r.get(10),
-            attempts: 0,
-            run_at_ms: r.get(11),
+    rows.iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: 0,
+                task_id: column(r, "ledger", 0)?,
+                job_id: column(r, "ledger", 1)?,
+                page_id: column(r, "ledger", 2)?,
+                host: column(r, "ledger", 3)?,
+                path: column(r, "ledger", 4)?,
+                priority: column(r, "ledger", 5)?,
+                retry_count: column(r, "ledger", 6)?,
+                source_type: column(r, "ledger", 7)?,
+                source_url: column(r, "ledger", 8)?,
+                task_type: column(r, "ledger", 9)?,
+                lighthouse_run_id: column(r, "ledger", 10)?,
+                attempts: 0,
+                run_at_ms: column(r, "ledger", 11)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, ColumnError>>()
+        .map_err(|error| VerifyError::Column {
+            ledger: ledger.to_string(),
+            error,
+        })
 }
 
 /// Check the invariant for `produced` against Postgres and Redis.
@@ -131,15 +139,17 @@ pub async fn verify<C: ::redis::aio::ConnectionLike + Send>(
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| column(r, "task_outbox_dead", 0))
+        .collect::<Result<_, ColumnError>>()
+        .map_err(|e| VerifyError::Postgres(e.to_string()))?;
     let pending: HashMap<String, bool> = client
         .query_typed("SELECT task_id::text, run_at <= now() FROM task_outbox", &[])
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map(|r| Ok((column(r, "task_outbox", 0)?, column(r, "task_outbox", 1)?)))
+        .collect::<Result<_, ColumnError>>()
+        .map_err(|e| VerifyError::Postgres(e.to_string()))?;
 
     // Every member of every job's set, grouped by the task id it starts with.
     let jobs: HashSet<&str> = produced.iter().map(|r| r.job_id.as_str()).collect();

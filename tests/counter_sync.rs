@@ -103,3 +103,59 @@ async fn counters_follow_redis_by_the_rules() {
     assert!(relay.is_running());
     relay.stop().await;
 }
+
+/// `jobs` is the platform's table, not ours: a `running_tasks` that is
+/// NULL or `bigint` must be synced like any other, never panic the actor.
+#[tokio::test]
+async fn a_null_or_bigint_running_tasks_column_is_synced_not_a_panic() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let [a, b] = [(); 2].map(|_| Uuid::new_v4());
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE jobs ALTER COLUMN running_tasks DROP NOT NULL,
+                              ALTER COLUMN running_tasks TYPE bigint;
+             INSERT INTO jobs (id, status, running_tasks) VALUES ('{a}', 'running', 1), ('{b}', 'running', NULL);"
+        ))
+        .await
+        .expect("reshape jobs");
+    let mut conn = redis_conn(&redis_url).await;
+    let _: () = conn
+        .hset_multiple(
+            format!("{}running", &*prefix),
+            &[(a.to_string(), "5"), (b.to_string(), "3")],
+        )
+        .await
+        .expect("HSET");
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "100ms")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let value = |job: Uuid| {
+        let db = &db;
+        async move {
+            db.client()
+                .await
+                .query_one("SELECT running_tasks FROM jobs WHERE id = $1", &[&job])
+                .await
+                .expect("job row")
+                .get::<_, Option<i64>>(0)
+        }
+    };
+    wait_until("both jobs synced", Duration::from_secs(30), || async {
+        value(a).await == Some(5) && value(b).await == Some(3)
+    })
+    .await;
+    assert!(
+        relay.records("actor failed").is_empty(),
+        "counter sync must not panic or restart on the platform's column types:\n{}",
+        relay.lines().join("\n")
+    );
+    relay.stop().await;
+}

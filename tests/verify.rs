@@ -67,3 +67,25 @@ async fn verify_passes_after_a_drain_and_names_lost_and_corrupted_rows() {
     assert!(members[0].starts_with(lost[0]) || members[0].starts_with(lost[1]));
     assert_eq!(v["corrupted"].as_array().map(Vec::len), Some(1));
 }
+
+/// A ledger is the operator's table: a NULL where a member field belongs
+/// is reported with the column, as an error exit, never a panic.
+#[tokio::test]
+async fn a_ledger_with_a_null_column_is_an_error_naming_it() {
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let client = db.client().await;
+    produce(&client, &[uuid::Uuid::new_v4()], 3).await.expect("produce");
+    client
+        .batch_execute("ALTER TABLE produced ALTER COLUMN host DROP NOT NULL; UPDATE produced SET host = NULL")
+        .await
+        .expect("null host");
+    let (code, _, err) = verify_cmd(&db, &redis_url, &prefix);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: ledger produced, column host: a Postgres value was `NULL`") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -30,7 +30,7 @@ use super::lifecycle::{every, fail_dependency, fault_point, guarded, run_contain
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
-use crate::db::{jobs, pg_error_text, CheckoutError, Pg};
+use crate::db::{jobs, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
@@ -153,7 +153,7 @@ pub async fn sync_counters(
             .await
     };
     let results = match deadline.run("counter updates", work).await {
-        Ok(r) => r.map_err(|e| SyncError::Query(pg_error_text(&e)))?,
+        Ok(r) => r.map_err(|e| SyncError::Query(e.text()))?,
         Err(expired) => {
             // Stop the statement on the server too, not just our wait for it.
             let _ = cancel.cancel_query(crate::db::tls::connector()).await;
@@ -170,7 +170,7 @@ pub async fn sync_counters(
                 report.synced += 1;
                 report
                     .skews
-                    .push((job, (i64::from(count) - i64::from(prev)).unsigned_abs()));
+                    .push((job, (i64::from(count) - prev.unwrap_or(0)).unsigned_abs()));
             }
             None => report.left_alone += 1,
         }

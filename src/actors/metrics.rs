@@ -22,7 +22,7 @@ use super::lifecycle::{every, fault_point, guarded, run_contained, Core, Lifecyc
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
-use crate::db::{pg_error_text, Pg};
+use crate::db::{column, pg_error_text, Pg};
 use crate::deadline::Deadline;
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
@@ -68,7 +68,9 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             .map_err(|e| e.to_string())?
             .map_err(q)?;
         tx.commit().await.map_err(q)?;
-        Ok::<_, String>((row.get(0), row.get::<_, f64>(1).max(0.0), row.get(2)))
+        let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(|e| e.to_string());
+        let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(|e| e.to_string())?;
+        Ok::<_, String>((col(0)?.unwrap_or(0), age.unwrap_or(0.0).max(0.0), col(2)?.unwrap_or(0)))
     };
     let ping = async {
         let started = tokio::time::Instant::now();

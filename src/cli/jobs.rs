@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
-use crate::db::{self, dead_letter, pg_error_text, DbSetupError};
+use crate::db::{self, column, dead_letter, pg_error_text, DbSetupError};
 use crate::deadline::STARTUP_TIMEOUT;
 use crate::domain::schedule_key;
 use crate::redis::keys::{keys_matching, per_key};
@@ -158,9 +158,9 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
         .await
         .map_err(|e| JobsError::Status(pg_error_text(&e)))?;
     let mut st = Status {
-        backlog: row.get(0),
-        future_rows: row.get(1),
-        oldest_due_age_seconds: row.get(2),
+        backlog: column(&row, "task_outbox", 0).map_err(|e| JobsError::Status(e.to_string()))?,
+        future_rows: column(&row, "task_outbox", 1).map_err(|e| JobsError::Status(e.to_string()))?,
+        oldest_due_age_seconds: column(&row, "task_outbox", 2).map_err(|e| JobsError::Status(e.to_string()))?,
         dead_letters: dead_letter::count(&client)
             .await
             .map_err(|e| JobsError::Status(e.to_string()))?,

@@ -13,6 +13,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
+use super::{column, ColumnError};
+
 /// Which dead letters a `list` looks at (all filters combine with AND).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
@@ -72,6 +74,15 @@ pub enum DeadLetterError {
     UnknownIds(Vec<i64>),
 }
 
+impl From<ColumnError> for DeadLetterError {
+    fn from(e: ColumnError) -> Self {
+        DeadLetterError::Query(e.to_string())
+    }
+}
+
+/// The table every query here reads (named in a [`ColumnError`]).
+const TABLE: &str = "task_outbox_dead";
+
 impl From<tokio_postgres::Error> for DeadLetterError {
     fn from(e: tokio_postgres::Error) -> Self {
         DeadLetterError::Query(super::pg_error_text(&e))
@@ -110,16 +121,18 @@ pub async fn list(client: &Client, f: &Filter, limit: i64) -> Result<Vec<DeadRow
         .await?;
     Ok(rows
         .iter()
-        .map(|r| DeadRow {
-            id: r.get(0),
-            original_id: r.get(1),
-            task_id: r.get(2),
-            job_id: r.get(3),
-            attempts: r.get(4),
-            dead_lettered_at: r.get(5),
-            last_error: r.get(6),
+        .map(|r| {
+            Ok(DeadRow {
+                id: column(r, TABLE, 0)?,
+                original_id: column(r, TABLE, 1)?,
+                task_id: column(r, TABLE, 2)?,
+                job_id: column(r, TABLE, 3)?,
+                attempts: column(r, TABLE, 4)?,
+                dead_lettered_at: column(r, TABLE, 5)?,
+                last_error: column(r, TABLE, 6)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, ColumnError>>()?)
 }
 
 /// Count per distinct error over everything the filter matches, largest first.
@@ -137,19 +150,21 @@ pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, Dea
         .await?;
     Ok(rows
         .iter()
-        .map(|r| ErrorCount {
-            error: r.get(0),
-            count: r.get(1),
+        .map(|r| {
+            Ok(ErrorCount {
+                error: column(r, TABLE, 0)?,
+                count: column(r, TABLE, 1)?,
+            })
         })
-        .collect())
+        .collect::<Result<_, ColumnError>>()?)
 }
 
 /// Total dead letters.
 pub async fn count(client: &impl GenericClient) -> Result<i64, DeadLetterError> {
     Ok(client
         .query_typed_one("SELECT count(*) FROM task_outbox_dead", &[])
-        .await?
-        .get(0))
+        .await
+        .map(|r| column(&r, TABLE, 0))??)
 }
 
 /// Move the selected dead letters back into `task_outbox`, atomically.
@@ -173,8 +188,8 @@ pub async fn requeue(client: &mut Client, sel: &Selector, dry_run: bool) -> Resu
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| column(r, TABLE, 0))
+        .collect::<Result<_, ColumnError>>()?;
     if let Some(wanted) = &ids {
         let missing: Vec<i64> = wanted.iter().filter(|i| !locked.contains(i)).copied().collect();
         if !missing.is_empty() {

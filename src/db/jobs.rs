@@ -8,16 +8,18 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 use uuid::Uuid;
 
-use super::pg_error_text;
+use super::{column, pg_error_text, ColumnError, QueryError};
 
 /// Set one job's `running_tasks` to `count` if it is `running` or
-/// `pending`; returns the previous value, or `None` when the job is absent
-/// or in another state (left alone). An unchanged value is not rewritten.
+/// `pending`; returns the previous value (`Some(None)` when it was NULL), or
+/// `None` when the job is absent or in another state (left alone). An
+/// unchanged value is not rewritten; a NULL one is. The previous value is
+/// read as `int8`, so any integer column type works.
 pub async fn set_running_tasks(
     client: &impl GenericClient,
     job: Uuid,
     count: i32,
-) -> Result<Option<i32>, tokio_postgres::Error> {
+) -> Result<Option<Option<i64>>, QueryError> {
     let row = client
         .query_typed_opt(
             "WITH cur AS (
@@ -25,17 +27,18 @@ pub async fn set_running_tasks(
                   WHERE id = $1 AND status IN ('running', 'pending')
                     FOR UPDATE
              ), upd AS (
-                 UPDATE jobs j SET running_tasks = $2 FROM cur WHERE j.id = cur.id AND cur.prev <> $2
+                 UPDATE jobs j SET running_tasks = $2 FROM cur
+                  WHERE j.id = cur.id AND cur.prev IS DISTINCT FROM $2
              )
-             SELECT prev FROM cur",
+             SELECT prev::int8 AS running_tasks FROM cur",
             &[(&job, Type::UUID), (&count, Type::INT4)],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| column(&r, "jobs", 0)).transpose()?)
 }
 
 /// Jobs that are `running`/`pending` with a non-zero counter.
-pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<Uuid>, QueryError> {
     Ok(client
         .query_typed(
             "SELECT id FROM jobs WHERE running_tasks > 0 AND status IN ('running', 'pending')",
@@ -43,8 +46,8 @@ pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map(|r| column(r, "jobs", 0))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Statuses a job can be cancelled from.
@@ -58,6 +61,12 @@ pub enum CancelError {
     NotCancellable { job: Uuid, status: String },
     #[error("cancel failed: {0}")]
     Query(String),
+}
+
+impl From<ColumnError> for CancelError {
+    fn from(e: ColumnError) -> Self {
+        CancelError::Query(e.to_string())
+    }
 }
 
 impl From<tokio_postgres::Error> for CancelError {
@@ -88,7 +97,8 @@ pub async fn cancel(client: &mut Client, job: Uuid) -> Result<Cancelled, CancelE
             &[(&job, Type::UUID)],
         )
         .await?
-        .map(|r| r.get(0));
+        .map(|r| column(&r, "jobs", 0))
+        .transpose()?;
     let already = match status.as_deref() {
         None => return Err(CancelError::UnknownJob(job)),
         Some("cancelled") => true,

@@ -191,6 +191,55 @@ pub fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
         )
 }
 
+/// A column that did not hold what the relay reads from it (NULL where a
+/// value is needed, another type than expected): the tables are the
+/// producers' and the operators', so this is external data and an error
+/// naming the table and column, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{table}.{column}: {reason}")]
+pub struct ColumnError {
+    pub table: &'static str,
+    pub column: String,
+    pub reason: String,
+}
+
+/// Column `idx` of a row read from `table`, or why it cannot be read as `T`.
+pub fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    table: &'static str,
+    idx: usize,
+) -> Result<T, ColumnError> {
+    row.try_get(idx).map_err(|e| ColumnError {
+        table,
+        column: row
+            .columns()
+            .get(idx)
+            .map_or_else(|| format!("#{idx}"), |c| c.name().to_string()),
+        // tokio-postgres says "error deserializing column N"; the cause
+        // ("unexpected null", "cannot convert between …") is its source.
+        reason: std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string()),
+    })
+}
+
+/// A statement failed, or its result had a column the relay cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Pg(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Column(#[from] ColumnError),
+}
+
+impl QueryError {
+    /// One line for a log or an error message.
+    pub fn text(&self) -> String {
+        match self {
+            QueryError::Pg(e) => pg_error_text(e),
+            QueryError::Column(e) => e.to_string(),
+        }
+    }
+}
+
 /// `statement_timeout` (or a cancel) ended the statement: SQLSTATE 57014.
 pub fn is_statement_timeout(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::QUERY_CANCELED)

@@ -22,6 +22,12 @@ pub mod cluster;
 
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
+/// The binary the tests run: this build's, or `OUTBOX_RELAY_TEST_BIN` (an
+/// older build, to show that a new test fails where the behaviour is broken).
+pub fn relay_bin() -> String {
+    std::env::var("OUTBOX_RELAY_TEST_BIN").unwrap_or_else(|_| RELAY_BIN.to_string())
+}
+
 pub fn admin_url() -> String {
     std::env::var("OUTBOX_TEST_PG").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
@@ -437,7 +443,7 @@ pub fn relay_env(db: &TestDb, redis_url: &str, prefix: &str, extra: &[(&str, &st
 /// `OUTBOX_RELAY_*`, `DATABASE_URL` or `REDIS_URL` from the caller) and no
 /// config file, so only `env` decides.
 pub fn relay_command(args: &[&str], env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(RELAY_BIN);
+    let mut cmd = Command::new(relay_bin());
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
