@@ -19,7 +19,7 @@
 //! ticks make the actor fail: the supervisor restarts it, after a backoff,
 //! with a fresh pool.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -365,6 +365,8 @@ pub struct SweepActor {
     fresh_in_flight: bool,
     /// Drain-lane ticks running now.
     drain_in_flight: u32,
+    /// A [`Wake`] is in the mailbox (shared with the [`Waker`]).
+    wake_pending: Arc<AtomicBool>,
     /// When the last wake-up (new rows committed) arrived.
     last_wake: Option<std::time::Instant>,
     /// Another wake-up came while it ran: run one more after it.
@@ -384,10 +386,11 @@ impl SweepActor {
         stats: Arc<SweepStats>,
         health: Arc<ActorHealth>,
         supervision: Supervision,
-        metrics: Metrics,
+        (metrics, wake_pending): (Metrics, Arc<AtomicBool>),
         log: &Logger,
     ) -> Self {
         SweepActor {
+            wake_pending,
             core: Core::new(health, supervision, settings.error_budget, log),
             settings,
             dispatch,
@@ -679,6 +682,8 @@ impl Lifecycle for SweepActor {
         self.drain_in_flight = 0;
         self.fresh_again = false;
         self.cursor = None;
+        // A wake-up lost with the failed actor must not block the next ones.
+        self.wake_pending.store(false, Ordering::Release);
         self.in_flight.send_replace(0);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
     }
@@ -701,10 +706,43 @@ impl Handler<Tick> for SweepActor {
     }
 }
 
+/// Sends [`Wake`] to the sweep, at most one at a time: while one is in
+/// the mailbox, further wake-ups are folded into it (counted as
+/// `coalesced`). A storm of notifications therefore costs an atomic swap
+/// each, and the mailbox never holds more than one wake-up.
+#[derive(Clone)]
+pub struct Waker {
+    sweep: Recipient<Wake>,
+    pending: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+impl Waker {
+    pub fn new(sweep: Recipient<Wake>, pending: Arc<AtomicBool>, metrics: Metrics) -> Self {
+        Waker {
+            sweep,
+            pending,
+            metrics,
+        }
+    }
+
+    pub fn wake(&self) {
+        if self.pending.swap(true, Ordering::AcqRel) {
+            self.metrics.wakeups.with_label_values(&["coalesced"]).inc();
+        } else {
+            self.metrics.wakeups.with_label_values(&["sent"]).inc();
+            self.sweep.do_send(Wake);
+        }
+    }
+}
+
 impl Handler<Wake> for SweepActor {
     type Result = ();
 
     fn handle(&mut self, _msg: Wake, ctx: &mut Self::Context) {
+        // Taken: the next wake-up is sent again. Cleared before the work,
+        // so rows committed from now on wake the sweep once more.
+        self.wake_pending.store(false, Ordering::Release);
         guarded(self, ctx, "wake handler", |act, ctx| {
             if act.stopping || act.pool.is_none() {
                 return;
@@ -747,5 +785,60 @@ impl Handler<Stop> for SweepActor {
         Box::pin(async move {
             let _ = in_flight.wait_for(|n| *n == 0).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetricsConfig;
+
+    /// Stands in for the sweep: counts the wake-ups that reach its mailbox
+    /// and takes them the way the sweep does.
+    struct Sink {
+        pending: Arc<AtomicBool>,
+        seen: Arc<AtomicU64>,
+    }
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Wake> for Sink {
+        type Result = ();
+        fn handle(&mut self, _: Wake, _: &mut Context<Self>) {
+            self.pending.store(false, Ordering::Release);
+            self.seen.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_notification_storm_queues_one_wake_up_at_a_time() {
+        let pending = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicU64::new(0));
+        let sink = Sink {
+            pending: pending.clone(),
+            seen: seen.clone(),
+        }
+        .start();
+        let metrics = Metrics::new(&MetricsConfig::default()).expect("metrics");
+        let waker = Waker::new(sink.recipient(), pending, metrics.clone());
+        // The actor cannot run between these calls (same thread): without
+        // coalescing, each would be one more message in its mailbox.
+        for _ in 0..100_000 {
+            waker.wake();
+        }
+        let wakeups = |r: &str| metrics.wakeups.with_label_values(&[r]).get();
+        assert_eq!((wakeups("sent"), wakeups("coalesced")), (1, 99_999));
+        // Taken: the next notification wakes the sweep again.
+        for _ in 0..1000 {
+            if seen.load(Ordering::Relaxed) == 1 {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
+        waker.wake();
+        assert_eq!(wakeups("sent"), 2);
     }
 }

@@ -27,7 +27,7 @@ use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
 use super::metrics::{MetricsActor, MetricsSettings};
 use super::supervisor::{GiveUp, RestartPolicy, Supervision};
-use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Wake};
+use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Waker};
 use crate::config::Config;
 use crate::domain::RetryPolicy;
 use crate::telemetry::health::{ActorHealth, Status};
@@ -175,7 +175,9 @@ pub fn start(
         metrics.clone(),
         log.clone(),
     );
-    let sweep = Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, sm, &slog_));
+    let wake_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let wp = wake_pending.clone();
+    let sweep = Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, (sm, wp), &slog_));
 
     let cs_settings = CounterSyncSettings {
         database_url: cfg.database.url.clone(),
@@ -208,10 +210,10 @@ pub fn start(
     });
 
     let listener = (!cfg.database.listen_url.is_empty()).then(|| {
-        let sweep = sweep.clone();
+        let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
         actix_rt::spawn(crate::db::listen::listen(
             cfg.database.listen_url.clone(),
-            move || sweep.do_send(Wake),
+            move || waker.wake(),
             log.new(slog::o!("actor" => "SweepActor")),
         ))
     });

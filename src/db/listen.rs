@@ -4,8 +4,9 @@
 //! Migration 2 adds a statement-level trigger that sends `NOTIFY
 //! outbox_relay` on every INSERT into `task_outbox`. [`listen`] holds one
 //! direct connection (`database.listen_url`; LISTEN cannot work through
-//! pgbouncer in transaction pooling mode) and calls `wake` for each
-//! notification. Polling every `sweep.interval` stays on as the fallback:
+//! pgbouncer in transaction pooling mode) and calls `wake` when
+//! notifications arrived: a burst of them (a storm of single-row commits)
+//! is one call, so nothing here grows with the notification rate. Polling every `sweep.interval` stays on as the fallback:
 //! a lost notification or a broken listen connection only costs latency.
 
 use std::time::Duration;
@@ -44,17 +45,16 @@ async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), S
         .connect(super::tls::connector())
         .await
         .map_err(|e| pg_error_text(&e))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // At most one pending permit: notifications that arrive before `wake`
+    // ran fold into the one it is about to handle.
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = arrived.clone();
     // The connection must be polled for notifications to arrive.
-    let driver = tokio::spawn(async move {
+    let mut driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
+                Ok(AsyncMessage::Notification(_)) => notify.notify_one(),
                 Ok(_) => {}
                 Err(e) => return Err(pg_error_text(&e)),
             }
@@ -66,11 +66,15 @@ async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), S
         .await
         .map_err(|e| pg_error_text(&e))?;
     info!(log, "listening for new outbox rows"; "channel" => CHANNEL);
-    while rx.recv().await.is_some() {
-        wake();
-    }
-    match driver.await {
-        Ok(r) => r,
-        Err(e) => Err(e.to_string()),
+    loop {
+        tokio::select! {
+            ended = &mut driver => {
+                return match ended {
+                    Ok(r) => r,
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+            () = arrived.notified() => wake(),
+        }
     }
 }

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub redis_wait_shortfall: IntCounter,
     pub redis_unreachable_entries: IntCounter,
     pub redis_refused_entries: IntCounterVec,
+    pub wakeups: IntCounterVec,
     /// Last values folded into the counters above (health and pool
     /// statistics are cumulative; counters move by the difference).
     seen: Arc<Mutex<HashMap<String, u64>>>,
@@ -211,6 +212,11 @@ impl Metrics {
                 "Entries Redis refused for a reason that is not the entry's (server state, unknown or renamed command, ACL, a proxy's error), by error code; re-sent later without counting an attempt.",
                 "code",
             )?,
+            wakeups: counter_vec(
+                "outbox_relay_wakeups_total",
+                "LISTEN notifications of new outbox rows: sent (woke the sweep) or coalesced (a wake-up was already pending).",
+                "result",
+            )?,
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,
         };
@@ -219,6 +225,9 @@ impl Metrics {
         }
         for result in ["ok", "error", "deadline"] {
             m.sweep_ticks.with_label_values(&[result]);
+        }
+        for result in ["sent", "coalesced"] {
+            m.wakeups.with_label_values(&[result]);
         }
         #[cfg(target_os = "linux")]
         m.registry
