@@ -158,3 +158,88 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A tick sends the job's ZADD into a black hole (the proxy holds it, as a
+/// stalled Redis or a partitioned network would), passes its deadline and
+/// rolls back; `cancel-job` (straight to Redis) then cancels the job. When
+/// the held write finally reaches Redis, the job's cancel fence refuses it:
+/// the cancelled schedule is not recreated. Later rows of the job (a
+/// producer racing the cancel) are deleted unsent, counted as cancelled.
+#[tokio::test]
+async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    let job = Uuid::new_v4();
+    let c = db.client().await;
+    c.execute("INSERT INTO jobs (id, status) VALUES ($1, 'running')", &[&job])
+        .await
+        .expect("job");
+    proxy.hold_when(&job.to_string());
+    let rows = |n: i32| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 SELECT gen_random_uuid(), $1, i, 'h', '/x', 1, 's', now() FROM generate_series(1, $2) i",
+                &[&job, &n],
+            )
+            .await
+            .expect("rows");
+        }
+    };
+    rows(20).await;
+
+    let env = relay_env(
+        &db,
+        &proxy.url(),
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "1s")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the job's write is held in flight", Duration::from_secs(30), || async {
+        proxy.held() >= 1
+    })
+    .await;
+    wait_until("the tick gave up and rolled back", Duration::from_secs(30), || {
+        let relay = &relay;
+        async move { !relay.records("sweep tick failed").is_empty() }
+    })
+    .await;
+
+    let o = cancel(&db, &server.url(), &prefix, &job.to_string());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["outbox_rows_deleted"], 20, "the rolled-back tick's rows are deleted");
+
+    // The stuck write arrives now, after the cancel.
+    proxy.release();
+    wait_until("the held write reached Redis", Duration::from_secs(30), || async {
+        proxy.held_answered() >= 1
+    })
+    .await;
+    let key = format!("{}sched:{job}", &*prefix);
+    let mut conn = redis_conn(&server.url()).await;
+    let exists: bool = conn.exists(&key).await.expect("EXISTS");
+    assert!(!exists, "a write sent before cancel-job recreated {key}");
+
+    // A producer racing the cancel: its rows are deleted unsent.
+    rows(5).await;
+    wait_until(
+        "late rows of the cancelled job are cleared",
+        Duration::from_secs(30),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    let exists: bool = conn.exists(&key).await.expect("EXISTS");
+    assert!(!exists, "late rows recreated {key}");
+    let (_, scrape) = relay.http_get("/metrics").await.expect("scrape");
+    assert_eq!(
+        metric_value(&scrape, "outbox_relay_sweep_rows_total", &[("outcome", "cancelled")]),
+        Some(5.0)
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}

@@ -198,11 +198,15 @@ impl Handler<DispatchBatch> for DispatchActor {
                 }));
             }
             match act.pool.clone() {
-                Some(redis) => Ok((redis, act.settings.redis.wait_replicas)),
+                Some(redis) => Ok((
+                    redis,
+                    act.settings.redis.wait_replicas,
+                    act.settings.redis.key_prefix.clone(),
+                )),
                 None => Err(DispatchError::Unavailable("dispatch actor is restarting".into())),
             }
         });
-        let (redis, wait_replicas) = match start {
+        let (redis, wait_replicas, prefix) = match start {
             Some(Ok(go)) => go,
             Some(Err(e)) => return ready(Err(e)),
             None => {
@@ -213,7 +217,7 @@ impl Handler<DispatchBatch> for DispatchActor {
         };
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
-        let work = contain(async move { zadd_batch(&redis, &msg.entries, wait_replicas, msg.deadline).await });
+        let work = contain(async move { zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
             Ok(result) => {
                 act.record(result.as_ref().map(|_| ()), ctx);

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{debug, warn, Logger};
+use slog::{debug, info, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
@@ -134,6 +134,8 @@ pub struct TickReport {
     pub delivered: usize,
     pub retried: usize,
     pub dead_lettered: usize,
+    /// Rows of cancelled jobs, deleted unsent (the cancel fence stopped their ZADD).
+    pub cancelled: usize,
     pub deferred: usize,
     /// Redis gave no usable reply: no row was charged an attempt.
     pub redis_unavailable: Option<String>,
@@ -269,6 +271,7 @@ pub async fn run_tick(
                 for (k, o) in per_entry.into_iter().enumerate() {
                     outcomes[entry_rows[k]] = match o {
                         EntryOutcome::Delivered => RowOutcome::Delivered,
+                        EntryOutcome::Cancelled => RowOutcome::Cancelled,
                         EntryOutcome::Rejected(e) => RowOutcome::Failed(e),
                         EntryOutcome::Deferred(e) => {
                             report.deferred_reason = Some(e);
@@ -286,7 +289,8 @@ pub async fn run_tick(
 
     lap(&mut stage_us[1]);
     let plan = settle(&rows, outcomes, &settings.retry);
-    report.delivered = plan.delete.len();
+    report.delivered = plan.delete.len() - plan.cancelled;
+    report.cancelled = plan.cancelled;
     report.retried = plan.retry_ids.len();
     report.dead_lettered = plan.dead_ids.len();
     report.deferred = plan.deferred;
@@ -373,7 +377,7 @@ pub struct SweepActor {
     fresh_again: bool,
     /// Per-tick warnings (Redis unavailable / refusing / row retries), at
     /// most one line per [`WARN_EVERY`] each.
-    warn_throttles: [Throttle; 3],
+    warn_throttles: [Throttle; 4],
 }
 
 /// How often a warning that every tick could repeat is logged.
@@ -561,6 +565,7 @@ impl SweepActor {
         rows.with_label_values(&["retried"]).inc_by(r.retried as u64);
         rows.with_label_values(&["dead_lettered"])
             .inc_by(r.dead_lettered as u64);
+        rows.with_label_values(&["cancelled"]).inc_by(r.cancelled as u64);
         self.stats.dispatched.fetch_add(r.delivered as u64, Ordering::Relaxed);
         self.stats.retried.fetch_add(r.retried as u64, Ordering::Relaxed);
         self.stats
@@ -585,6 +590,12 @@ impl SweepActor {
             if let Some(held) = self.warn_throttles[1].pass(now) {
                 warn!(self.core.log, "redis refused writes for a reason that is not the rows'; rows will be re-sent after base_backoff without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
+            }
+        }
+        if r.cancelled > 0 {
+            if let Some(held) = self.warn_throttles[3].pass(now) {
+                info!(self.core.log, "rows of cancelled jobs deleted without being scheduled (their cancel fence is set)";
+                    "rows" => r.cancelled, "suppressed" => held);
             }
         }
         if let Some(err) = &r.last_retry_error {

@@ -1,9 +1,10 @@
 //! `outbox-relay cancel-job` and `outbox-relay status`.
 //!
 //! `cancel-job` cancels in Postgres first (one transaction: status,
-//! `completed_at`, the job's outbox rows), then removes the job's schedule
-//! key and running-counter field from Redis; see [`crate::db::jobs::cancel`]
-//! for why no concurrent sweep can leave a schedule entry behind.
+//! `completed_at`, the job's outbox rows), then sets the job's cancel fence
+//! and removes its schedule key and running-counter field from Redis; see
+//! [`crate::db::jobs::cancel`] for why no sweep, concurrent or stalled, can
+//! leave a schedule entry behind.
 //! `status` reads the backlog from Postgres and the deepest schedules from
 //! Redis; it prints what it could read even when one side is down.
 
@@ -15,7 +16,7 @@ use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
 use crate::db::{self, column, dead_letter, pg_error_text, DbSetupError};
 use crate::deadline::STARTUP_TIMEOUT;
-use crate::domain::schedule_key;
+use crate::domain::{cancel_fence_key, schedule_key};
 use crate::redis::keys::{keys_matching, per_key};
 use crate::redis::{DirectConn, RedisSetupError};
 
@@ -47,11 +48,26 @@ pub async fn cancel_job(cfg: &Config, job: Uuid, json: bool) -> Result<(), JobsE
     let mut client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     let done = jobs::cancel(&mut client, job).await?;
     let key = schedule_key(&cfg.redis.key_prefix, &job.to_string());
+    let fence = cancel_fence_key(&cfg.redis.key_prefix, &key);
     let cleanup = async {
         let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
-        let removed: i64 = conn.del(&key).await.map_err(|e| e.to_string())?;
+        // The fence first, then the schedule, in this order on one
+        // connection (both keys share a slot, so one node): a ZADD of the
+        // job that Redis runs between the two, or at any time after, finds
+        // the fence and is refused (see `redis::pipeline::FENCED_ZADD`).
+        let (_, removed): ((), i64) = ::redis::pipe()
+            .cmd("SET")
+            .arg(&fence)
+            .arg(1)
+            .arg("EX")
+            .arg(cfg.redis.cancel_fence_ttl.0.as_secs().max(1))
+            .cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
         let _: i64 = conn
             .hdel(format!("{}running", cfg.redis.key_prefix), job.to_string())
             .await

@@ -133,6 +133,11 @@ pub struct RedisConfig {
     /// `rediss://` URLs whose CA is not in the system's trust store (a
     /// private CA). Empty: the system's roots.
     pub tls_ca_file: String,
+    /// How long `cancel-job`'s fence (`{prefix}cancelled:{…}`) outlives the
+    /// cancel: a ZADD of the job that a stalled Redis executes within this
+    /// time is refused. Must exceed any stall or partition Redis can resume
+    /// from with old writes still queued.
+    pub cancel_fence_ttl: Dur,
 }
 
 /// How the relay talks to Redis.
@@ -154,6 +159,7 @@ impl Default for RedisConfig {
             mode: RedisMode::Standalone,
             cluster_urls: Vec::new(),
             tls_ca_file: String::new(),
+            cancel_fence_ttl: Dur::secs(7 * 86_400),
         }
     }
 }
@@ -491,6 +497,22 @@ mod tests {
         assert!(p.iter().any(|p| p.key == "redis.cluster_urls[1]"), "{p:?}");
         let p = problems("[redis]\nmode = \"sharded\"", &[]);
         assert!(p.iter().any(|p| p.key.contains("redis.mode")), "{p:?}");
+    }
+
+    #[test]
+    fn a_key_prefix_with_a_stray_brace_and_a_short_fence_are_refused() {
+        for ok in ["hover:", "{hover}:", "a{b}c:", ""] {
+            let c = load(&format!("[redis]\nkey_prefix = {ok:?}"), &[]);
+            assert!(c.is_ok(), "{ok:?}: {c:?}");
+        }
+        for bad in ["a{b:", "a}b:", "{}:", "{a{b}}:"] {
+            let p = problems(&format!("[redis]\nkey_prefix = {bad:?}"), &[]);
+            assert_eq!(p.len(), 1, "{bad:?}: {p:?}");
+            assert_eq!(p[0].key, "redis.key_prefix");
+        }
+        let p = problems("[redis]\ncancel_fence_ttl = \"30s\"", &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "redis.cancel_fence_ttl");
     }
 
     #[test]

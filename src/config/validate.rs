@@ -87,6 +87,21 @@ impl Config {
         if self.redis.key_prefix.chars().any(char::is_whitespace) {
             bad("redis.key_prefix", "must not contain whitespace".into());
         }
+        if !braces_balanced(&self.redis.key_prefix) {
+            bad(
+                "redis.key_prefix",
+                format!(
+                    "{:?} has a '{{' or '}}' that is not part of a {{hash tag}}: a job's cancel fence could not share its schedule's cluster slot",
+                    self.redis.key_prefix
+                ),
+            );
+        }
+        if self.redis.cancel_fence_ttl.0 < Duration::from_secs(60) {
+            bad(
+                "redis.cancel_fence_ttl",
+                "must be at least 1m (it must outlive any Redis stall)".into(),
+            );
+        }
         if self.redis.mode == RedisMode::Cluster {
             if self.redis.cluster_urls.is_empty() {
                 bad(
@@ -246,4 +261,25 @@ impl Config {
         }
         p
     }
+}
+
+/// Every `{` of `prefix` opens a non-empty `{tag}` closed within it, and no
+/// `}` stands alone: then a key's hash tag is either the prefix's (the same
+/// for every key of the relay) or comes after the prefix.
+fn braces_balanced(prefix: &str) -> bool {
+    let mut open = false;
+    let mut len = 0;
+    for c in prefix.chars() {
+        match (c, open) {
+            ('{', false) => {
+                open = true;
+                len = 0;
+            }
+            ('}', true) if len > 0 => open = false,
+            ('{' | '}', _) => return false,
+            (_, true) => len += 1,
+            _ => {}
+        }
+    }
+    !open
 }

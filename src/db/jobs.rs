@@ -87,8 +87,12 @@ pub struct Cancelled {
 ///
 /// The DELETE waits for rows a sweep has claimed (they are locked until its
 /// tick commits or rolls back), so once this returns no tick still holds a
-/// row of the job: any ZADD for it happened before, and the caller's removal
-/// of the schedule key afterwards cannot be undone by a late sweep.
+/// row of the job. That alone does not stop a late write: a tick that
+/// passed its deadline has rolled back, but its ZADD may still be queued in
+/// a stalled Redis or a black-holed network and run after the caller has
+/// removed the schedule. The caller therefore sets the job's cancel fence
+/// before removing the schedule, and every schedule write checks that fence
+/// inside Redis (`redis::pipeline::FENCED_ZADD`).
 pub async fn cancel(client: &mut Client, job: Uuid) -> Result<Cancelled, CancelError> {
     let tx = client.transaction().await?;
     let status: Option<String> = tx

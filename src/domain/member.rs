@@ -31,6 +31,65 @@ pub fn schedule_key(prefix: &str, job_id: &str) -> String {
     key
 }
 
+/// The part of `key` Redis Cluster hashes: the content of its first
+/// `{…}` when that is non-empty, else the whole key.
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its
+/// [`hash_tag`], mod 16384.
+pub fn hash_slot(key: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in hash_tag(key).as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// The cancel fence of the job whose schedule is `schedule_key`:
+/// `{prefix}cancelled:{<what the schedule key hashes by>}`. `cancel-job`
+/// writes it; every schedule write checks it in the same script, so no
+/// ZADD sent before the cancel (and executed after it) can recreate the
+/// schedule. Its hash tag puts it in the schedule key's cluster slot, which
+/// a script touching both needs (`config` refuses a prefix with unbalanced
+/// braces, which would break that).
+///
+/// A job id that makes its whole schedule key the hashed part while
+/// holding a `}` (`job}1`, `{}`) cannot be wrapped in a tag; its fence is
+/// `{prefix}cancelled:{s<n>}:{schedule key}` with the first `n` whose tag
+/// hashes to the schedule's slot (a few thousand CRCs, for such ids only).
+pub fn cancel_fence_key(prefix: &str, schedule_key: &str) -> String {
+    let tag = hash_tag(schedule_key);
+    if !tag.contains('}') {
+        let mut key = String::with_capacity(prefix.len() + 12 + tag.len());
+        key.push_str(prefix);
+        key.push_str("cancelled:{");
+        key.push_str(tag);
+        key.push('}');
+        return key;
+    }
+    let slot = hash_slot(schedule_key);
+    let n = (0u32..)
+        .find(|n| hash_slot(&format!("{{s{n}}}")) == slot)
+        .unwrap_or_default();
+    format!("{prefix}cancelled:{{s{n}}}:{schedule_key}")
+}
+
 /// Encode `row` as its schedule member.
 pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
     let text_fields: [(&'static str, &str); 5] = [

@@ -15,7 +15,7 @@ pub mod outcome;
 pub mod row;
 pub mod settle;
 
-pub use member::{encode_member, encode_rows, schedule_key, EncodeError};
+pub use member::{cancel_fence_key, encode_member, encode_rows, hash_slot, hash_tag, schedule_key, EncodeError};
 pub use outcome::{EntryOutcome, RowOutcome, ScheduleEntry};
 pub use row::OutboxRow;
 pub use settle::{settle, RetryPolicy, Settlement};

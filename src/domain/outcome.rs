@@ -20,6 +20,8 @@ pub enum EntryOutcome {
     Rejected(String),
     /// Redis refused for a reason that is not the row's fault; re-send later.
     Deferred(String),
+    /// Not written: the job was cancelled (its cancel fence is set).
+    Cancelled,
 }
 
 /// What happened to one claimed row during the tick.
@@ -40,4 +42,6 @@ pub enum RowOutcome {
     Postponed,
     /// It can never be delivered (cannot be encoded): dead-letter at once.
     Poison(String),
+    /// Its job was cancelled: the row is void, delete it unsent.
+    Cancelled,
 }

@@ -47,6 +47,8 @@ pub struct Settlement {
     pub postpone_delay_ms: i64,
     /// Rows not settled this time (left as they are, or postponed).
     pub deferred: usize,
+    /// Rows of cancelled jobs, deleted unsent (they are also in `delete`).
+    pub cancelled: usize,
     /// The last error among retried rows, for the log line.
     pub last_retry_error: Option<String>,
 }
@@ -61,6 +63,10 @@ pub fn settle(rows: &[OutboxRow], outcomes: Vec<RowOutcome>, policy: &RetryPolic
     for (row, outcome) in rows.iter().zip(outcomes) {
         match outcome {
             RowOutcome::Delivered => s.delete.push(row.id),
+            RowOutcome::Cancelled => {
+                s.delete.push(row.id);
+                s.cancelled += 1;
+            }
             RowOutcome::Deferred => s.deferred += 1,
             RowOutcome::Postponed => {
                 s.postpone_ids.push(row.id);

@@ -25,7 +25,7 @@ use ::redis::{ServerError, Value};
 
 use super::{Redis, RedisConn, RedisPool};
 use crate::deadline::{Deadline, Expired};
-use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::domain::{cancel_fence_key, EntryOutcome, ScheduleEntry};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DispatchError {
@@ -164,6 +164,7 @@ pub struct BatchOutcome {
 /// so their rows are re-sent rather than deleted.
 pub async fn zadd_batch(
     redis: &Redis,
+    prefix: &str,
     entries: &[ScheduleEntry],
     wait_replicas: u32,
     deadline: Deadline,
@@ -189,7 +190,7 @@ pub async fn zadd_batch(
     let groups = group_by_key(entries);
     let Some(cluster) = conn.cluster() else {
         let all: Vec<usize> = (0..groups.len()).collect();
-        let pipe = build_pipeline(entries, &groups, &all, wait_replicas, wait_ms);
+        let pipe = build_pipeline(prefix, entries, &groups, &all, wait_replicas, wait_ms);
         let answered = deadline.run("redis pipeline", pipe.query_async(&mut conn)).await;
         let Ok(answered) = answered else {
             // No reply before the deadline: the connection may be stuck.
@@ -211,7 +212,17 @@ pub async fn zadd_batch(
         apply_replies(&mut batch, &groups, &all, wait_replicas, &replies)?;
         return Ok(batch);
     };
-    let result = zadd_cluster(cluster, entries, &groups, wait_replicas, wait_ms, deadline, batch).await;
+    let result = zadd_cluster(
+        cluster,
+        prefix,
+        entries,
+        &groups,
+        wait_replicas,
+        wait_ms,
+        deadline,
+        batch,
+    )
+    .await;
     if matches!(result, Err(DispatchError::Deadline(_) | DispatchError::Unavailable(_))) {
         // Not one slot answered on this connection. Whether the nodes are
         // down or the connection is wedged, a new one costs little and is
@@ -239,8 +250,10 @@ pub async fn zadd_batch(
 /// connection it arrives on, so if the client reconnected to that node
 /// between the ZADDs and the WAIT, the WAIT is satisfied at once (it needs
 /// a connection loss and then the node's death within one batch).
+#[allow(clippy::too_many_arguments)]
 async fn zadd_cluster(
     cluster: ::redis::cluster_async::ClusterConnection,
+    prefix: &str,
     entries: &[ScheduleEntry],
     groups: &[(&str, Vec<usize>)],
     wait_replicas: u32,
@@ -254,7 +267,7 @@ async fn zadd_cluster(
     let durable = wait_replicas > 0;
     let slots = group_by_slot(groups);
     let sends = slots.iter().map(|members| {
-        let mut pipe = build_pipeline(entries, groups, members, 0, 0);
+        let mut pipe = build_pipeline(prefix, entries, groups, members, 0, 0);
         if durable {
             pipe.cmd("CLUSTER").arg("MYID");
         }
@@ -404,8 +417,29 @@ async fn zadd_cluster(
     Ok(batch)
 }
 
+/// One schedule write: the ZADD of all of a key's members, unless the job's
+/// cancel fence (KEYS[2], same slot) exists, which answers `-1`. Checked
+/// by Redis in the same atomic step as the write, so a ZADD sent before a
+/// `cancel-job` and executed after it (a stalled server, a black-holed
+/// network) cannot recreate the cancelled schedule. The ZADD goes in
+/// chunks (Lua's `unpack` is limited to a few thousand values); its error
+/// comes back as the script's error with its code (WRONGTYPE, OOM, …), so
+/// classification is the same as for a plain ZADD.
+pub const FENCED_ZADD: &str = "if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local added = 0
+for i = 1, #ARGV, 1000 do
+  local r = redis.pcall('ZADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  if type(r) == 'table' and r.err then return r end
+  added = added + r
+end
+return added";
+
+/// What [`FENCED_ZADD`] answers when the job is cancelled.
+const FENCED: i64 = -1;
+
 /// The pipeline for the key groups `members` (indexes into `groups`).
 fn build_pipeline(
+    prefix: &str,
     entries: &[ScheduleEntry],
     groups: &[(&str, Vec<usize>)],
     members: &[usize],
@@ -416,8 +450,8 @@ fn build_pipeline(
     pipe.ignore_errors();
     for &g in members {
         let (key, idx) = &groups[g];
-        let mut cmd = ::redis::cmd("ZADD");
-        cmd.arg(*key);
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(FENCED_ZADD).arg(2).arg(*key).arg(cancel_fence_key(prefix, key));
         for &i in idx {
             cmd.arg(entries[i].score).arg(&entries[i].member);
         }
@@ -446,7 +480,11 @@ fn apply_replies(
         )));
     }
     for (&g, reply) in members.iter().zip(replies) {
-        if let Value::ServerError(err) = reply {
+        if let Value::Int(FENCED) = reply {
+            for &i in &groups[g].1 {
+                batch.outcomes[i] = EntryOutcome::Cancelled;
+            }
+        } else if let Value::ServerError(err) = reply {
             let outcome = classify(err);
             if matches!(outcome, EntryOutcome::Deferred(_)) {
                 *batch.refused.entry(refusal_label(err)).or_default() += groups[g].1.len() as u64;
@@ -495,30 +533,8 @@ fn group_by_slot(groups: &[(&str, Vec<usize>)]) -> Vec<Vec<usize>> {
     slots
 }
 
-/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of
-/// its `{hash tag}` when it has a non-empty one, mod 16384.
-pub fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match bytes.iter().position(|&b| b == b'{') {
-        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    let mut crc: u16 = 0;
-    for &b in hashed {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
-}
+/// The Redis Cluster hash slot of `key` (see [`crate::domain::hash_slot`]).
+pub use crate::domain::hash_slot as key_slot;
 
 /// Entry indexes grouped by key, keys in order of first appearance.
 fn group_by_key(entries: &[ScheduleEntry]) -> Vec<(&str, Vec<usize>)> {
@@ -581,6 +597,25 @@ mod tests {
                 Some(::redis::cluster_routing::Slot::for_key(key)),
                 "{key}"
             );
+        }
+    }
+
+    #[test]
+    fn a_cancel_fence_shares_its_schedule_keys_slot() {
+        for prefix in ["hover:", "", "{hover}:", "a{b}c:", "x"] {
+            for job in [
+                "9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
+                "job{1}",
+                "job{",
+                "{}",
+                "job}1",
+                "j",
+            ] {
+                let sched = crate::domain::schedule_key(prefix, job);
+                let fence = cancel_fence_key(prefix, &sched);
+                assert_ne!(fence, sched);
+                assert_eq!(key_slot(&fence), key_slot(&sched), "{prefix:?} {job:?}: {fence}");
+            }
         }
     }
 

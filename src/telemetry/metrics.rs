@@ -125,7 +125,7 @@ impl Metrics {
         let m = Metrics {
             sweep_rows: counter_vec(
                 "outbox_relay_sweep_rows_total",
-                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered).",
+                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered, cancelled: a cancelled job's row deleted unsent).",
                 "outcome",
             )?,
             sweep_ticks: counter_vec(
@@ -220,7 +220,7 @@ impl Metrics {
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,
         };
-        for outcome in ["dispatched", "retried", "dead_lettered"] {
+        for outcome in ["dispatched", "retried", "dead_lettered", "cancelled"] {
             m.sweep_rows.with_label_values(&[outcome]);
         }
         for result in ["ok", "error", "deadline"] {

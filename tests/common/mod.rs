@@ -19,6 +19,7 @@ use redis::AsyncCommands;
 use tokio_postgres::NoTls;
 
 pub mod cluster;
+pub mod proxy;
 
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
