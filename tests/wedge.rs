@@ -60,3 +60,90 @@ async fn a_held_table_lock_times_ticks_out_and_the_relay_recovers() {
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     relay.stop().await;
 }
+
+/// Which of the relay's locks on task_outbox exist now: (any, any waiting).
+async fn relay_locks(watcher: &tokio_postgres::Client) -> (bool, bool) {
+    let row = watcher
+        .query_one(
+            "SELECT count(*) > 0, coalesce(bool_or(NOT l.granted), false)
+               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE a.application_name = 'outbox-relay' AND a.datname = current_database()
+                AND l.relation = 'task_outbox'::regclass
+                AND l.mode IN ('RowShareLock', 'RowExclusiveLock')",
+            &[],
+        )
+        .await
+        .expect("pg_locks");
+    (row.get(0), row.get(1))
+}
+
+/// A tick whose settle statement is blocked behind a lock the test holds
+/// (SHARE: the claim's FOR UPDATE passes, the DELETE waits), with its ZADDs
+/// slowed so the settle starts late in the tick. At the deadline the tick
+/// cancels the statement on the server, so the rows it claimed are free
+/// within deadline + 200 ms, not when a statement_timeout counted from the
+/// start of the statement (or the tick) runs out.
+#[tokio::test]
+async fn a_statement_running_at_the_deadline_is_cancelled_and_its_locks_go() {
+    const TICK: Duration = Duration::from_secs(2);
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    proxy.delay_when("sched:", Duration::from_millis(1200));
+    seed(&db, 50, 1).await;
+    let expected = expected_members(&db).await;
+
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE task_outbox IN SHARE MODE")
+        .await
+        .expect("lock");
+    let watcher = db.client().await;
+
+    let env = relay_env(
+        &db,
+        &proxy.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "2s"),
+            // After the failed tick, a long pause: the lock-free gap we measure.
+            ("OUTBOX_RELAY_SWEEP__INTERVAL", "10s"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    let mut first_seen = None;
+    let mut saw_waiting = false;
+    let released_after = loop {
+        let (any, waiting) = relay_locks(&watcher).await;
+        saw_waiting |= waiting;
+        match (any, first_seen) {
+            (true, None) => first_seen = Some(std::time::Instant::now()),
+            (false, Some(t)) => break t.elapsed(),
+            _ => {}
+        }
+        assert!(
+            first_seen.is_none_or(|t: std::time::Instant| t.elapsed() < Duration::from_secs(20)),
+            "the relay's locks were never released"
+        );
+        assert!(relay.is_running(), "the relay exited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("relay row locks released {released_after:?} after first seen");
+    assert!(saw_waiting, "the tick's settle never waited on the test's lock");
+    assert!(
+        released_after <= TICK + Duration::from_millis(200),
+        "the relay held its row locks for {released_after:?}, past the {TICK:?} deadline + 200 ms"
+    );
+
+    lock.rollback().await.expect("release lock");
+    proxy.release();
+    wait_until(
+        "outbox drains after the lock is released",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert_all_delivered(&server.url(), &prefix, &expected).await;
+    relay.stop().await;
+}

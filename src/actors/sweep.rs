@@ -201,6 +201,13 @@ impl TickError {
 }
 
 /// One tick: claim, encode, dispatch, settle, commit.
+///
+/// A tick that runs out of time may leave a statement running on the
+/// server (one blocked behind a lock, say), holding the rows it claimed
+/// until its own `statement_timeout`: the tick then cancels it through the
+/// connection's cancel token, so the locks go at the deadline, and only
+/// then hands the connection back to the pool (a cancel must not hit the
+/// next tick's statement).
 pub async fn run_tick(
     pg: &Pg,
     dispatch: &Recipient<DispatchBatch>,
@@ -214,6 +221,29 @@ pub async fn run_tick(
         CheckoutError::Deadline(e) => TickError::Deadline(e),
         CheckoutError::Pool(why) => TickError::Pool(why),
     })?;
+    let cancel = conn.cancel_token();
+    let result = tick_on(&mut conn, dispatch, settings, lane, from, deadline, claim_started).await;
+    if matches!(result, Err(TickError::Deadline(_) | TickError::CommitUnknown(_))) {
+        // The transaction was dropped (its ROLLBACK is queued behind the
+        // statement); cancel the statement itself. Bounded: a server that
+        // does not answer a cancel is not waited for.
+        let _ = tokio::time::timeout(CANCEL_WAIT, cancel.cancel_query(db::tls::connector())).await;
+    }
+    result
+}
+
+/// How long a tick past its deadline waits for its cancel request.
+const CANCEL_WAIT: Duration = Duration::from_secs(1);
+
+async fn tick_on(
+    conn: &mut tokio_postgres::Client,
+    dispatch: &Recipient<DispatchBatch>,
+    settings: &SweepSettings,
+    lane: Lane,
+    from: Option<ClaimCursor>,
+    deadline: Deadline,
+    claim_started: std::time::Instant,
+) -> Result<TickReport, TickError> {
     let tx = deadline
         .run("begin", conn.transaction())
         .await?
@@ -297,9 +327,17 @@ pub async fn run_tick(
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
 
-    // Four independent statements, pipelined on one connection.
+    // Four independent statements, pipelined on one connection, each with
+    // the time left now as its statement_timeout (not the tick's whole
+    // budget from when the claim started).
+    let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
     let settle_all = async {
         tokio::try_join!(
+            async {
+                tx.batch_execute(&reset_timeout)
+                    .await
+                    .map_err(TickError::db("set statement timeout"))
+            },
             async {
                 outbox::delete(&tx, &plan.delete)
                     .await
