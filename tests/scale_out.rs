@@ -57,7 +57,8 @@ async fn three_relays_with_two_ticks_each_settle_every_row_once() {
     assert!(report.holds(), "invariant violated: {report:#?}");
     assert_eq!(report.delivered, 100_000);
     for r in relays {
-        let problems = r.records("\"level\":\"error\"");
+        let mut problems = r.at_level("error");
+        problems.extend(r.at_level("critical"));
         assert!(problems.is_empty(), "{problems:#?}");
         r.stop().await;
     }

@@ -620,6 +620,7 @@ impl SweepActor {
         // last line that had the same news.
         let now = std::time::Instant::now();
         if let Some(why) = &r.redis_unavailable {
+            self.metrics.redis_unavailable_ticks.inc();
             if let Some(held) = self.warn_throttles[0].pass(now) {
                 warn!(self.core.log, "redis unavailable; rows left in the outbox without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub redis_unreachable_entries: IntCounter,
     pub redis_refused_entries: IntCounterVec,
     pub wakeups: IntCounterVec,
+    pub redis_unavailable_ticks: IntCounter,
     /// Last values folded into the counters above (health and pool
     /// statistics are cumulative; counters move by the difference).
     seen: Arc<Mutex<HashMap<String, u64>>>,
@@ -211,6 +212,10 @@ impl Metrics {
                 "outbox_relay_redis_refused_entries_total",
                 "Entries Redis refused for a reason that is not the entry's (server state, unknown or renamed command, ACL, a proxy's error), by error code; re-sent later without counting an attempt.",
                 "code",
+            )?,
+            redis_unavailable_ticks: counter(
+                "outbox_relay_redis_unavailable_ticks_total",
+                "Ticks whose rows found Redis unavailable as a whole (refused, pool timeout, broken connection): left in the outbox, no attempt counted.",
             )?,
             wakeups: counter_vec(
                 "outbox_relay_wakeups_total",

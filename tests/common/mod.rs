@@ -561,6 +561,15 @@ impl RelayProcess {
             .collect()
     }
 
+    /// Every JSON log record at `level` (`error`, `warn`, …), whatever its message.
+    pub fn at_level(&self, level: &str) -> Vec<serde_json::Value> {
+        self.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["level"] == level)
+            .collect()
+    }
+
     pub fn count(&self, needle: &str) -> usize {
         self.records(needle).len()
     }
