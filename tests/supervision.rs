@@ -410,3 +410,77 @@ async fn a_panic_in_any_actor_restarts_that_actor_and_work_goes_on() {
         relay.stop().await;
     }
 }
+
+/// A tick that never ends (a bug, not a dependency): the sweep shows no
+/// sign of work at all, so the watchdog calls it wedged, the sweep fails
+/// as an own fault (counted toward the restart intensity), is restarted
+/// with fresh state, and the drain finishes.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_wedged_sweep_is_restarted_as_an_own_fault_and_the_drain_finishes() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 2_000, 5).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_FAULT_WEDGE", "sweep.tick:hang"),
+            // Cadence 700 ms: wedged after 3.5 s of silence.
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
+            ("OUTBOX_RELAY_SWEEP__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let noticed = relay.records("actor wedged: no sign of work");
+    assert_eq!(noticed.len(), 1, "{noticed:#?}");
+    assert_eq!(noticed[0]["actor"], "SweepActor");
+    let failures = relay.records("actor failed; restarting it");
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert_eq!(failures[0]["actor"], "SweepActor");
+    assert_eq!(failures[0]["cause"], "own", "a wedge is the relay's own fault");
+    assert!(
+        failures[0]["error"].as_str().is_some_and(|e| e.starts_with("wedged")),
+        "{failures:#?}"
+    );
+    assert!(relay.is_running());
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    relay.stop().await;
+}
+
+/// The dispatch thread itself is stuck: the actor cannot even take the
+/// watchdog's message, so nothing in the process can restart it. The
+/// process exits non-zero, naming the actor, for the runtime to restart.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_stuck_actor_thread_makes_the_process_exit_naming_the_actor() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 100, 1).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_FAULT_WEDGE", "dispatch.batch:block"),
+            // Dispatch cadence max(health.interval, sweep.interval) + tick = 1 s.
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "300ms"),
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{}", relay.lines().join("\n"));
+    let gave_up = relay.records("actor wedged and not answering");
+    assert_eq!(gave_up.len(), 1, "{}", relay.lines().join("\n"));
+    assert_eq!(gave_up[0]["actor"], "DispatchActor");
+    assert_eq!(gave_up[0]["level"], "critical");
+}

@@ -20,7 +20,7 @@ use actix::prelude::*;
 use slog::{info, warn, Logger};
 
 use super::lifecycle::{
-    contain, fail, fail_dependency, fault_point, guarded, interval, run_contained, Core, Lifecycle, Mode,
+    contain, fail, fail_dependency, fault_point, guarded, interval, run_contained, wedge_point, Core, Lifecycle, Mode,
 };
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
@@ -192,6 +192,9 @@ impl Handler<DispatchBatch> for DispatchActor {
         let ready = |r| -> Self::Result { Box::pin(fut::ready(r)) };
         let start = guarded(self, ctx, "batch handler", |act, _| {
             fault_point("dispatch.batch");
+            // `block` sticks the dispatch thread (test-only); `hang` has no
+            // meaning here: a batch is bounded by the sweep's deadline.
+            let _ = wedge_point("dispatch.batch");
             if act.core.expired(msg.deadline, "batch") {
                 return Err(DispatchError::Deadline(Expired {
                     stage: "dispatch mailbox",

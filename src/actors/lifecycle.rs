@@ -133,6 +133,18 @@ macro_rules! supervised_actor {
                 $crate::actors::lifecycle::Lifecycle::reset(self);
             }
         }
+
+        impl ::actix::Handler<$crate::actors::lifecycle::Wedged> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, msg: $crate::actors::lifecycle::Wedged, ctx: &mut Self::Context) {
+                $crate::actors::lifecycle::fail(
+                    self,
+                    ctx,
+                    format!("wedged: no sign of work for {}ms", msg.silent_for.as_millis()),
+                );
+            }
+        }
     };
 }
 
@@ -275,6 +287,34 @@ pub fn interval<A: Lifecycle>(
 pub fn fault_point(_name: &str) {
     #[cfg(feature = "fault-injection")]
     crate::fault::maybe_panic(_name);
+}
+
+/// A test-only wedge (feature `fault-injection`, see `crate::fault::wedge`):
+/// `block` sticks the calling thread here for good; `hang` returns true,
+/// and the caller then awaits forever. Without the feature, nothing.
+#[inline]
+pub fn wedge_point(_name: &str) -> bool {
+    #[cfg(feature = "fault-injection")]
+    match crate::fault::wedge(_name) {
+        Some(crate::fault::Wedge::Block) => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        Some(crate::fault::Wedge::Hang) => return true,
+        None => {}
+    }
+    false
+}
+
+/// The watchdog found the actor wedged (no sign of work for
+/// `health::WEDGE_CADENCES` cadences): a fault of the relay's own, so the
+/// actor fails and the restart counts toward the restart intensity.
+#[derive(Debug, Clone, Copy)]
+pub struct Wedged {
+    pub silent_for: std::time::Duration,
+}
+
+impl actix::Message for Wedged {
+    type Result = ();
 }
 
 /// Text of a panic payload.

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod supervisor;
 pub mod sweep;
 pub mod tree;
+pub mod watchdog;
 
 /// One Postgres and one Redis connection, for the actors that work on a
 /// cadence (counter sync, probes) rather than on the hot path.

@@ -28,7 +28,7 @@ use slog::{debug, info, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, Core, Lifecycle};
+use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, wedge_point, Core, Lifecycle};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
@@ -687,7 +687,13 @@ impl SweepActor {
                 None
             }
         };
-        let tick = async move { run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await };
+        let tick = async move {
+            if wedge_point("sweep.tick") {
+                // A tick that never ends (test-only): the watchdog's case.
+                std::future::pending::<()>().await;
+            }
+            run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await
+        };
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.
         // Not `run_contained`: the lane's bookkeeping in `finish_tick` must

@@ -14,7 +14,7 @@
 //! Adding an actor: its file implements [`super::lifecycle::Lifecycle`];
 //! give it an [`ActorHealth`] in [`Healths`] and start it in [`start`].
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use super::dispatch::{DispatchActor, DispatchSettings};
 use super::metrics::{MetricsActor, MetricsSettings};
 use super::supervisor::{GiveUp, RestartPolicy, Supervision};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Waker};
+use super::watchdog::{self, Watched};
 use crate::config::Config;
 use crate::domain::RetryPolicy;
 use crate::telemetry::health::{ActorHealth, Status};
@@ -48,6 +49,8 @@ pub struct Relay {
     reporter: actix_rt::task::JoinHandle<()>,
     /// The LISTEN task, when `database.listen_url` is set.
     listener: Option<actix_rt::task::JoinHandle<()>>,
+    /// Set once shutdown begins: the watchdog stops (stopping actors go quiet).
+    stopping: Arc<AtomicBool>,
 }
 
 /// The health record of every actor.
@@ -68,7 +71,13 @@ impl Healths {
         let tick = cfg.sweep.tick_timeout.0;
         Healths {
             sweep: ActorHealth::new("SweepActor", cfg.sweep.interval.0 + tick, true),
-            dispatch: ActorHealth::new("DispatchActor", cfg.health.interval.0.max(cfg.sweep.interval.0), true),
+            // A ping at least every health.interval when idle; a batch may
+            // take up to a tick's deadline.
+            dispatch: ActorHealth::new(
+                "DispatchActor",
+                cfg.health.interval.0.max(cfg.sweep.interval.0) + tick,
+                true,
+            ),
             // Event-driven unless retention runs (then it must purge every
             // interval); without retention its heartbeat is the cadence.
             dead_letter: ActorHealth::new(
@@ -219,6 +228,32 @@ pub fn start(
     });
 
     let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let watched = vec![
+        Watched {
+            health: healths.sweep.clone(),
+            wedged: sweep.clone().recipient(),
+        },
+        Watched {
+            health: healths.dispatch.clone(),
+            wedged: dispatch.clone().recipient(),
+        },
+        Watched {
+            health: healths.dead_letter.clone(),
+            wedged: dead_letter.clone().recipient(),
+        },
+        Watched {
+            health: healths.counter_sync.clone(),
+            wedged: counter_sync.clone().recipient(),
+        },
+        Watched {
+            health: healths.metrics.clone(),
+            wedged: metrics_actor.clone().recipient(),
+        },
+    ];
+    if let Err(e) = watchdog::spawn(watched, stopping.clone(), log.clone()) {
+        warn!(log, "cannot start the watchdog thread; wedged actors will only show in health"; "error" => %e);
+    }
     (
         Relay {
             sweep,
@@ -232,6 +267,7 @@ pub fn start(
             dispatch_arbiter,
             reporter,
             listener,
+            stopping,
         },
         fatal,
     )
@@ -272,6 +308,7 @@ impl Relay {
     /// Let the tick in flight finish (or roll back at its deadline), then
     /// stop the dispatch arbiter; every actor ends `stopped`.
     pub async fn stop(self, log: &Logger) {
+        self.stopping.store(true, Ordering::Relaxed);
         // An error means the sweep actor is already gone: nothing in flight.
         let _ = self.sweep.send(Stop).await;
         self.dispatch_arbiter.stop();

@@ -21,6 +21,12 @@ use serde::Serialize;
 /// An actor is `degraded` after this many cadences without a success.
 pub const STALE_CADENCES: u32 = 3;
 
+/// An actor is wedged after this many cadences without any sign of work:
+/// no success, no failure, no deadline, no heartbeat. An actor whose
+/// dependency is down still fails on its cadence; one that does nothing at
+/// all is stuck in the relay's own code (see `actors::watchdog`).
+pub const WEDGE_CADENCES: u32 = 5;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -62,6 +68,8 @@ pub struct ActorHealth {
     /// Whether readiness waits for this actor to connect.
     needs_connection: bool,
     last_ok: Mutex<Instant>,
+    /// Last sign of work of any kind (success, failure, deadline, heartbeat).
+    last_activity: Mutex<Instant>,
     last_error: Mutex<Option<String>>,
 }
 
@@ -95,6 +103,7 @@ impl ActorHealth {
             deadline_exceeded: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             last_ok: Mutex::new(Instant::now()),
+            last_activity: Mutex::new(Instant::now()),
             last_error: Mutex::new(None),
         })
     }
@@ -107,6 +116,13 @@ impl ActorHealth {
         if let Ok(mut t) = self.last_ok.lock() {
             *t = Instant::now();
         }
+        self.active();
+    }
+
+    fn active(&self) {
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
     }
 
     /// The actor is alive and on its cadence, with no unit of work to
@@ -115,11 +131,13 @@ impl ActorHealth {
         if let Ok(mut t) = self.last_ok.lock() {
             *t = Instant::now();
         }
+        self.active();
     }
 
     /// A unit of work failed; returns the length of the failure streak.
     pub fn failed(&self, error: &str) -> u64 {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        self.active();
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error.to_string());
         }
@@ -129,6 +147,7 @@ impl ActorHealth {
     /// Work was abandoned or dropped because its deadline passed.
     pub fn deadline_exceeded(&self) {
         self.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+        self.active();
     }
 
     pub fn needs_connection(&self) -> bool {
@@ -150,6 +169,7 @@ impl ActorHealth {
         if let Ok(mut t) = self.last_ok.lock() {
             *t = Instant::now();
         }
+        self.active();
         self.lifecycle.store(RUNNING, Ordering::Relaxed);
     }
 
@@ -159,6 +179,26 @@ impl ActorHealth {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// How long a running actor has shown no sign of work, once that is
+    /// [`WEDGE_CADENCES`] of its cadences or more; `None` otherwise (and
+    /// while it restarts or is stopped).
+    pub fn wedged_for(&self, now: Instant) -> Option<Duration> {
+        if self.lifecycle.load(Ordering::Relaxed) != RUNNING {
+            return None;
+        }
+        let silent = self
+            .last_activity
+            .lock()
+            .map(|t| now.saturating_duration_since(*t))
+            .ok()?;
+        (silent >= self.wedge_limit()).then_some(silent)
+    }
+
+    /// The silence after which the actor counts as wedged.
+    pub fn wedge_limit(&self) -> Duration {
+        self.cadence.saturating_mul(WEDGE_CADENCES)
     }
 
     pub fn snapshot(&self) -> HealthSnapshot {
@@ -225,6 +265,23 @@ mod tests {
         assert!(h.connected());
         h.set_stopped();
         assert_eq!(h.snapshot().status, Status::Stopped);
+    }
+
+    #[test]
+    fn silence_of_five_cadences_is_a_wedge_but_failing_is_not() {
+        let h = ActorHealth::new("T", Duration::from_secs(1), true);
+        let now = Instant::now();
+        assert_eq!(h.wedged_for(now + Duration::from_millis(4900)), None);
+        assert!(h.wedged_for(now + Duration::from_millis(5100)).is_some());
+        // Failing on its cadence (a dependency is down) is a sign of work.
+        h.failed("redis down");
+        let now = Instant::now();
+        assert_eq!(h.wedged_for(now + Duration::from_millis(4900)), None);
+        // Restarting or stopped actors are not wedged, however long.
+        h.set_restarting();
+        assert_eq!(h.wedged_for(now + Duration::from_secs(60)), None);
+        h.set_stopped();
+        assert_eq!(h.wedged_for(now + Duration::from_secs(60)), None);
     }
 
     #[test]
