@@ -66,3 +66,23 @@ async fn future_rows_wait_for_their_time() {
     assert!(members.keys().all(|m| m.contains("|/due|")));
     relay.stop().await;
 }
+
+/// One job, batches of 3,000: a key's 6,000 score/member values go to
+/// Redis through the schedule script in chunks (Lua's `unpack` limit), and
+/// every one of them lands.
+#[tokio::test]
+async fn a_large_batch_for_one_job_lands_whole() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 9_000, 1).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "3000")]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 9_000);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}

@@ -417,27 +417,47 @@ async fn zadd_cluster(
     Ok(batch)
 }
 
-/// One schedule write: the ZADD of all of a key's members, unless the job's
-/// cancel fence (KEYS[2], same slot) exists, which answers `-1`. Checked
-/// by Redis in the same atomic step as the write, so a ZADD sent before a
-/// `cancel-job` and executed after it (a stalled server, a black-holed
-/// network) cannot recreate the cancelled schedule. The ZADD goes in
-/// chunks (Lua's `unpack` is limited to a few thousand values); its error
-/// comes back as the script's error with its code (WRONGTYPE, OOM, …), so
-/// classification is the same as for a plain ZADD.
-pub const FENCED_ZADD: &str = "if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-local added = 0
-for i = 1, #ARGV, 1000 do
-  local r = redis.pcall('ZADD', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
-  if type(r) == 'table' and r.err then return r end
-  added = added + r
+/// The schedule writes of one pipeline, in one script call: for each key
+/// (KEYS holds schedule key, fence key pairs; ARGV holds, per key, the
+/// number of score/member values and then those values) the ZADD of all
+/// of its members, unless the job's cancel fence exists (same slot), which
+/// answers `-1` for that key. Checked by Redis in the same atomic step as
+/// the write, so a ZADD sent before a `cancel-job` and executed after it (a
+/// stalled server, a black-holed network) cannot recreate the cancelled
+/// schedule. The answer is one element per key, in order: the ZADD's count,
+/// `-1`, or the ZADD's own error (WRONGTYPE, OOM, …, code kept), so
+/// classification is the same as for plain ZADDs. ZADDs go in chunks (Lua's
+/// `unpack` is limited to a few thousand values). One call per pipeline,
+/// not per key: a script call costs Redis several times a ZADD (measured,
+/// docs/BENCHMARKS.md).
+pub const FENCED_ZADD: &str = "local out = {}
+local a = 1
+for k = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    out[#out + 1] = -1
+  else
+    local added, failed = 0, nil
+    for i = a, a + n - 1, 1000 do
+      local r = redis.pcall('ZADD', KEYS[k], unpack(ARGV, i, math.min(i + 999, a + n - 1)))
+      if type(r) == 'table' and r.err then
+        failed = r
+        break
+      end
+      added = added + r
+    end
+    out[#out + 1] = failed or added
+  end
+  a = a + n
 end
-return added";
+return out";
 
-/// What [`FENCED_ZADD`] answers when the job is cancelled.
+/// What [`FENCED_ZADD`] answers for a key whose job is cancelled.
 const FENCED: i64 = -1;
 
-/// The pipeline for the key groups `members` (indexes into `groups`).
+/// The pipeline for the key groups `members` (indexes into `groups`): one
+/// [`FENCED_ZADD`] call for all of them, then `WAIT` if asked.
 fn build_pipeline(
     prefix: &str,
     entries: &[ScheduleEntry],
@@ -448,15 +468,20 @@ fn build_pipeline(
 ) -> ::redis::Pipeline {
     let mut pipe = ::redis::pipe();
     pipe.ignore_errors();
+    let mut cmd = ::redis::cmd("EVAL");
+    cmd.arg(FENCED_ZADD).arg(members.len() * 2);
     for &g in members {
-        let (key, idx) = &groups[g];
-        let mut cmd = ::redis::cmd("EVAL");
-        cmd.arg(FENCED_ZADD).arg(2).arg(*key).arg(cancel_fence_key(prefix, key));
+        let key = groups[g].0;
+        cmd.arg(key).arg(cancel_fence_key(prefix, key));
+    }
+    for &g in members {
+        let idx = &groups[g].1;
+        cmd.arg(idx.len() * 2);
         for &i in idx {
             cmd.arg(entries[i].score).arg(&entries[i].member);
         }
-        pipe.add_command(cmd);
     }
+    pipe.add_command(cmd);
     if wait_replicas > 0 {
         pipe.cmd("WAIT").arg(wait_replicas).arg(wait_ms);
     }
@@ -471,7 +496,7 @@ fn apply_replies(
     wait_replicas: u32,
     replies: &[Value],
 ) -> Result<(), DispatchError> {
-    let expected = members.len() + usize::from(wait_replicas > 0);
+    let expected = 1 + usize::from(wait_replicas > 0);
     if replies.len() != expected {
         return Err(DispatchError::Unavailable(format!(
             "pipeline returned {} replies for {} commands",
@@ -479,7 +504,19 @@ fn apply_replies(
             expected
         )));
     }
-    for (&g, reply) in members.iter().zip(replies) {
+    // One element per key group; an error for the whole call (the script
+    // refused before it ran: OOM, NOPERM on EVAL, a proxy's) is every
+    // group's.
+    let per_group: Vec<&Value> = match &replies[0] {
+        Value::Array(items) if items.len() == members.len() => items.iter().collect(),
+        whole @ Value::ServerError(_) => vec![whole; members.len()],
+        other => {
+            return Err(DispatchError::Unavailable(format!(
+                "unexpected reply to the schedule script: {other:?}"
+            )))
+        }
+    };
+    for (&g, reply) in members.iter().zip(per_group) {
         if let Value::Int(FENCED) = reply {
             for &i in &groups[g].1 {
                 batch.outcomes[i] = EntryOutcome::Cancelled;
@@ -495,7 +532,7 @@ fn apply_replies(
         }
     }
     if wait_replicas > 0 {
-        let acked = match &replies[members.len()] {
+        let acked = match &replies[1] {
             Value::Int(n) => *n,
             _ => 0,
         };
