@@ -45,6 +45,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signals)?;
     db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    for m in db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await? {
+        warn!(log, "missing a privilege"; "problem" => m.to_string());
+    }
     crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),

@@ -14,8 +14,17 @@
 //!
 //! Health is read from shared state, never through actor mailboxes, so a
 //! busy or dead actor cannot make the endpoint hang.
+//!
+//! Nothing else is served: another method on those paths is 405 (`Allow:
+//! GET`), any other path 404. `http.listen` is loopback by default. The
+//! server holds at most [`MAX_CONNECTIONS`] connections; one that has not
+//! sent a complete request head within [`REQUEST_HEAD_TIMEOUT`] is answered
+//! 408 and closed, and an idle keep-alive connection is closed after
+//! [`KEEP_ALIVE`], so sockets left open by a scanner or a slow client cannot
+//! starve the probes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Serialize;
@@ -24,6 +33,13 @@ use crate::telemetry::health::{ActorHealth, HealthSnapshot, Status};
 use crate::telemetry::metrics::Metrics;
 
 type Healths = Arc<Vec<Arc<ActorHealth>>>;
+
+/// Connections served at once (one worker); more wait in the backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A connection must send its request head within this, or it is closed.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle keep-alive connection is closed after this.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on http.listen {listen}: {source}")]
@@ -76,6 +92,16 @@ async fn metrics(health: web::Data<Healths>, metrics: web::Data<Metrics>) -> Htt
         .body(metrics.render())
 }
 
+async fn method_not_allowed() -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header(("Allow", "GET"))
+        .finish()
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().finish()
+}
+
 /// Bind `listen` and serve in the background; the handle stops the server.
 pub fn start(listen: &str, health: Healths, metrics_: Metrics) -> Result<actix_web::dev::ServerHandle, HttpError> {
     let data = web::Data::new(health);
@@ -84,11 +110,28 @@ pub fn start(listen: &str, health: Healths, metrics_: Metrics) -> Result<actix_w
         App::new()
             .app_data(data.clone())
             .app_data(metrics_data.clone())
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics))
+            .service(
+                web::resource("/healthz")
+                    .route(web::get().to(healthz))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/readyz")
+                    .route(web::get().to(readyz))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(metrics))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .default_service(web::to(not_found))
     })
     .workers(1)
+    .max_connections(MAX_CONNECTIONS)
+    .client_request_timeout(REQUEST_HEAD_TIMEOUT)
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .keep_alive(KEEP_ALIVE)
     .disable_signals()
     .shutdown_timeout(1)
     .bind(listen)

@@ -120,7 +120,7 @@ pub enum RelayError {
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    for line in message.to_string().lines() {
+    for line in crate::redact::scrub(&message.to_string()).lines() {
         eprintln!("outbox-relay: error: {line}");
     }
     ExitCode::from(code)
@@ -136,10 +136,15 @@ pub fn execute(cli: Cli) -> ExitCode {
         Some(p) => (p.clone(), true),
         None => (DEFAULT_CONFIG_PATH.to_string(), false),
     };
+    // Whatever panics, the message goes out without a secret in it.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("outbox-relay: panic: {}", crate::redact::scrub(&info.to_string()));
+    }));
     let cfg = match Config::load(&path, must_exist) {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    crate::redact::remember(cfg.secrets());
     if let Err(e) = db::tls::configure(&cfg.database.tls_ca_file) {
         return fail(2, format!("invalid config: database.tls_ca_file: {e}"));
     }
@@ -164,13 +169,23 @@ pub fn execute(cli: Cli) -> ExitCode {
         }
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
         Command::CheckConfig { no_connect } => {
-            print!("{}", cfg.to_redacted_toml());
+            print!("{}", crate::redact::scrub(&cfg.to_redacted_toml()));
             if no_connect {
                 Ok(())
             } else {
                 block_on(async {
                     db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
                     println!("# postgres: reachable, outbox schema present");
+                    let optional =
+                        db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await?;
+                    for m in &optional {
+                        println!("# postgres: warning: {m}");
+                    }
+                    if optional.is_empty() {
+                        println!("# postgres: the role holds every privilege `run` needs");
+                    } else {
+                        println!("# postgres: the role holds every privilege `run` requires");
+                    }
                     let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
                     println!("# redis: reachable (PING {}µs)", rtt.as_micros());
                     Ok(())

@@ -21,16 +21,27 @@ where
     let mut merged =
         toml::Value::try_from(Config::default()).map_err(|e| ConfigError::one("(defaults)", e.to_string()))?;
     if let Some(text) = toml_text {
+        // The error's message and position only: its Display quotes the
+        // offending line, which may hold a password.
         let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: path.to_string(),
-            message: one_line(&e.to_string()),
+            message: match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("{} (line {line}, column {column})", one_line(e.message()))
+                }
+                None => one_line(e.message()),
+            },
         })?;
         merge(&mut merged, toml::Value::Table(file));
     }
     apply_env(&mut merged, env)?;
     serde_path_to_error::deserialize(merged).map_err(|e| {
         let key = e.path().to_string();
-        let message = one_line(&e.into_inner().to_string());
+        // serde quotes a mistyped value, which may be a connection string.
+        let message = one_line(&crate::redact::redact_text(&e.into_inner().to_string()));
         ConfigError::one(if key == "." { "(top level)".into() } else { key }, message)
     })
 }

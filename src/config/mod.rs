@@ -388,6 +388,15 @@ impl Config {
     }
 
     /// The effective configuration as TOML, passwords replaced by `***`.
+    /// Every password in the connection strings, for `redact::remember`.
+    pub fn secrets(&self) -> Vec<String> {
+        [&self.database.url, &self.database.listen_url, &self.redis.url]
+            .into_iter()
+            .chain(self.redis.cluster_urls.iter())
+            .flat_map(|u| crate::redact::passwords(u))
+            .collect()
+    }
+
     pub fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
         c.database.url = redact_url(&c.database.url);

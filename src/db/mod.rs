@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod privileges;
 pub mod tls;
 
 use std::str::FromStr;
@@ -79,6 +80,9 @@ pub enum DbSetupError {
     Unreachable { url: String, reason: String },
     #[error("Postgres at {url} has no outbox schema (tables task_outbox and task_outbox_dead); run `outbox-relay migrate` first")]
     SchemaMissing { url: String },
+    /// One line per privilege the role lacks (README "Database roles").
+    #[error("{}", .missing.iter().map(|m| format!("Postgres at {url}: {m}")).collect::<Vec<_>>().join("\n"))]
+    Privileges { url: String, missing: Vec<String> },
 }
 
 /// Parse a URL into a connection config with the relay's defaults applied.
@@ -160,6 +164,30 @@ pub async fn connect_ready(url: &str, timeout: Duration) -> Result<tokio_postgre
     } else {
         Err(DbSetupError::SchemaMissing { url: redact_url(url) })
     }
+}
+
+/// Check that the role of `url` holds every privilege in `needs`. Missing
+/// required ones are an error listing each; missing optional ones are
+/// returned for a warning.
+pub async fn check_privileges(
+    url: &str,
+    needs: &[privileges::Need],
+    timeout: Duration,
+) -> Result<Vec<privileges::Missing>, DbSetupError> {
+    let client = connect(url, timeout).await?;
+    let missing = privileges::missing(&client, needs)
+        .await
+        .map_err(|e| DbSetupError::Unreachable {
+            url: redact_url(url),
+            reason: e.text(),
+        })?;
+    if missing.iter().any(|m| m.need.required) {
+        return Err(DbSetupError::Privileges {
+            url: redact_url(url),
+            missing: missing.iter().map(ToString::to_string).collect(),
+        });
+    }
+    Ok(missing)
 }
 
 /// A readable one-line description of a Postgres error: the server's message

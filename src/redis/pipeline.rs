@@ -694,7 +694,10 @@ mod tests {
         let g = |n: usize| ("k", (0..n).collect::<Vec<usize>>());
         let groups = vec![g(150), g(40), g(20), g(500), g(10), g(199)];
         let all: Vec<usize> = (0..groups.len()).collect();
-        assert_eq!(calls(&groups, &all), vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]);
+        assert_eq!(
+            calls(&groups, &all),
+            vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]
+        );
         assert_eq!(calls(&groups, &[]), Vec::<Vec<usize>>::new());
     }
 

@@ -31,10 +31,10 @@ fn level_name(level: Level) -> &'static str {
 pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
     let level = cfg.level().unwrap_or(Level::Info);
     let drain: Box<dyn Drain<Ok = (), Err = slog::Never> + Send> = if cfg.format == "text" {
-        let decorator = slog_term::PlainSyncDecorator::new(io::stdout());
+        let decorator = slog_term::PlainSyncDecorator::new(Scrubbed::new(io::stdout()));
         Box::new(slog_term::FullFormat::new(decorator).build().ignore_res())
     } else {
-        let json = slog_json::Json::new(io::stdout())
+        let json = slog_json::Json::new(Scrubbed::new(io::stdout()))
             .set_newlines(true)
             .add_key_value(o!(
                 "ts" => FnValue(|_: &Record| {
@@ -54,6 +54,47 @@ pub fn init(cfg: &LogConfig) -> (Logger, LogGuard) {
     let log = Logger::root(drain, o!());
     forward_library_logs(&log, level);
     (log, LogGuard { _guard: Some(guard) })
+}
+
+/// A writer that passes whole lines on with every secret scrubbed
+/// (`redact::scrub`): the last line of defence, for anything a library put
+/// into a message (an error quoting a URL, say).
+struct Scrubbed<W: io::Write> {
+    inner: W,
+    line: Vec<u8>,
+}
+
+impl<W: io::Write> Scrubbed<W> {
+    fn new(inner: W) -> Self {
+        Scrubbed {
+            inner,
+            line: Vec::with_capacity(512),
+        }
+    }
+
+    fn emit(&mut self, upto: usize) -> io::Result<()> {
+        let rest = self.line.split_off(upto);
+        let line = std::mem::replace(&mut self.line, rest);
+        let text = String::from_utf8_lossy(&line);
+        self.inner.write_all(crate::redact::scrub(&text).as_bytes())
+    }
+}
+
+impl<W: io::Write> io::Write for Scrubbed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        while let Some(nl) = self.line.iter().position(|&b| b == b'\n') {
+            self.emit(nl + 1)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.line.is_empty() {
+            self.emit(self.line.len())?;
+        }
+        self.inner.flush()
+    }
 }
 
 /// Route what our libraries say through the `log` facade (redis-rs's

@@ -132,6 +132,33 @@ impl TestDb {
         pg_connect(&self.url).await
     }
 
+    /// This database's URL as `role` (`outbox_relay`, `outbox_triage`, or
+    /// any other name: a role without grants), after making sure the
+    /// shipped roles exist and hold exactly what `deploy/postgres/roles.sql`
+    /// grants them here. Roles are cluster-wide and created once.
+    pub async fn url_as(&self, role: &str) -> String {
+        let admin = pg_connect(&self.admin).await;
+        for r in ["outbox_relay", "outbox_triage", role] {
+            admin
+                .batch_execute(&format!(
+                    "DO $$ BEGIN
+                       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN
+                         CREATE ROLE {r} LOGIN;
+                       END IF;
+                     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                     END $$"
+                ))
+                .await
+                .expect("create role");
+        }
+        let grants = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"))
+            .expect("deploy/postgres/roles.sql");
+        self.client().await.batch_execute(&grants).await.expect("grant roles");
+        let mut u = url::Url::parse(&self.url).expect("test db url");
+        u.set_username(role).expect("set role");
+        u.to_string()
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
     }
@@ -511,20 +538,29 @@ impl RelayProcess {
     /// `GET path` on the relay's HTTP endpoint: (status, body), or None
     /// when nothing answers.
     pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        self.http_request("GET", path).await
+    }
+
+    /// `method path` on the relay's HTTP port: the status and the whole
+    /// response after the status line (headers and body).
+    pub async fn http_request(&self, method: &str, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
             .await
             .ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
+        let body = if method == "GET" {
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        } else {
+            text
+        };
         Some((status, body))
     }
 

@@ -1,0 +1,33 @@
+-- The three roles of outbox-relay and exactly the privileges each needs
+-- (README "Database roles"; `outbox-relay check-config` names anything
+-- missing for `run`). Run as a superuser or the database owner, after the
+-- tables exist (`outbox-relay migrate`, as outbox_migrator).
+--
+-- Create the roles once per cluster (passwords are yours to set):
+--   CREATE ROLE outbox_migrator LOGIN PASSWORD '…';
+--   CREATE ROLE outbox_relay    LOGIN PASSWORD '…';
+--   CREATE ROLE outbox_triage   LOGIN PASSWORD '…';
+-- and let the migrator create tables in the schema (Postgres 15 no longer
+-- grants CREATE on public to everyone):
+--   GRANT CREATE, USAGE ON SCHEMA public TO outbox_migrator;
+-- The migrator then owns task_outbox, task_outbox_dead and
+-- outbox_relay_migrations; run this file afterwards, as it or a superuser.
+
+-- `run`: claim (SELECT … FOR UPDATE needs UPDATE), delete delivered rows,
+-- reschedule, move to the dead table (DELETE … RETURNING, INSERT), purge
+-- dead letters past dead_letter.retention, read task_outbox's sequence
+-- (the fresh lane's pg_sequence_last_value), probe counts, and counter
+-- sync on jobs (SELECT … FOR UPDATE, UPDATE).
+GRANT SELECT, UPDATE, DELETE ON task_outbox TO outbox_relay;
+GRANT SELECT, INSERT, DELETE ON task_outbox_dead TO outbox_relay;
+GRANT USAGE ON SEQUENCE task_outbox_dead_id_seq TO outbox_relay;
+GRANT SELECT ON SEQUENCE task_outbox_id_seq TO outbox_relay;
+GRANT SELECT, UPDATE ON jobs TO outbox_relay;
+
+-- Triage: `dead-letter list|requeue|purge`, `cancel-job`, `status`.
+-- requeue locks dead letters (UPDATE) and inserts outbox rows (sequence
+-- USAGE); cancel-job locks and updates the job and deletes its rows.
+GRANT SELECT, INSERT, DELETE ON task_outbox TO outbox_triage;
+GRANT USAGE ON SEQUENCE task_outbox_id_seq TO outbox_triage;
+GRANT SELECT, UPDATE, DELETE ON task_outbox_dead TO outbox_triage;
+GRANT SELECT, UPDATE ON jobs TO outbox_triage;
