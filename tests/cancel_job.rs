@@ -11,8 +11,13 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 fn cancel(db: &TestDb, redis_url: &str, prefix: &str, job: &str) -> Output {
+    cancel_on(&db.url, redis_url, prefix, job)
+}
+
+/// `cancel-job` connecting with `db_url` (e.g. as the triage role).
+fn cancel_on(db_url: &str, redis_url: &str, prefix: &str, job: &str) -> Output {
     let env = vec![
-        ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
+        ("OUTBOX_RELAY_DATABASE__URL".to_string(), db_url.to_string()),
         ("OUTBOX_RELAY_REDIS__URL".to_string(), redis_url.to_string()),
         ("OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(), prefix.to_string()),
     ];
@@ -115,7 +120,19 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
             .await
             .expect("job");
     }
-    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300")]);
+    // Least privilege: the relays as outbox_relay, cancel-job as outbox_triage.
+    let relay_url = db.url_as("outbox_relay").await;
+    let triage_url = db.url_as("outbox_triage").await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300"),
+            ("OUTBOX_RELAY_DATABASE__URL", &relay_url),
+            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &relay_url),
+        ],
+    );
     let mut a = RelayProcess::spawn(&env);
     let mut b = RelayProcess::spawn(&env);
     a.wait_started().await;
@@ -128,7 +145,7 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
         async move { conn.zcard::<_, i64>(&key).await.unwrap_or(0) > 100 }
     })
     .await;
-    let o = cancel(&db, &redis_url, &prefix, &victim.to_string());
+    let o = cancel_on(&triage_url, &redis_url, &prefix, &victim.to_string());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         conn.zcard::<_, i64>(&key).await.expect("ZCARD"),

@@ -34,7 +34,8 @@ async fn counters_follow_redis_by_the_rules() {
          CREATE TABLE job_update_log (job uuid, txid bigint);
          CREATE FUNCTION log_job_update() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN INSERT INTO job_update_log VALUES (NEW.id, txid_current()); RETURN NEW; END $$;
-         CREATE TRIGGER jobs_log AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION log_job_update();"
+         CREATE TRIGGER jobs_log AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION log_job_update();
+         GRANT INSERT ON job_update_log TO PUBLIC;"
     ))
     .await
     .expect("jobs");
@@ -54,11 +55,17 @@ async fn counters_follow_redis_by_the_rules() {
         .await
         .expect("HSET");
 
+    // As the least-privilege role (deploy/postgres/roles.sql).
+    let url = db.url_as("outbox_relay").await;
     let env = relay_env(
         &db,
         &redis_url,
         &prefix,
-        &[("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "100ms")],
+        &[
+            ("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "100ms"),
+            ("OUTBOX_RELAY_DATABASE__URL", &url),
+            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &url),
+        ],
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;

@@ -12,7 +12,12 @@ use common::*;
 use redis::AsyncCommands;
 
 fn cli(db: &TestDb, args: &[&str]) -> Output {
-    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
+    cli_on(&db.url, args)
+}
+
+/// A triage command connecting with `url` (e.g. as outbox_triage).
+fn cli_on(url: &str, args: &[&str]) -> Output {
+    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), url.to_string())];
     relay_command(args, &env).output().expect("run outbox-relay")
 }
 
@@ -131,7 +136,20 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     let mut conn = redis_conn(&redis_url).await;
     let _: () = conn.set(&key, "oops").await.expect("SET");
 
-    let env = relay_env(&db, &redis_url, &prefix, &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1")]);
+    // Least privilege: the relay as outbox_relay (it moves rows to the dead
+    // table), triage as outbox_triage.
+    let relay_url = db.url_as("outbox_relay").await;
+    let triage = db.url_as("outbox_triage").await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1"),
+            ("OUTBOX_RELAY_DATABASE__URL", &relay_url),
+            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &relay_url),
+        ],
+    );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     wait_until(
@@ -140,15 +158,15 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
         || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
     )
     .await;
-    let v = json(&cli(&db, &["dead-letter", "list", "--json"]));
+    let v = json(&cli_on(&triage, &["dead-letter", "list", "--json"]));
     assert_eq!(v["total"], 100);
     assert!(v["by_error"][0]["error"]
         .as_str()
         .is_some_and(|e| e.starts_with("WRONGTYPE")));
 
     // Dry run: counts, changes nothing.
-    let v = json(&cli(
-        &db,
+    let v = json(&cli_on(
+        &triage,
         &["dead-letter", "requeue", "--error", "WRONGTYPE", "--dry-run", "--json"],
     ));
     assert_eq!(
@@ -159,7 +177,10 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 0);
 
     let _: () = conn.del(&key).await.expect("DEL");
-    let v = json(&cli(&db, &["dead-letter", "requeue", "--error", "WRONGTYPE", "--json"]));
+    let v = json(&cli_on(
+        &triage,
+        &["dead-letter", "requeue", "--error", "WRONGTYPE", "--json"],
+    ));
     assert_eq!((v["requeued"].as_u64(), v["skipped"].as_u64()), (Some(100), Some(0)));
     wait_drained(&db, Duration::from_secs(30)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);

@@ -1,5 +1,6 @@
-//! 5,000 due rows across 20 jobs: every member lands in its job's schedule
-//! with the right score, the outbox empties, nothing is dead-lettered.
+//! 5,000 due rows across 20 jobs, drained by the least-privilege relay
+//! role: every member lands in its job's schedule with the right score, the
+//! outbox empties, nothing is dead-lettered.
 
 mod common;
 
@@ -16,7 +17,18 @@ async fn drains_every_row_with_the_right_member_and_score() {
     let expected = expected_members(&db).await;
     assert_eq!(expected.len(), 5_000);
 
-    let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
+    // As the least-privilege role (deploy/postgres/roles.sql), not a superuser.
+    let url = db.url_as("outbox_relay").await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_DATABASE__URL", &url),
+            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &url),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     wait_drained(&db, Duration::from_secs(60)).await;
 
