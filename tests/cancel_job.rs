@@ -123,15 +123,12 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
     // Least privilege: the relays as outbox_relay, cancel-job as outbox_triage.
     let relay_url = db.url_as("outbox_relay").await;
     let triage_url = db.url_as("outbox_triage").await;
-    let env = relay_env(
+    let env = relay_env_as(
         &db,
+        &relay_url,
         &redis_url,
         &prefix,
-        &[
-            ("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300"),
-            ("OUTBOX_RELAY_DATABASE__URL", &relay_url),
-            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &relay_url),
-        ],
+        &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "300")],
     );
     let mut a = RelayProcess::spawn(&env);
     let mut b = RelayProcess::spawn(&env);

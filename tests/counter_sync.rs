@@ -57,15 +57,12 @@ async fn counters_follow_redis_by_the_rules() {
 
     // As the least-privilege role (deploy/postgres/roles.sql).
     let url = db.url_as("outbox_relay").await;
-    let env = relay_env(
+    let env = relay_env_as(
         &db,
+        &url,
         &redis_url,
         &prefix,
-        &[
-            ("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "100ms"),
-            ("OUTBOX_RELAY_DATABASE__URL", &url),
-            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &url),
-        ],
+        &[("OUTBOX_RELAY_COUNTER_SYNC__INTERVAL", "100ms")],
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;

@@ -140,15 +140,12 @@ async fn requeue_after_fixing_the_key_delivers_the_rows() {
     // table), triage as outbox_triage.
     let relay_url = db.url_as("outbox_relay").await;
     let triage = db.url_as("outbox_triage").await;
-    let env = relay_env(
+    let env = relay_env_as(
         &db,
+        &relay_url,
         &redis_url,
         &prefix,
-        &[
-            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1"),
-            ("OUTBOX_RELAY_DATABASE__URL", &relay_url),
-            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &relay_url),
-        ],
+        &[("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1")],
     );
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;

@@ -19,15 +19,7 @@ async fn drains_every_row_with_the_right_member_and_score() {
 
     // As the least-privilege role (deploy/postgres/roles.sql), not a superuser.
     let url = db.url_as("outbox_relay").await;
-    let env = relay_env(
-        &db,
-        &redis_url,
-        &prefix,
-        &[
-            ("OUTBOX_RELAY_DATABASE__URL", &url),
-            ("OUTBOX_RELAY_DATABASE__LISTEN_URL", &url),
-        ],
-    );
+    let env = relay_env_as(&db, &url, &redis_url, &prefix, &[]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     wait_drained(&db, Duration::from_secs(60)).await;

@@ -55,16 +55,12 @@ async fn a_role_without_grants_is_told_each_missing_privilege() {
     }
 
     // One privilege short: only that one is named.
+    let relay = db.url_as("outbox_relay").await;
     db.client()
         .await
         .batch_execute("REVOKE DELETE ON task_outbox FROM outbox_relay")
         .await
         .expect("revoke");
-    let relay = {
-        let mut u = url::Url::parse(&url).expect("url");
-        u.set_username("outbox_relay").expect("user");
-        u.to_string()
-    };
     let o = relay_command(&["check-config"], &env_as(&relay, &prefix))
         .output()
         .expect("relay");

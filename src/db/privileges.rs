@@ -93,18 +93,20 @@ impl std::fmt::Display for Missing {
 /// Which of `needs` the connected role lacks. Objects that do not exist
 /// are skipped (the schema check reports missing tables).
 pub async fn missing(client: &Client, needs: &[Need]) -> Result<Vec<Missing>, QueryError> {
-    let (kinds, tables, privileges): (Vec<&str>, Vec<&str>, Vec<&str>) = needs
+    let kinds: Vec<&str> = needs
         .iter()
         .map(|n| match n.object {
-            Object::Table(t) => ("table", t, n.privilege),
-            Object::IdSequence(t) => ("sequence", t, n.privilege),
+            Object::Table(_) => "table",
+            Object::IdSequence(_) => "sequence",
         })
-        .fold((vec![], vec![], vec![]), |(mut k, mut t, mut p), (a, b, c)| {
-            k.push(a);
-            t.push(b);
-            p.push(c);
-            (k, t, p)
-        });
+        .collect();
+    let tables: Vec<&str> = needs
+        .iter()
+        .map(|n| match n.object {
+            Object::Table(t) | Object::IdSequence(t) => t,
+        })
+        .collect();
+    let privileges: Vec<&str> = needs.iter().map(|n| n.privilege).collect();
     let rows = client
         .query_typed(
             "SELECT current_user::text,

@@ -467,6 +467,24 @@ pub fn relay_env(db: &TestDb, redis_url: &str, prefix: &str, extra: &[(&str, &st
     env
 }
 
+/// [`relay_env`] connecting (and listening) as `db_url`, e.g. one of
+/// [`TestDb::url_as`].
+pub fn relay_env_as(
+    db: &TestDb,
+    db_url: &str,
+    redis_url: &str,
+    prefix: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = relay_env(db, redis_url, prefix, extra);
+    for (k, v) in env.iter_mut() {
+        if k == "OUTBOX_RELAY_DATABASE__URL" || k == "OUTBOX_RELAY_DATABASE__LISTEN_URL" {
+            *v = db_url.to_string();
+        }
+    }
+    env
+}
+
 /// A command for the relay binary with a clean environment (no stray
 /// `OUTBOX_RELAY_*`, `DATABASE_URL` or `REDIS_URL` from the caller) and no
 /// config file, so only `env` decides.
