@@ -137,23 +137,36 @@ impl TestDb {
     /// shipped roles exist and hold exactly what `deploy/postgres/roles.sql`
     /// grants them here. Roles are cluster-wide and created once.
     pub async fn url_as(&self, role: &str) -> String {
-        let admin = pg_connect(&self.admin).await;
         for r in ["outbox_relay", "outbox_triage", role] {
-            admin
-                .batch_execute(&format!(
-                    "DO $$ BEGIN
-                       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN
-                         CREATE ROLE {r} LOGIN;
-                       END IF;
-                     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-                     END $$"
-                ))
-                .await
-                .expect("create role");
+            self.ensure_role(r).await;
         }
-        let grants = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"))
-            .expect("deploy/postgres/roles.sql");
-        self.client().await.batch_execute(&grants).await.expect("grant roles");
+        self.client()
+            .await
+            .batch_execute(&roles_sql())
+            .await
+            .expect("grant roles");
+        self.role_url(role)
+    }
+
+    /// Create the login role `role` (no superuser, no grants) unless it
+    /// exists. Roles are cluster-wide; parallel tests may race to create one.
+    pub async fn ensure_role(&self, role: &str) {
+        pg_connect(&self.admin)
+            .await
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                     CREATE ROLE {role} LOGIN;
+                   END IF;
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                 END $$"
+            ))
+            .await
+            .expect("create role");
+    }
+
+    /// This database's URL with `role` as the user (nothing granted).
+    pub fn role_url(&self, role: &str) -> String {
         let mut u = url::Url::parse(&self.url).expect("test db url");
         u.set_username(role).expect("set role");
         u.to_string()
@@ -182,6 +195,12 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// The shipped grants, `deploy/postgres/roles.sql`.
+pub fn roles_sql() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"))
+        .expect("deploy/postgres/roles.sql")
 }
 
 /// A unique key prefix on the shared Redis, so tests never see each other's
