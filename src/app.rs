@@ -44,7 +44,7 @@ pub struct RunOptions {
 pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunError> {
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signals)?;
-    db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let schema = db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     for m in db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await? {
         warn!(log, "missing a privilege"; "problem" => m.to_string());
     }
@@ -55,12 +55,13 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
         "redis" => redact_url(&cfg.redis.url),
         "key_prefix" => &cfg.redis.key_prefix,
         "batch_size" => cfg.sweep.batch_size,
+        "schema" => schema.describe(),
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);
 
     let healths = actors::tree::Healths::new(&cfg);
     let metrics = telemetry::metrics::Metrics::new(&cfg.metrics)?;
     let http = http::start(&cfg.http.listen, healths.all(), metrics.clone())?;
-    let (relay, mut fatal) = actors::tree::start(&cfg, &healths, &metrics, &log);
+    let (relay, mut fatal) = actors::tree::start(&cfg, &schema, &healths, &metrics, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
             cfg.database.url.clone(),

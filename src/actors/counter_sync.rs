@@ -9,8 +9,10 @@
 //! counter; otherwise each job in the hash gets `GREATEST(0, count)` if it is
 //! `running` or `pending` (others are left alone). Each job is its own
 //! autocommit statement, so no transaction holds several jobs' row locks.
-//! Fields that are not UUIDs and values that are not integers are skipped
-//! with a warning naming the field. The skew |redis − previous db value| of
+//! Job ids are compared as the type of `jobs.id` (UUID in our schema, TEXT
+//! in the Go sweeper's, read at start): fields a UUID column cannot hold
+//! and values that are not integers are skipped with a warning naming the
+//! field. The skew |redis − previous db value| of
 //! each job is logged at debug.
 //!
 //! Failure: `supervisor.error_budget` failed syncs in a row, or a panic,
@@ -24,12 +26,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use slog::{debug, warn, Logger};
-use uuid::Uuid;
 
 use super::lifecycle::{every, fail_dependency, fault_point, guarded, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
+use crate::db::schema::IdType;
 use crate::db::{jobs, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::redis::pipeline::{checkout, DispatchError};
@@ -55,14 +57,20 @@ pub struct Skip {
 }
 
 /// Parse the hash into (job, count) pairs, clamping counts to `0..=i32::MAX`
-/// (a negative Redis counter must never violate the CHECK constraint).
-pub fn parse_counts(fields: Vec<(String, String)>) -> (Vec<(Uuid, i32)>, Vec<Skip>) {
+/// (a negative Redis counter must never violate the CHECK constraint). A
+/// job id becomes the form `jobs.id` (of type `jobs_id`) holds it in; a
+/// field that column cannot hold is skipped.
+pub fn parse_counts(fields: Vec<(String, String)>, jobs_id: IdType) -> (Vec<(String, i32)>, Vec<Skip>) {
     let mut counts = Vec::with_capacity(fields.len());
     let mut skipped = Vec::new();
     for (field, value) in fields {
-        let Ok(job) = Uuid::parse_str(field.trim()) else {
+        let candidate = match jobs_id {
+            IdType::Uuid => field.trim(),
+            IdType::Text => field.as_str(),
+        };
+        let Some(job) = jobs_id.stored_form(candidate) else {
             skipped.push(Skip {
-                reason: "field is not a job UUID".into(),
+                reason: format!("field is not a job id jobs.id ({jobs_id}) can hold"),
                 field,
             });
             continue;
@@ -86,7 +94,7 @@ pub struct SyncReport {
     pub left_alone: usize,
     pub skipped: Vec<Skip>,
     /// |redis − previous db value| per synced job.
-    pub skews: Vec<(Uuid, u64)>,
+    pub skews: Vec<(String, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +114,7 @@ pub async fn sync_counters(
     pg: &Pg,
     redis: &Redis,
     hash_key: &str,
+    jobs_id: IdType,
     deadline: Deadline,
 ) -> Result<SyncReport, SyncError> {
     let raw: Vec<(Vec<u8>, Vec<u8>)> = {
@@ -129,7 +138,7 @@ pub async fn sync_counters(
         })
         .collect::<Vec<_>>();
     let hash_empty = fields.is_empty();
-    let (mut counts, skipped) = parse_counts(fields);
+    let (mut counts, skipped) = parse_counts(fields, jobs_id);
 
     let conn = pg.checkout(deadline).await.map_err(|e| match e {
         CheckoutError::Deadline(e) => SyncError::Deadline(e),
@@ -142,11 +151,11 @@ pub async fn sync_counters(
             counts = ids.into_iter().map(|id| (id, 0)).collect();
         }
         let client = &*conn;
-        stream::iter(counts.iter().copied())
+        stream::iter(counts.iter())
             .map(|(job, count)| async move {
-                jobs::set_running_tasks(client, job, count)
+                jobs::set_running_tasks(client, jobs_id, job, *count)
                     .await
-                    .map(|prev| (job, count, prev))
+                    .map(|prev| (job.clone(), *count, prev))
             })
             .buffer_unordered(IN_FLIGHT)
             .try_collect::<Vec<_>>()
@@ -183,6 +192,8 @@ pub struct CounterSyncSettings {
     pub database_url: String,
     pub redis: RedisConfig,
     pub interval: Duration,
+    /// The type of `jobs.id` (read at start).
+    pub jobs_id: IdType,
     pub round_timeout: Duration,
     pub error_budget: u32,
 }
@@ -277,7 +288,8 @@ impl Handler<SyncCounters> for CounterSyncActor {
                 return;
             };
             let key = format!("{}running", act.settings.redis.key_prefix);
-            let round = async move { sync_counters(&pg, &redis, &key, msg.deadline).await };
+            let jobs_id = act.settings.jobs_id;
+            let round = async move { sync_counters(&pg, &redis, &key, jobs_id, msg.deadline).await };
             run_contained(act, ctx, "counter sync", Mode::Wait, round, Self::finish);
         });
     }
@@ -292,18 +304,31 @@ mod tests {
         let a = "0b7e5e8a-1c2d-4e3f-8a9b-0c1d2e3f4a5b";
         let b = "6f1c2a52-4a8e-4d8e-9a43-2b1f3c9d7e01";
         let c = "11111111-2222-3333-4444-555555555555";
-        let (counts, skipped) = parse_counts(vec![
-            (a.into(), "7".into()),
-            (b.into(), "-3".into()),
-            (c.into(), "99999999999".into()),
-            ("not-a-job".into(), "1".into()),
-            (a.to_uppercase(), "lots".into()),
-        ]);
-        let id = |s: &str| Uuid::parse_str(s).unwrap();
-        assert_eq!(counts, [(id(a), 7), (id(b), 0), (id(c), i32::MAX)]);
+        let (counts, skipped) = parse_counts(
+            vec![
+                (a.into(), "7".into()),
+                (b.to_uppercase(), "-3".into()),
+                (c.into(), "99999999999".into()),
+                ("not-a-job".into(), "1".into()),
+                (a.to_uppercase(), "lots".into()),
+            ],
+            IdType::Uuid,
+        );
+        let own = |v: &[(&str, i32)]| v.iter().map(|(j, n)| (j.to_string(), *n)).collect::<Vec<_>>();
+        assert_eq!(counts, own(&[(a, 7), (b, 0), (c, i32::MAX)]));
         assert_eq!(skipped.len(), 2);
         assert_eq!(skipped[0].field, "not-a-job");
-        assert!(skipped[0].reason.contains("UUID"));
+        assert!(skipped[0].reason.contains("jobs.id (uuid)"), "{}", skipped[0].reason);
         assert!(skipped[1].reason.contains("\"lots\""));
+    }
+
+    #[test]
+    fn text_job_ids_are_taken_as_they_are() {
+        let (counts, skipped) = parse_counts(
+            vec![("job-7".into(), "3".into()), ("Job-7".into(), "4".into())],
+            IdType::Text,
+        );
+        assert_eq!(counts, [("job-7".to_string(), 3), ("Job-7".to_string(), 4)]);
+        assert!(skipped.is_empty());
     }
 }

@@ -39,8 +39,9 @@ pub struct Probe {
 /// What one probe round found; an `Err` is a probe that failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeReport {
-    /// (due rows, age in seconds of the oldest due row by created_at, dead letters)
-    pub outbox: Result<(i64, f64, i64), String>,
+    /// (due rows, age in seconds of the oldest due row by created_at, dead
+    /// letters, rows set aside)
+    pub outbox: Result<(i64, f64, i64, i64), String>,
     pub redis_ping: Result<Duration, String>,
 }
 
@@ -59,7 +60,8 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
                 tx.query_typed_one(
                     "SELECT count(*) FILTER (WHERE run_at <= now()),
                             COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now())), 0)::float8,
-                            (SELECT count(*) FROM task_outbox_dead)
+                            (SELECT count(*) FROM task_outbox_dead),
+                            count(*) FILTER (WHERE run_at = 'infinity')
                        FROM task_outbox",
                     &[],
                 ),
@@ -70,7 +72,12 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
         tx.commit().await.map_err(q)?;
         let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(|e| e.to_string());
         let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(|e| e.to_string())?;
-        Ok::<_, String>((col(0)?.unwrap_or(0), age.unwrap_or(0.0).max(0.0), col(2)?.unwrap_or(0)))
+        Ok::<_, String>((
+            col(0)?.unwrap_or(0),
+            age.unwrap_or(0.0).max(0.0),
+            col(2)?.unwrap_or(0),
+            col(3)?.unwrap_or(0),
+        ))
     };
     let ping = async {
         let started = tokio::time::Instant::now();
@@ -134,15 +141,17 @@ impl MetricsActor {
     fn apply(&mut self, report: ProbeReport) {
         let m = &self.metrics;
         match report.outbox {
-            Ok((backlog, age, dead)) => {
+            Ok((backlog, age, dead, aside)) => {
                 m.backlog_rows.set(backlog as f64);
                 m.oldest_age_seconds.set(age);
                 m.dead_letter_rows.set(dead as f64);
+                m.set_aside_rows.set(aside as f64);
             }
             Err(e) => {
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();
                 m.dead_letter_rows.clear();
+                m.set_aside_rows.clear();
                 warn!(self.core.log, "outbox probe failed; its gauges are left empty"; "error" => e);
             }
         }

@@ -24,13 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{debug, info, warn, Logger};
+use slog::{debug, error, info, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
 use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, wedge_point, Core, Lifecycle};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
+use crate::db::schema::Schema;
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::domain::{encode_rows, settle, EntryOutcome, RetryPolicy, RowOutcome};
@@ -63,6 +64,9 @@ pub struct SweepSettings {
     /// Consecutive failed ticks after which the actor is restarted.
     pub error_budget: u32,
     pub retry: RetryPolicy,
+    /// The id column types, read from the catalog at start (UUID or TEXT:
+    /// the Go sweeper's database mixes them).
+    pub schema: Arc<Schema>,
 }
 
 /// Counters shared with the process (progress line, later metrics); they
@@ -143,6 +147,9 @@ pub struct TickReport {
     pub deferred_reason: Option<String>,
     pub last_retry_error: Option<String>,
     pub last_dead_error: Option<String>,
+    /// Rows bound for the dead table that it cannot hold, set aside in the
+    /// outbox: (outbox id, why).
+    pub set_aside: Vec<(i64, String)>,
     /// Key of the last row claimed (oldest-first lanes resume after it).
     pub cursor: Option<ClaimCursor>,
     /// Microseconds spent in each stage: claim (checkout, begin, claim),
@@ -318,7 +325,15 @@ async fn tick_on(
     }
 
     lap(&mut stage_us[1]);
-    let plan = settle(&rows, outcomes, &settings.retry);
+    let mut plan = settle(&rows, outcomes, &settings.retry);
+    let schema = &settings.schema;
+    plan.set_aside(&rows, |r| schema.dead_letter_refusal(&r.task_id, &r.job_id));
+    report.set_aside = plan
+        .aside_ids
+        .iter()
+        .copied()
+        .zip(plan.aside_reasons.iter().cloned())
+        .collect();
     report.delivered = plan.delete.len() - plan.cancelled;
     report.cancelled = plan.cancelled;
     report.retried = plan.retry_ids.len();
@@ -327,7 +342,7 @@ async fn tick_on(
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
 
-    // Four independent statements, pipelined on one connection, each with
+    // Independent statements, pipelined on one connection, each with
     // the time left now as its statement_timeout (not the tick's whole
     // budget from when the claim started).
     let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
@@ -349,9 +364,14 @@ async fn tick_on(
                     .map_err(TickError::db("reschedule failed"))
             },
             async {
-                outbox::move_to_dead(&tx, &plan.dead_ids, &plan.dead_errors)
+                outbox::move_to_dead(&tx, schema, &plan.dead_ids, &plan.dead_errors)
                     .await
                     .map_err(TickError::db("move to dead letters"))
+            },
+            async {
+                outbox::set_aside(&tx, &plan.aside_ids)
+                    .await
+                    .map_err(TickError::db("set aside"))
             },
             async {
                 outbox::postpone(&tx, &plan.postpone_ids, plan.postpone_delay_ms)
@@ -604,6 +624,12 @@ impl SweepActor {
         rows.with_label_values(&["dead_lettered"])
             .inc_by(r.dead_lettered as u64);
         rows.with_label_values(&["cancelled"]).inc_by(r.cancelled as u64);
+        rows.with_label_values(&["set_aside"]).inc_by(r.set_aside.len() as u64);
+        for (id, why) in &r.set_aside {
+            // One line per row: rare, and each needs an operator's hand.
+            error!(self.core.log, "row cannot be dead-lettered and is set aside in the outbox (run_at = infinity); fix or delete it";
+                "outbox_id" => id, "reason" => why);
+        }
         self.stats.dispatched.fetch_add(r.delivered as u64, Ordering::Relaxed);
         self.stats.retried.fetch_add(r.retried as u64, Ordering::Relaxed);
         self.stats

@@ -30,6 +30,7 @@ use super::supervisor::{GiveUp, RestartPolicy, Supervision};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Waker};
 use super::watchdog::{self, Watched};
 use crate::config::Config;
+use crate::db::schema::Schema;
 use crate::domain::RetryPolicy;
 use crate::telemetry::health::{ActorHealth, Status};
 use crate::telemetry::metrics::Metrics;
@@ -108,8 +109,10 @@ impl Healths {
 
 /// Start all actors and the health reporter. Must be called inside a
 /// running actix `System`. The receiver yields when the process must exit.
+/// `schema` is the shape of the tables, read at start ([`crate::db::schema`]).
 pub fn start(
     cfg: &Config,
+    schema: &Schema,
     healths: &Healths,
     metrics: &Metrics,
     log: &Logger,
@@ -174,6 +177,7 @@ pub fn start(
             max_backoff: cfg.sweep.max_backoff.0,
             max_attempts: cfg.sweep.max_attempts,
         },
+        schema: Arc::new(schema.clone()),
     };
     let (d, dl, st, sh, ss, sm, slog_) = (
         dispatch.clone().recipient(),
@@ -192,6 +196,7 @@ pub fn start(
         database_url: cfg.database.url.clone(),
         redis: cfg.redis.clone(),
         interval: cfg.counter_sync.interval.0,
+        jobs_id: schema.jobs_id,
         round_timeout: cfg.sweep.tick_timeout.0,
         error_budget: budget,
     };

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
-use uuid::Uuid;
 
 use crate::config::{format_duration, parse_duration, Config};
 use crate::db::dead_letter::{self as dl, DeadLetterError, Filter, Selector};
+use crate::db::schema::Schema;
 use crate::db::{self, DbSetupError};
 use crate::deadline::STARTUP_TIMEOUT;
 
@@ -37,7 +37,7 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
 pub struct ListArgs {
     /// Only this job's dead letters.
     #[arg(long, value_name = "JOB_ID")]
-    pub job: Option<Uuid>,
+    pub job: Option<String>,
     /// Only dead letters from the last DURATION (90s, 15m, 12h, 7d).
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     pub since: Option<Duration>,
@@ -60,7 +60,7 @@ pub struct RequeueArgs {
     pub ids: Vec<i64>,
     /// Every dead letter of this job.
     #[arg(long, value_name = "JOB_ID")]
-    pub job: Option<Uuid>,
+    pub job: Option<String>,
     /// Every dead letter whose last error contains this text.
     #[arg(long, value_name = "SUBSTRING")]
     pub error: Option<String>,
@@ -106,10 +106,10 @@ pub enum TriageError {
 
 /// Run one `dead-letter` subcommand.
 pub async fn run(cfg: &Config, cmd: DeadLetterCommand) -> Result<(), TriageError> {
-    let mut client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let (mut client, schema) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     match cmd {
-        DeadLetterCommand::List(a) => list(&client, a).await,
-        DeadLetterCommand::Requeue(a) => requeue(&mut client, a).await,
+        DeadLetterCommand::List(a) => list(&client, &schema, a).await,
+        DeadLetterCommand::Requeue(a) => requeue(&mut client, &schema, a).await,
         DeadLetterCommand::Purge(a) => purge(&client, a).await,
     }
 }
@@ -121,14 +121,14 @@ struct ListOutput {
     by_error: Vec<dl::ErrorCount>,
 }
 
-async fn list(client: &tokio_postgres::Client, a: ListArgs) -> Result<(), TriageError> {
+async fn list(client: &tokio_postgres::Client, schema: &Schema, a: ListArgs) -> Result<(), TriageError> {
     let filter = Filter {
         job: a.job,
         since: a.since,
         error: a.error,
     };
-    let rows = dl::list(client, &filter, a.limit).await?;
-    let by_error = dl::summary(client, &filter).await?;
+    let rows = dl::list(client, schema, &filter, a.limit).await?;
+    let by_error = dl::summary(client, schema, &filter).await?;
     let total: i64 = by_error.iter().map(|e| e.count).sum();
     if a.json {
         println!("{}", to_json(&ListOutput { total, rows, by_error }));
@@ -156,7 +156,7 @@ async fn list(client: &tokio_postgres::Client, a: ListArgs) -> Result<(), Triage
     Ok(())
 }
 
-async fn requeue(client: &mut tokio_postgres::Client, a: RequeueArgs) -> Result<(), TriageError> {
+async fn requeue(client: &mut tokio_postgres::Client, schema: &Schema, a: RequeueArgs) -> Result<(), TriageError> {
     let selector = if !a.ids.is_empty() {
         Selector::Ids(a.ids)
     } else if let Some(job) = a.job {
@@ -176,17 +176,25 @@ async fn requeue(client: &mut tokio_postgres::Client, a: RequeueArgs) -> Result<
         }
         Selector::All
     };
-    let report = dl::requeue(client, &selector, a.dry_run).await?;
+    let report = dl::requeue(client, schema, &selector, a.dry_run).await?;
+    let why = if report.lighthouse_run_gone > 0 {
+        format!(
+            "task already in the outbox, or a lighthouse row whose run is gone ({} of them)",
+            report.lighthouse_run_gone
+        )
+    } else {
+        "task already in the outbox".to_string()
+    };
     if a.json {
         println!("{}", to_json(&report));
     } else if report.dry_run {
         println!(
-            "dry run: {} dead letters match; {} would be requeued, {} skipped (task already in the outbox); nothing changed",
+            "dry run: {} dead letters match; {} would be requeued, {} skipped ({why}); nothing changed",
             report.matched, report.requeued, report.skipped
         );
     } else {
         println!(
-            "requeued {} of {} dead letters; {} skipped (task already in the outbox, left in the dead table)",
+            "requeued {} of {} dead letters; {} skipped ({why}, left in the dead table)",
             report.requeued, report.matched, report.skipped
         );
     }

@@ -10,7 +10,6 @@
 
 use ::redis::AsyncCommands;
 use serde::Serialize;
-use uuid::Uuid;
 
 use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
@@ -27,7 +26,7 @@ pub enum JobsError {
     #[error(transparent)]
     Cancel(#[from] CancelError),
     #[error("job {job} is cancelled in Postgres, but removing its Redis keys failed ({reason}); run cancel-job again to retry")]
-    RedisCleanup { job: Uuid, reason: String },
+    RedisCleanup { job: String, reason: String },
     #[error("status: {0}")]
     Status(String),
     #[error("status is incomplete: {0}")]
@@ -36,7 +35,7 @@ pub enum JobsError {
 
 #[derive(Serialize)]
 struct CancelOutput {
-    job_id: Uuid,
+    job_id: String,
     already_cancelled: bool,
     outbox_rows_deleted: u64,
     schedule_key: String,
@@ -44,10 +43,13 @@ struct CancelOutput {
 }
 
 /// Cancel `job`: Postgres first, then its Redis keys.
-pub async fn cancel_job(cfg: &Config, job: Uuid, json: bool) -> Result<(), JobsError> {
-    let mut client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-    let done = jobs::cancel(&mut client, job).await?;
-    let key = schedule_key(&cfg.redis.key_prefix, &job.to_string());
+pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), JobsError> {
+    let (mut client, schema) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let done = jobs::cancel(&mut client, &schema, &job).await?;
+    // The schedule key names the job as task_outbox.job_id holds it (the
+    // canonical UUID form where that column is a UUID).
+    let job = jobs::outbox_job_form(schema.outbox_job_id, &job).unwrap_or(job);
+    let key = schedule_key(&cfg.redis.key_prefix, &job);
     let fence = cancel_fence_key(&cfg.redis.key_prefix, &key);
     let cleanup = async {
         let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
@@ -69,19 +71,20 @@ pub async fn cancel_job(cfg: &Config, job: Uuid, json: bool) -> Result<(), JobsE
             .await
             .map_err(|e| e.to_string())?;
         let _: i64 = conn
-            .hdel(format!("{}running", cfg.redis.key_prefix), job.to_string())
+            .hdel(format!("{}running", cfg.redis.key_prefix), &job)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(removed > 0)
     };
-    let removed = cleanup
-        .await
-        .map_err(|reason| JobsError::RedisCleanup { job, reason })?;
+    let removed = cleanup.await.map_err(|reason| JobsError::RedisCleanup {
+        job: job.clone(),
+        reason,
+    })?;
     if json {
         println!(
             "{}",
             to_json(&CancelOutput {
-                job_id: job,
+                job_id: job.clone(),
                 already_cancelled: done.already,
                 outbox_rows_deleted: done.outbox_rows_deleted,
                 schedule_key: key,
@@ -112,6 +115,9 @@ pub struct Status {
     pub oldest_due_age_seconds: Option<f64>,
     /// Rows scheduled for later (retries with backoff, delayed tasks).
     pub future_rows: i64,
+    /// Rows set aside (`run_at = infinity`): bound for the dead table, whose
+    /// id columns cannot hold them (a TEXT task id that is not a UUID).
+    pub set_aside_rows: i64,
     pub dead_letters: i64,
     /// The ten deepest schedule sets; None when Redis could not be read.
     pub schedules: Option<Vec<Schedule>>,
@@ -162,12 +168,13 @@ pub async fn deepest_schedules(
 
 /// Print the relay's view of the backlog.
 pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
-    let client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let (client, _) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     let row = client
         .query_typed_one(
             "SELECT count(*) FILTER (WHERE run_at <= now()),
-                    count(*) FILTER (WHERE run_at > now()),
-                    extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()))::float8
+                    count(*) FILTER (WHERE run_at > now() AND run_at <> 'infinity'),
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()))::float8,
+                    count(*) FILTER (WHERE run_at = 'infinity')
                FROM task_outbox",
             &[],
         )
@@ -177,6 +184,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
         backlog: column(&row, "task_outbox", 0).map_err(|e| JobsError::Status(e.to_string()))?,
         future_rows: column(&row, "task_outbox", 1).map_err(|e| JobsError::Status(e.to_string()))?,
         oldest_due_age_seconds: column(&row, "task_outbox", 2).map_err(|e| JobsError::Status(e.to_string()))?,
+        set_aside_rows: column(&row, "task_outbox", 3).map_err(|e| JobsError::Status(e.to_string()))?,
         dead_letters: dead_letter::count(&client)
             .await
             .map_err(|e| JobsError::Status(e.to_string()))?,
@@ -213,6 +221,14 @@ fn print_status(st: &Status, prefix: &str) {
         None => println!("oldest due row:         -"),
     }
     println!("future-dated rows:      {}", st.future_rows);
+    if st.set_aside_rows > 0 {
+        println!(
+            "set aside:              {} rows (cannot be dead-lettered: ids the dead table cannot hold; run_at = infinity, see README)",
+            st.set_aside_rows
+        );
+    } else {
+        println!("set aside:              0");
+    }
     println!("dead letters:           {}", st.dead_letters);
     match &st.schedules {
         Some(s) if s.is_empty() => println!("schedules ({prefix}sched:*): none"),

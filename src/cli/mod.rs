@@ -60,8 +60,8 @@ pub enum Command {
     },
     /// Cancel a job: mark it cancelled, delete its outbox rows, then clear its Redis keys.
     CancelJob {
-        /// The job's id (UUID).
-        job_id: uuid::Uuid,
+        /// The job's id (a UUID, or any text where jobs.id is TEXT as on the Go sweeper's database).
+        job_id: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -174,8 +174,8 @@ pub fn execute(cli: Cli) -> ExitCode {
                 Ok(())
             } else {
                 block_on(async {
-                    db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-                    println!("# postgres: reachable, outbox schema present");
+                    let schema = db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+                    println!("# postgres: reachable, outbox schema present: {}", schema.describe());
                     let optional =
                         db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await?;
                     for m in &optional {
@@ -212,7 +212,7 @@ async fn verify_cmd(cfg: &Config, ledger: &str, since: Option<String>, json: boo
         Ok(d) => Since::Ago(d.as_millis().min(i64::MAX as u128) as i64),
         Err(_) => Since::At(s),
     });
-    let client = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let (client, _) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT).await?;
     let produced = ledger_rows(&client, ledger, since.as_ref()).await?;
     let report = verify(&client, &mut conn, &cfg.redis.key_prefix, &produced).await?;

@@ -11,14 +11,15 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
-use uuid::Uuid;
 
+use super::schema::Schema;
 use super::{column, ColumnError};
 
 /// Which dead letters a `list` looks at (all filters combine with AND).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
-    pub job: Option<Uuid>,
+    /// A job id, compared as the type of `task_outbox_dead.job_id`.
+    pub job: Option<String>,
     /// Only rows dead-lettered within this long.
     pub since: Option<Duration>,
     /// Only rows whose `last_error` contains this text (case-sensitive).
@@ -30,7 +31,7 @@ pub struct Filter {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Selector {
     Ids(Vec<i64>),
-    Job(Uuid),
+    Job(String),
     Error(String),
     All,
 }
@@ -63,6 +64,10 @@ pub struct RequeueReport {
     /// Left in the dead table because their task is already in the outbox
     /// (re-produced meanwhile) or is selected twice.
     pub skipped: u64,
+    /// Of `skipped`: `lighthouse` rows whose run was deleted (the dead
+    /// table's foreign key set their run id NULL), which `task_outbox`'s
+    /// routing check would refuse.
+    pub lighthouse_run_gone: u64,
     pub dry_run: bool,
 }
 
@@ -89,7 +94,10 @@ impl From<tokio_postgres::Error> for DeadLetterError {
     }
 }
 
-const FILTER: &str = "($1::uuid IS NULL OR job_id = $1)
+/// `job_id` is cast to text rather than `$1` to the column's type, so an id
+/// the column cannot hold matches nothing instead of failing the cast
+/// (these triage queries are not on the hot path).
+const FILTER: &str = "($1::text IS NULL OR job_id::text = $1)
      AND ($2::int8 IS NULL OR dead_lettered_at >= now() - $2 * interval '1 millisecond')
      AND ($3::text IS NULL OR strpos(last_error, $3) > 0)";
 
@@ -98,8 +106,9 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Newest first, at most `limit` rows.
-pub async fn list(client: &Client, f: &Filter, limit: i64) -> Result<Vec<DeadRow>, DeadLetterError> {
+pub async fn list(client: &Client, schema: &Schema, f: &Filter, limit: i64) -> Result<Vec<DeadRow>, DeadLetterError> {
     let since = f.since.map(ms);
+    let job = job_text(schema, f.job.as_deref());
     let sql = format!(
         "SELECT id, original_id, task_id::text, job_id::text, attempts,
                 to_char(dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), last_error
@@ -112,7 +121,7 @@ pub async fn list(client: &Client, f: &Filter, limit: i64) -> Result<Vec<DeadRow
         .query_typed(
             &sql,
             &[
-                (&f.job, Type::UUID),
+                (&job, Type::TEXT),
                 (&since, Type::INT8),
                 (&f.error, Type::TEXT),
                 (&limit, Type::INT8),
@@ -136,8 +145,9 @@ pub async fn list(client: &Client, f: &Filter, limit: i64) -> Result<Vec<DeadRow
 }
 
 /// Count per distinct error over everything the filter matches, largest first.
-pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, DeadLetterError> {
+pub async fn summary(client: &Client, schema: &Schema, f: &Filter) -> Result<Vec<ErrorCount>, DeadLetterError> {
     let since = f.since.map(ms);
+    let job = job_text(schema, f.job.as_deref());
     let sql = format!(
         "SELECT last_error, count(*) FROM task_outbox_dead WHERE {FILTER}
           GROUP BY last_error ORDER BY count(*) DESC, last_error"
@@ -145,7 +155,7 @@ pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, Dea
     let rows = client
         .query_typed(
             &sql,
-            &[(&f.job, Type::UUID), (&since, Type::INT8), (&f.error, Type::TEXT)],
+            &[(&job, Type::TEXT), (&since, Type::INT8), (&f.error, Type::TEXT)],
         )
         .await?;
     Ok(rows
@@ -159,6 +169,13 @@ pub async fn summary(client: &Client, f: &Filter) -> Result<Vec<ErrorCount>, Dea
         .collect::<Result<_, ColumnError>>()?)
 }
 
+/// A job id in the form `task_outbox_dead.job_id::text` gives it back
+/// (canonical for a UUID column); an id that column cannot hold is kept as
+/// given and simply matches nothing.
+fn job_text(schema: &Schema, job: Option<&str>) -> Option<String> {
+    job.map(|j| schema.dead_job_id.stored_form(j).unwrap_or_else(|| j.to_string()))
+}
+
 /// Total dead letters.
 pub async fn count(client: &impl GenericClient) -> Result<i64, DeadLetterError> {
     Ok(client
@@ -168,10 +185,20 @@ pub async fn count(client: &impl GenericClient) -> Result<i64, DeadLetterError> 
 }
 
 /// Move the selected dead letters back into `task_outbox`, atomically.
-pub async fn requeue(client: &mut Client, sel: &Selector, dry_run: bool) -> Result<RequeueReport, DeadLetterError> {
-    let (ids, job, error): (Option<Vec<i64>>, Option<Uuid>, Option<String>) = match sel {
+///
+/// Ids are cast to `task_outbox`'s column types (`schema`); where its
+/// routing check needs a run id, `lighthouse` rows whose run is gone stay
+/// in the dead table (counted in `lighthouse_run_gone`) instead of failing
+/// the whole requeue.
+pub async fn requeue(
+    client: &mut Client,
+    schema: &Schema,
+    sel: &Selector,
+    dry_run: bool,
+) -> Result<RequeueReport, DeadLetterError> {
+    let (ids, job, error): (Option<Vec<i64>>, Option<String>, Option<String>) = match sel {
         Selector::Ids(ids) => (Some(ids.clone()), None, None),
-        Selector::Job(j) => (None, Some(*j), None),
+        Selector::Job(j) => (None, job_text(schema, Some(j)), None),
         Selector::Error(e) => (None, None, Some(e.clone())),
         Selector::All => (None, None, None),
     };
@@ -180,11 +207,11 @@ pub async fn requeue(client: &mut Client, sel: &Selector, dry_run: bool) -> Resu
         .query_typed(
             "SELECT id FROM task_outbox_dead
               WHERE ($1::int8[] IS NULL OR id = ANY($1))
-                AND ($2::uuid IS NULL OR job_id = $2)
+                AND ($2::text IS NULL OR job_id::text = $2)
                 AND ($3::text IS NULL OR strpos(last_error, $3) > 0)
               ORDER BY id
                 FOR UPDATE",
-            &[(&ids, Type::INT8_ARRAY), (&job, Type::UUID), (&error, Type::TEXT)],
+            &[(&ids, Type::INT8_ARRAY), (&job, Type::TEXT), (&error, Type::TEXT)],
         )
         .await?
         .iter()
@@ -197,57 +224,82 @@ pub async fn requeue(client: &mut Client, sel: &Selector, dry_run: bool) -> Resu
         }
     }
     let matched = locked.len() as u64;
+    let (task_t, job_t) = (schema.outbox_task_id.sql(), schema.outbox_job_id.sql());
+    // Rows task_outbox's checks would refuse: left where they are.
+    let run_gone: i64 = if schema.outbox_checks_lighthouse_run {
+        tx.query_typed_one(
+            "SELECT count(*) FROM task_outbox_dead
+              WHERE id = ANY($1) AND task_type = 'lighthouse' AND lighthouse_run_id IS NULL",
+            &[(&locked, Type::INT8_ARRAY)],
+        )
+        .await
+        .map(|r| column(&r, TABLE, 0))??
+    } else {
+        0
+    };
+    let lighthouse_run_gone = run_gone.max(0) as u64;
+    let eligible = if schema.outbox_checks_lighthouse_run {
+        "AND NOT (task_type = 'lighthouse' AND lighthouse_run_id IS NULL)"
+    } else {
+        ""
+    };
     if dry_run {
         let would_skip: i64 = tx
             .query_typed_one(
-                "SELECT count(*) - count(DISTINCT d.task_id) FILTER (WHERE o.task_id IS NULL)
-                   FROM task_outbox_dead d LEFT JOIN task_outbox o ON o.task_id = d.task_id
-                  WHERE d.id = ANY($1)",
+                &format!(
+                    "SELECT count(*) - count(DISTINCT d.task_id) FILTER (WHERE o.task_id IS NULL)
+                       FROM task_outbox_dead d LEFT JOIN task_outbox o ON o.task_id = d.task_id::{task_t}
+                      WHERE d.id = ANY($1) {eligible}"
+                ),
                 &[(&locked, Type::INT8_ARRAY)],
             )
-            .await?
-            .get(0);
-        let skipped = would_skip.max(0) as u64;
+            .await
+            .map(|r| column(&r, TABLE, 0))??;
+        let skipped = (would_skip.max(0) as u64 + lighthouse_run_gone).min(matched);
         return Ok(RequeueReport {
             matched,
             requeued: matched - skipped,
             skipped,
+            lighthouse_run_gone,
             dry_run: true,
         });
     }
     let requeued: i64 = tx
         .query_typed_one(
-            "WITH sel AS (
+            &format!(
+                "WITH sel AS (
                  SELECT DISTINCT ON (task_id) *
                    FROM task_outbox_dead
-                  WHERE id = ANY($1)
+                  WHERE id = ANY($1) {eligible}
                   ORDER BY task_id, dead_lettered_at DESC, id DESC
              ), ins AS (
                  INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
                                           source_type, source_url, run_at, attempts, created_at,
                                           task_type, lighthouse_run_id)
-                 SELECT task_id, job_id, page_id, host, path, priority, retry_count, source_type,
-                        source_url, now(), 0, created_at, task_type, lighthouse_run_id
+                 SELECT task_id::{task_t}, job_id::{job_t}, page_id, host, path, priority, retry_count,
+                        source_type, source_url, now(), 0, created_at, task_type, lighthouse_run_id
                    FROM sel
                  ON CONFLICT (task_id) DO NOTHING
                  RETURNING task_id
              ), del AS (
                  DELETE FROM task_outbox_dead d
-                  USING sel JOIN ins ON ins.task_id = sel.task_id
+                  USING sel JOIN ins ON ins.task_id = sel.task_id::{task_t}
                   WHERE d.id = sel.id
                  RETURNING d.id
              )
-             SELECT count(*) FROM del",
+             SELECT count(*) FROM del"
+            ),
             &[(&locked, Type::INT8_ARRAY)],
         )
-        .await?
-        .get(0);
+        .await
+        .map(|r| column(&r, TABLE, 0))??;
     tx.commit().await?;
     let requeued = requeued.max(0) as u64;
     Ok(RequeueReport {
         matched,
         requeued,
         skipped: matched - requeued,
+        lighthouse_run_gone,
         dry_run: false,
     })
 }

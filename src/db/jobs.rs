@@ -6,8 +6,8 @@
 
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
-use uuid::Uuid;
 
+use super::schema::{IdType, Schema};
 use super::{column, pg_error_text, ColumnError, QueryError};
 
 /// Set one job's `running_tasks` to `count` if it is `running` or
@@ -17,31 +17,33 @@ use super::{column, pg_error_text, ColumnError, QueryError};
 /// read as `int8`, so any integer column type works.
 pub async fn set_running_tasks(
     client: &impl GenericClient,
-    job: Uuid,
+    jobs_id: IdType,
+    job: &str,
     count: i32,
 ) -> Result<Option<Option<i64>>, QueryError> {
-    let row = client
-        .query_typed_opt(
-            "WITH cur AS (
+    // The id is bound as text and cast to the column's type (UUID or TEXT).
+    let sql = format!(
+        "WITH cur AS (
                  SELECT id, running_tasks AS prev FROM jobs
-                  WHERE id = $1 AND status IN ('running', 'pending')
+                  WHERE id = $1::{jobs_id} AND status IN ('running', 'pending')
                     FOR UPDATE
              ), upd AS (
                  UPDATE jobs j SET running_tasks = $2 FROM cur
                   WHERE j.id = cur.id AND cur.prev IS DISTINCT FROM $2
              )
-             SELECT prev::int8 AS running_tasks FROM cur",
-            &[(&job, Type::UUID), (&count, Type::INT4)],
-        )
+             SELECT prev::int8 AS running_tasks FROM cur"
+    );
+    let row = client
+        .query_typed_opt(&sql, &[(&job, Type::TEXT), (&count, Type::INT4)])
         .await?;
     Ok(row.map(|r| column(&r, "jobs", 0)).transpose()?)
 }
 
 /// Jobs that are `running`/`pending` with a non-zero counter.
-pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<Uuid>, QueryError> {
+pub async fn jobs_with_running_tasks(client: &impl GenericClient) -> Result<Vec<String>, QueryError> {
     Ok(client
         .query_typed(
-            "SELECT id FROM jobs WHERE running_tasks > 0 AND status IN ('running', 'pending')",
+            "SELECT id::text FROM jobs WHERE running_tasks > 0 AND status IN ('running', 'pending')",
             &[],
         )
         .await?
@@ -56,9 +58,9 @@ pub const CANCELLABLE: &[&str] = &["pending", "running", "paused", "initialising
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
     #[error("no job with id {0}")]
-    UnknownJob(Uuid),
+    UnknownJob(String),
     #[error("job {job} is {status}; only pending, running, paused or initialising jobs can be cancelled")]
-    NotCancellable { job: Uuid, status: String },
+    NotCancellable { job: String, status: String },
     #[error("cancel failed: {0}")]
     Query(String),
 }
@@ -93,42 +95,65 @@ pub struct Cancelled {
 /// removed the schedule. The caller therefore sets the job's cancel fence
 /// before removing the schedule, and every schedule write checks that fence
 /// inside Redis (`redis::pipeline::FENCED_ZADD`).
-pub async fn cancel(client: &mut Client, job: Uuid) -> Result<Cancelled, CancelError> {
+///
+/// `job` is compared as the type of each column it meets (`schema`: UUID
+/// or TEXT); an id a UUID column cannot hold matches nothing there.
+pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<Cancelled, CancelError> {
     let tx = client.transaction().await?;
-    let status: Option<String> = tx
-        .query_typed_opt(
-            "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
-            &[(&job, Type::UUID)],
+    let status: Option<String> = if schema.jobs_id.accepts(job) {
+        tx.query_typed_opt(
+            &format!("SELECT status FROM jobs WHERE id = $1::{} FOR UPDATE", schema.jobs_id),
+            &[(&job, Type::TEXT)],
         )
         .await?
         .map(|r| column(&r, "jobs", 0))
-        .transpose()?;
+        .transpose()?
+    } else {
+        None
+    };
     let already = match status.as_deref() {
-        None => return Err(CancelError::UnknownJob(job)),
+        None => return Err(CancelError::UnknownJob(job.to_string())),
         Some("cancelled") => true,
         Some(s) if CANCELLABLE.contains(&s) => false,
         Some(s) => {
             return Err(CancelError::NotCancellable {
-                job,
+                job: job.to_string(),
                 status: s.to_string(),
             })
         }
     };
     if !already {
         tx.execute_typed(
-            "UPDATE jobs SET status = 'cancelled', completed_at = now() WHERE id = $1",
-            &[(&job, Type::UUID)],
+            &format!(
+                "UPDATE jobs SET status = 'cancelled', completed_at = now() WHERE id = $1::{}",
+                schema.jobs_id
+            ),
+            &[(&job, Type::TEXT)],
         )
         .await?;
     }
     // Also for an already-cancelled job: rows a producer wrote after the
     // first cancel would otherwise wait forever.
-    let deleted = tx
-        .execute_typed("DELETE FROM task_outbox WHERE job_id = $1", &[(&job, Type::UUID)])
-        .await?;
+    let deleted = match outbox_job_form(schema.outbox_job_id, job) {
+        Some(j) => {
+            tx.execute_typed(
+                &format!("DELETE FROM task_outbox WHERE job_id = $1::{}", schema.outbox_job_id),
+                &[(&j, Type::TEXT)],
+            )
+            .await?
+        }
+        None => 0,
+    };
     tx.commit().await?;
     Ok(Cancelled {
         already,
         outbox_rows_deleted: deleted,
     })
+}
+
+/// The job id as `task_outbox.job_id` holds it (and as the schedule key
+/// names it): canonical for a UUID column, unchanged for TEXT; None when
+/// that column cannot hold it.
+pub fn outbox_job_form(outbox_job_id: IdType, job: &str) -> Option<String> {
+    outbox_job_id.stored_form(job)
 }

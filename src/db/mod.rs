@@ -13,6 +13,7 @@ pub mod listen;
 pub mod migrate;
 pub mod outbox;
 pub mod privileges;
+pub mod schema;
 pub mod tls;
 
 use std::str::FromStr;
@@ -80,6 +81,9 @@ pub enum DbSetupError {
     Unreachable { url: String, reason: String },
     #[error("Postgres at {url} has no outbox schema (tables task_outbox and task_outbox_dead); run `outbox-relay migrate` first")]
     SchemaMissing { url: String },
+    /// One line per thing in the tables the relay cannot work with.
+    #[error("{}", .problems.iter().map(|p| format!("Postgres at {url}: {p}")).collect::<Vec<_>>().join("\n"))]
+    Schema { url: String, problems: Vec<String> },
     /// One line per privilege the role lacks (README "Database roles").
     #[error("{}", .missing.iter().map(|m| format!("Postgres at {url}: {m}")).collect::<Vec<_>>().join("\n"))]
     Privileges { url: String, missing: Vec<String> },
@@ -141,13 +145,18 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Cli
     Ok(client)
 }
 
-/// Check that Postgres answers and that the outbox tables exist.
-pub async fn check_ready(url: &str, timeout: Duration) -> Result<(), DbSetupError> {
-    connect_ready(url, timeout).await.map(drop)
+/// Check that Postgres answers and that the outbox tables exist and have
+/// a shape the relay can work with; returns that shape.
+pub async fn check_ready(url: &str, timeout: Duration) -> Result<schema::Schema, DbSetupError> {
+    connect_ready(url, timeout).await.map(|(_, schema)| schema)
 }
 
-/// A direct connection to a database that has the outbox schema.
-pub async fn connect_ready(url: &str, timeout: Duration) -> Result<tokio_postgres::Client, DbSetupError> {
+/// A direct connection to a database that has the outbox schema, and the
+/// shape of its tables (UUID or TEXT ids, see [`schema`]).
+pub async fn connect_ready(
+    url: &str,
+    timeout: Duration,
+) -> Result<(tokio_postgres::Client, schema::Schema), DbSetupError> {
     let client = connect(url, timeout).await?;
     let row = client
         .query_typed_one(
@@ -159,10 +168,15 @@ pub async fn connect_ready(url: &str, timeout: Duration) -> Result<tokio_postgre
             url: redact_url(url),
             reason: pg_error_text(&e),
         })?;
-    if row.get::<_, bool>(0) {
-        Ok(client)
-    } else {
-        Err(DbSetupError::SchemaMissing { url: redact_url(url) })
+    if !row.get::<_, bool>(0) {
+        return Err(DbSetupError::SchemaMissing { url: redact_url(url) });
+    }
+    match schema::read(&client).await {
+        Ok(schema) => Ok((client, schema)),
+        Err(problems) => Err(DbSetupError::Schema {
+            url: redact_url(url),
+            problems,
+        }),
     }
 }
 

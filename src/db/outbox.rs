@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
+use super::schema::Schema;
 use crate::domain::OutboxRow;
 
 /// Which due rows a tick claims first.
@@ -165,12 +166,22 @@ pub async fn postpone(tx: &Transaction<'_>, ids: &[i64], delay_ms: i64) -> Resul
 /// Move rows to `task_outbox_dead` with `attempts + 1` and their own error.
 ///
 /// One statement (a DELETE … RETURNING feeding an INSERT) inside the tick's
-/// transaction: a row is never in both tables and never in neither.
-pub async fn move_to_dead(tx: &Transaction<'_>, ids: &[i64], errors: &[String]) -> Result<u64, tokio_postgres::Error> {
+/// transaction: a row is never in both tables and never in neither. The ids
+/// are cast to the dead table's column types (`schema`): on the Go
+/// sweeper's database a TEXT id goes into a UUID column, which has no
+/// assignment cast. The caller keeps rows whose ids cannot be cast out of
+/// `ids` ([`Schema::dead_letter_refusal`], then [`set_aside`]), so one such
+/// row cannot fail the statement for the others.
+pub async fn move_to_dead(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    ids: &[i64],
+    errors: &[String],
+) -> Result<u64, tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
-    tx.execute_typed(
+    let sql = format!(
         "WITH moved AS (
              DELETE FROM task_outbox o
               USING unnest($1::int8[], $2::text[]) AS u(id, err)
@@ -181,11 +192,34 @@ pub async fn move_to_dead(tx: &Transaction<'_>, ids: &[i64], errors: &[String]) 
                 (original_id, task_id, job_id, page_id, host, path, priority, retry_count,
                  source_type, source_url, run_at, attempts, created_at, task_type,
                  lighthouse_run_id, last_error)
-         SELECT id, task_id, job_id, page_id, host, path, priority, retry_count,
+         SELECT id, task_id::{}, job_id::{}, page_id, host, path, priority, retry_count,
                 source_type, source_url, run_at, attempts + 1, created_at, task_type,
                 lighthouse_run_id, err
            FROM moved",
-        &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
+        schema.dead_task_id.sql(),
+        schema.dead_job_id.sql(),
+    );
+    tx.execute_typed(&sql, &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)])
+        .await
+}
+
+/// `run_at` of a row set aside: never due, so no tick claims it again.
+pub const SET_ASIDE_RUN_AT: &str = "infinity";
+
+/// Set aside rows that should move to the dead table but cannot (their
+/// ids do not fit its columns, see [`Schema::dead_letter_refusal`]): they
+/// stay in `task_outbox` with `attempts + 1` and `run_at = 'infinity'`, so
+/// they are never claimed again (no hot retry loop), never lost, and
+/// visible to `status` and the `outbox_relay_set_aside_rows` gauge. An
+/// operator fixes the id or deletes the row; `UPDATE task_outbox SET run_at
+/// = now() WHERE run_at = 'infinity'` puts them back in the queue.
+pub async fn set_aside(tx: &Transaction<'_>, ids: &[i64]) -> Result<u64, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.execute_typed(
+        "UPDATE task_outbox SET attempts = attempts + 1, run_at = 'infinity' WHERE id = ANY($1::int8[])",
+        &[(&ids, Type::INT8_ARRAY)],
     )
     .await
 }

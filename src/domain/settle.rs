@@ -51,6 +51,40 @@ pub struct Settlement {
     pub cancelled: usize,
     /// The last error among retried rows, for the log line.
     pub last_retry_error: Option<String>,
+    /// Rows bound for the dead table that it cannot hold (their ids do not
+    /// fit its columns): kept in the outbox, never claimed again.
+    pub aside_ids: Vec<i64>,
+    /// Why each of `aside_ids` was set aside (the column, the value), and
+    /// the error that sent it toward the dead table.
+    pub aside_reasons: Vec<String>,
+}
+
+impl Settlement {
+    /// Take out of the dead-letter move every row `refusal` says the dead
+    /// table cannot hold, and set it aside instead, so one such row never
+    /// fails the move of the others.
+    pub fn set_aside(&mut self, rows: &[OutboxRow], refusal: impl Fn(&OutboxRow) -> Option<String>) {
+        if self.dead_ids.is_empty() {
+            return;
+        }
+        let mut keep_ids = Vec::with_capacity(self.dead_ids.len());
+        let mut keep_errors = Vec::with_capacity(self.dead_errors.len());
+        for (id, err) in self.dead_ids.drain(..).zip(self.dead_errors.drain(..)) {
+            match rows.iter().find(|r| r.id == id).and_then(&refusal) {
+                Some(why) => {
+                    self.aside_ids.push(id);
+                    self.aside_reasons
+                        .push(format!("{why}; it was bound for the dead table: {err}"));
+                }
+                None => {
+                    keep_ids.push(id);
+                    keep_errors.push(err);
+                }
+            }
+        }
+        self.dead_ids = keep_ids;
+        self.dead_errors = keep_errors;
+    }
 }
 
 /// Apply the rules to `rows` and their `outcomes` (same order, same length).
@@ -166,5 +200,28 @@ mod tests {
         assert_eq!(s.postpone_delay_ms, 2000);
         assert_eq!(s.deferred, 2);
         assert_eq!(s.last_retry_error.as_deref(), Some("WRONGTYPE x"));
+    }
+
+    #[test]
+    fn rows_the_dead_table_cannot_hold_are_set_aside_alone() {
+        let mut rows: Vec<OutboxRow> = (1..=3).map(|i| row(i, 2)).collect();
+        rows[1].task_id = "not-a-uuid".into();
+        let outcomes = vec![
+            RowOutcome::Failed("WRONGTYPE".into()),
+            RowOutcome::Failed("WRONGTYPE".into()),
+            RowOutcome::Poison("path contains |".into()),
+        ];
+        let mut s = settle(&rows, outcomes, &policy());
+        assert_eq!(s.dead_ids, [1, 2, 3]);
+        s.set_aside(&rows, |r| {
+            (r.task_id == "not-a-uuid").then(|| "task_id refused".to_string())
+        });
+        assert_eq!(s.dead_ids, [1, 3]);
+        assert_eq!(s.dead_errors, ["WRONGTYPE", "path contains |"]);
+        assert_eq!(s.aside_ids, [2]);
+        assert_eq!(
+            s.aside_reasons,
+            ["task_id refused; it was bound for the dead table: WRONGTYPE"]
+        );
     }
 }

@@ -76,6 +76,7 @@ pub struct Metrics {
     pub backlog_rows: ProbeGauge,
     pub oldest_age_seconds: ProbeGauge,
     pub dead_letter_rows: ProbeGauge,
+    pub set_aside_rows: ProbeGauge,
     pub redis_up: IntGauge,
     pub redis_ping_seconds: ProbeGauge,
     pub running_tasks_skew: Histogram,
@@ -126,7 +127,7 @@ impl Metrics {
         let m = Metrics {
             sweep_rows: counter_vec(
                 "outbox_relay_sweep_rows_total",
-                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered, cancelled: a cancelled job's row deleted unsent).",
+                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered, cancelled: a cancelled job's row deleted unsent, set_aside: bound for the dead table but its ids do not fit that table's columns).",
                 "outcome",
             )?,
             sweep_ticks: counter_vec(
@@ -149,6 +150,11 @@ impl Metrics {
                 &registry,
                 "outbox_relay_dead_letter_rows",
                 "Rows in task_outbox_dead (probe).",
+            )?,
+            set_aside_rows: ProbeGauge::new(
+                &registry,
+                "outbox_relay_set_aside_rows",
+                "Outbox rows set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them (probe).",
             )?,
             redis_up: {
                 let g = IntGauge::new("outbox_relay_redis_up", "1 when the last Redis ping answered, else 0.")?;

@@ -1,0 +1,331 @@
+//! The shape of the tables the relay works on, read from the catalog at
+//! start.
+//!
+//! The relay must run unchanged on the Go sweeper's production database,
+//! whose id columns differ from ours (SPEC §3): `task_outbox.task_id` and
+//! `job_id` are TEXT there, `task_outbox_dead`'s are still UUID, `jobs.id`
+//! is TEXT. Postgres has no `text = uuid` operator (42883) and no
+//! assignment cast from text to uuid (42804), so every statement that
+//! compares or copies an id casts it to the type of the column it meets;
+//! [`Schema`] says which. A value that cannot be cast (a TEXT task id that
+//! is not a UUID, bound for a UUID column) is caught before the statement
+//! with [`IdType::accepts`], so it never fails a statement that carries
+//! other rows.
+//!
+//! [`read`] also reports what the relay cannot work with (a missing table
+//! or column, an id of another type), one problem per line.
+
+use tokio_postgres::GenericClient;
+
+use super::{column, QueryError};
+
+/// The type of an id column, as far as the relay cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdType {
+    Uuid,
+    /// `text` or `character varying`.
+    Text,
+}
+
+impl IdType {
+    /// The SQL type name to cast to: `$1::uuid`, `task_id::text`.
+    pub fn sql(self) -> &'static str {
+        match self {
+            IdType::Uuid => "uuid",
+            IdType::Text => "text",
+        }
+    }
+
+    /// Whether a column of this type takes `value` (for UUID: a subset of
+    /// what Postgres's `uuid_in` accepts, so a value passed here never
+    /// fails the cast: 32 hex digits, either plain or in the 8-4-4-4-12
+    /// form, in either case, optionally in braces).
+    pub fn accepts(self, value: &str) -> bool {
+        match self {
+            IdType::Text => true,
+            IdType::Uuid => uuid_shaped(value),
+        }
+    }
+
+    /// `value` as a column of this type gives it back (`uuid::text` is the
+    /// lower-case hyphenated form), or None when the column cannot take it.
+    pub fn stored_form(self, value: &str) -> Option<String> {
+        match self {
+            IdType::Text => Some(value.to_string()),
+            IdType::Uuid if uuid_shaped(value) => {
+                let hex: String = value
+                    .chars()
+                    .filter(char::is_ascii_hexdigit)
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect();
+                Some(format!(
+                    "{}-{}-{}-{}-{}",
+                    &hex[0..8],
+                    &hex[8..12],
+                    &hex[12..16],
+                    &hex[16..20],
+                    &hex[20..32]
+                ))
+            }
+            IdType::Uuid => None,
+        }
+    }
+
+    fn from_catalog(type_name: &str) -> Option<IdType> {
+        match type_name {
+            "uuid" => Some(IdType::Uuid),
+            "text" | "character varying" => Some(IdType::Text),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for IdType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.sql())
+    }
+}
+
+fn uuid_shaped(value: &str) -> bool {
+    let inner = match value.strip_prefix('{') {
+        Some(rest) => match rest.strip_suffix('}') {
+            Some(inner) => inner,
+            None => return false,
+        },
+        None => value,
+    };
+    let b = inner.as_bytes();
+    match b.len() {
+        32 => b.iter().all(u8::is_ascii_hexdigit),
+        36 => b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        }),
+        _ => false,
+    }
+}
+
+/// The id column types of the three tables, and the checks that matter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schema {
+    pub outbox_task_id: IdType,
+    pub outbox_job_id: IdType,
+    pub dead_task_id: IdType,
+    pub dead_job_id: IdType,
+    pub jobs_id: IdType,
+    /// `task_outbox` has a check on `lighthouse_run_id` (the Go schema's
+    /// routing check: `lighthouse` rows need a run id), so a dead
+    /// `lighthouse` row whose run was deleted (the dead table's foreign
+    /// key sets it NULL) cannot be requeued.
+    pub outbox_checks_lighthouse_run: bool,
+}
+
+impl Default for Schema {
+    /// The relay's own schema (`migrations/`): every id a UUID.
+    fn default() -> Self {
+        Schema {
+            outbox_task_id: IdType::Uuid,
+            outbox_job_id: IdType::Uuid,
+            dead_task_id: IdType::Uuid,
+            dead_job_id: IdType::Uuid,
+            jobs_id: IdType::Uuid,
+            outbox_checks_lighthouse_run: false,
+        }
+    }
+}
+
+impl Schema {
+    /// Why `task_id` / `job_id` of an outbox row cannot be stored in
+    /// `task_outbox_dead`, naming the column; None when both can.
+    pub fn dead_letter_refusal(&self, task_id: &str, job_id: &str) -> Option<String> {
+        for (column, ty, value) in [
+            ("task_id", self.dead_task_id, task_id),
+            ("job_id", self.dead_job_id, job_id),
+        ] {
+            if !ty.accepts(value) {
+                return Some(format!(
+                    "{column} {value:?} cannot be stored in task_outbox_dead.{column} ({ty})"
+                ));
+            }
+        }
+        None
+    }
+
+    /// One line for the start-up log.
+    pub fn describe(&self) -> String {
+        format!(
+            "task_outbox(task_id {}, job_id {}), task_outbox_dead(task_id {}, job_id {}), jobs(id {})",
+            self.outbox_task_id, self.outbox_job_id, self.dead_task_id, self.dead_job_id, self.jobs_id
+        )
+    }
+}
+
+/// Columns the relay reads or writes, per table.
+const OUTBOX_COLUMNS: &[&str] = &[
+    "id",
+    "task_id",
+    "job_id",
+    "page_id",
+    "host",
+    "path",
+    "priority",
+    "retry_count",
+    "source_type",
+    "source_url",
+    "run_at",
+    "attempts",
+    "created_at",
+    "task_type",
+    "lighthouse_run_id",
+];
+const DEAD_EXTRA: &[&str] = &["original_id", "dead_lettered_at", "last_error"];
+const JOBS_COLUMNS: &[&str] = &["id", "status", "running_tasks"];
+
+/// Read the schema; `Err` holds every problem found, one line each.
+pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
+    let columns = read_columns(client).await.map_err(|e| vec![e.text()])?;
+    let mut problems = Vec::new();
+    let find = |table: &str, col: &str| {
+        columns
+            .iter()
+            .find(|(t, c, _)| t == table && c == col)
+            .map(|(_, _, ty)| ty.as_str())
+    };
+    let mut required = |table: &str, cols: &[&str]| {
+        if !columns.iter().any(|(t, _, _)| t == table) {
+            problems.push(format!(
+                "table {table} is missing; run `outbox-relay migrate` (or create it)"
+            ));
+            return;
+        }
+        for col in cols {
+            if find(table, col).is_none() {
+                problems.push(format!("column {table}.{col} is missing"));
+            }
+        }
+    };
+    required("task_outbox", OUTBOX_COLUMNS);
+    required("task_outbox_dead", &[OUTBOX_COLUMNS, DEAD_EXTRA].concat()[..]);
+    required("jobs", JOBS_COLUMNS);
+    let mut id = |table: &str, col: &str| match find(table, col) {
+        Some(ty) => IdType::from_catalog(ty).unwrap_or_else(|| {
+            problems.push(format!(
+                "column {table}.{col} has type {ty}; the relay works with uuid or text ids"
+            ));
+            IdType::Text
+        }),
+        None => IdType::Text,
+    };
+    let schema = Schema {
+        outbox_task_id: id("task_outbox", "task_id"),
+        outbox_job_id: id("task_outbox", "job_id"),
+        dead_task_id: id("task_outbox_dead", "task_id"),
+        dead_job_id: id("task_outbox_dead", "job_id"),
+        jobs_id: id("jobs", "id"),
+        outbox_checks_lighthouse_run: false,
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let checks = client
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                             WHERE conrelid = to_regclass('task_outbox') AND contype = 'c'
+                               AND pg_get_constraintdef(oid) LIKE '%lighthouse_run_id%')",
+            &[],
+        )
+        .await
+        .map_err(|e| vec![super::pg_error_text(&e)])?;
+    Ok(Schema {
+        outbox_checks_lighthouse_run: column(&checks, "pg_constraint", 0).map_err(|e| vec![e.to_string()])?,
+        ..schema
+    })
+}
+
+/// (table, column, type name) of the three tables, as the search path
+/// resolves them (the same tables the relay's statements name).
+async fn read_columns(client: &impl GenericClient) -> Result<Vec<(String, String, String)>, QueryError> {
+    let rows = client
+        .query_typed(
+            "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, NULL)
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              WHERE a.attrelid IN (to_regclass('task_outbox'), to_regclass('task_outbox_dead'), to_regclass('jobs'))
+                AND a.attnum > 0 AND NOT a.attisdropped",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                column(r, "pg_attribute", 0)?,
+                column(r, "pg_attribute", 1)?,
+                column(r, "pg_attribute", 2)?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_columns_take_only_what_uuid_in_takes() {
+        for ok in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        ] {
+            assert!(IdType::Uuid.accepts(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "not-a-uuid",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11 ",
+            " a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "urn:uuid:a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99_9c0b-4ef8-bb6d-6bb9bd380a11",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11\u{e9}",
+        ] {
+            assert!(!IdType::Uuid.accepts(bad), "{bad}");
+        }
+        assert!(IdType::Text.accepts("anything | at all"));
+    }
+
+    #[test]
+    fn stored_form_is_what_the_column_gives_back() {
+        assert_eq!(
+            IdType::Uuid
+                .stored_form("{A0EEBC999C0B4EF8BB6D6BB9BD380A11}")
+                .as_deref(),
+            Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
+        assert_eq!(IdType::Uuid.stored_form("job-7"), None);
+        assert_eq!(IdType::Text.stored_form("Job-7").as_deref(), Some("Job-7"));
+    }
+
+    #[test]
+    fn a_dead_letter_refusal_names_the_column() {
+        let go = Schema {
+            outbox_task_id: IdType::Text,
+            outbox_job_id: IdType::Text,
+            ..Schema::default()
+        };
+        let uuid = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        assert_eq!(go.dead_letter_refusal(uuid, uuid), None);
+        let why = go.dead_letter_refusal("task-1", uuid).expect("refused");
+        assert!(why.contains("task_outbox_dead.task_id (uuid)"), "{why}");
+        let why = go.dead_letter_refusal(uuid, "job-1").expect("refused");
+        assert!(why.contains("task_outbox_dead.job_id (uuid)"), "{why}");
+        let text_dead = Schema {
+            dead_task_id: IdType::Text,
+            dead_job_id: IdType::Text,
+            ..go
+        };
+        assert_eq!(text_dead.dead_letter_refusal("task-1", "job-1"), None);
+    }
+}
