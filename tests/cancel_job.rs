@@ -35,12 +35,12 @@ async fn cancel_job_states_and_refusals() {
     let ids: Vec<Uuid> = statuses.iter().map(|_| Uuid::new_v4()).collect();
     let c = db.client().await;
     for (id, st) in ids.iter().zip(statuses) {
-        c.execute("INSERT INTO jobs (id, status) VALUES ($1, $2)", &[id, &st])
+        c.execute("INSERT INTO jobs (id, status) VALUES ($1::uuid, $2)", &[id, &st])
             .await
             .expect("job");
         c.execute(
             "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-             SELECT gen_random_uuid(), $1, i, 'h', '/x', 1, 's', now() + interval '1 hour' FROM generate_series(1, 3) i",
+             SELECT gen_random_uuid(), $1::uuid, i, 'h', '/x', 1, 's', now() + interval '1 hour' FROM generate_series(1, 3) i",
             &[id],
         )
         .await
@@ -62,7 +62,7 @@ async fn cancel_job_states_and_refusals() {
         assert_eq!(v["outbox_rows_deleted"], 3, "{st}");
         assert_eq!(v["already_cancelled"], false);
         let row = c
-            .query_one("SELECT status, completed_at IS NOT NULL FROM jobs WHERE id = $1", &[id])
+            .query_one("SELECT status, completed_at IS NOT NULL FROM jobs WHERE id::text = $1::uuid::text", &[id])
             .await
             .expect("job");
         assert_eq!(
@@ -103,8 +103,11 @@ async fn cancel_job_states_and_refusals() {
     let o = cancel(&db, &redis_url, &prefix, &Uuid::new_v4().to_string());
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no job with id"));
+    // Any text is a job id where jobs.id is TEXT (the Go schema); where it
+    // is a UUID, an id that is not one simply names no job.
     let o = cancel(&db, &redis_url, &prefix, "not-a-uuid");
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no job with id not-a-uuid"));
 }
 
 #[tokio::test]
@@ -116,7 +119,7 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
     let victim = jobs[0];
     let c = db.client().await;
     for j in &jobs {
-        c.execute("INSERT INTO jobs (id, status) VALUES ($1, 'running')", &[j])
+        c.execute("INSERT INTO jobs (id, status) VALUES ($1::uuid, 'running')", &[j])
             .await
             .expect("job");
     }
@@ -187,7 +190,7 @@ async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job() {
     let proxy = common::proxy::RespProxy::start(server.port).await;
     let job = Uuid::new_v4();
     let c = db.client().await;
-    c.execute("INSERT INTO jobs (id, status) VALUES ($1, 'running')", &[&job])
+    c.execute("INSERT INTO jobs (id, status) VALUES ($1::uuid, 'running')", &[&job])
         .await
         .expect("job");
     proxy.hold_when(&job.to_string());
@@ -196,7 +199,7 @@ async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job() {
         async move {
             c.execute(
                 "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-                 SELECT gen_random_uuid(), $1, i, 'h', '/x', 1, 's', now() FROM generate_series(1, $2) i",
+                 SELECT gen_random_uuid(), $1::uuid, i, 'h', '/x', 1, 's', now() FROM generate_series(1, $2) i",
                 &[&job, &n],
             )
             .await

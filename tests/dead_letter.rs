@@ -33,9 +33,10 @@ async fn insert_dead(db: &TestDb, job: uuid::Uuid, n: i64, error: &str, age: &st
         .execute(
             &format!(
                 "INSERT INTO task_outbox_dead (original_id, task_id, job_id, page_id, host, path, priority,
-                                               source_type, run_at, attempts, last_error, dead_lettered_at)
+                                               source_type, run_at, attempts, last_error, dead_lettered_at,
+                                               created_at)
                  SELECT i, gen_random_uuid(), $1, i::int, 'h.example', '/dead/' || i, 1, 'sitemap', now(), 3, $2,
-                        now() - interval '{age}'
+                        now() - interval '{age}', now() - interval '{age}'
                    FROM generate_series(1, $3::int8) AS i"
             ),
             &[&job, &error, &n],
@@ -272,11 +273,16 @@ async fn requeue_skips_tasks_already_in_the_outbox_and_refuses_bad_input() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--yes"));
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 3);
 
-    // Usage errors: no selector, two selectors, bad uuid, bad duration.
+    // A job id the dead table's job_id column cannot hold names no dead
+    // letter (job ids are text where jobs.id is TEXT): nothing matches.
+    let v = json(&cli(&db, &["dead-letter", "requeue", "--job", "not-a-uuid", "--json"]));
+    assert_eq!(v["matched"], 0, "{v}");
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 3);
+
+    // Usage errors: no selector, two selectors, bad duration.
     for args in [
         &["dead-letter", "requeue"][..],
         &["dead-letter", "requeue", "--all", "--job", &job.to_string()],
-        &["dead-letter", "requeue", "--job", "not-a-uuid"],
         &["dead-letter", "purge", "--older-than", "7 days"],
         &["dead-letter", "list", "--since", "-5m"],
     ] {

@@ -52,7 +52,7 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
     let c = db.client().await;
     let row = c
         .query_one(
-            "SELECT count(*) FILTER (WHERE job_id <> $1), count(*),
+            "SELECT count(*) FILTER (WHERE job_id::text <> $1::uuid::text), count(*),
                     extract(epoch FROM max(run_at) - now())::float8, extract(epoch FROM min(run_at) - now())::float8
                FROM task_outbox",
             &[&poisoned],

@@ -19,8 +19,9 @@ async fn status_reports_backlog_and_deepest_schedules() {
          INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at, created_at)
          SELECT gen_random_uuid(), gen_random_uuid(), i, 'h', '/x', 1, 's', now() + interval '1 hour', now() - interval '10 hours'
            FROM generate_series(1, 4) i;
-         INSERT INTO task_outbox_dead (original_id, task_id, job_id, page_id, host, path, priority, source_type, run_at)
-         VALUES (1, gen_random_uuid(), gen_random_uuid(), 1, 'h', '/x', 1, 's', now());",
+         INSERT INTO task_outbox_dead (original_id, task_id, job_id, page_id, host, path, priority, source_type, run_at,
+                                       attempts, created_at)
+         VALUES (1, gen_random_uuid(), gen_random_uuid(), 1, 'h', '/x', 1, 's', now(), 1, now());",
     )
     .await
     .expect("seed");

@@ -49,8 +49,15 @@ pub enum Command {
         #[arg(long)]
         progress: bool,
     },
-    /// Create or update the outbox tables (idempotent; run before `run`).
-    Migrate,
+    /// Create or update the outbox tables (idempotent; run before `run`). On a
+    /// database with tables of its own (the Go sweeper's), adds only what is
+    /// missing: a table or index that exists (an index by its definition, not
+    /// its name) is skipped and said so; no column or constraint is changed.
+    Migrate {
+        /// Print what each statement would do (run, or skip and why); change nothing, take no lock.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Validate the configuration, print it with passwords redacted and
     /// check that Postgres and Redis answer.
     CheckConfig {
@@ -153,11 +160,26 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Run { progress } => {
             block_on(crate::app::run(cfg, log.clone(), RunOptions { progress })).map_err(RelayError::Run)
         }
-        Command::Migrate => block_on(async {
-            let report = db::migrate::migrate(&cfg.database.url, STARTUP_TIMEOUT, &log).await?;
-            info!(log, "migrations up to date";
-                "applied" => format!("{:?}", report.applied),
-                "already_applied" => format!("{:?}", report.already_applied));
+        Command::Migrate { dry_run } => block_on(async {
+            let report = db::migrate::apply(&cfg.database.url, STARTUP_TIMEOUT, dry_run, &log).await?;
+            if dry_run {
+                for v in &report.already_applied {
+                    println!("migration {v}: already applied");
+                }
+                for step in &report.steps {
+                    println!("{step}");
+                }
+                println!(
+                    "dry run: {} migrations would be applied ({} statements run, {} skipped); nothing changed",
+                    report.applied.len(),
+                    report.steps.iter().filter(|s| s.skipped.is_none()).count(),
+                    report.steps.iter().filter(|s| s.skipped.is_some()).count()
+                );
+            } else {
+                info!(log, "migrations up to date";
+                    "applied" => format!("{:?}", report.applied),
+                    "already_applied" => format!("{:?}", report.already_applied));
+            }
             Ok(())
         }),
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),

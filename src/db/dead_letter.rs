@@ -239,7 +239,7 @@ pub async fn requeue(
     };
     let lighthouse_run_gone = run_gone.max(0) as u64;
     let eligible = if schema.outbox_checks_lighthouse_run {
-        "AND NOT (task_type = 'lighthouse' AND lighthouse_run_id IS NULL)"
+        "AND NOT (d.task_type = 'lighthouse' AND d.lighthouse_run_id IS NULL)"
     } else {
         ""
     };
@@ -269,7 +269,7 @@ pub async fn requeue(
             &format!(
                 "WITH sel AS (
                  SELECT DISTINCT ON (task_id) *
-                   FROM task_outbox_dead
+                   FROM task_outbox_dead d
                   WHERE id = ANY($1) {eligible}
                   ORDER BY task_id, dead_lettered_at DESC, id DESC
              ), ins AS (

@@ -84,6 +84,8 @@ pub struct TestDb {
     pub url: String,
     /// The server's maintenance URL (where the database is created and dropped).
     admin: String,
+    /// It has the Go sweeper's schema (`create_go_schema`).
+    pub go: bool,
 }
 
 impl TestDb {
@@ -91,18 +93,52 @@ impl TestDb {
         TestDb::new_on(&admin_url()).await
     }
 
-    /// A fresh, migrated database on the server behind `admin`.
+    /// A fresh, migrated database on the server behind `admin`. With
+    /// `OUTBOX_TEST_SCHEMA=go` the database first gets the Go sweeper's
+    /// tables (`tests/data/go_schema.sql`: TEXT ids in the outbox, UUID ids
+    /// in the dead table, TEXT `jobs.id`, checks and foreign keys), and
+    /// `migrate` adds what it lacks, as a user adopting the relay would do.
     pub async fn new_on(admin: &str) -> TestDb {
-        let db = TestDb::empty_on(admin).await;
+        let mut db = TestDb::empty_on(admin).await;
+        if go_schema() {
+            db.create_go_schema().await;
+        }
+        db.migrate().await;
+        db
+    }
+
+    /// A database with the Go sweeper's schema, migrated, whatever
+    /// `OUTBOX_TEST_SCHEMA` says.
+    pub async fn go() -> TestDb {
+        let mut db = TestDb::empty().await;
+        db.create_go_schema().await;
+        db.migrate().await;
+        db
+    }
+
+    /// The Go sweeper's tables (`tests/data/go_schema.sql`), not migrated.
+    pub async fn create_go_schema(&mut self) {
+        self.go = true;
+        self.client()
+            .await
+            .batch_execute(&format!(
+                "{GO_SCHEMA};
+                 -- Runs 1..1000 for the lighthouse rows `produce` writes.
+                 INSERT INTO lighthouse_runs (job_id) SELECT 'fixture' FROM generate_series(1, 1000);"
+            ))
+            .await
+            .expect("create the Go schema");
+    }
+
+    async fn migrate(&self) {
         let report = outbox_relay::db::migrate::migrate(
-            &db.url,
+            &self.url,
             Duration::from_secs(10),
             &outbox_relay::telemetry::logging::discard(),
         )
         .await
         .expect("migrate test database");
         assert_eq!(report.applied, [1, 2, 3]);
-        db
     }
 
     /// A database without the outbox schema.
@@ -125,6 +161,7 @@ impl TestDb {
             name,
             url,
             admin: base.to_string(),
+            go: false,
         }
     }
 
@@ -195,6 +232,15 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// The Go sweeper's production schema (SPEC §3), as a fixture.
+pub const GO_SCHEMA: &str = include_str!("../data/go_schema.sql");
+
+/// Whether this run's databases have the Go sweeper's schema
+/// (`OUTBOX_TEST_SCHEMA=go`; scripts/test runs the data tests both ways).
+pub fn go_schema() -> bool {
+    std::env::var("OUTBOX_TEST_SCHEMA").is_ok_and(|v| v == "go")
 }
 
 /// The shipped grants, `deploy/postgres/roles.sql`.
@@ -709,6 +755,27 @@ impl Drop for RelayProcess {
 pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
     let job_ids: Vec<uuid::Uuid> = (0..jobs).map(|_| uuid::Uuid::new_v4()).collect();
     let c = db.client().await;
+    if db.go {
+        // The Go schema checks task_type (crawl | lighthouse) and routing
+        // (lighthouse rows need a run in lighthouse_runs, crawl rows none).
+        c.execute(
+            "WITH run AS (INSERT INTO lighthouse_runs (job_id) VALUES (($1::uuid[])[1]) RETURNING id)
+             INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                      source_type, source_url, run_at, task_type, lighthouse_run_id)
+             SELECT gen_random_uuid(), ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))], i::int,
+                    'host' || (i % 7) || '.example.com', '/page/' || i, (i % 1000) / 7.0, (i % 4)::int,
+                    CASE WHEN i % 2 = 0 THEN 'sitemap' ELSE 'link' END,
+                    CASE WHEN i % 3 = 0 THEN '' ELSE 'https://example.com/src/' || i END,
+                    now() - (i % 5000) * interval '1 millisecond',
+                    CASE WHEN i % 11 = 0 THEN 'lighthouse' ELSE 'crawl' END,
+                    CASE WHEN i % 11 = 0 THEN (SELECT id FROM run) ELSE NULL END
+               FROM generate_series(1, $2::int8) AS i",
+            &[&job_ids, &rows],
+        )
+        .await
+        .expect("seed outbox rows (Go schema)");
+        return job_ids;
+    }
     c.execute(
         "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
                                   source_type, source_url, run_at, task_type, lighthouse_run_id)
@@ -827,8 +894,10 @@ pub async fn produce(
                  SELECT gen_random_uuid() AS task_id, ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))] AS job_id,
                         i::int AS page_id, 'host' || (i % 7) || '.example.com' AS host, '/p/' || i AS path,
                         (i % 100) / 3.0 AS priority, (i % 3)::int AS retry_count, 'sitemap' AS source_type,
-                        'https://example.com/s' AS source_url, now() AS run_at, 'crawl' AS task_type,
-                        CASE WHEN i % 4 = 0 THEN i::int8 END AS lighthouse_run_id
+                        'https://example.com/s' AS source_url, now() AS run_at,
+                        CASE WHEN i % 4 = 0 THEN 'lighthouse' ELSE 'crawl' END AS task_type,
+                        -- Runs 1..1000 exist in the Go schema's lighthouse_runs (see TestDb::new_on).
+                        CASE WHEN i % 4 = 0 THEN 1 + i::int8 % 1000 END AS lighthouse_run_id
                    FROM generate_series(1, $2::int8) AS i
              ), o AS (
                  INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count, source_type,
