@@ -118,6 +118,7 @@ pub async fn ledger_rows(client: &Client, ledger: &str, since: Option<&Since>) -
                 lighthouse_run_id: column(r, "ledger", 10)?,
                 attempts: 0,
                 run_at_ms: column(r, "ledger", 11)?,
+                age_at_claim_ms: (0, 0),
             })
         })
         .collect::<Result<_, ColumnError>>()

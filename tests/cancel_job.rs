@@ -62,7 +62,10 @@ async fn cancel_job_states_and_refusals() {
         assert_eq!(v["outbox_rows_deleted"], 3, "{st}");
         assert_eq!(v["already_cancelled"], false);
         let row = c
-            .query_one("SELECT status, completed_at IS NOT NULL FROM jobs WHERE id::text = $1::uuid::text", &[id])
+            .query_one(
+                "SELECT status, completed_at IS NOT NULL FROM jobs WHERE id::text = $1::uuid::text",
+                &[id],
+            )
             .await
             .expect("job");
         assert_eq!(

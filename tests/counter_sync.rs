@@ -14,7 +14,10 @@ use uuid::Uuid;
 async fn running_tasks(db: &TestDb, job: Uuid) -> i32 {
     db.client()
         .await
-        .query_one("SELECT running_tasks FROM jobs WHERE id::text = $1::uuid::text", &[&job])
+        .query_one(
+            "SELECT running_tasks FROM jobs WHERE id::text = $1::uuid::text",
+            &[&job],
+        )
         .await
         .expect("job row")
         .get(0)
@@ -149,7 +152,10 @@ async fn a_null_or_bigint_running_tasks_column_is_synced_not_a_panic() {
         async move {
             db.client()
                 .await
-                .query_one("SELECT running_tasks FROM jobs WHERE id::text = $1::uuid::text", &[&job])
+                .query_one(
+                    "SELECT running_tasks FROM jobs WHERE id::text = $1::uuid::text",
+                    &[&job],
+                )
                 .await
                 .expect("job row")
                 .get::<_, Option<i64>>(0)

@@ -62,7 +62,9 @@ async fn migrate_adds_only_what_is_missing_and_dry_run_says_what_it_would_do() {
     let (columns, constraints, indexes) = catalog(&db).await;
     let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
 
-    let o = relay_command(&["migrate", "--dry-run"], &env).output().expect("migrate");
+    let o = relay_command(&["migrate", "--dry-run"], &env)
+        .output()
+        .expect("migrate");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     for line in [
@@ -77,7 +79,10 @@ async fn migrate_adds_only_what_is_missing_and_dry_run_says_what_it_would_do() {
     ] {
         assert!(out.contains(line), "no {line:?} in\n{out}");
     }
-    assert_eq!(catalog(&db).await, (columns.clone(), constraints.clone(), indexes.clone()));
+    assert_eq!(
+        catalog(&db).await,
+        (columns.clone(), constraints.clone(), indexes.clone())
+    );
     assert_eq!(
         db.count("SELECT count(*) FROM pg_tables WHERE tablename = 'outbox_relay_migrations'")
             .await,
@@ -93,11 +98,14 @@ async fn migrate_adds_only_what_is_missing_and_dry_run_says_what_it_would_do() {
     let added: Vec<&String> = after_indexes.iter().filter(|i| !indexes.contains(i)).collect();
     assert_eq!(added, ["task_outbox_run_at_id_idx"], "only the claim index is new");
     assert_eq!(
-        db.count("SELECT count(*) FROM pg_trigger WHERE tgname = 'task_outbox_notify'").await,
+        db.count("SELECT count(*) FROM pg_trigger WHERE tgname = 'task_outbox_notify'")
+            .await,
         1
     );
     // Twice is a no-op.
-    let o = relay_command(&["migrate", "--dry-run"], &env).output().expect("migrate");
+    let o = relay_command(&["migrate", "--dry-run"], &env)
+        .output()
+        .expect("migrate");
     assert!(String::from_utf8_lossy(&o.stdout).contains("dry run: 0 migrations would be applied"));
 }
 
@@ -138,7 +146,9 @@ async fn a_text_id_the_dead_table_cannot_hold_is_set_aside_without_blocking_the_
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     wait_until("due rows settled", Duration::from_secs(30), || async {
-        db.count("SELECT count(*) FROM task_outbox WHERE run_at <> 'infinity'").await == 0
+        db.count("SELECT count(*) FROM task_outbox WHERE run_at <> 'infinity'")
+            .await
+            == 0
     })
     .await;
 
@@ -146,10 +156,8 @@ async fn a_text_id_the_dead_table_cannot_hold_is_set_aside_without_blocking_the_
     assert_eq!(members.len(), 200, "every good row delivered");
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 2);
     assert_eq!(
-        db.count(
-            "SELECT count(*) FROM task_outbox_dead WHERE task_type = 'lighthouse' AND lighthouse_run_id = 9"
-        )
-        .await,
+        db.count("SELECT count(*) FROM task_outbox_dead WHERE task_type = 'lighthouse' AND lighthouse_run_id = 9")
+            .await,
         1,
         "a dead-lettered lighthouse row keeps its run"
     );
@@ -162,15 +170,19 @@ async fn a_text_id_the_dead_table_cannot_hold_is_set_aside_without_blocking_the_
         1,
         "the row the dead table cannot hold stays in the outbox, set aside"
     );
-    wait_until("the set-aside row is named in an error line", Duration::from_secs(10), || {
-        let named = relay.records("set aside").iter().any(|r| {
-            r["level"] == "error"
-                && r["reason"]
-                    .as_str()
-                    .is_some_and(|x| x.contains("\"legacy-task-1\"") && x.contains("task_outbox_dead.task_id (uuid)"))
-        });
-        async move { named }
-    })
+    wait_until(
+        "the set-aside row is named in an error line",
+        Duration::from_secs(10),
+        || {
+            let named = relay.records("set aside").iter().any(|r| {
+                r["level"] == "error"
+                    && r["reason"].as_str().is_some_and(|x| {
+                        x.contains("\"legacy-task-1\"") && x.contains("task_outbox_dead.task_id (uuid)")
+                    })
+            });
+            async move { named }
+        },
+    )
     .await;
     wait_until("metrics count it", Duration::from_secs(10), || async {
         let m = scrape(&relay).await;
@@ -185,7 +197,8 @@ async fn a_text_id_the_dead_table_cannot_hold_is_set_aside_without_blocking_the_
     assert_eq!(st["future_rows"], 0, "{st}");
     relay.stop().await;
     assert_eq!(
-        db.count("SELECT attempts::int8 FROM task_outbox WHERE task_id = 'legacy-task-1'").await,
+        db.count("SELECT attempts::int8 FROM task_outbox WHERE task_id = 'legacy-task-1'")
+            .await,
         1,
         "never claimed again: no hot retry loop"
     );
@@ -225,7 +238,10 @@ async fn text_job_ids_drain_sync_and_cancel() {
     wait_drained(&db, Duration::from_secs(30)).await;
     let members = schedule_members(&redis_url, &prefix).await;
     assert_eq!(members.len(), 100);
-    assert!(members.keys().any(|m| m.starts_with("task-2|site-42|2|h|/p/2|1.0000|")), "{members:?}");
+    assert!(
+        members.keys().any(|m| m.starts_with("task-2|site-42|2|h|/p/2|1.0000|")),
+        "{members:?}"
+    );
     wait_until("TEXT job ids synced", Duration::from_secs(30), || async {
         db.count("SELECT sum(running_tasks) FILTER (WHERE id = 'site-42') * 10 + sum(running_tasks) FILTER (WHERE id = 'site-43') FROM jobs")
             .await
@@ -258,7 +274,8 @@ async fn text_job_ids_drain_sync_and_cancel() {
     let exists: bool = conn.exists(format!("{}sched:site-42", &*prefix)).await.expect("EXISTS");
     assert!(!exists, "the schedule is gone");
     assert_eq!(
-        db.count("SELECT count(*) FROM jobs WHERE id = 'site-42' AND status = 'cancelled'").await,
+        db.count("SELECT count(*) FROM jobs WHERE id = 'site-42' AND status = 'cancelled'")
+            .await,
         1
     );
     relay.stop().await;
@@ -330,7 +347,12 @@ async fn a_schema_the_relay_cannot_work_with_is_named_line_by_line() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
         let lines: Vec<&str> = err.lines().filter(|l| l.contains("Postgres at")).collect();
         assert_eq!(lines.len(), 2, "{args:?}: {err}");
-        assert!(lines.iter().any(|l| l.contains("column task_outbox_dead.last_error is missing")), "{err}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("column task_outbox_dead.last_error is missing")),
+            "{err}"
+        );
         assert!(
             lines
                 .iter()

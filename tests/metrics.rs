@@ -305,3 +305,47 @@ async fn backlog_gauges_follow_the_outbox_and_failed_probes_leave_gaps() {
         .expect("allow");
     relay.stop().await;
 }
+
+/// `outbox_relay_delivery_lag_seconds` counts every delivered row once,
+/// from `created_at` and from `run_at`, by the database's clock: rows
+/// created 40 s ago and due 2 s ago land above those marks, never below.
+#[tokio::test]
+async fn delivery_lag_counts_every_delivered_row_from_created_and_from_due() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at, created_at)
+             SELECT gen_random_uuid(), gen_random_uuid(), i, 'h', '/lag/' || i, 1, 's',
+                    now() - interval '2 seconds', now() - interval '40 seconds'
+               FROM generate_series(1, 500) i",
+        )
+        .await
+        .expect("rows");
+    let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let text = scrape_until(&relay, "every delivered row observed", Duration::from_secs(30), |t| {
+        metric_value(t, "outbox_relay_delivery_lag_seconds_count", &[("from", "created")]) == Some(500.0)
+    })
+    .await;
+    let bucket = |from, le| {
+        metric_value(
+            &text,
+            "outbox_relay_delivery_lag_seconds_bucket",
+            &[("from", from), ("le", le)],
+        )
+    };
+    assert_eq!(
+        metric_value(&text, "outbox_relay_delivery_lag_seconds_count", &[("from", "due")]),
+        Some(500.0)
+    );
+    assert_eq!(bucket("created", "30"), Some(0.0), "created 40 s ago: none under 30 s");
+    assert_eq!(bucket("created", "600"), Some(500.0));
+    assert_eq!(bucket("due", "1"), Some(0.0), "due 2 s ago: none under 1 s");
+    assert_eq!(bucket("due", "600"), Some(500.0));
+    assert_eq!(bucket("due", "0.001"), Some(0.0));
+    relay.stop().await;
+}

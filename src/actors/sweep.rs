@@ -150,6 +150,9 @@ pub struct TickReport {
     /// Rows bound for the dead table that it cannot hold, set aside in the
     /// outbox: (outbox id, why).
     pub set_aside: Vec<(i64, String)>,
+    /// Per delivered row: seconds from `created_at`, and from `run_at`, to
+    /// its ZADD acknowledged (observed once the tick has committed).
+    pub delivery_lags: Vec<(f64, f64)>,
     /// Key of the last row claimed (oldest-first lanes resume after it).
     pub cursor: Option<ClaimCursor>,
     /// Microseconds spent in each stage: claim (checkout, begin, claim),
@@ -276,6 +279,7 @@ async fn tick_on(
     let (set, claim) = deadline.run("claim", async { tokio::join!(set, claim) }).await?;
     set.map_err(TickError::db("set timeouts"))?;
     let (rows, cursor) = claim.map_err(TickError::db("claim"))?;
+    let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
         claimed: rows.len(),
         cursor,
@@ -325,6 +329,21 @@ async fn tick_on(
     }
 
     lap(&mut stage_us[1]);
+    // Acknowledged now: the ages at the claim (database clock) plus the
+    // time since (this process's monotonic clock).
+    let since_claim = claimed_at.elapsed().as_secs_f64();
+    report.delivery_lags = rows
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, RowOutcome::Delivered))
+        .map(|(r, _)| {
+            let (created, due) = r.age_at_claim_ms;
+            (
+                created.max(0) as f64 / 1000.0 + since_claim,
+                due.max(0) as f64 / 1000.0 + since_claim,
+            )
+        })
+        .collect();
     let mut plan = settle(&rows, outcomes, &settings.retry);
     let schema = &settings.schema;
     plan.set_aside(&rows, |r| schema.dead_letter_refusal(&r.task_id, &r.job_id));
@@ -625,6 +644,14 @@ impl SweepActor {
             .inc_by(r.dead_lettered as u64);
         rows.with_label_values(&["cancelled"]).inc_by(r.cancelled as u64);
         rows.with_label_values(&["set_aside"]).inc_by(r.set_aside.len() as u64);
+        let (from_created, from_due) = (
+            self.metrics.delivery_lag.with_label_values(&["created"]),
+            self.metrics.delivery_lag.with_label_values(&["due"]),
+        );
+        for (created, due) in &r.delivery_lags {
+            from_created.observe(*created);
+            from_due.observe(*due);
+        }
         for (id, why) in &r.set_aside {
             // One line per row: rare, and each needs an operator's hand.
             error!(self.core.log, "row cannot be dead-lettered and is set aside in the outbox (run_at = infinity); fix or delete it";

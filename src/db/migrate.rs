@@ -424,7 +424,10 @@ mod tests {
             .iter()
             .any(|s| first_line(s).starts_with("CREATE OR REPLACE FUNCTION") && s.ends_with("$$")));
         let sql = "-- a; comment\nSELECT ';'; /* b; */ SELECT $x$ ; $x$;\n-- tail only";
-        assert_eq!(statements(sql), ["-- a; comment\nSELECT ';'", "/* b; */ SELECT $x$ ; $x$"]);
+        assert_eq!(
+            statements(sql),
+            ["-- a; comment\nSELECT ';'", "/* b; */ SELECT $x$ ; $x$"]
+        );
         assert_eq!(statements(MIGRATIONS[0].sql).len(), 6);
     }
 
@@ -459,11 +462,29 @@ mod tests {
     fn equivalence_compares_columns_and_direction_not_names() {
         let c = |v: &[(&str, bool)]| v.iter().map(|(n, d)| (n.to_string(), *d)).collect::<Vec<_>>();
         assert!(equivalent(&c(&[("job_id", false)]), &c(&[("job_id", false)])));
-        assert!(equivalent(&c(&[("at", true)]), &c(&[("at", false)])), "a btree scans backwards");
-        assert!(equivalent(&c(&[("a", false), ("b", true)]), &c(&[("a", true), ("b", false)])));
-        assert!(!equivalent(&c(&[("a", false), ("b", true)]), &c(&[("a", false), ("b", false)])));
-        assert!(!equivalent(&c(&[("run_at", false), ("id", false)]), &c(&[("run_at", false)])));
-        assert!(!equivalent(&c(&[("run_at", false)]), &c(&[("run_at", false), ("id", false)])));
-        assert!(!equivalent(&c(&[("a", false), ("b", false)]), &c(&[("b", false), ("a", false)])));
+        assert!(
+            equivalent(&c(&[("at", true)]), &c(&[("at", false)])),
+            "a btree scans backwards"
+        );
+        assert!(equivalent(
+            &c(&[("a", false), ("b", true)]),
+            &c(&[("a", true), ("b", false)])
+        ));
+        assert!(!equivalent(
+            &c(&[("a", false), ("b", true)]),
+            &c(&[("a", false), ("b", false)])
+        ));
+        assert!(!equivalent(
+            &c(&[("run_at", false), ("id", false)]),
+            &c(&[("run_at", false)])
+        ));
+        assert!(!equivalent(
+            &c(&[("run_at", false)]),
+            &c(&[("run_at", false), ("id", false)])
+        ));
+        assert!(!equivalent(
+            &c(&[("a", false), ("b", false)]),
+            &c(&[("b", false), ("a", false)])
+        ));
     }
 }

@@ -26,7 +26,9 @@ pub enum ClaimOrder {
 
 const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
         source_type, source_url, task_type, lighthouse_run_id, attempts,
-        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at,
+        floor(extract(epoch FROM now() - created_at) * 1000)::int8,
+        floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now()
   ORDER BY run_at, id
@@ -37,7 +39,9 @@ const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
 /// walking the dead entries of rows already delivered.
 const CLAIM_OLDEST_FROM: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
         source_type, source_url, task_type, lighthouse_run_id, attempts,
-        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at,
+        floor(extract(epoch FROM now() - created_at) * 1000)::int8,
+        floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now() AND (run_at, id) >= ($2, $3)
   ORDER BY run_at, id
@@ -46,7 +50,9 @@ const CLAIM_OLDEST_FROM: &str = "SELECT id, task_id::text, job_id::text, page_id
 
 const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
         source_type, source_url, task_type, lighthouse_run_id, attempts,
-        floor(extract(epoch FROM run_at) * 1000)::int8, run_at
+        floor(extract(epoch FROM run_at) * 1000)::int8, run_at,
+        floor(extract(epoch FROM now() - created_at) * 1000)::int8,
+        floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now()
     -- Only the newest 20,000 ids: when fewer than LIMIT rows are
@@ -117,6 +123,7 @@ pub async fn claim_due(
                 lighthouse_run_id: r.try_get(11)?,
                 attempts: r.try_get(12)?,
                 run_at_ms: r.try_get(13)?,
+                age_at_claim_ms: (r.try_get(15)?, r.try_get(16)?),
             })
         })
         .collect::<Result<Vec<_>, tokio_postgres::Error>>()?;

@@ -177,6 +177,7 @@ mod tests {
             lighthouse_run_id: None,
             attempts: 0,
             run_at_ms: 1_700_000_000_123,
+            age_at_claim_ms: (0, 0),
         }
     }
 

@@ -20,4 +20,8 @@ pub struct OutboxRow {
     pub lighthouse_run_id: Option<i64>,
     pub attempts: i32,
     pub run_at_ms: i64,
+    /// Milliseconds from `created_at` to the claim, and from `run_at` to the
+    /// claim, both by the database's clock (so clock skew between the
+    /// relay's host and Postgres never enters the delivery lag).
+    pub age_at_claim_ms: (i64, i64),
 }

@@ -153,6 +153,7 @@ mod tests {
             lighthouse_run_id: None,
             attempts,
             run_at_ms: 0,
+            age_at_claim_ms: (0, 0),
         }
     }
 

@@ -14,14 +14,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use super::health::{ActorHealth, Status};
 use crate::config::MetricsConfig;
 
 /// Tick durations from 1 ms to 10 s.
+/// Delivery lag buckets, 1 ms to 10 min: the SLO is written on these.
+pub const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -73,6 +78,7 @@ pub struct Metrics {
     pub sweep_rows: IntCounterVec,
     pub sweep_ticks: IntCounterVec,
     pub sweep_duration: Histogram,
+    pub delivery_lag: HistogramVec,
     pub backlog_rows: ProbeGauge,
     pub oldest_age_seconds: ProbeGauge,
     pub dead_letter_rows: ProbeGauge,
@@ -140,6 +146,18 @@ impl Metrics {
                 "Duration of sweep ticks that ran (claim to commit or rollback).",
                 DURATION_BUCKETS,
             )?,
+            delivery_lag: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "outbox_relay_delivery_lag_seconds",
+                        "Time from a delivered row's created_at (from=\"created\") or run_at (from=\"due\") to its ZADD acknowledged.",
+                    )
+                    .buckets(LAG_BUCKETS.to_vec()),
+                    &["from"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             backlog_rows: ProbeGauge::new(&registry, "outbox_relay_backlog_rows", "Outbox rows due now (probe).")?,
             oldest_age_seconds: ProbeGauge::new(
                 &registry,
