@@ -3,7 +3,7 @@
 # machine: PostgreSQL on 127.0.0.1:5432 (user root, database test, trust auth
 # from loopback) and Redis on 127.0.0.1:6379. Starts them when stopped,
 # installs them from Debian's packages when missing; also installs the tools
-# the tests start themselves (pgbouncer, prometheus's promtool, and the
+# the tests start themselves (pgbouncer, prometheus's promtool and server, and the
 # openssl command that makes a TLS test server's certificate).
 # Needs root for installs.
 # Idempotent: on a machine where both already run it only checks.
@@ -82,7 +82,9 @@ ensure_redis() {
 ensure_tools() {
   local missing=()
   command -v pgbouncer >/dev/null || missing+=(pgbouncer)
-  command -v promtool >/dev/null || missing+=(prometheus)
+  # Debian's prometheus package has both promtool and the server
+  # (tests/prometheus.rs starts one).
+  { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
   log "pgbouncer, promtool and openssl are installed"

@@ -249,8 +249,13 @@ impl Metrics {
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,
         };
-        for outcome in ["dispatched", "retried", "dead_lettered", "cancelled"] {
+        // Every label value exists from the start at 0, so the first event
+        // after a (re)start is an increase that rate() and alerts can see.
+        for outcome in ["dispatched", "retried", "dead_lettered", "cancelled", "set_aside"] {
             m.sweep_rows.with_label_values(&[outcome]);
+        }
+        for from in ["created", "due"] {
+            m.delivery_lag.with_label_values(&[from]);
         }
         for result in ["ok", "error", "deadline"] {
             m.sweep_ticks.with_label_values(&[result]);
