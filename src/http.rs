@@ -8,7 +8,8 @@
 //!   talks to a service has reached it and is `healthy` now; 503 before
 //!   that and while Postgres or Redis is down or stalled (`waiting_for`
 //!   names the actors that have not connected yet, `unhealthy` those that
-//!   have but are failing now).
+//!   have but are failing now). A paused relay (`outbox-relay pause`) stays
+//!   ready; `paused` in the body says `all`, `jobs` or `no`.
 //! - `/metrics`: the Prometheus text exposition format (health gauges are
 //!   refreshed at scrape time).
 //!
@@ -68,7 +69,7 @@ async fn healthz(health: web::Data<Healths>) -> HttpResponse {
     }
 }
 
-async fn readyz(health: web::Data<Healths>) -> HttpResponse {
+async fn readyz(health: web::Data<Healths>, metrics: web::Data<Metrics>) -> HttpResponse {
     let serving: Vec<&ActorHealth> = health.iter().filter(|h| h.needs_connection()).map(|h| &**h).collect();
     let waiting: Vec<&'static str> = serving.iter().filter(|h| !h.connected()).map(|h| h.name).collect();
     let unhealthy: Vec<&'static str> = serving
@@ -77,7 +78,14 @@ async fn readyz(health: web::Data<Healths>) -> HttpResponse {
         .map(|h| h.name)
         .collect();
     let ready = waiting.is_empty() && unhealthy.is_empty();
-    let body = serde_json::json!({ "ready": ready, "waiting_for": waiting, "unhealthy": unhealthy });
+    // A paused relay is ready: it is doing what it was told, and restarting
+    // or unrouting it would not help. The body says so.
+    let body = serde_json::json!({
+        "ready": ready,
+        "waiting_for": waiting,
+        "unhealthy": unhealthy,
+        "paused": metrics.paused_state(),
+    });
     if ready {
         HttpResponse::Ok().json(body)
     } else {

@@ -38,11 +38,14 @@ async fn migrate_twice_is_a_no_op() {
     let second = run(&["migrate"], &env);
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(String::from_utf8_lossy(&second.stdout).contains("\"applied\":\"[]\""));
-    assert_eq!(db.count("SELECT count(*) FROM outbox_relay_migrations").await, 3);
     assert_eq!(
-        db.count("SELECT count(*) FROM information_schema.tables WHERE table_name IN ('task_outbox', 'task_outbox_dead', 'jobs')")
+        db.count("SELECT count(*) FROM outbox_relay_migrations").await,
+        outbox_relay::db::migrate::MIGRATIONS.len() as i64
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM information_schema.tables WHERE table_name IN ('task_outbox', 'task_outbox_dead', 'jobs', 'outbox_relay_pause')")
             .await,
-        3
+        4
     );
 }
 

@@ -23,11 +23,16 @@ GRANT SELECT, INSERT, DELETE ON task_outbox_dead TO outbox_relay;
 GRANT USAGE ON SEQUENCE task_outbox_dead_id_seq TO outbox_relay;
 GRANT SELECT ON SEQUENCE task_outbox_id_seq TO outbox_relay;
 GRANT SELECT, UPDATE ON jobs TO outbox_relay;
+-- The claim skips paused jobs (`outbox-relay pause`).
+GRANT SELECT ON outbox_relay_pause TO outbox_relay;
 
--- Triage: `dead-letter list|requeue|purge`, `cancel-job`, `status`.
+-- Triage: `dead-letter list|requeue|purge`, `cancel-job`, `status`,
+-- `pause`, `resume`.
 -- requeue locks dead letters (UPDATE) and inserts outbox rows (sequence
 -- USAGE); cancel-job locks and updates the job and deletes its rows.
 GRANT SELECT, INSERT, DELETE ON task_outbox TO outbox_triage;
 GRANT USAGE ON SEQUENCE task_outbox_id_seq TO outbox_triage;
 GRANT SELECT, UPDATE, DELETE ON task_outbox_dead TO outbox_triage;
 GRANT SELECT, UPDATE ON jobs TO outbox_triage;
+-- `pause` and `resume` write the control table.
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_pause TO outbox_triage;

@@ -39,10 +39,24 @@ pub struct Probe {
 /// What one probe round found; an `Err` is a probe that failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeReport {
-    /// (due rows, age in seconds of the oldest due row by created_at, dead
-    /// letters, rows set aside)
-    pub outbox: Result<(i64, f64, i64, i64), String>,
+    pub outbox: Result<OutboxProbe, String>,
     pub redis_ping: Result<Duration, String>,
+}
+
+/// What the outbox probe read.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct OutboxProbe {
+    /// Rows due now.
+    pub backlog: i64,
+    /// Age in seconds of the oldest due row by `created_at` (0: none due).
+    pub oldest_age: f64,
+    pub dead_letters: i64,
+    /// Rows set aside (`run_at = 'infinity'`).
+    pub set_aside: i64,
+    /// Everything is paused (`outbox-relay pause`).
+    pub paused_all: bool,
+    /// Jobs paused one by one.
+    pub paused_jobs: i64,
 }
 
 /// Probe Postgres and Redis concurrently, each bounded by `deadline`.
@@ -61,7 +75,9 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
                     "SELECT count(*) FILTER (WHERE run_at <= now()),
                             COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now())), 0)::float8,
                             (SELECT count(*) FROM task_outbox_dead),
-                            count(*) FILTER (WHERE run_at = 'infinity')
+                            count(*) FILTER (WHERE run_at = 'infinity'),
+                            (SELECT count(*) FILTER (WHERE scope = '*') FROM outbox_relay_pause),
+                            (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause)
                        FROM task_outbox",
                     &[],
                 ),
@@ -72,12 +88,14 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
         tx.commit().await.map_err(q)?;
         let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(|e| e.to_string());
         let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(|e| e.to_string())?;
-        Ok::<_, String>((
-            col(0)?.unwrap_or(0),
-            age.unwrap_or(0.0).max(0.0),
-            col(2)?.unwrap_or(0),
-            col(3)?.unwrap_or(0),
-        ))
+        Ok::<_, String>(OutboxProbe {
+            backlog: col(0)?.unwrap_or(0),
+            oldest_age: age.unwrap_or(0.0).max(0.0),
+            dead_letters: col(2)?.unwrap_or(0),
+            set_aside: col(3)?.unwrap_or(0),
+            paused_all: col(4)?.unwrap_or(0) > 0,
+            paused_jobs: col(5)?.unwrap_or(0),
+        })
     };
     let ping = async {
         let started = tokio::time::Instant::now();
@@ -141,11 +159,13 @@ impl MetricsActor {
     fn apply(&mut self, report: ProbeReport) {
         let m = &self.metrics;
         match report.outbox {
-            Ok((backlog, age, dead, aside)) => {
-                m.backlog_rows.set(backlog as f64);
-                m.oldest_age_seconds.set(age);
-                m.dead_letter_rows.set(dead as f64);
-                m.set_aside_rows.set(aside as f64);
+            Ok(p) => {
+                m.backlog_rows.set(p.backlog as f64);
+                m.oldest_age_seconds.set(p.oldest_age);
+                m.dead_letter_rows.set(p.dead_letters as f64);
+                m.set_aside_rows.set(p.set_aside as f64);
+                m.paused.set(i64::from(p.paused_all));
+                m.paused_jobs.set(p.paused_jobs);
             }
             Err(e) => {
                 m.backlog_rows.clear();

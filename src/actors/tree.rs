@@ -52,6 +52,8 @@ pub struct Relay {
     listener: Option<actix_rt::task::JoinHandle<()>>,
     /// Set once shutdown begins: the watchdog stops (stopping actors go quiet).
     stopping: Arc<AtomicBool>,
+    /// The metrics (what is paused, for the last health lines).
+    telemetry: Metrics,
 }
 
 /// The health record of every actor.
@@ -232,7 +234,12 @@ pub fn start(
         ))
     });
 
-    let reporter = actix_rt::spawn(report_health(health.clone(), health_interval, log.clone()));
+    let reporter = actix_rt::spawn(report_health(
+        health.clone(),
+        metrics.clone(),
+        health_interval,
+        log.clone(),
+    ));
     let stopping = Arc::new(AtomicBool::new(false));
     let watched = vec![
         Watched {
@@ -273,38 +280,41 @@ pub fn start(
             reporter,
             listener,
             stopping,
+            telemetry: metrics.clone(),
         },
         fatal,
     )
 }
 
 /// One `actor health` line per actor every `interval`.
-async fn report_health(health: Arc<Vec<Arc<ActorHealth>>>, interval: Duration, log: Logger) {
+/// Each line also says what is paused (`outbox-relay pause`): a paused
+/// relay is healthy, and says why it delivers nothing.
+async fn report_health(health: Arc<Vec<Arc<ActorHealth>>>, metrics: Metrics, interval: Duration, log: Logger) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
         ticker.tick().await;
         for h in health.iter() {
-            log_health(&log, h, false);
+            log_health(&log, h, metrics.paused_state(), false);
         }
     }
 }
 
 /// One health line; unhealthy states are warnings unless the process is
 /// shutting down on purpose.
-fn log_health(log: &Logger, h: &ActorHealth, shutting_down: bool) {
+fn log_health(log: &Logger, h: &ActorHealth, paused: &'static str, shutting_down: bool) {
     let s = h.snapshot();
     let last_error = s.last_error.unwrap_or_default();
     if s.status == Status::Healthy || shutting_down {
         info!(log, "actor health";
             "actor" => s.actor, "status" => s.status.as_str(), "restarts" => s.restarts,
             "last_ok_ms_ago" => s.last_ok_ms_ago, "processed" => s.processed,
-            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded);
+            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded, "paused" => paused);
     } else {
         warn!(log, "actor health";
             "actor" => s.actor, "status" => s.status.as_str(), "restarts" => s.restarts,
             "last_ok_ms_ago" => s.last_ok_ms_ago, "processed" => s.processed,
-            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded,
+            "failures" => s.failures, "deadline_exceeded" => s.deadline_exceeded, "paused" => paused,
             "last_error" => last_error);
     }
 }
@@ -323,7 +333,7 @@ impl Relay {
         }
         for h in self.health.iter() {
             h.set_stopped();
-            log_health(log, h, true);
+            log_health(log, h, self.telemetry.paused_state(), true);
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::jobs::{self, CancelError};
-use crate::db::{self, column, dead_letter, pg_error_text, DbSetupError};
+use crate::db::{self, column, dead_letter, pause, pg_error_text, DbSetupError};
 use crate::deadline::STARTUP_TIMEOUT;
 use crate::domain::{cancel_fence_key, schedule_key};
 use crate::redis::keys::{keys_matching, per_key};
@@ -29,6 +29,8 @@ pub enum JobsError {
     RedisCleanup { job: String, reason: String },
     #[error("status: {0}")]
     Status(String),
+    #[error("{0}")]
+    Pause(String),
     #[error("status is incomplete: {0}")]
     Partial(String),
 }
@@ -119,6 +121,8 @@ pub struct Status {
     /// id columns cannot hold them (a TEXT task id that is not a UUID).
     pub set_aside_rows: i64,
     pub dead_letters: i64,
+    /// Pauses in force (`outbox-relay pause`): scope `*` is everything.
+    pub paused: Vec<crate::db::pause::Pause>,
     /// The ten deepest schedule sets; None when Redis could not be read.
     pub schedules: Option<Vec<Schedule>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,6 +192,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
         dead_letters: dead_letter::count(&client)
             .await
             .map_err(|e| JobsError::Status(e.to_string()))?,
+        paused: pause::list(&client).await.map_err(|e| JobsError::Status(e.text()))?,
         ..Status::default()
     };
     let redis: Result<Vec<Schedule>, String> = async {
@@ -230,6 +235,26 @@ fn print_status(st: &Status, prefix: &str) {
         println!("set aside:              0");
     }
     println!("dead letters:           {}", st.dead_letters);
+    if st.paused.is_empty() {
+        println!("paused:                 no");
+    }
+    for p in &st.paused {
+        let what = if p.scope == pause::ALL {
+            "everything (no relay claims any row)".to_string()
+        } else {
+            format!("job {}", p.scope)
+        };
+        println!(
+            "paused:                 {what} since {} by {}{}",
+            p.paused_at,
+            p.paused_by,
+            if p.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", p.reason)
+            }
+        );
+    }
     match &st.schedules {
         Some(s) if s.is_empty() => println!("schedules ({prefix}sched:*): none"),
         Some(s) => {
@@ -243,6 +268,90 @@ fn print_status(st: &Status, prefix: &str) {
             st.redis_error.as_deref().unwrap_or("unknown")
         ),
     }
+}
+
+#[derive(Serialize)]
+struct PauseOutput {
+    scope: String,
+    paused: bool,
+    changed: bool,
+}
+
+/// The pause scope for `job` (None: everything), in the form the claim
+/// compares (`task_outbox.job_id::text`).
+async fn pause_scope(cfg: &Config, job: Option<String>) -> Result<(tokio_postgres::Client, String), JobsError> {
+    let (client, schema) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    let scope = match job {
+        None => pause::ALL.to_string(),
+        Some(j) => schema.outbox_job_id.stored_form(&j).ok_or_else(|| {
+            JobsError::Pause(format!(
+                "job id {j:?} cannot name a job: task_outbox.job_id is a {} column",
+                schema.outbox_job_id
+            ))
+        })?,
+    };
+    Ok((client, scope))
+}
+
+fn describe(scope: &str) -> String {
+    if scope == pause::ALL {
+        "every relay on this database".to_string()
+    } else {
+        format!("job {scope}")
+    }
+}
+
+/// `outbox-relay pause [--job ID]`.
+pub async fn pause(cfg: &Config, job: Option<String>, reason: &str, json: bool) -> Result<(), JobsError> {
+    let (client, scope) = pause_scope(cfg, job).await?;
+    let changed = pause::pause(&client, &scope, reason)
+        .await
+        .map_err(|e| JobsError::Pause(format!("pause failed: {}", e.text())))?;
+    if json {
+        println!(
+            "{}",
+            to_json(&PauseOutput {
+                scope,
+                paused: true,
+                changed
+            })
+        );
+    } else if changed {
+        println!(
+            "paused {}: no row is claimed from each relay's next tick; ticks in flight finish; resume with `outbox-relay resume{}`",
+            describe(&scope),
+            if scope == pause::ALL { String::new() } else { format!(" --job {scope}") }
+        );
+    } else {
+        println!("{} was already paused", describe(&scope));
+    }
+    Ok(())
+}
+
+/// `outbox-relay resume [--job ID]`.
+pub async fn resume(cfg: &Config, job: Option<String>, json: bool) -> Result<(), JobsError> {
+    let (client, scope) = pause_scope(cfg, job).await?;
+    let changed = pause::resume(&client, &scope)
+        .await
+        .map_err(|e| JobsError::Pause(format!("resume failed: {}", e.text())))?;
+    if json {
+        println!(
+            "{}",
+            to_json(&PauseOutput {
+                scope,
+                paused: false,
+                changed
+            })
+        );
+    } else if changed {
+        println!(
+            "resumed {}: rows are claimed again from each relay's next tick",
+            describe(&scope)
+        );
+    } else {
+        println!("{} was not paused", describe(&scope));
+    }
+    Ok(())
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {

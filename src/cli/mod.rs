@@ -73,7 +73,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Backlog, oldest due age, future-dated rows, dead letters and the deepest schedules.
+    /// Pause delivery: every relay on the database stops claiming rows (of
+    /// one job with --job) from its next tick; ticks in flight finish. Rows
+    /// wait with their attempts untouched; relays stay healthy and say so.
+    Pause {
+        /// Pause only this job's rows.
+        #[arg(long, value_name = "JOB_ID")]
+        job: Option<String>,
+        /// Why (shown by `status`, the health lines' readers, and the next operator).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume what `pause` paused (everything, or one job with --job).
+    Resume {
+        /// Resume only this job (a pause of everything stays).
+        #[arg(long, value_name = "JOB_ID")]
+        job: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Backlog, oldest due age, future-dated rows, dead letters, pauses and the deepest schedules.
     Status {
         /// Print JSON.
         #[arg(long)]
@@ -184,6 +207,10 @@ pub fn execute(cli: Cli) -> ExitCode {
         }),
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
+        Command::Pause { job, reason, json } => {
+            block_on(jobs::pause(&cfg, job, &reason, json)).map_err(RelayError::Jobs)
+        }
+        Command::Resume { job, json } => block_on(jobs::resume(&cfg, job, json)).map_err(RelayError::Jobs),
         Command::Verify { ledger, since, json } => block_on(verify_cmd(&cfg, &ledger, since, json)),
         Command::Bench(mut args) => {
             args.config = cli.config.clone();

@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claim_index",
         sql: include_str!("../../migrations/0003_claim_index.sql"),
     },
+    Migration {
+        version: 4,
+        name: "pause",
+        sql: include_str!("../../migrations/0004_pause.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod pause;
 pub mod privileges;
 pub mod schema;
 pub mod tls;

@@ -31,6 +31,8 @@ const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
         floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now()
+    AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
+    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
   ORDER BY run_at, id
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
@@ -44,6 +46,8 @@ const CLAIM_OLDEST_FROM: &str = "SELECT id, task_id::text, job_id::text, page_id
         floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now() AND (run_at, id) >= ($2, $3)
+    AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
+    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
   ORDER BY run_at, id
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
@@ -55,6 +59,8 @@ const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
         floor(extract(epoch FROM now() - run_at) * 1000)::int8
    FROM task_outbox
   WHERE run_at <= now()
+    AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
+    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
     -- Only the newest 20,000 ids: when fewer than LIMIT rows are
     -- there, the backward scan stops at this bound instead of walking every
     -- dead entry a past drain left in the primary key. Older rows are the
@@ -73,7 +79,8 @@ pub struct ClaimCursor {
     pub id: i64,
 }
 
-/// Claim up to `limit` due rows in `order` (oldest-first from `from` when
+/// Claim up to `limit` due rows in `order` that are not paused
+/// (`outbox_relay_pause`: scope `*` pauses everything, a job id its rows) (oldest-first from `from` when
 /// given), skipping rows another tick or relay holds. Returns the rows and
 /// the key of the last one. UUIDs come back as text: the member needs their
 /// canonical form, and text columns avoid any type lookup behind pgbouncer.

@@ -60,6 +60,7 @@ pub const RUN: &[Need] = &[
     need(Object::Table("task_outbox_dead"), "DELETE"),
     need(Object::IdSequence("task_outbox_dead"), "USAGE"),
     need(Object::IdSequence("task_outbox"), "SELECT, USAGE"),
+    need(Object::Table("outbox_relay_pause"), "SELECT"),
     Need {
         object: Object::Table("jobs"),
         privilege: "SELECT",

@@ -207,6 +207,7 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
     required("task_outbox", OUTBOX_COLUMNS);
     required("task_outbox_dead", &[OUTBOX_COLUMNS, DEAD_EXTRA].concat()[..]);
     required("jobs", JOBS_COLUMNS);
+    required("outbox_relay_pause", &["scope"]);
     let mut id = |table: &str, col: &str| match find(table, col) {
         Some(ty) => IdType::from_catalog(ty).unwrap_or_else(|| {
             problems.push(format!(
@@ -242,14 +243,15 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
     })
 }
 
-/// (table, column, type name) of the three tables, as the search path
+/// (table, column, type name) of the relay's tables, as the search path
 /// resolves them (the same tables the relay's statements name).
 async fn read_columns(client: &impl GenericClient) -> Result<Vec<(String, String, String)>, QueryError> {
     let rows = client
         .query_typed(
             "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, NULL)
                FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-              WHERE a.attrelid IN (to_regclass('task_outbox'), to_regclass('task_outbox_dead'), to_regclass('jobs'))
+              WHERE a.attrelid IN (to_regclass('task_outbox'), to_regclass('task_outbox_dead'), to_regclass('jobs'),
+                                   to_regclass('outbox_relay_pause'))
                 AND a.attnum > 0 AND NOT a.attisdropped",
             &[],
         )

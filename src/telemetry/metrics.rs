@@ -83,6 +83,10 @@ pub struct Metrics {
     pub oldest_age_seconds: ProbeGauge,
     pub dead_letter_rows: ProbeGauge,
     pub set_aside_rows: ProbeGauge,
+    /// 1 while everything is paused (`outbox-relay pause`), by the last probe.
+    pub paused: IntGauge,
+    /// Jobs paused one by one, by the last probe.
+    pub paused_jobs: IntGauge,
     pub redis_up: IntGauge,
     pub redis_ping_seconds: ProbeGauge,
     pub running_tasks_skew: Histogram,
@@ -104,6 +108,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// What is paused, by the last probe: `no`, `all`, or `jobs` (some
+    /// jobs). For the health lines and `/readyz`.
+    pub fn paused_state(&self) -> &'static str {
+        if self.paused.get() > 0 {
+            "all"
+        } else if self.paused_jobs.get() > 0 {
+            "jobs"
+        } else {
+            "no"
+        }
+    }
+
     pub fn new(cfg: &MetricsConfig) -> Result<Self, MetricsError> {
         let labels = HashMap::from([
             ("app".to_string(), cfg.app.clone()),
@@ -174,6 +190,22 @@ impl Metrics {
                 "outbox_relay_set_aside_rows",
                 "Outbox rows set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them (probe).",
             )?,
+            paused: {
+                let g = IntGauge::new(
+                    "outbox_relay_paused",
+                    "1 while delivery is paused for every job (outbox-relay pause), else 0 (probe).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            paused_jobs: {
+                let g = IntGauge::new(
+                    "outbox_relay_paused_jobs",
+                    "Jobs whose delivery is paused one by one (outbox-relay pause --job) (probe).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             redis_up: {
                 let g = IntGauge::new("outbox_relay_redis_up", "1 when the last Redis ping answered, else 0.")?;
                 registry.register(Box::new(g.clone()))?;
