@@ -26,6 +26,7 @@ use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::redis::memory::{MemoryGate, Transition};
 use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError};
 use crate::redis::{self as rds, Redis};
 use crate::telemetry::health::ActorHealth;
@@ -59,6 +60,8 @@ pub struct DispatchActor {
     /// A WAIT shortfall / an unreachable cluster node was reported and has not cleared.
     wait_short: bool,
     nodes_unreachable: bool,
+    /// Memory back-pressure (survives restarts with the actor struct).
+    memory: Arc<MemoryGate>,
 }
 
 impl DispatchActor {
@@ -69,6 +72,7 @@ impl DispatchActor {
         metrics: Metrics,
         log: &Logger,
     ) -> Self {
+        let memory = Arc::new(MemoryGate::new(settings.redis.max_memory_ratio));
         DispatchActor {
             core: Core::new(health, supervision, settings.error_budget, log),
             settings,
@@ -78,6 +82,7 @@ impl DispatchActor {
             ping_in_flight: false,
             wait_short: false,
             nodes_unreachable: false,
+            memory,
         }
     }
 
@@ -101,6 +106,26 @@ impl DispatchActor {
                     fail_dependency(self, ctx, format!("{streak} consecutive failures, last: {e}"));
                 }
             }
+        }
+    }
+
+    /// Log a back-pressure change once, and keep its gauges current.
+    fn memory_changed(&mut self, transition: Option<Transition>) {
+        self.metrics.redis_backpressure.set(i64::from(self.memory.is_closed()));
+        if let Some(r) = self.memory.ratio() {
+            self.metrics.redis_memory_ratio.set(r);
+        }
+        match transition {
+            Some(Transition::Closed { ratio }) => {
+                warn!(self.core.log, "redis memory is nearly full; writes stop until it drains (rows wait in the outbox, no attempt counted)";
+                    "used_share" => format!("{:.3}", ratio), "stop_at" => self.settings.redis.max_memory_ratio,
+                    "resume_below" => format!("{:.3}", self.memory.low()));
+            }
+            Some(Transition::Opened { ratio }) => {
+                info!(self.core.log, "redis memory back below the mark; writing again";
+                    "used_share" => format!("{:.3}", ratio));
+            }
+            None => {}
         }
     }
 
@@ -220,10 +245,32 @@ impl Handler<DispatchBatch> for DispatchActor {
         };
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
-        let work = contain(async move { zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await });
+        let gate = self.memory.clone();
+        let work = contain(async move {
+            let transition = gate.refresh(&redis, msg.deadline).await;
+            if gate.is_closed() {
+                let why = format!(
+                    "used_memory at {:.0}% of maxmemory (redis.max_memory_ratio {:.2}); writing again below {:.0}%",
+                    gate.ratio().unwrap_or(0.0) * 100.0,
+                    gate.high(),
+                    gate.low() * 100.0
+                );
+                return (transition, Err(DispatchError::BackPressure(why)));
+            }
+            (
+                transition,
+                zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await,
+            )
+        });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
-            Ok(result) => {
-                act.record(result.as_ref().map(|_| ()), ctx);
+            Ok((transition, result)) => {
+                act.memory_changed(transition);
+                // Holding back on purpose is not a failure of the actor.
+                let recorded = match &result {
+                    Err(DispatchError::BackPressure(_)) => Ok(()),
+                    r => r.as_ref().map(|_| ()),
+                };
+                act.record(recorded, ctx);
                 result.map(|batch| act.report(batch))
             }
             Err(panic) => {

@@ -143,6 +143,8 @@ pub struct TickReport {
     pub deferred: usize,
     /// Redis gave no usable reply: no row was charged an attempt.
     pub redis_unavailable: Option<String>,
+    /// Writes are held back: Redis memory is at `redis.max_memory_ratio`.
+    pub back_pressure: Option<String>,
     /// Redis reported a server-wide condition for some entries (OOM, READONLY, WAIT shortfall).
     pub deferred_reason: Option<String>,
     pub last_retry_error: Option<String>,
@@ -325,6 +327,8 @@ async fn tick_on(
             Err(DispatchError::Deadline(e)) => return Err(TickError::Deadline(e)),
             // Not the rows' fault: they stay as they are (outcomes remain Deferred).
             Err(DispatchError::Unavailable(why)) => report.redis_unavailable = Some(why),
+            // Held back on purpose (Redis nearly full): the rows wait as they are.
+            Err(DispatchError::BackPressure(why)) => report.back_pressure = Some(why),
         }
     }
 
@@ -580,6 +584,7 @@ impl SweepActor {
                 }
                 if report.claimed == self.settings.batch_size as usize
                     && report.redis_unavailable.is_none()
+                    && report.back_pressure.is_none()
                     // Rows Redis refused are postponed; keep draining as
                     // long as some of the batch could be settled.
                     && report.deferred < report.claimed

@@ -138,6 +138,11 @@ pub struct RedisConfig {
     /// time is refused. Must exceed any stall or partition Redis can resume
     /// from with old writes still queued.
     pub cancel_fence_ttl: Dur,
+    /// Back-pressure: when Redis has a `maxmemory` and `used_memory`
+    /// reaches this share of it, the relay stops writing (rows wait in the
+    /// outbox, no attempt counted) until it falls below this minus 0.05,
+    /// instead of driving Redis into OOM refusals. 1 = only when full.
+    pub max_memory_ratio: f64,
 }
 
 /// How the relay talks to Redis.
@@ -160,6 +165,7 @@ impl Default for RedisConfig {
             cluster_urls: Vec::new(),
             tls_ca_file: String::new(),
             cancel_fence_ttl: Dur::secs(7 * 86_400),
+            max_memory_ratio: 0.9,
         }
     }
 }

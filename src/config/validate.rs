@@ -96,6 +96,15 @@ impl Config {
                 ),
             );
         }
+        if !(self.redis.max_memory_ratio > 0.1 && self.redis.max_memory_ratio <= 1.0) {
+            bad(
+                "redis.max_memory_ratio",
+                format!(
+                    "{} is out of range: a share of Redis's maxmemory above 0.1 and at most 1 (0.9 = stop writing at 90%)",
+                    self.redis.max_memory_ratio
+                ),
+            );
+        }
         if self.redis.cancel_fence_ttl.0 < Duration::from_secs(60) {
             bad(
                 "redis.cancel_fence_ttl",

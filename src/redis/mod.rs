@@ -3,6 +3,7 @@
 //! TLS (rustls), checked against the system's roots or `redis.tls_ca_file`.
 
 pub mod keys;
+pub mod memory;
 pub mod pipeline;
 
 use std::time::Duration;

@@ -31,6 +31,10 @@ use crate::domain::{cancel_fence_key, EntryOutcome, ScheduleEntry};
 pub enum DispatchError {
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// Redis's memory is at `redis.max_memory_ratio` of its maxmemory: the
+    /// batch was not sent (see `redis::memory`); its rows simply wait.
+    #[error("redis memory back-pressure: {0}")]
+    BackPressure(String),
     #[error(transparent)]
     Deadline(#[from] Expired),
 }

@@ -88,6 +88,10 @@ pub struct Metrics {
     /// Jobs paused one by one, by the last probe.
     pub paused_jobs: IntGauge,
     pub redis_up: IntGauge,
+    /// 1 while Redis memory back-pressure holds writes back.
+    pub redis_backpressure: IntGauge,
+    /// used_memory / maxmemory at the last reading (absent without a limit).
+    pub redis_memory_ratio: Gauge,
     pub redis_ping_seconds: ProbeGauge,
     pub running_tasks_skew: Histogram,
     pub actor_restarts: IntCounterVec,
@@ -202,6 +206,22 @@ impl Metrics {
                 let g = IntGauge::new(
                     "outbox_relay_paused_jobs",
                     "Jobs whose delivery is paused one by one (outbox-relay pause --job) (probe).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            redis_backpressure: {
+                let g = IntGauge::new(
+                    "outbox_relay_redis_backpressure",
+                    "1 while writes are held back because Redis used_memory reached redis.max_memory_ratio of maxmemory, else 0.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            redis_memory_ratio: {
+                let g = Gauge::new(
+                    "outbox_relay_redis_memory_ratio",
+                    "Redis used_memory / maxmemory at the last reading (0 when Redis has no maxmemory or it was not read).",
                 )?;
                 registry.register(Box::new(g.clone()))?;
                 g
