@@ -26,28 +26,19 @@ async fn scheduled(redis_url: &str, prefix: &str, jobs: &[uuid::Uuid]) -> i64 {
     total
 }
 
-async fn ok_ticks(relay: &RelayProcess) -> f64 {
-    metric_value(
-        &scrape(relay).await,
-        "outbox_relay_sweep_ticks_total",
-        &[("result", "ok")],
-    )
-    .unwrap_or(0.0)
-}
-
 /// Wait until every relay has committed `n` more ticks than `before`: the
 /// ticks that were in flight before have ended (a relay runs at most
 /// `sweep.concurrency` drain ticks and one fresh tick at once).
 async fn more_ticks(relays: &[RelayProcess], before: &[f64], n: f64) -> Vec<f64> {
     for (r, b) in relays.iter().zip(before) {
         wait_until("the relay committed more ticks", Duration::from_secs(60), || async {
-            ok_ticks(r).await >= b + n
+            r.ok_ticks().await >= b + n
         })
         .await;
     }
     let mut now = Vec::new();
     for r in relays {
-        now.push(ok_ticks(r).await);
+        now.push(r.ok_ticks().await);
     }
     now
 }
@@ -103,7 +94,7 @@ async fn three_relays_obey_pause_and_resume_within_a_tick() {
     assert_eq!((&v["scope"], &v["changed"]), (&"*".into(), &true.into()), "{v}");
     let mut before = Vec::new();
     for r in &relays {
-        before.push(ok_ticks(r).await);
+        before.push(r.ok_ticks().await);
     }
     // Every tick in flight at the pause has ended after four more per relay.
     let ticks = more_ticks(&relays, &before, 4.0).await;

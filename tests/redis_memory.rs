@@ -9,15 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn ok_ticks(relay: &RelayProcess) -> f64 {
-    metric_value(
-        &scrape(relay).await,
-        "outbox_relay_sweep_ticks_total",
-        &[("result", "ok")],
-    )
-    .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn a_nearly_full_redis_holds_writes_back_until_it_has_room() {
     let db = TestDb::new().await;
@@ -44,16 +35,16 @@ async fn a_nearly_full_redis_holds_writes_back_until_it_has_room() {
     .await;
 
     // Once the ticks in flight have ended, nothing more is written.
-    let t0 = ok_ticks(&relay).await;
+    let t0 = relay.ok_ticks().await;
     wait_until("ticks in flight ended", Duration::from_secs(30), || async {
-        ok_ticks(&relay).await >= t0 + 4.0
+        relay.ok_ticks().await >= t0 + 4.0
     })
     .await;
     let left = db.count("SELECT count(*) FROM task_outbox").await;
     assert!(left > 0, "Redis filled up before the outbox was drained");
-    let t1 = ok_ticks(&relay).await;
+    let t1 = relay.ok_ticks().await;
     wait_until("more ticks while held back", Duration::from_secs(30), || async {
-        ok_ticks(&relay).await >= t1 + 4.0
+        relay.ok_ticks().await >= t1 + 4.0
     })
     .await;
     assert_eq!(

@@ -145,6 +145,11 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
+        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, MetricsError> {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
             registry.register(Box::new(h.clone()))?;
@@ -194,30 +199,18 @@ impl Metrics {
                 "outbox_relay_set_aside_rows",
                 "Outbox rows set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them (probe).",
             )?,
-            paused: {
-                let g = IntGauge::new(
-                    "outbox_relay_paused",
-                    "1 while delivery is paused for every job (outbox-relay pause), else 0 (probe).",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            paused_jobs: {
-                let g = IntGauge::new(
-                    "outbox_relay_paused_jobs",
-                    "Jobs whose delivery is paused one by one (outbox-relay pause --job) (probe).",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            redis_backpressure: {
-                let g = IntGauge::new(
-                    "outbox_relay_redis_backpressure",
-                    "1 while writes are held back because Redis used_memory reached redis.max_memory_ratio of maxmemory, else 0.",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
+            paused: int_gauge(
+                "outbox_relay_paused",
+                "1 while delivery is paused for every job (outbox-relay pause), else 0 (probe).",
+            )?,
+            paused_jobs: int_gauge(
+                "outbox_relay_paused_jobs",
+                "Jobs whose delivery is paused one by one (outbox-relay pause --job) (probe).",
+            )?,
+            redis_backpressure: int_gauge(
+                "outbox_relay_redis_backpressure",
+                "1 while writes are held back because Redis used_memory reached redis.max_memory_ratio of maxmemory, else 0.",
+            )?,
             redis_memory_ratio: {
                 let g = Gauge::new(
                     "outbox_relay_redis_memory_ratio",
@@ -226,11 +219,10 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
-            redis_up: {
-                let g = IntGauge::new("outbox_relay_redis_up", "1 when the last Redis ping answered, else 0.")?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
+            redis_up: int_gauge(
+                "outbox_relay_redis_up",
+                "1 when the last Redis ping answered, else 0.",
+            )?,
             redis_ping_seconds: ProbeGauge::new(
                 &registry,
                 "outbox_relay_redis_ping_seconds",

@@ -647,6 +647,17 @@ impl RelayProcess {
         Some((status, body))
     }
 
+    /// `outbox_relay_sweep_ticks_total{result="ok"}` now (0 before the
+    /// first scrape answers).
+    pub async fn ok_ticks(&self) -> f64 {
+        match self.http_get("/metrics").await {
+            Some((200, body)) => {
+                metric_value(&body, "outbox_relay_sweep_ticks_total", &[("result", "ok")]).unwrap_or(0.0)
+            }
+            _ => 0.0,
+        }
+    }
+
     /// Wait until `GET path` answers `status` (e.g. `/readyz` 200).
     pub async fn wait_http(&self, path: &str, status: u16, timeout: Duration) {
         wait_until(&format!("{path} answers {status}"), timeout, || async {
@@ -754,43 +765,40 @@ impl Drop for RelayProcess {
 /// so the encoding is exercised, not just one shape.
 pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
     let job_ids: Vec<uuid::Uuid> = (0..jobs).map(|_| uuid::Uuid::new_v4()).collect();
-    let c = db.client().await;
-    if db.go {
-        // The Go schema checks task_type (crawl | lighthouse) and routing
-        // (lighthouse rows need a run in lighthouse_runs, crawl rows none).
-        c.execute(
-            "WITH run AS (INSERT INTO lighthouse_runs (job_id) VALUES (($1::uuid[])[1]) RETURNING id)
-             INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
-                                      source_type, source_url, run_at, task_type, lighthouse_run_id)
-             SELECT gen_random_uuid(), ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))], i::int,
-                    'host' || (i % 7) || '.example.com', '/page/' || i, (i % 1000) / 7.0, (i % 4)::int,
-                    CASE WHEN i % 2 = 0 THEN 'sitemap' ELSE 'link' END,
-                    CASE WHEN i % 3 = 0 THEN '' ELSE 'https://example.com/src/' || i END,
-                    now() - (i % 5000) * interval '1 millisecond',
-                    CASE WHEN i % 11 = 0 THEN 'lighthouse' ELSE 'crawl' END,
-                    CASE WHEN i % 11 = 0 THEN (SELECT id FROM run) ELSE NULL END
-               FROM generate_series(1, $2::int8) AS i",
+    // Our schema takes any task_type and run id, so the seed covers the
+    // encoder's cases (empty task_type, a crawl row with a run id). The Go
+    // schema checks task_type (crawl | lighthouse) and routing (lighthouse
+    // rows need a run in lighthouse_runs, crawl rows none): runs 1..1000
+    // exist there (see `create_go_schema`).
+    let (task_type, run_id) = if db.go {
+        (
+            "CASE WHEN i % 11 = 0 THEN 'lighthouse' ELSE 'crawl' END",
+            "CASE WHEN i % 11 = 0 THEN 1 + i % 1000 END",
+        )
+    } else {
+        (
+            "CASE WHEN i % 5 = 0 THEN '' ELSE 'crawl' END",
+            "CASE WHEN i % 11 = 0 THEN i * 1000 END",
+        )
+    };
+    db.client()
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
+                                          source_type, source_url, run_at, task_type, lighthouse_run_id)
+                 SELECT gen_random_uuid(), ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))], i::int,
+                        'host' || (i % 7) || '.example.com', '/page/' || i, (i % 1000) / 7.0, (i % 4)::int,
+                        CASE WHEN i % 2 = 0 THEN 'sitemap' ELSE 'link' END,
+                        CASE WHEN i % 3 = 0 THEN '' ELSE 'https://example.com/src/' || i END,
+                        now() - (i % 5000) * interval '1 millisecond',
+                        {task_type}, {run_id}
+                   FROM generate_series(1, $2::int8) AS i"
+            ),
             &[&job_ids, &rows],
         )
         .await
-        .expect("seed outbox rows (Go schema)");
-        return job_ids;
-    }
-    c.execute(
-        "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
-                                  source_type, source_url, run_at, task_type, lighthouse_run_id)
-         SELECT gen_random_uuid(), ($1::uuid[])[1 + (i % array_length($1::uuid[], 1))], i::int,
-                'host' || (i % 7) || '.example.com', '/page/' || i, (i % 1000) / 7.0, (i % 4)::int,
-                CASE WHEN i % 2 = 0 THEN 'sitemap' ELSE 'link' END,
-                CASE WHEN i % 3 = 0 THEN '' ELSE 'https://example.com/src/' || i END,
-                now() - (i % 5000) * interval '1 millisecond',
-                CASE WHEN i % 5 = 0 THEN '' ELSE 'crawl' END,
-                CASE WHEN i % 11 = 0 THEN i * 1000 ELSE NULL END
-           FROM generate_series(1, $2::int8) AS i",
-        &[&job_ids, &rows],
-    )
-    .await
-    .expect("seed outbox rows");
+        .expect("seed outbox rows");
     job_ids
 }
 
