@@ -32,7 +32,10 @@ const CLAIM_OLDEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
    FROM task_outbox
   WHERE run_at <= now()
     AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
-    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
+    -- Per row only while some job is paused: the EXISTS is evaluated once
+    -- (an InitPlan), and OR stops there when no job is.
+    AND (NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope <> '*')
+         OR job_id::text NOT IN (SELECT scope FROM outbox_relay_pause))
   ORDER BY run_at, id
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
@@ -47,7 +50,10 @@ const CLAIM_OLDEST_FROM: &str = "SELECT id, task_id::text, job_id::text, page_id
    FROM task_outbox
   WHERE run_at <= now() AND (run_at, id) >= ($2, $3)
     AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
-    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
+    -- Per row only while some job is paused: the EXISTS is evaluated once
+    -- (an InitPlan), and OR stops there when no job is.
+    AND (NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope <> '*')
+         OR job_id::text NOT IN (SELECT scope FROM outbox_relay_pause))
   ORDER BY run_at, id
   LIMIT $1
     FOR UPDATE SKIP LOCKED";
@@ -60,7 +66,10 @@ const CLAIM_NEWEST: &str = "SELECT id, task_id::text, job_id::text, page_id, hos
    FROM task_outbox
   WHERE run_at <= now()
     AND NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope = '*')
-    AND job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)
+    -- Per row only while some job is paused: the EXISTS is evaluated once
+    -- (an InitPlan), and OR stops there when no job is.
+    AND (NOT EXISTS (SELECT 1 FROM outbox_relay_pause WHERE scope <> '*')
+         OR job_id::text NOT IN (SELECT scope FROM outbox_relay_pause))
     -- Only the newest 20,000 ids: when fewer than LIMIT rows are
     -- there, the backward scan stops at this bound instead of walking every
     -- dead entry a past drain left in the primary key. Older rows are the
