@@ -313,7 +313,18 @@ pub async fn schedule_members(url: &str, prefix: &str) -> HashMap<String, f64> {
 }
 
 /// A free TCP port on loopback.
+/// A port nothing listens on, below the kernel's ephemeral range
+/// (32768–60999 by default): a port from `bind(0)` is released before the
+/// server binds it, and meanwhile any outgoing connection (to Postgres, to
+/// Redis) may take it as its local port; one below that range cannot be.
 pub fn free_port() -> u16 {
+    let start = uuid::Uuid::new_v4().as_u128() as u64;
+    for i in 0..2_000u64 {
+        let port = 20_000 + ((start + i * 7_919) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -715,6 +726,22 @@ impl RelayProcess {
             async move { started }
         })
         .await;
+        // And its HTTP endpoint answers: a port taken between `free_port`
+        // and the relay's bind (an outgoing connection can get it) shows
+        // here with the relay's own words, not later as a failed scrape.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.http_get("/healthz").await.is_some() {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                panic!("relay exited early with {status}: {:#?}", self.lines());
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("relay's HTTP endpoint never answered: {:#?}", self.lines());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -1257,6 +1284,10 @@ pub fn metric_value(scrape: &str, name: &str, want: &[(&str, &str)]) -> Option<f
 pub async fn scrape(relay: &RelayProcess) -> String {
     match relay.http_get("/metrics").await {
         Some((200, body)) => body,
-        other => panic!("/metrics answered {other:?}"),
+        other => {
+            let lines = relay.lines();
+            let tail = &lines[lines.len().saturating_sub(20)..];
+            panic!("/metrics answered {other:?}; the relay's last lines: {tail:#?}")
+        }
     }
 }
