@@ -15,20 +15,27 @@ fn env_as(url: &str, prefix: &str) -> Vec<(String, String)> {
     ]
 }
 
-#[tokio::test]
-async fn the_shipped_relay_role_has_every_privilege_run_needs() {
-    let db = TestDb::new().await;
-    let prefix = key_prefix();
-    let url = db.url_as("outbox_relay").await;
-    let o = relay_command(&["check-config"], &env_as(&url, &prefix))
+/// `check-config` as the role of `url` passes and says the role holds every
+/// privilege `run` needs; returns its output.
+fn assert_holds_every_run_privilege(url: &str, prefix: &str) -> String {
+    let o = relay_command(&["check-config"], &env_as(url, prefix))
         .output()
         .expect("check-config");
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         out.contains("# postgres: the role holds every privilege `run` needs"),
         "{out}"
     );
+    out
+}
+
+#[tokio::test]
+async fn the_shipped_relay_role_has_every_privilege_run_needs() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let url = db.url_as("outbox_relay").await;
+    let out = assert_holds_every_run_privilege(&url, &prefix);
     assert!(!out.contains("warning"), "{out}");
 }
 
@@ -147,15 +154,7 @@ async fn the_migrator_role_migrates_and_grants_without_superuser() {
         .await
         .expect("roles.sql as the migrator");
     let relay_url = db.role_url("outbox_relay");
-    let o = relay_command(&["check-config"], &env_as(&relay_url, &prefix))
-        .output()
-        .expect("check-config");
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        out.contains("# postgres: the role holds every privilege `run` needs"),
-        "{out}"
-    );
+    assert_holds_every_run_privilege(&relay_url, &prefix);
 
     seed(&db, 200, 4).await;
     let expected = expected_members(&db).await;

@@ -50,7 +50,7 @@ pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), Job
     let done = jobs::cancel(&mut client, &schema, &job).await?;
     // The schedule key names the job as task_outbox.job_id holds it (the
     // canonical UUID form where that column is a UUID).
-    let job = jobs::outbox_job_form(schema.outbox_job_id, &job).unwrap_or(job);
+    let job = schema.outbox_job_id.stored_form(&job).unwrap_or(job);
     let key = schedule_key(&cfg.redis.key_prefix, &job);
     let fence = cancel_fence_key(&cfg.redis.key_prefix, &key);
     let cleanup = async {

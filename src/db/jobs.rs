@@ -134,7 +134,7 @@ pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<C
     }
     // Also for an already-cancelled job: rows a producer wrote after the
     // first cancel would otherwise wait forever.
-    let deleted = match outbox_job_form(schema.outbox_job_id, job) {
+    let deleted = match schema.outbox_job_id.stored_form(job) {
         Some(j) => {
             tx.execute_typed(
                 &format!("DELETE FROM task_outbox WHERE job_id = $1::{}", schema.outbox_job_id),
@@ -149,11 +149,4 @@ pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<C
         already,
         outbox_rows_deleted: deleted,
     })
-}
-
-/// The job id as `task_outbox.job_id` holds it (and as the schedule key
-/// names it): canonical for a UUID column, unchanged for TEXT; None when
-/// that column cannot hold it.
-pub fn outbox_job_form(outbox_job_id: IdType, job: &str) -> Option<String> {
-    outbox_job_id.stored_form(job)
 }
