@@ -13,12 +13,14 @@
 -- The migrator then owns task_outbox, task_outbox_dead and
 -- outbox_relay_migrations; run this file afterwards, as it or a superuser.
 
--- `run`: claim (SELECT … FOR UPDATE needs UPDATE), delete delivered rows,
--- reschedule, move to the dead table (DELETE … RETURNING, INSERT), purge
+-- `run`: claim (DELETE … RETURNING; SELECT … FOR UPDATE needs UPDATE),
+-- put back the claimed rows that stay (INSERT with their own ids: no
+-- sequence privilege), reschedule, move to the dead table (DELETE …
+-- RETURNING, INSERT), purge
 -- dead letters past dead_letter.retention, read task_outbox's sequence
 -- (the fresh lane's pg_sequence_last_value), probe counts, and counter
 -- sync on jobs (SELECT … FOR UPDATE, UPDATE).
-GRANT SELECT, UPDATE, DELETE ON task_outbox TO outbox_relay;
+GRANT SELECT, INSERT, UPDATE, DELETE ON task_outbox TO outbox_relay;
 GRANT SELECT, INSERT, DELETE ON task_outbox_dead TO outbox_relay;
 GRANT USAGE ON SEQUENCE task_outbox_dead_id_seq TO outbox_relay;
 GRANT SELECT ON SEQUENCE task_outbox_id_seq TO outbox_relay;

@@ -31,7 +31,7 @@ use super::dispatch::DispatchBatch;
 use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, wedge_point, Core, Lifecycle};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
-use crate::db::schema::Schema;
+use crate::db::schema::{ClaimMode, Schema};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
 use crate::domain::{encode_rows, settle, EntryOutcome, RetryPolicy, RowOutcome};
@@ -157,6 +157,9 @@ pub struct TickReport {
     pub delivery_lags: Vec<(f64, f64)>,
     /// Key of the last row claimed (oldest-first lanes resume after it).
     pub cursor: Option<ClaimCursor>,
+    /// Something was paused when the tick claimed: the next claim skips
+    /// paused jobs in SQL.
+    pub pauses_seen: bool,
     /// Microseconds spent in each stage: claim (checkout, begin, claim),
     /// dispatch (encode and the ZADD round trip), settle, commit.
     pub stage_us: [u64; 4],
@@ -225,7 +228,7 @@ pub async fn run_tick(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    from: Option<ClaimCursor>,
+    (from, skip_paused): (Option<ClaimCursor>, bool),
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let claim_started = std::time::Instant::now();
@@ -234,7 +237,16 @@ pub async fn run_tick(
         CheckoutError::Pool(why) => TickError::Pool(why),
     })?;
     let cancel = conn.cancel_token();
-    let result = tick_on(&mut conn, dispatch, settings, lane, from, deadline, claim_started).await;
+    let result = tick_on(
+        &mut conn,
+        dispatch,
+        settings,
+        lane,
+        (from, skip_paused),
+        deadline,
+        claim_started,
+    )
+    .await;
     if matches!(result, Err(TickError::Deadline(_) | TickError::CommitUnknown(_))) {
         // The transaction was dropped (its ROLLBACK is queued behind the
         // statement); cancel the statement itself. Bounded: a server that
@@ -252,14 +264,15 @@ async fn tick_on(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    from: Option<ClaimCursor>,
+    (from, skip_paused): (Option<ClaimCursor>, bool),
     deadline: Deadline,
     claim_started: std::time::Instant,
 ) -> Result<TickReport, TickError> {
-    let tx = deadline
-        .run("begin", conn.transaction())
-        .await?
-        .map_err(TickError::db("begin"))?;
+    let (limit, order) = match lane {
+        Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
+        Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
+    };
+    let mode = &settings.schema.claim;
     // Only SET LOCAL: it ends with the transaction, so nothing leaks to the
     // next user of a pooled (or pgbouncer) server connection.
     // synchronous_commit = off is safe here: a tick's commit lost in a
@@ -271,29 +284,51 @@ async fn tick_on(
         "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}';
          SET LOCAL synchronous_commit = off"
     );
-    let set = tx.batch_execute(&set_sql);
-    let (limit, order) = match lane {
-        Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
-        Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
+    let mut skip_paused = skip_paused;
+    let (tx, claimed, scopes) = loop {
+        let tx = deadline
+            .run("begin", conn.transaction())
+            .await?
+            .map_err(TickError::db("begin"))?;
+        let set = tx.batch_execute(&set_sql);
+        let scopes = outbox::paused_scopes(&tx);
+        let claim = outbox::claim_due(&tx, mode, limit, order, from, skip_paused);
+        // All three go out together (pipelined); the server runs them in order.
+        let (set, scopes, claim) = deadline
+            .run("claim", async { tokio::join!(set, scopes, claim) })
+            .await?;
+        set.map_err(TickError::db("set timeouts"))?;
+        let scopes = scopes.map_err(TickError::db("read pauses"))?;
+        let claimed = claim.map_err(TickError::db("claim"))?;
+        // The claim skips paused jobs only while the last tick saw a pause
+        // (the filter costs every claim); one that took a row of a job
+        // paused since is rolled back (the rows are untouched) and claimed
+        // again with the filter.
+        if !skip_paused && outbox::claimed_paused(&scopes, &claimed.rows) {
+            deadline
+                .run("rollback", tx.rollback())
+                .await?
+                .map_err(TickError::db("rollback"))?;
+            skip_paused = true;
+            continue;
+        }
+        break (tx, claimed, scopes);
     };
-    let claim = outbox::claim_due(&tx, limit, order, from);
-    // Both requests go out together (pipelined); the server runs them in order.
-    let (set, claim) = deadline.run("claim", async { tokio::join!(set, claim) }).await?;
-    set.map_err(TickError::db("set timeouts"))?;
-    let (rows, cursor) = claim.map_err(TickError::db("claim"))?;
     let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
-        claimed: rows.len(),
-        cursor,
+        claimed: claimed.rows.len(),
+        cursor: claimed.cursor,
+        pauses_seen: !scopes.is_empty(),
         ..TickReport::default()
     };
-    if rows.is_empty() {
+    if claimed.rows.is_empty() {
         deadline
             .run("commit", tx.commit())
             .await?
             .map_err(TickError::db("commit"))?;
         return Ok(report);
     }
+    let rows = &claimed.rows;
 
     let mut clock = std::time::Instant::now();
     let mut lap = |slot: &mut u64| {
@@ -303,7 +338,7 @@ async fn tick_on(
     };
     let mut stage_us = [0u64; 4];
     stage_us[0] = claim_started.elapsed().as_micros() as u64;
-    let (entries, entry_rows, mut outcomes) = encode_rows(&rows, &settings.key_prefix);
+    let (entries, entry_rows, mut outcomes) = encode_rows(rows, &settings.key_prefix);
     if !entries.is_empty() {
         let reply = deadline
             .run("dispatch", dispatch.send(DispatchBatch { entries, deadline }))
@@ -348,9 +383,9 @@ async fn tick_on(
             )
         })
         .collect();
-    let mut plan = settle(&rows, outcomes, &settings.retry);
+    let mut plan = settle(rows, outcomes, &settings.retry);
     let schema = &settings.schema;
-    plan.set_aside(&rows, |r| schema.dead_letter_refusal(&r.task_id, &r.job_id));
+    plan.set_aside(rows, |r| schema.dead_letter_refusal(&r.task_id, &r.job_id));
     report.set_aside = plan
         .aside_ids
         .iter()
@@ -365,45 +400,82 @@ async fn tick_on(
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
 
-    // Independent statements, pipelined on one connection, each with
-    // the time left now as its statement_timeout (not the tick's whole
-    // budget from when the claim started).
-    let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
-    let settle_all = async {
-        tokio::try_join!(
-            async {
-                tx.batch_execute(&reset_timeout)
-                    .await
-                    .map_err(TickError::db("set statement timeout"))
-            },
-            async {
-                outbox::delete(&tx, &plan.delete)
-                    .await
-                    .map_err(TickError::db("delete delivered"))
-            },
-            async {
-                outbox::reschedule(&tx, &plan.retry_ids, &plan.retry_delays_ms)
-                    .await
-                    .map_err(TickError::db("reschedule failed"))
-            },
-            async {
-                outbox::move_to_dead(&tx, schema, &plan.dead_ids, &plan.dead_errors)
-                    .await
-                    .map_err(TickError::db("move to dead letters"))
-            },
-            async {
-                outbox::set_aside(&tx, &plan.aside_ids)
-                    .await
-                    .map_err(TickError::db("set aside"))
-            },
-            async {
-                outbox::postpone(&tx, &plan.postpone_ids, plan.postpone_delay_ms)
-                    .await
-                    .map_err(TickError::db("postpone deferred"))
-            },
-        )
-    };
-    deadline.run("settle", settle_all).await??;
+    let delete_claim = *mode == ClaimMode::Delete;
+    if delete_claim {
+        if plan.changes_nothing() {
+            // Every row stays as it was (Redis unavailable, held back): a
+            // rollback puts them all back, cheaper than re-inserting them.
+            deadline
+                .run("rollback", tx.rollback())
+                .await?
+                .map_err(TickError::db("rollback"))?;
+            lap(&mut stage_us[2]);
+            report.stage_us = stage_us;
+            return Ok(report);
+        }
+        if !plan.stays.is_empty() {
+            // The rows that stay come back first (same id, same values);
+            // the writes below then update or move them.
+            let restore = async {
+                tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
+                    .await?;
+                outbox::restore(&tx, schema, &claimed, &plan.stays).await
+            };
+            deadline
+                .run("restore", restore)
+                .await?
+                .map_err(TickError::db("restore claimed rows"))?;
+        }
+    }
+    // Delivered rows are gone already when the claim deleted them.
+    let delete: &[i64] = if delete_claim { &[] } else { &plan.delete };
+    // A delete claim whose rows were all delivered has nothing to write.
+    let writes = !delete.is_empty()
+        || !(plan.retry_ids.is_empty()
+            && plan.dead_ids.is_empty()
+            && plan.aside_ids.is_empty()
+            && plan.postpone_ids.is_empty());
+    if writes {
+        // Independent statements, pipelined on one connection, each with
+        // the time left now as its statement_timeout (not the tick's whole
+        // budget from when the claim started).
+        let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
+        let settle_all = async {
+            tokio::try_join!(
+                async {
+                    tx.batch_execute(&reset_timeout)
+                        .await
+                        .map_err(TickError::db("set statement timeout"))
+                },
+                async {
+                    outbox::delete(&tx, delete)
+                        .await
+                        .map_err(TickError::db("delete delivered"))
+                },
+                async {
+                    outbox::reschedule(&tx, &plan.retry_ids, &plan.retry_delays_ms)
+                        .await
+                        .map_err(TickError::db("reschedule failed"))
+                },
+                async {
+                    outbox::move_to_dead(&tx, schema, &plan.dead_ids, &plan.dead_errors)
+                        .await
+                        .map_err(TickError::db("move to dead letters"))
+                },
+                async {
+                    outbox::set_aside(&tx, &plan.aside_ids)
+                        .await
+                        .map_err(TickError::db("set aside"))
+                },
+                async {
+                    outbox::postpone(&tx, &plan.postpone_ids, plan.postpone_delay_ms)
+                        .await
+                        .map_err(TickError::db("postpone deferred"))
+                },
+            )
+        };
+        deadline.run("settle", settle_all).await??;
+    }
     lap(&mut stage_us[2]);
     deadline.check("commit")?;
     tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
@@ -446,6 +518,8 @@ pub struct SweepActor {
     cursor: Option<ClaimCursor>,
     /// When a claim last started from the beginning of the index.
     last_full_scan: std::time::Instant,
+    /// The last tick found something paused: claims skip paused jobs.
+    pauses_seen: bool,
     /// A fresh-lane tick is queued or running (at most one at a time).
     fresh_in_flight: bool,
     /// Drain-lane ticks running now.
@@ -489,6 +563,7 @@ impl SweepActor {
             woken: false,
             cursor: None,
             last_full_scan: std::time::Instant::now(),
+            pauses_seen: false,
             fresh_in_flight: false,
             drain_in_flight: 0,
             last_wake: None,
@@ -575,6 +650,7 @@ impl SweepActor {
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
                 self.record(lane, &report);
+                self.pauses_seen = report.pauses_seen;
                 if lane == Lane::Drain {
                     // Resume after this batch next time (a claim from the
                     // start that found an older backlog moves the cursor
@@ -737,6 +813,7 @@ impl SweepActor {
             self.drain_in_flight += 1;
         }
         let lane = msg.lane;
+        let skip_paused = self.pauses_seen;
         let from = match (lane, self.cursor) {
             (Lane::Fresh, _) => None,
             (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < FULL_SCAN_EVERY => Some(c),
@@ -750,7 +827,7 @@ impl SweepActor {
                 // A tick that never ends (test-only): the watchdog's case.
                 std::future::pending::<()>().await;
             }
-            run_tick(&pool, &dispatch, &settings, lane, from, msg.deadline).await
+            run_tick(&pool, &dispatch, &settings, lane, (from, skip_paused), msg.deadline).await
         };
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.

@@ -105,6 +105,27 @@ fn uuid_shaped(value: &str) -> bool {
     }
 }
 
+/// How a sweep tick claims its rows (see `db::outbox`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// The claim deletes the rows (`DELETE … RETURNING` in the tick's
+    /// transaction) and the rows that must stay are put back: one statement
+    /// per delivered batch.
+    Delete,
+    /// `SELECT … FOR UPDATE`, then a `DELETE` of what was delivered: for an
+    /// outbox the relay could not put a row back into exactly. Holds why.
+    Lock(String),
+}
+
+impl std::fmt::Display for ClaimMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClaimMode::Delete => f.write_str("delete"),
+            ClaimMode::Lock(why) => write!(f, "lock ({why})"),
+        }
+    }
+}
+
 /// The id column types of the three tables, and the checks that matter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schema {
@@ -118,6 +139,10 @@ pub struct Schema {
     /// `lighthouse` row whose run was deleted (the dead table's foreign
     /// key sets it NULL) cannot be requeued.
     pub outbox_checks_lighthouse_run: bool,
+    /// How ticks claim: [`ClaimMode::Delete`] unless a row could not be put
+    /// back exactly (columns the relay does not know, no INSERT privilege
+    /// on `task_outbox`, a partitioned or inherited table).
+    pub claim: ClaimMode,
 }
 
 impl Default for Schema {
@@ -130,6 +155,7 @@ impl Default for Schema {
             dead_job_id: IdType::Uuid,
             jobs_id: IdType::Uuid,
             outbox_checks_lighthouse_run: false,
+            claim: ClaimMode::Delete,
         }
     }
 }
@@ -154,8 +180,8 @@ impl Schema {
     /// One line for the start-up log.
     pub fn describe(&self) -> String {
         format!(
-            "task_outbox(task_id {}, job_id {}), task_outbox_dead(task_id {}, job_id {}), jobs(id {})",
-            self.outbox_task_id, self.outbox_job_id, self.dead_task_id, self.dead_job_id, self.jobs_id
+            "task_outbox(task_id {}, job_id {}), task_outbox_dead(task_id {}, job_id {}), jobs(id {}); claim: {}",
+            self.outbox_task_id, self.outbox_job_id, self.dead_task_id, self.dead_job_id, self.jobs_id, self.claim
         )
     }
 }
@@ -224,7 +250,13 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
         dead_job_id: id("task_outbox_dead", "job_id"),
         jobs_id: id("jobs", "id"),
         outbox_checks_lighthouse_run: false,
+        claim: ClaimMode::Delete,
     };
+    let unknown: Vec<&str> = columns
+        .iter()
+        .filter(|(t, c, _)| t == "task_outbox" && !OUTBOX_COLUMNS.contains(&c.as_str()))
+        .map(|(_, c, _)| c.as_str())
+        .collect();
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -232,15 +264,39 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
         .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM pg_constraint
                              WHERE conrelid = to_regclass('task_outbox') AND contype = 'c'
-                               AND pg_get_constraintdef(oid) LIKE '%lighthouse_run_id%')",
+                               AND pg_get_constraintdef(oid) LIKE '%lighthouse_run_id%'),
+                    has_table_privilege('task_outbox', 'INSERT'),
+                    (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('task_outbox')) = 'r'
+                      AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = to_regclass('task_outbox'))",
             &[],
         )
         .await
         .map_err(|e| vec![super::pg_error_text(&e)])?;
+    let flag = |i| column::<bool>(&checks, "pg_class", i).map_err(|e| vec![e.to_string()]);
+    let (lighthouse_check, can_insert, plain_table) = (flag(0)?, flag(1)?, flag(2)?);
     Ok(Schema {
-        outbox_checks_lighthouse_run: column(&checks, "pg_constraint", 0).map_err(|e| vec![e.to_string()])?,
+        outbox_checks_lighthouse_run: lighthouse_check,
+        claim: claim_mode(&unknown, can_insert, plain_table),
         ..schema
     })
+}
+
+/// Delete claims put rows back by inserting them: only when the relay knows
+/// every column (an unknown one would come back empty), may insert, and
+/// the table is one plain table (a `ctid` names a row only within one).
+fn claim_mode(unknown_columns: &[&str], can_insert: bool, plain_table: bool) -> ClaimMode {
+    if !unknown_columns.is_empty() {
+        ClaimMode::Lock(format!(
+            "task_outbox has columns the relay does not know: {}",
+            unknown_columns.join(", ")
+        ))
+    } else if !can_insert {
+        ClaimMode::Lock("the role lacks INSERT on task_outbox (deploy/postgres/roles.sql grants it)".into())
+    } else if !plain_table {
+        ClaimMode::Lock("task_outbox is partitioned or has child tables".into())
+    } else {
+        ClaimMode::Delete
+    }
 }
 
 /// (table, column, type name) of the relay's tables, as the search path

@@ -117,13 +117,13 @@ pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
     // Writing to a String cannot fail.
     let _ = write!(
         m,
-        "{}|{}|{}|{}|{}|{:.4}|{}|{}|{}|{}|{}",
-        row.task_id,
-        row.job_id,
-        row.page_id,
-        row.host,
-        row.path,
-        row.priority,
+        "{}|{}|{}|{}|{}|",
+        row.task_id, row.job_id, row.page_id, row.host, row.path
+    );
+    write_priority(&mut m, row.priority);
+    let _ = write!(
+        m,
+        "|{}|{}|{}|{}|{}",
         row.retry_count,
         row.source_type,
         row.source_url,
@@ -131,6 +131,25 @@ pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
         row.lighthouse_run_id.unwrap_or(0)
     );
     Ok(m)
+}
+
+/// Append `{:.4}` of a finite `p`. The standard formatter takes its exact
+/// (big-number) path for four decimals, measured at ~5% of the relay's CPU
+/// while draining; for a priority that is not negative and below 10⁷, and
+/// whose p·10⁴ is not within 10⁻⁴ of a rounding tie, rounding the
+/// product gives the same digits (its error is below 2⁻¹⁷ < 10⁻⁴), so
+/// those are printed from integers. Everything else goes to the formatter.
+fn write_priority(m: &mut String, p: f64) {
+    let x = p * 10_000.0;
+    if p >= 0.0 && !p.is_sign_negative() && x < 1e11 {
+        let frac = x - x.floor();
+        if (frac - 0.5).abs() > 1e-4 {
+            let n = x.round() as u64;
+            let _ = write!(m, "{}.{:04}", n / 10_000, n % 10_000);
+            return;
+        }
+    }
+    let _ = write!(m, "{p:.4}");
 }
 
 /// Encode a claimed batch: the ZADDs to send, the row index of each, and an
@@ -204,6 +223,44 @@ mod tests {
             r.priority = p;
             let m = encode_member(&r).unwrap();
             assert_eq!(m.split('|').nth(5), Some(want), "priority {p}");
+        }
+    }
+
+    #[test]
+    fn the_fast_priority_path_prints_what_the_formatter_prints() {
+        let mut cases = vec![
+            0.0,
+            -0.0,
+            1.0,
+            0.00005,
+            0.00015,
+            0.12345,
+            1.00005,
+            2.5,
+            9.99995,
+            999_999.99995,
+            1e7,
+            1e7 + 0.00005,
+            123_456_789.0,
+            f64::MIN_POSITIVE,
+            5e-324,
+            -1.23456,
+        ];
+        // Pseudo-random values over many magnitudes (a fixed LCG: repeatable).
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..200_000 {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let mantissa = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let scale = 10f64.powi(((state >> 3) % 12) as i32 - 3);
+            cases.push(mantissa * scale);
+            // Values a hair from a tie, in both directions.
+            let tie = ((state >> 20) % 1_000_000) as f64 / 10_000.0 + 0.00005;
+            cases.extend([tie, f64::from_bits(tie.to_bits() + 1), f64::from_bits(tie.to_bits() - 1)]);
+        }
+        for p in cases {
+            let mut fast = String::new();
+            write_priority(&mut fast, p);
+            assert_eq!(fast, format!("{p:.4}"), "priority {p:e}");
         }
     }
 

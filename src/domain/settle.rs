@@ -57,9 +57,22 @@ pub struct Settlement {
     /// Why each of `aside_ids` was set aside (the column, the value), and
     /// the error that sent it toward the dead table.
     pub aside_reasons: Vec<String>,
+    /// Indexes (into the tick's rows) of every row that is not deleted: a
+    /// delete claim puts these back before the writes above run on them.
+    pub stays: Vec<usize>,
 }
 
 impl Settlement {
+    /// The tick changes no row (each stays exactly as it was): a delete
+    /// claim then rolls back instead of putting every row back.
+    pub fn changes_nothing(&self) -> bool {
+        self.delete.is_empty()
+            && self.retry_ids.is_empty()
+            && self.dead_ids.is_empty()
+            && self.postpone_ids.is_empty()
+            && self.aside_ids.is_empty()
+    }
+
     /// Take out of the dead-letter move every row `refusal` says the dead
     /// table cannot hold, and set it aside instead, so one such row never
     /// fails the move of the others.
@@ -94,7 +107,10 @@ pub fn settle(rows: &[OutboxRow], outcomes: Vec<RowOutcome>, policy: &RetryPolic
         postpone_delay_ms: policy.base_backoff.as_millis().min(i64::MAX as u128) as i64,
         ..Settlement::default()
     };
-    for (row, outcome) in rows.iter().zip(outcomes) {
+    for (i, (row, outcome)) in rows.iter().zip(outcomes).enumerate() {
+        if !matches!(outcome, RowOutcome::Delivered | RowOutcome::Cancelled) {
+            s.stays.push(i);
+        }
         match outcome {
             RowOutcome::Delivered => s.delete.push(row.id),
             RowOutcome::Cancelled => {
@@ -201,6 +217,22 @@ mod tests {
         assert_eq!(s.postpone_delay_ms, 2000);
         assert_eq!(s.deferred, 2);
         assert_eq!(s.last_retry_error.as_deref(), Some("WRONGTYPE x"));
+        // Every row but the delivered one stays (a delete claim puts them back).
+        assert_eq!(s.stays, [1, 2, 3, 4, 5]);
+        assert!(!s.changes_nothing());
+    }
+
+    #[test]
+    fn a_tick_that_settles_nothing_changes_nothing() {
+        let rows = [row(1, 0), row(2, 9)];
+        let s = settle(&rows, vec![RowOutcome::Deferred, RowOutcome::Deferred], &policy());
+        assert!(s.changes_nothing());
+        assert_eq!(s.stays, [0, 1]);
+        let s = settle(&rows, vec![RowOutcome::Deferred, RowOutcome::Postponed], &policy());
+        assert!(!s.changes_nothing());
+        let s = settle(&rows, vec![RowOutcome::Cancelled, RowOutcome::Deferred], &policy());
+        assert!(!s.changes_nothing());
+        assert_eq!(s.stays, [1]);
     }
 
     #[test]

@@ -45,12 +45,18 @@ pub struct BenchReport {
     pub rows: i64,
     pub jobs: i64,
     pub batch_size: u32,
+    /// The yardstick: `DELETE … WHERE id IN (SELECT … FOR UPDATE SKIP
+    /// LOCKED LIMIT batch)` on 1 connection, then on 2 at once.
     pub floor_rows_per_sec: f64,
+    pub floor2_rows_per_sec: f64,
+    /// The relay's own claim statement (`ctid = ANY(…)`) alone, 1 connection.
+    pub floor_ctid_rows_per_sec: f64,
     pub drain_rows_per_sec: f64,
     pub drain_seconds: f64,
     /// Rows/s in each tenth of the drain, first to last.
     pub drain_deciles: Vec<f64>,
     pub ratio_to_floor: f64,
+    pub ratio_to_floor2: f64,
     pub last_to_first_decile: f64,
     pub relay_cpu_seconds: f64,
     pub relay_peak_rss_mib: f64,
@@ -88,10 +94,19 @@ pub(super) fn print_report(r: &BenchReport) {
         r.floor_rows_per_sec
     );
     println!(
+        "| floor (Postgres alone, 2 connections) | {:.0} rows/s |",
+        r.floor2_rows_per_sec
+    );
+    println!(
+        "| the relay's ctid claim alone, 1 connection | {:.0} rows/s |",
+        r.floor_ctid_rows_per_sec
+    );
+    println!(
         "| drain | {:.0} rows/s ({:.1} s) |",
         r.drain_rows_per_sec, r.drain_seconds
     );
     println!("| drain / floor | {:.2} |", r.ratio_to_floor);
+    println!("| drain / 2-connection floor | {:.2} |", r.ratio_to_floor2);
     println!(
         "| drain per tenth | {} rows/s |",
         r.drain_deciles

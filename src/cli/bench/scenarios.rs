@@ -35,27 +35,74 @@ pub(super) async fn seed(client: &tokio_postgres::Client, rows: i64, jobs: i64) 
     Ok(())
 }
 
-/// The yardstick: Postgres alone deleting the same rows in the same batches.
-pub(super) async fn floor(client: &tokio_postgres::Client, batch: i64) -> Result<f64, BenchError> {
-    let started = Instant::now();
-    let mut total = 0u64;
-    loop {
-        let rows = client
-            .query_typed(
+/// How a floor claims and deletes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FloorStatement {
+    /// `DELETE … WHERE id IN (SELECT id … FOR UPDATE SKIP LOCKED)`: the
+    /// yardstick of every recorded run (docs/BENCHMARKS.md).
+    IdIn,
+    /// `DELETE … WHERE ctid = ANY(ARRAY(SELECT ctid …))`: the relay's own
+    /// delete claim, without the relay (no index lookup per row).
+    Ctid,
+}
+
+impl FloorStatement {
+    fn sql(self) -> &'static str {
+        match self {
+            FloorStatement::IdIn => {
                 "DELETE FROM task_outbox WHERE id IN (
                      SELECT id FROM task_outbox WHERE run_at <= now() ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
                  RETURNING id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
-                           source_type, source_url, task_type, lighthouse_run_id",
-                &[(&batch, Type::INT8)],
-            )
-            .await
-            .map_err(pg)?;
-        if rows.is_empty() {
-            break;
+                           source_type, source_url, task_type, lighthouse_run_id"
+            }
+            FloorStatement::Ctid => {
+                "DELETE FROM task_outbox WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM task_outbox WHERE run_at <= now() ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED))
+                 RETURNING id, task_id::text, job_id::text, page_id, host, path, priority, retry_count,
+                           source_type, source_url, task_type, lighthouse_run_id"
+            }
         }
-        total += rows.len() as u64;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The yardstick: Postgres alone deleting `rows` freshly seeded rows in
+/// the same batches, on `connections` connections at once (each a loop of
+/// one autocommitted statement until the table is empty). Leaves the table
+/// empty.
+pub(super) async fn floor(
+    url: &str,
+    seeder: &tokio_postgres::Client,
+    (rows, jobs): (i64, i64),
+    batch: i64,
+    connections: usize,
+    statement: FloorStatement,
+) -> Result<f64, BenchError> {
+    seed(seeder, rows, jobs).await?;
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        clients.push(crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?);
+    }
+    let started = Instant::now();
+    let loops = clients.iter().map(|client| async move {
+        let mut total = 0u64;
+        loop {
+            let rows = client
+                .query_typed(statement.sql(), &[(&batch, Type::INT8)])
+                .await
+                .map_err(pg)?;
+            if rows.is_empty() {
+                return Ok::<u64, BenchError>(total);
+            }
+            total += rows.len() as u64;
+        }
+    });
+    let mut total = 0u64;
+    for done in futures_util::future::join_all(loops).await {
+        total += done?;
+    }
+    let rps = total as f64 / started.elapsed().as_secs_f64();
+    seeder.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+    Ok(rps)
 }
 
 /// The drain of `--rows` against the floor, then the latency runs (idle,
@@ -77,10 +124,13 @@ pub(super) async fn drain_and_latency(
         batch
     );
 
-    eprintln!("bench: floor (Postgres alone)…");
-    seed(&client, args.rows, args.jobs).await?;
-    let floor_rps = floor(&client, batch).await?;
-    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+    let size = (args.rows, args.jobs);
+    eprintln!("bench: floor (Postgres alone, 1 connection)…");
+    let floor_rps = floor(url, &client, size, batch, 1, FloorStatement::IdIn).await?;
+    eprintln!("bench: floor (Postgres alone, 2 connections)…");
+    let floor2_rps = floor(url, &client, size, batch, 2, FloorStatement::IdIn).await?;
+    eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
+    let floor_ctid_rps = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
 
     eprintln!("bench: drain…");
     seed(&client, args.rows, args.jobs).await?;
@@ -154,6 +204,8 @@ pub(super) async fn drain_and_latency(
         jobs: args.jobs,
         batch_size: cfg.sweep.batch_size,
         floor_rows_per_sec: floor_rps,
+        floor2_rows_per_sec: floor2_rps,
+        floor_ctid_rows_per_sec: floor_ctid_rps,
         drain_rows_per_sec: drain_rps,
         drain_seconds: drain_secs,
         last_to_first_decile: match (deciles.first(), deciles.last()) {
@@ -162,6 +214,7 @@ pub(super) async fn drain_and_latency(
         },
         drain_deciles: deciles,
         ratio_to_floor: drain_rps / floor_rps.max(1e-9),
+        ratio_to_floor2: drain_rps / floor2_rps.max(1e-9),
         relay_cpu_seconds: cpu_after - cpu_before,
         relay_peak_rss_mib: peak_kib as f64 / 1024.0,
         latency_idle: idle,
@@ -187,9 +240,7 @@ pub(super) async fn scaling(
         args.jobs,
         Redis::describe(&cfg.redis)
     );
-    seed(&client, rows, args.jobs).await?;
-    let floor_rps = floor(&client, batch).await?;
-    client.batch_execute("TRUNCATE task_outbox").await.map_err(pg)?;
+    let floor_rps = floor(url, &client, (rows, args.jobs), batch, 1, FloorStatement::IdIn).await?;
     let mut runs = Vec::new();
     for relays in 1..=3u32 {
         for concurrency in [1u32, 2, 4] {
