@@ -430,11 +430,11 @@ async fn tick_on(
     // Delivered rows are gone already when the claim deleted them.
     let delete: &[i64] = if delete_claim { &[] } else { &plan.delete };
     // A delete claim whose rows were all delivered has nothing to write.
-    let writes = !delete.is_empty()
-        || !(plan.retry_ids.is_empty()
-            && plan.dead_ids.is_empty()
-            && plan.aside_ids.is_empty()
-            && plan.postpone_ids.is_empty());
+    let writes = !(delete.is_empty()
+        && plan.retry_ids.is_empty()
+        && plan.dead_ids.is_empty()
+        && plan.aside_ids.is_empty()
+        && plan.postpone_ids.is_empty());
     if writes {
         // Independent statements, pipelined on one connection, each with
         // the time left now as its statement_timeout (not the tick's whole

@@ -206,7 +206,7 @@ pub fn claimed_paused(scopes: &[String], rows: &[OutboxRow]) -> bool {
     if scopes.is_empty() || rows.is_empty() {
         return false;
     }
-    scopes.iter().any(|s| s == "*") || rows.iter().any(|r| scopes.iter().any(|s| *s == r.job_id))
+    scopes.iter().any(|s| s == "*") || rows.iter().any(|r| scopes.contains(&r.job_id))
 }
 
 /// Put rows a delete claim took back into `task_outbox` as they were (same
