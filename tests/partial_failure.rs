@@ -21,6 +21,10 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
         .await;
     assert_eq!(poisoned_rows, 40);
     let expected = expected_members(&db).await;
+    // What a failed row must keep through its retries and into the dead
+    // table: every column but attempts and run_at (the relay claims by
+    // deleting and puts such rows back).
+    let before = fingerprint(&db, "task_outbox", "id", &poisoned).await;
     let mut conn = redis_conn(&redis_url).await;
     let _: () = conn
         .set(format!("{}sched:{poisoned}", &*prefix), "not a sorted set")
@@ -70,6 +74,11 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
         max_left <= 2.05 && min_left > 0.5,
         "first backoff is base (2s): {min_left}..{max_left}"
     );
+    assert_eq!(
+        fingerprint(&db, "task_outbox", "id", &poisoned).await,
+        before,
+        "a retried row keeps its id and every other column"
+    );
     let healthy: std::collections::HashMap<_, _> = expected
         .iter()
         .filter(|(_, (job, _, _))| *job != poisoned.to_string())
@@ -99,6 +108,11 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
     })
     .await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 0);
+    assert_eq!(
+        fingerprint(&db, "task_outbox_dead", "original_id", &poisoned).await,
+        before,
+        "a dead letter keeps its original id and every other column"
+    );
     let dead = c
         .query("SELECT attempts, last_error, job_id FROM task_outbox_dead", &[])
         .await
@@ -118,4 +132,23 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
     })
     .await;
     relay.stop().await;
+}
+
+/// One hash over `job`'s rows in `table`: every column the relay carries
+/// but `attempts` and `run_at`, ordered by `id_column` (the outbox id).
+async fn fingerprint(db: &TestDb, table: &str, id_column: &str, job: &uuid::Uuid) -> String {
+    db.client()
+        .await
+        .query_one(
+            &format!(
+                "SELECT md5(string_agg(concat_ws('|', {id_column}, task_id::text, job_id::text, page_id, host, path,
+                                                 priority, retry_count, source_type, source_url, created_at,
+                                                 task_type, lighthouse_run_id), ',' ORDER BY {id_column}))
+                   FROM {table} WHERE job_id::text = $1"
+            ),
+            &[&job.to_string()],
+        )
+        .await
+        .expect("fingerprint")
+        .get(0)
 }

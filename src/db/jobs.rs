@@ -134,13 +134,15 @@ pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<C
     }
     // Also for an already-cancelled job: rows a producer wrote after the
     // first cancel would otherwise wait forever.
+    //
+    // Twice: a sweep that claimed rows of the job by deleting them and puts
+    // some back (a retry) commits new row versions, which the first DELETE,
+    // waiting for that sweep, cannot see (its snapshot is older); the
+    // second one's snapshot has them.
     let deleted = match schema.outbox_job_id.stored_form(job) {
         Some(j) => {
-            tx.execute_typed(
-                &format!("DELETE FROM task_outbox WHERE job_id = $1::{}", schema.outbox_job_id),
-                &[(&j, Type::TEXT)],
-            )
-            .await?
+            let sql = format!("DELETE FROM task_outbox WHERE job_id = $1::{}", schema.outbox_job_id);
+            tx.execute_typed(&sql, &[(&j, Type::TEXT)]).await? + tx.execute_typed(&sql, &[(&j, Type::TEXT)]).await?
         }
         None => 0,
     };
