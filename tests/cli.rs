@@ -112,7 +112,7 @@ fn check_config_redacts_passwords() {
     assert!(out.contains("postgres://app:***@db.internal:5432/jobs"), "{out}");
     assert!(!out.contains("hunter2") && !out.contains("s3cr3t"), "{out}");
     let parsed: toml::Table = out.parse().expect("check-config prints valid TOML");
-    assert_eq!(parsed["sweep"]["batch_size"].as_integer(), Some(500));
+    assert_eq!(parsed["sweep"]["batch_size"].as_integer(), Some(1000));
 }
 
 #[tokio::test]

@@ -243,11 +243,22 @@ impl Handler<DispatchBatch> for DispatchActor {
                 )))
             }
         };
+        // Redis's memory is read beside the batches, not before one: when a
+        // read is due it runs on its own, and this batch goes by the last
+        // reading (at most CHECK_EVERY plus a round trip old), so no batch
+        // waits for an INFO round trip.
+        let gate = self.memory.clone();
+        if gate.due(std::time::Instant::now()) {
+            let (gate, redis) = (gate.clone(), redis.clone());
+            let read = async move { gate.refresh(&redis, msg.deadline).await };
+            ctx.spawn(
+                read.into_actor(self)
+                    .map(|transition, act, _| act.memory_changed(transition)),
+            );
+        }
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
-        let gate = self.memory.clone();
         let work = contain(async move {
-            let transition = gate.refresh(&redis, msg.deadline).await;
             if gate.is_closed() {
                 let why = format!(
                     "used_memory at {:.0}% of maxmemory (redis.max_memory_ratio {:.2}); writing again below {:.0}%",
@@ -255,16 +266,12 @@ impl Handler<DispatchBatch> for DispatchActor {
                     gate.high(),
                     gate.low() * 100.0
                 );
-                return (transition, Err(DispatchError::BackPressure(why)));
+                return Err(DispatchError::BackPressure(why));
             }
-            (
-                transition,
-                zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await,
-            )
+            zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await
         });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
-            Ok((transition, result)) => {
-                act.memory_changed(transition);
+            Ok(result) => {
                 // Holding back on purpose is not a failure of the actor.
                 let recorded = match &result {
                     Err(DispatchError::BackPressure(_)) => Ok(()),

@@ -118,7 +118,7 @@ impl MemoryGate {
 
     /// Whether a new reading is due (at most one per [`CHECK_EVERY`]);
     /// marks it taken.
-    fn due(&self, now: Instant) -> bool {
+    pub fn due(&self, now: Instant) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.last_check {
             Some(t) if now.duration_since(t) < CHECK_EVERY => false,
@@ -129,12 +129,10 @@ impl MemoryGate {
         }
     }
 
-    /// Read `INFO memory` when due and fold it in. A failed read changes
-    /// nothing: the batch's own write reports an unreachable Redis.
+    /// Read `INFO memory` and fold it in (callers ask [`MemoryGate::due`]
+    /// first). A failed read changes nothing: the batches' own writes
+    /// report an unreachable Redis.
     pub async fn refresh(&self, redis: &Redis, deadline: Deadline) -> Option<Transition> {
-        if !self.due(Instant::now()) {
-            return None;
-        }
         let info = read_info(redis, deadline).await.ok()?;
         self.observe(Memory::parse(&info)?)
     }
