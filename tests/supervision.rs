@@ -429,6 +429,10 @@ async fn a_wedged_sweep_is_restarted_as_an_own_fault_and_the_drain_finishes() {
         &prefix,
         &[
             ("OUTBOX_FAULT_WEDGE", "sweep.tick:hang"),
+            // One lane, so the hung tick leaves the sweep with no sign of
+            // work at all (a second lane would drain meanwhile; a wedged
+            // lane beside a working one is not detected, see the watchdog).
+            ("OUTBOX_RELAY_SWEEP__CONCURRENCY", "1"),
             // Cadence 700 ms: wedged after 3.5 s of silence.
             ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
             ("OUTBOX_RELAY_SWEEP__INTERVAL", "200ms"),
