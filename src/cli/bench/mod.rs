@@ -59,6 +59,12 @@ pub struct BenchArgs {
     /// Rows per drain of the scaling matrix.
     #[arg(long, default_value_t = 200_000)]
     pub scaling_rows: i64,
+    /// Seed rows with `run_at` one millisecond apart (distinct schedule
+    /// scores, as rows committed over time get) instead of all the same
+    /// (the default, comparable with every recorded run, and the worst case
+    /// for Redis: every sorted-set insert then compares members).
+    #[arg(long)]
+    pub spread_run_at: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -43,6 +43,9 @@ pub struct ScalingReport {
 #[derive(Debug, Serialize, Default)]
 pub struct BenchReport {
     pub rows: i64,
+    /// Seeded with `run_at` 1 ms apart (`--spread-run-at`) instead of one
+    /// `run_at` for every row.
+    pub spread_run_at: bool,
     pub jobs: i64,
     pub batch_size: u32,
     /// The yardstick: `DELETE … WHERE id IN (SELECT … FOR UPDATE SKIP
@@ -89,6 +92,14 @@ pub(super) fn print_report(r: &BenchReport) {
     println!("| --- | --- |");
     println!("| machine | {} cores, Postgres and Redis on the same host |", r.cores);
     println!("| rows / jobs / batch | {} / {} / {} |", r.rows, r.jobs, r.batch_size);
+    println!(
+        "| run_at of the seeded rows | {} |",
+        if r.spread_run_at {
+            "1 ms apart (--spread-run-at)"
+        } else {
+            "all the same"
+        }
+    );
     println!(
         "| floor (Postgres alone, 1 connection) | {:.0} rows/s |",
         r.floor_rows_per_sec

@@ -23,12 +23,26 @@ pub(super) const SEED_SQL: &str =
      SELECT gen_random_uuid(),
             ('00000000-0000-4000-8000-' || lpad((i % $2)::text, 12, '0'))::uuid,
             i::int, 'shop' || (i % $2) || '.example.com', '/products/' || i, (i % 100) / 10.0, 0,
-            'sitemap', 'https://example.com/sitemap.xml', now() - interval '1 minute', 'crawl'
+            'sitemap', 'https://example.com/sitemap.xml',
+            now() - interval '1 minute' - ($1::int8 - i) * $3::int8 * interval '1 millisecond', 'crawl'
        FROM generate_series(1, $1::int8) AS i";
 
-pub(super) async fn seed(client: &tokio_postgres::Client, rows: i64, jobs: i64) -> Result<(), BenchError> {
+/// Seed `rows` due rows over `jobs` jobs: all with the same `run_at` (a
+/// minute ago: every schedule member gets the same score, the worst case
+/// for Redis's sorted sets), or with `spread` one millisecond apart (as
+/// rows committed over time get: distinct scores).
+pub(super) async fn seed(
+    client: &tokio_postgres::Client,
+    rows: i64,
+    jobs: i64,
+    spread: bool,
+) -> Result<(), BenchError> {
+    let step_ms = i64::from(spread);
     client
-        .execute_typed(SEED_SQL, &[(&rows, Type::INT8), (&jobs, Type::INT8)])
+        .execute_typed(
+            SEED_SQL,
+            &[(&rows, Type::INT8), (&jobs, Type::INT8), (&step_ms, Type::INT8)],
+        )
         .await
         .map_err(pg)?;
     client.batch_execute("VACUUM ANALYZE task_outbox").await.map_err(pg)?;
@@ -72,12 +86,12 @@ impl FloorStatement {
 pub(super) async fn floor(
     url: &str,
     seeder: &tokio_postgres::Client,
-    (rows, jobs): (i64, i64),
+    (rows, jobs, spread): (i64, i64, bool),
     batch: i64,
     connections: usize,
     statement: FloorStatement,
 ) -> Result<f64, BenchError> {
-    seed(seeder, rows, jobs).await?;
+    seed(seeder, rows, jobs, spread).await?;
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
         clients.push(crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?);
@@ -124,7 +138,7 @@ pub(super) async fn drain_and_latency(
         batch
     );
 
-    let size = (args.rows, args.jobs);
+    let size = (args.rows, args.jobs, args.spread_run_at);
     eprintln!("bench: floor (Postgres alone, 1 connection)…");
     let floor_rps = floor(url, &client, size, batch, 1, FloorStatement::IdIn).await?;
     eprintln!("bench: floor (Postgres alone, 2 connections)…");
@@ -133,7 +147,7 @@ pub(super) async fn drain_and_latency(
     let floor_ctid_rps = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
 
     eprintln!("bench: drain…");
-    seed(&client, args.rows, args.jobs).await?;
+    seed(&client, args.rows, args.jobs, args.spread_run_at).await?;
     let mut relay = [spawn_relay(
         args.config.as_deref(),
         url,
@@ -184,7 +198,7 @@ pub(super) async fn drain_and_latency(
                 args.backlog_rows,
                 args.backlog_runs.max(1)
             );
-            seed(&client, args.backlog_rows, args.jobs).await?;
+            seed(&client, args.backlog_rows, args.jobs, args.spread_run_at).await?;
             let run = measure(Duration::from_secs(60), args.backlog_rows).await?;
             samples.extend(run.ms);
             vacuum_shares.push(run.vacuum_share);
@@ -201,6 +215,7 @@ pub(super) async fn drain_and_latency(
     let drain_rps = args.rows as f64 / drain_secs;
     Ok(BenchReport {
         rows: args.rows,
+        spread_run_at: args.spread_run_at,
         jobs: args.jobs,
         batch_size: cfg.sweep.batch_size,
         floor_rows_per_sec: floor_rps,
@@ -240,12 +255,20 @@ pub(super) async fn scaling(
         args.jobs,
         Redis::describe(&cfg.redis)
     );
-    let floor_rps = floor(url, &client, (rows, args.jobs), batch, 1, FloorStatement::IdIn).await?;
+    let floor_rps = floor(
+        url,
+        &client,
+        (rows, args.jobs, args.spread_run_at),
+        batch,
+        1,
+        FloorStatement::IdIn,
+    )
+    .await?;
     let mut runs = Vec::new();
     for relays in 1..=3u32 {
         for concurrency in [1u32, 2, 4] {
             delete_prefix(&mut conn, prefix).await.map_err(rd)?;
-            seed(&client, rows, args.jobs).await?;
+            seed(&client, rows, args.jobs, args.spread_run_at).await?;
             let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
             let mut children = Vec::new();
             for _ in 0..relays {
