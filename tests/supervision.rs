@@ -458,6 +458,65 @@ async fn a_wedged_sweep_is_restarted_as_an_own_fault_and_the_drain_finishes() {
     relay.stop().await;
 }
 
+/// One lane hangs while the other keeps draining: the actor as a whole
+/// shows work all along, so the watchdog cannot see it; the sweep's own
+/// lane check finds a tick running past its deadline plus a grace and
+/// restarts the actor as an own fault, which brings the lane back.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_wedged_lane_beside_a_working_one_is_restarted() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 2_000, 5).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_FAULT_WEDGE", "sweep.tick:hang"),
+            ("OUTBOX_RELAY_SWEEP__CONCURRENCY", "2"),
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
+            ("OUTBOX_RELAY_SWEEP__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    // The other lane drains everything meanwhile.
+    wait_drained(&db, Duration::from_secs(60)).await;
+    wait_until("the wedged lane is noticed", Duration::from_secs(30), || {
+        let seen = !relay.records("actor failed; restarting it").is_empty();
+        async move { seen }
+    })
+    .await;
+    let failures = relay.records("actor failed; restarting it");
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert_eq!(failures[0]["actor"], "SweepActor");
+    assert_eq!(failures[0]["cause"], "own", "a wedged lane is the relay's own fault");
+    assert!(
+        failures[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("wedged lane")),
+        "{failures:#?}"
+    );
+    assert!(
+        relay.records("actor wedged: no sign of work").is_empty(),
+        "the actor kept showing work, so the watchdog had nothing to see"
+    );
+    // Restarted with both lanes: a new row is delivered.
+    let mut more = expected.clone();
+    let before = more.len();
+    seed(&db, 10, 1).await;
+    more.extend(expected_members(&db).await);
+    assert_eq!(more.len(), before + 10);
+    wait_drained(&db, Duration::from_secs(30)).await;
+    assert!(relay.is_running());
+    assert_all_delivered(&redis_url, &prefix, &more).await;
+    relay.stop().await;
+}
+
 /// The dispatch thread itself is stuck: the actor cannot even take the
 /// watchdog's message, so nothing in the process can restart it. The
 /// process exits non-zero, naming the actor, for the runtime to restart.

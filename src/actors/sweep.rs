@@ -28,7 +28,9 @@ use slog::{debug, error, info, warn, Logger};
 
 use super::dead_letter::RowsDeadLettered;
 use super::dispatch::DispatchBatch;
-use super::lifecycle::{contain, fail, fail_dependency, fault_point, guarded, later, wedge_point, Core, Lifecycle};
+use super::lifecycle::{
+    contain, fail, fail_dependency, fault_point, guarded, interval, later, wedge_point, Core, Lifecycle,
+};
 use super::supervisor::Supervision;
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::schema::{ClaimMode, Schema};
@@ -99,6 +101,16 @@ const LIVE_RECHECK: Duration = Duration::from_millis(20);
 /// cursor (a producer transaction that committed late with an old `now()`,
 /// a tick that rolled back) wait at most this long.
 pub const FULL_SCAN_EVERY: Duration = Duration::from_millis(250);
+
+/// A tick still running this long past its deadline is wedged: every
+/// stage of a tick ends at the deadline (a commit gets `COMMIT_GRACE`, a
+/// cancel `CANCEL_WAIT`), so only a bug keeps one going. The watchdog sees
+/// only the whole actor, which keeps showing work while another lane
+/// drains; this catches the lane.
+const LANE_WEDGE_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the sweep looks for a wedged lane.
+const LANE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What a tick is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +532,14 @@ pub struct SweepActor {
     last_full_scan: std::time::Instant,
     /// The last tick found something paused: claims skip paused jobs.
     pauses_seen: bool,
+    /// Ticks running now: (number, lane, deadline), for the lane check.
+    running: Vec<(u64, Lane, Deadline)>,
+    /// Number of the next tick.
+    next_tick: u64,
+    /// When the lane check last ran.
+    last_lane_check: tokio::time::Instant,
+    /// The overdue tick the lane check is watching, and since when.
+    lane_suspect: Option<(u64, tokio::time::Instant)>,
     /// A fresh-lane tick is queued or running (at most one at a time).
     fresh_in_flight: bool,
     /// Drain-lane ticks running now.
@@ -564,6 +584,10 @@ impl SweepActor {
             cursor: None,
             last_full_scan: std::time::Instant::now(),
             pauses_seen: false,
+            running: Vec::new(),
+            next_tick: 0,
+            last_lane_check: tokio::time::Instant::now(),
+            lane_suspect: None,
             fresh_in_flight: false,
             drain_in_flight: 0,
             last_wake: None,
@@ -619,13 +643,51 @@ impl SweepActor {
             && self.last_wake.is_some_and(|t| t.elapsed() < LIVE_WINDOW)
     }
 
+    /// Fail (an own fault: restart with fresh state) when a tick has run
+    /// [`LANE_WEDGE_GRACE`] past its deadline and then kept running for
+    /// another [`LANE_WEDGE_GRACE`] of checks on time (so a process that was
+    /// paused, whose ticks all look overdue at once, gives them time to end).
+    fn check_lanes(&mut self, ctx: &mut Context<Self>) {
+        let now = tokio::time::Instant::now();
+        // Late by much: the whole process was paused (SIGSTOP, a frozen
+        // container); start over.
+        let late = now - self.last_lane_check > LANE_CHECK_EVERY * 3;
+        self.last_lane_check = now;
+        if late {
+            self.lane_suspect = None;
+            return;
+        }
+        let overdue = self
+            .running
+            .iter()
+            .find(|(_, _, d)| now > d.instant() + LANE_WEDGE_GRACE)
+            .map(|(n, lane, d)| (*n, *lane, now - d.instant()));
+        let Some((number, lane, over)) = overdue else {
+            self.lane_suspect = None;
+            return;
+        };
+        match self.lane_suspect {
+            Some((n, since)) if n == number && now - since >= LANE_WEDGE_GRACE => fail(
+                self,
+                ctx,
+                format!(
+                    "wedged lane: a {lane:?} tick is still running {}ms past its deadline",
+                    over.as_millis()
+                ),
+            ),
+            Some((n, _)) if n == number => {}
+            _ => self.lane_suspect = Some((number, now)),
+        }
+    }
+
     fn finish_tick(
         &mut self,
-        lane: Lane,
+        (number, lane): (u64, Lane),
         started: std::time::Instant,
         result: Result<Result<TickReport, TickError>, String>,
         ctx: &mut Context<Self>,
     ) {
+        self.running.retain(|(n, _, _)| *n != number);
         self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
         if lane == Lane::Drain {
             self.drain_in_flight = self.drain_in_flight.saturating_sub(1);
@@ -813,6 +875,9 @@ impl SweepActor {
             self.drain_in_flight += 1;
         }
         let lane = msg.lane;
+        let number = self.next_tick;
+        self.next_tick += 1;
+        self.running.push((number, lane, msg.deadline));
         let skip_paused = self.pauses_seen;
         let from = match (lane, self.cursor) {
             (Lane::Fresh, _) => None,
@@ -836,7 +901,7 @@ impl SweepActor {
         ctx.spawn(contain(tick).into_actor(self).map(move |result, act, ctx| {
             guarded(act, ctx, "tick callback", |act, ctx| {
                 fault_point("sweep.settled");
-                act.finish_tick(lane, started, result, ctx)
+                act.finish_tick((number, lane), started, result, ctx)
             });
         }));
     }
@@ -859,6 +924,8 @@ impl Lifecycle for SweepActor {
         for _ in 0..self.settings.concurrency.max(1) {
             self.schedule(ctx, Pace::Drain);
         }
+        self.last_lane_check = tokio::time::Instant::now();
+        interval(ctx, LANE_CHECK_EVERY, |act, ctx| act.check_lanes(ctx));
         Ok(())
     }
 
@@ -873,6 +940,8 @@ impl Lifecycle for SweepActor {
         self.drain_in_flight = 0;
         self.fresh_again = false;
         self.cursor = None;
+        self.running.clear();
+        self.lane_suspect = None;
         // A wake-up lost with the failed actor must not block the next ones.
         self.wake_pending.store(false, Ordering::Release);
         self.in_flight.send_replace(0);
