@@ -373,3 +373,77 @@ pub async fn set_aside(tx: &Transaction<'_>, ids: &[i64]) -> Result<u64, tokio_p
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn unix_ms_rounds_down_on_both_sides_of_the_epoch() {
+        assert_eq!(unix_ms(UNIX_EPOCH), 0);
+        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_micros(1_500)), 1);
+        assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_micros(500)), -1);
+        assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_millis(1)), -1);
+        assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_micros(1_001)), -2);
+        assert_eq!(
+            unix_ms(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+            1_700_000_000_123
+        );
+    }
+
+    fn row(job: &str) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            task_id: String::new(),
+            job_id: job.into(),
+            page_id: 0,
+            host: String::new(),
+            path: String::new(),
+            priority: 0.0,
+            retry_count: 0,
+            source_type: String::new(),
+            source_url: String::new(),
+            task_type: String::new(),
+            lighthouse_run_id: None,
+            attempts: 0,
+            run_at_ms: 0,
+            age_at_claim_ms: (0, 0),
+        }
+    }
+
+    #[test]
+    fn a_claim_took_a_paused_row_only_when_a_pause_covers_one() {
+        let rows = [row("job-a"), row("job-b")];
+        let scopes = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(!claimed_paused(&[], &rows));
+        assert!(claimed_paused(&scopes(&["*"]), &rows));
+        assert!(claimed_paused(&scopes(&["job-x", "job-b"]), &rows));
+        assert!(!claimed_paused(&scopes(&["job-x"]), &rows));
+        // Nothing claimed: nothing to undo, whatever is paused.
+        assert!(!claimed_paused(&scopes(&["*"]), &[]));
+    }
+
+    #[test]
+    fn the_claim_statement_follows_mode_order_cursor_and_pauses() {
+        let delete = claim_sql(&ClaimMode::Delete, ClaimOrder::Oldest, false, false);
+        assert!(
+            delete.starts_with("DELETE FROM task_outbox WHERE ctid = ANY(ARRAY(SELECT ctid"),
+            "{delete}"
+        );
+        assert!(delete.contains("ORDER BY run_at, id") && delete.contains("FOR UPDATE SKIP LOCKED"));
+        assert!(
+            !delete.contains("outbox_relay_pause") && !delete.contains("$2"),
+            "{delete}"
+        );
+        let resumed = claim_sql(&ClaimMode::Delete, ClaimOrder::Oldest, true, true);
+        assert!(resumed.contains("(run_at, id) >= ($2, $3)"), "{resumed}");
+        assert!(resumed.contains("job_id::text NOT IN (SELECT scope FROM outbox_relay_pause)"));
+        let newest = claim_sql(&ClaimMode::Delete, ClaimOrder::Newest, false, false);
+        assert!(newest.contains("ORDER BY id DESC") && newest.contains("pg_sequence_last_value"));
+        let lock = claim_sql(&ClaimMode::Lock("why".into()), ClaimOrder::Oldest, false, false);
+        assert!(lock.starts_with("SELECT id, task_id::text"), "{lock}");
+        assert!(!lock.contains("DELETE") && lock.contains("FOR UPDATE SKIP LOCKED"));
+    }
+}
