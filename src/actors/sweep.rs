@@ -413,44 +413,30 @@ async fn tick_on(
     report.last_dead_error = plan.dead_errors.last().cloned();
 
     let delete_claim = *mode == ClaimMode::Delete;
-    if delete_claim {
-        if plan.changes_nothing() {
-            // Every row stays as it was (Redis unavailable, held back): a
-            // rollback puts them all back, cheaper than re-inserting them.
-            deadline
-                .run("rollback", tx.rollback())
-                .await?
-                .map_err(TickError::db("rollback"))?;
-            lap(&mut stage_us[2]);
-            report.stage_us = stage_us;
-            return Ok(report);
-        }
-        if !plan.stays.is_empty() {
-            // The rows that stay come back first (same id, same values);
-            // the writes below then update or move them.
-            let restore = async {
-                tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
-                    .await?;
-                outbox::restore(&tx, schema, &claimed, &plan.stays).await
-            };
-            deadline
-                .run("restore", restore)
-                .await?
-                .map_err(TickError::db("restore claimed rows"))?;
-        }
+    if delete_claim && plan.changes_nothing() {
+        // Every row stays as it was (Redis unavailable, held back): a
+        // rollback puts them all back, cheaper than re-inserting them.
+        deadline
+            .run("rollback", tx.rollback())
+            .await?
+            .map_err(TickError::db("rollback"))?;
+        lap(&mut stage_us[2]);
+        report.stage_us = stage_us;
+        return Ok(report);
     }
-    // Delivered rows are gone already when the claim deleted them.
-    let delete: &[i64] = if delete_claim { &[] } else { &plan.delete };
+    // A delete claim took the rows out already: the delivered ones are
+    // done, and the ones that stay are put back (same id, same values)
+    // before the writes after it update or move them.
+    let (delete, restore): (&[i64], &[usize]) = if delete_claim {
+        (&[], &plan.stays)
+    } else {
+        (&plan.delete, &[])
+    };
     // A delete claim whose rows were all delivered has nothing to write.
-    let writes = !(delete.is_empty()
-        && plan.retry_ids.is_empty()
-        && plan.dead_ids.is_empty()
-        && plan.aside_ids.is_empty()
-        && plan.postpone_ids.is_empty());
-    if writes {
-        // Independent statements, pipelined on one connection, each with
-        // the time left now as its statement_timeout (not the tick's whole
-        // budget from when the claim started).
+    if !delete.is_empty() || !plan.updates_nothing() {
+        // Statements pipelined on one connection, run by the server in
+        // this order, each with the time left now as its statement_timeout
+        // (not the tick's whole budget from when the claim started).
         let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
         let settle_all = async {
             tokio::try_join!(
@@ -458,6 +444,11 @@ async fn tick_on(
                     tx.batch_execute(&reset_timeout)
                         .await
                         .map_err(TickError::db("set statement timeout"))
+                },
+                async {
+                    outbox::restore(&tx, schema, &claimed, restore)
+                        .await
+                        .map_err(TickError::db("restore claimed rows"))
                 },
                 async {
                     outbox::delete(&tx, delete)

@@ -394,23 +394,7 @@ mod tests {
     }
 
     fn row(job: &str) -> OutboxRow {
-        OutboxRow {
-            id: 1,
-            task_id: String::new(),
-            job_id: job.into(),
-            page_id: 0,
-            host: String::new(),
-            path: String::new(),
-            priority: 0.0,
-            retry_count: 0,
-            source_type: String::new(),
-            source_url: String::new(),
-            task_type: String::new(),
-            lighthouse_run_id: None,
-            attempts: 0,
-            run_at_ms: 0,
-            age_at_claim_ms: (0, 0),
-        }
+        OutboxRow::blank(1, job, 0)
     }
 
     #[test]

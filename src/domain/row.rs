@@ -25,3 +25,28 @@ pub struct OutboxRow {
     /// relay's host and Postgres never enters the delivery lag).
     pub age_at_claim_ms: (i64, i64),
 }
+
+#[cfg(test)]
+impl OutboxRow {
+    /// A row with `id`, `job_id` and `attempts` and every other field empty
+    /// or zero: for tests of what is decided about rows, not what they hold.
+    pub(crate) fn blank(id: i64, job_id: &str, attempts: i32) -> OutboxRow {
+        OutboxRow {
+            id,
+            task_id: String::new(),
+            job_id: job_id.into(),
+            page_id: 0,
+            host: String::new(),
+            path: String::new(),
+            priority: 0.0,
+            retry_count: 0,
+            source_type: String::new(),
+            source_url: String::new(),
+            task_type: String::new(),
+            lighthouse_run_id: None,
+            attempts,
+            run_at_ms: 0,
+            age_at_claim_ms: (0, 0),
+        }
+    }
+}

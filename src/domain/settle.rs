@@ -66,8 +66,12 @@ impl Settlement {
     /// The tick changes no row (each stays exactly as it was): a delete
     /// claim then rolls back instead of putting every row back.
     pub fn changes_nothing(&self) -> bool {
-        self.delete.is_empty()
-            && self.retry_ids.is_empty()
+        self.delete.is_empty() && self.updates_nothing()
+    }
+
+    /// No row that stays is written (retried, moved, set aside, postponed).
+    pub fn updates_nothing(&self) -> bool {
+        self.retry_ids.is_empty()
             && self.dead_ids.is_empty()
             && self.postpone_ids.is_empty()
             && self.aside_ids.is_empty()
@@ -154,23 +158,7 @@ mod tests {
     }
 
     fn row(id: i64, attempts: i32) -> OutboxRow {
-        OutboxRow {
-            id,
-            task_id: String::new(),
-            job_id: String::new(),
-            page_id: 0,
-            host: String::new(),
-            path: String::new(),
-            priority: 0.0,
-            retry_count: 0,
-            source_type: String::new(),
-            source_url: String::new(),
-            task_type: String::new(),
-            lighthouse_run_id: None,
-            attempts,
-            run_at_ms: 0,
-            age_at_claim_ms: (0, 0),
-        }
+        OutboxRow::blank(id, "", attempts)
     }
 
     #[test]
