@@ -243,12 +243,14 @@ impl Handler<DispatchBatch> for DispatchActor {
                 )))
             }
         };
-        // Redis's memory is read beside the batches, not before one: when a
-        // read is due it runs on its own, and this batch goes by the last
-        // reading (at most CHECK_EVERY plus a round trip old), so no batch
-        // waits for an INFO round trip.
+        // Redis's memory is read beside the batches far from the mark (no
+        // batch waits for it; this one goes by the last reading, at most
+        // CHECK_EVERY plus a round trip old), and by the batch itself before
+        // it writes near the mark (see `redis::memory`).
         let gate = self.memory.clone();
-        if gate.due(std::time::Instant::now()) {
+        let inline = gate.near_mark();
+        let read = gate.due(std::time::Instant::now());
+        if read && !inline {
             let (gate, redis) = (gate.clone(), redis.clone());
             let read = async move { gate.refresh(&redis, msg.deadline).await };
             ctx.spawn(
@@ -259,6 +261,11 @@ impl Handler<DispatchBatch> for DispatchActor {
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
         let work = contain(async move {
+            let transition = if read && inline {
+                gate.refresh(&redis, msg.deadline).await
+            } else {
+                None
+            };
             if gate.is_closed() {
                 let why = format!(
                     "used_memory at {:.0}% of maxmemory (redis.max_memory_ratio {:.2}); writing again below {:.0}%",
@@ -266,12 +273,16 @@ impl Handler<DispatchBatch> for DispatchActor {
                     gate.high(),
                     gate.low() * 100.0
                 );
-                return Err(DispatchError::BackPressure(why));
+                return (transition, Err(DispatchError::BackPressure(why)));
             }
-            zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await
+            (
+                transition,
+                zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await,
+            )
         });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
-            Ok(result) => {
+            Ok((transition, result)) => {
+                act.memory_changed(transition);
                 // Holding back on purpose is not a failure of the actor.
                 let recorded = match &result {
                     Err(DispatchError::BackPressure(_)) => Ok(()),

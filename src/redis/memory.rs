@@ -8,6 +8,11 @@
 //! the mark does not flap. While it is closed, batches are not sent: the
 //! sweep leaves their rows in the outbox without counting an attempt.
 //! No `maxmemory` (0) means no limit: the gate stays open.
+//!
+//! Far from the mark a reading is taken beside the batches (no batch waits
+//! for it); within [`NEAR`] of the mark, or while closed, every batch reads
+//! first: 250 ms of a fast drain is megabytes, enough to run a small Redis
+//! past the mark into `OOM` between two readings.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,6 +25,8 @@ use crate::deadline::Deadline;
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// The gate opens again this far (a share of maxmemory) below the mark.
 pub const HYSTERESIS: f64 = 0.05;
+/// Within this share of maxmemory below the mark, every batch reads first.
+pub const NEAR: f64 = 0.1;
 
 /// Redis's memory figures, from `INFO memory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,10 +123,22 @@ impl MemoryGate {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).ratio
     }
 
-    /// Whether a new reading is due (at most one per [`CHECK_EVERY`]);
-    /// marks it taken.
+    /// Close enough to the mark (or closed) that a batch must read before
+    /// it writes.
+    pub fn near_mark(&self) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.closed || s.ratio.is_some_and(|r| r >= self.high - NEAR)
+    }
+
+    /// Whether a new reading is due (at most one per [`CHECK_EVERY`], or
+    /// every time near the mark); marks it taken.
     pub fn due(&self, now: Instant) -> bool {
+        let near = self.near_mark();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if near {
+            s.last_check = Some(now);
+            return true;
+        }
         match s.last_check {
             Some(t) if now.duration_since(t) < CHECK_EVERY => false,
             _ => {
@@ -201,5 +220,19 @@ mod tests {
         assert!(g.due(t));
         assert!(!g.due(t + Duration::from_millis(100)));
         assert!(g.due(t + CHECK_EVERY));
+    }
+
+    #[test]
+    fn near_the_mark_every_batch_reads() {
+        let g = MemoryGate::new(0.9);
+        let t = Instant::now();
+        g.observe(Memory { used: 700, max: 1000 });
+        assert!(!g.near_mark());
+        assert!(g.due(t));
+        assert!(!g.due(t + Duration::from_millis(1)));
+        g.observe(Memory { used: 810, max: 1000 });
+        assert!(g.near_mark());
+        assert!(g.due(t + Duration::from_millis(2)));
+        assert!(g.due(t + Duration::from_millis(3)));
     }
 }
