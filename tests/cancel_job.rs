@@ -113,10 +113,63 @@ async fn cancel_job_states_and_refusals() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no job with id not-a-uuid"));
 }
 
-#[tokio::test]
-async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
+/// One job's cancel fence never refuses another job's rows, whatever the
+/// prefix (untagged, or tagged as README advises for a cluster) and the
+/// job ids (on the Go schema, TEXT ids sharing a `{tag}`). Before each
+/// job had a fence of its own, a tagged prefix gave every job the fence
+/// `{t}:cancelled:{t}`: after one cancel, every other job's rows were
+/// deleted unsent.
+async fn a_cancel_fences_only_its_own_job(prefix: Prefix) {
     let db = TestDb::new().await;
-    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    // TEXT job ids (Go schema) may hold braces; on a UUID column they are UUIDs.
+    let (a, b) = if db.go {
+        ("job{x}-a".to_string(), "job{x}-b".to_string())
+    } else {
+        (Uuid::new_v4().to_string(), Uuid::new_v4().to_string())
+    };
+    let c = db.client().await;
+    for j in [&a, &b] {
+        c.batch_execute(&format!("INSERT INTO jobs (id, status) VALUES ('{j}', 'running')"))
+            .await
+            .expect("job");
+    }
+    let o = cancel(&db, &redis_url, &prefix, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    c.batch_execute(&format!(
+        "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+         SELECT gen_random_uuid(), '{b}', i, 'h', '/p' || i, 1, 's', now() FROM generate_series(1, 500) i"
+    ))
+    .await
+    .expect("rows of job B");
+
+    let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let mut conn = redis_conn(&redis_url).await;
+    let depth: i64 = conn.zcard(format!("{}sched:{b}", &*prefix)).await.expect("ZCARD");
+    let dead = db.count("SELECT count(*) FROM task_outbox_dead").await;
+    assert_eq!(
+        (depth, dead),
+        (500, 0),
+        "job B's rows after job A's cancel under prefix {:?}",
+        &*prefix
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_fences_only_its_own_job_untagged_prefix() {
+    a_cancel_fences_only_its_own_job(key_prefix()).await;
+}
+
+#[tokio::test]
+async fn a_cancel_fences_only_its_own_job_tagged_prefix() {
+    a_cancel_fences_only_its_own_job(tagged_key_prefix()).await;
+}
+
+async fn cancel_during_a_drain_leaves_no_schedule_entry_behind(prefix: Prefix) {
+    let db = TestDb::new().await;
     let redis_url = shared_redis_url();
     let jobs = seed(&db, 30_000, 3).await;
     let victim = jobs[0];
@@ -185,10 +238,8 @@ async fn cancel_during_a_drain_leaves_no_schedule_entry_behind() {
 /// the held write finally reaches Redis, the job's cancel fence refuses it:
 /// the cancelled schedule is not recreated. Later rows of the job (a
 /// producer racing the cancel) are deleted unsent, counted as cancelled.
-#[tokio::test]
-async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job() {
+async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job(prefix: Prefix) {
     let db = TestDb::new().await;
-    let prefix = key_prefix();
     let server = RedisServer::start().await;
     let proxy = common::proxy::RespProxy::start(server.port).await;
     let job = Uuid::new_v4();
@@ -262,4 +313,24 @@ async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job() {
     );
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_during_a_drain_leaves_no_schedule_entry_behind_untagged_prefix() {
+    cancel_during_a_drain_leaves_no_schedule_entry_behind(key_prefix()).await;
+}
+
+#[tokio::test]
+async fn cancel_during_a_drain_leaves_no_schedule_entry_behind_tagged_prefix() {
+    cancel_during_a_drain_leaves_no_schedule_entry_behind(tagged_key_prefix()).await;
+}
+
+#[tokio::test]
+async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job_untagged_prefix() {
+    a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job(key_prefix()).await;
+}
+
+#[tokio::test]
+async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job_tagged_prefix() {
+    a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job(tagged_key_prefix()).await;
 }

@@ -96,6 +96,54 @@ async fn cluster_delivers_every_member_to_the_node_owning_its_slot() {
     relay.stop().await;
 }
 
+/// `cancel-job` on a cluster, under an untagged prefix and under a tagged
+/// one (README's advice for a cluster): the fence refuses the cancelled
+/// job's rows and no other job's. (A tagged prefix once gave every job one
+/// shared fence, so every other job's rows were deleted unsent.)
+#[tokio::test]
+async fn a_cancel_fences_only_its_own_job_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    for prefix in [key_prefix(), tagged_key_prefix()] {
+        let db = TestDb::new().await;
+        create_ledger(&db).await;
+        let js = new_jobs(4);
+        let c = db.client().await;
+        for j in &js {
+            c.batch_execute(&format!("INSERT INTO jobs (id, status) VALUES ('{j}', 'running')"))
+                .await
+                .expect("job");
+        }
+        let env = cluster_env(&db, &cluster, &prefix, &[]);
+        let out = relay_command(&["cancel-job", &js[0].to_string()], &env)
+            .output()
+            .expect("run cancel-job");
+        assert!(
+            out.status.success(),
+            "cancel-job: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        produce(&c, &js, 4_000).await.expect("seed");
+
+        let mut relay = RelayProcess::spawn(&env);
+        relay.wait_started().await;
+        wait_drained(&db, Duration::from_secs(120)).await;
+        let mut conn = cluster.connection().await;
+        let mut depths = Vec::new();
+        for j in &js {
+            let key = format!("{}sched:{j}", &*prefix);
+            let depth: i64 = redis::cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("ZCARD");
+            depths.push(depth);
+        }
+        assert_eq!(depths, [0, 1_000, 1_000, 1_000], "prefix {:?}", &*prefix);
+        assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+        relay.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_dead_node_defers_only_its_own_entries() {
     // No replicas: the node's slots stay unserved until it comes back.

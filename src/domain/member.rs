@@ -61,27 +61,41 @@ pub fn hash_slot(key: &str) -> u16 {
     crc % 16384
 }
 
-/// The cancel fence of the job whose schedule is `schedule_key`:
-/// `{prefix}cancelled:{<what the schedule key hashes by>}`. `cancel-job`
-/// writes it; every schedule write checks it in the same script, so no
-/// ZADD sent before the cancel (and executed after it) can recreate the
-/// schedule. Its hash tag puts it in the schedule key's cluster slot, which
-/// a script touching both needs (`config` refuses a prefix with unbalanced
-/// braces, which would break that).
+/// The cancel fence of the job whose schedule is `schedule_key`: a key of
+/// its own per job, in the schedule key's cluster slot. `cancel-job` writes
+/// it; every schedule write checks it in the same script, so no ZADD sent
+/// before the cancel (and executed after it) can recreate the schedule. A
+/// script touching both keys needs them in one slot.
 ///
-/// A job id that makes its whole schedule key the hashed part while
-/// holding a `}` (`job}1`, `{}`) cannot be wrapped in a tag; its fence is
-/// `{prefix}cancelled:{s<n>}:{schedule key}` with the first `n` whose tag
-/// hashes to the schedule's slot (a few thousand CRCs, for such ids only).
+/// `config` refuses a prefix whose braces are not non-empty `{tags}`, so a
+/// schedule key's hash tag is the prefix's, lies inside the job id, or is
+/// absent (the whole key is hashed). Three forms follow, each naming the
+/// job whole (a fence shared by two jobs would drop the other job's rows
+/// unsent for the fence's lifetime):
+///
+/// 1. The schedule key has a tag: `{prefix}cancelled:j:{job_id}`. Only
+///    brace-free text replaces `sched:`, so the first `{…}` is the same.
+/// 2. No tag and no `}`: `{prefix}cancelled:{<schedule key>}`, the whole
+///    schedule key as the tag (the form of every UUID job under an
+///    untagged prefix, unchanged since the first release).
+/// 3. No tag but a `}` (`job}1`): `{prefix}cancelled:{s<n>}:{schedule key}`
+///    with the first `n` whose tag hashes to the schedule's slot (a few
+///    thousand CRCs, for such ids only).
+///
+/// The forms cannot meet: 1 continues `cancelled:j`, 2 and 3 `cancelled:{`;
+/// 2's tag holds no `}` while 3's text has `}:` where 2's has its schedule
+/// key, and a brace-free prefix puts no `}` there.
 pub fn cancel_fence_key(prefix: &str, schedule_key: &str) -> String {
     let tag = hash_tag(schedule_key);
-    if !tag.contains('}') {
-        let mut key = String::with_capacity(prefix.len() + 12 + tag.len());
-        key.push_str(prefix);
-        key.push_str("cancelled:{");
-        key.push_str(tag);
-        key.push('}');
-        return key;
+    if tag.len() != schedule_key.len() {
+        let job_id = schedule_key
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix("sched:"))
+            .unwrap_or(schedule_key);
+        return format!("{prefix}cancelled:j:{job_id}");
+    }
+    if !schedule_key.contains('}') {
+        return format!("{prefix}cancelled:{{{schedule_key}}}");
     }
     let slot = hash_slot(schedule_key);
     let n = (0u32..)

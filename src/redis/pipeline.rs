@@ -675,22 +675,47 @@ mod tests {
     }
 
     #[test]
-    fn a_cancel_fence_shares_its_schedule_keys_slot() {
-        for prefix in ["hover:", "", "{hover}:", "a{b}c:", "x"] {
-            for job in [
-                "9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
-                "job{1}",
-                "job{",
-                "{}",
-                "job}1",
-                "j",
-            ] {
+    fn a_cancel_fence_shares_its_schedule_keys_slot_and_names_one_job() {
+        // Job ids chosen to meet: ids with tags of their own, braces that
+        // make no tag, the same tag twice, and ids spelling another form's
+        // fence (`{hover:sched:j}` is form 2's tag of job `j`).
+        let jobs = [
+            "9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
+            "2b0f7f5e-0c7e-4d38-9d55-5b1a3f0e9e42",
+            "job{1}",
+            "job{1}x",
+            "{1}",
+            "job{",
+            "{}",
+            "job}1",
+            "job}2",
+            "j",
+            "{hover:sched:j}",
+            "j:cancelled:j:x",
+            "s0}:hover:sched:j",
+            "{s0}:hover:sched:job}1",
+        ];
+        for prefix in ["hover:", "", "{hover}:", "{t1}:", "a{b}c:", "x"] {
+            let mut seen = std::collections::HashMap::new();
+            for job in jobs {
                 let sched = crate::domain::schedule_key(prefix, job);
                 let fence = cancel_fence_key(prefix, &sched);
                 assert_ne!(fence, sched);
+                assert!(fence.starts_with(&format!("{prefix}cancelled:")), "{fence}");
                 assert_eq!(key_slot(&fence), key_slot(&sched), "{prefix:?} {job:?}: {fence}");
+                if let Some(other) = seen.insert(fence.clone(), job) {
+                    panic!("{prefix:?}: jobs {other:?} and {job:?} share the fence {fence}");
+                }
+                // No fence is any job's schedule key.
+                assert!(!jobs.iter().any(|j| crate::domain::schedule_key(prefix, j) == fence));
             }
         }
+        // The default prefix with UUID ids keeps the fence of earlier
+        // releases, so a cancel made before an upgrade still holds.
+        assert_eq!(
+            cancel_fence_key("hover:", "hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11"),
+            "hover:cancelled:{hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11}"
+        );
     }
 
     #[test]

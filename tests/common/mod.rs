@@ -288,6 +288,13 @@ pub fn key_prefix() -> Prefix {
     Prefix(format!("{}:", unique("t")))
 }
 
+/// A unique prefix with a hash tag, `{t…}:`: README's advice for Redis
+/// Cluster (every key of the relay in one slot). Data tests that touch a
+/// key's layout (the cancel fence) run under both kinds.
+pub fn tagged_key_prefix() -> Prefix {
+    Prefix(format!("{{{}}}:", unique("t")))
+}
+
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("redis url")
