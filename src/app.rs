@@ -134,11 +134,14 @@ async fn progress_lines(
         let rate = now - last;
         last = now;
         let left = match &client {
-            Some(c) => c
-                .query_typed_one("SELECT count(*) FROM task_outbox WHERE run_at <= now()", &[])
-                .await
-                .ok()
-                .and_then(|r| db::column::<i64>(&r, "task_outbox", 0).ok()),
+            Some(c) => tokio::time::timeout(
+                Duration::from_secs(1),
+                c.query_typed_one("SELECT count(*) FROM task_outbox WHERE run_at <= now()", &[]),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|r| db::column::<i64>(&r, "task_outbox", 0).ok()),
             None => None,
         };
         match left {

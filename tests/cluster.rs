@@ -144,6 +144,88 @@ async fn a_cancel_fences_only_its_own_job_on_a_cluster() {
     }
 }
 
+/// A master frozen mid-drain (SIGSTOP: the ZADDs sent to it get no answer
+/// before the tick's deadline, and land when it thaws): its entries are
+/// re-sent with their own scores, never postponed with new ones, so every
+/// member ends with its row's `run_at` as its score, exactly.
+#[tokio::test]
+async fn entries_of_a_stalled_node_are_resent_with_their_own_scores() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = new_jobs(30);
+    let env = cluster_env(&db, &cluster, &prefix, &[("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "1s")]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    // Connected to every node first (a cluster connection is built from
+    // all of them): a first batch delivered.
+    produce(&db.client().await, &js, 300).await.expect("seed");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let masters = cluster.masters().expect("cluster topology");
+    let frozen = masters[0].port;
+    cluster.signal(frozen, "STOP");
+    produce(&db.client().await, &js, 2_700).await.expect("seed");
+    let unreachable = |text: &str| metric_value(text, "outbox_relay_redis_unreachable_entries_total", &[]);
+    wait_until("a tick met the stalled node", Duration::from_secs(60), || async {
+        unreachable(&scrape(&relay).await).is_some_and(|v| v > 0.0)
+    })
+    .await;
+    let first = unreachable(&scrape(&relay).await).unwrap_or(0.0);
+    // More ticks meet it: the same rows are sent again, still unanswered.
+    wait_until("more ticks met the stalled node", Duration::from_secs(60), || async {
+        unreachable(&scrape(&relay).await).is_some_and(|v| v > first)
+    })
+    .await;
+    cluster.signal(frozen, "CONT");
+    wait_drained(&db, Duration::from_secs(120)).await;
+
+    let mut conn = cluster.connection().await;
+    let mut scores = std::collections::HashMap::new();
+    for j in &js {
+        let pairs: Vec<(String, i64)> = redis::cmd("ZRANGE")
+            .arg(format!("{}sched:{j}", &*prefix))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .expect("ZRANGE");
+        for (member, score) in pairs {
+            let task = member.split('|').next().unwrap_or_default().to_string();
+            scores.insert(task, score);
+        }
+    }
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT task_id::text, floor(extract(epoch FROM run_at) * 1000)::int8 FROM produced",
+            &[],
+        )
+        .await
+        .expect("ledger");
+    let moved: Vec<_> = rows
+        .iter()
+        .filter(|r| scores.get(&r.get::<_, String>(0)) != Some(&r.get::<_, i64>(1)))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                scores.get(&r.get::<_, String>(0)).copied(),
+            )
+        })
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "{} of 3000 members lack their row's score: {:?}",
+        moved.len(),
+        &moved[..moved.len().min(5)]
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_node_defers_only_its_own_entries() {
     // No replicas: the node's slots stay unserved until it comes back.

@@ -1,6 +1,7 @@
 //! Long dependency outages with the **default** `[supervisor]` settings
-//! (5 restarts in 60 s): a 3-minute Redis freeze and a 2-minute Postgres
-//! stop leave the process running, not ready (`/readyz` 503) and degraded
+//! (5 restarts in 60 s): a 3-minute Redis freeze, a 2-minute Postgres stop
+//! and a 150-second Postgres freeze (longer than two watchdog windows)
+//! leave the process running, not ready (`/readyz` 503) and degraded
 //! meanwhile, and it delivers everything afterwards. Restart intensity is
 //! for the relay's own faults, never for a dependency's outage (SPEC §2);
 //! before, about a minute of either made the process exit 1.
@@ -55,12 +56,8 @@ async fn a_three_minute_redis_freeze_with_default_supervision_is_ridden_out() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
     let redis = RedisServer::start().await;
-    let mut relay = RelayProcess::spawn(&relay_env(
-        &db,
-        &redis.url(),
-        &prefix,
-        &[("OUTBOX_RELAY_LOG__LEVEL", "info")],
-    ));
+    // The shipped defaults: nothing tuned for the test.
+    let mut relay = RelayProcess::spawn(&shipped_env(&db.url, &redis.url(), &prefix));
     relay.wait_started().await;
     relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
 
@@ -106,6 +103,51 @@ async fn a_two_minute_postgres_stop_with_default_supervision_is_ridden_out() {
     wait_drained(&db, Duration::from_secs(120)).await;
     assert_all_delivered(&redis_url, &prefix, &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    relay.stop().await;
+}
+
+/// Every Postgres process frozen (SIGSTOP: no socket closes, nothing
+/// answers, as with a paused VM or a network black hole) for longer than
+/// two watchdog windows, at the shipped defaults: the process stays up and
+/// unready, says which actor waits on Postgres, and delivers again once
+/// the server thaws. Before, the metrics probe waited without a deadline
+/// and the watchdog exited the process after about 100 s.
+#[tokio::test]
+async fn a_postgres_frozen_for_150_seconds_at_the_shipped_defaults_is_ridden_out() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    create_ledger(&db).await;
+    let jobs = new_jobs(10);
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut relay = RelayProcess::spawn(&shipped_env(&db.url, &redis_url, &prefix));
+    relay.wait_started().await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+    produce(&db.client().await, &jobs, 1_000).await.expect("produce");
+    wait_drained(&db, Duration::from_secs(60)).await;
+
+    let frozen = pg.freeze();
+    let unhealthy = ride_out(&mut relay, Duration::from_secs(150)).await;
+    drop(frozen);
+    assert!(unhealthy.iter().any(|a| a == "SweepActor"), "{unhealthy:?}");
+    // The health lines name what the waiting actors wait on.
+    let waiting: Vec<_> = relay
+        .records("actor health")
+        .into_iter()
+        .filter(|v| v["status"] == "degraded" && v["last_error"].as_str().is_some_and(|e| e.contains("postgres")))
+        .collect();
+    assert!(
+        !waiting.is_empty(),
+        "no health line names postgres: {:#?}",
+        relay.lines()
+    );
+
+    produce(&db.client().await, &jobs, 1_000).await.expect("produce");
+    wait_drained(&db, Duration::from_secs(120)).await;
+    let report = verify_ledger(&db, &redis_url, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!((report.delivered, report.dead_lettered), (2_000, 0));
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     relay.stop().await;
 }

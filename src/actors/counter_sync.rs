@@ -140,17 +140,17 @@ pub async fn sync_counters(
     let hash_empty = fields.is_empty();
     let (mut counts, skipped) = parse_counts(fields, jobs_id);
 
-    let conn = pg.checkout(deadline).await.map_err(|e| match e {
+    let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
         CheckoutError::Deadline(e) => SyncError::Deadline(e),
         CheckoutError::Pool(why) => SyncError::Pool(why),
     })?;
     let cancel = conn.cancel_token();
     let work = async {
         if hash_empty {
-            let ids = jobs::jobs_with_running_tasks(&*conn).await?;
+            let ids = jobs::jobs_with_running_tasks(&**conn).await?;
             counts = ids.into_iter().map(|id| (id, 0)).collect();
         }
-        let client = &*conn;
+        let client: &tokio_postgres::Client = &conn;
         stream::iter(counts.iter())
             .map(|(job, count)| async move {
                 jobs::set_running_tasks(client, jobs_id, job, *count)
@@ -161,11 +161,12 @@ pub async fn sync_counters(
             .try_collect::<Vec<_>>()
             .await
     };
-    let results = match deadline.run("counter updates", work).await {
+    let results = match deadline.run("postgres counter updates", work).await {
         Ok(r) => r.map_err(|e| SyncError::Query(e.text()))?,
         Err(expired) => {
             // Stop the statement on the server too, not just our wait for it.
-            let _ = cancel.cancel_query(crate::db::tls::connector()).await;
+            crate::db::cancel_bounded(cancel).await;
+            conn.discard();
             return Err(expired.into());
         }
     };

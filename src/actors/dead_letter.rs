@@ -77,31 +77,46 @@ pub enum PurgeError {
 /// until none are left or the deadline comes near. Each batch is its own
 /// short transaction with a statement timeout from the time left.
 pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> Result<u64, PurgeError> {
-    let q = |e: tokio_postgres::Error| PurgeError::Query(pg_error_text(&e));
     let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
         CheckoutError::Deadline(e) => PurgeError::Deadline(e),
         CheckoutError::Pool(why) => PurgeError::Pool(why),
     })?;
+    let cancel = conn.cancel_token();
+    let result = purge_on(&mut conn, retention, deadline).await;
+    if matches!(result, Err(PurgeError::Deadline(_))) {
+        // Stop the statement on the server too, not just our wait for it.
+        crate::db::cancel_bounded(cancel).await;
+        conn.discard();
+    }
+    result
+}
+
+async fn purge_on(
+    conn: &mut tokio_postgres::Client,
+    retention: Duration,
+    deadline: Deadline,
+) -> Result<u64, PurgeError> {
+    let q = |e: tokio_postgres::Error| PurgeError::Query(pg_error_text(&e));
     let cutoff = deadline
-        .run("purge cut-off", cutoff_ms(&*conn, retention))
+        .run("postgres purge cut-off", cutoff_ms(&*conn, retention))
         .await?
         .map_err(|e| PurgeError::Query(e.to_string()))?;
     let mut total = 0u64;
     while !deadline.expired() {
-        let tx = deadline.run("begin", conn.transaction()).await?.map_err(q)?;
+        let tx = deadline.run("postgres begin", conn.transaction()).await?.map_err(q)?;
         let t = deadline.pg_timeout();
         deadline
             .run(
-                "set timeout",
+                "postgres set timeout",
                 tx.batch_execute(&format!("SET LOCAL statement_timeout = '{t}'")),
             )
             .await?
             .map_err(q)?;
         let n = deadline
-            .run("purge batch", purge_batch(&tx, cutoff, RETENTION_BATCH))
+            .run("postgres purge batch", purge_batch(&tx, cutoff, RETENTION_BATCH))
             .await?
             .map_err(|e| PurgeError::Query(e.to_string()))?;
-        deadline.run("commit", tx.commit()).await?.map_err(q)?;
+        deadline.run("postgres commit", tx.commit()).await?.map_err(q)?;
         total += n;
         if n < RETENTION_BATCH as u64 {
             break;

@@ -61,17 +61,20 @@ pub struct OutboxProbe {
 
 /// Probe Postgres and Redis concurrently, each bounded by `deadline`.
 pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
+    // Every step under the deadline, BEGIN and COMMIT too: a frozen server
+    // (SIGSTOP, a paused VM, a black-holed network) answers nothing, and a
+    // probe that waited for it would hold this actor's mailbox for good.
     let outbox = async {
         let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
+        let cancel = conn.cancel_token();
         let q = |e: tokio_postgres::Error| pg_error_text(&e);
-        let tx = conn.transaction().await.map_err(q)?;
-        tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
-            .await
-            .map_err(q)?;
-        let row = deadline
-            .run(
-                "backlog probe",
-                tx.query_typed_one(
+        let read = async {
+            let tx = conn.transaction().await.map_err(q)?;
+            tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
+                .await
+                .map_err(q)?;
+            let row = tx
+                .query_typed_one(
                     "SELECT count(*) FILTER (WHERE run_at <= now()),
                             COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now())), 0)::float8,
                             (SELECT count(*) FROM task_outbox_dead),
@@ -80,12 +83,20 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
                             (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause)
                        FROM task_outbox",
                     &[],
-                ),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(q)?;
-        tx.commit().await.map_err(q)?;
+                )
+                .await
+                .map_err(q)?;
+            tx.commit().await.map_err(q)?;
+            Ok::<_, String>(row)
+        };
+        let row = match deadline.run("postgres backlog probe", read).await {
+            Ok(r) => r?,
+            Err(expired) => {
+                crate::db::cancel_bounded(cancel).await;
+                conn.discard();
+                return Err(expired.to_string());
+            }
+        };
         let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(|e| e.to_string());
         let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(|e| e.to_string())?;
         Ok::<_, String>(OutboxProbe {

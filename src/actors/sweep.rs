@@ -192,7 +192,7 @@ pub enum TickError {
     Mailbox(String),
     #[error("commit outcome unknown: {0}")]
     CommitUnknown(String),
-    #[error("postgres connection lost during {stage}: {reason}")]
+    #[error("connection lost during {stage}: {reason}")]
     ConnectionLost { stage: &'static str, reason: String },
 }
 
@@ -263,13 +263,13 @@ pub async fn run_tick(
         // The transaction was dropped (its ROLLBACK is queued behind the
         // statement); cancel the statement itself. Bounded: a server that
         // does not answer a cancel is not waited for.
-        let _ = tokio::time::timeout(CANCEL_WAIT, cancel.cancel_query(db::tls::connector())).await;
+        db::cancel_bounded(cancel).await;
+        // Its state is unknown (a ROLLBACK queued, the cancel maybe landing
+        // later): never hand it to the next tick.
+        conn.discard();
     }
     result
 }
-
-/// How long a tick past its deadline waits for its cancel request.
-const CANCEL_WAIT: Duration = Duration::from_secs(1);
 
 async fn tick_on(
     conn: &mut tokio_postgres::Client,
@@ -299,28 +299,28 @@ async fn tick_on(
     let mut skip_paused = skip_paused;
     let (tx, claimed, scopes) = loop {
         let tx = deadline
-            .run("begin", conn.transaction())
+            .run("postgres begin", conn.transaction())
             .await?
-            .map_err(TickError::db("begin"))?;
+            .map_err(TickError::db("postgres begin"))?;
         let set = tx.batch_execute(&set_sql);
         let scopes = outbox::paused_scopes(&tx);
         let claim = outbox::claim_due(&tx, mode, limit, order, from, skip_paused);
         // All three go out together (pipelined); the server runs them in order.
         let (set, scopes, claim) = deadline
-            .run("claim", async { tokio::join!(set, scopes, claim) })
+            .run("postgres claim", async { tokio::join!(set, scopes, claim) })
             .await?;
-        set.map_err(TickError::db("set timeouts"))?;
+        set.map_err(TickError::db("postgres set timeouts"))?;
         let scopes = scopes.map_err(TickError::db("read pauses"))?;
-        let claimed = claim.map_err(TickError::db("claim"))?;
+        let claimed = claim.map_err(TickError::db("postgres claim"))?;
         // The claim skips paused jobs only while the last tick saw a pause
         // (the filter costs every claim); one that took a row of a job
         // paused since is rolled back (the rows are untouched) and claimed
         // again with the filter.
         if !skip_paused && outbox::claimed_paused(&scopes, &claimed.rows) {
             deadline
-                .run("rollback", tx.rollback())
+                .run("postgres rollback", tx.rollback())
                 .await?
-                .map_err(TickError::db("rollback"))?;
+                .map_err(TickError::db("postgres rollback"))?;
             skip_paused = true;
             continue;
         }
@@ -335,9 +335,9 @@ async fn tick_on(
     };
     if claimed.rows.is_empty() {
         deadline
-            .run("commit", tx.commit())
+            .run("postgres commit", tx.commit())
             .await?
-            .map_err(TickError::db("commit"))?;
+            .map_err(TickError::db("postgres commit"))?;
         return Ok(report);
     }
     let rows = &claimed.rows;
@@ -353,7 +353,7 @@ async fn tick_on(
     let (entries, entry_rows, mut outcomes) = encode_rows(rows, &settings.key_prefix);
     if !entries.is_empty() {
         let reply = deadline
-            .run("dispatch", dispatch.send(DispatchBatch { entries, deadline }))
+            .run("redis dispatch", dispatch.send(DispatchBatch { entries, deadline }))
             .await?
             .map_err(|e| TickError::Mailbox(e.to_string()))?;
         match reply {
@@ -366,6 +366,12 @@ async fn tick_on(
                         EntryOutcome::Deferred(e) => {
                             report.deferred_reason = Some(e);
                             RowOutcome::Postponed
+                        }
+                        // Maybe written with the row's score: keep the row
+                        // (and so the score) as it is for the re-send.
+                        EntryOutcome::Unknown(e) => {
+                            report.deferred_reason = Some(e);
+                            RowOutcome::Deferred
                         }
                     };
                 }
@@ -417,9 +423,9 @@ async fn tick_on(
         // Every row stays as it was (Redis unavailable, held back): a
         // rollback puts them all back, cheaper than re-inserting them.
         deadline
-            .run("rollback", tx.rollback())
+            .run("postgres rollback", tx.rollback())
             .await?
-            .map_err(TickError::db("rollback"))?;
+            .map_err(TickError::db("postgres rollback"))?;
         lap(&mut stage_us[2]);
         report.stage_us = stage_us;
         return Ok(report);
@@ -433,7 +439,7 @@ async fn tick_on(
         (&plan.delete, &[])
     };
     // A delete claim whose rows were all delivered has nothing to write.
-    if !delete.is_empty() || !plan.updates_nothing() {
+    if plan.needs_writes(delete_claim) {
         // Statements pipelined on one connection, run by the server in
         // this order, each with the time left now as its statement_timeout
         // (not the tick's whole budget from when the claim started).
@@ -477,16 +483,16 @@ async fn tick_on(
                 },
             )
         };
-        deadline.run("settle", settle_all).await??;
+        deadline.run("postgres settle", settle_all).await??;
     }
     lap(&mut stage_us[2]);
-    deadline.check("commit")?;
+    deadline.check("postgres commit")?;
     tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
         .await
         .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
         // A connection lost during COMMIT leaves the outcome unknown too;
         // both outcomes are safe, and the lost connection must restart the actor.
-        .map_err(TickError::db("commit"))?;
+        .map_err(TickError::db("postgres commit"))?;
     lap(&mut stage_us[3]);
     report.stage_us = stage_us;
     Ok(report)

@@ -170,37 +170,50 @@ pub async fn deepest_schedules(
     Ok(all)
 }
 
+/// How long `status` waits for each store's answers.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Print the relay's view of the backlog.
 pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
     let (client, _) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-    let row = client
-        .query_typed_one(
-            "SELECT count(*) FILTER (WHERE run_at <= now()),
+    // Bounded like every probe: a frozen server makes `status` fail with
+    // one line, not hang an operator's terminal.
+    let stalled = || JobsError::Status(format!("Postgres did not answer within {}s", STATUS_TIMEOUT.as_secs()));
+    let read = async {
+        let row = client
+            .query_typed_one(
+                "SELECT count(*) FILTER (WHERE run_at <= now()),
                     count(*) FILTER (WHERE run_at > now() AND run_at <> 'infinity'),
                     extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()))::float8,
                     count(*) FILTER (WHERE run_at = 'infinity')
                FROM task_outbox",
-            &[],
-        )
-        .await
-        .map_err(|e| JobsError::Status(pg_error_text(&e)))?;
-    let mut st = Status {
-        backlog: column(&row, "task_outbox", 0).map_err(|e| JobsError::Status(e.to_string()))?,
-        future_rows: column(&row, "task_outbox", 1).map_err(|e| JobsError::Status(e.to_string()))?,
-        oldest_due_age_seconds: column(&row, "task_outbox", 2).map_err(|e| JobsError::Status(e.to_string()))?,
-        set_aside_rows: column(&row, "task_outbox", 3).map_err(|e| JobsError::Status(e.to_string()))?,
-        dead_letters: dead_letter::count(&client)
+                &[],
+            )
             .await
-            .map_err(|e| JobsError::Status(e.to_string()))?,
-        paused: pause::list(&client).await.map_err(|e| JobsError::Status(e.text()))?,
-        ..Status::default()
+            .map_err(|e| JobsError::Status(pg_error_text(&e)))?;
+        let st = Status {
+            backlog: column(&row, "task_outbox", 0).map_err(|e| JobsError::Status(e.to_string()))?,
+            future_rows: column(&row, "task_outbox", 1).map_err(|e| JobsError::Status(e.to_string()))?,
+            oldest_due_age_seconds: column(&row, "task_outbox", 2).map_err(|e| JobsError::Status(e.to_string()))?,
+            set_aside_rows: column(&row, "task_outbox", 3).map_err(|e| JobsError::Status(e.to_string()))?,
+            dead_letters: dead_letter::count(&client)
+                .await
+                .map_err(|e| JobsError::Status(e.to_string()))?,
+            paused: pause::list(&client).await.map_err(|e| JobsError::Status(e.text()))?,
+            ..Status::default()
+        };
+        Ok::<_, JobsError>(st)
     };
+    let mut st = tokio::time::timeout(STATUS_TIMEOUT, read)
+        .await
+        .map_err(|_| stalled())??;
     let redis: Result<Vec<Schedule>, String> = async {
         let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
             .await
             .map_err(|e: RedisSetupError| e.to_string())?;
-        deepest_schedules(&mut conn, &cfg.redis.key_prefix, 10)
+        tokio::time::timeout(STATUS_TIMEOUT, deepest_schedules(&mut conn, &cfg.redis.key_prefix, 10))
             .await
+            .map_err(|_| format!("Redis did not answer within {}s", STATUS_TIMEOUT.as_secs()))?
             .map_err(|e| e.to_string())
     }
     .await;

@@ -21,6 +21,11 @@ use crate::redact::redact_url;
 /// The channel the trigger notifies.
 pub const CHANNEL: &str = "outbox_relay";
 
+/// How long connecting and `LISTEN` may take. Once listening, the
+/// connection only waits for notifications; a peer that vanished is found
+/// by TCP keepalive ([`super::tcp`]), and polling covers the meantime.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Listen forever (until the task is aborted), reconnecting with backoff.
 pub async fn listen<F: Fn() + Send + 'static>(url: String, wake: F, log: Logger) {
     let mut backoff = Duration::from_millis(200);
@@ -40,10 +45,12 @@ pub async fn listen<F: Fn() + Send + 'static>(url: String, wake: F, log: Logger)
 /// One connection's life: LISTEN, then wake for each notification until the
 /// connection ends (`Ok`) or fails (`Err`).
 async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), String> {
-    let cfg = pg_config(url, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let (client, mut connection) = cfg
-        .connect(super::tls::connector())
+    let cfg = pg_config(url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    // Bounded as a whole (TCP, TLS, authentication): a frozen server
+    // accepts the TCP connection in its kernel and then answers nothing.
+    let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, cfg.connect(super::tls::connector()))
         .await
+        .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
         .map_err(|e| pg_error_text(&e))?;
     // At most one pending permit: notifications that arrive before `wake`
     // ran fold into the one it is about to handle.
@@ -61,9 +68,9 @@ async fn listen_once<F: Fn()>(url: &str, wake: &F, log: &Logger) -> Result<(), S
         }
         Ok(())
     });
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+    tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(&format!("LISTEN {CHANNEL}")))
         .await
+        .map_err(|_| format!("LISTEN: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
         .map_err(|e| pg_error_text(&e))?;
     info!(log, "listening for new outbox rows"; "channel" => CHANNEL);
     loop {

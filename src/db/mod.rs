@@ -35,7 +35,60 @@ impl FailureKind for tokio_postgres::Error {
     }
 }
 
-pub type PgPool = bb8::Pool<PostgresConnectionManager<tls::Tls>>;
+pub type PgPool = bb8::Pool<PgManager>;
+
+/// A pooled Postgres connection that can be marked for discarding: one
+/// whose state is unknown after a deadline (a statement or its ROLLBACK
+/// still queued, a cancel that may land on whatever runs next) never goes
+/// back to the pool, so the next user cannot inherit an aborted
+/// transaction (SQLSTATE 25P02) or a stalled socket.
+pub struct PgConn {
+    client: tokio_postgres::Client,
+    discard: bool,
+}
+
+impl PgConn {
+    /// Close this connection when it is returned instead of reusing it.
+    pub fn discard(&mut self) {
+        self.discard = true;
+    }
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+}
+
+/// bb8-postgres's manager, with [`PgConn::discard`] honoured.
+pub struct PgManager(PostgresConnectionManager<tls::Tls>);
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
+        Ok(PgConn {
+            client: self.0.connect().await?,
+            discard: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
+        self.0.is_valid(&mut conn.client).await
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.discard || conn.client.is_closed()
+    }
+}
 
 /// A pool and the latest reason its connections failed.
 #[derive(Clone, Debug)]
@@ -56,10 +109,7 @@ pub enum CheckoutError {
 
 impl Pg {
     /// A connection before `deadline`; a failure names its cause.
-    pub async fn checkout(
-        &self,
-        deadline: Deadline,
-    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<tls::Tls>>, CheckoutError> {
+    pub async fn checkout(&self, deadline: Deadline) -> Result<bb8::PooledConnection<'_, PgManager>, CheckoutError> {
         match deadline.run("postgres pool get", self.pool.get()).await? {
             Ok(conn) => {
                 self.last_error.clear();
@@ -68,6 +118,35 @@ impl Pg {
             Err(e) => Err(CheckoutError::Pool(self.last_error.describe(&e))),
         }
     }
+}
+
+/// How long a request to cancel a statement (after its deadline) may take:
+/// a server that does not answer the cancel (frozen, partitioned) is not
+/// waited for.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(1);
+
+/// Ask the server to cancel the statement running on the connection of
+/// `token`, waiting at most [`CANCEL_WAIT`]. After a deadline the wait for
+/// the statement was dropped, but the statement itself (and the locks it
+/// holds) lives on until its own `statement_timeout` unless cancelled.
+pub async fn cancel_bounded(token: tokio_postgres::CancelToken) {
+    let _ = tokio::time::timeout(CANCEL_WAIT, token.cancel_query(tls::connector())).await;
+}
+
+/// TCP keepalive and user timeout on every Postgres and Redis socket, so a
+/// peer that vanished (a host gone, a network black hole, a failover that
+/// moved the address) is noticed within about half a minute instead of the
+/// kernel's two hours: a probe after 10 s idle, every 5 s, 3 unanswered
+/// probes close the connection; data unacknowledged for 30 s does too. A
+/// server that is frozen but whose kernel still answers (SIGSTOP) is caught
+/// by the deadline every call runs under instead.
+pub mod tcp {
+    use std::time::Duration;
+
+    pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+    pub const KEEPALIVE_RETRIES: u32 = 3;
+    pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// Name the relay's sessions carry in `pg_stat_activity`.
@@ -107,6 +186,20 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(connect_timeout);
     }
+    // Keepalive settings the URL names win (libpq's parameter names).
+    cfg.keepalives(true);
+    if !url.contains("keepalives_idle") {
+        cfg.keepalives_idle(tcp::KEEPALIVE_IDLE);
+    }
+    if !url.contains("keepalives_interval") {
+        cfg.keepalives_interval(tcp::KEEPALIVE_INTERVAL);
+    }
+    if !url.contains("keepalives_retries") {
+        cfg.keepalives_retries(tcp::KEEPALIVE_RETRIES);
+    }
+    if !url.contains("tcp_user_timeout") {
+        cfg.tcp_user_timeout(tcp::USER_TIMEOUT);
+    }
     Ok(cfg)
 }
 
@@ -115,7 +208,7 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
 /// a connection on every checkout.
 pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSetupError> {
     let cfg = pg_config(url, checkout_timeout)?;
-    let manager = PostgresConnectionManager::new(cfg, tls::connector());
+    let manager = PgManager(PostgresConnectionManager::new(cfg, tls::connector()));
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
         .max_size(size)

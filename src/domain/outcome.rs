@@ -22,6 +22,11 @@ pub enum EntryOutcome {
     Deferred(String),
     /// Not written: the job was cancelled (its cancel fence is set).
     Cancelled,
+    /// Sent, but no answer came before the deadline (a cluster node that
+    /// stalled): it may be in the sorted set already, with the row's score.
+    /// Re-sent as it is (same member, same score, so the re-send changes
+    /// nothing if it did land), never with a new score.
+    Unknown(String),
 }
 
 /// What happened to one claimed row during the tick.

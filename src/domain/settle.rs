@@ -69,6 +69,20 @@ impl Settlement {
         self.delete.is_empty() && self.updates_nothing()
     }
 
+    /// Whether the tick has statements to run before its commit. A delete
+    /// claim took every row out: each row that stays must be put back,
+    /// whatever else happens to it (a `Deferred` row next to a delivered
+    /// one is written by nothing else, and would be lost). A locking claim
+    /// writes the delivered rows' DELETE and the updates of those that
+    /// stay.
+    pub fn needs_writes(&self, delete_claim: bool) -> bool {
+        if delete_claim {
+            !self.stays.is_empty()
+        } else {
+            !self.delete.is_empty() || !self.updates_nothing()
+        }
+    }
+
     /// No row that stays is written (retried, moved, set aside, postponed).
     pub fn updates_nothing(&self) -> bool {
         self.retry_ids.is_empty()
@@ -208,6 +222,22 @@ mod tests {
         // Every row but the delivered one stays (a delete claim puts them back).
         assert_eq!(s.stays, [1, 2, 3, 4, 5]);
         assert!(!s.changes_nothing());
+    }
+
+    #[test]
+    fn every_row_that_stays_is_written_after_a_delete_claim() {
+        let rows = [row(1, 0), row(2, 0)];
+        // Delivered beside Deferred: the deferred row must be put back.
+        let s = settle(&rows, vec![RowOutcome::Delivered, RowOutcome::Deferred], &policy());
+        assert!(s.updates_nothing());
+        assert!(s.needs_writes(true), "the deferred row would be lost");
+        // The locking claim deletes the delivered row and leaves the other.
+        assert!(s.needs_writes(false));
+        let s = settle(&rows, vec![RowOutcome::Delivered, RowOutcome::Cancelled], &policy());
+        assert!(!s.needs_writes(true), "nothing to put back");
+        assert!(s.needs_writes(false), "the locking claim deletes them");
+        let s = settle(&rows, vec![RowOutcome::Deferred, RowOutcome::Deferred], &policy());
+        assert!(!s.needs_writes(false));
     }
 
     #[test]

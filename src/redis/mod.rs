@@ -297,12 +297,26 @@ fn standalone_info(cfg: &RedisConfig) -> Result<ConnectionInfo, RedisSetupError>
         url: redact_url(&cfg.url),
         source,
     };
-    match tls_certificates(cfg)? {
-        None => cfg.url.as_str().into_connection_info().map_err(url_error),
+    let info = match tls_certificates(cfg)? {
+        None => cfg.url.as_str().into_connection_info().map_err(url_error)?,
         Some(certs) => Client::build_with_tls(cfg.url.as_str(), certs)
             .map(|c| c.get_connection_info().clone())
-            .map_err(url_error),
-    }
+            .map_err(url_error)?,
+    };
+    let tcp = with_keepalive(info.tcp_settings().clone());
+    Ok(info.set_tcp_settings(tcp))
+}
+
+/// `base` with TCP keepalive and user timeout (see [`crate::db::tcp`]): a
+/// Redis that vanished is noticed by the socket, not only by the next
+/// command's timeout.
+fn with_keepalive(base: ::redis::io::tcp::TcpSettings) -> ::redis::io::tcp::TcpSettings {
+    use crate::db::tcp;
+    let keepalive = ::redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(tcp::KEEPALIVE_IDLE)
+        .with_interval(tcp::KEEPALIVE_INTERVAL)
+        .with_retries(tcp::KEEPALIVE_RETRIES);
+    base.set_keepalive(keepalive).set_user_timeout(tcp::USER_TIMEOUT)
 }
 
 /// A client for the one server of standalone mode (see `standalone_info`).
@@ -322,6 +336,7 @@ fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Clust
         builder = builder.certs(certs);
     }
     builder
+        .tcp_settings(with_keepalive(::redis::io::tcp::TcpSettings::default()))
         .retries(4)
         .min_retry_wait(10)
         .max_retry_wait(200)

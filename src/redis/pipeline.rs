@@ -303,6 +303,7 @@ async fn zadd_cluster(
     let mut answered: Vec<(Option<String>, &Vec<usize>)> = Vec::new();
     for (members, result) in slots.iter().zip(results) {
         let slot = key_slot(groups[members[0]].0);
+        let mut unknown = false;
         let why = match result {
             Ok(Ok(mut replies)) => {
                 let ran_on = if durable {
@@ -321,6 +322,7 @@ async fn zadd_cluster(
             Ok(Err(e)) => e.to_string(),
             Err(_) => {
                 stalled_slots += 1;
+                unknown = true;
                 "no answer before the tick deadline".to_string()
             }
         };
@@ -328,7 +330,12 @@ async fn zadd_cluster(
         let why = format!("redis cluster node for slot {slot} unreachable: {why}");
         for &g in members {
             for &i in &groups[g].1 {
-                batch.outcomes[i] = EntryOutcome::Deferred(why.clone());
+                // Sent and unanswered: it may have landed with its score.
+                batch.outcomes[i] = if unknown {
+                    EntryOutcome::Unknown(why.clone())
+                } else {
+                    EntryOutcome::Deferred(why.clone())
+                };
                 batch.unreachable += 1;
             }
         }

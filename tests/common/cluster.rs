@@ -209,6 +209,18 @@ impl RedisCluster {
         }
     }
 
+    /// SIGSTOP (`"STOP"`) or SIGCONT (`"CONT"`) one node: frozen, its
+    /// sockets stay open and nothing answers.
+    pub fn signal(&self, port: u16, sig: &str) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node of the cluster");
+        let pid = node.child.as_ref().expect("node running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
     /// Start a killed node again on its port with its cluster config: it
     /// rejoins with the role and slots the cluster has for it now.
     pub async fn revive(&mut self, port: u16) {

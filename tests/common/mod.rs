@@ -222,11 +222,16 @@ impl Drop for TestDb {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
             if let Ok(rt) = rt {
+                // Bounded: a server a failed test left frozen or stopped
+                // must not hang the test binary.
                 rt.block_on(async {
-                    if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
-                        tokio::spawn(conn);
-                        let _ = c.batch_execute(&sql).await;
-                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                        if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
+                            tokio::spawn(conn);
+                            let _ = c.batch_execute(&sql).await;
+                        }
+                    })
+                    .await;
                 });
             }
         })
@@ -537,6 +542,17 @@ pub fn relay_env(db: &TestDb, redis_url: &str, prefix: &str, extra: &[(&str, &st
         env.push((k.to_string(), v.to_string()));
     }
     env
+}
+
+/// Environment for a relay with the shipped defaults: only where the
+/// services are and its own key prefix, nothing tuned for the test (no
+/// config file either: the built-in defaults are `config/default.toml`'s).
+pub fn shipped_env(db_url: &str, redis_url: &str, prefix: &str) -> Vec<(String, String)> {
+    vec![
+        ("OUTBOX_RELAY_DATABASE__URL".into(), db_url.into()),
+        ("OUTBOX_RELAY_REDIS__URL".into(), redis_url.into()),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".into(), prefix.into()),
+    ]
 }
 
 /// [`relay_env`] connecting (and listening) as `db_url`, e.g. one of
@@ -1157,6 +1173,29 @@ impl PrivatePostgres {
         self.ctl(&["stop"]);
     }
 
+    /// SIGSTOP every process of the server (postmaster and backends): it
+    /// is frozen, not stopped; no socket is closed, nothing answers, as
+    /// with a paused VM or a network black hole. It thaws (SIGCONT) when
+    /// the guard is dropped, also when the test fails meanwhile.
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.signal_all("STOP");
+        Frozen(self)
+    }
+
+    fn signal_all(&self, sig: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .expect("postmaster.pid");
+        // The children first, so none is forked meanwhile by a running postmaster.
+        let _ = Command::new("pkill").args([&format!("-{sig}"), "-P", &pid]).status();
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
     /// Start it again after [`PrivatePostgres::stop`].
     pub async fn start_again(&self) {
         self.ctl(&["start"]);
@@ -1164,8 +1203,26 @@ impl PrivatePostgres {
     }
 }
 
+/// A frozen [`PrivatePostgres`]; dropping it thaws the server.
+pub struct Frozen<'a>(&'a PrivatePostgres);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.signal_all("CONT");
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A test that failed while the server was frozen: thaw it, or the
+        // clean-up (the test database's DROP, pg_ctl stop) waits forever.
+        if let Some(pid) = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string))
+        {
+            let _ = Command::new("pkill").args(["-CONT", "-P", &pid]).status();
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        }
         let _ = self
             .as_owner("pg_ctl")
             .args(["stop", "-m", "immediate", "-D"])
