@@ -108,3 +108,160 @@ async fn the_shipped_roles_claim_by_deleting() {
     let config = check_config(&env);
     assert!(config.contains("; claim: delete"), "{config}");
 }
+
+/// The job's schedule key made a string: every ZADD of its rows fails with
+/// WRONGTYPE, so those rows stay (retried) and a delete claim puts them back.
+async fn poison_job(redis_url: &str, prefix: &str, job: &uuid::Uuid) {
+    let mut conn = redis_conn(redis_url).await;
+    let _: () = conn
+        .set(format!("{prefix}sched:{job}"), "not a sorted set")
+        .await
+        .expect("SET");
+}
+
+/// A column added while the relay runs (expand-then-deploy): the relay
+/// notices at its next tick, claims by locking from then on with one
+/// warning, and no retried row has its value replaced by the column's
+/// DEFAULT. Before, every put-back wrote the DEFAULT.
+#[tokio::test]
+async fn a_column_added_while_running_is_kept_by_falling_back_to_locking_claims() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let c = db.client().await;
+    c.batch_execute("ALTER TABLE task_outbox ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'")
+        .await
+        .expect("add a column");
+    let jobs = seed(&db, 200, 5).await;
+    poison_job(&redis_url, &prefix, &jobs[2]).await;
+    c.batch_execute("UPDATE task_outbox SET tenant = 'mine'")
+        .await
+        .expect("set tenants");
+    wait_until(
+        "healthy rows delivered, poisoned ones retried twice",
+        Duration::from_secs(60),
+        || async {
+            db.count("SELECT count(*) FROM task_outbox").await == 40
+                && db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 2").await == 40
+        },
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE tenant = 'mine'").await,
+        40,
+        "a retried row keeps its value of the new column"
+    );
+    let warned = relay.records("task_outbox changed under the relay");
+    assert_eq!(warned.len(), 1, "one warning: {:#?}", relay.lines());
+    assert!(
+        warned[0]["reason"].as_str().is_some_and(|r| r.contains("tenant")),
+        "{}",
+        warned[0]
+    );
+    relay.stop().await;
+}
+
+/// INSERT revoked while the relay runs (README's advice when a trigger must
+/// not fire): a tick with rows that must stay cannot put them back. The
+/// relay falls back to locking claims with one warning instead of failing
+/// every such tick after its ZADDs and re-sending the batch forever, and
+/// the failing rows count their attempts again.
+#[tokio::test]
+async fn insert_revoked_while_running_falls_back_instead_of_looping() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let relay_url = db.url_as("outbox_relay").await;
+    let env = relay_env_as(
+        &db,
+        &relay_url,
+        &redis_url,
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let c = db.client().await;
+    c.batch_execute("REVOKE INSERT ON task_outbox FROM outbox_relay")
+        .await
+        .expect("revoke");
+    let jobs = seed(&db, 200, 5).await;
+    poison_job(&redis_url, &prefix, &jobs[2]).await;
+    wait_until("poisoned rows count attempts", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 40
+            && db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 2").await == 40
+    })
+    .await;
+    assert_eq!(
+        relay.records("task_outbox changed under the relay").len(),
+        1,
+        "{:#?}",
+        relay.lines()
+    );
+    relay.stop().await;
+}
+
+/// `timestamp without time zone` columns could not be put back exactly
+/// (the session's time zone, DST gaps): such a table is claimed by locking.
+#[tokio::test]
+async fn zoneless_timestamps_are_claimed_by_locking() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE task_outbox ALTER COLUMN run_at TYPE timestamp")
+        .await
+        .expect("alter run_at");
+    let env = relay_env(&db, &shared_redis_url(), &prefix, &[]);
+    let config = check_config(&env);
+    assert!(
+        config.contains("claim: lock (task_outbox.run_at is timestamp without time zone"),
+        "{config}"
+    );
+}
+
+/// A row due at `-infinity` cannot be a score: it is dead-lettered at once
+/// with a reason that names run_at, never written to Redis with a score
+/// of about -9.2e15, and the other rows are delivered.
+#[tokio::test]
+async fn a_row_due_at_minus_infinity_is_dead_lettered_with_its_reason() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 50, 2).await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE task_outbox SET run_at = '-infinity' WHERE id = (SELECT min(id) FROM task_outbox)",
+            &[],
+        )
+        .await
+        .expect("-infinity");
+    let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(30)).await;
+    let c = db.client().await;
+    let dead = c
+        .query("SELECT last_error, run_at = '-infinity' FROM task_outbox_dead", &[])
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].get::<_, String>(0).contains("run_at is -infinity"),
+        "{}",
+        dead[0].get::<_, String>(0)
+    );
+    assert!(dead[0].get::<_, bool>(1), "kept as it was");
+    let members = schedule_members(&redis_url, &prefix).await;
+    assert_eq!(members.len(), 49);
+    assert!(members.values().all(|s| *s > 0.0), "no member scored before 1970");
+    relay.stop().await;
+}

@@ -69,6 +69,37 @@ pub struct SweepSettings {
     /// The id column types, read from the catalog at start (UUID or TEXT:
     /// the Go sweeper's database mixes them).
     pub schema: Arc<Schema>,
+    /// Set when `task_outbox` changed under the relay (a column added, a
+    /// type changed, INSERT revoked, a foreign key added) or a put-back
+    /// failed: every later tick claims by locking, until the process
+    /// restarts and reads the catalog again. Shared by the lanes, kept
+    /// across actor restarts.
+    pub claim_fallback: Arc<ClaimFallback>,
+}
+
+/// Why delete claims stopped (see [`SweepSettings::claim_fallback`]).
+#[derive(Debug, Default)]
+pub struct ClaimFallback(std::sync::Mutex<Option<String>>);
+
+impl ClaimFallback {
+    /// Fall back for `why`; true only the first time (one warning line).
+    pub fn set(&self, why: String) -> bool {
+        match self.0.lock() {
+            Ok(mut g) if g.is_none() => {
+                *g = Some(why);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The claim mode in force given the one read at start.
+    pub fn mode(&self, at_start: &ClaimMode) -> ClaimMode {
+        match self.0.lock().ok().and_then(|g| g.clone()) {
+            Some(why) => ClaimMode::Lock(why),
+            None => at_start.clone(),
+        }
+    }
 }
 
 /// Counters shared with the process (progress line, later metrics); they
@@ -192,6 +223,11 @@ pub enum TickError {
     Mailbox(String),
     #[error("commit outcome unknown: {0}")]
     CommitUnknown(String),
+    /// The rows could not be put back (a delete claim) or `task_outbox`
+    /// changed since start: the tick rolled back, and the sweep claims by
+    /// locking from now on. Not a failure of the tick's rows.
+    #[error("{0}")]
+    ClaimFallback(String),
     #[error("connection lost during {stage}: {reason}")]
     ConnectionLost { stage: &'static str, reason: String },
 }
@@ -284,7 +320,8 @@ async fn tick_on(
         Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
         Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
     };
-    let mode = &settings.schema.claim;
+    let mode = &settings.claim_fallback.mode(&settings.schema.claim);
+    let delete_claim = *mode == ClaimMode::Delete;
     // Only SET LOCAL: it ends with the transaction, so nothing leaks to the
     // next user of a pooled (or pgbouncer) server connection.
     // synchronous_commit = off is safe here: a tick's commit lost in a
@@ -305,13 +342,34 @@ async fn tick_on(
         let set = tx.batch_execute(&set_sql);
         let scopes = outbox::paused_scopes(&tx);
         let claim = outbox::claim_due(&tx, mode, limit, order, from, skip_paused);
-        // All three go out together (pipelined); the server runs them in order.
-        let (set, scopes, claim) = deadline
-            .run("postgres claim", async { tokio::join!(set, scopes, claim) })
+        // After the claim (whose lock keeps ALTER TABLE out until the tick
+        // ends): the table's shape, which putting rows back depends on.
+        let shape = async {
+            if delete_claim {
+                outbox::shape(&tx).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        // All go out together (pipelined); the server runs them in order.
+        let (set, scopes, claim, shape) = deadline
+            .run("postgres claim", async { tokio::join!(set, scopes, claim, shape) })
             .await?;
         set.map_err(TickError::db("postgres set timeouts"))?;
         let scopes = scopes.map_err(TickError::db("read pauses"))?;
         let claimed = claim.map_err(TickError::db("postgres claim"))?;
+        let shape = shape.map_err(TickError::db("postgres claim"))?;
+        if let Some(now) = shape.filter(|now| *now != settings.schema.outbox_shape) {
+            // Nothing was sent yet: the rollback leaves every row as it was.
+            deadline
+                .run("postgres rollback", tx.rollback())
+                .await?
+                .map_err(TickError::db("postgres rollback"))?;
+            return Err(TickError::ClaimFallback(format!(
+                "task_outbox changed while the relay runs (at start: {}; now: {now})",
+                settings.schema.outbox_shape
+            )));
+        }
         // The claim skips paused jobs only while the last tick saw a pause
         // (the filter costs every claim); one that took a row of a job
         // paused since is rolled back (the rows are untouched) and claimed
@@ -418,7 +476,6 @@ async fn tick_on(
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
 
-    let delete_claim = *mode == ClaimMode::Delete;
     if delete_claim && plan.changes_nothing() {
         // Every row stays as it was (Redis unavailable, held back): a
         // rollback puts them all back, cheaper than re-inserting them.
@@ -452,9 +509,16 @@ async fn tick_on(
                         .map_err(TickError::db("set statement timeout"))
                 },
                 async {
-                    outbox::restore(&tx, schema, &claimed, restore)
-                        .await
-                        .map_err(TickError::db("restore claimed rows"))
+                    // Any failure here (INSERT revoked, a trigger, a check
+                    // added) would fail every such tick after its ZADDs:
+                    // the sweep claims by locking from then on instead.
+                    outbox::restore(&tx, schema, &claimed, restore).await.map_err(|e| {
+                        if is_connection_lost(&e) || is_statement_timeout(&e) {
+                            TickError::db("restore claimed rows")(e)
+                        } else {
+                            TickError::ClaimFallback(format!("putting claimed rows back failed: {}", pg_error_text(&e)))
+                        }
+                    })
                 },
                 async {
                     outbox::delete(&tx, delete)
@@ -728,6 +792,15 @@ impl SweepActor {
                 } else {
                     Pace::Idle
                 }
+            }
+            Err(TickError::ClaimFallback(why)) => {
+                // The rows are as they were (the tick rolled back; a re-send
+                // of its ZADDs is harmless): claim them again, by locking.
+                if self.settings.claim_fallback.set(why.clone()) {
+                    warn!(self.core.log, "task_outbox changed under the relay; claiming by locking from now on (restart the relay to check again)";
+                        "reason" => why);
+                }
+                Pace::Drain
             }
             Err(e) => {
                 let streak = self.core.failed(&e.to_string(), e.is_deadline());

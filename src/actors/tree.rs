@@ -180,6 +180,7 @@ pub fn start(
             max_attempts: cfg.sweep.max_attempts,
         },
         schema: Arc::new(schema.clone()),
+        claim_fallback: Arc::default(),
     };
     let (d, dl, st, sh, ss, sm, slog_) = (
         dispatch.clone().recipient(),

@@ -84,11 +84,64 @@ pub fn claim_sql(mode: &ClaimMode, order: ClaimOrder, from: bool, skip_paused: b
     }
 }
 
+/// A `timestamptz` exactly as Postgres stores it: microseconds since
+/// 2000-01-01 UTC, with `-infinity` and `infinity` as `i64::MIN` and
+/// `i64::MAX`. Claimed rows keep their times in this form so a row put back
+/// is bit for bit what was claimed, and an infinite `run_at` is seen as
+/// such: `SystemTime` cannot hold `-infinity` (postgres-types' conversion
+/// overflows, a panic in a debug build) and no time can be its score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PgTime(pub i64);
+
+/// Unix milliseconds of 2000-01-01 00:00:00 UTC, Postgres's epoch.
+const PG_EPOCH_MS: i64 = 946_684_800_000;
+
+impl PgTime {
+    /// Milliseconds since the Unix epoch, rounded down; the infinities
+    /// stay `i64::MIN` / `i64::MAX`.
+    pub fn unix_ms(self) -> i64 {
+        match self.0 {
+            i64::MIN => i64::MIN,
+            i64::MAX => i64::MAX,
+            us => us.div_euclid(1000).saturating_add(PG_EPOCH_MS),
+        }
+    }
+}
+
+impl<'a> tokio_postgres::types::FromSql<'a> for PgTime {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let bytes: [u8; 8] = raw.try_into().map_err(|_| "a timestamp is 8 bytes")?;
+        Ok(PgTime(i64::from_be_bytes(bytes)))
+    }
+
+    /// A `timestamp` column (no zone) has the same form, read as UTC.
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ || *ty == Type::TIMESTAMP
+    }
+}
+
+impl tokio_postgres::types::ToSql for PgTime {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0.to_be_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TIMESTAMPTZ
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// Where an oldest-first claim resumes: the (run_at, id) key of the last
 /// row of a previous batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClaimCursor {
-    pub run_at: SystemTime,
+    pub run_at: PgTime,
     pub id: i64,
 }
 
@@ -98,7 +151,7 @@ pub struct Claimed {
     pub rows: Vec<OutboxRow>,
     /// `run_at` and `created_at` of each row as stored (same order as
     /// `rows`): what [`restore`] puts back.
-    pub stored_at: Vec<(SystemTime, SystemTime)>,
+    pub stored_at: Vec<(PgTime, PgTime)>,
     /// The greatest (run_at, id) claimed, for an oldest-first claim (a
     /// delete claim returns rows in no particular order).
     pub cursor: Option<ClaimCursor>,
@@ -157,8 +210,8 @@ pub async fn claim_due(
         cursor: None,
     };
     for r in &rows {
-        let run_at: SystemTime = r.try_get(13)?;
-        let created_at: SystemTime = r.try_get(14)?;
+        let run_at: PgTime = r.try_get(13)?;
+        let created_at: PgTime = r.try_get(14)?;
         let now = unix_ms(r.try_get(15)?);
         let row = OutboxRow {
             id: r.try_get(0)?,
@@ -174,10 +227,10 @@ pub async fn claim_due(
             task_type: r.try_get(10)?,
             lighthouse_run_id: r.try_get(11)?,
             attempts: r.try_get(12)?,
-            run_at_ms: unix_ms(run_at),
+            run_at_ms: run_at.unix_ms(),
             age_at_claim_ms: (
-                now.saturating_sub(unix_ms(created_at)),
-                now.saturating_sub(unix_ms(run_at)),
+                now.saturating_sub(created_at.unix_ms()),
+                now.saturating_sub(run_at.unix_ms()),
             ),
         };
         if order == ClaimOrder::Oldest {
@@ -188,6 +241,12 @@ pub async fn claim_due(
         claimed.stored_at.push((run_at, created_at));
     }
     Ok(claimed)
+}
+
+/// `task_outbox`'s shape now ([`super::schema::OUTBOX_SHAPE_SQL`]).
+pub async fn shape(tx: &Transaction<'_>) -> Result<String, tokio_postgres::Error> {
+    let row = tx.query_typed_one(super::schema::OUTBOX_SHAPE_SQL, &[]).await?;
+    Ok(row.try_get::<_, Option<String>>(0)?.unwrap_or_default())
 }
 
 /// The scopes paused now (`*` or job ids), read in the tick's transaction
@@ -229,8 +288,8 @@ pub async fn restore(
     let retry_counts: Vec<i32> = rows.iter().map(|r| r.retry_count).collect();
     let runs: Vec<Option<i64>> = rows.iter().map(|r| r.lighthouse_run_id).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
-    let run_ats: Vec<SystemTime> = which.iter().map(|&i| claimed.stored_at[i].0).collect();
-    let created_ats: Vec<SystemTime> = which.iter().map(|&i| claimed.stored_at[i].1).collect();
+    let run_ats: Vec<PgTime> = which.iter().map(|&i| claimed.stored_at[i].0).collect();
+    let created_ats: Vec<PgTime> = which.iter().map(|&i| claimed.stored_at[i].1).collect();
     let (task_ids, job_ids) = (col(|r| &r.task_id), col(|r| &r.job_id));
     let (hosts, paths) = (col(|r| &r.host), col(|r| &r.path));
     let (source_types, source_urls, task_types) =
@@ -379,6 +438,17 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn pg_times_give_unix_ms_rounded_down_and_keep_the_infinities() {
+        assert_eq!(PgTime(0).unix_ms(), 946_684_800_000);
+        assert_eq!(PgTime(1_500).unix_ms(), 946_684_800_001);
+        assert_eq!(PgTime(-946_684_800_000_000).unix_ms(), 0);
+        assert_eq!(PgTime(-946_684_800_000_500).unix_ms(), -1);
+        assert_eq!(PgTime(i64::MIN).unix_ms(), i64::MIN);
+        assert_eq!(PgTime(i64::MAX).unix_ms(), i64::MAX);
+        assert!(PgTime(i64::MIN) < PgTime(0) && PgTime(0) < PgTime(i64::MAX));
+    }
 
     #[test]
     fn unix_ms_rounds_down_on_both_sides_of_the_epoch() {

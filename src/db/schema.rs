@@ -143,7 +143,24 @@ pub struct Schema {
     /// back exactly (columns the relay does not know, no INSERT privilege
     /// on `task_outbox`, a partitioned or inherited table).
     pub claim: ClaimMode,
+    /// `task_outbox`'s shape as [`OUTBOX_SHAPE_SQL`] reads it at start:
+    /// every delete-claiming tick reads it again in its claim's round trip
+    /// and falls back to the locking claim when it changed (a column
+    /// added, a type changed, INSERT revoked, a foreign key added).
+    pub outbox_shape: String,
 }
+
+/// The shape of `task_outbox` a delete claim depends on, as one line:
+/// its columns and their types, whether the role may INSERT, and how many
+/// foreign keys it has. Cheap (a catalog lookup); read after the claim in
+/// the same transaction, whose lock on the table keeps any ALTER TABLE out
+/// until the tick ends.
+pub const OUTBOX_SHAPE_SQL: &str = "SELECT
+    (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+       FROM pg_attribute a WHERE a.attrelid = 'task_outbox'::regclass AND a.attnum > 0 AND NOT a.attisdropped)
+    || '; insert: ' || has_table_privilege('task_outbox', 'INSERT')::text
+    || '; foreign keys: ' || (SELECT count(*) FROM pg_constraint
+                               WHERE conrelid = 'task_outbox'::regclass AND contype = 'f')::text";
 
 impl Default for Schema {
     /// The relay's own schema (`migrations/`): every id a UUID.
@@ -156,6 +173,7 @@ impl Default for Schema {
             jobs_id: IdType::Uuid,
             outbox_checks_lighthouse_run: false,
             claim: ClaimMode::Delete,
+            outbox_shape: String::new(),
         }
     }
 }
@@ -251,7 +269,14 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
         jobs_id: id("jobs", "id"),
         outbox_checks_lighthouse_run: false,
         claim: ClaimMode::Delete,
+        outbox_shape: String::new(),
     };
+    // Put-back binds timestamptz: a `timestamp` column would take it
+    // through the session's time zone (inexact around DST changes).
+    let zoneless: Vec<&str> = ["run_at", "created_at"]
+        .into_iter()
+        .filter(|c| find("task_outbox", c).is_some_and(|ty| ty != "timestamp with time zone"))
+        .collect();
     let unknown: Vec<&str> = columns
         .iter()
         .filter(|(t, c, _)| t == "task_outbox" && !OUTBOX_COLUMNS.contains(&c.as_str()))
@@ -267,33 +292,72 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
                                AND pg_get_constraintdef(oid) LIKE '%lighthouse_run_id%'),
                     has_table_privilege('task_outbox', 'INSERT'),
                     (SELECT relkind::text FROM pg_class WHERE oid = to_regclass('task_outbox')) = 'r'
-                      AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = to_regclass('task_outbox'))",
+                      AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = to_regclass('task_outbox')),
+                    (SELECT string_agg(conname::text, ', ' ORDER BY conname) FROM pg_constraint
+                      WHERE conrelid = to_regclass('task_outbox') AND contype = 'f')",
             &[],
         )
         .await
         .map_err(|e| vec![super::pg_error_text(&e)])?;
     let flag = |i| column::<bool>(&checks, "pg_class", i).map_err(|e| vec![e.to_string()]);
     let (lighthouse_check, can_insert, plain_table) = (flag(0)?, flag(1)?, flag(2)?);
+    let foreign_keys = column::<Option<String>>(&checks, "pg_constraint", 3).map_err(|e| vec![e.to_string()])?;
+    let shape = client
+        .query_typed_one(OUTBOX_SHAPE_SQL, &[])
+        .await
+        .map_err(|e| vec![super::pg_error_text(&e)])?;
+    let shape = column::<Option<String>>(&shape, "pg_attribute", 0).map_err(|e| vec![e.to_string()])?;
+    let table = OutboxTable {
+        unknown_columns: &unknown,
+        zoneless_columns: &zoneless,
+        can_insert,
+        plain_table,
+        foreign_keys: foreign_keys.as_deref(),
+    };
     Ok(Schema {
         outbox_checks_lighthouse_run: lighthouse_check,
-        claim: claim_mode(&unknown, can_insert, plain_table),
+        claim: claim_mode(&table),
+        outbox_shape: shape.unwrap_or_default(),
         ..schema
     })
 }
 
+/// What the claim mode depends on.
+struct OutboxTable<'a> {
+    unknown_columns: &'a [&'a str],
+    zoneless_columns: &'a [&'a str],
+    can_insert: bool,
+    plain_table: bool,
+    /// Names of `task_outbox`'s foreign keys, if any.
+    foreign_keys: Option<&'a str>,
+}
+
 /// Delete claims put rows back by inserting them: only when the relay knows
-/// every column (an unknown one would come back empty), may insert, and
-/// the table is one plain table (a `ctid` names a row only within one).
-fn claim_mode(unknown_columns: &[&str], can_insert: bool, plain_table: bool) -> ClaimMode {
-    if !unknown_columns.is_empty() {
+/// every column (an unknown one would come back empty) and can write each
+/// exactly, may insert, the table is one plain table (a `ctid` names a row
+/// only within one), and has no foreign key: the put-back INSERT checks
+/// foreign keys again, taking a lock on the referenced row after the
+/// claim's row locks, the reverse of a cascading delete of that row (or a
+/// `cancel-job` that deletes the job); the two can deadlock.
+fn claim_mode(t: &OutboxTable<'_>) -> ClaimMode {
+    if !t.unknown_columns.is_empty() {
         ClaimMode::Lock(format!(
             "task_outbox has columns the relay does not know: {}",
-            unknown_columns.join(", ")
+            t.unknown_columns.join(", ")
         ))
-    } else if !can_insert {
+    } else if !t.zoneless_columns.is_empty() {
+        ClaimMode::Lock(format!(
+            "task_outbox.{} is timestamp without time zone; rows could not be put back exactly",
+            t.zoneless_columns.join(", task_outbox.")
+        ))
+    } else if !t.can_insert {
         ClaimMode::Lock("the role lacks INSERT on task_outbox (deploy/postgres/roles.sql grants it)".into())
-    } else if !plain_table {
+    } else if !t.plain_table {
         ClaimMode::Lock("task_outbox is partitioned or has child tables".into())
+    } else if let Some(fks) = t.foreign_keys {
+        ClaimMode::Lock(format!(
+            "task_outbox has foreign keys ({fks}); putting rows back could deadlock with a cascading delete"
+        ))
     } else {
         ClaimMode::Delete
     }
@@ -326,6 +390,47 @@ async fn read_columns(client: &impl GenericClient) -> Result<Vec<(String, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_claim_deletes_only_where_a_row_goes_back_exactly_and_safely() {
+        let plain = OutboxTable {
+            unknown_columns: &[],
+            zoneless_columns: &[],
+            can_insert: true,
+            plain_table: true,
+            foreign_keys: None,
+        };
+        assert_eq!(claim_mode(&plain), ClaimMode::Delete);
+        let lock = |t: OutboxTable<'_>| match claim_mode(&t) {
+            ClaimMode::Lock(why) => why,
+            ClaimMode::Delete => panic!("delete claim"),
+        };
+        assert!(lock(OutboxTable {
+            unknown_columns: &["tenant"],
+            ..plain
+        })
+        .contains("tenant"));
+        assert!(lock(OutboxTable {
+            zoneless_columns: &["run_at"],
+            ..plain
+        })
+        .contains("task_outbox.run_at"));
+        assert!(lock(OutboxTable {
+            can_insert: false,
+            ..plain
+        })
+        .contains("INSERT"));
+        assert!(lock(OutboxTable {
+            plain_table: false,
+            ..plain
+        })
+        .contains("partitioned"));
+        assert!(lock(OutboxTable {
+            foreign_keys: Some("task_outbox_run_fk"),
+            ..plain
+        })
+        .contains("task_outbox_run_fk"));
+    }
 
     #[test]
     fn uuid_columns_take_only_what_uuid_in_takes() {

@@ -20,7 +20,13 @@ pub enum EncodeError {
     SeparatorInField { field: &'static str },
     #[error("field priority is not a finite number ({value})")]
     NonFinitePriority { value: f64 },
+    #[error("field run_at is -infinity, which is no time to schedule at (a score would be {run_at_ms})")]
+    RunAtNotATime { run_at_ms: i64 },
 }
+
+/// The earliest finite time Postgres stores (4713-11-24 BC, julian day 0),
+/// in unix milliseconds. A claimed `run_at` below it is `-infinity`.
+pub const EARLIEST_RUN_AT_MS: i64 = -210_866_803_200_000;
 
 /// The sorted-set key of a job's schedule: `{prefix}sched:{job_id}`.
 pub fn schedule_key(prefix: &str, job_id: &str) -> String {
@@ -120,6 +126,15 @@ pub fn encode_member(row: &OutboxRow) -> Result<String, EncodeError> {
     }
     if !row.priority.is_finite() {
         return Err(EncodeError::NonFinitePriority { value: row.priority });
+    }
+    // `-infinity` is due forever, but its score (about -9.2e15) would put
+    // the task before every other and make its age meaningless: it is
+    // dead-lettered at once with this reason, like any row that cannot be
+    // encoded.
+    if row.run_at_ms < EARLIEST_RUN_AT_MS {
+        return Err(EncodeError::RunAtNotATime {
+            run_at_ms: row.run_at_ms,
+        });
     }
     let task_type = if row.task_type.is_empty() {
         "crawl"
@@ -324,6 +339,21 @@ mod tests {
             assert_eq!(err, EncodeError::SeparatorInField { field });
             assert!(err.to_string().contains(field));
         }
+    }
+
+    #[test]
+    fn a_run_at_of_minus_infinity_is_refused() {
+        // What a claim reads for '-infinity' (db::outbox::PgTime).
+        let r = OutboxRow {
+            run_at_ms: i64::MIN,
+            ..row()
+        };
+        assert!(matches!(encode_member(&r), Err(EncodeError::RunAtNotATime { .. })));
+        let earliest = OutboxRow {
+            run_at_ms: EARLIEST_RUN_AT_MS,
+            ..row()
+        };
+        assert!(encode_member(&earliest).is_ok());
     }
 
     #[test]
