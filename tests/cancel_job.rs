@@ -334,3 +334,87 @@ async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job_untagged_pr
 async fn a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job_tagged_prefix() {
     a_zadd_stuck_past_its_tick_cannot_resurrect_a_cancelled_job(tagged_key_prefix()).await;
 }
+
+/// `cancel-job` while a tick holds rows of the job that must stay (their
+/// ZADD fails, so a delete claim puts them back as new row versions that
+/// the cancel's DELETE, waiting for the tick, cannot see). One DELETE is
+/// enough: the rows put back meet the job's cancel fence at their next
+/// claim and are deleted unsent, counted as cancelled; nothing reaches
+/// Redis.
+#[tokio::test]
+async fn rows_put_back_while_cancel_job_waits_are_cleared_by_the_fence() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    let job = Uuid::new_v4();
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO jobs (id, status) VALUES ('{job}', 'running');
+         INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+         SELECT gen_random_uuid(), '{job}', i, 'h', '/p' || i, 1, 's', now() FROM generate_series(1, 20) i"
+    ))
+    .await
+    .expect("job and rows");
+    let key = format!("{}sched:{job}", &*prefix);
+    let mut conn = redis_conn(&server.url()).await;
+    let _: () = conn.set(&key, "not a sorted set").await.expect("SET");
+    proxy.hold_when(&job.to_string());
+
+    let env = relay_env(
+        &db,
+        &proxy.url(),
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the tick's write is held", Duration::from_secs(30), || async {
+        proxy.held() >= 1
+    })
+    .await;
+    let canceller = {
+        let (db_url, redis_url, prefix) = (db.url.clone(), server.url(), prefix.to_string());
+        let job = job.to_string();
+        tokio::task::spawn_blocking(move || cancel_on(&db_url, &redis_url, &prefix, &job))
+    };
+    wait_until(
+        "cancel-job waits for the tick's rows",
+        Duration::from_secs(30),
+        || async {
+            db.count(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE query LIKE 'DELETE FROM task_outbox%' AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    proxy.release();
+    let o = canceller.await.expect("cancel-job");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    wait_until("the rows put back are cleared", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+    assert!(!conn.exists::<_, bool>(&key).await.expect("EXISTS"), "{key} exists");
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    let (_, scrape) = relay.http_get("/metrics").await.expect("scrape");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let cancelled = metric_value(&scrape, "outbox_relay_sweep_rows_total", &[("outcome", "cancelled")]).unwrap_or(0.0);
+    // The premise: the tick put the rows back after cancel-job's DELETE
+    // had looked, so that DELETE found none of them. (On the Go schema the
+    // relay claims by locking, its foreign key: the retried rows are
+    // updated in place and the DELETE takes them.)
+    if !db.go {
+        assert_eq!(v["outbox_rows_deleted"], 0, "{v}");
+    }
+    assert_eq!(
+        v["outbox_rows_deleted"].as_u64().unwrap_or(0) as f64 + cancelled,
+        20.0,
+        "every row deleted once, by cancel-job or unsent by the sweep: {v}, {cancelled} cancelled"
+    );
+    relay.stop().await;
+}

@@ -362,3 +362,87 @@ async fn a_schema_the_relay_cannot_work_with_is_named_line_by_line() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// A cascading delete of a `lighthouse_runs` row while a tick holds that
+/// run's outbox rows, which must stay (their ZADD fails): a delete claim's
+/// put-back INSERT checks the foreign key again, waiting for the deleter's
+/// lock on the run while the deleter waits for the tick's row locks, and
+/// Postgres aborts one of them (40P01). With a foreign key on task_outbox
+/// the relay claims by locking: the retried rows are updated, not
+/// re-inserted, no foreign key is checked, and both finish.
+#[tokio::test]
+async fn a_cascading_delete_during_a_tick_does_not_deadlock() {
+    let db = TestDb::go().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    let job = "job-of-run-7";
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at,
+                                  task_type, lighthouse_run_id)
+         SELECT gen_random_uuid(), '{job}', i, 'h', '/p' || i, 1, 's', now(), 'lighthouse', 7
+           FROM generate_series(1, 20) i"
+    ))
+    .await
+    .expect("rows of run 7");
+    // Their ZADDs fail (WRONGTYPE), so the rows stay in the outbox.
+    let mut conn = redis_conn(&server.url()).await;
+    let _: () = conn
+        .set(format!("{}sched:{job}", &*prefix), "not a sorted set")
+        .await
+        .expect("SET");
+    proxy.hold_when(job);
+
+    let mut relay = RelayProcess::spawn(&relay_env(&db, &proxy.url(), &prefix, &[]));
+    relay.wait_started().await;
+    wait_until("the tick's write is held", Duration::from_secs(30), || async {
+        proxy.held() >= 1
+    })
+    .await;
+    // The tick holds the rows; the cascade waits for them.
+    let deleter = {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            pg_connect(&url)
+                .await
+                .execute("DELETE FROM lighthouse_runs WHERE id = 7", &[])
+                .await
+                .map_err(|e| {
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or(e.to_string())
+                })
+        })
+    };
+    wait_until(
+        "the cascade waits for the tick's rows",
+        Duration::from_secs(30),
+        || async {
+            db.count(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE query LIKE 'DELETE FROM lighthouse_runs%' AND wait_event_type = 'Lock'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    proxy.release();
+    let deleted = tokio::time::timeout(Duration::from_secs(30), deleter)
+        .await
+        .expect("the cascading delete finished")
+        .expect("task");
+    assert_eq!(deleted, Ok(1), "the cascading delete");
+    wait_until("the run's rows went with it", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+    assert!(
+        relay.lines().iter().all(|l| !l.contains("deadlock detected")),
+        "{:#?}",
+        relay.lines()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.stop().await;
+}

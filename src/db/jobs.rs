@@ -102,7 +102,13 @@ pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<C
     let tx = client.transaction().await?;
     let status: Option<String> = if schema.jobs_id.accepts(job) {
         tx.query_typed_opt(
-            &format!("SELECT status FROM jobs WHERE id = $1::{} FOR UPDATE", schema.jobs_id),
+            // NO KEY UPDATE, the lock the status UPDATE takes anyway: it
+            // does not block the KEY SHARE lock of a foreign key check (a
+            // producer inserting a row of the job, a relay moving one).
+            &format!(
+                "SELECT status FROM jobs WHERE id = $1::{} FOR NO KEY UPDATE",
+                schema.jobs_id
+            ),
             &[(&job, Type::TEXT)],
         )
         .await?
@@ -135,14 +141,16 @@ pub async fn cancel(client: &mut Client, schema: &Schema, job: &str) -> Result<C
     // Also for an already-cancelled job: rows a producer wrote after the
     // first cancel would otherwise wait forever.
     //
-    // Twice: a sweep that claimed rows of the job by deleting them and puts
-    // some back (a retry) commits new row versions, which the first DELETE,
-    // waiting for that sweep, cannot see (its snapshot is older); the
-    // second one's snapshot has them.
+    // Rows this DELETE cannot see are not its concern: a producer's commit
+    // after its snapshot, or a row a delete-claiming sweep put back (a
+    // retry: a new row version, committed while this DELETE waited for
+    // that sweep). The job's cancel fence, set once this commits, refuses
+    // every later write of the job in Redis, and the sweep deletes such a
+    // row unsent (`cancelled`) when it next claims it.
     let deleted = match schema.outbox_job_id.stored_form(job) {
         Some(j) => {
             let sql = format!("DELETE FROM task_outbox WHERE job_id = $1::{}", schema.outbox_job_id);
-            tx.execute_typed(&sql, &[(&j, Type::TEXT)]).await? + tx.execute_typed(&sql, &[(&j, Type::TEXT)]).await?
+            tx.execute_typed(&sql, &[(&j, Type::TEXT)]).await?
         }
         None => 0,
     };
