@@ -226,6 +226,90 @@ async fn entries_of_a_stalled_node_are_resent_with_their_own_scores() {
     relay.stop().await;
 }
 
+/// Memory back-pressure in a cluster: every master is watched. One master
+/// filled past `redis.max_memory_ratio` (another tenant's keys) holds the
+/// relay's writes back, rows wait without an attempt, and writing resumes
+/// once it has room. (Before, INFO was never read in cluster mode and
+/// back-pressure silently did nothing.)
+#[tokio::test]
+async fn a_nearly_full_master_holds_writes_back() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let masters = cluster.masters().expect("cluster topology");
+    for m in &masters {
+        common::cluster::cli(m.port, &["CONFIG", "SET", "maxmemory", "16mb"]).expect("CONFIG SET");
+    }
+    let full = &masters[0];
+    let node_url = format!("redis://127.0.0.1:{}/0", full.port);
+    let mut node = redis_conn(&node_url).await;
+    let mut fillers = Vec::new();
+    for i in 0.. {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut node)
+            .await
+            .expect("INFO");
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':')?.parse::<f64>().ok())
+                .expect("INFO field")
+        };
+        if field("used_memory") >= field("maxmemory") * 0.85 {
+            break;
+        }
+        let key = format!("filler:{i}");
+        if !full.owns(key_slot(&key)) {
+            continue;
+        }
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(vec![b'x'; 256 * 1024])
+            .query_async(&mut node)
+            .await
+            .expect("SET filler");
+        fillers.push(key);
+    }
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = new_jobs(30);
+    let env = cluster_env(
+        &db,
+        &cluster,
+        &prefix,
+        &[("OUTBOX_RELAY_REDIS__MAX_MEMORY_RATIO", "0.8")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    produce(&db.client().await, &js, 30).await.expect("seed");
+    wait_until("back-pressure engages", Duration::from_secs(60), || async {
+        metric_value(&scrape(&relay).await, "outbox_relay_redis_backpressure", &[]) == Some(1.0)
+    })
+    .await;
+    let before = db.count("SELECT count(*) FROM task_outbox").await;
+    produce(&db.client().await, &js, 300).await.expect("seed");
+    let t0 = relay.ok_ticks().await;
+    wait_until("ticks while held back", Duration::from_secs(30), || async {
+        relay.ok_ticks().await >= t0 + 4.0
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox").await,
+        before + 300,
+        "held back"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
+
+    for key in &fillers {
+        let _: () = redis::cmd("DEL").arg(key).query_async(&mut node).await.expect("DEL");
+    }
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!((report.delivered, report.dead_lettered), (330, 0));
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_node_defers_only_its_own_entries() {
     // No replicas: the node's slots stay unserved until it comes back.

@@ -93,3 +93,144 @@ async fn a_nearly_full_redis_holds_writes_back_until_it_has_room() {
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     relay.stop().await;
 }
+
+/// Fill the Redis at `url` with strings of 256 KiB (a whole one would
+/// count twice, in the query buffer too, and meet OOM) until `used_memory`
+/// is `share` of its `maxmemory`, as another tenant of the same Redis would.
+async fn fill_to(url: &str, key: &str, share: f64) {
+    let mut conn = redis_conn(url).await;
+    for i in 0.. {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO");
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':')?.parse::<f64>().ok())
+                .expect("INFO field")
+        };
+        if field("used_memory") >= field("maxmemory") * share {
+            return;
+        }
+        let _: () = redis::cmd("SET")
+            .arg(format!("{key}:{i}"))
+            .arg(vec![b'x'; 256 * 1024])
+            .query_async(&mut conn)
+            .await
+            .expect("SET filler");
+    }
+}
+
+/// A first batch (its reading closes the gate: Redis is past the mark),
+/// then 300 rows that wait. Returns every row's expected member.
+async fn engage(db: &TestDb, relay: &RelayProcess) -> std::collections::HashMap<String, (String, String, f64)> {
+    seed(db, 10, 1).await;
+    let mut expected = expected_members(db).await;
+    wait_until("back-pressure engages", Duration::from_secs(60), || async {
+        metric_value(&scrape(relay).await, "outbox_relay_redis_backpressure", &[]) == Some(1.0)
+    })
+    .await;
+    let before = db.count("SELECT count(*) FROM task_outbox").await;
+    seed(db, 300, 3).await;
+    expected.extend(expected_members(db).await);
+    let t0 = relay.ok_ticks().await;
+    wait_until("ticks while held back", Duration::from_secs(30), || async {
+        relay.ok_ticks().await >= t0 + 4.0
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox").await,
+        before + 300,
+        "held back"
+    );
+    expected
+}
+
+/// Writes held back by a nearly full Redis, then the relay's user loses
+/// `+info` (an ACL tightened): the gate cannot be read any more. It opens
+/// with one warning instead of holding writes back forever, and the rows
+/// are delivered.
+#[tokio::test]
+async fn a_redis_that_stops_answering_info_does_not_hold_writes_back_forever() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start_with_args(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]).await;
+    let mut admin = redis_conn(&server.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relay", "on", ">relay-pw", "~*", "&*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    fill_to(&server.url(), "filler", 0.85).await;
+    let url = format!("redis://relay:relay-pw@127.0.0.1:{}/0", server.port);
+    let env = relay_env(&db, &url, &prefix, &[("OUTBOX_RELAY_REDIS__MAX_MEMORY_RATIO", "0.8")]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let expected = engage(&db, &relay).await;
+
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relay", "-info"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER -info");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&server.url(), &prefix, &expected).await;
+    assert_eq!(relay.count("cannot read redis INFO memory"), 1, "{:#?}", relay.lines());
+    assert_eq!(
+        metric_value(&scrape(&relay).await, "outbox_relay_redis_backpressure", &[]),
+        Some(0.0)
+    );
+    relay.stop().await;
+}
+
+/// Writes held back by a nearly full Redis, then Redis stops answering
+/// (frozen): that is an outage, not back-pressure. The dispatch actor
+/// degrades and `/readyz` fails, as for any unreachable Redis, and the
+/// relay writes again once Redis answers and has room.
+#[tokio::test]
+async fn an_outage_while_held_back_makes_the_relay_unready() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start_with_args(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]).await;
+    fill_to(&server.url(), "filler", 0.85).await;
+    let env = relay_env(
+        &db,
+        &server.url(),
+        &prefix,
+        &[("OUTBOX_RELAY_REDIS__MAX_MEMORY_RATIO", "0.8")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let expected = engage(&db, &relay).await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+
+    server.pause();
+    wait_until("the dispatch actor is not ready", Duration::from_secs(60), || async {
+        relay.http_get("/readyz").await.is_some_and(|(status, body)| {
+            status == 503
+                && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| {
+                    v["unhealthy"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x == "DispatchActor"))
+                })
+        })
+    })
+    .await;
+    server.unpause();
+    let mut conn = redis_conn(&server.url()).await;
+    let fillers: Vec<String> = redis::cmd("KEYS")
+        .arg("filler:*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let _: () = redis::cmd("DEL")
+        .arg(fillers)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&server.url(), &prefix, &expected).await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    relay.stop().await;
+}

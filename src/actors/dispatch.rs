@@ -26,7 +26,7 @@ use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
 use crate::domain::{EntryOutcome, ScheduleEntry};
-use crate::redis::memory::{MemoryGate, Transition};
+use crate::redis::memory::{entry_cost, InfoError, MemoryGate, Transition};
 use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError};
 use crate::redis::{self as rds, Redis};
 use crate::telemetry::health::ActorHealth;
@@ -110,12 +110,24 @@ impl DispatchActor {
     }
 
     /// Log a back-pressure change once, and keep its gauges current.
-    fn memory_changed(&mut self, transition: Option<Transition>) {
+    fn memory_changed(&mut self, reading: Option<Result<Option<Transition>, InfoError>>) {
         self.metrics.redis_backpressure.set(i64::from(self.memory.is_closed()));
         if let Some(r) = self.memory.ratio() {
             self.metrics.redis_memory_ratio.set(r);
         }
+        // An unreachable Redis is reported by the batches themselves.
+        let transition = reading.and_then(Result::ok).flatten();
         match transition {
+            Some(Transition::Blind { why }) => {
+                warn!(self.core.log, "cannot read redis INFO memory; memory back-pressure is off until it can (grant +info)";
+                    "error" => why);
+            }
+            Some(Transition::Sighted) => {
+                info!(
+                    self.core.log,
+                    "redis INFO memory can be read again; memory back-pressure is on"
+                );
+            }
             Some(Transition::Closed { ratio }) => {
                 warn!(self.core.log, "redis memory is nearly full; writes stop until it drains (rows wait in the outbox, no attempt counted)";
                     "used_share" => format!("{:.3}", ratio), "stop_at" => self.settings.redis.max_memory_ratio,
@@ -255,18 +267,25 @@ impl Handler<DispatchBatch> for DispatchActor {
             let read = async move { gate.refresh(&redis, msg.deadline).await };
             ctx.spawn(
                 read.into_actor(self)
-                    .map(|transition, act, _| act.memory_changed(transition)),
+                    .map(|reading, act, _| act.memory_changed(Some(reading))),
             );
         }
         // The reply goes back to the sweep, so this one is not
         // `run_contained`: a panic must still answer the sender.
         let work = contain(async move {
             let transition = if read && inline {
-                gate.refresh(&redis, msg.deadline).await
+                Some(gate.refresh(&redis, msg.deadline).await)
             } else {
                 None
             };
             if gate.is_closed() {
+                // Held back, and this batch's reading found no Redis at
+                // all: that is an outage, not back-pressure; the actor
+                // must degrade (and `/readyz` fail) as for any batch.
+                if let Some(Err(InfoError::Unreachable(why))) = &transition {
+                    let why = format!("redis unreachable while writes were held back: {why}");
+                    return (transition, Err(DispatchError::Unavailable(why)));
+                }
                 let why = format!(
                     "used_memory at {:.0}% of maxmemory (redis.max_memory_ratio {:.2}); writing again below {:.0}%",
                     gate.ratio().unwrap_or(0.0) * 100.0,
@@ -275,6 +294,7 @@ impl Handler<DispatchBatch> for DispatchActor {
                 );
                 return (transition, Err(DispatchError::BackPressure(why)));
             }
+            gate.wrote(msg.entries.iter().map(|e| entry_cost(e.member.len())).sum());
             (
                 transition,
                 zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await,
