@@ -265,3 +265,46 @@ async fn a_row_due_at_minus_infinity_is_dead_lettered_with_its_reason() {
     assert!(members.values().all(|s| *s > 0.0), "no member scored before 1970");
     relay.stop().await;
 }
+
+/// Rows a delete claim puts back (retries) wake no relay: migration 5's
+/// trigger sends no NOTIFY for them, so a retry-heavy incident is not
+/// taken for live traffic (which halves the drain lanes). Before, every
+/// put-back commit woke every listening relay.
+#[tokio::test]
+async fn rows_put_back_wake_no_relay() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let jobs = seed(&db, 50, 1).await;
+    poison_job(&redis_url, &prefix, &jobs[0]).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "50ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_BACKOFF", "50ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1000"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let woken = |text: &str| {
+        ["sent", "coalesced"]
+            .iter()
+            .map(|r| metric_value(text, "outbox_relay_wakeups_total", &[("result", r)]).unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    wait_until("the rows are retried", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 1").await == 50
+    })
+    .await;
+    let before = woken(&scrape(&relay).await);
+    wait_until("ten more put-backs", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 11").await == 50
+    })
+    .await;
+    let after = woken(&scrape(&relay).await);
+    assert_eq!(after, before, "put-backs woke the relay {} times", after - before);
+    relay.stop().await;
+}

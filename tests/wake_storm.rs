@@ -89,9 +89,13 @@ async fn a_storm_of_single_row_commits_keeps_memory_flat_and_latency_recovers() 
     let wakeups = |r| metric_value(&scrape, "outbox_relay_wakeups_total", &[("result", r)]).unwrap_or(-1.0);
     let (sent, coalesced) = (wakeups("sent"), wakeups("coalesced"));
     eprintln!("storm of {COMMITS} commits in {storm:?}: RSS {baseline} -> peak {peak} KiB; wake-ups sent {sent}, coalesced {coalesced}");
+    // The listener folds a burst of notifications into one wake-up, and
+    // the sweep folds wake-ups that come while one is pending: far fewer
+    // than one per commit (seen: about 3,500 for 100,000), or the storm
+    // would be a storm of ticks.
     assert!(
-        sent >= 1.0 && coalesced >= 0.0 && sent + coalesced <= COMMITS as f64,
-        "wake-ups: sent {sent}, coalesced {coalesced}"
+        sent >= 1.0 && coalesced >= 0.0 && sent + coalesced <= COMMITS as f64 / 4.0,
+        "wake-ups: sent {sent}, coalesced {coalesced} for {COMMITS} commits"
     );
 
     // Latency recovers: a row committed now is in Redis long before the

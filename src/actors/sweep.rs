@@ -329,9 +329,16 @@ async fn tick_on(
     // re-sent (ZADD is idempotent); nothing can be lost that way. It spares
     // every tick a WAL flush wait.
     let t = deadline.pg_timeout();
+    // outbox_relay.put_back: rows put back are no new work, and migration
+    // 5's trigger sends no NOTIFY for them.
     let set_sql = format!(
         "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}';
-         SET LOCAL synchronous_commit = off"
+         SET LOCAL synchronous_commit = off{}",
+        if delete_claim {
+            "; SET LOCAL outbox_relay.put_back = on"
+        } else {
+            ""
+        }
     );
     let mut skip_paused = skip_paused;
     let (tx, claimed, scopes) = loop {

@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "pause",
         sql: include_str!("../../migrations/0004_pause.sql"),
     },
+    Migration {
+        version: 5,
+        name: "quiet_put_back",
+        sql: include_str!("../../migrations/0005_quiet_put_back.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

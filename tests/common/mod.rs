@@ -138,7 +138,7 @@ impl TestDb {
         )
         .await
         .expect("migrate test database");
-        assert_eq!(report.applied, [1, 2, 3, 4]);
+        assert_eq!(report.applied, [1, 2, 3, 4, 5]);
     }
 
     /// A database without the outbox schema.
