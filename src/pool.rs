@@ -65,3 +65,19 @@ impl<E: FailureKind + 'static> bb8::ErrorSink<E> for LastError {
         Box::new(self.clone())
     }
 }
+
+/// TCP keepalive and user timeout on every Postgres and Redis socket, so a
+/// peer that vanished (a host gone, a network black hole, a failover that
+/// moved the address) is noticed within about half a minute instead of the
+/// kernel's two hours: a probe after 10 s idle, every 5 s, 3 unanswered
+/// probes close the connection; data unacknowledged for 30 s does too. A
+/// server that is frozen but whose kernel still answers (SIGSTOP) is caught
+/// by the deadline every call runs under instead.
+pub mod tcp {
+    use std::time::Duration;
+
+    pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+    pub const KEEPALIVE_RETRIES: u32 = 3;
+    pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+}

@@ -23,7 +23,7 @@ pub const CHANNEL: &str = "outbox_relay";
 
 /// How long connecting and `LISTEN` may take. Once listening, the
 /// connection only waits for notifications; a peer that vanished is found
-/// by TCP keepalive ([`super::tcp`]), and polling covers the meantime.
+/// by TCP keepalive ([`crate::pool::tcp`]), and polling covers the meantime.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Listen forever (until the task is aborted), reconnecting with backoff.

@@ -133,22 +133,6 @@ pub async fn cancel_bounded(token: tokio_postgres::CancelToken) {
     let _ = tokio::time::timeout(CANCEL_WAIT, token.cancel_query(tls::connector())).await;
 }
 
-/// TCP keepalive and user timeout on every Postgres and Redis socket, so a
-/// peer that vanished (a host gone, a network black hole, a failover that
-/// moved the address) is noticed within about half a minute instead of the
-/// kernel's two hours: a probe after 10 s idle, every 5 s, 3 unanswered
-/// probes close the connection; data unacknowledged for 30 s does too. A
-/// server that is frozen but whose kernel still answers (SIGSTOP) is caught
-/// by the deadline every call runs under instead.
-pub mod tcp {
-    use std::time::Duration;
-
-    pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-    pub const KEEPALIVE_RETRIES: u32 = 3;
-    pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
-}
-
 /// Name the relay's sessions carry in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "outbox-relay";
 
@@ -189,16 +173,16 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
     // Keepalive settings the URL names win (libpq's parameter names).
     cfg.keepalives(true);
     if !url.contains("keepalives_idle") {
-        cfg.keepalives_idle(tcp::KEEPALIVE_IDLE);
+        cfg.keepalives_idle(crate::pool::tcp::KEEPALIVE_IDLE);
     }
     if !url.contains("keepalives_interval") {
-        cfg.keepalives_interval(tcp::KEEPALIVE_INTERVAL);
+        cfg.keepalives_interval(crate::pool::tcp::KEEPALIVE_INTERVAL);
     }
     if !url.contains("keepalives_retries") {
-        cfg.keepalives_retries(tcp::KEEPALIVE_RETRIES);
+        cfg.keepalives_retries(crate::pool::tcp::KEEPALIVE_RETRIES);
     }
     if !url.contains("tcp_user_timeout") {
-        cfg.tcp_user_timeout(tcp::USER_TIMEOUT);
+        cfg.tcp_user_timeout(crate::pool::tcp::USER_TIMEOUT);
     }
     Ok(cfg)
 }

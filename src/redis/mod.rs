@@ -307,11 +307,11 @@ fn standalone_info(cfg: &RedisConfig) -> Result<ConnectionInfo, RedisSetupError>
     Ok(info.set_tcp_settings(tcp))
 }
 
-/// `base` with TCP keepalive and user timeout (see [`crate::db::tcp`]): a
+/// `base` with TCP keepalive and user timeout (see [`crate::pool::tcp`]): a
 /// Redis that vanished is noticed by the socket, not only by the next
 /// command's timeout.
 fn with_keepalive(base: ::redis::io::tcp::TcpSettings) -> ::redis::io::tcp::TcpSettings {
-    use crate::db::tcp;
+    use crate::pool::tcp;
     let keepalive = ::redis::io::tcp::socket2::TcpKeepalive::new()
         .with_time(tcp::KEEPALIVE_IDLE)
         .with_interval(tcp::KEEPALIVE_INTERVAL)
