@@ -378,19 +378,7 @@ async fn rows_put_back_while_cancel_job_waits_are_cleared_by_the_fence() {
         let job = job.to_string();
         tokio::task::spawn_blocking(move || cancel_on(&db_url, &redis_url, &prefix, &job))
     };
-    wait_until(
-        "cancel-job waits for the tick's rows",
-        Duration::from_secs(30),
-        || async {
-            db.count(
-                "SELECT count(*) FROM pg_stat_activity
-              WHERE query LIKE 'DELETE FROM task_outbox%' AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    wait_lock_waiter(&db, "DELETE FROM task_outbox", "cancel-job waits for the tick's rows").await;
     proxy.release();
     let o = canceller.await.expect("cancel-job");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

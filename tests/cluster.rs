@@ -241,33 +241,7 @@ async fn a_nearly_full_master_holds_writes_back() {
     let full = &masters[0];
     let node_url = format!("redis://127.0.0.1:{}/0", full.port);
     let mut node = redis_conn(&node_url).await;
-    let mut fillers = Vec::new();
-    for i in 0.. {
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut node)
-            .await
-            .expect("INFO");
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':')?.parse::<f64>().ok())
-                .expect("INFO field")
-        };
-        if field("used_memory") >= field("maxmemory") * 0.85 {
-            break;
-        }
-        let key = format!("filler:{i}");
-        if !full.owns(key_slot(&key)) {
-            continue;
-        }
-        let _: () = redis::cmd("SET")
-            .arg(&key)
-            .arg(vec![b'x'; 256 * 1024])
-            .query_async(&mut node)
-            .await
-            .expect("SET filler");
-        fillers.push(key);
-    }
+    let fillers = fill_redis_to(&mut node, 0.85, |k| full.owns(key_slot(k))).await;
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();

@@ -415,17 +415,10 @@ async fn a_cascading_delete_during_a_tick_does_not_deadlock() {
                 })
         })
     };
-    wait_until(
+    wait_lock_waiter(
+        &db,
+        "DELETE FROM lighthouse_runs",
         "the cascade waits for the tick's rows",
-        Duration::from_secs(30),
-        || async {
-            db.count(
-                "SELECT count(*) FROM pg_stat_activity
-              WHERE query LIKE 'DELETE FROM lighthouse_runs%' AND wait_event_type = 'Lock'",
-            )
-            .await
-                == 1
-        },
     )
     .await;
     proxy.release();

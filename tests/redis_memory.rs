@@ -94,32 +94,9 @@ async fn a_nearly_full_redis_holds_writes_back_until_it_has_room() {
     relay.stop().await;
 }
 
-/// Fill the Redis at `url` with strings of 256 KiB (a whole one would
-/// count twice, in the query buffer too, and meet OOM) until `used_memory`
-/// is `share` of its `maxmemory`, as another tenant of the same Redis would.
-async fn fill_to(url: &str, key: &str, share: f64) {
-    let mut conn = redis_conn(url).await;
-    for i in 0.. {
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO");
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':')?.parse::<f64>().ok())
-                .expect("INFO field")
-        };
-        if field("used_memory") >= field("maxmemory") * share {
-            return;
-        }
-        let _: () = redis::cmd("SET")
-            .arg(format!("{key}:{i}"))
-            .arg(vec![b'x'; 256 * 1024])
-            .query_async(&mut conn)
-            .await
-            .expect("SET filler");
-    }
+/// Fill the Redis at `url` to `share` of its `maxmemory`.
+async fn fill_to(url: &str, share: f64) {
+    fill_redis_to(&mut redis_conn(url).await, share, |_| true).await;
 }
 
 /// A first batch (its reading closes the gate: Redis is past the mark),
@@ -162,7 +139,7 @@ async fn a_redis_that_stops_answering_info_does_not_hold_writes_back_forever() {
         .query_async(&mut admin)
         .await
         .expect("ACL SETUSER");
-    fill_to(&server.url(), "filler", 0.85).await;
+    fill_to(&server.url(), 0.85).await;
     let url = format!("redis://relay:relay-pw@127.0.0.1:{}/0", server.port);
     let env = relay_env(&db, &url, &prefix, &[("OUTBOX_RELAY_REDIS__MAX_MEMORY_RATIO", "0.8")]);
     let mut relay = RelayProcess::spawn(&env);
@@ -193,7 +170,7 @@ async fn an_outage_while_held_back_makes_the_relay_unready() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
     let server = RedisServer::start_with_args(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]).await;
-    fill_to(&server.url(), "filler", 0.85).await;
+    fill_to(&server.url(), 0.85).await;
     let env = relay_env(
         &db,
         &server.url(),

@@ -1344,3 +1344,53 @@ pub async fn scrape(relay: &RelayProcess) -> String {
         }
     }
 }
+
+/// Wait until a statement starting with `starts_with` waits for a lock in
+/// `db` (another session holds what it needs): the race a test sets up.
+pub async fn wait_lock_waiter(db: &TestDb, starts_with: &str, what: &str) {
+    let sql =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '{starts_with}%' AND wait_event_type = 'Lock'");
+    wait_until(what, Duration::from_secs(30), || async { db.count(&sql).await == 1 }).await;
+}
+
+/// `INFO memory`'s `used_memory` and `maxmemory` on `conn`'s server.
+pub async fn redis_memory(conn: &mut redis::aio::MultiplexedConnection) -> (f64, f64) {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await.expect("INFO");
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':')?.parse::<f64>().ok())
+            .expect("INFO field")
+    };
+    (field("used_memory"), field("maxmemory"))
+}
+
+/// Fill the server behind `conn` with strings of 256 KiB (a whole one
+/// would count twice, in the query buffer too, and meet OOM) until
+/// `used_memory` is `share` of its `maxmemory`, as another tenant of the
+/// same Redis would; only keys `keep` accepts (a cluster node takes only
+/// keys of its slots). Returns the keys written.
+pub async fn fill_redis_to(
+    conn: &mut redis::aio::MultiplexedConnection,
+    share: f64,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let (used, max) = redis_memory(conn).await;
+        if used >= max * share {
+            break;
+        }
+        let key = format!("filler:{i}");
+        if !keep(&key) {
+            continue;
+        }
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(vec![b'x'; 256 * 1024])
+            .query_async(conn)
+            .await
+            .expect("SET filler");
+        keys.push(key);
+    }
+    keys
+}
