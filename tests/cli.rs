@@ -49,6 +49,77 @@ async fn migrate_twice_is_a_no_op() {
     );
 }
 
+/// README suggests building the claim index `CONCURRENTLY` before
+/// `migrate` on a busy outbox. A build that fails leaves an INVALID index
+/// of that name, which `IF NOT EXISTS` takes as done: migration 3 would
+/// then drop the old index and leave every claim without a usable one.
+/// `migrate` refuses with one line saying what to do, and succeeds once
+/// the index is dropped.
+#[tokio::test]
+async fn an_invalid_index_built_by_hand_is_not_taken_as_done() {
+    let db = TestDb::empty().await;
+    let c = db.client().await;
+    c.batch_execute(include_str!("../migrations/0001_outbox.sql"))
+        .await
+        .expect("migration 1 by hand, as an older relay left it");
+    c.batch_execute(
+        "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), i, 'h', '/p', 1, 's', now() FROM generate_series(1, 200000) i",
+    )
+    .await
+    .expect("rows");
+    // The concurrent build runs out of time half-way, as one interrupted
+    // by an operator or a deploy would.
+    c.batch_execute("SET statement_timeout = '20ms'")
+        .await
+        .expect("timeout");
+    let failed = c
+        .batch_execute("CREATE INDEX CONCURRENTLY task_outbox_run_at_id_idx ON task_outbox (run_at, id)")
+        .await;
+    assert!(failed.is_err(), "the concurrent build was to fail");
+    c.batch_execute("RESET statement_timeout").await.expect("reset");
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM pg_index WHERE indexrelid = 'task_outbox_run_at_id_idx'::regclass AND NOT indisvalid"
+        )
+        .await,
+        1,
+        "an INVALID index is left"
+    );
+
+    let env = [("OUTBOX_RELAY_DATABASE__URL", db.url.as_str())];
+    let o = run(&["migrate"], &env);
+    assert_clean_failure(
+        &o,
+        1,
+        &[
+            "task_outbox_run_at_id_idx",
+            "INVALID",
+            "DROP INDEX CONCURRENTLY task_outbox_run_at_id_idx",
+        ],
+    );
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "one line: {}", stderr(&o));
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_indexes WHERE indexname = 'task_outbox_run_at_idx'")
+            .await,
+        1,
+        "the old claim index is still there"
+    );
+
+    c.batch_execute("DROP INDEX task_outbox_run_at_id_idx")
+        .await
+        .expect("drop");
+    let o = run(&["migrate"], &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM pg_index WHERE indexrelid = 'task_outbox_run_at_id_idx'::regclass AND indisvalid"
+        )
+        .await,
+        1
+    );
+}
+
 #[test]
 fn bad_configs_name_the_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[

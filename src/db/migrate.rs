@@ -182,7 +182,14 @@ pub async fn apply(url: &str, timeout: Duration, dry_run: bool, log: &Logger) ->
             reason: pg_error_text(&e),
         };
         for stmt in statements(m.sql) {
-            let skipped = already_there(&tx, &stmt).await.map_err(failed)?;
+            let skipped = already_there(&tx, &stmt).await.map_err(|e| match e {
+                Refusal::Query(e) => failed(e),
+                Refusal::Invalid(reason) => MigrateError::Failed {
+                    version: m.version,
+                    name: m.name,
+                    reason,
+                },
+            })?;
             if skipped.is_none() && !dry_run {
                 tx.batch_execute(&stmt).await.map_err(failed)?;
             }
@@ -341,11 +348,28 @@ pub fn equivalent(want: &[(String, bool)], have: &[(String, bool)]) -> bool {
         && (want.iter().zip(have).all(|(w, h)| w.1 == h.1) || want.iter().zip(have).all(|(w, h)| w.1 != h.1))
 }
 
+/// Why [`already_there`] cannot tell.
+enum Refusal {
+    Query(tokio_postgres::Error),
+    /// What the statement creates exists but cannot serve (one line).
+    Invalid(String),
+}
+
+impl From<tokio_postgres::Error> for Refusal {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Refusal::Query(e)
+    }
+}
+
 /// Why `stmt` need not run (what it creates is already there), or None.
-async fn already_there(
-    tx: &tokio_postgres::Transaction<'_>,
-    stmt: &str,
-) -> Result<Option<String>, tokio_postgres::Error> {
+///
+/// An INVALID index (left by a failed `CREATE INDEX CONCURRENTLY`, as
+/// README suggests building the claim index by hand) serves no query: one
+/// of another name is not equivalent, and one of the very name the
+/// statement creates (which `IF NOT EXISTS` would take as done, letting
+/// migration 3 drop the old index and leave claims without any) is refused
+/// with what to do.
+async fn already_there(tx: &tokio_postgres::Transaction<'_>, stmt: &str) -> Result<Option<String>, Refusal> {
     use tokio_postgres::types::Type;
     match creates(stmt) {
         Some(Creates::Table(t)) => {
@@ -367,7 +391,8 @@ async fn already_there(
                                    WHERE g.k < i.indnkeyatts ORDER BY g.k),
                             array(SELECT ((i.indoption::int2[])[g.k] & 1) = 1
                                     FROM generate_subscripts(i.indoption::int2[], 1) AS g(k)
-                                   WHERE g.k < i.indnkeyatts ORDER BY g.k)
+                                   WHERE g.k < i.indnkeyatts ORDER BY g.k),
+                            i.indisvalid AND i.indisready
                        FROM pg_index i
                        JOIN pg_class c ON c.oid = i.indexrelid
                        JOIN pg_am am ON am.oid = c.relam
@@ -377,7 +402,17 @@ async fn already_there(
                 )
                 .await?;
             for r in rows {
-                let (existing, cols, desc): (String, Vec<String>, Vec<bool>) = (r.get(0), r.get(1), r.get(2));
+                let (existing, cols, desc, valid): (String, Vec<String>, Vec<bool>, bool) =
+                    (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+                if !valid {
+                    if existing == name {
+                        return Err(Refusal::Invalid(format!(
+                            "index {name} on {table} is INVALID (a CREATE INDEX CONCURRENTLY that failed or is still running): \
+                             drop it (DROP INDEX CONCURRENTLY {name}) or rebuild it (REINDEX INDEX CONCURRENTLY {name}), then run migrate again"
+                        )));
+                    }
+                    continue;
+                }
                 let have: Vec<(String, bool)> = cols.into_iter().zip(desc).collect();
                 if equivalent(&want, &have) {
                     let why = if existing == name {
