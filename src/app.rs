@@ -49,6 +49,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
         warn!(log, "missing a privilege"; "problem" => m.to_string());
     }
     crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
+    for m in crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await? {
+        warn!(log, "missing a Redis permission"; "problem" => m.to_string());
+    }
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),
         "database" => redact_url(&cfg.database.url),

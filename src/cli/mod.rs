@@ -237,6 +237,15 @@ pub fn execute(cli: Cli) -> ExitCode {
                     }
                     let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
                     println!("# redis: reachable (PING {}µs)", rtt.as_micros());
+                    let optional = crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await?;
+                    for m in &optional {
+                        println!("# redis: warning: {m}");
+                    }
+                    if optional.is_empty() {
+                        println!("# redis: the user may run every command `run` sends");
+                    } else {
+                        println!("# redis: the user may run every command `run` requires");
+                    }
                     Ok(())
                 })
             }

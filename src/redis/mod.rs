@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod memory;
+pub mod permissions;
 pub mod pipeline;
 
 use std::time::Duration;
@@ -266,6 +267,12 @@ impl Redis {
 /// Why Redis could not be reached at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
+    /// One line per command the user may not run (README "Redis ACL").
+    #[error("{}", .missing.iter().map(|m| format!("Redis at {url}: {m}")).collect::<Vec<_>>().join("\n"))]
+    Permissions {
+        url: String,
+        missing: Vec<permissions::Missing>,
+    },
     #[error("invalid Redis URL {url}: {source}")]
     Url { url: String, source: ::redis::RedisError },
     #[error("cannot reach Redis at {url}: {reason}")]
@@ -495,6 +502,27 @@ pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
             })
         })
         .collect()
+}
+
+/// Check that the Redis user may run every command `run` sends. Missing
+/// required ones are an error listing each; missing optional ones are
+/// returned for a warning.
+pub async fn check_permissions(
+    cfg: &RedisConfig,
+    timeout: Duration,
+) -> Result<Vec<permissions::Missing>, RedisSetupError> {
+    let mut conn = connect_config(cfg, timeout).await?;
+    let shown = Redis::describe(cfg);
+    let missing = tokio::time::timeout(timeout, permissions::missing(&mut conn, cfg))
+        .await
+        .map_err(|_| RedisSetupError::Unreachable {
+            url: shown.clone(),
+            reason: format!("no answer within {}ms", timeout.as_millis()),
+        })?;
+    if missing.iter().any(|m| m.required) {
+        return Err(RedisSetupError::Permissions { url: shown, missing });
+    }
+    Ok(missing)
 }
 
 /// Connect once (as the config says) and PING; returns the round trip.
