@@ -52,6 +52,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
     for m in crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await? {
         warn!(log, "missing a Redis permission"; "problem" => m.to_string());
     }
+    if let Some(risk) = crate::redis::durability_risk(&cfg.redis, STARTUP_TIMEOUT).await {
+        warn!(log, "redis may lose delivered entries on a restart"; "risk" => risk);
+    }
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),
         "database" => redact_url(&cfg.database.url),

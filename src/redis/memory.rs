@@ -236,7 +236,7 @@ impl MemoryGate {
 }
 
 /// A Redis error as an [`InfoError`]: no answer, or an answer that is an error.
-fn info_error(e: &::redis::RedisError) -> InfoError {
+pub fn info_error(e: &::redis::RedisError) -> InfoError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         InfoError::Unreachable(e.to_string())
     } else {
@@ -248,13 +248,58 @@ fn parsed(info: &str) -> Result<Memory, InfoError> {
     Memory::parse(info).ok_or_else(|| InfoError::Refused("the reply has no used_memory and maxmemory".into()))
 }
 
+/// `INFO section` of every master of the cluster `cluster` is connected
+/// to (`CLUSTER SLOTS`, then each master by address), each under
+/// `deadline`: (`host:port`, its reply text or why there is none).
+pub async fn info_on_masters(
+    cluster: &::redis::cluster_async::ClusterConnection,
+    section: &'static str,
+    deadline: Deadline,
+) -> Result<Vec<(String, Result<String, InfoError>)>, InfoError> {
+    let mut c = cluster.clone();
+    let slots = deadline
+        .run("redis CLUSTER SLOTS", super::cluster_slots(&mut c))
+        .await
+        .map_err(|e| InfoError::Unreachable(e.to_string()))?
+        .map_err(|e| info_error(&e))?;
+    let mut masters: Vec<String> = slots.into_iter().map(|r| r.master).collect();
+    masters.sort();
+    masters.dedup();
+    let reads = masters.into_iter().map(|addr| {
+        let mut c = cluster.clone();
+        async move {
+            let read = async {
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| InfoError::Refused(format!("unusable node address {addr}")))?;
+                let to = ::redis::cluster_routing::RoutingInfo::SingleNode(
+                    ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port },
+                );
+                let mut cmd = ::redis::cmd("INFO");
+                cmd.arg(section);
+                let reply = deadline
+                    .run("redis INFO", c.route_command(cmd, to))
+                    .await
+                    .map_err(|e| InfoError::Unreachable(format!("{addr}: {e}")))?
+                    .map_err(|e| info_error(&e))?;
+                super::reply_text(&reply)
+                    .ok_or_else(|| InfoError::Refused(format!("{addr}: INFO {section} gave {reply:?}")))
+            };
+            let text = read.await;
+            (addr, text)
+        }
+    });
+    Ok(futures_util::future::join_all(reads).await)
+}
+
 /// The memory figures of the one server, or of the fullest cluster master.
 async fn read_memory(redis: &Redis, deadline: Deadline) -> Result<Memory, InfoError> {
     let unreachable = |e: String| InfoError::Unreachable(e);
     let mut conn = checkout(redis, deadline)
         .await
         .map_err(|e: DispatchError| unreachable(e.to_string()))?;
-    let Some(mut cluster) = conn.cluster() else {
+    let Some(cluster) = conn.cluster() else {
         conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
         let info = deadline
             .run(
@@ -266,38 +311,11 @@ async fn read_memory(redis: &Redis, deadline: Deadline) -> Result<Memory, InfoEr
             .map_err(|e| info_error(&e))?;
         return parsed(&info);
     };
-    let slots = deadline
-        .run("redis CLUSTER SLOTS", super::cluster_slots(&mut cluster))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .map_err(|e| info_error(&e))?;
-    let mut masters: Vec<String> = slots.into_iter().map(|r| r.master).collect();
-    masters.sort();
-    masters.dedup();
-    let reads = masters.iter().map(|addr| {
-        let mut c = cluster.clone();
-        let addr = addr.clone();
-        async move {
-            let (host, port) = addr
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-                .ok_or_else(|| InfoError::Refused(format!("unusable node address {addr}")))?;
-            let to = ::redis::cluster_routing::RoutingInfo::SingleNode(
-                ::redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port },
-            );
-            let mut cmd = ::redis::cmd("INFO");
-            cmd.arg("memory");
-            let reply = deadline
-                .run("redis INFO memory", c.route_command(cmd, to))
-                .await
-                .map_err(|e| unreachable(format!("{addr}: {e}")))?
-                .map_err(|e| info_error(&e))?;
-            let text = super::reply_text(&reply)
-                .ok_or_else(|| InfoError::Refused(format!("{addr}: INFO memory gave {reply:?}")))?;
-            parsed(&text)
-        }
-    });
-    let readings = futures_util::future::join_all(reads).await;
+    let readings: Vec<Result<Memory, InfoError>> = info_on_masters(&cluster, "memory", deadline)
+        .await?
+        .into_iter()
+        .map(|(_, text)| text.and_then(|t| parsed(&t)))
+        .collect();
     // A refusal anywhere is the ACL's or a proxy's: say so. A master that
     // does not answer is left out (its writes fail on their own); none
     // answering is an unreachable cluster.

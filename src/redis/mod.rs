@@ -2,6 +2,7 @@
 //! pipelined ZADD that reports its outcome per entry. `rediss://` URLs are
 //! TLS (rustls), checked against the system's roots or `redis.tls_ca_file`.
 
+pub mod durability;
 pub mod keys;
 pub mod memory;
 pub mod permissions;
@@ -523,6 +524,12 @@ pub async fn check_permissions(
         return Err(RedisSetupError::Permissions { url: shown, missing });
     }
     Ok(missing)
+}
+
+/// The durability warning for `run`'s start, if any (see [`durability`]).
+pub async fn durability_risk(cfg: &RedisConfig, timeout: Duration) -> Option<String> {
+    let mut conn = connect_config(cfg, timeout).await.ok()?;
+    durability::risk(&mut conn, cfg, timeout).await
 }
 
 /// Connect once (as the config says) and PING; returns the round trip.
