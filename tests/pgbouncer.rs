@@ -1,6 +1,9 @@
 //! Two relays behind a real pgbouncer in transaction pooling mode, with
 //! counter sync, under a steady insert load for 20 s: no prepared-statement
 //! errors (42P05 / 26000 / 08P01), every row delivered, counters synced.
+//! And the Kubernetes ConfigMap's configuration as shipped (its batch,
+//! concurrency and intervals, polling) behind pgbouncer as the
+//! `outbox_relay` role, through a lock held past two tick deadlines.
 
 mod common;
 
@@ -30,7 +33,11 @@ impl PgBouncer {
                 .and_then(|(_, r)| r.split('/').next())
                 .unwrap_or("5432"),
         );
-        std::fs::write(dir.join("userlist.txt"), "\"root\" \"\"\n\"postgres\" \"\"\n").expect("userlist");
+        std::fs::write(
+            dir.join("userlist.txt"),
+            "\"root\" \"\"\n\"postgres\" \"\"\n\"outbox_relay\" \"\"\n",
+        )
+        .expect("userlist");
         std::fs::write(
             dir.join("pgbouncer.ini"),
             format!(
@@ -71,7 +78,11 @@ impl PgBouncer {
     }
 
     fn url(&self, db: &TestDb) -> String {
-        format!("postgres://root@127.0.0.1:{}/{}", self.port, db.name)
+        self.url_as("root", db)
+    }
+
+    fn url_as(&self, role: &str, db: &TestDb) -> String {
+        format!("postgres://{role}@127.0.0.1:{}/{}", self.port, db.name)
     }
 }
 
@@ -172,4 +183,72 @@ async fn two_relays_behind_pgbouncer_transaction_pooling() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// `deploy/kubernetes/configmap.yaml`'s `relay.toml`, as shipped.
+fn configmap_toml() -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/configmap.yaml"))
+        .expect("configmap.yaml");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("configmap yaml");
+    doc["data"]["relay.toml"].as_str().expect("data.relay.toml").to_string()
+}
+
+/// The ConfigMap's configuration, behind pgbouncer in transaction pooling
+/// as the least-privilege `outbox_relay` role, with the Secret's variables
+/// (`DATABASE_URL`, `REDIS_URL`). Only the HTTP port is the test's (the
+/// ConfigMap's 0.0.0.0:9464 is per pod). Another session holds ACCESS
+/// EXCLUSIVE on task_outbox for more than two tick deadlines: ticks time
+/// out through pgbouncer, nothing is half-applied, and everything drains
+/// once the lock goes.
+#[tokio::test]
+async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
+    let db = TestDb::new().await;
+    db.url_as("outbox_relay").await;
+    let bouncer = PgBouncer::start().await;
+    let redis = RedisServer::start().await;
+    let dir = scratch_dir("outbox-configmap");
+    let config = dir.join("relay.toml");
+    std::fs::write(&config, configmap_toml()).expect("write relay.toml");
+    seed(&db, 20_000, 10).await;
+    let expected = expected_members(&db).await;
+
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE task_outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let env: Vec<(String, String)> = vec![
+        ("OUTBOX_RELAY_CONFIG".into(), config.display().to_string()),
+        ("DATABASE_URL".into(), bouncer.url_as("outbox_relay", &db)),
+        ("REDIS_URL".into(), redis.url()),
+        ("OUTBOX_RELAY_HTTP__LISTEN".into(), format!("127.0.0.1:{}", free_port())),
+    ];
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let started = relay.records("outbox-relay starting");
+    assert_eq!(started[0]["batch_size"], 1000, "the ConfigMap's batch: {}", started[0]);
+    wait_until("two ticks time out on the lock", Duration::from_secs(60), || async {
+        relay
+            .records("sweep tick failed")
+            .iter()
+            .filter(|r| r["deadline"] == true)
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(relay.is_running(), "the relay survives the lock");
+    lock.rollback().await.expect("release the lock");
+
+    wait_drained(&db, Duration::from_secs(120)).await;
+    assert_all_delivered(&redis.url(), "hover:", &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    for code in ["42P05", "26000", "08P01", "25P02"] {
+        assert!(
+            relay.lines().iter().all(|l| !l.contains(code)),
+            "SQLSTATE {code}: {:#?}",
+            relay.lines()
+        );
+    }
+    relay.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
