@@ -284,6 +284,54 @@ async fn a_nearly_full_master_holds_writes_back() {
     relay.stop().await;
 }
 
+/// Redis's default `cluster-require-full-coverage yes`: once a master
+/// without a replica is found dead, every node answers `CLUSTERDOWN`, so
+/// every entry waits (not only the dead master's), without an attempt
+/// counted or a dead letter, and all is delivered once it is back.
+#[tokio::test]
+async fn stock_full_coverage_stops_the_whole_cluster_without_attempts() {
+    let mut cluster = RedisCluster::start_stock(3, 0).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let js = new_jobs(30);
+    let env = cluster_env(&db, &cluster, &prefix, &[]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    let masters = cluster.masters().expect("cluster topology");
+    let (dead, alive) = (masters[0].port, masters[1].port);
+    cluster.kill(dead);
+    wait_until("the cluster reports itself down", Duration::from_secs(30), || async {
+        common::cluster::cli(alive, &["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:fail"))
+    })
+    .await;
+    let (max_attempts, watcher) = watch_attempts(db.url.clone());
+    produce(&db.client().await, &js, 3_000).await.expect("seed");
+    let t0 = relay.ok_ticks().await;
+    let failed0 = relay.count("sweep tick failed");
+    wait_until("ticks meet the cluster down", Duration::from_secs(60), || async {
+        relay.ok_ticks().await + (relay.count("sweep tick failed") - failed0) as f64 >= t0 + 4.0
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox").await,
+        3_000,
+        "nothing delivered"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert!(relay.is_running());
+
+    cluster.revive(dead).await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+    watcher.abort();
+    assert_eq!(max_attempts.load(Ordering::Relaxed), 0, "no attempt counted");
+    let mut conn = cluster.connection().await;
+    let report = verify_ledger_on(&db, &mut conn, &prefix).await;
+    assert!(report.holds(), "invariant violated: {report:#?}");
+    assert_eq!((report.delivered, report.dead_lettered), (3_000, 0));
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_dead_node_defers_only_its_own_entries() {
     // No replicas: the node's slots stay unserved until it comes back.

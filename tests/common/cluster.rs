@@ -18,6 +18,9 @@ pub struct ClusterNode {
 pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
     dir: PathBuf,
+    /// `cluster-require-full-coverage yes`, Redis's default: the whole
+    /// cluster refuses commands while any slot has no master.
+    full_coverage: bool,
 }
 
 /// A master as the cluster sees it: its port and the slot ranges it owns.
@@ -39,8 +42,22 @@ impl RedisCluster {
     /// killed master fails over within seconds; full coverage is not
     /// required, so the healthy masters keep serving while one is down.
     pub async fn start(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, false).await
+    }
+
+    /// As [`RedisCluster::start`], with Redis's default
+    /// `cluster-require-full-coverage yes`.
+    pub async fn start_stock(masters: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(masters, replicas, true).await
+    }
+
+    async fn start_with(masters: usize, replicas: usize, full_coverage: bool) -> RedisCluster {
         let dir = super::scratch_dir("outbox-cluster");
-        let mut cluster = RedisCluster { nodes: Vec::new(), dir };
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+            full_coverage,
+        };
         for _ in 0..masters * (1 + replicas) {
             let port = free_port();
             let mut node = ClusterNode { port, child: None };
@@ -88,7 +105,10 @@ impl RedisCluster {
                 "no",
             ])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-            .args(["--cluster-require-full-coverage", "no"])
+            .args([
+                "--cluster-require-full-coverage",
+                if self.full_coverage { "yes" } else { "no" },
+            ])
             .arg("--cluster-config-file")
             .arg(self.dir.join(format!("nodes-{port}.conf")))
             .args(super::REDIS_REPLICATION_ARGS)
