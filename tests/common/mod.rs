@@ -1162,6 +1162,15 @@ impl PrivatePostgres {
         format!("postgres://root@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Put `lines` first in `pg_hba.conf` and reload (through `admin`, a
+    /// session that the new rules still let in).
+    pub async fn hba_first(&self, lines: &str, admin: &tokio_postgres::Client) {
+        let path = self.dir.join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+        std::fs::write(&path, format!("{lines}\n{old}")).expect("write pg_hba.conf");
+        admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    }
+
     /// `pg_ctl restart -m fast`: every session is cut, the server comes back.
     pub async fn restart(&self) {
         self.ctl(&["restart"]);
