@@ -2,8 +2,10 @@
 //! the environment a pod of that Deployment gets (the image's `ENV`, the
 //! container's `env` with the Secret's keys filled in, the service-link
 //! variables of the `outbox-relay` Service and of `kubernetes`), and the
-//! ConfigMap's TOML as its config file. It must migrate, drain, answer the
-//! probes the Deployment declares, and stop cleanly on SIGTERM.
+//! ConfigMap's TOML as its config file. The migrate Job runs first as the
+//! tables' owner (`outbox_migrator`, its own Secret) and grants the relay's
+//! role; the pod then drains as `outbox_relay`, answers the probes the
+//! Deployment declares, and stops cleanly on SIGTERM.
 //!
 //! The only liberty taken: the config file lives in a temporary directory
 //! instead of the Deployment's mount path (OUTBOX_RELAY_CONFIG is pointed
@@ -108,23 +110,69 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
     let config_file = dir.join(&key);
     std::fs::write(&config_file, &toml_text).expect("write config");
 
-    // The pod's environment, in kubelet's order (later wins in ours too).
+    // The roles a DBA creates once (secret.yaml says how), and the
+    // Secrets' values: the migrator's and the relay's own credentials.
     let db = TestDb::empty().await;
-    let redis = RedisServer::start().await;
-    let mut env: BTreeMap<String, String> = image_env().into_iter().collect();
-    for e in container["env"].as_sequence().expect("container env") {
-        let name = s(&e["name"]).to_string();
-        let value = if let Some(v) = e["value"].as_str() {
-            v.to_string()
-        } else {
-            match s(&e["valueFrom"]["secretKeyRef"]["key"]) {
-                "DATABASE_URL" => db.url.clone(),
-                "REDIS_URL" => redis.url(),
-                other => panic!("the test does not know Secret key {other}"),
-            }
-        };
-        env.insert(name, value);
+    for role in ["outbox_migrator", "outbox_relay", "outbox_triage"] {
+        db.ensure_role(role).await;
     }
+    db.client()
+        .await
+        .batch_execute("GRANT CREATE, USAGE ON SCHEMA public TO outbox_migrator")
+        .await
+        .expect("grant the migrator CREATE");
+    let redis = RedisServer::start().await;
+    let secret = |name: &str, key: &str| -> String {
+        let declared = find(&docs, "Secret", name);
+        assert!(
+            declared["stringData"][key].is_string(),
+            "Secret {name} declares no {key}"
+        );
+        match (name, key) {
+            ("outbox-relay-migrator", "DATABASE_URL") => db.role_url("outbox_migrator"),
+            ("outbox-relay", "DATABASE_URL") => db.role_url("outbox_relay"),
+            ("outbox-relay", "REDIS_URL") => redis.url(),
+            other => panic!("the test does not know Secret key {other:?}"),
+        }
+    };
+    // A container's environment, in kubelet's order (later wins in ours too).
+    let container_env = |container: &Value| -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = image_env().into_iter().collect();
+        for e in container["env"].as_sequence().expect("container env") {
+            let name = s(&e["name"]).to_string();
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_string(),
+                None => {
+                    let r = &e["valueFrom"]["secretKeyRef"];
+                    secret(s(&r["name"]), s(&r["key"]))
+                }
+            };
+            env.insert(name, value);
+        }
+        env
+    };
+
+    // The migrate Job, as the tables' owner: migrate, then grant.
+    let job = &find(&docs, "Job", "outbox-relay-migrate")["spec"]["template"]["spec"]["containers"][0];
+    let mut job_env = container_env(job);
+    job_env.insert("OUTBOX_RELAY_CONFIG".into(), config_file.display().to_string());
+    let job_env: Vec<(String, String)> = job_env.into_iter().collect();
+    let args: Vec<&str> = job["args"].as_sequence().expect("Job args").iter().map(s).collect();
+    let migrate = relay_command(&args, &job_env).output().expect("run the Job");
+    assert!(
+        migrate.status.success(),
+        "the migrate Job ({args:?}) failed: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_tables WHERE tablename = 'task_outbox' AND tableowner = 'outbox_migrator'")
+            .await,
+        1,
+        "the migrator owns the tables"
+    );
+
+    // The pod of the Deployment, as outbox_relay.
+    let mut env = container_env(container);
     let ports: Vec<(Option<&str>, i64)> = service["spec"]["ports"]
         .as_sequence()
         .expect("Service ports")
@@ -156,15 +204,23 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
         "port {port} is busy: stop whatever listens there (a demo relay?) and re-run"
     );
 
-    let migrate = relay_command(&["migrate"], &env).output().expect("run migrate");
-    assert!(
-        migrate.status.success(),
-        "migrate with the pod's environment failed: {}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
-
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
+    let start = relay.records("outbox-relay starting");
+    assert!(
+        start[0]["database"]
+            .as_str()
+            .is_some_and(|d| d.contains("outbox_relay@")),
+        "the relay runs as outbox_relay: {}",
+        start[0]
+    );
+    assert!(
+        start[0]["schema"]
+            .as_str()
+            .is_some_and(|d| d.ends_with("claim: delete")),
+        "the grants give the fast claim: {}",
+        start[0]
+    );
     seed(&db, 2_000, 5).await;
     let expected = expected_members(&db).await;
     wait_drained(&db, Duration::from_secs(60)).await;

@@ -57,6 +57,10 @@ pub enum Command {
         /// Print what each statement would do (run, or skip and why); change nothing, take no lock.
         #[arg(long)]
         dry_run: bool,
+        /// Then grant the relay's and the triage roles what they need
+        /// (deploy/postgres/roles.sql, built in), as the tables' owner.
+        #[arg(long, conflicts_with = "dry_run")]
+        grant: bool,
     },
     /// Validate the configuration, print it with passwords redacted and
     /// check that Postgres and Redis answer.
@@ -183,8 +187,15 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Run { progress } => {
             block_on(crate::app::run(cfg, log.clone(), RunOptions { progress })).map_err(RelayError::Run)
         }
-        Command::Migrate { dry_run } => block_on(async {
+        Command::Migrate { dry_run, grant } => block_on(async {
             let report = db::migrate::apply(&cfg.database.url, STARTUP_TIMEOUT, dry_run, &log).await?;
+            if grant {
+                db::migrate::grant(&cfg.database.url, STARTUP_TIMEOUT).await?;
+                info!(
+                    log,
+                    "granted deploy/postgres/roles.sql to outbox_relay and outbox_triage"
+                );
+            }
             if dry_run {
                 for v in &report.already_applied {
                     println!("migration {v}: already applied");

@@ -61,6 +61,21 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// `deploy/postgres/roles.sql`: every privilege of `outbox_relay` and
+/// `outbox_triage`, granted by the tables' owner (`migrate --grant`).
+pub const ROLES_SQL: &str = include_str!("../../deploy/postgres/roles.sql");
+
+/// `migrate --grant`, after the migrations: grant [`ROLES_SQL`] in one
+/// transaction, as the role of `url` (the tables' owner, `outbox_migrator`
+/// in the shipped Job). Idempotent, like the migrations.
+pub async fn grant(url: &str, timeout: Duration) -> Result<(), MigrateError> {
+    let mut client = connect(url, timeout).await?;
+    let failed = |e: tokio_postgres::Error| MigrateError::Grant(pg_error_text(&e));
+    let tx = client.transaction().await.map_err(failed)?;
+    tx.batch_execute(ROLES_SQL).await.map_err(failed)?;
+    tx.commit().await.map_err(failed)
+}
+
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
 const MIGRATE_LOCK_KEY: i64 = 0x6f75_7462_6f78; // "outbox"
 
@@ -76,6 +91,9 @@ pub enum MigrateError {
     },
     #[error("migration bookkeeping failed: {0}")]
     Bookkeeping(String),
+    /// `migrate --grant`: `deploy/postgres/roles.sql` failed as a whole.
+    #[error("granting deploy/postgres/roles.sql failed: {0} (the roles outbox_relay and outbox_triage must exist, and the tables belong to this role)")]
+    Grant(String),
     #[error("migration {version} ({name}) was applied with different contents (checksum {applied}, this binary has {embedded}); migrations must never be edited after they ship")]
     Diverged {
         version: i32,
