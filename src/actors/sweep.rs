@@ -36,7 +36,7 @@ use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::schema::{ClaimMode, Schema};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::{Deadline, Expired};
-use crate::domain::{encode_rows, settle, EntryOutcome, RetryPolicy, RowOutcome};
+use crate::domain::{encode_rows, settle, ClaimLimit, EntryOutcome, RetryPolicy, RowOutcome};
 use crate::redis::pipeline::DispatchError;
 use crate::telemetry::health::ActorHealth;
 use crate::telemetry::logging::Throttle;
@@ -53,6 +53,9 @@ pub struct SweepSettings {
     pub database_url: String,
     pub pool_size: u32,
     pub batch_size: u32,
+    /// `sweep.max_batch_bytes`: what one tick may claim (see
+    /// [`ClaimLimit`]).
+    pub max_batch_bytes: u64,
     pub interval: Duration,
     pub tick_timeout: Duration,
     pub key_prefix: String,
@@ -178,6 +181,11 @@ pub struct Stop;
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TickReport {
     pub claimed: usize,
+    /// The most rows the claim could take ([`ClaimLimit`]): as many
+    /// claimed is a full batch.
+    pub limit: usize,
+    /// The largest claimed row ([`crate::domain::OutboxRow::bytes`]).
+    pub max_row_bytes: u64,
     pub delivered: usize,
     pub retried: usize,
     pub dead_lettered: usize,
@@ -276,7 +284,7 @@ pub async fn run_tick(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    (from, skip_paused): (Option<ClaimCursor>, bool),
+    (from, skip_paused, rows): (Option<ClaimCursor>, bool, u32),
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let claim_started = std::time::Instant::now();
@@ -290,7 +298,7 @@ pub async fn run_tick(
         dispatch,
         settings,
         lane,
-        (from, skip_paused),
+        (from, skip_paused, rows),
         deadline,
         claim_started,
     )
@@ -312,13 +320,13 @@ async fn tick_on(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    (from, skip_paused): (Option<ClaimCursor>, bool),
+    (from, skip_paused, rows): (Option<ClaimCursor>, bool, u32),
     deadline: Deadline,
     claim_started: std::time::Instant,
 ) -> Result<TickReport, TickError> {
     let (limit, order) = match lane {
-        Lane::Drain => (i64::from(settings.batch_size), ClaimOrder::Oldest),
-        Lane::Fresh => (i64::from(settings.batch_size.min(FRESH_BATCH)), ClaimOrder::Newest),
+        Lane::Drain => (i64::from(rows), ClaimOrder::Oldest),
+        Lane::Fresh => (i64::from(rows.min(FRESH_BATCH)), ClaimOrder::Newest),
     };
     let mode = &settings.claim_fallback.mode(&settings.schema.claim);
     let delete_claim = *mode == ClaimMode::Delete;
@@ -394,6 +402,8 @@ async fn tick_on(
     let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
         claimed: claimed.rows.len(),
+        limit: limit as usize,
+        max_row_bytes: claimed.max_row_bytes,
         cursor: claimed.cursor,
         pauses_seen: !scopes.is_empty(),
         ..TickReport::default()
@@ -590,6 +600,9 @@ pub struct SweepActor {
     /// Ticks running now (at most `sweep.concurrency`), published so that
     /// `Stop` can wait for all of them.
     in_flight: tokio::sync::watch::Sender<usize>,
+    /// Rows the next claim may take (`sweep.batch_size`, fewer for large
+    /// rows); starts slow after every (re)start.
+    claim_limit: ClaimLimit,
     /// Pending `sweep.interval` waits, one per idle lane; a [`Wake`] cancels one.
     idle_timers: Vec<SpawnHandle>,
     /// A [`Wake`] arrived while every lane was busy.
@@ -638,6 +651,7 @@ impl SweepActor {
     ) -> Self {
         SweepActor {
             wake_pending,
+            claim_limit: ClaimLimit::new(settings.batch_size, settings.max_batch_bytes),
             core: Core::new(health, supervision, settings.error_budget, log),
             settings,
             dispatch,
@@ -774,8 +788,9 @@ impl SweepActor {
         let mut fresh_full = false;
         let pace = match result {
             Ok(report) => {
-                fresh_full =
-                    lane == Lane::Fresh && report.claimed >= self.settings.batch_size.min(FRESH_BATCH) as usize;
+                fresh_full = lane == Lane::Fresh && report.claimed >= report.limit;
+                self.claim_limit
+                    .observe(report.claimed as u32, report.limit as u32, report.max_row_bytes);
                 self.core.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
@@ -788,7 +803,7 @@ impl SweepActor {
                     // every FULL_SCAN_EVERY anyway.
                     self.cursor = report.cursor.or(self.cursor);
                 }
-                if report.claimed == self.settings.batch_size as usize
+                if report.claimed >= report.limit
                     && report.redis_unavailable.is_none()
                     && report.back_pressure.is_none()
                     // Rows Redis refused are postponed; keep draining as
@@ -956,6 +971,7 @@ impl SweepActor {
         self.next_tick += 1;
         self.running.push((number, lane, msg.deadline));
         let skip_paused = self.pauses_seen;
+        let rows = self.claim_limit.rows();
         let from = match (lane, self.cursor) {
             (Lane::Fresh, _) => None,
             (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < FULL_SCAN_EVERY => Some(c),
@@ -969,7 +985,15 @@ impl SweepActor {
                 // A tick that never ends (test-only): the watchdog's case.
                 std::future::pending::<()>().await;
             }
-            run_tick(&pool, &dispatch, &settings, lane, (from, skip_paused), msg.deadline).await
+            run_tick(
+                &pool,
+                &dispatch,
+                &settings,
+                lane,
+                (from, skip_paused, rows),
+                msg.deadline,
+            )
+            .await
         };
         // Spawned, not awaited: other lanes, wake-ups and Stop are handled
         // while this tick runs.
@@ -1011,6 +1035,7 @@ impl Lifecycle for SweepActor {
         // tick that was in flight was dropped with its transaction, which
         // rolls it back.
         self.pool = None;
+        self.claim_limit = ClaimLimit::new(self.settings.batch_size, self.settings.max_batch_bytes);
         self.idle_timers.clear();
         self.woken = false;
         self.fresh_in_flight = false;

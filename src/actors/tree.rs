@@ -168,6 +168,7 @@ pub fn start(
         database_url: cfg.database.url.clone(),
         pool_size: cfg.database.pool_size,
         batch_size: cfg.sweep.batch_size,
+        max_batch_bytes: cfg.sweep.max_batch_bytes,
         interval: cfg.sweep.interval.0,
         tick_timeout: cfg.sweep.tick_timeout.0,
         key_prefix: cfg.redis.key_prefix.clone(),

@@ -177,6 +177,11 @@ pub struct SweepConfig {
     pub interval: Dur,
     /// Rows claimed per tick (and ZADDs per pipeline).
     pub batch_size: u32,
+    /// What one tick may claim in bytes (its rows' text fields, plus 128 a
+    /// row): a tick holds its rows several times over (the reply, the
+    /// members, the pipeline), so large rows (50 KB paths) are claimed
+    /// fewer at a time and the relay stays inside its memory limit.
+    pub max_batch_bytes: u64,
     /// The tick's deadline; also its statement and idle-in-transaction timeout.
     pub tick_timeout: Dur,
     /// First retry delay; doubles with every failed attempt.
@@ -212,6 +217,10 @@ impl Default for SweepConfig {
             // while the other is in Redis) drain at about the 1-connection
             // floor, with live rows still served first by the fresh lane.
             batch_size: 1000,
+            // 2 MiB: a normal batch (1000 rows of a few hundred bytes) is a
+            // tenth of it; with two ticks in flight a batch of large rows
+            // keeps the relay well inside the Deployment's 64 MiB.
+            max_batch_bytes: 2 * 1024 * 1024,
             tick_timeout: Dur::secs(5),
             base_backoff: Dur::secs(2),
             max_backoff: Dur::secs(300),
@@ -599,6 +608,17 @@ mod tests {
         assert!(p[0].message.contains("negative"));
         let p = problems("", &[("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "lots")]);
         assert!(p[0].key.starts_with("sweep.batch_size"));
+    }
+
+    #[test]
+    fn the_byte_budget_of_a_tick_is_bounded_both_ways() {
+        for bad in ["1000", "2000000000"] {
+            let p = problems(&format!("[sweep]\nmax_batch_bytes = {bad}"), &[]);
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(p[0].key, "sweep.max_batch_bytes");
+        }
+        let env = [("OUTBOX_RELAY_SWEEP__MAX_BATCH_BYTES", "65536")];
+        assert_eq!(load("", &env).expect("valid").sweep.max_batch_bytes, 65_536);
     }
 
     #[test]

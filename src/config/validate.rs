@@ -156,6 +156,12 @@ impl Config {
                 format!("must be between 1 and 100000 (got {})", s.batch_size),
             );
         }
+        if !(65_536..=1 << 30).contains(&s.max_batch_bytes) {
+            bad(
+                "sweep.max_batch_bytes",
+                format!("must be between 65536 and 1073741824 (got {})", s.max_batch_bytes),
+            );
+        }
         if s.tick_timeout.0 < Duration::from_millis(10) {
             bad(
                 "sweep.tick_timeout",

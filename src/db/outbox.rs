@@ -155,6 +155,9 @@ pub struct Claimed {
     /// The greatest (run_at, id) claimed, for an oldest-first claim (a
     /// delete claim returns rows in no particular order).
     pub cursor: Option<ClaimCursor>,
+    /// The largest [`OutboxRow::bytes`] claimed: what the next claim's row
+    /// limit is sized by ([`crate::domain::ClaimLimit`]).
+    pub max_row_bytes: u64,
 }
 
 /// Milliseconds since the Unix epoch, rounded down (what
@@ -208,6 +211,7 @@ pub async fn claim_due(
         rows: Vec::with_capacity(rows.len()),
         stored_at: Vec::with_capacity(rows.len()),
         cursor: None,
+        max_row_bytes: 0,
     };
     for r in &rows {
         let run_at: PgTime = r.try_get(13)?;
@@ -237,6 +241,7 @@ pub async fn claim_due(
             let key = ClaimCursor { run_at, id: row.id };
             claimed.cursor = Some(claimed.cursor.map_or(key, |c| c.max(key)));
         }
+        claimed.max_row_bytes = claimed.max_row_bytes.max(row.bytes());
         claimed.rows.push(row);
         claimed.stored_at.push((run_at, created_at));
     }

@@ -50,3 +50,19 @@ impl OutboxRow {
         }
     }
 }
+
+impl OutboxRow {
+    /// What the row weighs against `sweep.max_batch_bytes`: its text
+    /// fields, and 128 for the rest. A tick holds each row several times
+    /// over (the database's reply, the member, the pipeline).
+    pub fn bytes(&self) -> u64 {
+        (self.task_id.len()
+            + self.job_id.len()
+            + self.host.len()
+            + self.path.len()
+            + self.source_type.len()
+            + self.source_url.len()
+            + self.task_type.len()
+            + 128) as u64
+    }
+}
