@@ -165,7 +165,7 @@ pub async fn sync_counters(
         Ok(r) => r.map_err(|e| SyncError::Query(e.text()))?,
         Err(expired) => {
             // Stop the statement on the server too, not just our wait for it.
-            crate::db::cancel_bounded(cancel).await;
+            pg.cancel(cancel).await;
             conn.discard();
             return Err(expired.into());
         }

@@ -85,7 +85,7 @@ pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> 
     let result = purge_on(&mut conn, retention, deadline).await;
     if matches!(result, Err(PurgeError::Deadline(_))) {
         // Stop the statement on the server too, not just our wait for it.
-        crate::db::cancel_bounded(cancel).await;
+        pg.cancel(cancel).await;
         conn.discard();
     }
     result

@@ -92,7 +92,7 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
         let row = match deadline.run("postgres backlog probe", read).await {
             Ok(r) => r?,
             Err(expired) => {
-                crate::db::cancel_bounded(cancel).await;
+                pg.cancel(cancel).await;
                 conn.discard();
                 return Err(expired.to_string());
             }

@@ -307,7 +307,7 @@ pub async fn run_tick(
         // The transaction was dropped (its ROLLBACK is queued behind the
         // statement); cancel the statement itself. Bounded: a server that
         // does not answer a cancel is not waited for.
-        db::cancel_bounded(cancel).await;
+        pg.cancel(cancel).await;
         // Its state is unknown (a ROLLBACK queued, the cancel maybe landing
         // later): never hand it to the next tick.
         conn.discard();

@@ -95,6 +95,8 @@ impl bb8::ManageConnection for PgManager {
 pub struct Pg {
     pub pool: PgPool,
     pub last_error: LastError,
+    /// See [`cancel_route`].
+    cancel_to: Option<(String, u16)>,
 }
 
 /// Why a connection could not be taken from a [`Pg`] pool.
@@ -107,7 +109,38 @@ pub enum CheckoutError {
     Pool(String),
 }
 
+/// How long a request to cancel a statement (after its deadline) may take:
+/// a server that does not answer the cancel (frozen, partitioned) is not
+/// waited for.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(1);
+
 impl Pg {
+    /// Ask the server to cancel the statement running on the connection of
+    /// `token`, waiting at most [`CANCEL_WAIT`]. After a deadline the wait
+    /// for the statement was dropped, but the statement itself (and the
+    /// locks it holds) lives on until its own `statement_timeout` unless
+    /// cancelled. Sent as libpq sends it: the request, then a wait for the
+    /// other side to close (see [`NoShutdown`]).
+    pub async fn cancel(&self, token: tokio_postgres::CancelToken) {
+        let send = async {
+            match &self.cancel_to {
+                Some((host, port)) => {
+                    use tokio::io::AsyncReadExt;
+                    let mut sock = tokio::net::TcpStream::connect((host.as_str(), *port)).await.ok()?;
+                    token
+                        .cancel_query_raw(NoShutdown(&mut sock), tokio_postgres::NoTls)
+                        .await
+                        .ok()?;
+                    let mut buf = [0u8; 64];
+                    while sock.read(&mut buf).await.ok()? > 0 {}
+                    Some(())
+                }
+                None => token.cancel_query(tls::connector()).await.ok(),
+            }
+        };
+        let _ = tokio::time::timeout(CANCEL_WAIT, send).await;
+    }
+
     /// A connection before `deadline`; a failure names its cause.
     pub async fn checkout(&self, deadline: Deadline) -> Result<bb8::PooledConnection<'_, PgManager>, CheckoutError> {
         match deadline.run("postgres pool get", self.pool.get()).await? {
@@ -120,17 +153,63 @@ impl Pg {
     }
 }
 
-/// How long a request to cancel a statement (after its deadline) may take:
-/// a server that does not answer the cancel (frozen, partitioned) is not
-/// waited for.
-pub const CANCEL_WAIT: Duration = Duration::from_secs(1);
+/// Where a pool's cancel requests go when they can be sent the way libpq
+/// sends them (see [`Pg::cancel`]): the one TCP host of a URL without TLS.
+/// None: a URL with several hosts, a socket path or `sslmode`, whose
+/// cancels go through tokio-postgres's own `cancel_query`.
+fn cancel_route(url: &str) -> Option<(String, u16)> {
+    if crate::tls::names_sslmode(url) {
+        return None;
+    }
+    let cfg = tokio_postgres::Config::from_str(url).ok()?;
+    match (cfg.get_hosts(), cfg.get_ports()) {
+        ([tokio_postgres::config::Host::Tcp(host)], ports) if ports.len() <= 1 => {
+            Some((host.clone(), ports.first().copied().unwrap_or(5432)))
+        }
+        _ => None,
+    }
+}
 
-/// Ask the server to cancel the statement running on the connection of
-/// `token`, waiting at most [`CANCEL_WAIT`]. After a deadline the wait for
-/// the statement was dropped, but the statement itself (and the locks it
-/// holds) lives on until its own `statement_timeout` unless cancelled.
-pub async fn cancel_bounded(token: tokio_postgres::CancelToken) {
-    let _ = tokio::time::timeout(CANCEL_WAIT, token.cancel_query(tls::connector())).await;
+/// A stream whose shutdown does nothing: tokio-postgres half-closes a
+/// cancel request's connection right after sending it, and pgbouncer 1.18
+/// (Debian bookworm's) takes a client gone before it has forwarded the
+/// cancel for an error and dies (`FATAL … disconnect_client(): bad client
+/// state`, seen in `tests/pgbouncer.rs`), taking every client with it.
+/// libpq instead waits for the other side to close; so do we.
+struct NoShutdown<'a>(&'a mut tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for NoShutdown<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for NoShutdown<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 /// Name the relay's sessions carry in `pg_stat_activity`.
@@ -200,7 +279,11 @@ pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSe
         .test_on_check_out(false)
         .error_sink(Box::new(last_error.clone()))
         .build_unchecked(manager);
-    Ok(Pg { pool, last_error })
+    Ok(Pg {
+        pool,
+        last_error,
+        cancel_to: cancel_route(url),
+    })
 }
 
 /// Open one direct connection (not pooled); the connection task runs on the
