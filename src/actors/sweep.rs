@@ -324,6 +324,22 @@ async fn tick_on(
     deadline: Deadline,
     claim_started: std::time::Instant,
 ) -> Result<TickReport, TickError> {
+    // The first tick since a (re)start sizes itself by the rows due.
+    let (rows, probed) = if rows == 0 {
+        let largest = deadline
+            .run(
+                "postgres size probe",
+                outbox::largest_due_row(conn, i64::from(settings.batch_size)),
+            )
+            .await?
+            .map_err(TickError::db("postgres size probe"))?;
+        (
+            ClaimLimit::first(settings.batch_size, settings.max_batch_bytes, largest),
+            largest,
+        )
+    } else {
+        (rows, 0)
+    };
     let (limit, order) = match lane {
         Lane::Drain => (i64::from(rows), ClaimOrder::Oldest),
         Lane::Fresh => (i64::from(rows.min(FRESH_BATCH)), ClaimOrder::Newest),
@@ -403,7 +419,7 @@ async fn tick_on(
     let mut report = TickReport {
         claimed: claimed.rows.len(),
         limit: limit as usize,
-        max_row_bytes: claimed.max_row_bytes,
+        max_row_bytes: claimed.max_row_bytes.max(probed),
         cursor: claimed.cursor,
         pauses_seen: !scopes.is_empty(),
         ..TickReport::default()

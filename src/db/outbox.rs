@@ -56,6 +56,22 @@ const NEWEST_BOUND: &str = "
     AND id > (SELECT COALESCE(pg_sequence_last_value(pg_get_serial_sequence('task_outbox', 'id')::regclass), 0)
                      - 20000)";
 
+/// The largest of the first `limit` due rows by [`OutboxRow::bytes`] (0:
+/// none due): what a relay's first claim after a start is sized by. Reads
+/// sizes only (`octet_length` of a TOASTed value does not fetch it).
+pub async fn largest_due_row(client: &tokio_postgres::Client, limit: i64) -> Result<u64, tokio_postgres::Error> {
+    let row = client
+        .query_typed_one(
+            "SELECT COALESCE(max(octet_length(task_id::text) + octet_length(job_id::text) + octet_length(host)
+                                + octet_length(path) + octet_length(source_type) + octet_length(source_url)
+                                + octet_length(task_type) + 128), 0)::int8
+               FROM (SELECT * FROM task_outbox WHERE run_at <= now() ORDER BY run_at, id LIMIT $1) due",
+            &[(&limit, Type::INT8)],
+        )
+        .await?;
+    Ok(row.try_get::<_, i64>(0)?.max(0) as u64)
+}
+
 /// The claim statement for a mode, an order, whether it resumes at a
 /// cursor (`$2`, `$3`) and whether it skips paused jobs. `$1` is the limit.
 pub fn claim_sql(mode: &ClaimMode, order: ClaimOrder, from: bool, skip_paused: bool) -> String {
