@@ -31,15 +31,23 @@ fn refused_total(metrics: &str) -> f64 {
 /// Drive a relay against `relay_redis` until every row has been refused
 /// several times its attempt budget, check nothing was charged, `fix`, and
 /// check everything arrives in the schedules of the server at `server_url`.
-async fn refused_until_fixed<F, Fut>(relay_redis: String, server_url: String, error_text: &str, fix: F)
-where
+/// The rows are produced once the relay runs and `breaks` has run (a
+/// refusal that starts while the relay runs: one present at start may be
+/// refused by `run`'s own checks, see `tests/redis_acl.rs`).
+async fn refused_until_fixed<B, BFut, F, Fut>(
+    relay_redis: String,
+    server_url: String,
+    error_text: &str,
+    breaks: B,
+    fix: F,
+) where
+    B: FnOnce() -> BFut,
+    BFut: std::future::Future<Output = ()>,
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let db = TestDb::new().await;
     let prefix = key_prefix();
-    seed(&db, ROWS, 3).await;
-    let expected = expected_members(&db).await;
     let mut relay = RelayProcess::spawn(&relay_env(
         &db,
         &relay_redis,
@@ -51,6 +59,9 @@ where
         ],
     ));
     relay.wait_started().await;
+    breaks().await;
+    seed(&db, ROWS, 3).await;
+    let expected = expected_members(&db).await;
 
     // Every row refused at least 5 times on average: 2 would have
     // dead-lettered all of them when refusals counted as attempts.
@@ -115,12 +126,18 @@ async fn a_renamed_zadd_postpones_rows_without_counting_attempts() {
     let mut server = RedisServer::start_with_args(&["--rename-command", "ZADD", "ZADD_hidden_7f3a"]).await;
     let url = server.url();
     // Inside the fence script Redis words it "Unknown Redis command called from script".
-    refused_until_fixed(url.clone(), url, "Unknown Redis command", || async {
-        // The fix: the same server without the rename.
-        server.stop();
-        server.extra_args.clear();
-        server.resume().await;
-    })
+    refused_until_fixed(
+        url.clone(),
+        url,
+        "Unknown Redis command",
+        || async {},
+        || async {
+            // The fix: the same server without the rename.
+            server.stop();
+            server.extra_args.clear();
+            server.resume().await;
+        },
+    )
     .await;
 }
 
@@ -142,11 +159,29 @@ async fn an_acl_user_without_zadd_postpones_rows_without_counting_attempts() {
         .await
         .expect("ACL SETUSER");
     let relay_url = format!("redis://{user}:s3cret-pw@127.0.0.1:{}/0", server.port);
-    // Inside the fence script Redis reports the ACL refusal as
-    // "ERR The user executing the script can't run this command".
-    refused_until_fixed(relay_url, server.url(), "can't run this command", || async {
-        let _: () = acl(&["+zadd"]).query_async(&mut admin).await.expect("grant zadd");
-    })
+    // At start the missing command is named, and the relay does not run.
+    let db = TestDb::new().await;
+    let env = relay_env(&db, &relay_url, &key_prefix(), &[]);
+    let o = relay_command(&["run"], &env).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("+zadd"), "{err}");
+    // Revoked while the relay runs: refused entries are postponed. Inside
+    // the fence script Redis reports the ACL refusal as "ERR The user
+    // executing the script can't run this command".
+    let _: () = acl(&["+zadd"]).query_async(&mut admin).await.expect("grant zadd");
+    let mut revoker = redis_conn(&server.url()).await;
+    refused_until_fixed(
+        relay_url,
+        server.url(),
+        "can't run this command",
+        || async move {
+            let _: () = acl(&["-zadd"]).query_async(&mut revoker).await.expect("revoke zadd");
+        },
+        || async {
+            let _: () = acl(&["+zadd"]).query_async(&mut admin).await.expect("grant zadd");
+        },
+    )
     .await;
 }
 
@@ -155,8 +190,14 @@ async fn a_proxys_own_error_postpones_rows_without_counting_attempts() {
     let server = RedisServer::start().await;
     let proxy = RespProxy::start(server.port).await;
     proxy.refuse(true);
-    refused_until_fixed(proxy.url(), server.url(), "proxy refused", || async {
-        proxy.refuse(false);
-    })
+    refused_until_fixed(
+        proxy.url(),
+        server.url(),
+        "proxy refused",
+        || async {},
+        || async {
+            proxy.refuse(false);
+        },
+    )
     .await;
 }
