@@ -30,6 +30,9 @@ async fn two_relays_share_one_backlog() {
             .lines()
             .into_iter()
             .filter(|l| l.contains("\"level\":\"warn\"") || l.contains("\"level\":\"error\""))
+            // The shared Redis of the test machine keeps nothing on disk:
+            // that start-up warning is true, and not this test's subject.
+            .filter(|l| !l.contains("redis may lose delivered entries on a restart"))
             .collect();
         assert!(problems.is_empty(), "unexpected warnings: {problems:#?}");
         assert!(relay.count("sweep tick settled") > 0, "both relays took part");
