@@ -7,6 +7,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
+# migrate --grant applies roles.sql, built into the binary.
+COPY deploy/postgres/roles.sql deploy/postgres/roles.sql
 COPY config config
 # Crates and compiled dependencies stay in cache mounts between builds
 # (BuildKit and buildah both keep them); none of it reaches the image.
