@@ -60,6 +60,7 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
         "database" => redact_url(&cfg.database.url),
         "redis" => redact_url(&cfg.redis.url),
         "key_prefix" => &cfg.redis.key_prefix,
+        "listen" => cfg.database.listen_target().map_or_else(|| "off".to_string(), redact_url),
         "batch_size" => cfg.sweep.batch_size,
         "schema" => schema.describe(),
         "tick_timeout_ms" => cfg.sweep.tick_timeout.0.as_millis() as u64);

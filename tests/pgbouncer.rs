@@ -179,6 +179,9 @@ async fn two_relays_behind_pgbouncer_transaction_pooling() {
             })
             .collect();
         assert!(bad.is_empty(), "prepared-statement errors behind pgbouncer: {bad:#?}");
+        // relay_env listens on the direct URL: heard end to end.
+        assert_eq!(relay.metric("outbox_relay_listen_active", &[]).await, Some(1.0));
+        assert!(relay.records("LISTEN hears nothing").is_empty());
         assert!(relay.count("sweep tick settled") > 0);
     }
     a.stop().await;
@@ -227,6 +230,21 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     relay.wait_started().await;
     let started = relay.records("outbox-relay starting");
     assert_eq!(started[0]["batch_size"], 1000, "the ConfigMap's batch: {}", started[0]);
+    // The ConfigMap listens through DATABASE_URL ("auto"), here pgbouncer in
+    // transaction pooling, where LISTEN hears nothing: one warning naming
+    // the fix, the gauge at 0, polling (the drain below).
+    wait_until("the deaf listener is reported", Duration::from_secs(30), || async {
+        !relay.records("LISTEN hears nothing").is_empty()
+    })
+    .await;
+    let deaf = relay.records("LISTEN hears nothing");
+    assert_eq!(deaf[0]["level"], "warn");
+    assert!(
+        deaf[0]["fix"].as_str().is_some_and(|f| f.contains("database.listen_url")),
+        "{}",
+        deaf[0]
+    );
+    assert_eq!(relay.metric("outbox_relay_listen_active", &[]).await, Some(0.0));
     wait_until("two ticks time out on the lock", Duration::from_secs(60), || async {
         relay
             .records("sweep tick failed")
@@ -242,6 +260,21 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     wait_drained(&db, Duration::from_secs(120)).await;
     assert_all_delivered(&redis.url(), "hover:", &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(relay.records("LISTEN hears nothing").len(), 1, "one warning, not one per check");
+    // check-config and status say so too, with the fix.
+    for (args, want) in [
+        (&["check-config"][..], "# postgres: listen: deaf:"),
+        (&["status"][..], "listen (new rows wake): deaf:"),
+    ] {
+        let out = relay_command(args, &env).output().expect("run the CLI");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.starts_with(want));
+        assert!(
+            line.is_some_and(|l| l.contains("database.listen_url")),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     for code in ["42P05", "26000", "08P01", "25P02"] {
         assert!(
             relay.lines().iter().all(|l| !l.contains(code)),

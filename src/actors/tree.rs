@@ -9,7 +9,7 @@
 //! - `SweepActor`: the tick, talking to the two others only through messages;
 //! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`;
 //! - `MetricsActor`: probes behind the Prometheus gauges;
-//! - the LISTEN task (when `database.listen_url` is set), which wakes the sweep.
+//! - the LISTEN task (unless `database.listen_url` is `"off"`), which wakes the sweep.
 //!
 //! Adding an actor: its file implements [`super::lifecycle::Lifecycle`];
 //! give it an [`ActorHealth`] in [`Healths`] and start it in [`start`].
@@ -48,7 +48,7 @@ pub struct Relay {
     pub health: Arc<Vec<Arc<ActorHealth>>>,
     dispatch_arbiter: Arbiter,
     reporter: actix_rt::task::JoinHandle<()>,
-    /// The LISTEN task, when `database.listen_url` is set.
+    /// The LISTEN task, unless `database.listen_url` is `"off"`.
     listener: Option<actix_rt::task::JoinHandle<()>>,
     /// Set once shutdown begins: the watchdog stops (stopping actors go quiet).
     stopping: Arc<AtomicBool>,
@@ -227,10 +227,12 @@ pub fn start(
         MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log)
     });
 
-    let listener = (!cfg.database.listen_url.is_empty()).then(|| {
+    metrics.listen_active.set(0);
+    let listener = crate::db::listen::ListenTarget::of(&cfg.database).map(|target| {
         let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
         actix_rt::spawn(crate::db::listen::listen(
-            cfg.database.listen_url.clone(),
+            target,
+            metrics.listen_active.clone(),
             move || waker.wake(),
             log.new(slog::o!("actor" => "SweepActor")),
         ))

@@ -127,6 +127,11 @@ pub struct Status {
     pub schedules: Option<Vec<Schedule>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_error: Option<String>,
+    /// This configuration's listener checked end to end as `run` checks it:
+    /// `active`, `deaf` (new rows wait for the next poll), `off` or `failed`.
+    pub listen: String,
+    /// The check's one line (what it found, and the fix when deaf).
+    pub listen_detail: String,
 }
 
 #[derive(Debug, Serialize, Clone, PartialEq)]
@@ -207,6 +212,9 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
     let mut st = tokio::time::timeout(STATUS_TIMEOUT, read)
         .await
         .map_err(|_| stalled())??;
+    let hearing = crate::db::listen::check(crate::db::listen::ListenTarget::of(&cfg.database)).await;
+    st.listen = hearing.word().to_string();
+    st.listen_detail = hearing.describe();
     let redis: Result<Vec<Schedule>, String> = async {
         let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
             .await
@@ -248,6 +256,7 @@ fn print_status(st: &Status, prefix: &str) {
         println!("set aside:              0");
     }
     println!("dead letters:           {}", st.dead_letters);
+    println!("listen (new rows wake): {}", st.listen_detail);
     if st.paused.is_empty() {
         println!("paused:                 no");
     }

@@ -246,6 +246,8 @@ pub fn execute(cli: Cli) -> ExitCode {
                     } else {
                         println!("# postgres: the role holds every privilege `run` requires");
                     }
+                    let hearing = db::listen::check(db::listen::ListenTarget::of(&cfg.database)).await;
+                    println!("# postgres: listen: {}", hearing.describe());
                     let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
                     println!("# redis: reachable (PING {}µs)", rtt.as_micros());
                     let optional = crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await?;

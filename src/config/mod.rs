@@ -93,7 +93,9 @@ pub struct DatabaseConfig {
     /// Never use named prepared statements (pgbouncer transaction pooling).
     /// The relay currently uses unnamed statements in both modes.
     pub pgbouncer_compat: bool,
-    /// Direct (non-pgbouncer) URL for LISTEN/NOTIFY; empty means poll only.
+    /// Where to LISTEN for new rows: `"auto"` (the default) listens through
+    /// `url`'s server; a URL listens there (a direct one when `url` goes
+    /// through pgbouncer); `"off"` or `""` polls every `sweep.interval` only.
     pub listen_url: String,
     /// PEM file of the CA(s) that signed the server's certificate. Set, every
     /// TLS connection (`sslmode=require|prefer` in the URL) checks the
@@ -102,13 +104,34 @@ pub struct DatabaseConfig {
     pub tls_ca_file: String,
 }
 
+/// `database.listen_url`'s default: listen through `database.url`'s server.
+pub const LISTEN_AUTO: &str = "auto";
+
+impl DatabaseConfig {
+    /// The URL the relay LISTENs on, or `None` when it only polls
+    /// (`listen_url` is `"off"` or `""`, the latter its meaning before
+    /// `"auto"` became the default).
+    pub fn listen_target(&self) -> Option<&str> {
+        match self.listen_url.trim() {
+            "" | "off" => None,
+            LISTEN_AUTO => Some(&self.url),
+            url => Some(url),
+        }
+    }
+
+    /// `listen_url` holds a keyword (`"auto"`, `"off"`, `""`), not a URL.
+    pub fn listen_keyword(&self) -> bool {
+        matches!(self.listen_url.trim(), "" | "off" | LISTEN_AUTO)
+    }
+}
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "postgres://root@127.0.0.1:5432/test".into(),
             pool_size: 4,
             pgbouncer_compat: true,
-            listen_url: String::new(),
+            listen_url: LISTEN_AUTO.into(),
             tls_ca_file: String::new(),
         }
     }
@@ -420,7 +443,9 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
         c.database.url = redact_url(&c.database.url);
-        c.database.listen_url = redact_url(&c.database.listen_url);
+        if !c.database.listen_keyword() {
+            c.database.listen_url = redact_url(&c.database.listen_url);
+        }
         c.redis.url = redact_url(&c.redis.url);
         c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -439,6 +464,25 @@ mod tests {
             Some(toml),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn listen_defaults_to_database_url_and_off_or_empty_polls() {
+        let c = load("", &[("OUTBOX_RELAY_DATABASE__URL", "postgres://u@db:5432/x")]).expect("defaults");
+        assert_eq!(c.database.listen_url, "auto");
+        assert_eq!(c.database.listen_target(), Some("postgres://u@db:5432/x"));
+        for off in ["off", "", " off "] {
+            let c = load(&format!("[database]\nlisten_url = {off:?}\n"), &[]).expect("off");
+            assert_eq!(c.database.listen_target(), None, "{off:?}");
+        }
+        let c = load("[database]\nlisten_url = \"postgres://u:pw@direct:5432/x\"\n", &[]).expect("a URL");
+        assert_eq!(c.database.listen_target(), Some("postgres://u:pw@direct:5432/x"));
+        assert!(!c.to_redacted_toml().contains("pw@"), "a listen URL's password is redacted");
+        let c = load("", &[]).expect("defaults");
+        assert!(c.to_redacted_toml().contains("listen_url = \"auto\""), "{}", c.to_redacted_toml());
+        let bad = load("[database]\nlisten_url = \"autoo\"\n", &[]).expect_err("a typo");
+        let text = bad.to_string();
+        assert!(text.contains("database.listen_url") && text.contains("\"auto\""), "{text}");
     }
 
     fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<Problem> {

@@ -34,9 +34,12 @@ impl Config {
         if let Err(e) = check_pg_url(&self.database.url) {
             bad("database.url", e);
         }
-        if !self.database.listen_url.is_empty() {
+        if !self.database.listen_keyword() {
             if let Err(e) = check_pg_url(&self.database.listen_url) {
-                bad("database.listen_url", e);
+                bad(
+                    "database.listen_url",
+                    format!("{e} (or \"auto\": listen through database.url; \"off\": poll only)"),
+                );
             }
         }
         if !self.database.tls_ca_file.is_empty() {

@@ -88,6 +88,8 @@ pub struct Metrics {
     /// Jobs paused one by one, by the last probe.
     pub paused_jobs: IntGauge,
     pub redis_up: IntGauge,
+    /// 1 while the LISTEN connection is up and was heard end to end.
+    pub listen_active: IntGauge,
     /// 1 while Redis memory back-pressure holds writes back.
     pub redis_backpressure: IntGauge,
     /// used_memory / maxmemory at the last reading (absent without a limit).
@@ -219,6 +221,10 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            listen_active: int_gauge(
+                "outbox_relay_listen_active",
+                "1 while new rows wake the sweep (the LISTEN connection is up and heard the relay's own NOTIFY sent through database.url), else 0: polling every sweep.interval only (database.listen_url = \"off\", a listener behind pgbouncer in transaction pooling, or a lost connection).",
+            )?,
             redis_up: int_gauge(
                 "outbox_relay_redis_up",
                 "1 when the last Redis ping answered, else 0.",

@@ -681,6 +681,15 @@ impl RelayProcess {
         }
     }
 
+    /// The value of metric `name` with `labels` in a scrape now (None when
+    /// nothing answers or the series is absent).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        match self.http_get("/metrics").await {
+            Some((200, body)) => metric_value(&body, name, labels),
+            _ => None,
+        }
+    }
+
     /// Wait until `GET path` answers `status` (e.g. `/readyz` 200).
     pub async fn wait_http(&self, path: &str, status: u16, timeout: Duration) {
         wait_until(&format!("{path} answers {status}"), timeout, || async {

@@ -1,0 +1,92 @@
+//! LISTEN is on by default (`database.listen_url = "auto"`: through
+//! `database.url`'s server) and checked end to end: at the shipped defaults
+//! against a direct Postgres the listener hears its own NOTIFY
+//! (`outbox_relay_listen_active` 1) and new rows wake the sweep; `"off"`
+//! polls only. The deaf listener behind pgbouncer is in tests/pgbouncer.rs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test]
+async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut relay = RelayProcess::spawn(&shipped_env(&db.url, &redis_url, &prefix));
+    relay.wait_started().await;
+    let started = relay.records("outbox-relay starting");
+    assert_eq!(
+        started[0]["listen"].as_str(),
+        Some(db.url.as_str()),
+        "auto listens through database.url: {}",
+        started[0]
+    );
+    wait_until("outbox_relay_listen_active is 1", Duration::from_secs(30), || async {
+        relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(relay.records("listening for new outbox rows; checked end to end").len(), 1);
+    assert!(relay.records("LISTEN hears nothing").is_empty(), "{:#?}", relay.lines());
+    let out = relay_command(&["check-config"], &shipped_env(&db.url, &redis_url, &prefix))
+        .output()
+        .expect("check-config");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# postgres: listen: active"), "{text}");
+
+    // Rows committed one statement at a time: each statement's NOTIFY
+    // wakes the sweep (the counter moves), and every row arrives.
+    let woken_before = relay
+        .metric("outbox_relay_wakeups_total", &[("result", "sent")])
+        .await
+        .unwrap_or(0.0);
+    let jobs = new_jobs(1);
+    let c = db.client().await;
+    for i in 0..20 {
+        c.execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             VALUES (gen_random_uuid(), $1, $2, 'h', '/p', 1, 's', now())",
+            &[&jobs[0], &i],
+        )
+        .await
+        .expect("insert");
+    }
+    wait_drained(&db, Duration::from_secs(30)).await;
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 20);
+    wait_until("the notifications woke the sweep", Duration::from_secs(10), || async {
+        relay
+            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
+            .await
+            .unwrap_or(0.0)
+            > woken_before
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn listen_off_polls_only() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut env = shipped_env(&db.url, &redis_url, &prefix);
+    env.push(("OUTBOX_RELAY_DATABASE__LISTEN_URL".into(), "off".into()));
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    assert_eq!(relay.records("outbox-relay starting")[0]["listen"], "off");
+    seed(&db, 50, 2).await;
+    wait_drained(&db, Duration::from_secs(30)).await;
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 50);
+    assert_eq!(relay.metric("outbox_relay_listen_active", &[]).await, Some(0.0));
+    assert!(relay.records("listening for new outbox rows").is_empty());
+    assert_eq!(
+        relay
+            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    relay.stop().await;
+}
