@@ -123,6 +123,11 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
     assert_eq!(rows("dead_lettered"), Some(300.0));
     assert!(metric_value(&text, "outbox_relay_sweep_ticks_total", &[("result", "ok")]).is_some_and(|v| v > 0.0));
     assert!(metric_value(&text, "outbox_relay_sweep_duration_seconds_count", &[]).is_some_and(|v| v > 0.0));
+    assert!(
+        metric_value(&text, "outbox_relay_claim_duration_seconds_count", &[("found", "rows")]).is_some_and(|v| v > 0.0),
+        "claims that found rows are timed"
+    );
+    assert_eq!(metric_value(&text, "outbox_relay_listen_active", &[]), Some(1.0));
     assert_eq!(metric_value(&text, "outbox_relay_redis_up", &[]), Some(1.0));
     assert!(metric_value(&text, "outbox_relay_redis_ping_seconds", &[]).is_some());
     assert_eq!(

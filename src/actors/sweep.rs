@@ -158,6 +158,16 @@ pub enum Lane {
     Fresh,
 }
 
+impl Lane {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lane::Drain => "drain",
+            Lane::Fresh => "fresh",
+        }
+    }
+}
+
 /// Run one sweep tick before `deadline`.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
@@ -180,6 +190,8 @@ pub struct Stop;
 /// What one successful tick did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TickReport {
+    /// From checkout to the claim's answer (BEGIN, claim, shape check).
+    pub claim_us: u64,
     pub claimed: usize,
     /// The most rows the claim could take ([`ClaimLimit`]): as many
     /// claimed is a full batch.
@@ -417,6 +429,7 @@ async fn tick_on(
     };
     let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
+        claim_us: claimed_at.duration_since(claim_started).as_micros() as u64,
         claimed: claimed.rows.len(),
         limit: limit as usize,
         max_row_bytes: claimed.max_row_bytes.max(probed),
@@ -810,6 +823,10 @@ impl SweepActor {
                 self.core.health.ok();
                 self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
                 self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
+                self.metrics
+                    .claim_duration
+                    .with_label_values(&[lane.label(), if report.claimed > 0 { "rows" } else { "none" }])
+                    .observe(report.claim_us as f64 / 1e6);
                 self.record(lane, &report);
                 self.pauses_seen = report.pauses_seen;
                 if lane == Lane::Drain {

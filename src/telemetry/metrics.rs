@@ -27,6 +27,11 @@ pub const LAG_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// Claim durations, 100 µs to 10 s: a healthy claim takes under a millisecond.
+pub const CLAIM_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -78,6 +83,7 @@ pub struct Metrics {
     pub sweep_rows: IntCounterVec,
     pub sweep_ticks: IntCounterVec,
     pub sweep_duration: Histogram,
+    pub claim_duration: HistogramVec,
     pub delivery_lag: HistogramVec,
     pub backlog_rows: ProbeGauge,
     pub oldest_age_seconds: ProbeGauge,
@@ -173,6 +179,18 @@ impl Metrics {
                 "Duration of sweep ticks that ran (claim to commit or rollback).",
                 DURATION_BUCKETS,
             )?,
+            claim_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "outbox_relay_claim_duration_seconds",
+                        "Time a tick's claim took (connection checkout, BEGIN, the claiming statement), by lane (drain, fresh) and whether it found rows (rows, none): a claim that grows while the backlog does not is walking dead index entries (a long transaction holding back vacuum).",
+                    )
+                    .buckets(CLAIM_BUCKETS.to_vec()),
+                    &["lane", "found"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             delivery_lag: {
                 let h = HistogramVec::new(
                     HistogramOpts::new(
