@@ -28,7 +28,10 @@ async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
         relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
     })
     .await;
-    assert_eq!(relay.records("listening for new outbox rows; checked end to end").len(), 1);
+    assert_eq!(
+        relay.records("listening for new outbox rows; checked end to end").len(),
+        1
+    );
     assert!(relay.records("LISTEN hears nothing").is_empty(), "{:#?}", relay.lines());
     let out = relay_command(&["check-config"], &shipped_env(&db.url, &redis_url, &prefix))
         .output()

@@ -129,9 +129,7 @@ async fn wrongtype_fails_only_its_rows_and_backs_off_then_dead_letters() {
         let warned: i64 = relay
             .records("rows moved to the dead-letter table")
             .iter()
-            .filter(|r| {
-                r["level"] == "warn" && r["last_error"].as_str().is_some_and(|e| e.contains("WRONGTYPE"))
-            })
+            .filter(|r| r["level"] == "warn" && r["last_error"].as_str().is_some_and(|e| e.contains("WRONGTYPE")))
             .filter_map(|r| r["count"].as_i64())
             .sum();
         async move { warned == 40 }

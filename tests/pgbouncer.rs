@@ -240,7 +240,9 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     let deaf = relay.records("LISTEN hears nothing");
     assert_eq!(deaf[0]["level"], "warn");
     assert!(
-        deaf[0]["fix"].as_str().is_some_and(|f| f.contains("database.listen_url")),
+        deaf[0]["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("database.listen_url")),
         "{}",
         deaf[0]
     );
@@ -260,7 +262,11 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     wait_drained(&db, Duration::from_secs(120)).await;
     assert_all_delivered(&redis.url(), "hover:", &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-    assert_eq!(relay.records("LISTEN hears nothing").len(), 1, "one warning, not one per check");
+    assert_eq!(
+        relay.records("LISTEN hears nothing").len(),
+        1,
+        "one warning, not one per check"
+    );
     // check-config and status say so too, with the fix.
     for (args, want) in [
         (&["check-config"][..], "# postgres: listen: deaf:"),

@@ -477,12 +477,22 @@ mod tests {
         }
         let c = load("[database]\nlisten_url = \"postgres://u:pw@direct:5432/x\"\n", &[]).expect("a URL");
         assert_eq!(c.database.listen_target(), Some("postgres://u:pw@direct:5432/x"));
-        assert!(!c.to_redacted_toml().contains("pw@"), "a listen URL's password is redacted");
+        assert!(
+            !c.to_redacted_toml().contains("pw@"),
+            "a listen URL's password is redacted"
+        );
         let c = load("", &[]).expect("defaults");
-        assert!(c.to_redacted_toml().contains("listen_url = \"auto\""), "{}", c.to_redacted_toml());
+        assert!(
+            c.to_redacted_toml().contains("listen_url = \"auto\""),
+            "{}",
+            c.to_redacted_toml()
+        );
         let bad = load("[database]\nlisten_url = \"autoo\"\n", &[]).expect_err("a typo");
         let text = bad.to_string();
-        assert!(text.contains("database.listen_url") && text.contains("\"auto\""), "{text}");
+        assert!(
+            text.contains("database.listen_url") && text.contains("\"auto\""),
+            "{text}"
+        );
     }
 
     fn problems(toml: &str, env: &[(&str, &str)]) -> Vec<Problem> {

@@ -94,7 +94,9 @@ impl Hearing {
     /// One line for `check-config` and `status`.
     pub fn describe(&self) -> String {
         match self {
-            Hearing::Off => "off (database.listen_url = \"off\"): new rows wait for the next poll (sweep.interval)".into(),
+            Hearing::Off => {
+                "off (database.listen_url = \"off\"): new rows wait for the next poll (sweep.interval)".into()
+            }
             Hearing::Active => "active: a NOTIFY sent through database.url arrived on the listener".into(),
             Hearing::Deaf => format!(
                 "deaf: a NOTIFY sent through database.url did not arrive within {}s; {DEAF_FIX}",

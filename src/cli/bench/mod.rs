@@ -7,11 +7,18 @@
 //!    a bare `DELETE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED LIMIT n)
 //!    RETURNING …` loop on one connection;
 //! 2. **drain**: N rows seeded in one statement, drained by the real relay
-//!    (this binary, `run`, as a subprocess with LISTEN/NOTIFY on): rows/s
+//!    (this binary, `run`, as a subprocess): rows/s
 //!    overall and per tenth of the drain, relay CPU seconds and peak RSS;
 //! 3. **latency**: single rows committed at a steady rate, time from commit
 //!    to the member being visible in Redis (Redis keyspace notifications,
-//!    one job per row), with the relay idle and while a backlog drains.
+//!    one job per row), with the relay idle and while a backlog drains;
+//! 4. with `--sustained RATE` instead: production in multi-row transactions
+//!    for minutes, optionally while a snapshot is held (`sustained`).
+//!
+//! Every relay it starts runs with the shipped defaults (and whatever the
+//! config file and environment set, printed at the start): `bench` sets
+//! only where it runs (scratch database, key prefix, HTTP port) and its
+//! log level, plus a scenario's own subject (the scaling matrix's lanes).
 //!
 //! Files: `scenarios` (what runs), `measure` (how it is measured),
 //! `report` (what is printed). Speed goals live here, never in tests.
@@ -19,6 +26,7 @@
 mod measure;
 mod report;
 mod scenarios;
+mod sustained;
 
 use clap::Args;
 
@@ -65,6 +73,26 @@ pub struct BenchArgs {
     /// for Redis: every sorted-set insert then compares members).
     #[arg(long)]
     pub spread_run_at: bool,
+    /// Instead of the drain and latency runs: produce RATE rows/s in
+    /// `--rows-per-txn`-row transactions for `--sustained-seconds` and
+    /// report commit→visible latency (one timed row per transaction), the
+    /// backlog and the relay's claim times.
+    #[arg(long, value_name = "RATE")]
+    pub sustained: Option<u32>,
+    /// Rows per transaction of the sustained run.
+    #[arg(long, default_value_t = 500)]
+    pub rows_per_txn: u32,
+    /// Length of the sustained run without `--hold-snapshot`, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub sustained_seconds: u64,
+    /// With `--sustained`: another session holds a REPEATABLE READ snapshot
+    /// open for SECS (vacuum can remove none of the deleted rows), between a
+    /// phase before and one after of `--phase-seconds` each.
+    #[arg(long, value_name = "SECS", requires = "sustained")]
+    pub hold_snapshot: Option<u64>,
+    /// Length of the phases before and after a held snapshot, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub phase_seconds: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +134,11 @@ fn rd(e: ::redis::RedisError) -> BenchError {
 
 /// Run the benchmark and print its report.
 pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
+    if args.sustained.is_some() && args.scaling {
+        return Err(BenchError::Usage(
+            "bench: --sustained and --scaling are separate runs".into(),
+        ));
+    }
     if cfg.redis.mode == RedisMode::Cluster && !args.scaling {
         // Keyspace notifications, which time the latency runs, are per node.
         return Err(BenchError::Usage(
@@ -126,7 +159,11 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
         .map_err(pg)?;
     let url = scratch_url(&cfg.database.url, &name);
     let prefix = format!("bench{}:", std::process::id());
-    let result = if args.scaling {
+    let result = if let Some(rate) = args.sustained {
+        sustained::sustained(cfg, &args, rate, &url, &prefix)
+            .await
+            .map(Report::Sustained)
+    } else if args.scaling {
         scaling(cfg, &args, &url, &prefix).await.map(Report::Scaling)
     } else {
         drain_and_latency(cfg, &args, &url, &prefix).await.map(Report::Drain)
@@ -141,6 +178,8 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
     match result? {
         Report::Drain(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
         Report::Scaling(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Sustained(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Sustained(r) => sustained::print_sustained(&r),
         Report::Drain(r) => print_report(&r),
         Report::Scaling(r) => print_scaling(&r),
     }
@@ -149,6 +188,7 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
 
 enum Report {
     Drain(BenchReport),
+    Sustained(sustained::SustainedReport),
     Scaling(ScalingReport),
 }
 

@@ -1,16 +1,15 @@
 //! What `bench` runs: the Postgres-only floor, the drain with latency runs
 //! (idle and while a backlog drains), and the scaling matrix.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use super::measure::{proc_usage, spawn_relay, summarize, wait_scheduled, watch_vacuum, LatencyRun};
+use super::measure::{
+    describe_settings, proc_usage, spawn_relay, summarize, wait_scheduled, watch_vacuum, KeyspaceWatch, LatencyRun,
+};
 use super::report::{BenchReport, ScalingReport, ScalingRun};
 use super::{delete_prefix, open_scratch, pg, rd, BenchArgs, BenchError};
 use crate::config::{Config, RedisMode};
@@ -146,6 +145,7 @@ pub(super) async fn drain_and_latency(
     eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
     let floor_ctid_rps = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
 
+    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
     eprintln!("bench: drain…");
     seed(&client, args.rows, args.jobs, args.spread_run_at).await?;
     let mut relay = [spawn_relay(
@@ -270,6 +270,9 @@ pub(super) async fn scaling(
             delete_prefix(&mut conn, prefix).await.map_err(rd)?;
             seed(&client, rows, args.jobs, args.spread_run_at).await?;
             let env = [("OUTBOX_RELAY_SWEEP__CONCURRENCY", concurrency.to_string())];
+            if relays == 1 {
+                eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &env));
+            }
             let mut children = Vec::new();
             for _ in 0..relays {
                 children.push(spawn_relay(
@@ -325,40 +328,7 @@ pub(super) async fn latency(
     backlog: i64,
 ) -> Result<LatencyRun, BenchError> {
     let (vacuum_watch, vacuum_counts) = watch_vacuum(url).await?;
-    let redis_client = crate::redis::standalone_client(&cfg.redis).map_err(|e| BenchError::Redis(e.to_string()))?;
-    let mut admin = redis_client.get_multiplexed_async_connection().await.map_err(rd)?;
-    let old: Vec<String> = ::redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("notify-keyspace-events")
-        .query_async(&mut admin)
-        .await
-        .map_err(rd)?;
-    let _: () = ::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("Kz")
-        .query_async(&mut admin)
-        .await
-        .map_err(rd)?;
-    let mut pubsub = redis_client.get_async_pubsub().await.map_err(rd)?;
-    pubsub
-        .psubscribe(format!("__keyspace@*__:{prefix}sched:{LATENCY_JOB_PREFIX}*"))
-        .await
-        .map_err(rd)?;
-    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let sink = seen.clone();
-    let listener = tokio::spawn(async move {
-        let mut stream = pubsub.into_on_message();
-        while let Some(msg) = stream.next().await {
-            let now = Instant::now();
-            let channel = msg.get_channel_name().to_string();
-            if let Some(job) = channel.rsplit("sched:").next() {
-                if let Ok(mut m) = sink.lock() {
-                    m.entry(job.to_string()).or_insert(now);
-                }
-            }
-        }
-    });
+    let watch = KeyspaceWatch::start(cfg, prefix).await?;
 
     let mut committed: Vec<(String, Instant)> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
@@ -400,32 +370,8 @@ pub(super) async fn latency(
     let [samples, hits] = &*vacuum_counts;
     let vacuum_share = hits.load(Ordering::Relaxed) as f64 / (samples.load(Ordering::Relaxed) as f64).max(1.0);
     // Let the last rows arrive.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let all = seen
-            .lock()
-            .map(|m| committed.iter().all(|(j, _)| m.contains_key(j)))
-            .unwrap_or(true);
-        if all || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    listener.abort();
-    let _: Result<(), _> = ::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg(old.get(1).cloned().unwrap_or_default())
-        .query_async(&mut admin)
-        .await;
-    let seen = seen.lock().map(|m| m.clone()).unwrap_or_default();
-    let ms: Vec<f64> = committed
-        .iter()
-        .filter_map(|(j, t)| {
-            seen.get(j)
-                .map(|s| s.saturating_duration_since(*t).as_secs_f64() * 1000.0)
-        })
-        .collect();
+    watch.wait_all(&committed, Duration::from_secs(10)).await;
+    let ms: Vec<f64> = watch.finish(&committed).await.into_iter().flatten().collect();
     if ms.len() < committed.len() {
         eprintln!(
             "bench: {} of {} latency rows never arrived",

@@ -1,0 +1,305 @@
+//! `bench --sustained RATE [--hold-snapshot SECS]`: production at a steady
+//! rate in multi-row transactions, with the relay at the shipped defaults.
+//!
+//! Every transaction carries one latency row (a job of its own, timed from
+//! commit to its schedule key's keyspace notification); a sampler reads the
+//! outbox's size every 100 ms (the backlog); the relay's own
+//! `outbox_relay_claim_duration_seconds` is scraped at each phase boundary.
+//! With `--hold-snapshot`, the run has three phases: before, while another
+//! session holds a REPEATABLE READ snapshot (vacuum can then remove none of
+//! the rows the relay deletes), and after it ends.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::types::Type;
+
+use super::measure::{describe_settings, histogram, metric_sum, scrape, spawn_relay, summarize, KeyspaceWatch};
+use super::report::Latency;
+use super::scenarios::latency_job;
+use super::{open_scratch, pg, BenchArgs, BenchError};
+use crate::config::Config;
+use crate::redact::redact_url;
+use crate::redis::Redis;
+
+#[derive(Debug, Serialize, Default)]
+pub struct SustainedReport {
+    /// Rows per second asked for, and per transaction.
+    pub rate: u32,
+    pub rows_per_txn: u32,
+    /// Rows committed, and the rate reached (the producer's own pace).
+    pub produced_rows: i64,
+    pub produced_rate: f64,
+    /// `outbox_relay_listen_active` when production started.
+    pub listen_active: bool,
+    pub phases: Vec<Phase>,
+    pub cores: usize,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Phase {
+    /// `steady`, or `before` / `snapshot held` / `after`.
+    pub name: String,
+    pub seconds: f64,
+    /// Commit→visible of the one latency row per transaction.
+    pub latency: Latency,
+    /// The most rows in the outbox at a 100 ms sample, and that in seconds
+    /// of production.
+    pub max_backlog_rows: i64,
+    pub max_backlog_seconds: f64,
+    /// The relay's claims in the phase (every lane, found rows or not):
+    /// how many, mean and p99 (the upper bound of the bucket it falls in).
+    pub claims: f64,
+    pub claim_mean_ms: f64,
+    pub claim_p99_ms: f64,
+    /// `n_dead_tup` of task_outbox at the end of the phase.
+    pub dead_tuples: i64,
+}
+
+/// The relay's claim histogram at one moment.
+struct ClaimSnapshot {
+    count: f64,
+    sum: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+const CLAIM_METRIC: &str = "outbox_relay_claim_duration_seconds";
+
+async fn claims_now(port: u16) -> ClaimSnapshot {
+    let text = scrape(port).await.unwrap_or_default();
+    ClaimSnapshot {
+        count: metric_sum(&text, &format!("{CLAIM_METRIC}_count"), ""),
+        sum: metric_sum(&text, &format!("{CLAIM_METRIC}_sum"), ""),
+        buckets: histogram(&text, CLAIM_METRIC),
+    }
+}
+
+/// (claims, mean ms, p99 ms) between two snapshots.
+fn claims_between(a: &ClaimSnapshot, b: &ClaimSnapshot) -> (f64, f64, f64) {
+    let n = b.count - a.count;
+    if n <= 0.0 {
+        return (0.0, 0.0, 0.0);
+    }
+    let mean = (b.sum - a.sum) / n * 1000.0;
+    let want = n * 0.99;
+    let p99 = b
+        .buckets
+        .iter()
+        .find(|(le, cum)| {
+            let before = a.buckets.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+            cum - before >= want
+        })
+        .map_or(f64::INFINITY, |(le, _)| le * 1000.0);
+    (n, mean, p99)
+}
+
+/// The sustained run (see the module's doc).
+pub(super) async fn sustained(
+    cfg: &Config,
+    args: &BenchArgs,
+    rate: u32,
+    url: &str,
+    prefix: &str,
+) -> Result<SustainedReport, BenchError> {
+    let (client, _conn) = open_scratch(cfg, url).await?;
+    let per_txn = args.rows_per_txn.clamp(1, rate.max(1));
+    let every = Duration::from_secs_f64(f64::from(per_txn) / f64::from(rate.max(1)));
+    let phases: Vec<(&str, Duration)> = match args.hold_snapshot {
+        Some(held) => vec![
+            ("before", Duration::from_secs(args.phase_seconds)),
+            ("snapshot held", Duration::from_secs(held)),
+            ("after", Duration::from_secs(args.phase_seconds)),
+        ],
+        None => vec![("steady", Duration::from_secs(args.sustained_seconds))],
+    };
+    eprintln!(
+        "bench: sustained {rate} rows/s in {per_txn}-row transactions over {} jobs, database {}, redis {}, phases {}",
+        args.jobs,
+        redact_url(url),
+        Redis::describe(&cfg.redis),
+        phases
+            .iter()
+            .map(|(n, d)| format!("{n} {}s", d.as_secs()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
+    let relay = spawn_relay(args.config.as_deref(), url, prefix, &[], args.relay_log.as_deref())?;
+    let port = relay.1;
+    // Ready: the scrape answers and the listener has been checked.
+    let started = Instant::now();
+    let listen_active = loop {
+        if let Some(text) = scrape(port).await {
+            if metric_sum(&text, "outbox_relay_listen_active", "") > 0.0 || started.elapsed() > Duration::from_secs(5) {
+                break metric_sum(&text, "outbox_relay_listen_active", "") > 0.0;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Relay(
+                "the relay's /metrics did not answer within 60s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if !listen_active {
+        eprintln!("bench: warning: outbox_relay_listen_active is 0: the relay polls (see its log)");
+    }
+
+    let watch = KeyspaceWatch::start(cfg, prefix).await?;
+    // The backlog: the outbox's size every 100 ms, with the time read.
+    let samples: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let sink = samples.clone();
+        let reader = crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?;
+        super::measure::AbortOnDrop::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if let Ok(row) = reader.query_typed_one("SELECT count(*) FROM task_outbox", &[]).await {
+                    if let Ok(mut s) = sink.lock() {
+                        s.push((Instant::now(), row.get(0)));
+                    }
+                }
+            }
+        })
+    };
+    let insert = "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+         SELECT gen_random_uuid(),
+                CASE WHEN i = 1 THEN $1
+                     ELSE ('00000000-0000-4000-8000-' || lpad((i % $3)::text, 12, '0'))::uuid END,
+                i::int, 'sustained.example.com', '/s/' || i, 1, 'bench', now()
+           FROM generate_series(1, $2::int8) AS i";
+    let mut committed: Vec<(String, Instant)> = Vec::new();
+    let mut bounds: Vec<(Instant, Instant, ClaimSnapshot, i64)> = Vec::new();
+    let mut produced = 0i64;
+    let mut holder: Option<tokio_postgres::Client> = None;
+    let mut ticker = tokio::time::interval(every);
+    let production_started = Instant::now();
+    for (name, length) in &phases {
+        if *name == "snapshot held" {
+            let c = crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?;
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM task_outbox")
+                .await
+                .map_err(pg)?;
+            holder = Some(c);
+        } else if let Some(c) = holder.take() {
+            c.batch_execute("COMMIT").await.map_err(pg)?;
+        }
+        let phase_start = Instant::now();
+        let before = claims_now(port).await;
+        while phase_start.elapsed() < *length {
+            ticker.tick().await;
+            let job = latency_job(committed.len() as u64);
+            let rows = i64::from(per_txn);
+            client
+                .execute_typed(
+                    insert,
+                    &[(&job, Type::UUID), (&rows, Type::INT8), (&args.jobs.max(1), Type::INT8)],
+                )
+                .await
+                .map_err(pg)?;
+            committed.push((job.to_string(), Instant::now()));
+            produced += rows;
+        }
+        let dead: i64 = client
+            .query_typed_one(
+                "SELECT COALESCE(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = 'task_outbox'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(-1);
+        eprintln!("bench: phase {name} done ({produced} rows so far)");
+        bounds.push((phase_start, Instant::now(), before, dead));
+    }
+    let produced_secs = production_started.elapsed().as_secs_f64();
+    if let Some(c) = holder.take() {
+        let _ = c.batch_execute("COMMIT").await;
+    }
+    let end_claims = claims_now(port).await;
+    watch.wait_all(&committed, Duration::from_secs(30)).await;
+    drop(sampler);
+    let times = watch.finish(&committed).await;
+    let missing = times.iter().filter(|t| t.is_none()).count();
+    if missing > 0 {
+        eprintln!("bench: {missing} of {} latency rows never arrived", committed.len());
+    }
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut report_phases = Vec::new();
+    for (i, (name, _)) in phases.iter().enumerate() {
+        let (from, to, ref before, dead) = bounds[i];
+        let after = bounds.get(i + 1).map_or(&end_claims, |b| &b.2);
+        let ms: Vec<f64> = committed
+            .iter()
+            .zip(&times)
+            .filter(|((_, at), _)| *at >= from && *at <= to)
+            .filter_map(|(_, t)| *t)
+            .collect();
+        let max_backlog = samples
+            .iter()
+            .filter(|(at, _)| *at >= from && *at <= to)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0);
+        let (claims, mean, p99) = claims_between(before, after);
+        report_phases.push(Phase {
+            name: name.to_string(),
+            seconds: (to - from).as_secs_f64(),
+            latency: summarize(ms, 0.0),
+            max_backlog_rows: max_backlog,
+            max_backlog_seconds: max_backlog as f64 / f64::from(rate.max(1)),
+            claims,
+            claim_mean_ms: mean,
+            claim_p99_ms: p99,
+            dead_tuples: dead,
+        });
+    }
+    let left: i64 = client
+        .query_typed_one("SELECT count(*) FROM task_outbox", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    drop(relay);
+    if left > 0 {
+        eprintln!("bench: warning: {left} rows still in the outbox at the end");
+    }
+    Ok(SustainedReport {
+        rate,
+        rows_per_txn: per_txn,
+        produced_rows: produced,
+        produced_rate: produced as f64 / produced_secs.max(1e-9),
+        listen_active,
+        phases: report_phases,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+pub(super) fn print_sustained(r: &SustainedReport) {
+    println!(
+        "sustained {} rows/s asked, {:.0} reached, {}-row transactions, {} rows, {} cores, listen active: {}",
+        r.rate, r.produced_rate, r.rows_per_txn, r.produced_rows, r.cores, r.listen_active
+    );
+    println!();
+    println!(
+        "| phase | s | latency rows | p50 ms | p99 ms | max ms | max backlog rows (s of production) | claims | claim mean ms | claim p99 ms (bucket) | dead tuples at end |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in &r.phases {
+        println!(
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.0} | {:.3} | ≤ {} | {} |",
+            p.name,
+            p.seconds,
+            p.latency.rows,
+            p.latency.p50_ms,
+            p.latency.p99_ms,
+            p.latency.max_ms,
+            p.max_backlog_rows,
+            p.max_backlog_seconds,
+            p.claims,
+            p.claim_mean_ms,
+            p.claim_p99_ms,
+            p.dead_tuples
+        );
+    }
+}
