@@ -161,3 +161,64 @@ async fn scaling_matrix_runs_against_a_redis_cluster_named_in_the_config_file() 
         assert!(left.is_empty(), "master {} kept {left:?}", m.port);
     }
 }
+
+/// `bench --sustained` at a small scale with the shipped defaults: three
+/// phases around a held snapshot, every figure present, nothing left behind,
+/// and the settings line says bench tuned nothing.
+#[tokio::test]
+async fn sustained_with_a_held_snapshot_reports_every_phase() {
+    let redis = RedisServer::start().await;
+    let db = TestDb::new().await;
+    let env = shipped_env(&db.url, &redis.url(), "unused:");
+    let args = [
+        "bench",
+        "--sustained",
+        "400",
+        "--rows-per-txn",
+        "20",
+        "--hold-snapshot",
+        "2",
+        "--phase-seconds",
+        "2",
+        "--relays",
+        "2",
+        "--jobs",
+        "5",
+        "--json",
+    ];
+    let child = relay_command(&args, &env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outbox-relay bench --sustained");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("bench thread")
+        .expect("outbox-relay bench output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {}\n{stderr}", out.status);
+    assert!(
+        stderr.contains("relay settings: the shipped defaults, then this environment's OUTBOX_RELAY_REDIS__URL (a service address);")
+            && stderr.contains("overridden by this scenario: nothing"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("never arrived") && !stderr.contains("still in the outbox"),
+        "{stderr}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench --json prints JSON");
+    assert_eq!(r["listen_active"], true, "{r}");
+    assert_eq!(r["relays"], 2);
+    let phases = r["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["before", "snapshot held", "after"]);
+    for p in phases {
+        // 400 rows/s in 20-row transactions: 20 timed rows a second.
+        assert!(p["latency"]["rows"].as_u64().is_some_and(|n| n >= 20), "{p}");
+        assert!(p["latency"]["p50_ms"].as_f64().is_some_and(|v| v > 0.0), "{p}");
+        assert!(p["claims"].as_f64().is_some_and(|n| n > 0.0), "{p}");
+        assert!(p["claim_mean_ms"].as_f64().is_some_and(|v| v > 0.0), "{p}");
+        assert!(p["empty_claims_per_row"].as_f64().is_some_and(|v| v >= 0.0), "{p}");
+    }
+    assert!(r["produced_rows"].as_i64().is_some_and(|n| n >= 400 * 5), "{r}");
+}

@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// phase before and one after of `--phase-seconds` each.
     #[arg(long, value_name = "SECS", requires = "sustained")]
     pub hold_snapshot: Option<u64>,
+    /// Relay processes in the sustained run (each listening: how many claim
+    /// per notification and find nothing is in the report).
+    #[arg(long, default_value_t = 1)]
+    pub relays: u32,
     /// Length of the phases before and after a held snapshot, in seconds.
     #[arg(long, default_value_t = 30)]
     pub phase_seconds: u64,

@@ -33,6 +33,8 @@ pub struct SustainedReport {
     pub produced_rate: f64,
     /// `outbox_relay_listen_active` when production started.
     pub listen_active: bool,
+    /// Relay processes (`--relays`).
+    pub relays: u32,
     pub phases: Vec<Phase>,
     pub cores: usize,
 }
@@ -53,26 +55,41 @@ pub struct Phase {
     pub claims: f64,
     pub claim_mean_ms: f64,
     pub claim_p99_ms: f64,
+    /// Claims that found nothing, per row delivered (every relay).
+    pub empty_claims_per_row: f64,
     /// `n_dead_tup` of task_outbox at the end of the phase.
     pub dead_tuples: i64,
 }
 
-/// The relay's claim histogram at one moment.
+/// The relays' claim histograms (summed) at one moment.
+#[derive(Default)]
 struct ClaimSnapshot {
     count: f64,
     sum: f64,
     buckets: Vec<(f64, f64)>,
+    /// Claims that found nothing, and rows delivered.
+    empty: f64,
+    delivered: f64,
 }
 
 const CLAIM_METRIC: &str = "outbox_relay_claim_duration_seconds";
 
-async fn claims_now(port: u16) -> ClaimSnapshot {
-    let text = scrape(port).await.unwrap_or_default();
-    ClaimSnapshot {
-        count: metric_sum(&text, &format!("{CLAIM_METRIC}_count"), ""),
-        sum: metric_sum(&text, &format!("{CLAIM_METRIC}_sum"), ""),
-        buckets: histogram(&text, CLAIM_METRIC),
+async fn claims_now(ports: &[u16]) -> ClaimSnapshot {
+    let mut all = ClaimSnapshot::default();
+    for port in ports {
+        let text = scrape(*port).await.unwrap_or_default();
+        all.count += metric_sum(&text, &format!("{CLAIM_METRIC}_count"), "");
+        all.sum += metric_sum(&text, &format!("{CLAIM_METRIC}_sum"), "");
+        all.empty += metric_sum(&text, &format!("{CLAIM_METRIC}_count"), "found=\"none\"");
+        all.delivered += metric_sum(&text, "outbox_relay_sweep_rows_total", "outcome=\"dispatched\"");
+        for (le, n) in histogram(&text, CLAIM_METRIC) {
+            match all.buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some(slot) => slot.1 += n,
+                None => all.buckets.push((le, n)),
+            }
+        }
     }
+    all
 }
 
 /// (claims, mean ms, p99 ms) between two snapshots.
@@ -125,8 +142,18 @@ pub(super) async fn sustained(
             .join(", ")
     );
     eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
-    let relay = spawn_relay(args.config.as_deref(), url, prefix, &[], args.relay_log.as_deref())?;
-    let port = relay.1;
+    let mut relays = Vec::new();
+    for _ in 0..args.relays.max(1) {
+        relays.push(spawn_relay(
+            args.config.as_deref(),
+            url,
+            prefix,
+            &[],
+            args.relay_log.as_deref(),
+        )?);
+    }
+    let ports: Vec<u16> = relays.iter().map(|r| r.1).collect();
+    let port = ports[0];
     // Ready: the scrape answers and the listener has been checked.
     let started = Instant::now();
     let listen_active = loop {
@@ -187,7 +214,7 @@ pub(super) async fn sustained(
             c.batch_execute("COMMIT").await.map_err(pg)?;
         }
         let phase_start = Instant::now();
-        let before = claims_now(port).await;
+        let before = claims_now(&ports).await;
         while phase_start.elapsed() < *length {
             ticker.tick().await;
             let job = latency_job(committed.len() as u64);
@@ -217,7 +244,7 @@ pub(super) async fn sustained(
     if let Some(c) = holder.take() {
         let _ = c.batch_execute("COMMIT").await;
     }
-    let end_claims = claims_now(port).await;
+    let end_claims = claims_now(&ports).await;
     watch.wait_all(&committed, Duration::from_secs(30)).await;
     drop(sampler);
     let times = watch.finish(&committed).await;
@@ -252,6 +279,7 @@ pub(super) async fn sustained(
             claims,
             claim_mean_ms: mean,
             claim_p99_ms: p99,
+            empty_claims_per_row: (after.empty - before.empty) / (after.delivered - before.delivered).max(1.0),
             dead_tuples: dead,
         });
     }
@@ -260,7 +288,7 @@ pub(super) async fn sustained(
         .await
         .map_err(pg)?
         .get(0);
-    drop(relay);
+    drop(relays);
     if left > 0 {
         eprintln!("bench: warning: {left} rows still in the outbox at the end");
     }
@@ -270,6 +298,7 @@ pub(super) async fn sustained(
         produced_rows: produced,
         produced_rate: produced as f64 / produced_secs.max(1e-9),
         listen_active,
+        relays: args.relays.max(1),
         phases: report_phases,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
@@ -277,17 +306,17 @@ pub(super) async fn sustained(
 
 pub(super) fn print_sustained(r: &SustainedReport) {
     println!(
-        "sustained {} rows/s asked, {:.0} reached, {}-row transactions, {} rows, {} cores, listen active: {}",
-        r.rate, r.produced_rate, r.rows_per_txn, r.produced_rows, r.cores, r.listen_active
+        "sustained {} rows/s asked, {:.0} reached, {}-row transactions, {} rows, {} relay(s), {} cores, listen active: {}",
+        r.rate, r.produced_rate, r.rows_per_txn, r.produced_rows, r.relays, r.cores, r.listen_active
     );
     println!();
     println!(
-        "| phase | s | latency rows | p50 ms | p99 ms | max ms | max backlog rows (s of production) | claims | claim mean ms | claim p99 ms (bucket) | dead tuples at end |"
+        "| phase | s | latency rows | p50 ms | p99 ms | max ms | max backlog rows (s of production) | claims | claim mean ms | claim p99 ms (bucket) | empty claims per row | dead tuples at end |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in &r.phases {
         println!(
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.0} | {:.3} | ≤ {} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.0} | {:.3} | ≤ {} | {:.4} | {} |",
             p.name,
             p.seconds,
             p.latency.rows,
@@ -299,6 +328,7 @@ pub(super) fn print_sustained(r: &SustainedReport) {
             p.claims,
             p.claim_mean_ms,
             p.claim_p99_ms,
+            p.empty_claims_per_row,
             p.dead_tuples
         );
     }
