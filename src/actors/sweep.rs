@@ -133,8 +133,21 @@ const LIVE_RECHECK: Duration = Duration::from_millis(20);
 /// re-walk the index entries of rows already delivered; at least this often
 /// a claim starts from the beginning instead, so rows that appear behind the
 /// cursor (a producer transaction that committed late with an old `now()`,
-/// a tick that rolled back) wait at most this long.
+/// another relay's tick that rolled back) wait at most this long, while
+/// such a claim is cheap.
 pub const FULL_SCAN_EVERY: Duration = Duration::from_millis(250);
+
+/// A claim from the beginning walks every index entry of the rows deleted
+/// since vacuum last ran (with autovacuum off, or behind a snapshot held
+/// open, that grows by the delivery rate: 1.2 million entries in two
+/// minutes at 10,000 rows/s, tens of milliseconds a claim). So the next one
+/// waits this many times as long as the last one took, between
+/// [`FULL_SCAN_EVERY`] and [`FULL_SCAN_AT_MOST`]: at most 1 % of a lane's
+/// time goes to them, and the other claims keep their time.
+const FULL_SCAN_COST_FACTOR: u32 = 100;
+
+/// The longest a row behind the cursor waits for a claim from the beginning.
+pub const FULL_SCAN_AT_MOST: Duration = Duration::from_secs(10);
 
 /// A tick still running this long past its deadline is wedged: every
 /// stage of a tick ends at the deadline (a commit gets `COMMIT_GRACE`, a
@@ -156,6 +169,14 @@ pub enum Lane {
     /// newest rows first, so a just-committed row does not wait behind a
     /// backlog.
     Fresh,
+}
+
+/// When the next claim from the beginning is due after one that took
+/// `claim_us`: [`FULL_SCAN_COST_FACTOR`] times as long, within
+/// [`FULL_SCAN_EVERY`]..=[`FULL_SCAN_AT_MOST`].
+pub fn full_scan_every(claim_us: u64) -> Duration {
+    Duration::from_micros(claim_us.saturating_mul(u64::from(FULL_SCAN_COST_FACTOR)))
+        .clamp(FULL_SCAN_EVERY, FULL_SCAN_AT_MOST)
 }
 
 impl Lane {
@@ -192,6 +213,8 @@ pub struct Stop;
 pub struct TickReport {
     /// From checkout to the claim's answer (BEGIN, claim, shape check).
     pub claim_us: u64,
+    /// A drain claim from the beginning (no cursor).
+    pub full_scan: bool,
     pub claimed: usize,
     /// The most rows the claim could take ([`ClaimLimit`]): as many
     /// claimed is a full batch.
@@ -430,6 +453,7 @@ async fn tick_on(
     let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
         claim_us: claimed_at.duration_since(claim_started).as_micros() as u64,
+        full_scan: lane == Lane::Drain && from.is_none(),
         claimed: claimed.rows.len(),
         limit: limit as usize,
         max_row_bytes: claimed.max_row_bytes.max(probed),
@@ -640,6 +664,9 @@ pub struct SweepActor {
     cursor: Option<ClaimCursor>,
     /// When a claim last started from the beginning of the index.
     last_full_scan: std::time::Instant,
+    /// How long after `last_full_scan` the next one runs (adapted to what
+    /// the last one cost: [`FULL_SCAN_COST_FACTOR`]).
+    full_scan_every: Duration,
     /// The last tick found something paused: claims skip paused jobs.
     pauses_seen: bool,
     /// Ticks running now: (number, lane, deadline), for the lane check.
@@ -694,6 +721,7 @@ impl SweepActor {
             woken: false,
             cursor: None,
             last_full_scan: std::time::Instant::now(),
+            full_scan_every: FULL_SCAN_EVERY,
             pauses_seen: false,
             running: Vec::new(),
             next_tick: 0,
@@ -828,6 +856,15 @@ impl SweepActor {
                     .with_label_values(&[lane.label(), if report.claimed > 0 { "rows" } else { "none" }])
                     .observe(report.claim_us as f64 / 1e6);
                 self.record(lane, &report);
+                if report.full_scan {
+                    self.full_scan_every = full_scan_every(report.claim_us);
+                }
+                if self.pauses_seen && !report.pauses_seen {
+                    // Every pause was lifted: the rows held back sit behind
+                    // the cursor; the next drain claim starts from the
+                    // beginning.
+                    self.full_scan_every = Duration::ZERO;
+                }
                 self.pauses_seen = report.pauses_seen;
                 if lane == Lane::Drain {
                     // Resume after this batch next time (a claim from the
@@ -1007,7 +1044,7 @@ impl SweepActor {
         let rows = self.claim_limit.rows();
         let from = match (lane, self.cursor) {
             (Lane::Fresh, _) => None,
-            (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < FULL_SCAN_EVERY => Some(c),
+            (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < self.full_scan_every => Some(c),
             (Lane::Drain, _) => {
                 self.last_full_scan = std::time::Instant::now();
                 None
@@ -1075,6 +1112,7 @@ impl Lifecycle for SweepActor {
         self.drain_in_flight = 0;
         self.fresh_again = false;
         self.cursor = None;
+        self.full_scan_every = FULL_SCAN_EVERY;
         self.running.clear();
         self.lane_suspect = None;
         // A wake-up lost with the failed actor must not block the next ones.
@@ -1187,6 +1225,18 @@ impl Handler<Stop> for SweepActor {
 mod tests {
     use super::*;
     use crate::config::MetricsConfig;
+
+    #[test]
+    fn claims_from_the_beginning_space_out_as_they_grow_dear() {
+        // A cheap one (a 2 ms claim of a full batch): every 250 ms.
+        assert_eq!(full_scan_every(2_000), FULL_SCAN_EVERY);
+        // Walking a million dead index entries (8 ms): every 800 ms.
+        assert_eq!(full_scan_every(8_000), Duration::from_millis(800));
+        // Behind a held snapshot (50 ms): every 5 s; never rarer than 10 s.
+        assert_eq!(full_scan_every(50_000), Duration::from_secs(5));
+        assert_eq!(full_scan_every(3_000_000), FULL_SCAN_AT_MOST);
+        assert_eq!(full_scan_every(u64::MAX), FULL_SCAN_AT_MOST);
+    }
 
     /// Stands in for the sweep: counts the wake-ups that reach its mailbox
     /// and takes them the way the sweep does.

@@ -2,8 +2,9 @@
 //! rate in multi-row transactions, with the relay at the shipped defaults.
 //!
 //! Every transaction carries one latency row (a job of its own, timed from
-//! commit to its schedule key's keyspace notification); a sampler reads the
-//! outbox's size every 100 ms (the backlog); the relay's own
+//! commit to its schedule key's keyspace notification); a sampler computes
+//! the backlog every 100 ms (rows committed minus rows the relays report
+//! delivered); the relay's own
 //! `outbox_relay_claim_duration_seconds` is scraped at each phase boundary.
 //! With `--hold-snapshot`, the run has three phases: before, while another
 //! session holds a REPEATABLE READ snapshot (vacuum can then remove none of
@@ -46,8 +47,10 @@ pub struct Phase {
     pub seconds: f64,
     /// Commit→visible of the one latency row per transaction.
     pub latency: Latency,
-    /// The most rows in the outbox at a 100 ms sample, and that in seconds
-    /// of production.
+    /// The most rows committed but not yet delivered at a 100 ms sample
+    /// (rows committed before the sample minus the relays'
+    /// `outbox_relay_sweep_rows_total{outcome="dispatched"}`), and that in
+    /// seconds of production.
     pub max_backlog_rows: i64,
     pub max_backlog_seconds: f64,
     /// The relay's claims in the phase (every lane, found rows or not):
@@ -174,19 +177,23 @@ pub(super) async fn sustained(
     }
 
     let watch = KeyspaceWatch::start(cfg, prefix).await?;
-    // The backlog: the outbox's size every 100 ms, with the time read.
+    // The backlog every 100 ms: rows committed minus rows the relays
+    // delivered (their own counter). Not `count(*)` of the outbox: that
+    // scans every dead tuple too, and the scan would grow with them and
+    // take the cores the relay is measured on.
     let samples: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let committed_rows = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let sampler = {
-        let sink = samples.clone();
-        let reader = crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?;
+        let (sink, produced, ports) = (samples.clone(), committed_rows.clone(), ports.clone());
+        let delivered_at_start = claims_now(&ports).await.delivered;
         super::measure::AbortOnDrop::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                if let Ok(row) = reader.query_typed_one("SELECT count(*) FROM task_outbox", &[]).await {
-                    if let Ok(mut s) = sink.lock() {
-                        s.push((Instant::now(), row.get(0)));
-                    }
+                let before = produced.load(std::sync::atomic::Ordering::SeqCst);
+                let delivered = claims_now(&ports).await.delivered - delivered_at_start;
+                if let Ok(mut s) = sink.lock() {
+                    s.push((Instant::now(), (before as f64 - delivered).max(0.0) as i64));
                 }
             }
         })
@@ -228,6 +235,7 @@ pub(super) async fn sustained(
                 .map_err(pg)?;
             committed.push((job.to_string(), Instant::now()));
             produced += rows;
+            committed_rows.store(produced, std::sync::atomic::Ordering::SeqCst);
         }
         let dead: i64 = client
             .query_typed_one(
