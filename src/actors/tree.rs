@@ -228,15 +228,16 @@ pub fn start(
     });
 
     metrics.listen_active.set(0);
-    let listener = crate::db::listen::ListenTarget::of(&cfg.database).map(|target| {
-        let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
-        actix_rt::spawn(crate::db::listen::listen(
-            target,
-            metrics.listen_active.clone(),
-            move || waker.wake(),
-            log.new(slog::o!("actor" => "SweepActor")),
-        ))
-    });
+    let listener =
+        crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
+            let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
+            actix_rt::spawn(crate::db::listen::listen(
+                target,
+                metrics.listen_active.clone(),
+                move || waker.wake(),
+                log.new(slog::o!("actor" => "SweepActor")),
+            ))
+        });
 
     let reporter = actix_rt::spawn(report_health(
         health.clone(),

@@ -212,7 +212,11 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
     let mut st = tokio::time::timeout(STATUS_TIMEOUT, read)
         .await
         .map_err(|_| stalled())??;
-    let hearing = crate::db::listen::check(crate::db::listen::ListenTarget::of(&cfg.database)).await;
+    let hearing = crate::db::listen::check(crate::db::listen::ListenTarget::new(
+        cfg.database.listen_target(),
+        &cfg.database.url,
+    ))
+    .await;
     st.listen = hearing.word().to_string();
     st.listen_detail = hearing.describe();
     let redis: Result<Vec<Schedule>, String> = async {

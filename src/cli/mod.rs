@@ -246,7 +246,11 @@ pub fn execute(cli: Cli) -> ExitCode {
                     } else {
                         println!("# postgres: the role holds every privilege `run` requires");
                     }
-                    let hearing = db::listen::check(db::listen::ListenTarget::of(&cfg.database)).await;
+                    let hearing = db::listen::check(db::listen::ListenTarget::new(
+                        cfg.database.listen_target(),
+                        &cfg.database.url,
+                    ))
+                    .await;
                     println!("# postgres: listen: {}", hearing.describe());
                     let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
                     println!("# redis: reachable (PING {}µs)", rtt.as_micros());

@@ -68,11 +68,13 @@ pub struct ListenTarget {
 }
 
 impl ListenTarget {
-    /// Where a configuration listens, or `None` when it only polls.
-    pub fn of(db: &crate::config::DatabaseConfig) -> Option<ListenTarget> {
-        db.listen_target().map(|url| ListenTarget {
+    /// Listening on `listen` (`DatabaseConfig::listen_target`: `None`
+    /// when the relay only polls), checked through `notify_url`
+    /// (`database.url`).
+    pub fn new(listen: Option<&str>, notify_url: &str) -> Option<ListenTarget> {
+        listen.map(|url| ListenTarget {
             listen_url: url.to_string(),
-            notify_url: db.url.clone(),
+            notify_url: notify_url.to_string(),
         })
     }
 }
