@@ -46,7 +46,7 @@ pub(super) fn describe_settings(config: Option<&str>, prefix: &str, extra: &[(&s
                 || k == "REDIS_URL"
         })
         .map(|(k, v)| {
-            if k.contains("URL") {
+            if k.contains("URL") && (v.contains("://") || v.contains('=')) {
                 format!("{k} (a service address)")
             } else {
                 format!("{k}={v}")
