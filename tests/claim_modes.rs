@@ -140,8 +140,10 @@ async fn a_column_added_while_running_is_kept_by_falling_back_to_locking_claims(
     c.batch_execute("ALTER TABLE task_outbox ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'")
         .await
         .expect("add a column");
-    let jobs = seed(&db, 200, 5).await;
+    // Poisoned before its rows exist: the running relay cannot deliver them first.
+    let jobs = new_jobs(5);
     poison_job(&redis_url, &prefix, &jobs[2]).await;
+    seed_for(&db, 200, &jobs).await;
     c.batch_execute("UPDATE task_outbox SET tenant = 'mine'")
         .await
         .expect("set tenants");
@@ -193,8 +195,10 @@ async fn insert_revoked_while_running_falls_back_instead_of_looping() {
     c.batch_execute("REVOKE INSERT ON task_outbox FROM outbox_relay")
         .await
         .expect("revoke");
-    let jobs = seed(&db, 200, 5).await;
+    // Poisoned before its rows exist: the running relay cannot deliver them first.
+    let jobs = new_jobs(5);
     poison_job(&redis_url, &prefix, &jobs[2]).await;
+    seed_for(&db, 200, &jobs).await;
     wait_until("poisoned rows count attempts", Duration::from_secs(60), || async {
         db.count("SELECT count(*) FROM task_outbox").await == 40
             && db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 2").await == 40

@@ -813,6 +813,14 @@ impl Drop for RelayProcess {
 /// so the encoding is exercised, not just one shape.
 pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
     let job_ids: Vec<uuid::Uuid> = (0..jobs).map(|_| uuid::Uuid::new_v4()).collect();
+    seed_for(db, rows, &job_ids).await;
+    job_ids
+}
+
+/// [`seed`] for jobs chosen beforehand: a test that poisons a job's
+/// schedule while a relay runs poisons it first, or the relay may deliver
+/// the job's rows before the poison lands.
+pub async fn seed_for(db: &TestDb, rows: i64, job_ids: &[uuid::Uuid]) {
     // Our schema takes any task_type and run id, so the seed covers the
     // encoder's cases (empty task_type, a crawl row with a run id). The Go
     // schema checks task_type (crawl | lighthouse) and routing (lighthouse
@@ -847,7 +855,6 @@ pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
         )
         .await
         .expect("seed outbox rows");
-    job_ids
 }
 
 /// The member and score every outbox row should end up as, computed here
