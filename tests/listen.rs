@@ -93,3 +93,73 @@ async fn listen_off_polls_only() {
     );
     relay.stop().await;
 }
+
+/// Several relays on one database: one answers notifications (it holds the
+/// listen lead), the others poll and drain; when it stops, another takes
+/// the lead and answers from then on.
+#[tokio::test]
+async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let env = shipped_env(&db.url, &redis_url, &prefix);
+    let mut a = RelayProcess::spawn(&env);
+    let mut b = RelayProcess::spawn(&env);
+    a.wait_started().await;
+    b.wait_started().await;
+    let follows = |r: &RelayProcess| !r.records("another relay answers new-row notifications").is_empty();
+    wait_until(
+        "one relay holds the lead, the other follows",
+        Duration::from_secs(30),
+        || async {
+            let (x, y) = (lead(&a).await, lead(&b).await);
+            (x == Some(1.0) && y == Some(0.0) && follows(&b)) || (x == Some(0.0) && y == Some(1.0) && follows(&a))
+        },
+    )
+    .await;
+    let (leader, follower) = if lead(&a).await == Some(1.0) { (a, b) } else { (b, a) };
+    assert_eq!(leader.records("this relay answers new-row notifications").len(), 1);
+    assert_eq!(
+        follower.records("another relay answers new-row notifications").len(),
+        1,
+        "{:#?}",
+        follower.lines()
+    );
+    // Both heard their own check: listening works on both.
+    assert_eq!(follower.metric("outbox_relay_listen_active", &[]).await, Some(1.0));
+
+    leader.stop().await;
+    wait_until("the other relay takes the lead", Duration::from_secs(30), || async {
+        follower.metric("outbox_relay_listen_leader", &[]).await == Some(1.0)
+    })
+    .await;
+    let woken_before = follower
+        .metric("outbox_relay_wakeups_total", &[("result", "sent")])
+        .await
+        .unwrap_or(0.0);
+    let jobs = new_jobs(1);
+    let c = db.client().await;
+    for i in 0..10 {
+        c.execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             VALUES (gen_random_uuid(), $1, $2, 'h', '/p', 1, 's', now())",
+            &[&jobs[0], &i],
+        )
+        .await
+        .expect("insert");
+    }
+    wait_drained(&db, Duration::from_secs(30)).await;
+    wait_until("the new lead's sweep is woken", Duration::from_secs(10), || async {
+        follower
+            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
+            .await
+            .unwrap_or(0.0)
+            > woken_before
+    })
+    .await;
+    follower.stop().await;
+}
+
+async fn lead(r: &RelayProcess) -> Option<f64> {
+    r.metric("outbox_relay_listen_leader", &[]).await
+}

@@ -128,6 +128,11 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
         "claims that found rows are timed"
     );
     assert_eq!(metric_value(&text, "outbox_relay_listen_active", &[]), Some(1.0));
+    assert_eq!(
+        metric_value(&text, "outbox_relay_listen_leader", &[]),
+        Some(1.0),
+        "a lone relay answers notifications"
+    );
     assert_eq!(metric_value(&text, "outbox_relay_redis_up", &[]), Some(1.0));
     assert!(metric_value(&text, "outbox_relay_redis_ping_seconds", &[]).is_some());
     assert_eq!(

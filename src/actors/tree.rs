@@ -228,12 +228,16 @@ pub fn start(
     });
 
     metrics.listen_active.set(0);
+    metrics.listen_leader.set(0);
     let listener =
         crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
             let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
             actix_rt::spawn(crate::db::listen::listen(
                 target,
-                metrics.listen_active.clone(),
+                crate::db::listen::ListenGauges {
+                    active: metrics.listen_active.clone(),
+                    leader: metrics.listen_leader.clone(),
+                },
                 move || waker.wake(),
                 log.new(slog::o!("actor" => "SweepActor")),
             ))

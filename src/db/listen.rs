@@ -137,19 +137,41 @@ pub async fn check(target: Option<ListenTarget>) -> Hearing {
     }
 }
 
+/// The gauges the listener keeps.
+#[derive(Clone)]
+pub struct ListenGauges {
+    /// 1 while the listener is up and heard its own NOTIFY.
+    pub active: prometheus::IntGauge,
+    /// 1 while this relay answers new-row notifications (the lead).
+    pub leader: prometheus::IntGauge,
+}
+
+/// The session advisory lock (two int4 keys: "orly", "lead") whose holder
+/// answers new-row notifications. Taken on the listen connection, so it
+/// goes with that connection: a relay that stops, crashes or loses its
+/// listener hands the lead on.
+pub const LEAD_LOCK: (i32, i32) = (0x6f72_6c79, 0x6c65_6164);
+
+/// How often a relay without the lead tries to take it.
+pub const LEAD_RETRY: Duration = Duration::from_secs(1);
+
 /// Listen forever (until the task is aborted), reconnecting with backoff;
-/// `active` follows whether new rows wake the sweep.
-pub async fn listen<F: Fn() + Send + 'static>(
-    target: ListenTarget,
-    active: prometheus::IntGauge,
-    wake: F,
-    log: Logger,
-) {
+/// `gauges` follow whether new rows wake the sweep.
+///
+/// Every relay listens, but one answers: with several relays, each
+/// claiming for each notification found nothing two times in three (three
+/// relays at ~1,000 single-row commits/s: 0.64 empty claims per delivered
+/// row, against 0.002 when polling). The relay holding [`LEAD_LOCK`] wakes
+/// its sweep for new rows; the others poll and drain (a full batch keeps
+/// every relay's drain lanes going), and try for the lead every
+/// [`LEAD_RETRY`].
+pub async fn listen<F: Fn() + Send + 'static>(target: ListenTarget, gauges: ListenGauges, wake: F, log: Logger) {
     let mut backoff = Duration::from_millis(200);
     let mut warned_deaf = false;
     loop {
-        let ended = listen_once(&target, &active, &wake, &log, &mut warned_deaf).await;
-        active.set(0);
+        let ended = listen_once(&target, &gauges, &wake, &log, &mut warned_deaf).await;
+        gauges.active.set(0);
+        gauges.leader.set(0);
         match ended {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
@@ -162,29 +184,29 @@ pub async fn listen<F: Fn() + Send + 'static>(
     }
 }
 
-/// One connection's life: LISTEN, the end-to-end check, then wake for each
-/// notification until the connection ends (`Ok`) or fails (`Err`).
+/// One connection's life: LISTEN, the end-to-end check, the lead, then wake
+/// for each notification until the connection ends (`Ok`) or fails (`Err`).
 async fn listen_once<F: Fn()>(
     target: &ListenTarget,
-    active: &prometheus::IntGauge,
+    gauges: &ListenGauges,
     wake: &F,
     log: &Logger,
     warned_deaf: &mut bool,
 ) -> Result<(), String> {
     let mut session = Session::open(&target.listen_url).await?;
     let mut heard = session.probe(&target.notify_url).await?;
+    let mut leader = false;
+    // Whether a relay without the lead said so since it last changed.
+    let mut said_follower = false;
     loop {
-        let recheck = if heard {
-            active.set(1);
+        let next = if heard {
+            gauges.active.set(1);
             info!(log, "listening for new outbox rows; checked end to end";
                 "channel" => CHANNEL, "url" => redact_url(&target.listen_url));
             *warned_deaf = false;
-            // Rows committed while nobody listened: polling would find
-            // them, a tick now finds them sooner.
-            wake();
-            None
+            tokio::time::Instant::now()
         } else {
-            active.set(0);
+            gauges.active.set(0);
             if *warned_deaf {
                 debug!(log, "the listener still hears nothing"; "url" => redact_url(&target.listen_url));
             } else {
@@ -194,11 +216,14 @@ async fn listen_once<F: Fn()>(
                     "fix" => DEAF_FIX);
                 *warned_deaf = true;
             }
-            Some(tokio::time::Instant::now() + DEAF_RECHECK)
+            tokio::time::Instant::now() + DEAF_RECHECK
         };
-        // Until the connection ends, or (deaf) the next check.
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        // Until the connection ends, or (deaf) the next check; a relay that
+        // hears tries for the lead at once and then every LEAD_RETRY until
+        // it has it.
+        let mut due = Some(next);
         heard = loop {
+            let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 ended = &mut session.driver => {
                     return match ended {
@@ -206,9 +231,33 @@ async fn listen_once<F: Fn()>(
                         Err(e) => Err(e.to_string()),
                     };
                 }
-                () = session.arrived.notified() => wake(),
-                () = tokio::time::sleep_until(recheck.unwrap_or(far)), if recheck.is_some() => {
-                    break session.probe(&target.notify_url).await?;
+                () = session.arrived.notified() => {
+                    if leader {
+                        wake();
+                    }
+                }
+                () = tokio::time::sleep_until(due.unwrap_or(far)), if due.is_some() => {
+                    if !heard {
+                        break session.probe(&target.notify_url).await?;
+                    }
+                    leader = session.try_lead().await?;
+                    if leader {
+                        gauges.leader.set(1);
+                        info!(log, "this relay answers new-row notifications (the listen lead)";
+                            "lock" => format!("pg_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1));
+                        // Rows committed while nobody answered: polling
+                        // would find them, a tick now finds them sooner.
+                        wake();
+                        due = None;
+                    } else {
+                        gauges.leader.set(0);
+                        if !said_follower {
+                            info!(log, "another relay answers new-row notifications; this one polls and drains, and takes over when it goes";
+                                "retry_ms" => LEAD_RETRY.as_millis() as u64);
+                            said_follower = true;
+                        }
+                        due = Some(tokio::time::Instant::now() + LEAD_RETRY);
+                    }
                 }
             }
         };
@@ -217,8 +266,8 @@ async fn listen_once<F: Fn()>(
 
 /// One LISTEN connection and what its notifications signal.
 struct Session {
-    /// Kept so the connection stays open.
-    _client: tokio_postgres::Client,
+    /// The LISTEN connection (also where the lead lock is held).
+    client: tokio_postgres::Client,
     /// Polls the connection; ends when it does.
     driver: tokio::task::JoinHandle<Result<(), String>>,
     /// New rows: at most one pending permit, so notifications that arrive
@@ -271,13 +320,28 @@ impl Session {
             .map_err(|_| format!("LISTEN: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
             .map_err(|e| pg_error_text(&e))?;
         Ok(Session {
-            _client: client,
+            client,
             driver,
             arrived,
             heard,
             sent: AtomicU64::new(0),
             nonce,
         })
+    }
+
+    /// Try for [`LEAD_LOCK`] on this connection (the simple protocol:
+    /// nothing prepared, pgbouncer-safe). `Ok(true)` when this session holds
+    /// it (taking it again is harmless: a holder's count only grows).
+    async fn try_lead(&self) -> Result<bool, String> {
+        let sql = format!("SELECT pg_try_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1);
+        let rows = tokio::time::timeout(CONNECT_TIMEOUT, self.client.simple_query(&sql))
+            .await
+            .map_err(|_| format!("the listen lead: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("the listen lead: {}", pg_error_text(&e)))?;
+        Ok(rows.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+            _ => false,
+        }))
     }
 
     /// NOTIFY through `notify_url` (a connection of its own, as a

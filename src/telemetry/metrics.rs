@@ -96,6 +96,8 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     /// 1 while the LISTEN connection is up and was heard end to end.
     pub listen_active: IntGauge,
+    /// 1 while this relay holds the listen lead (answers notifications).
+    pub listen_leader: IntGauge,
     /// 1 while Redis memory back-pressure holds writes back.
     pub redis_backpressure: IntGauge,
     /// used_memory / maxmemory at the last reading (absent without a limit).
@@ -242,6 +244,10 @@ impl Metrics {
             listen_active: int_gauge(
                 "outbox_relay_listen_active",
                 "1 while new rows wake the sweep (the LISTEN connection is up and heard the relay's own NOTIFY sent through database.url), else 0: polling every sweep.interval only (database.listen_url = \"off\", a listener behind pgbouncer in transaction pooling, or a lost connection).",
+            )?,
+            listen_leader: int_gauge(
+                "outbox_relay_listen_leader",
+                "1 while this relay answers new-row notifications (it holds the listen lead, a session advisory lock on its LISTEN connection), else 0: another relay answers, this one polls every sweep.interval and drains.",
             )?,
             redis_up: int_gauge(
                 "outbox_relay_redis_up",
