@@ -41,29 +41,11 @@ async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
 
     // Rows committed one statement at a time: each statement's NOTIFY
     // wakes the sweep (the counter moves), and every row arrives.
-    let woken_before = relay
-        .metric("outbox_relay_wakeups_total", &[("result", "sent")])
-        .await
-        .unwrap_or(0.0);
-    let jobs = new_jobs(1);
-    let c = db.client().await;
-    for i in 0..20 {
-        c.execute(
-            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-             VALUES (gen_random_uuid(), $1, $2, 'h', '/p', 1, 's', now())",
-            &[&jobs[0], &i],
-        )
-        .await
-        .expect("insert");
-    }
-    wait_drained(&db, Duration::from_secs(30)).await;
+    let woken_before = woken(&relay).await;
+    commit_one_by_one(&db, 20).await;
     assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 20);
     wait_until("the notifications woke the sweep", Duration::from_secs(10), || async {
-        relay
-            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
-            .await
-            .unwrap_or(0.0)
-            > woken_before
+        woken(&relay).await > woken_before
     })
     .await;
     relay.stop().await;
@@ -84,13 +66,7 @@ async fn listen_off_polls_only() {
     assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 50);
     assert_eq!(relay.metric("outbox_relay_listen_active", &[]).await, Some(0.0));
     assert!(relay.records("listening for new outbox rows").is_empty());
-    assert_eq!(
-        relay
-            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
-            .await
-            .unwrap_or(0.0),
-        0.0
-    );
+    assert_eq!(woken(&relay).await, 0.0);
     relay.stop().await;
 }
 
@@ -133,28 +109,10 @@ async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() 
         follower.metric("outbox_relay_listen_leader", &[]).await == Some(1.0)
     })
     .await;
-    let woken_before = follower
-        .metric("outbox_relay_wakeups_total", &[("result", "sent")])
-        .await
-        .unwrap_or(0.0);
-    let jobs = new_jobs(1);
-    let c = db.client().await;
-    for i in 0..10 {
-        c.execute(
-            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-             VALUES (gen_random_uuid(), $1, $2, 'h', '/p', 1, 's', now())",
-            &[&jobs[0], &i],
-        )
-        .await
-        .expect("insert");
-    }
-    wait_drained(&db, Duration::from_secs(30)).await;
+    let woken_before = woken(&follower).await;
+    commit_one_by_one(&db, 10).await;
     wait_until("the new lead's sweep is woken", Duration::from_secs(10), || async {
-        follower
-            .metric("outbox_relay_wakeups_total", &[("result", "sent")])
-            .await
-            .unwrap_or(0.0)
-            > woken_before
+        woken(&follower).await > woken_before
     })
     .await;
     follower.stop().await;
@@ -162,4 +120,28 @@ async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() 
 
 async fn lead(r: &RelayProcess) -> Option<f64> {
     r.metric("outbox_relay_listen_leader", &[]).await
+}
+
+/// `outbox_relay_wakeups_total{result="sent"}` now (0 before the first).
+async fn woken(r: &RelayProcess) -> f64 {
+    r.metric("outbox_relay_wakeups_total", &[("result", "sent")])
+        .await
+        .unwrap_or(0.0)
+}
+
+/// `n` due rows of one new job, each committed by a statement of its own
+/// (each sends its NOTIFY), then wait until the outbox is empty.
+async fn commit_one_by_one(db: &TestDb, n: i32) {
+    let job = new_jobs(1)[0];
+    let c = db.client().await;
+    for i in 0..n {
+        c.execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             VALUES (gen_random_uuid(), $1, $2, 'h', '/p', 1, 's', now())",
+            &[&job, &i],
+        )
+        .await
+        .expect("insert");
+    }
+    wait_drained(db, Duration::from_secs(30)).await;
 }
