@@ -27,17 +27,7 @@ async fn bench_runs_every_phase_and_reports_every_figure() {
         "1",
         "--json",
     ];
-    let child = relay_command(&args, &env)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run outbox-relay bench");
-    // The bench names its scratch database after its process id.
-    let scratch = format!("outbox_bench_{}", child.id());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("bench thread")
-        .expect("outbox-relay bench output");
+    let (scratch, out) = run_bench(&args, &env).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {}\n{stderr}", out.status);
     // Progress goes to stderr, one line per phase.
@@ -186,15 +176,7 @@ async fn sustained_with_a_held_snapshot_reports_every_phase() {
         "5",
         "--json",
     ];
-    let child = relay_command(&args, &env)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run outbox-relay bench --sustained");
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("bench thread")
-        .expect("outbox-relay bench output");
+    let (_, out) = run_bench(&args, &env).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed: {}\n{stderr}", out.status);
     assert!(
@@ -221,4 +203,20 @@ async fn sustained_with_a_held_snapshot_reports_every_phase() {
         assert!(p["empty_claims_per_row"].as_f64().is_some_and(|v| v >= 0.0), "{p}");
     }
     assert!(r["produced_rows"].as_i64().is_some_and(|n| n >= 400 * 5), "{r}");
+}
+
+/// Run `outbox-relay` with `args` to the end: the bench's scratch database
+/// name (it is named after the process id) and the output.
+async fn run_bench(args: &[&str], env: &[(String, String)]) -> (String, std::process::Output) {
+    let child = relay_command(args, env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outbox-relay bench");
+    let scratch = format!("outbox_bench_{}", child.id());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("bench thread")
+        .expect("outbox-relay bench output");
+    (scratch, out)
 }

@@ -161,8 +161,9 @@ pub(super) async fn sustained(
     let started = Instant::now();
     let listen_active = loop {
         if let Some(text) = scrape(port).await {
-            if metric_sum(&text, "outbox_relay_listen_active", "") > 0.0 || started.elapsed() > Duration::from_secs(5) {
-                break metric_sum(&text, "outbox_relay_listen_active", "") > 0.0;
+            let active = metric_sum(&text, "outbox_relay_listen_active", "") > 0.0;
+            if active || started.elapsed() > Duration::from_secs(5) {
+                break active;
             }
         }
         if started.elapsed() > Duration::from_secs(60) {
