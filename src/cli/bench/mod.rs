@@ -97,6 +97,11 @@ pub struct BenchArgs {
     /// Length of the phases before and after a held snapshot, in seconds.
     #[arg(long, default_value_t = 30)]
     pub phase_seconds: u64,
+    /// Leave out the Postgres-only floors (the ratios are then 0): for a
+    /// long drain whose last tenth ÷ first is the point (each floor drains
+    /// `--rows` too: at 5,000,000 rows they take most of the run).
+    #[arg(long)]
+    pub skip_floors: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -138,12 +138,18 @@ pub(super) async fn drain_and_latency(
     );
 
     let size = (args.rows, args.jobs, args.spread_run_at);
-    eprintln!("bench: floor (Postgres alone, 1 connection)…");
-    let floor_rps = floor(url, &client, size, batch, 1, FloorStatement::IdIn).await?;
-    eprintln!("bench: floor (Postgres alone, 2 connections)…");
-    let floor2_rps = floor(url, &client, size, batch, 2, FloorStatement::IdIn).await?;
-    eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
-    let floor_ctid_rps = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
+    let (floor_rps, floor2_rps, floor_ctid_rps) = if args.skip_floors {
+        eprintln!("bench: floors skipped (--skip-floors): the ratios to them are 0");
+        (0.0, 0.0, 0.0)
+    } else {
+        eprintln!("bench: floor (Postgres alone, 1 connection)…");
+        let one = floor(url, &client, size, batch, 1, FloorStatement::IdIn).await?;
+        eprintln!("bench: floor (Postgres alone, 2 connections)…");
+        let two = floor(url, &client, size, batch, 2, FloorStatement::IdIn).await?;
+        eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
+        let ctid = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
+        (one, two, ctid)
+    };
 
     eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
     eprintln!("bench: drain…");
@@ -228,8 +234,8 @@ pub(super) async fn drain_and_latency(
             _ => 0.0,
         },
         drain_deciles: deciles,
-        ratio_to_floor: drain_rps / floor_rps.max(1e-9),
-        ratio_to_floor2: drain_rps / floor2_rps.max(1e-9),
+        ratio_to_floor: ratio(drain_rps, floor_rps),
+        ratio_to_floor2: ratio(drain_rps, floor2_rps),
         relay_cpu_seconds: cpu_after - cpu_before,
         relay_peak_rss_mib: peak_kib as f64 / 1024.0,
         latency_idle: idle,
@@ -238,6 +244,15 @@ pub(super) async fn drain_and_latency(
             .then(|| (args.backlog_rows * i64::from(args.backlog_runs.max(1))) as f64 / backlog_secs),
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     })
+}
+
+/// `rps ÷ floor`, 0 without a floor (`--skip-floors`).
+fn ratio(rps: f64, floor: f64) -> f64 {
+    if floor > 0.0 {
+        rps / floor
+    } else {
+        0.0
+    }
 }
 
 /// The scaling matrix: the floor, then one drain per (relays, concurrency).

@@ -58,8 +58,11 @@ pub struct Phase {
     pub claims: f64,
     pub claim_mean_ms: f64,
     pub claim_p99_ms: f64,
-    /// Claims that found nothing, per row delivered (every relay).
+    /// Claims that found nothing, per row delivered (every relay), and
+    /// of those the fresh lane's (claims for a notification; the rest are
+    /// drain lanes' polls).
     pub empty_claims_per_row: f64,
+    pub empty_fresh_claims_per_row: f64,
     /// `n_dead_tup` of task_outbox at the end of the phase.
     pub dead_tuples: i64,
 }
@@ -72,6 +75,7 @@ struct ClaimSnapshot {
     buckets: Vec<(f64, f64)>,
     /// Claims that found nothing, and rows delivered.
     empty: f64,
+    empty_fresh: f64,
     delivered: f64,
 }
 
@@ -84,6 +88,7 @@ async fn claims_now(ports: &[u16]) -> ClaimSnapshot {
         all.count += metric_sum(&text, &format!("{CLAIM_METRIC}_count"), "");
         all.sum += metric_sum(&text, &format!("{CLAIM_METRIC}_sum"), "");
         all.empty += metric_sum(&text, &format!("{CLAIM_METRIC}_count"), "found=\"none\"");
+        all.empty_fresh += metric_sum(&text, &format!("{CLAIM_METRIC}_count"), "found=\"none\",lane=\"fresh\"");
         all.delivered += metric_sum(&text, "outbox_relay_sweep_rows_total", "outcome=\"dispatched\"");
         for (le, n) in histogram(&text, CLAIM_METRIC) {
             match all.buckets.iter_mut().find(|(b, _)| *b == le) {
@@ -289,6 +294,8 @@ pub(super) async fn sustained(
             claim_mean_ms: mean,
             claim_p99_ms: p99,
             empty_claims_per_row: (after.empty - before.empty) / (after.delivered - before.delivered).max(1.0),
+            empty_fresh_claims_per_row: (after.empty_fresh - before.empty_fresh)
+                / (after.delivered - before.delivered).max(1.0),
             dead_tuples: dead,
         });
     }
@@ -320,12 +327,12 @@ pub(super) fn print_sustained(r: &SustainedReport) {
     );
     println!();
     println!(
-        "| phase | s | latency rows | p50 ms | p99 ms | max ms | max backlog rows (s of production) | claims | claim mean ms | claim p99 ms (bucket) | empty claims per row | dead tuples at end |"
+        "| phase | s | latency rows | p50 ms | p99 ms | max ms | max backlog rows (s of production) | claims | claim mean ms | claim p99 ms (bucket) | empty claims per row (fresh lane's) | dead tuples at end |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in &r.phases {
         println!(
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.0} | {:.3} | ≤ {} | {:.4} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.0} | {:.3} | ≤ {} | {:.4} ({:.4}) | {} |",
             p.name,
             p.seconds,
             p.latency.rows,
@@ -338,6 +345,7 @@ pub(super) fn print_sustained(r: &SustainedReport) {
             p.claim_mean_ms,
             p.claim_p99_ms,
             p.empty_claims_per_row,
+            p.empty_fresh_claims_per_row,
             p.dead_tuples
         );
     }
