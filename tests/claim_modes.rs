@@ -109,16 +109,6 @@ async fn the_shipped_roles_claim_by_deleting() {
     assert!(config.contains("; claim: delete"), "{config}");
 }
 
-/// The job's schedule key made a string: every ZADD of its rows fails with
-/// WRONGTYPE, so those rows stay (retried) and a delete claim puts them back.
-async fn poison_job(redis_url: &str, prefix: &str, job: &uuid::Uuid) {
-    let mut conn = redis_conn(redis_url).await;
-    let _: () = conn
-        .set(format!("{prefix}sched:{job}"), "not a sorted set")
-        .await
-        .expect("SET");
-}
-
 /// A column added while the relay runs (expand-then-deploy): the relay
 /// notices at its next tick, claims by locking from then on with one
 /// warning, and no retried row has its value replaced by the column's

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use redis::AsyncCommands;
 
 #[tokio::test]
 async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
@@ -116,6 +117,129 @@ async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() 
     })
     .await;
     follower.stop().await;
+}
+
+/// While the listener hears, idle lanes poll only every
+/// `sweep.listen_poll_interval` (an hour here): rows inserted not yet due,
+/// rows put back for a retry and rows held by a pause that is lifted must
+/// each wake the relay when they come due. Without those wake-ups each of
+/// them would wait for the hour's poll.
+#[tokio::test]
+async fn what_comes_due_wakes_a_listening_relay_without_polling() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut env = shipped_env(&db.url, &redis_url, &prefix);
+    env.push(("OUTBOX_RELAY_SWEEP__LISTEN_POLL_INTERVAL".into(), "1h".into()));
+    env.push(("OUTBOX_RELAY_SWEEP__BASE_BACKOFF".into(), "300ms".into()));
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("this relay leads", Duration::from_secs(30), || async {
+        lead(&relay).await == Some(1.0)
+    })
+    .await;
+    let c = db.client().await;
+    let insert = |job: uuid::Uuid, rows: i32, delay_ms: i32| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 SELECT gen_random_uuid(), $1, i, 'h', '/p', 1, 's', now() + $3::int4 * interval '1 millisecond'
+                   FROM generate_series(1, $2) i",
+                &[&job, &rows, &delay_ms],
+            )
+            .await
+            .expect("insert");
+        }
+    };
+
+    // Not yet due at the claim its NOTIFY starts: the claim reads when the
+    // first comes due and the relay ticks then.
+    insert(new_jobs(1)[0], 10, 2000).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+
+    // Retried with backoff: each put-back sets a timer for when it comes due.
+    let job = new_jobs(1)[0];
+    poison_job(&redis_url, &prefix, &job).await;
+    insert(job, 10, 0).await;
+    wait_until(
+        "the retried rows came due and were retried again",
+        Duration::from_secs(60),
+        || async {
+            let row = c
+                .query_one("SELECT min(attempts) FROM task_outbox WHERE job_id = $1", &[&job])
+                .await
+                .expect("attempts");
+            row.get::<_, Option<i32>>(0).unwrap_or(0) >= 2
+        },
+    )
+    .await;
+    let mut conn = redis_conn(&redis_url).await;
+    let _: () = conn.del(format!("{}sched:{job}", &*prefix)).await.expect("DEL");
+    wait_drained(&db, Duration::from_secs(60)).await;
+
+    // Held by a pause, then resumed: `resume` notifies.
+    let out = relay_command(&["pause"], &env).output().expect("pause");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let empty_claims = || async {
+        relay
+            .metric(
+                "outbox_relay_claim_duration_seconds_count",
+                &[("found", "none"), ("lane", "fresh")],
+            )
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = empty_claims().await;
+    insert(new_jobs(1)[0], 5, 0).await;
+    wait_until(
+        "the claim for the paused rows left them",
+        Duration::from_secs(30),
+        || async { empty_claims().await > before },
+    )
+    .await;
+    let out = relay_command(&["resume"], &env).output().expect("resume");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 25);
+    relay.stop().await;
+}
+
+/// The relays that do not lead poll every `sweep.listen_poll_interval` (an
+/// hour here), but join a backlog at once: the lead's claim finds a full
+/// batch and it says so (`NOTIFY outbox_relay, 'outbox-relay-backlog'`).
+#[tokio::test]
+async fn the_lead_tells_the_others_when_a_backlog_arrives() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut env = shipped_env(&db.url, &redis_url, &prefix);
+    env.push(("OUTBOX_RELAY_SWEEP__LISTEN_POLL_INTERVAL".into(), "1h".into()));
+    let mut a = RelayProcess::spawn(&env);
+    let mut b = RelayProcess::spawn(&env);
+    a.wait_started().await;
+    b.wait_started().await;
+    wait_until("one relay leads, the other hears", Duration::from_secs(30), || async {
+        let (x, y) = (lead(&a).await, lead(&b).await);
+        matches!((x, y), (Some(1.0), Some(0.0)) | (Some(0.0), Some(1.0))) && hears(&a).await && hears(&b).await
+    })
+    .await;
+    let follower = if lead(&a).await == Some(1.0) { &b } else { &a };
+    seed(&db, 60_000, 5).await;
+    wait_drained(&db, Duration::from_secs(120)).await;
+    let joined = follower
+        .metric("outbox_relay_sweep_rows_total", &[("outcome", "dispatched")])
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        joined > 0.0,
+        "the relay that does not lead delivered none of the backlog"
+    );
+    assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 60_000);
+}
+
+async fn hears(r: &RelayProcess) -> bool {
+    r.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
 }
 
 async fn lead(r: &RelayProcess) -> Option<f64> {

@@ -32,6 +32,7 @@ use super::lifecycle::{
     contain, fail, fail_dependency, fault_point, guarded, interval, later, wedge_point, Core, Lifecycle,
 };
 use super::supervisor::Supervision;
+use crate::db::listen::{Heard, Role, Snapshot};
 use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
 use crate::db::schema::{ClaimMode, Schema};
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
@@ -57,6 +58,10 @@ pub struct SweepSettings {
     /// [`ClaimLimit`]).
     pub max_batch_bytes: u64,
     pub interval: Duration,
+    /// `sweep.listen_poll_interval`: how often an idle lane claims while
+    /// the listener hears new rows (they are announced; a poll only looks
+    /// for what no notification announces).
+    pub listen_poll: Duration,
     pub tick_timeout: Duration,
     pub key_prefix: String,
     /// Ticks run at once, each with its own claimed batch and connection.
@@ -249,6 +254,18 @@ pub struct TickReport {
     /// Microseconds spent in each stage: claim (checkout, begin, claim),
     /// dispatch (encode and the ZADD round trip), settle, commit.
     pub stage_us: [u64; 4],
+    /// The snapshot taken just before the claim (a listening relay's
+    /// claims): every transaction it shows committed is seen by the claim.
+    pub snapshot: Option<Snapshot>,
+    /// How long until the next row not yet due at the claim comes due (by
+    /// the database's clock).
+    pub next_due_in: Option<Duration>,
+    /// Some rows were left as they were, due now (Redis unavailable or
+    /// held back, a write whose outcome is unknown).
+    pub left_due: bool,
+    /// How long until the first row this tick put back for later (a
+    /// retry, a postponed write) comes due.
+    pub put_back_in: Option<Duration>,
 }
 
 /// Why a tick was abandoned. The transaction was rolled back in every case.
@@ -319,7 +336,7 @@ pub async fn run_tick(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    (from, skip_paused, rows): (Option<ClaimCursor>, bool, u32),
+    claim: ClaimPlan,
     deadline: Deadline,
 ) -> Result<TickReport, TickError> {
     let claim_started = std::time::Instant::now();
@@ -328,16 +345,7 @@ pub async fn run_tick(
         CheckoutError::Pool(why) => TickError::Pool(why),
     })?;
     let cancel = conn.cancel_token();
-    let result = tick_on(
-        &mut conn,
-        dispatch,
-        settings,
-        lane,
-        (from, skip_paused, rows),
-        deadline,
-        claim_started,
-    )
-    .await;
+    let result = tick_on(&mut conn, dispatch, settings, lane, claim, deadline, claim_started).await;
     if matches!(result, Err(TickError::Deadline(_) | TickError::CommitUnknown(_))) {
         // The transaction was dropped (its ROLLBACK is queued behind the
         // statement); cancel the statement itself. Bounded: a server that
@@ -355,7 +363,12 @@ async fn tick_on(
     dispatch: &Recipient<DispatchBatch>,
     settings: &SweepSettings,
     lane: Lane,
-    (from, skip_paused, rows): (Option<ClaimCursor>, bool, u32),
+    ClaimPlan {
+        from,
+        skip_paused,
+        rows,
+        horizon,
+    }: ClaimPlan,
     deadline: Deadline,
     claim_started: std::time::Instant,
 ) -> Result<TickReport, TickError> {
@@ -400,13 +413,15 @@ async fn tick_on(
         }
     );
     let mut skip_paused = skip_paused;
-    let (tx, claimed, scopes) = loop {
+    let (tx, claimed, scopes, seen) = loop {
         let tx = deadline
             .run("postgres begin", conn.transaction())
             .await?
             .map_err(TickError::db("postgres begin"))?;
         let set = tx.batch_execute(&set_sql);
-        let scopes = outbox::paused_scopes(&tx);
+        // Before the claim: the pauses, and (the listen lead) what the
+        // claim will see at least and when the next row not yet due comes due.
+        let scopes = outbox::pauses_and_horizon(&tx, horizon);
         let claim = outbox::claim_due(&tx, mode, limit, order, from, skip_paused);
         // After the claim (whose lock keeps ALTER TABLE out until the tick
         // ends): the table's shape, which putting rows back depends on.
@@ -422,7 +437,7 @@ async fn tick_on(
             .run("postgres claim", async { tokio::join!(set, scopes, claim, shape) })
             .await?;
         set.map_err(TickError::db("postgres set timeouts"))?;
-        let scopes = scopes.map_err(TickError::db("read pauses"))?;
+        let (scopes, seen) = scopes.map_err(TickError::db("read pauses"))?;
         let claimed = claim.map_err(TickError::db("postgres claim"))?;
         let shape = shape.map_err(TickError::db("postgres claim"))?;
         if let Some(now) = shape.filter(|now| *now != settings.schema.outbox_shape) {
@@ -448,7 +463,7 @@ async fn tick_on(
             skip_paused = true;
             continue;
         }
-        break (tx, claimed, scopes);
+        break (tx, claimed, scopes, seen);
     };
     let claimed_at = std::time::Instant::now();
     let mut report = TickReport {
@@ -459,6 +474,8 @@ async fn tick_on(
         max_row_bytes: claimed.max_row_bytes.max(probed),
         cursor: claimed.cursor,
         pauses_seen: !scopes.is_empty(),
+        snapshot: seen.as_ref().and_then(|h| h.snapshot.clone()),
+        next_due_in: seen.and_then(|h| h.next_due_in),
         ..TickReport::default()
     };
     if claimed.rows.is_empty() {
@@ -545,6 +562,8 @@ async fn tick_on(
     report.deferred = plan.deferred;
     report.last_retry_error = plan.last_retry_error.clone();
     report.last_dead_error = plan.dead_errors.last().cloned();
+    report.left_due = plan.deferred > plan.postpone_ids.len();
+    report.put_back_in = plan.earliest_put_back();
 
     if delete_claim && plan.changes_nothing() {
         // Every row stays as it was (Redis unavailable, held back): a
@@ -632,13 +651,33 @@ async fn tick_on(
     Ok(report)
 }
 
+/// What a tick claims.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimPlan {
+    /// Oldest-first from here (a drain lane's cursor).
+    pub from: Option<ClaimCursor>,
+    /// Leave paused jobs' rows (something was paused at the last claim).
+    pub skip_paused: bool,
+    /// The row limit (0: size the first claim by the rows due).
+    pub rows: u32,
+    /// Also read the claim's snapshot and when the next row comes due
+    /// ([`outbox::pauses_and_horizon`]): for the listen lead.
+    pub horizon: bool,
+}
+
 /// When the next tick starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pace {
     /// The last tick claimed a full batch: more is probably due, go on at once.
     Drain,
-    /// Wait `sweep.interval`.
+    /// Wait `sweep.interval`: something may be due now (a tick failed,
+    /// Redis was unavailable or held back, rows were left due).
     Idle,
+    /// Every claimed row was settled: while the listener hears new rows,
+    /// wait `sweep.listen_poll_interval` (new rows are announced; rows put
+    /// back and rows not yet due have timers of their own); otherwise as
+    /// `Idle`.
+    Quiet,
 }
 
 pub struct SweepActor {
@@ -687,6 +726,18 @@ pub struct SweepActor {
     last_wake: Option<std::time::Instant>,
     /// Another wake-up came while it ran: run one more after it.
     fresh_again: bool,
+    /// What the listener heard (shared with it): this relay's role, and
+    /// the transactions announced since the sweep last looked.
+    heard: Arc<Heard>,
+    /// The snapshot of the last fresh claim that took every due row it
+    /// could see: an announced transaction visible in it needs no claim.
+    fresh_seen: Option<Snapshot>,
+    /// When a drain tick is due for rows coming due (put back, or not yet
+    /// due at a claim), and its timer.
+    due_timer: Option<(tokio::time::Instant, SpawnHandle)>,
+    /// When this relay (the listen lead) last told the others a backlog is
+    /// arriving.
+    last_backlog_notice: Option<std::time::Instant>,
     /// Per-tick warnings (Redis unavailable / refusing / row retries), at
     /// most one line per [`WARN_EVERY`] each.
     warn_throttles: [Throttle; 4],
@@ -702,11 +753,15 @@ impl SweepActor {
         stats: Arc<SweepStats>,
         health: Arc<ActorHealth>,
         supervision: Supervision,
-        (metrics, wake_pending): (Metrics, Arc<AtomicBool>),
+        (metrics, wake_pending, heard): (Metrics, Arc<AtomicBool>, Arc<Heard>),
         log: &Logger,
     ) -> Self {
         SweepActor {
             wake_pending,
+            heard,
+            fresh_seen: None,
+            due_timer: None,
+            last_backlog_notice: None,
             claim_limit: ClaimLimit::new(settings.batch_size, settings.max_batch_bytes),
             core: Core::new(health, supervision, settings.error_budget, log),
             settings,
@@ -755,22 +810,118 @@ impl SweepActor {
                 deadline: Deadline::after(self.settings.tick_timeout),
                 lane: Lane::Drain,
             }),
-            Pace::Idle => {
-                let slot = std::rc::Rc::new(std::cell::Cell::new(None::<SpawnHandle>));
-                let me = slot.clone();
-                let timer = later(ctx, self.settings.interval, move |act, ctx| {
-                    if let Some(h) = me.get() {
-                        act.idle_timers.retain(|t| *t != h);
-                    }
-                    ctx.notify(Tick {
-                        deadline: Deadline::after(act.settings.tick_timeout),
-                        lane: Lane::Drain,
-                    })
-                });
-                slot.set(Some(timer));
-                self.idle_timers.push(timer);
-            }
+            Pace::Idle => self.wait(ctx, None),
+            Pace::Quiet => self.wait(ctx, Some(std::time::Instant::now())),
         }
+    }
+
+    /// An idle lane waits `sweep.interval`, and then, when `quiet_since` is
+    /// given and the listener still hears new rows, again, until
+    /// `sweep.listen_poll_interval` has passed since then: a listener that
+    /// goes deaf brings polling back within one `sweep.interval`.
+    fn wait(&mut self, ctx: &mut Context<Self>, quiet_since: Option<std::time::Instant>) {
+        let slot = std::rc::Rc::new(std::cell::Cell::new(None::<SpawnHandle>));
+        let me = slot.clone();
+        let timer = later(ctx, self.settings.interval, move |act, ctx| {
+            if let Some(h) = me.get() {
+                act.idle_timers.retain(|t| *t != h);
+            }
+            let quiet = quiet_since.filter(|since| {
+                act.heard.role() != Role::Deaf && since.elapsed() + act.settings.interval <= act.settings.listen_poll
+            });
+            if quiet.is_some() && !act.stopping {
+                // On its cadence with nothing to claim: not stale.
+                act.core.health.alive();
+                return act.wait(ctx, quiet);
+            }
+            ctx.notify(Tick {
+                deadline: Deadline::after(act.settings.tick_timeout),
+                lane: Lane::Drain,
+            })
+        });
+        slot.set(Some(timer));
+        self.idle_timers.push(timer);
+    }
+
+    /// Run a drain tick at `at` (rows come due then), unless one is already
+    /// set for earlier: an idle lane's wait is cut short, or, with every
+    /// lane busy, one ticks again at once after its tick. Only while the
+    /// listener hears (a polling relay finds them within `sweep.interval`).
+    fn due_at(&mut self, ctx: &mut Context<Self>, at: tokio::time::Instant) {
+        if self.stopping || self.heard.role() == Role::Deaf {
+            return;
+        }
+        if let Some((when, timer)) = self.due_timer {
+            if when <= at {
+                return;
+            }
+            ctx.cancel_future(timer);
+        }
+        let timer = later(
+            ctx,
+            at.saturating_duration_since(tokio::time::Instant::now()),
+            |act, ctx| {
+                act.due_timer = None;
+                act.take_idle_lane(ctx);
+            },
+        );
+        self.due_timer = Some((at, timer));
+    }
+
+    /// Start an idle lane now (its wait is cancelled); with none idle, a
+    /// busy lane goes on at once after its tick.
+    fn take_idle_lane(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
+        match self.idle_timers.pop() {
+            Some(timer) => {
+                ctx.cancel_future(timer);
+                ctx.notify(Tick {
+                    deadline: Deadline::after(self.settings.tick_timeout),
+                    lane: Lane::Drain,
+                });
+            }
+            None => self.woken = true,
+        }
+    }
+
+    /// Whether the fresh lane must claim for what the listener announced
+    /// (a wake-up that needs none is counted `seen`).
+    fn fresh_claim_needed(&self) -> bool {
+        let announced = self.heard.take();
+        let needed = announced.needs_claim(self.fresh_seen.as_ref());
+        if !needed && !announced.xids.is_empty() {
+            self.metrics.wakeups.with_label_values(&["seen"]).inc();
+        }
+        needed
+    }
+
+    /// As the listen lead, tell the other relays a backlog is arriving (at
+    /// most once per `sweep.interval`): their drain lanes start now rather
+    /// than at their next poll.
+    fn announce_backlog(&mut self, ctx: &mut Context<Self>) {
+        if self.heard.role() != Role::Lead
+            || self
+                .last_backlog_notice
+                .is_some_and(|t| t.elapsed() < self.settings.interval)
+        {
+            return;
+        }
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        self.last_backlog_notice = Some(std::time::Instant::now());
+        let deadline = Deadline::after(self.settings.tick_timeout);
+        let log = self.core.log.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = db::listen::notify_backlog(&pool, deadline).await {
+                    debug!(log, "could not tell the other relays about a backlog"; "error" => e);
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// New rows keep arriving and enough drain ticks already run: on two
@@ -846,6 +997,22 @@ impl SweepActor {
         let pace = match result {
             Ok(report) => {
                 fresh_full = lane == Lane::Fresh && report.claimed >= report.limit;
+                let settled = report.redis_unavailable.is_none() && report.back_pressure.is_none() && !report.left_due;
+                if lane == Lane::Fresh {
+                    // Complete: it took every due row its snapshot showed
+                    // (but those other ticks held).
+                    self.fresh_seen = report.snapshot.clone().filter(|_| settled && !fresh_full);
+                }
+                let now = tokio::time::Instant::now();
+                if let Some(after) = report.put_back_in {
+                    self.due_at(ctx, now + after);
+                }
+                if let (Some(after), Role::Lead) = (report.next_due_in, self.heard.role()) {
+                    self.due_at(ctx, now + after);
+                }
+                if report.claimed >= report.limit {
+                    self.announce_backlog(ctx);
+                }
                 self.claim_limit
                     .observe(report.claimed as u32, report.limit as u32, report.max_row_bytes);
                 self.core.health.ok();
@@ -881,6 +1048,8 @@ impl SweepActor {
                     && report.deferred < report.claimed
                 {
                     Pace::Drain
+                } else if settled {
+                    Pace::Quiet
                 } else {
                     Pace::Idle
                 }
@@ -929,7 +1098,7 @@ impl SweepActor {
                         });
                     }
                 }
-                if std::mem::take(&mut self.fresh_again) && !self.stopping {
+                if std::mem::take(&mut self.fresh_again) && !self.stopping && self.fresh_claim_needed() {
                     ctx.notify(Tick {
                         deadline: Deadline::after(self.settings.tick_timeout),
                         lane: Lane::Fresh,
@@ -1042,6 +1211,10 @@ impl SweepActor {
         self.running.push((number, lane, msg.deadline));
         let skip_paused = self.pauses_seen;
         let rows = self.claim_limit.rows();
+        // Only the lead's claims for new rows: their snapshot decides which
+        // notifications need a claim, and rows announced but not yet due
+        // are found there (rows put back have timers of their own).
+        let horizon = lane == Lane::Fresh && self.heard.role() == Role::Lead;
         let from = match (lane, self.cursor) {
             (Lane::Fresh, _) => None,
             (Lane::Drain, Some(c)) if self.last_full_scan.elapsed() < self.full_scan_every => Some(c),
@@ -1060,7 +1233,12 @@ impl SweepActor {
                 &dispatch,
                 &settings,
                 lane,
-                (from, skip_paused, rows),
+                ClaimPlan {
+                    from,
+                    skip_paused,
+                    rows,
+                    horizon,
+                },
                 msg.deadline,
             )
             .await
@@ -1111,6 +1289,8 @@ impl Lifecycle for SweepActor {
         self.fresh_in_flight = false;
         self.drain_in_flight = 0;
         self.fresh_again = false;
+        self.fresh_seen = None;
+        self.due_timer = None;
         self.cursor = None;
         self.full_scan_every = FULL_SCAN_EVERY;
         self.running.clear();
@@ -1193,7 +1373,7 @@ impl Handler<Wake> for SweepActor {
             // cadence; a fresh tick that finds a full batch wakes one of them.
             if act.fresh_in_flight {
                 act.fresh_again = true;
-            } else {
+            } else if act.fresh_claim_needed() {
                 act.fresh_in_flight = true;
                 ctx.notify(Tick {
                     deadline: Deadline::after(act.settings.tick_timeout),
@@ -1212,6 +1392,9 @@ impl Handler<Stop> for SweepActor {
         // rolled back (each is bounded by its deadline).
         self.stopping = true;
         for t in self.idle_timers.drain(..) {
+            ctx.cancel_future(t);
+        }
+        if let Some((_, t)) = self.due_timer.take() {
             ctx.cancel_future(t);
         }
         let mut in_flight = self.in_flight.subscribe();

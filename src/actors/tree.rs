@@ -170,6 +170,7 @@ pub fn start(
         batch_size: cfg.sweep.batch_size,
         max_batch_bytes: cfg.sweep.max_batch_bytes,
         interval: cfg.sweep.interval.0,
+        listen_poll: cfg.sweep.listen_poll_interval.0,
         tick_timeout: cfg.sweep.tick_timeout.0,
         key_prefix: cfg.redis.key_prefix.clone(),
         concurrency: cfg.sweep.concurrency,
@@ -194,7 +195,10 @@ pub fn start(
     );
     let wake_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let wp = wake_pending.clone();
-    let sweep = Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, (sm, wp), &slog_));
+    let heard = Arc::new(crate::db::listen::Heard::default());
+    let sweep_heard = heard.clone();
+    let sweep =
+        Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, (sm, wp, sweep_heard), &slog_));
 
     let cs_settings = CounterSyncSettings {
         database_url: cfg.database.url.clone(),
@@ -234,10 +238,13 @@ pub fn start(
             let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
             actix_rt::spawn(crate::db::listen::listen(
                 target,
-                crate::db::listen::ListenGauges {
-                    active: metrics.listen_active.clone(),
-                    leader: metrics.listen_leader.clone(),
-                },
+                (
+                    crate::db::listen::ListenGauges {
+                        active: metrics.listen_active.clone(),
+                        leader: metrics.listen_leader.clone(),
+                    },
+                    heard,
+                ),
                 move || waker.wake(),
                 log.new(slog::o!("actor" => "SweepActor")),
             ))

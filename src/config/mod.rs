@@ -198,6 +198,12 @@ impl Default for RedisConfig {
 pub struct SweepConfig {
     /// Pause between ticks when the last tick did not claim a full batch.
     pub interval: Dur,
+    /// While the listener hears new rows (LISTEN/NOTIFY), the pause of a
+    /// lane whose last tick settled every row: new rows are announced, and
+    /// rows put back or not yet due have timers of their own; this poll
+    /// only finds what nothing announces (rows made due by hand, a trigger
+    /// disabled, a relay that died mid-tick).
+    pub listen_poll_interval: Dur,
     /// Rows claimed per tick (and ZADDs per pipeline).
     pub batch_size: u32,
     /// What one tick may claim in bytes (its rows' text fields, plus 128 a
@@ -234,6 +240,7 @@ impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig {
             interval: Dur::millis(500),
+            listen_poll_interval: Dur::secs(5),
             // Measured (docs/BENCHMARKS.md, session 9): the Go sweeper's 500
             // and 1 left a third of one Postgres connection's speed unused;
             // 1000 rows per tick and two ticks in flight (one in Postgres

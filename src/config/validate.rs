@@ -153,6 +153,9 @@ impl Config {
         if s.interval.0.is_zero() {
             bad("sweep.interval", "must be greater than 0".into());
         }
+        if s.listen_poll_interval.0.is_zero() {
+            bad("sweep.listen_poll_interval", "must be greater than 0".into());
+        }
         if !(1..=100_000).contains(&s.batch_size) {
             bad(
                 "sweep.batch_size",

@@ -19,8 +19,8 @@
 //! once, sets `outbox_relay_listen_active` to 0 and checks again every
 //! [`DEAF_RECHECK`]; polling carries the relay meanwhile.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -38,6 +38,12 @@ pub const CHANNEL: &str = "outbox_relay";
 /// listeners never wake the sweep for one (another relay's check is no
 /// new row).
 pub const PROBE_PREFIX: &str = "outbox-relay-probe:";
+
+/// The payload of the lead's notification that a backlog is arriving (a
+/// claim for new rows found a full batch): the other relays, which do not
+/// answer new-row notifications, start their drain lanes for it instead of
+/// at their next poll.
+pub const BACKLOG_PAYLOAD: &str = "outbox-relay-backlog";
 
 /// How long connecting and `LISTEN` may take. Once listening, the
 /// connection only waits for notifications; a peer that vanished is found
@@ -126,7 +132,7 @@ pub async fn check(target: Option<ListenTarget>) -> Hearing {
     let Some(target) = target else {
         return Hearing::Off;
     };
-    let session = match Session::open(&target.listen_url).await {
+    let session = match Session::open(&target.listen_url, Arc::default()).await {
         Ok(s) => s,
         Err(e) => return Hearing::Failed(format!("LISTEN on {}: {e}", redact_url(&target.listen_url))),
     };
@@ -134,6 +140,165 @@ pub async fn check(target: Option<ListenTarget>) -> Hearing {
         Ok(true) => Hearing::Active,
         Ok(false) => Hearing::Deaf,
         Err(e) => Hearing::Failed(e),
+    }
+}
+
+/// What this relay's listener does now, as the sweep sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not listening, or not hearing (off, deaf, reconnecting): the sweep
+    /// polls every `sweep.interval`.
+    Deaf,
+    /// Hearing, while another relay answers new-row notifications.
+    Follower,
+    /// Hearing and answering new-row notifications.
+    Lead,
+}
+
+/// What notifications announced since the sweep last looked.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Announced {
+    /// The committing transactions' ids (migration 6's payload).
+    pub xids: Vec<u64>,
+    /// A notification without a transaction id came (a producer on an
+    /// older trigger, a NOTIFY by hand, the lead taken over), or too many
+    /// to keep: only a claim can tell.
+    pub unknown: bool,
+    /// The lead said a backlog is arriving ([`BACKLOG_PAYLOAD`]).
+    pub backlog: bool,
+}
+
+/// Transaction ids kept for the sweep at most; more become `unknown`.
+const MAX_ANNOUNCED: usize = 4096;
+
+impl Announced {
+    /// Whether a claim for new rows is needed: something announced was not
+    /// yet visible to `seen`, the snapshot of the last claim for new rows
+    /// that took every row it could see (`None`: no such claim).
+    pub fn needs_claim(&self, seen: Option<&Snapshot>) -> bool {
+        self.unknown || self.xids.iter().any(|x| !seen.is_some_and(|s| s.sees(*x)))
+    }
+}
+
+/// A transaction snapshot as `txid_current_snapshot()` prints it
+/// (`xmin:xmax:xip,…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    running: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = match parts.next()? {
+            "" => Vec::new(),
+            list => list.split(',').map(|x| x.parse().ok()).collect::<Option<Vec<u64>>>()?,
+        };
+        if parts.next().is_some() || xmax < xmin {
+            return None;
+        }
+        Some(Snapshot { xmin, xmax, running })
+    }
+
+    /// Whether a transaction that has committed (a notification came for
+    /// it) is visible in this snapshot: it ended before the snapshot was
+    /// taken.
+    pub fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid))
+    }
+}
+
+/// What the listener shares with the sweep: its [`Role`], and the
+/// notifications that came since the sweep last took them.
+#[derive(Debug)]
+pub struct Heard {
+    role: AtomicU8,
+    announced: Mutex<Announced>,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Heard {
+            role: AtomicU8::new(0),
+            announced: Mutex::new(Announced::default()),
+        }
+    }
+}
+
+impl Heard {
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            2 => Role::Lead,
+            1 => Role::Follower,
+            _ => Role::Deaf,
+        }
+    }
+
+    fn set_role(&self, role: Role) {
+        let v = match role {
+            Role::Deaf => 0,
+            Role::Follower => 1,
+            Role::Lead => 2,
+        };
+        self.role.store(v, Ordering::Release);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Announced) -> T) -> T {
+        // A panic while holding this lock cannot leave it half-written.
+        let mut guard = self.announced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// Record one notification's payload (not a check's).
+    pub fn note(&self, payload: &str) {
+        self.with(|a| {
+            if payload == BACKLOG_PAYLOAD {
+                a.backlog = true;
+            } else if let (Ok(xid), true) = (payload.parse::<u64>(), a.xids.len() < MAX_ANNOUNCED) {
+                a.xids.push(xid);
+            } else {
+                a.unknown = true;
+                a.xids.clear();
+            }
+        });
+    }
+
+    /// Something may be due that no claim saw (a lead taken over).
+    pub fn note_unknown(&self) {
+        self.with(|a| a.unknown = true);
+    }
+
+    /// Whether something besides a backlog notice came (that notice is
+    /// dropped: it is for the relays that do not lead).
+    pub fn has_news(&self) -> bool {
+        self.with(|a| {
+            a.backlog = false;
+            a.unknown || !a.xids.is_empty()
+        })
+    }
+
+    /// What came since the last call.
+    pub fn take(&self) -> Announced {
+        self.with(std::mem::take)
+    }
+}
+
+/// Tell the other relays a backlog is arriving ([`BACKLOG_PAYLOAD`]), on
+/// a pooled connection, within `deadline`.
+pub async fn notify_backlog(pg: &super::Pg, deadline: crate::deadline::Deadline) -> Result<(), String> {
+    let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
+    let sql = format!("NOTIFY {CHANNEL}, '{BACKLOG_PAYLOAD}'");
+    match deadline.run("postgres notify", conn.batch_execute(&sql)).await {
+        Ok(done) => done.map_err(|e| pg_error_text(&e)),
+        Err(e) => {
+            // Its state is unknown: never hand it to the next user.
+            conn.discard();
+            Err(e.to_string())
+        }
     }
 }
 
@@ -165,13 +330,24 @@ pub const LEAD_RETRY: Duration = Duration::from_secs(1);
 /// its sweep for new rows; the others poll and drain (a full batch keeps
 /// every relay's drain lanes going), and try for the lead every
 /// [`LEAD_RETRY`].
-pub async fn listen<F: Fn() + Send + 'static>(target: ListenTarget, gauges: ListenGauges, wake: F, log: Logger) {
+pub async fn listen<F: Fn() + Send + 'static>(
+    target: ListenTarget,
+    (gauges, heard): (ListenGauges, Arc<Heard>),
+    wake: F,
+    log: Logger,
+) {
     let mut backoff = Duration::from_millis(200);
     let mut warned_deaf = false;
     loop {
-        let ended = listen_once(&target, &gauges, &wake, &log, &mut warned_deaf).await;
+        let ended = listen_once(&target, (&gauges, &heard), &wake, &log, &mut warned_deaf).await;
         gauges.active.set(0);
         gauges.leader.set(0);
+        heard.set_role(Role::Deaf);
+        // Rows committed from now until the listener is back are announced
+        // to nobody: the sweep polls every sweep.interval again (and looks
+        // now, for what was committed while the connection went).
+        heard.note_unknown();
+        wake();
         match ended {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
@@ -188,25 +364,27 @@ pub async fn listen<F: Fn() + Send + 'static>(target: ListenTarget, gauges: List
 /// for each notification until the connection ends (`Ok`) or fails (`Err`).
 async fn listen_once<F: Fn()>(
     target: &ListenTarget,
-    gauges: &ListenGauges,
+    (gauges, heard): (&ListenGauges, &Arc<Heard>),
     wake: &F,
     log: &Logger,
     warned_deaf: &mut bool,
 ) -> Result<(), String> {
-    let mut session = Session::open(&target.listen_url).await?;
-    let mut heard = session.probe(&target.notify_url).await?;
+    let mut session = Session::open(&target.listen_url, heard.clone()).await?;
+    let mut hears = session.probe(&target.notify_url).await?;
     let mut leader = false;
     // Whether a relay without the lead said so since it last changed.
     let mut said_follower = false;
     loop {
-        let next = if heard {
+        let next = if hears {
             gauges.active.set(1);
+            heard.set_role(Role::Follower);
             info!(log, "listening for new outbox rows; checked end to end";
                 "channel" => CHANNEL, "url" => redact_url(&target.listen_url));
             *warned_deaf = false;
             tokio::time::Instant::now()
         } else {
             gauges.active.set(0);
+            heard.set_role(Role::Deaf);
             if *warned_deaf {
                 debug!(log, "the listener still hears nothing"; "url" => redact_url(&target.listen_url));
             } else {
@@ -222,7 +400,7 @@ async fn listen_once<F: Fn()>(
         // hears tries for the lead at once and then every LEAD_RETRY until
         // it has it.
         let mut due = Some(next);
-        heard = loop {
+        hears = loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 ended = &mut session.driver => {
@@ -233,20 +411,30 @@ async fn listen_once<F: Fn()>(
                 }
                 () = session.arrived.notified() => {
                     if leader {
+                        // Not for its own backlog notice alone.
+                        if heard.has_news() {
+                            wake();
+                        }
+                    } else if heard.take().backlog {
+                        // The lead found a backlog arriving: drain lanes
+                        // start now rather than at their next poll.
+                        heard.note_unknown();
                         wake();
                     }
                 }
                 () = tokio::time::sleep_until(due.unwrap_or(far)), if due.is_some() => {
-                    if !heard {
+                    if !hears {
                         break session.probe(&target.notify_url).await?;
                     }
                     leader = session.try_lead().await?;
                     if leader {
                         gauges.leader.set(1);
+                        heard.set_role(Role::Lead);
                         info!(log, "this relay answers new-row notifications (the listen lead)";
                             "lock" => format!("pg_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1));
                         // Rows committed while nobody answered: polling
                         // would find them, a tick now finds them sooner.
+                        heard.note_unknown();
                         wake();
                         due = None;
                     } else {
@@ -282,7 +470,7 @@ struct Session {
 }
 
 impl Session {
-    async fn open(url: &str) -> Result<Session, String> {
+    async fn open(url: &str, announce: Arc<Heard>) -> Result<Session, String> {
         let cfg = pg_config(url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
         // Bounded as a whole (TCP, TLS, authentication): a frozen server
         // accepts the TCP connection in its kernel and then answers nothing.
@@ -307,7 +495,10 @@ impl Session {
                         }
                         // Another listener's check: no new row.
                         None if n.payload().starts_with(PROBE_PREFIX) => {}
-                        None => rows.notify_one(),
+                        None => {
+                            announce.note(n.payload());
+                            rows.notify_one();
+                        }
                     },
                     Ok(_) => {}
                     Err(e) => return Err(pg_error_text(&e)),
@@ -369,5 +560,61 @@ impl Session {
                 return Ok(highest.load(Ordering::SeqCst) >= number);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_sees_what_ended_before_it() {
+        let s = Snapshot::parse("100:110:103,107").expect("a snapshot");
+        assert!(s.sees(99));
+        assert!(s.sees(100), "not listed as running (txid_visible_in_snapshot's rule)");
+        assert!(s.sees(105));
+        assert!(!s.sees(103), "running when the snapshot was taken");
+        assert!(!s.sees(107));
+        assert!(!s.sees(110), "xmax and later started after it");
+        assert!(!s.sees(200));
+        let none_running = Snapshot::parse("42:42:").expect("a snapshot");
+        assert!(none_running.sees(41));
+        assert!(!none_running.sees(42));
+        for bad in ["", "1", "1:2", "a:2:", "5:4:", "1:2:x", "1:2:3:4"] {
+            assert_eq!(Snapshot::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_transactions_the_last_claim_did_not_see_need_a_claim() {
+        let seen = Snapshot::parse("100:110:103").expect("a snapshot");
+        let heard = Heard::default();
+        assert!(!heard.take().needs_claim(Some(&seen)), "nothing announced");
+        heard.note("101");
+        heard.note("99");
+        assert!(!heard.take().needs_claim(Some(&seen)));
+        heard.note("101");
+        heard.note("103");
+        assert!(heard.take().needs_claim(Some(&seen)), "103 was running");
+        heard.note("101");
+        assert!(heard.take().needs_claim(None), "no complete claim yet");
+        // A payload without a transaction id (an older trigger, a NOTIFY by
+        // hand) can only be answered by a claim.
+        heard.note("");
+        assert!(heard.take().needs_claim(Some(&seen)));
+        heard.note_unknown();
+        assert!(heard.take().needs_claim(Some(&seen)));
+        // The lead's backlog notice wakes followers, not the lead's claim.
+        heard.note(BACKLOG_PAYLOAD);
+        let a = heard.take();
+        assert!(a.backlog);
+        assert!(!a.needs_claim(Some(&seen)));
+        // Too many to keep: unknown, and the list stays bounded.
+        for x in 0..(MAX_ANNOUNCED as u64 + 10) {
+            heard.note(&x.to_string());
+        }
+        let a = heard.take();
+        assert!(a.unknown);
+        assert!(a.xids.len() < MAX_ANNOUNCED);
     }
 }

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "quiet_put_back",
         sql: include_str!("../../migrations/0005_quiet_put_back.sql"),
     },
+    Migration {
+        version: 6,
+        name: "notify_xid",
+        sql: include_str!("../../migrations/0006_notify_xid.sql"),
+    },
 ];
 
 /// `deploy/postgres/roles.sql`: every privilege of `outbox_relay` and

@@ -83,7 +83,7 @@ pub fn claim_sql(mode: &ClaimMode, order: ClaimOrder, from: bool, skip_paused: b
     };
     let pick = format!(
         "FROM task_outbox
-  WHERE run_at <= now(){resume}{pause}{bound}
+  WHERE run_at <= statement_timestamp(){resume}{pause}{bound}
   ORDER BY {order_by}
   LIMIT $1
     FOR UPDATE SKIP LOCKED"
@@ -262,6 +262,54 @@ pub async fn claim_due(
         claimed.stored_at.push((run_at, created_at));
     }
     Ok(claimed)
+}
+
+/// What a listening relay reads just before its claim (pipelined with it).
+#[derive(Debug, Clone, Default)]
+pub struct Horizon {
+    /// The transaction snapshot at this moment: the claim, a later
+    /// statement, sees at least every transaction this one shows committed.
+    pub snapshot: Option<super::listen::Snapshot>,
+    /// How long until the first row not yet due comes due, by the
+    /// database's clock; `None` when no row waits (`infinity`, a set-aside
+    /// row, counts as none).
+    pub next_due_in: Option<std::time::Duration>,
+}
+
+/// The pauses, and with them the [`Horizon`]: one statement, so a
+/// listening relay's claim costs no extra round of the pipeline (measured
+/// +0.17 ms per claim as a statement of its own).
+const PAUSES_AND_HORIZON_SQL: &str = "SELECT ARRAY(SELECT scope FROM outbox_relay_pause),
+       txid_current_snapshot()::text,
+       (SELECT ceil(extract(epoch FROM min(run_at) - statement_timestamp()) * 1000)::int8
+          FROM task_outbox WHERE run_at > statement_timestamp() AND run_at < 'infinity')";
+
+/// [`paused_scopes`], and the [`Horizon`] when `horizon` (one index probe
+/// on the claim index).
+///
+/// Due means `run_at <= statement_timestamp()`, here and in the claim, not
+/// `now()` (the transaction's start): a producer's row whose `run_at` is
+/// its own transaction's start, committed between the tick's BEGIN and its
+/// claim, is then due at the claim instead of seeming to come due a moment
+/// later (a wake-up timer each, measured ~20 a second at 1,200 commits/s).
+pub async fn pauses_and_horizon(
+    tx: &Transaction<'_>,
+    horizon: bool,
+) -> Result<(Vec<String>, Option<Horizon>), tokio_postgres::Error> {
+    if !horizon {
+        return Ok((paused_scopes(tx).await?, None));
+    }
+    let row = tx.query_typed_one(PAUSES_AND_HORIZON_SQL, &[]).await?;
+    let scopes: Vec<String> = row.try_get(0)?;
+    let snapshot: Option<String> = row.try_get(1)?;
+    let due_ms: Option<i64> = row.try_get(2)?;
+    Ok((
+        scopes,
+        Some(Horizon {
+            snapshot: snapshot.as_deref().and_then(super::listen::Snapshot::parse),
+            next_due_in: due_ms.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+        }),
+    ))
 }
 
 /// `task_outbox`'s shape now ([`super::schema::OUTBOX_SHAPE_SQL`]).

@@ -41,13 +41,22 @@ pub async fn pause(client: &impl GenericClient, scope: &str, reason: &str) -> Re
 
 /// Resume `scope`; false when it was not paused.
 pub async fn resume(client: &impl GenericClient, scope: &str) -> Result<bool, QueryError> {
-    Ok(client
+    let lifted = client
         .execute_typed(
             "DELETE FROM outbox_relay_pause WHERE scope = $1",
             &[(&scope, Type::TEXT)],
         )
         .await?
-        == 1)
+        == 1;
+    if lifted {
+        // The held rows are due and no insert announces them: wake the
+        // listening relays (they would otherwise find them at their next
+        // poll, sweep.listen_poll_interval).
+        client
+            .execute_typed("SELECT pg_notify('outbox_relay', '')", &[])
+            .await?;
+    }
+    Ok(lifted)
 }
 
 /// Every pause in force, `*` first, then the oldest.

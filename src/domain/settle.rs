@@ -63,6 +63,18 @@ pub struct Settlement {
 }
 
 impl Settlement {
+    /// How long until the first row rescheduled here (a retry, a
+    /// postponed write) comes due.
+    pub fn earliest_put_back(&self) -> Option<Duration> {
+        let postponed = (!self.postpone_ids.is_empty()).then_some(self.postpone_delay_ms);
+        self.retry_delays_ms
+            .iter()
+            .copied()
+            .chain(postponed)
+            .min()
+            .map(|ms| Duration::from_millis(ms.max(0) as u64))
+    }
+
     /// The tick changes no row (each stays exactly as it was): a delete
     /// claim then rolls back instead of putting every row back.
     pub fn changes_nothing(&self) -> bool {
@@ -274,5 +286,27 @@ mod tests {
             s.aside_reasons,
             ["task_id refused; it was bound for the dead table: WRONGTYPE"]
         );
+    }
+
+    #[test]
+    fn the_first_row_put_back_sets_when_to_look_again() {
+        let rows: Vec<OutboxRow> = vec![row(1, 3), row(2, 0), row(3, 0)];
+        // Delivered rows put nothing back.
+        let s = settle(&rows, vec![RowOutcome::Delivered; 3], &policy());
+        assert_eq!(s.earliest_put_back(), None);
+        // Row 1 has used its attempts (dead), row 2 retries after 2 s.
+        let fail = || RowOutcome::Failed("WRONGTYPE".into());
+        let s = settle(&rows, vec![fail(), fail(), RowOutcome::Delivered], &policy());
+        assert_eq!(s.earliest_put_back(), Some(Duration::from_secs(2)));
+        // A postponed write comes back after base_backoff as well; a row
+        // left as it is (Deferred) is due now and sets no timer.
+        let s = settle(
+            &rows,
+            vec![RowOutcome::Deferred, RowOutcome::Postponed, RowOutcome::Delivered],
+            &policy(),
+        );
+        assert_eq!(s.earliest_put_back(), Some(Duration::from_secs(2)));
+        let s = settle(&rows, vec![RowOutcome::Deferred; 3], &policy());
+        assert_eq!(s.earliest_put_back(), None);
     }
 }

@@ -317,7 +317,7 @@ impl Metrics {
             )?,
             wakeups: counter_vec(
                 "outbox_relay_wakeups_total",
-                "LISTEN notifications of new outbox rows: sent (woke the sweep) or coalesced (a wake-up was already pending).",
+                "LISTEN notifications of new outbox rows: sent (woke the sweep), coalesced (a wake-up was already pending) or seen (every transaction announced was visible to the last claim for new rows: no claim needed).",
                 "result",
             )?,
             seen: Arc::new(Mutex::new(HashMap::new())),
@@ -334,7 +334,7 @@ impl Metrics {
         for result in ["ok", "error", "deadline"] {
             m.sweep_ticks.with_label_values(&[result]);
         }
-        for result in ["sent", "coalesced"] {
+        for result in ["sent", "coalesced", "seen"] {
             m.wakeups.with_label_values(&[result]);
         }
         #[cfg(target_os = "linux")]

@@ -138,7 +138,11 @@ impl TestDb {
         )
         .await
         .expect("migrate test database");
-        assert_eq!(report.applied, [1, 2, 3, 4, 5]);
+        let every: Vec<i32> = outbox_relay::db::migrate::MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(report.applied, every);
     }
 
     /// A database without the outbox schema.
@@ -815,6 +819,16 @@ pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
     let job_ids: Vec<uuid::Uuid> = (0..jobs).map(|_| uuid::Uuid::new_v4()).collect();
     seed_for(db, rows, &job_ids).await;
     job_ids
+}
+
+/// The job's schedule key made a string: every ZADD of its rows fails with
+/// WRONGTYPE, so those rows stay (retried) and a delete claim puts them back.
+pub async fn poison_job(redis_url: &str, prefix: &str, job: &uuid::Uuid) {
+    let mut conn = redis_conn(redis_url).await;
+    let _: () = conn
+        .set(format!("{prefix}sched:{job}"), "not a sorted set")
+        .await
+        .expect("SET");
 }
 
 /// [`seed`] for jobs chosen beforehand: a test that poisons a job's
