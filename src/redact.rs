@@ -33,11 +33,12 @@ static REMEMBERED: RwLock<Vec<String>> = RwLock::new(Vec::new());
 /// string (`password='a b'` → `password=***`).
 pub fn redact_url(url: &str) -> String {
     if url.contains("://") {
-        return match url::Url::parse(url) {
-            Ok(parsed) => redact_parsed(parsed),
+        return match parse_url(url) {
+            Some((parsed, None)) => redact_parsed(parsed),
+            Some((parsed, Some(hosts))) => redact_parsed(parsed).replacen(HOSTS_PLACEHOLDER, &hosts, 1),
             // Not parseable, so not usable either (validation says so); show
             // nothing of it that could be a secret.
-            Err(_) => match url.split_once("://") {
+            None => match url.split_once("://") {
                 Some((scheme, _)) => format!("{scheme}://***"),
                 None => "***".into(),
             },
@@ -68,7 +69,7 @@ pub fn redact_url(url: &str) -> String {
 pub fn passwords(conn: &str) -> Vec<String> {
     let mut found = Vec::new();
     if conn.contains("://") {
-        if let Ok(u) = url::Url::parse(conn) {
+        if let Some((u, _)) = parse_url(conn) {
             if let Some(p) = u.password() {
                 found.push(p.to_string());
                 if let Ok(decoded) = urlencoding_decode(p) {
@@ -272,6 +273,31 @@ fn urlencoding_decode(s: &str) -> Result<String, std::str::Utf8Error> {
     std::str::from_utf8(&bytes).map(str::to_string)
 }
 
+/// Stands for the host list of a libpq multi-host URL while the rest of
+/// it goes through the `url` crate (which takes one host).
+const HOSTS_PLACEHOLDER: &str = "outbox-relay-hosts.invalid";
+
+/// A URL parsed, and for a libpq multi-host URL
+/// (`postgres://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write`)
+/// its host list, which the parsed URL holds as [`HOSTS_PLACEHOLDER`].
+fn parse_url(url: &str) -> Option<(url::Url, Option<String>)> {
+    if let Ok(u) = url::Url::parse(url) {
+        return Some((u, None));
+    }
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if !hosts.contains(',') {
+        return None;
+    }
+    let single = format!("{scheme}://{userinfo}{HOSTS_PLACEHOLDER}{tail}");
+    url::Url::parse(&single).ok().map(|u| (u, Some(hosts.to_string())))
+}
+
 fn redact_parsed(mut u: url::Url) -> String {
     if u.password().is_some() {
         // Only fails for URLs that cannot have credentials, which then have none.
@@ -297,6 +323,19 @@ fn redact_parsed(mut u: url::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multi_host_url_shows_every_host_and_no_password() {
+        let url = "postgres://relay:s3cret@pg-a:5432,pg-b:5433/outbox?target_session_attrs=read-write";
+        assert_eq!(
+            redact_url(url),
+            "postgres://relay:***@pg-a:5432,pg-b:5433/outbox?target_session_attrs=read-write"
+        );
+        assert!(passwords(url).iter().all(|p| p == "s3cret") && !passwords(url).is_empty());
+        let in_query = "postgresql://pg-a,pg-b/outbox?user=relay&password=s3cret";
+        assert_eq!(redact_url(in_query), "postgresql://pg-a,pg-b/outbox?user=relay&password=***");
+        assert!(passwords(in_query).iter().all(|p| p == "s3cret") && !passwords(in_query).is_empty());
+    }
 
     #[test]
     fn redaction_hides_passwords() {
