@@ -333,7 +333,10 @@ mod tests {
         );
         assert!(passwords(url).iter().all(|p| p == "s3cret") && !passwords(url).is_empty());
         let in_query = "postgresql://pg-a,pg-b/outbox?user=relay&password=s3cret";
-        assert_eq!(redact_url(in_query), "postgresql://pg-a,pg-b/outbox?user=relay&password=***");
+        assert_eq!(
+            redact_url(in_query),
+            "postgresql://pg-a,pg-b/outbox?user=relay&password=***"
+        );
         assert!(passwords(in_query).iter().all(|p| p == "s3cret") && !passwords(in_query).is_empty());
     }
 

@@ -5,7 +5,10 @@
 //! - ZADD renamed away (`--rename-command`, common hardening): `ERR Unknown Redis command called from script`;
 //! - an ACL user without `zadd`: `ERR The user executing the script can't run this command`
 //!   (`NOPERM` when the command is sent on its own);
-//! - a proxy in front of Redis that answers writes with `-ERR proxy refused`.
+//! - a proxy in front of Redis that answers writes with `-ERR proxy refused`;
+//! - a master that became a replica behind the same address (a managed
+//!   Redis failing over behind a DNS name): `READONLY You can't write
+//!   against a read only replica` (#29 item 5).
 //!
 //! Each time: no dead letter, attempts unchanged, the refusals counted in
 //! `outbox_relay_redis_refused_entries_total` and logged with the error's
@@ -197,6 +200,41 @@ async fn a_proxys_own_error_postpones_rows_without_counting_attempts() {
         || async {},
         || async {
             proxy.refuse(false);
+        },
+    )
+    .await;
+}
+
+/// `REPLICAOF host port` (or `NO ONE` with `None`) on the server at `port`.
+async fn replica_of(port: u16, primary: Option<u16>) {
+    let mut conn = redis_conn(&format!("redis://127.0.0.1:{port}/0")).await;
+    let mut cmd = redis::cmd("REPLICAOF");
+    match primary {
+        Some(p) => cmd.arg("127.0.0.1").arg(p),
+        None => cmd.arg("NO").arg("ONE"),
+    };
+    let _: () = cmd.query_async(&mut conn).await.expect("REPLICAOF");
+}
+
+/// The relay's address keeps pointing at a server that was demoted in a
+/// failover (its replica promoted, itself made a replica of it): every
+/// write answers READONLY until it is master again. Not the rows' fault.
+#[tokio::test]
+async fn a_master_demoted_behind_its_address_postpones_rows_without_counting_attempts() {
+    let server = RedisServer::start().await;
+    let other = RedisServer::start_replica_of(server.port).await;
+    let (a, b) = (server.port, other.port);
+    refused_until_fixed(
+        server.url(),
+        server.url(),
+        "READONLY",
+        || async move {
+            replica_of(b, None).await;
+            replica_of(a, Some(b)).await;
+        },
+        || async move {
+            replica_of(a, None).await;
+            replica_of(b, Some(a)).await;
         },
     )
     .await;
