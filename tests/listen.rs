@@ -29,6 +29,14 @@ async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
         relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
     })
     .await;
+    // The line may reach this test's reader of the relay's output a moment
+    // after the gauge is scraped.
+    wait_until("the listener says it listens", Duration::from_secs(10), || async {
+        !relay
+            .records("listening for new outbox rows; checked end to end")
+            .is_empty()
+    })
+    .await;
     assert_eq!(
         relay.records("listening for new outbox rows; checked end to end").len(),
         1
@@ -95,6 +103,10 @@ async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() 
     )
     .await;
     let (leader, follower) = if lead(&a).await == Some(1.0) { (a, b) } else { (b, a) };
+    wait_until("the lead says it answers", Duration::from_secs(10), || async {
+        !leader.records("this relay answers new-row notifications").is_empty()
+    })
+    .await;
     assert_eq!(leader.records("this relay answers new-row notifications").len(), 1);
     assert_eq!(
         follower.records("another relay answers new-row notifications").len(),

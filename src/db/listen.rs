@@ -376,10 +376,11 @@ async fn listen_once<F: Fn()>(
     let mut said_follower = false;
     loop {
         let next = if hears {
-            gauges.active.set(1);
-            heard.set_role(Role::Follower);
+            // The line first: a scrape that sees the gauge at 1 can find it.
             info!(log, "listening for new outbox rows; checked end to end";
                 "channel" => CHANNEL, "url" => redact_url(&target.listen_url));
+            gauges.active.set(1);
+            heard.set_role(Role::Follower);
             *warned_deaf = false;
             tokio::time::Instant::now()
         } else {
@@ -428,10 +429,10 @@ async fn listen_once<F: Fn()>(
                     }
                     leader = session.try_lead().await?;
                     if leader {
-                        gauges.leader.set(1);
-                        heard.set_role(Role::Lead);
                         info!(log, "this relay answers new-row notifications (the listen lead)";
                             "lock" => format!("pg_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1));
+                        gauges.leader.set(1);
+                        heard.set_role(Role::Lead);
                         // Rows committed while nobody answered: polling
                         // would find them, a tick now finds them sooner.
                         heard.note_unknown();
