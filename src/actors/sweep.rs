@@ -871,19 +871,23 @@ impl SweepActor {
     /// Start an idle lane now (its wait is cancelled); with none idle, a
     /// busy lane goes on at once after its tick.
     fn take_idle_lane(&mut self, ctx: &mut Context<Self>) {
-        if self.stopping {
-            return;
+        if !self.stopping && !self.start_idle_lane(ctx) {
+            self.woken = true;
         }
-        match self.idle_timers.pop() {
-            Some(timer) => {
-                ctx.cancel_future(timer);
-                ctx.notify(Tick {
-                    deadline: Deadline::after(self.settings.tick_timeout),
-                    lane: Lane::Drain,
-                });
-            }
-            None => self.woken = true,
-        }
+    }
+
+    /// Cut an idle lane's wait short and tick it now; false when every lane
+    /// is busy.
+    fn start_idle_lane(&mut self, ctx: &mut Context<Self>) -> bool {
+        let Some(timer) = self.idle_timers.pop() else {
+            return false;
+        };
+        ctx.cancel_future(timer);
+        ctx.notify(Tick {
+            deadline: Deadline::after(self.settings.tick_timeout),
+            lane: Lane::Drain,
+        });
+        true
     }
 
     /// Whether the fresh lane must claim for what the listener announced
@@ -1090,13 +1094,7 @@ impl SweepActor {
             Lane::Fresh => {
                 // More new rows than one fresh batch: an idle lane takes over now.
                 if fresh_full && !self.stopping {
-                    if let Some(timer) = self.idle_timers.pop() {
-                        ctx.cancel_future(timer);
-                        ctx.notify(Tick {
-                            deadline: Deadline::after(self.settings.tick_timeout),
-                            lane: Lane::Drain,
-                        });
-                    }
+                    self.start_idle_lane(ctx);
                 }
                 if std::mem::take(&mut self.fresh_again) && !self.stopping && self.fresh_claim_needed() {
                     ctx.notify(Tick {
