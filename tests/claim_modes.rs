@@ -293,6 +293,13 @@ async fn rows_put_back_wake_no_relay() {
         db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 1").await == 50
     })
     .await;
+    // Taking the lead wakes the sweep once (rows committed while nobody
+    // answered); rows can be retried by polling before that, so count from
+    // the moment the relay leads.
+    wait_until("the relay leads the listeners", Duration::from_secs(30), || async {
+        !relay.records("this relay answers new-row notifications").is_empty()
+    })
+    .await;
     let before = woken(&scrape(&relay).await);
     wait_until("ten more put-backs", Duration::from_secs(60), || async {
         db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 11").await == 50

@@ -49,7 +49,12 @@ async fn shipped_defaults_listen_and_new_rows_wake_the_sweep() {
     assert!(text.contains("# postgres: listen: active"), "{text}");
 
     // Rows committed one statement at a time: each statement's NOTIFY
-    // wakes the sweep (the counter moves), and every row arrives.
+    // wakes the sweep (the counter moves), and every row arrives. Counted
+    // from the lead's line (taking the lead wakes the sweep once).
+    wait_until("the relay leads the listeners", Duration::from_secs(30), || async {
+        !relay.records("this relay answers new-row notifications").is_empty()
+    })
+    .await;
     let woken_before = woken(&relay).await;
     commit_one_by_one(&db, 20).await;
     assert_eq!(schedule_members(&redis_url, &prefix).await.len(), 20);

@@ -429,14 +429,16 @@ async fn listen_once<F: Fn()>(
                     }
                     leader = session.try_lead().await?;
                     if leader {
-                        info!(log, "this relay answers new-row notifications (the listen lead)";
-                            "lock" => format!("pg_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1));
-                        gauges.leader.set(1);
                         heard.set_role(Role::Lead);
                         // Rows committed while nobody answered: polling
                         // would find them, a tick now finds them sooner.
                         heard.note_unknown();
                         wake();
+                        // The line after the wake-up (a reader of the line
+                        // finds it counted), the gauge after the line.
+                        info!(log, "this relay answers new-row notifications (the listen lead)";
+                            "lock" => format!("pg_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1));
+                        gauges.leader.set(1);
                         due = None;
                     } else {
                         gauges.leader.set(0);
