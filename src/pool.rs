@@ -14,6 +14,11 @@ use std::sync::{Arc, Mutex};
 /// implements it for its client's error type).
 pub trait FailureKind: fmt::Display {
     fn is_timeout(&self) -> bool;
+
+    /// What an operator reads: the error and its causes.
+    fn text(&self) -> String {
+        self.to_string()
+    }
 }
 
 /// One connection failure seen by a pool.
@@ -55,7 +60,7 @@ impl<E: FailureKind + 'static> bb8::ErrorSink<E> for LastError {
     fn sink(&self, error: E) {
         if let Ok(mut g) = self.0.lock() {
             *g = Some(PoolFailure {
-                text: error.to_string(),
+                text: error.text(),
                 timeout: error.is_timeout(),
             });
         }

@@ -290,6 +290,10 @@ pub enum TickError {
     ClaimFallback(String),
     #[error("connection lost during {stage}: {reason}")]
     ConnectionLost { stage: &'static str, reason: String },
+    /// The session's server takes no writes (SQLSTATE 25006: a standby, a
+    /// server set read-only behind the same address).
+    #[error("postgres takes no writes (read-only server) during {stage}: {reason}")]
+    ReadOnly { stage: &'static str, reason: String },
 }
 
 impl TickError {
@@ -299,9 +303,12 @@ impl TickError {
     }
 
     /// The Postgres connection died under the tick (server restart,
-    /// `pg_terminate_backend`, network): the pool is suspect, restart.
+    /// `pg_terminate_backend`, network) or its server takes no writes (a
+    /// failover's old primary, a standby): the pool is suspect, restart
+    /// (its new connections are to a server that takes writes, see
+    /// [`db::pool`]).
     pub fn is_connection_lost(&self) -> bool {
-        matches!(self, TickError::ConnectionLost { .. })
+        matches!(self, TickError::ConnectionLost { .. } | TickError::ReadOnly { .. })
     }
 
     fn db(stage: &'static str) -> impl Fn(tokio_postgres::Error) -> TickError {
@@ -310,6 +317,11 @@ impl TickError {
                 TickError::StatementTimeout { stage }
             } else if is_connection_lost(&e) {
                 TickError::ConnectionLost {
+                    stage,
+                    reason: pg_error_text(&e),
+                }
+            } else if db::is_read_only(&e) {
+                TickError::ReadOnly {
                     stage,
                     reason: pg_error_text(&e),
                 }
@@ -602,7 +614,7 @@ async fn tick_on(
                     // added) would fail every such tick after its ZADDs:
                     // the sweep claims by locking from then on instead.
                     outbox::restore(&tx, schema, &claimed, restore).await.map_err(|e| {
-                        if is_connection_lost(&e) || is_statement_timeout(&e) {
+                        if is_connection_lost(&e) || is_statement_timeout(&e) || db::is_read_only(&e) {
                             TickError::db("restore claimed rows")(e)
                         } else {
                             TickError::ClaimFallback(format!("putting claimed rows back failed: {}", pg_error_text(&e)))

@@ -33,6 +33,12 @@ impl FailureKind for tokio_postgres::Error {
     fn is_timeout(&self) -> bool {
         false
     }
+
+    /// With its cause: `error connecting to server: database does not
+    /// allow writes` (a read-only server refused by `target_session_attrs`).
+    fn text(&self) -> String {
+        pg_error_text(self)
+    }
 }
 
 pub type PgPool = bb8::Pool<PgManager>;
@@ -269,8 +275,17 @@ pub fn pg_config(url: &str, connect_timeout: Duration) -> Result<tokio_postgres:
 /// A lazily connecting pool. Broken connections are detected by
 /// `Client::is_closed` on return, so no round trip is spent testing
 /// a connection on every checkout.
+///
+/// Every pool connection is to a server that takes writes: unless the URL
+/// names `target_session_attrs`, it is `read-write` (the server is asked
+/// `SHOW transaction_read_only` once per new connection), so a session that
+/// lands on a standby or a server set read-only is refused at connect and
+/// a multi-host URL moves on to its next host.
 pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSetupError> {
-    let cfg = pg_config(url, checkout_timeout)?;
+    let mut cfg = pg_config(url, checkout_timeout)?;
+    if !url.contains("target_session_attrs") {
+        cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
     let manager = PgManager(PostgresConnectionManager::new(cfg, tls::connector()));
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
@@ -382,6 +397,13 @@ pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// The server takes no writes (SQLSTATE 25006): a standby, or a server
+/// or role set `default_transaction_read_only` while the session was open.
+/// The server's fault, never a row's: the session must be replaced.
+pub fn is_read_only(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
 }
 
 /// The connection is gone: closed socket, or the server ended the session

@@ -157,9 +157,13 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let url = match base.rfind('/') {
-            Some(i) => format!("{}/{name}", &base[..i]),
-            None => panic!("admin url has no database: {base}"),
+        // The admin URL's parameters (a multi-host URL's
+        // target_session_attrs) are kept.
+        let (path, query) = base.split_once('?').map_or((base, None), |(p, q)| (p, Some(q)));
+        let url = match (path.rfind('/'), query) {
+            (Some(i), None) => format!("{}/{name}", &path[..i]),
+            (Some(i), Some(q)) => format!("{}/{name}?{q}", &path[..i]),
+            (None, _) => panic!("admin url has no database: {base}"),
         };
         TestDb {
             name,
@@ -1233,6 +1237,49 @@ impl PrivatePostgres {
             .status()
             .expect("kill");
         assert!(status.success(), "kill -{sig} {pid}");
+    }
+
+    /// A streaming standby of this server (`pg_basebackup -R -X stream`)
+    /// on a port of its own, started and accepting read-only sessions.
+    pub async fn standby(&self) -> PrivatePostgres {
+        let standby = PrivatePostgres {
+            port: free_port(),
+            dir: scratch_dir("outbox-pg-standby"),
+            bin: self.bin.clone(),
+            tls: self.tls,
+        };
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&standby.dir)
+            .status();
+        let out = standby
+            .as_owner("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "root", "-D"])
+            .arg(standby.dir.join("data"))
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .output()
+            .expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        standby.ctl(&["start"]);
+        standby.wait_ready().await;
+        standby
+    }
+
+    /// `pg_ctl promote -w`: a standby becomes a primary that takes writes.
+    pub fn promote(&self) {
+        let status = self
+            .as_owner("pg_ctl")
+            .args(["promote", "-w", "-t", "60", "-D"])
+            .arg(self.dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("pg_ctl promote");
+        assert!(status.success(), "pg_ctl promote failed");
     }
 
     /// Start it again after [`PrivatePostgres::stop`].

@@ -1,0 +1,224 @@
+//! Postgres failovers: a streaming standby promoted while the relay drains
+//! (a libpq multi-host URL with `target_session_attrs=read-write` finds the
+//! new primary), and sessions that land on a server that takes no writes
+//! (SQLSTATE 25006), which are a dependency's fault, never a row's.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The rows still in the outbox, read on `url` (any server that answers,
+/// a standby included).
+async fn outbox_rows(url: &str) -> Option<i64> {
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tokio::spawn(conn);
+    let row = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.query_one("SELECT count(*) FROM task_outbox", &[]),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(row.get(0))
+}
+
+/// The primary stops (`pg_ctl stop -m fast`: every session cut, its WAL
+/// sent to the standby) while the relay drains 60,000 rows at the shipped
+/// defaults; ten seconds later the standby is promoted. The relay stays up
+/// and unready meanwhile, moves its pools and its listener to the new
+/// primary through the multi-host URL, and delivers every row once:
+/// nothing lost, nothing dead-lettered, no attempt counted.
+#[tokio::test]
+async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
+    const ROWS: i64 = 60_000;
+    let primary = PrivatePostgres::start().await;
+    let standby = primary.standby().await;
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", primary.port, standby.port);
+    let admin = format!("postgres://root@{hosts}/postgres?target_session_attrs=read-write");
+    let db = TestDb::new_on(&admin).await;
+    assert!(db.url.contains(&hosts) && db.url.ends_with("target_session_attrs=read-write"));
+    let on_standby = format!("postgres://root@127.0.0.1:{}/{}", standby.port, db.name);
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, ROWS, 40).await;
+    let expected = expected_members(&db).await;
+
+    let mut relay = RelayProcess::spawn(&shipped_env(&db.url, &redis_url, &prefix));
+    relay.wait_started().await;
+    assert_eq!(
+        relay.records("outbox-relay starting")[0]["database"].as_str(),
+        Some(format!("postgres://root@{hosts}/{}?target_session_attrs=read-write", db.name).as_str()),
+        "the start line shows every host"
+    );
+    wait_until("the drain is under way", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await < ROWS
+    })
+    .await;
+    primary.stop();
+    let stopped = Instant::now();
+    // A fast stop sends the standby every commit first: what it holds is
+    // what was left when the primary went.
+    let left = outbox_rows(&on_standby).await.expect("count on the standby");
+    assert!(
+        left > 0,
+        "the drain ended before the failover ({ROWS} rows): make the backlog larger"
+    );
+
+    // No writable primary: up, unready, nothing written anywhere.
+    relay.wait_http("/readyz", 503, Duration::from_secs(30)).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        assert!(relay.is_running(), "exited without a primary: {:#?}", relay.lines());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(outbox_rows(&on_standby).await, Some(left), "the standby took no write");
+
+    standby.promote();
+    let promoted = Instant::now();
+    let mut resumed = None;
+    let give_up = promoted + Duration::from_secs(180);
+    loop {
+        assert!(relay.is_running(), "exited after the promotion: {:#?}", relay.lines());
+        let now = outbox_rows(&on_standby).await;
+        if resumed.is_none() && now.is_some_and(|n| n < left) {
+            resumed = Some(promoted.elapsed());
+        }
+        if now == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "not drained on the new primary ({now:?} rows left): {:#?}",
+            relay.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = resumed.expect("rows delivered after the promotion");
+    println!(
+        "delivery stopped for {:.1} s: {:.1} s without a primary (the test's wait), then {:.1} s from `pg_ctl promote` to the first row delivered on the new primary; {left} of {ROWS} rows were left at the failover",
+        (promoted - stopped + resumed).as_secs_f64(),
+        (promoted - stopped).as_secs_f64(),
+        resumed.as_secs_f64(),
+    );
+
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    let c = pg_connect(&on_standby).await;
+    let dead: i64 = c
+        .query_one("SELECT count(*) FROM task_outbox_dead", &[])
+        .await
+        .expect("dead rows")
+        .get(0);
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    let text = scrape(&relay).await;
+    let rows = |outcome| metric_value(&text, "outbox_relay_sweep_rows_total", &[("outcome", outcome)]);
+    assert_eq!(rows("retried"), Some(0.0), "no attempt counted");
+    assert!(rows("dispatched").is_some_and(|n| n >= ROWS as f64));
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    // The listener followed: it hears its own check on the new primary.
+    wait_until(
+        "the listener hears on the new primary",
+        Duration::from_secs(60),
+        || async {
+            relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
+                && relay.records("listening for new outbox rows; checked end to end").len() >= 2
+        },
+    )
+    .await;
+    seed(&db, 100, 2).await;
+    let more = expected_members(&db).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &more).await;
+    relay.stop().await;
+}
+
+/// The server turns read-only under the relay (`default_transaction_read_only`
+/// set and reloaded, as on a server set read-only behind an unchanged
+/// address): the pooled sessions' claims fail with SQLSTATE 25006. That is
+/// the server's fault, never a row's: no row is touched, no attempt
+/// counted; the sweep replaces its sessions at once (before, it counted
+/// failed ticks up to its error budget first, and new sessions landed on
+/// the same read-only server), says it is unready and why, and delivers
+/// everything once the server takes writes again.
+#[tokio::test]
+async fn sessions_on_a_read_only_server_are_a_dependency_fault_and_are_replaced() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let relay_url = db.url_as("outbox_relay").await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let mut relay = RelayProcess::spawn(&shipped_env(&relay_url, &redis_url, &prefix));
+    relay.wait_started().await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+
+    // The test's own sessions (root) still write; the relay's do not.
+    let admin = db.client().await;
+    // (ALTER SYSTEM runs alone: a multi-statement string is one transaction.)
+    for sql in [
+        "ALTER ROLE root SET default_transaction_read_only = off",
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect(sql);
+    }
+    seed(&db, 500, 5).await;
+    let expected = expected_members(&db).await;
+    wait_until(
+        "the sweep replaces its read-only sessions",
+        Duration::from_secs(60),
+        || async {
+            relay
+                .records("actor failed; restarting it with fresh state")
+                .iter()
+                .any(|r| r["actor"] == "SweepActor" && r["error"].as_str().is_some_and(|e| e.contains("25006")))
+        },
+    )
+    .await;
+    relay.wait_http("/readyz", 503, Duration::from_secs(60)).await;
+    let restarts = relay.records("actor failed; restarting it with fresh state");
+    let first = restarts
+        .iter()
+        .find(|r| r["actor"] == "SweepActor")
+        .expect("a sweep restart");
+    assert_eq!(first["cause"], "dependency", "{first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("takes no writes") && e.contains("25006")),
+        "the first failure replaces the sessions, naming the read-only server: {first}"
+    );
+    // Its new sessions are refused at connect: no claim runs on the server.
+    wait_until("new sessions are refused", Duration::from_secs(60), || async {
+        relay.lines().iter().any(|l| l.contains("does not allow writes"))
+    })
+    .await;
+    assert!(relay.is_running(), "{:#?}", relay.lines());
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 500);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(
+        relay
+            .metric("outbox_relay_sweep_rows_total", &[("outcome", "retried")])
+            .await,
+        Some(0.0)
+    );
+
+    for sql in [
+        "ALTER SYSTEM RESET default_transaction_read_only",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect(sql);
+    }
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    relay.stop().await;
+}
