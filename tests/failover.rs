@@ -222,3 +222,111 @@ async fn sessions_on_a_read_only_server_are_a_dependency_fault_and_are_replaced(
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     relay.stop().await;
 }
+
+/// Run `outbox-relay ARGS` with `env`; its exit status must be 0 and none of
+/// its output may hold `secret`. Returns stdout.
+fn command_ok(args: &[&str], env: &[(String, String)], secret: &str) -> String {
+    let out = relay_command(args, env).output().expect("run outbox-relay");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{args:?} failed:\n{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains(secret) && !stderr.contains(secret),
+        "{args:?} printed the password:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+/// Both libpq forms that list several hosts, with the standby first (only
+/// `target_session_attrs=read-write` finds the primary) and a password:
+/// `migrate`, `check-config`, `run` and every other command work through
+/// them, and what they print shows every host and never the password.
+#[tokio::test]
+async fn every_command_takes_a_multi_host_url_in_both_libpq_forms() {
+    let primary = PrivatePostgres::start().await;
+    let standby = primary.standby().await;
+    let (s, p) = (standby.port, primary.port);
+    let redis_url = shared_redis_url();
+    for form in ["url", "key=value"] {
+        let db = TestDb::empty_on(&primary.url()).await;
+        let (url, secret, shown) = match form {
+            "url" => (
+                format!(
+                    "postgres://root:s3cret-url@127.0.0.1:{s},127.0.0.1:{p}/{}?target_session_attrs=read-write",
+                    db.name
+                ),
+                "s3cret-url",
+                format!("127.0.0.1:{s},127.0.0.1:{p}"),
+            ),
+            _ => (
+                format!(
+                    "host=127.0.0.1,127.0.0.1 port={s},{p} user=root password=s3cret-kv dbname={} target_session_attrs=read-write",
+                    db.name
+                ),
+                "s3cret-kv",
+                format!("host=127.0.0.1,127.0.0.1 port={s},{p}"),
+            ),
+        };
+        let prefix = key_prefix();
+        let env = shipped_env(&url, &redis_url, &prefix);
+
+        command_ok(&["migrate"], &env, secret);
+        let text = command_ok(&["check-config"], &env, secret);
+        assert!(text.contains(&shown), "{form}: check-config shows every host:\n{text}");
+        assert!(
+            text.contains("# postgres: reachable, outbox schema present"),
+            "{form}:\n{text}"
+        );
+
+        create_ledger(&db).await;
+        let jobs = new_jobs(4);
+        produce(&db.client().await, &jobs, 400).await.expect("produce");
+        let mut relay = RelayProcess::spawn(&env);
+        relay.wait_started().await;
+        let start = &relay.records("outbox-relay starting")[0];
+        assert!(
+            start["database"]
+                .as_str()
+                .is_some_and(|d| d.contains(&shown) && !d.contains(secret)),
+            "{form}: {start}"
+        );
+        wait_drained(&db, Duration::from_secs(60)).await;
+        relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+        assert!(
+            relay.lines().iter().all(|l| !l.contains(secret)),
+            "{form}: the relay printed the password"
+        );
+        relay.stop().await;
+
+        let v: serde_json::Value = serde_json::from_str(&command_ok(
+            &["verify", "--ledger", "produced", "--since", "1h", "--json"],
+            &env,
+            secret,
+        ))
+        .expect("verify --json");
+        assert_eq!(v["delivered"], 400, "{form}: {v}");
+        let status: serde_json::Value =
+            serde_json::from_str(&command_ok(&["status", "--json"], &env, secret)).expect("status --json");
+        assert_eq!(status["backlog"], 0, "{form}: {status}");
+        command_ok(&["pause", "--json"], &env, secret);
+        command_ok(&["resume", "--json"], &env, secret);
+        command_ok(&["dead-letter", "list", "--json"], &env, secret);
+        db.client()
+            .await
+            .batch_execute(&format!(
+                "INSERT INTO jobs (id, status) VALUES ('{}', 'running')",
+                jobs[0]
+            ))
+            .await
+            .expect("a job to cancel");
+        let cancelled: serde_json::Value = serde_json::from_str(&command_ok(
+            &["cancel-job", &jobs[0].to_string(), "--json"],
+            &env,
+            secret,
+        ))
+        .expect("cancel-job --json");
+        assert_eq!(cancelled["job_id"], jobs[0].to_string(), "{form}: {cancelled}");
+    }
+}

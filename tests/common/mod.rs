@@ -150,7 +150,7 @@ impl TestDb {
         TestDb::empty_on(&admin_url()).await
     }
 
-    async fn empty_on(base: &str) -> TestDb {
+    pub async fn empty_on(base: &str) -> TestDb {
         let name = unique("outbox_test");
         let admin = pg_connect(base).await;
         admin
