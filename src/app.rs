@@ -58,7 +58,7 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),
         "database" => redact_url(&cfg.database.url),
-        "redis" => redact_url(&cfg.redis.url),
+        "redis" => crate::redis::Redis::describe(&cfg.redis),
         "key_prefix" => &cfg.redis.key_prefix,
         "listen" => cfg.database.listen_target().map_or_else(|| "off".to_string(), redact_url),
         "batch_size" => cfg.sweep.batch_size,

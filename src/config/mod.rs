@@ -148,10 +148,19 @@ pub struct RedisConfig {
     /// With N > 0 every pipeline ends with `WAIT N <time>`; a batch not
     /// acknowledged by N replicas is re-sent instead of deleted.
     pub wait_replicas: u32,
-    /// `standalone` (one server, `url`) or `cluster` (Redis Cluster, `cluster_urls`).
+    /// `standalone` (one server, `url`), `cluster` (Redis Cluster,
+    /// `cluster_urls`) or `sentinel` (the master `sentinel_urls` name).
     pub mode: RedisMode,
     /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
     pub cluster_urls: Vec<String>,
+    /// The sentinels to ask for the master (any one that answers will do),
+    /// each with its own password and TLS; sentinel mode only. The master
+    /// is reached with `url`'s user, password, database and TLS, at the
+    /// address the sentinels name.
+    pub sentinel_urls: Vec<String>,
+    /// The name the sentinels monitor the master under (`sentinel monitor
+    /// NAME …`); sentinel mode only.
+    pub sentinel_master: String,
     /// PEM file of the CA(s) that signed the servers' certificates, for
     /// `rediss://` URLs whose CA is not in the system's trust store (a
     /// private CA). Empty: the system's roots.
@@ -175,6 +184,7 @@ pub enum RedisMode {
     #[default]
     Standalone,
     Cluster,
+    Sentinel,
 }
 
 impl Default for RedisConfig {
@@ -186,6 +196,8 @@ impl Default for RedisConfig {
             wait_replicas: 0,
             mode: RedisMode::Standalone,
             cluster_urls: Vec::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: String::new(),
             tls_ca_file: String::new(),
             cancel_fence_ttl: Dur::secs(7 * 86_400),
             max_memory_ratio: 0.9,
@@ -443,6 +455,7 @@ impl Config {
         [&self.database.url, &self.database.listen_url, &self.redis.url]
             .into_iter()
             .chain(self.redis.cluster_urls.iter())
+            .chain(self.redis.sentinel_urls.iter())
             .flat_map(|u| crate::redact::passwords(u))
             .collect()
     }
@@ -455,6 +468,7 @@ impl Config {
         }
         c.redis.url = redact_url(&c.redis.url);
         c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
+        c.redis.sentinel_urls = c.redis.sentinel_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -561,6 +575,36 @@ mod tests {
         let p = problems("[sweep]\nconcurrency = 2\nlive_concurrency = 3", &[]);
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].key, "sweep.live_concurrency");
+    }
+
+    #[test]
+    fn sentinel_mode_needs_sentinels_and_a_name_and_takes_them_from_the_environment() {
+        let p = problems("[redis]\nmode = \"sentinel\"", &[]);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["redis.sentinel_urls", "redis.sentinel_master"], "{p:?}");
+        let c = load(
+            "[redis]\nmode = \"sentinel\"",
+            &[
+                (
+                    "OUTBOX_RELAY_REDIS__SENTINEL_URLS",
+                    "redis://10.0.0.1:26379, redis://:spw@10.0.0.2:26379",
+                ),
+                ("OUTBOX_RELAY_REDIS__SENTINEL_MASTER", "mymaster"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Sentinel);
+        assert_eq!(
+            c.redis.sentinel_urls,
+            vec!["redis://10.0.0.1:26379", "redis://:spw@10.0.0.2:26379"]
+        );
+        assert!(!c.to_redacted_toml().contains("spw"));
+        assert!(c.secrets().contains(&"spw".to_string()));
+        let p = problems(
+            "[redis]\nmode = \"sentinel\"\nsentinel_master = \"m\"\nsentinel_urls = [\"nope://x\"]",
+            &[],
+        );
+        assert!(p.iter().any(|p| p.key == "redis.sentinel_urls[0]"), "{p:?}");
     }
 
     #[test]

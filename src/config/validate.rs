@@ -135,10 +135,30 @@ impl Config {
                 }
             }
         }
+        if self.redis.mode == RedisMode::Sentinel {
+            if self.redis.sentinel_urls.is_empty() {
+                bad(
+                    "redis.sentinel_urls",
+                    "sentinel mode needs at least one sentinel (e.g. [\"redis://10.0.0.1:26379\"])".into(),
+                );
+            }
+            for (i, url) in self.redis.sentinel_urls.iter().enumerate() {
+                if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    bad(&format!("redis.sentinel_urls[{i}]"), format!("not a Redis URL: {e}"));
+                }
+            }
+            if self.redis.sentinel_master.trim().is_empty() {
+                bad(
+                    "redis.sentinel_master",
+                    "sentinel mode needs the name the sentinels monitor the master under (`sentinel monitor NAME …`, often mymaster)".into(),
+                );
+            }
+        }
         if !self.redis.tls_ca_file.is_empty() {
             let urls: Vec<&String> = match self.redis.mode {
                 RedisMode::Standalone => vec![&self.redis.url],
                 RedisMode::Cluster => self.redis.cluster_urls.iter().collect(),
+                RedisMode::Sentinel => self.redis.sentinel_urls.iter().chain([&self.redis.url]).collect(),
             };
             if let Err(e) = crate::tls::read_ca_file(&self.redis.tls_ca_file) {
                 bad("redis.tls_ca_file", e.to_string());

@@ -7,6 +7,7 @@ pub mod keys;
 pub mod memory;
 pub mod permissions;
 pub mod pipeline;
+pub mod sentinel;
 
 use std::time::Duration;
 
@@ -40,8 +41,14 @@ pub enum RedisPool {
 /// the pool. bb8-redis's own manager never reports one broken, so a pool
 /// would otherwise need a PING on every checkout to notice a dead
 /// connection: one more round trip per batch, on the latency path.
+///
+/// In sentinel mode the one server is the master the sentinels name, asked
+/// again for every new connection ([`sentinel::Sentinels`]).
 #[derive(Clone, Debug)]
-pub struct StandaloneManager(RedisConnectionManager);
+pub enum StandaloneManager {
+    Fixed(RedisConnectionManager),
+    Sentinel(sentinel::Sentinels),
+}
 
 /// A pooled connection and whether it must be thrown away when it goes
 /// back to the pool (both managers' `has_broken`).
@@ -116,11 +123,14 @@ impl bb8::ManageConnection for StandaloneManager {
     type Error = ::redis::RedisError;
 
     async fn connect(&self) -> Result<StandaloneConn, ::redis::RedisError> {
-        Ok(Discardable::new(self.0.connect().await?))
+        match self {
+            StandaloneManager::Fixed(m) => Ok(Discardable::new(m.connect().await?)),
+            StandaloneManager::Sentinel(s) => Ok(Discardable::new(s.connect().await?)),
+        }
     }
 
     async fn is_valid(&self, conn: &mut StandaloneConn) -> Result<(), ::redis::RedisError> {
-        self.0.is_valid(&mut conn.conn).await
+        ::redis::cmd("PING").query_async::<()>(&mut conn.conn).await
     }
 
     fn has_broken(&self, conn: &mut StandaloneConn) -> bool {
@@ -253,6 +263,7 @@ impl Redis {
     pub fn describe(cfg: &RedisConfig) -> String {
         match cfg.mode {
             RedisMode::Standalone => redact_url(&cfg.url),
+            RedisMode::Sentinel => sentinel::Sentinels::describe(&cfg.sentinel_master, &cfg.sentinel_urls),
             RedisMode::Cluster => format!(
                 "cluster {}",
                 cfg.cluster_urls
@@ -301,18 +312,39 @@ fn tls_certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, RedisS
 /// Where and how to reach the one server of standalone mode: `redis.url`,
 /// with `redis.tls_ca_file`'s CAs trusted when it is `rediss://`.
 fn standalone_info(cfg: &RedisConfig) -> Result<ConnectionInfo, RedisSetupError> {
+    node_info(cfg, &cfg.url)
+}
+
+/// How to reach the server at `url` (`redis.tls_ca_file`'s CAs trusted
+/// for `rediss://`, TCP keepalive on).
+fn node_info(cfg: &RedisConfig, url: &str) -> Result<ConnectionInfo, RedisSetupError> {
     let url_error = |source| RedisSetupError::Url {
-        url: redact_url(&cfg.url),
+        url: redact_url(url),
         source,
     };
     let info = match tls_certificates(cfg)? {
-        None => cfg.url.as_str().into_connection_info().map_err(url_error)?,
-        Some(certs) => Client::build_with_tls(cfg.url.as_str(), certs)
+        None => url.into_connection_info().map_err(url_error)?,
+        Some(certs) => Client::build_with_tls(url, certs)
             .map(|c| c.get_connection_info().clone())
             .map_err(url_error)?,
     };
     let tcp = with_keepalive(info.tcp_settings().clone());
     Ok(info.set_tcp_settings(tcp))
+}
+
+/// Sentinel mode's sentinels, and the master's settings from `redis.url`.
+fn sentinels(cfg: &RedisConfig, timeout: Duration) -> Result<sentinel::Sentinels, RedisSetupError> {
+    let nodes = cfg
+        .sentinel_urls
+        .iter()
+        .map(|u| node_info(cfg, u).map(|info| (redact_url(u), info)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sentinel::Sentinels::new(
+        nodes,
+        cfg.sentinel_master.clone(),
+        standalone_info(cfg)?,
+        (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+    ))
 }
 
 /// `base` with TCP keepalive and user timeout (see [`crate::pool::tcp`]): a
@@ -367,6 +399,16 @@ fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Clust
 /// on it ([`RedisConn::discard`]).
 pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
     let last_error = LastError::default();
+    let standalone = |manager| {
+        RedisPool::Standalone(
+            bb8::Pool::builder()
+                .max_size(cfg.pool_size)
+                .connection_timeout(checkout_timeout)
+                .test_on_check_out(false)
+                .error_sink(Box::new(last_error.clone()))
+                .build_unchecked(manager),
+        )
+    };
     let pool = match cfg.mode {
         RedisMode::Standalone => {
             let manager =
@@ -374,15 +416,9 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
                     url: redact_url(&cfg.url),
                     source,
                 })?;
-            RedisPool::Standalone(
-                bb8::Pool::builder()
-                    .max_size(cfg.pool_size)
-                    .connection_timeout(checkout_timeout)
-                    .test_on_check_out(false)
-                    .error_sink(Box::new(last_error.clone()))
-                    .build_unchecked(StandaloneManager(manager)),
-            )
+            standalone(StandaloneManager::Fixed(manager))
         }
+        RedisMode::Sentinel => standalone(StandaloneManager::Sentinel(sentinels(cfg, checkout_timeout)?)),
         RedisMode::Cluster => RedisPool::Cluster(
             bb8::Pool::builder()
                 .max_size(cfg.pool_size)
@@ -412,6 +448,17 @@ pub async fn connect_config(cfg: &RedisConfig, timeout: Duration) -> Result<Dire
         RedisMode::Standalone => connect_client(standalone_client(cfg)?, &redact_url(&cfg.url), timeout)
             .await
             .map(DirectConn::Standalone),
+        RedisMode::Sentinel => {
+            let unreachable = |reason: String| RedisSetupError::Unreachable {
+                url: Redis::describe(cfg),
+                reason,
+            };
+            match tokio::time::timeout(timeout, sentinels(cfg, timeout)?.connect()).await {
+                Ok(Ok(conn)) => Ok(DirectConn::Standalone(conn)),
+                Ok(Err(e)) => Err(unreachable(e.to_string())),
+                Err(_) => Err(unreachable(format!("no answer within {}ms", timeout.as_millis()))),
+            }
+        }
         RedisMode::Cluster => {
             let shown = Redis::describe(cfg);
             let client = cluster_client(cfg, timeout)?;

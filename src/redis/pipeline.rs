@@ -214,6 +214,11 @@ pub async fn zadd_batch(
             Err(e) => return Err(DispatchError::Unavailable(e.to_string())),
         };
         apply_replies(&mut batch, &groups, &all, wait_replicas, &replies)?;
+        if batch.refused.contains_key("READONLY") {
+            // A replica now (a failover): a new connection asks the
+            // sentinels again, or resolves the address again.
+            conn.discard();
+        }
         return Ok(batch);
     };
     let result = zadd_cluster(

@@ -523,6 +523,94 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Sentinel (`redis-server FILE --sentinel`, FILE its own writable
+/// config) monitoring one master as `mymaster`, quorum 1, that it takes for
+/// down after 1 s.
+pub struct RedisSentinel {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl RedisSentinel {
+    pub const MASTER: &'static str = "mymaster";
+
+    pub async fn start(master_port: u16) -> RedisSentinel {
+        let dir = scratch_dir("outbox-sentinel");
+        let port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {m} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {m} 1000\n\
+                 sentinel failover-timeout {m} 10000\n",
+                dir.display(),
+                m = Self::MASTER
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let s = RedisSentinel { port, child, dir };
+        let url = s.url();
+        wait_until("the sentinel answers", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                match redis::Client::open(url.as_str()) {
+                    Ok(c) => c.get_multiplexed_async_connection().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The master's port as this sentinel names it now.
+    pub async fn master_port(&self) -> Option<u16> {
+        let mut c = redis_conn(&self.url()).await;
+        redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(Self::MASTER)
+            .query_async::<Option<(String, u16)>>(&mut c)
+            .await
+            .ok()
+            .flatten()
+            .map(|(_, port)| port)
+    }
+
+    /// How many replicas of the master this sentinel knows.
+    pub async fn replicas(&self) -> usize {
+        let mut c = redis_conn(&self.url()).await;
+        redis::cmd("SENTINEL")
+            .arg("replicas")
+            .arg(Self::MASTER)
+            .query_async::<Vec<redis::Value>>(&mut c)
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The relay binary running as a subprocess, its stdout (JSON log lines) captured.
 pub struct RelayProcess {
     child: Child,

@@ -319,6 +319,7 @@ pub(super) async fn scaling(
         redis_mode: match cfg.redis.mode {
             RedisMode::Standalone => "standalone".into(),
             RedisMode::Cluster => format!("cluster ({} seed nodes)", cfg.redis.cluster_urls.len()),
+            RedisMode::Sentinel => format!("sentinel ({})", cfg.redis.sentinel_master),
         },
         rows,
         jobs: args.jobs,
