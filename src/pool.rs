@@ -10,6 +10,27 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+/// The services whose connections [`opened`] counts.
+pub const SERVICES: [&str; 2] = ["postgres", "redis"];
+
+static OPENED: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+
+/// A pool opened a connection to `service` (one of [`SERVICES`]).
+pub fn note_opened(service: usize) {
+    OPENED[service].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Connections opened by every pool of the process, per [`SERVICES`].
+pub fn opened() -> [u64; 2] {
+    [0, 1].map(|i| OPENED[i].load(std::sync::atomic::Ordering::Relaxed))
+}
+
+pub const POSTGRES: usize = 0;
+pub const REDIS: usize = 1;
+
 /// Errors that can tell a timeout from other failures (each store
 /// implements it for its client's error type).
 pub trait FailureKind: fmt::Display {

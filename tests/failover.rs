@@ -73,7 +73,15 @@ async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
     );
 
     // No writable primary: up, unready, nothing written anywhere.
+    let opened_before = relay
+        .metric("outbox_relay_connections_opened_total", &[("service", "postgres")])
+        .await
+        .expect("connections opened");
     relay.wait_http("/readyz", 503, Duration::from_secs(30)).await;
+    wait_until("outbox_relay_postgres_up is 0", Duration::from_secs(30), || async {
+        relay.metric("outbox_relay_postgres_up", &[]).await == Some(0.0)
+    })
+    .await;
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         assert!(relay.is_running(), "exited without a primary: {:#?}", relay.lines());
@@ -122,6 +130,19 @@ async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
     assert_eq!(rows("retried"), Some(0.0), "no attempt counted");
     assert!(rows("dispatched").is_some_and(|n| n >= ROWS as f64));
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    wait_until(
+        "outbox_relay_postgres_up is 1 again",
+        Duration::from_secs(30),
+        || async { relay.metric("outbox_relay_postgres_up", &[]).await == Some(1.0) },
+    )
+    .await;
+    assert!(
+        relay
+            .metric("outbox_relay_connections_opened_total", &[("service", "postgres")])
+            .await
+            .is_some_and(|n| n > opened_before),
+        "the pools reconnected to the new primary"
+    );
     // The listener followed: it hears its own check on the new primary.
     wait_until(
         "the listener hears on the new primary",

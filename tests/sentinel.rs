@@ -178,6 +178,10 @@ async fn a_master_killed_mid_drain_with_wait_replicas_1_loses_nothing() {
         "no attempt counted"
     );
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    wait_until("the switch is counted", Duration::from_secs(30), || async {
+        relay.metric("outbox_relay_redis_master_switches_total", &[]).await >= Some(1.0)
+    })
+    .await;
     relay.stop().await;
 }
 

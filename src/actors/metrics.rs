@@ -171,6 +171,7 @@ impl MetricsActor {
         let m = &self.metrics;
         match report.outbox {
             Ok(p) => {
+                m.postgres_up.set(1);
                 m.backlog_rows.set(p.backlog as f64);
                 m.oldest_age_seconds.set(p.oldest_age);
                 m.dead_letter_rows.set(p.dead_letters as f64);
@@ -179,6 +180,7 @@ impl MetricsActor {
                 m.paused_jobs.set(p.paused_jobs);
             }
             Err(e) => {
+                m.postgres_up.set(0);
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();
                 m.dead_letter_rows.clear();
@@ -197,6 +199,14 @@ impl MetricsActor {
                 debug!(self.core.log, "redis ping probe failed"; "error" => e);
             }
         }
+        // Process-wide counts kept by the pools, brought up to date.
+        for (i, total) in crate::pool::opened().into_iter().enumerate() {
+            let c = m.connections_opened.with_label_values(&[crate::pool::SERVICES[i]]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        let switches = crate::redis::sentinel::master_switches();
+        m.redis_master_switches
+            .inc_by(switches.saturating_sub(m.redis_master_switches.get()));
         if let Some((pg, redis)) = &self.pools {
             m.observe_pool("metrics_postgres", pg.pool.state());
             m.observe_pool("metrics_redis", redis.pool.state());

@@ -81,10 +81,9 @@ impl bb8::ManageConnection for PgManager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        Ok(PgConn {
-            client: self.0.connect().await?,
-            discard: false,
-        })
+        let client = self.0.connect().await?;
+        crate::pool::note_opened(crate::pool::POSTGRES);
+        Ok(PgConn { client, discard: false })
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {

@@ -123,10 +123,12 @@ impl bb8::ManageConnection for StandaloneManager {
     type Error = ::redis::RedisError;
 
     async fn connect(&self) -> Result<StandaloneConn, ::redis::RedisError> {
-        match self {
-            StandaloneManager::Fixed(m) => Ok(Discardable::new(m.connect().await?)),
-            StandaloneManager::Sentinel(s) => Ok(Discardable::new(s.connect().await?)),
-        }
+        let conn = match self {
+            StandaloneManager::Fixed(m) => m.connect().await?,
+            StandaloneManager::Sentinel(s) => s.connect().await?,
+        };
+        crate::pool::note_opened(crate::pool::REDIS);
+        Ok(Discardable::new(conn))
     }
 
     async fn is_valid(&self, conn: &mut StandaloneConn) -> Result<(), ::redis::RedisError> {
@@ -152,7 +154,9 @@ impl bb8::ManageConnection for ClusterManager {
     type Error = ::redis::RedisError;
 
     async fn connect(&self) -> Result<ClusterConn, ::redis::RedisError> {
-        Ok(Discardable::new(self.0.get_async_connection().await?))
+        let conn = self.0.get_async_connection().await?;
+        crate::pool::note_opened(crate::pool::REDIS);
+        Ok(Discardable::new(conn))
     }
 
     async fn is_valid(&self, conn: &mut ClusterConn) -> Result<(), ::redis::RedisError> {

@@ -7,12 +7,33 @@
 //! reply discards the connection it came on (see `pipeline`), and the
 //! next checkout asks the sentinels again.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{Client, ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 
 use crate::redact::redact_url;
+
+/// The master the process last connected to, and how often that changed.
+static LAST_MASTER: Mutex<Option<String>> = Mutex::new(None);
+static SWITCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Times this process found the sentinels naming a new master.
+pub fn master_switches() -> u64 {
+    SWITCHES.load(Ordering::Relaxed)
+}
+
+/// Remember `at` as the master; a change from another one is a switch.
+fn note_master(at: &str) {
+    if let Ok(mut last) = LAST_MASTER.lock() {
+        if last.as_deref().is_some_and(|l| l != at) {
+            SWITCHES.fetch_add(1, Ordering::Relaxed);
+        }
+        *last = Some(at.to_string());
+    }
+}
 
 /// The sentinels, the monitored name and how to reach the master.
 #[derive(Clone, Debug)]
@@ -113,7 +134,10 @@ impl Sentinels {
             ))
         })??;
         match role_name(&role).as_deref() {
-            Some("master") => Ok(conn),
+            Some("master") => {
+                note_master(&at);
+                Ok(conn)
+            }
             other => Err(RedisError::from((
                 ErrorKind::Io,
                 "the server the sentinels name is not a master (a failover under way)",

@@ -94,6 +94,12 @@ pub struct Metrics {
     /// Jobs paused one by one, by the last probe.
     pub paused_jobs: IntGauge,
     pub redis_up: IntGauge,
+    /// 1 when the last probe ran on a Postgres server that takes writes.
+    pub postgres_up: IntGauge,
+    /// Connections the relay's pools opened, by service (`pool::opened`).
+    pub connections_opened: IntCounterVec,
+    /// Sentinel mode: times the sentinels named a different master.
+    pub redis_master_switches: IntCounter,
     /// 1 while the LISTEN connection is up and was heard end to end.
     pub listen_active: IntGauge,
     /// 1 while this relay holds the listen lead (answers notifications).
@@ -253,6 +259,19 @@ impl Metrics {
                 "outbox_relay_redis_up",
                 "1 when the last Redis ping answered, else 0.",
             )?,
+            postgres_up: int_gauge(
+                "outbox_relay_postgres_up",
+                "1 when the last probe read the outbox on a Postgres server that takes writes, else 0: Postgres down, frozen, or no server of database.url takes writes (a failover under way; the relay's pools connect to no other).",
+            )?,
+            connections_opened: counter_vec(
+                "outbox_relay_connections_opened_total",
+                "Connections the relay's pools opened, by service (postgres, redis): a step means a dependency restarted or failed over and every pool reconnected.",
+                "service",
+            )?,
+            redis_master_switches: counter(
+                "outbox_relay_redis_master_switches_total",
+                "Sentinel mode: times the sentinels named a master other than the one before (a failover seen by this relay).",
+            )?,
             redis_ping_seconds: ProbeGauge::new(
                 &registry,
                 "outbox_relay_redis_ping_seconds",
@@ -336,6 +355,9 @@ impl Metrics {
         }
         for result in ["sent", "coalesced", "seen"] {
             m.wakeups.with_label_values(&[result]);
+        }
+        for service in crate::pool::SERVICES {
+            m.connections_opened.with_label_values(&[service]);
         }
         #[cfg(target_os = "linux")]
         m.registry
