@@ -249,3 +249,73 @@ async fn a_planned_switch_is_followed() {
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     relay.stop().await;
 }
+
+/// Passwords everywhere: the sentinel's own (`requirepass`, in its URL) and
+/// the master's (`redis.url`'s, also the replica's). Delivery, the commands
+/// and the durability check work; no password is printed; a wrong
+/// sentinel password is one clear line from `check-config`.
+#[tokio::test]
+async fn sentinel_and_master_passwords_are_applied_and_never_printed() {
+    const SPW: &str = "s3ntinel-pw";
+    const MPW: &str = "m4ster-pw";
+    let master = RedisServer::start().await;
+    let replica = RedisServer::start_replica_of(master.port).await;
+    for (server, masterauth) in [(&master, false), (&replica, true)] {
+        let mut c = redis_conn(&server.url()).await;
+        if masterauth {
+            let _: () = redis::cmd("CONFIG")
+                .arg(&["SET", "masterauth", MPW])
+                .query_async(&mut c)
+                .await
+                .expect("masterauth");
+        }
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "requirepass", MPW])
+            .query_async(&mut c)
+            .await
+            .expect("requirepass");
+    }
+    let sentinel = RedisSentinel::start_with_passwords(master.port, Some(SPW), Some(MPW)).await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let mut env = sentinel_env(&db.url, &sentinel, &prefix, &[]);
+    env.push(("OUTBOX_RELAY_REDIS__URL".into(), format!("redis://:{MPW}@not-used:1/0")));
+
+    let out = relay_command(&["check-config"], &env).output().expect("check-config");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains(SPW) && !text.contains(MPW), "{text}");
+
+    produce(&db.client().await, &new_jobs(3), 300).await.expect("produce");
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+    let report = verify_ledger(&db, &format!("redis://:{MPW}@127.0.0.1:{}/0", master.port), &prefix).await;
+    assert!(report.holds(), "{report:#?}");
+    assert_eq!(report.delivered, 300);
+    let status = relay_command(&["status", "--json"], &env).output().expect("status");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        relay.lines().iter().all(|l| !l.contains(SPW) && !l.contains(MPW)),
+        "a password was printed"
+    );
+    relay.stop().await;
+
+    let wrong: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.replace(SPW, "bad-s3cret")))
+        .collect();
+    let out = relay_command(&["check-config"], &wrong).output().expect("check-config");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no sentinel named the master") && !err.contains("bad-s3cret"),
+        "{err}"
+    );
+}

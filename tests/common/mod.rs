@@ -530,12 +530,19 @@ pub struct RedisSentinel {
     pub port: u16,
     child: Child,
     dir: std::path::PathBuf,
+    /// Its own `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl RedisSentinel {
     pub const MASTER: &'static str = "mymaster";
 
     pub async fn start(master_port: u16) -> RedisSentinel {
+        Self::start_with_passwords(master_port, None, None).await
+    }
+
+    /// With `requirepass sentinel` and `sentinel auth-pass mymaster master`.
+    pub async fn start_with_passwords(master_port: u16, sentinel: Option<&str>, master: Option<&str>) -> RedisSentinel {
         let dir = scratch_dir("outbox-sentinel");
         let port = free_port();
         let conf = dir.join("sentinel.conf");
@@ -548,7 +555,10 @@ impl RedisSentinel {
                  sentinel failover-timeout {m} 10000\n",
                 dir.display(),
                 m = Self::MASTER
-            ),
+            ) + &sentinel.map(|p| format!("requirepass {p}\n")).unwrap_or_default()
+                + &master
+                    .map(|p| format!("sentinel auth-pass {} {p}\n", Self::MASTER))
+                    .unwrap_or_default(),
         )
         .expect("write sentinel.conf");
         let child = Command::new("redis-server")
@@ -558,7 +568,12 @@ impl RedisSentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server --sentinel");
-        let s = RedisSentinel { port, child, dir };
+        let s = RedisSentinel {
+            port,
+            child,
+            dir,
+            password: sentinel.map(str::to_string),
+        };
         let url = s.url();
         wait_until("the sentinel answers", Duration::from_secs(20), || {
             let url = url.clone();
@@ -574,7 +589,10 @@ impl RedisSentinel {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The master's port as this sentinel names it now.
