@@ -435,34 +435,13 @@ async fn tick_on(
         // claim will see at least and when the next row not yet due comes due.
         let scopes = outbox::pauses_and_horizon(&tx, horizon);
         let claim = outbox::claim_due(&tx, mode, limit, order, from, skip_paused);
-        // After the claim (whose lock keeps ALTER TABLE out until the tick
-        // ends): the table's shape, which putting rows back depends on.
-        let shape = async {
-            if delete_claim {
-                outbox::shape(&tx).await.map(Some)
-            } else {
-                Ok(None)
-            }
-        };
         // All go out together (pipelined); the server runs them in order.
-        let (set, scopes, claim, shape) = deadline
-            .run("postgres claim", async { tokio::join!(set, scopes, claim, shape) })
+        let (set, scopes, claim) = deadline
+            .run("postgres claim", async { tokio::join!(set, scopes, claim) })
             .await?;
         set.map_err(TickError::db("postgres set timeouts"))?;
         let (scopes, seen) = scopes.map_err(TickError::db("read pauses"))?;
         let claimed = claim.map_err(TickError::db("postgres claim"))?;
-        let shape = shape.map_err(TickError::db("postgres claim"))?;
-        if let Some(now) = shape.filter(|now| *now != settings.schema.outbox_shape) {
-            // Nothing was sent yet: the rollback leaves every row as it was.
-            deadline
-                .run("postgres rollback", tx.rollback())
-                .await?
-                .map_err(TickError::db("postgres rollback"))?;
-            return Err(TickError::ClaimFallback(format!(
-                "task_outbox changed while the relay runs (at start: {}; now: {now})",
-                settings.schema.outbox_shape
-            )));
-        }
         // The claim skips paused jobs only while the last tick saw a pause
         // (the filter costs every claim); one that took a row of a job
         // paused since is rolled back (the rows are untouched) and claimed
@@ -609,6 +588,18 @@ async fn tick_on(
                         .await
                         .map_err(TickError::db("set statement timeout"))
                 },
+                // Putting rows back depends on the table's shape: read it
+                // first in the same round trip (only in ticks that put rows
+                // back; the claim's lock has kept ALTER TABLE out since).
+                async {
+                    if restore.is_empty() {
+                        return Ok(None);
+                    }
+                    outbox::shape(&tx)
+                        .await
+                        .map(Some)
+                        .map_err(TickError::db("read the outbox's shape"))
+                },
                 async {
                     // Any failure here (INSERT revoked, a trigger, a check
                     // added) would fail every such tick after its ZADDs:
@@ -648,7 +639,20 @@ async fn tick_on(
                 },
             )
         };
-        deadline.run("postgres settle", settle_all).await??;
+        let (_, shape, ..) = deadline.run("postgres settle", settle_all).await??;
+        if let Some(now) = shape.filter(|now| *now != settings.schema.outbox_shape) {
+            // What was put back may hold a DEFAULT for a new column: undo
+            // it all (the rows return to the outbox as they were claimed;
+            // the delivered ones are sent once more, idempotently).
+            deadline
+                .run("postgres rollback", tx.rollback())
+                .await?
+                .map_err(TickError::db("postgres rollback"))?;
+            return Err(TickError::ClaimFallback(format!(
+                "task_outbox changed while the relay runs (at start: {}; now: {now})",
+                settings.schema.outbox_shape
+            )));
+        }
     }
     lap(&mut stage_us[2]);
     deadline.check("postgres commit")?;

@@ -144,16 +144,19 @@ pub struct Schema {
     /// on `task_outbox`, a partitioned or inherited table).
     pub claim: ClaimMode,
     /// `task_outbox`'s shape as [`OUTBOX_SHAPE_SQL`] reads it at start:
-    /// every delete-claiming tick reads it again in its claim's round trip
-    /// and falls back to the locking claim when it changed (a column
-    /// added, a type changed, INSERT revoked, a foreign key added).
+    /// every delete-claiming tick that puts rows back reads it again in
+    /// its settle round trip, before the put-back, and falls back to the
+    /// locking claim when it changed (a column added, a type changed,
+    /// INSERT revoked, a foreign key added). Ticks that deliver every row
+    /// put nothing back and skip it (a catalog read, ~0.17 ms of the
+    /// server's time on each tick otherwise).
     pub outbox_shape: String,
 }
 
 /// The shape of `task_outbox` a delete claim depends on, as one line:
 /// its columns and their types, whether the role may INSERT, and how many
-/// foreign keys it has. Cheap (a catalog lookup); read after the claim in
-/// the same transaction, whose lock on the table keeps any ALTER TABLE out
+/// foreign keys it has. A catalog lookup; read after the claim in the
+/// same transaction, whose lock on the table keeps any ALTER TABLE out
 /// until the tick ends.
 pub const OUTBOX_SHAPE_SQL: &str = "SELECT
     (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
