@@ -242,7 +242,7 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     assert!(relay.is_running(), "the relay survives the lock");
     lock.rollback().await.expect("release the lock");
 
-    wait_drained(&db, Duration::from_secs(120)).await;
+    wait_drained_by(&db, Duration::from_secs(120), &relay).await;
     assert_all_delivered(&redis.url(), "hover:", &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     // The ConfigMap listens through DATABASE_URL ("auto"), here pgbouncer in

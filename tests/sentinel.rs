@@ -319,3 +319,65 @@ async fn sentinel_and_master_passwords_are_applied_and_never_printed() {
         "{err}"
     );
 }
+
+/// Memory back-pressure works on the master the sentinels name: with it
+/// nearly full, writes are held (rows wait, no attempt counted) until it
+/// has room.
+#[tokio::test]
+async fn back_pressure_holds_writes_to_a_nearly_full_master() {
+    let master = RedisServer::start().await;
+    let _replica = RedisServer::start_replica_of(master.port).await;
+    let sentinel = RedisSentinel::start(master.port).await;
+    let mut admin = redis_conn(&master.url()).await;
+    // 12 MB of filler under a 16 MB maxmemory: above the 0.8 mark.
+    let _: () = redis::cmd("SET")
+        .arg("filler")
+        .arg(vec![b'x'; 12 << 20])
+        .query_async(&mut admin)
+        .await
+        .expect("filler");
+    for (k, v) in [("maxmemory", "16mb"), ("maxmemory-policy", "noeviction")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", k, v])
+            .query_async(&mut admin)
+            .await
+            .expect("CONFIG SET");
+    }
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let mut relay = RelayProcess::spawn(&sentinel_env(
+        &db.url,
+        &sentinel,
+        &prefix,
+        &[("OUTBOX_RELAY_REDIS__MAX_MEMORY_RATIO", "0.8")],
+    ));
+    relay.wait_started().await;
+    produce(&db.client().await, &new_jobs(3), 300).await.expect("produce");
+    wait_until("back-pressure engages", Duration::from_secs(60), || async {
+        relay.metric("outbox_relay_redis_backpressure", &[]).await == Some(1.0)
+    })
+    .await;
+    let t0 = relay.ok_ticks().await;
+    wait_until("more ticks while held back", Duration::from_secs(60), || async {
+        relay.ok_ticks().await >= t0 + 4.0
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox").await,
+        300,
+        "nothing settled"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
+
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query_async(&mut admin)
+        .await
+        .expect("room again");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let report = verify_ledger(&db, &master.url(), &prefix).await;
+    assert!(report.holds(), "{report:#?}");
+    assert_eq!((report.delivered, report.dead_lettered), (300, 0));
+    relay.stop().await;
+}

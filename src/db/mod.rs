@@ -73,21 +73,36 @@ impl std::ops::DerefMut for PgConn {
     }
 }
 
-/// bb8-postgres's manager, with [`PgConn::discard`] honoured.
-pub struct PgManager(PostgresConnectionManager<tls::Tls>);
+/// bb8-postgres's manager, with [`PgConn::discard`] honoured and every
+/// connect bounded by the pool's checkout timeout: tokio-postgres bounds
+/// only the TCP connect, not the start-up, authentication and the
+/// read-write check after it, and bb8 keeps a pool slot for a connect in
+/// progress. A server that accepts the socket and then answers nothing (a
+/// frozen server; pgbouncer queueing the check behind busy server
+/// connections, up to its `query_wait_timeout`) would otherwise hold the
+/// slots of the whole pool.
+pub struct PgManager {
+    inner: PostgresConnectionManager<tls::Tls>,
+    connect_timeout: Duration,
+}
 
 impl bb8::ManageConnection for PgManager {
     type Connection = PgConn;
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = self.0.connect().await?;
+        let client = tokio::time::timeout(self.connect_timeout, self.inner.connect())
+            .await
+            // tokio-postgres's own timeout error ("timeout waiting for
+            // server"), the one its connect_timeout returns; it has no
+            // public constructor.
+            .map_err(|_| tokio_postgres::Error::__private_api_timeout())??;
         crate::pool::note_opened(crate::pool::POSTGRES);
         Ok(PgConn { client, discard: false })
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        self.0.is_valid(&mut conn.client).await
+        self.inner.is_valid(&mut conn.client).await
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
@@ -285,7 +300,10 @@ pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSe
     if !url.contains("target_session_attrs") {
         cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     }
-    let manager = PgManager(PostgresConnectionManager::new(cfg, tls::connector()));
+    let manager = PgManager {
+        inner: PostgresConnectionManager::new(cfg, tls::connector()),
+        connect_timeout: checkout_timeout,
+    };
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
         .max_size(size)

@@ -68,6 +68,32 @@ pub async fn wait_drained(db: &TestDb, timeout: Duration) {
     .await;
 }
 
+/// [`wait_drained`], and on a timeout the relay's lines (health lines
+/// left out) in the failure: what a drain that stalled was doing.
+pub async fn wait_drained_by(db: &TestDb, timeout: Duration, relay: &RelayProcess) {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        let left = db.count("SELECT count(*) FROM task_outbox").await;
+        if left == 0 {
+            return;
+        }
+        if std::time::Instant::now() >= until {
+            let lines: Vec<String> = relay
+                .lines()
+                .into_iter()
+                .filter(|l| !l.contains("\"actor health\""))
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            panic!(
+                "timed out after {}s waiting for the outbox to drain ({left} rows left); the relay's last lines:\n{}",
+                timeout.as_secs(),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
