@@ -146,7 +146,9 @@ async fn a_master_killed_mid_drain_with_wait_replicas_1_loses_nothing() {
     master.resume().await;
     wait_until(
         "the old master replicates the new one",
-        Duration::from_secs(60),
+        // Sentinel converts it only once it has reported itself a master
+        // for a while (several INFO periods: 40 s and more under load).
+        Duration::from_secs(240),
         || async {
             let mut c = redis_conn(&master.url()).await;
             let info: String = redis::cmd("INFO")
@@ -379,5 +381,40 @@ async fn back_pressure_holds_writes_to_a_nearly_full_master() {
     let report = verify_ledger(&db, &master.url(), &prefix).await;
     assert!(report.holds(), "{report:#?}");
     assert_eq!((report.delivered, report.dead_lettered), (300, 0));
+    relay.stop().await;
+}
+
+/// TLS: the sentinel monitors the master on its TLS port (`tls-replication
+/// yes`) and names that port; the relay reaches the master with
+/// `redis.url`'s `rediss://` and `redis.tls_ca_file`, certificate checked.
+#[tokio::test]
+async fn a_tls_master_is_reached_with_the_urls_tls_and_ca() {
+    let master = RedisServer::start_with_tls().await;
+    let tls_port = master.tls_port.expect("a TLS port");
+    let dir = master.ca_file().parent().expect("the server's dir").to_path_buf();
+    let extra = format!(
+        "tls-replication yes\ntls-cert-file {d}/server.crt\ntls-key-file {d}/server.key\ntls-ca-cert-file {d}/ca.crt\n",
+        d = dir.display()
+    );
+    let sentinel = RedisSentinel::start_with_config(tls_port, None, &extra).await;
+    wait_until("the sentinel names the TLS port", Duration::from_secs(30), || async {
+        sentinel.master_port().await == Some(tls_port)
+    })
+    .await;
+    let db = TestDb::new().await;
+    create_ledger(&db).await;
+    let prefix = key_prefix();
+    let ca = master.ca_file().display().to_string();
+    let mut env = sentinel_env(&db.url, &sentinel, &prefix, &[("OUTBOX_RELAY_REDIS__TLS_CA_FILE", &ca)]);
+    env.push(("OUTBOX_RELAY_REDIS__URL".into(), "rediss://not-used:1/0".into()));
+    produce(&db.client().await, &new_jobs(3), 300).await.expect("produce");
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let report = verify_ledger(&db, &master.url(), &prefix).await;
+    assert!(report.holds(), "{report:#?}");
+    assert_eq!(report.delivered, 300);
+    // The only port the sentinel names is the TLS one: a plain
+    // connection there would not get past the handshake.
     relay.stop().await;
 }

@@ -326,7 +326,14 @@ fn node_info(cfg: &RedisConfig, url: &str) -> Result<ConnectionInfo, RedisSetupE
         url: redact_url(url),
         source,
     };
-    let info = match tls_certificates(cfg)? {
+    // The CA file is for `rediss://` URLs; a plain one beside them (a
+    // sentinel without TLS, the master with it) is plain.
+    let certs = if url.starts_with("rediss://") {
+        tls_certificates(cfg)?
+    } else {
+        None
+    };
+    let info = match certs {
         None => url.into_connection_info().map_err(url_error)?,
         Some(certs) => Client::build_with_tls(url, certs)
             .map(|c| c.get_connection_info().clone())

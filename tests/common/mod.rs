@@ -569,6 +569,15 @@ impl RedisSentinel {
 
     /// With `requirepass sentinel` and `sentinel auth-pass mymaster master`.
     pub async fn start_with_passwords(master_port: u16, sentinel: Option<&str>, master: Option<&str>) -> RedisSentinel {
+        let extra = master
+            .map(|p| format!("sentinel auth-pass {} {p}\n", Self::MASTER))
+            .unwrap_or_default();
+        Self::start_with_config(master_port, sentinel, &extra).await
+    }
+
+    /// Monitoring the master at `master_port` (plain or TLS, as `extra`
+    /// says), with its own `requirepass` and more config lines.
+    pub async fn start_with_config(master_port: u16, sentinel: Option<&str>, extra: &str) -> RedisSentinel {
         let dir = scratch_dir("outbox-sentinel");
         let port = free_port();
         let conf = dir.join("sentinel.conf");
@@ -582,9 +591,7 @@ impl RedisSentinel {
                 dir.display(),
                 m = Self::MASTER
             ) + &sentinel.map(|p| format!("requirepass {p}\n")).unwrap_or_default()
-                + &master
-                    .map(|p| format!("sentinel auth-pass {} {p}\n", Self::MASTER))
-                    .unwrap_or_default(),
+                + extra,
         )
         .expect("write sentinel.conf");
         let child = Command::new("redis-server")
