@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, wait_until};
+use super::{free_cluster_port, wait_until};
 
 /// One node process.
 pub struct ClusterNode {
@@ -59,7 +59,7 @@ impl RedisCluster {
             full_coverage,
         };
         for _ in 0..masters * (1 + replicas) {
-            let port = free_port();
+            let port = free_cluster_port();
             let mut node = ClusterNode { port, child: None };
             cluster.spawn(&mut node);
             cluster.nodes.push(node);
@@ -332,7 +332,7 @@ impl TlsCluster {
             dir,
         };
         for _ in 0..masters {
-            let port = free_port();
+            let port = free_cluster_port();
             let node_dir = cluster.dir.join(format!("node-{port}"));
             std::fs::create_dir_all(&node_dir).expect("cluster node dir");
             let child = Command::new("redis-server")

@@ -359,11 +359,44 @@ pub async fn schedule_members(url: &str, prefix: &str) -> HashMap<String, f64> {
 }
 
 /// A free TCP port on loopback.
+/// A port nothing listens on now, never handed out before by this test
+/// process: the kernel gives a port just released to the next bind(0)
+/// again, so two tests starting servers at once could otherwise both be
+/// told the same port, and one server would fail to start.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_port_where(|_| true)
+}
+
+/// A port for a Redis Cluster node: it and its cluster bus port (+10000)
+/// are free and neither was handed out before (a node whose bus port is
+/// taken by another test's server exits at start).
+pub fn free_cluster_port() -> u16 {
+    free_port_where(|p| p <= 55_535 && bindable(p + 10_000))
+}
+
+fn bindable(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn free_port_where(ok: impl Fn(u16) -> bool) -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let bus = port.checked_add(10_000);
+        if !given.contains(&port) && bus.is_none_or(|b| !given.contains(&b)) && ok(port) {
+            given.push(port);
+            if let Some(b) = bus {
+                // Kept out of later picks too: a cluster node may use it.
+                given.push(b);
+            }
+            return port;
+        }
+    }
+    panic!("no free port found in 1000 tries");
 }
 
 /// A new empty directory under the system temp dir, named `{stem}-{uuid}`.
