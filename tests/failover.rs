@@ -334,14 +334,7 @@ async fn every_command_takes_a_multi_host_url_in_both_libpq_forms() {
         command_ok(&["pause", "--json"], &env, secret);
         command_ok(&["resume", "--json"], &env, secret);
         command_ok(&["dead-letter", "list", "--json"], &env, secret);
-        db.client()
-            .await
-            .batch_execute(&format!(
-                "INSERT INTO jobs (id, status) VALUES ('{}', 'running')",
-                jobs[0]
-            ))
-            .await
-            .expect("a job to cancel");
+        running_job(&db, &jobs[0]).await;
         let cancelled: serde_json::Value = serde_json::from_str(&command_ok(
             &["cancel-job", &jobs[0].to_string(), "--json"],
             &env,

@@ -28,14 +28,34 @@ fn sentinel_env(db_url: &str, sentinel: &RedisSentinel, prefix: &str, extra: &[(
     env
 }
 
+/// A master, its replica, and a sentinel that knows both.
+async fn master_replica_sentinel() -> (RedisServer, RedisServer, RedisSentinel) {
+    let master = RedisServer::start().await;
+    let replica = RedisServer::start_replica_of(master.port).await;
+    let sentinel = RedisSentinel::start(master.port).await;
+    wait_until("the sentinel knows the replica", Duration::from_secs(30), || async {
+        sentinel.replicas().await == 1
+    })
+    .await;
+    (master, replica, sentinel)
+}
+
+/// `INFO replication` of the server at `url` ("" when it does not answer).
+async fn replication_info(url: &str) -> String {
+    let mut c = redis_conn(url).await;
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default()
+}
+
 /// The relay finds the master through the sentinels (`redis.url`'s host
 /// is not even reachable), and every command works in this mode:
 /// `check-config`, `status`, `verify`, `cancel-job`.
 #[tokio::test]
 async fn the_relay_and_its_commands_find_the_master_through_the_sentinels() {
-    let master = RedisServer::start().await;
-    let replica = RedisServer::start_replica_of(master.port).await;
-    let sentinel = RedisSentinel::start(master.port).await;
+    let (master, replica, sentinel) = master_replica_sentinel().await;
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
@@ -82,14 +102,7 @@ async fn the_relay_and_its_commands_find_the_master_through_the_sentinels() {
     assert_eq!(v["delivered"], 500, "{v}");
     let status = json(&["status", "--json"]);
     assert_eq!(status["backlog"], 0, "{status}");
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "INSERT INTO jobs (id, status) VALUES ('{}', 'running')",
-            jobs[0]
-        ))
-        .await
-        .expect("a job to cancel");
+    running_job(&db, &jobs[0]).await;
     json(&["cancel-job", &jobs[0].to_string(), "--json"]);
     assert!(
         schedule_members(&master.url(), &prefix)
@@ -108,13 +121,7 @@ async fn the_relay_and_its_commands_find_the_master_through_the_sentinels() {
 #[tokio::test]
 async fn a_master_killed_mid_drain_with_wait_replicas_1_loses_nothing() {
     const ROWS: i64 = 60_000;
-    let mut master = RedisServer::start().await;
-    let replica = RedisServer::start_replica_of(master.port).await;
-    let sentinel = RedisSentinel::start(master.port).await;
-    wait_until("the sentinel knows the replica", Duration::from_secs(30), || async {
-        sentinel.replicas().await == 1
-    })
-    .await;
+    let (mut master, replica, sentinel) = master_replica_sentinel().await;
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
@@ -150,12 +157,7 @@ async fn a_master_killed_mid_drain_with_wait_replicas_1_loses_nothing() {
         // for a while (several INFO periods: 40 s and more under load).
         Duration::from_secs(240),
         || async {
-            let mut c = redis_conn(&master.url()).await;
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut c)
-                .await
-                .unwrap_or_default();
+            let info = replication_info(&master.url()).await;
             info.contains("role:slave") && info.contains(&format!("master_port:{}", replica.port))
         },
     )
@@ -192,13 +194,7 @@ async fn a_master_killed_mid_drain_with_wait_replicas_1_loses_nothing() {
 /// master, none is written to the old one, no attempt is counted.
 #[tokio::test]
 async fn a_planned_switch_is_followed() {
-    let master = RedisServer::start().await;
-    let replica = RedisServer::start_replica_of(master.port).await;
-    let sentinel = RedisSentinel::start(master.port).await;
-    wait_until("the sentinel knows the replica", Duration::from_secs(30), || async {
-        sentinel.replicas().await == 1
-    })
-    .await;
+    let (master, replica, sentinel) = master_replica_sentinel().await;
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
@@ -228,13 +224,7 @@ async fn a_planned_switch_is_followed() {
     })
     .await;
     wait_until("the old master is a replica", Duration::from_secs(60), || async {
-        let mut c = redis_conn(&master.url()).await;
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
-        info.contains("role:slave")
+        replication_info(&master.url()).await.contains("role:slave")
     })
     .await;
     produce(&db.client().await, &jobs, 500).await.expect("produce");
@@ -327,9 +317,7 @@ async fn sentinel_and_master_passwords_are_applied_and_never_printed() {
 /// has room.
 #[tokio::test]
 async fn back_pressure_holds_writes_to_a_nearly_full_master() {
-    let master = RedisServer::start().await;
-    let _replica = RedisServer::start_replica_of(master.port).await;
-    let sentinel = RedisSentinel::start(master.port).await;
+    let (master, _replica, sentinel) = master_replica_sentinel().await;
     let mut admin = redis_conn(&master.url()).await;
     // 12 MB of filler under a 16 MB maxmemory: above the 0.8 mark.
     let _: () = redis::cmd("SET")

@@ -997,6 +997,15 @@ pub async fn seed(db: &TestDb, rows: i64, jobs: i64) -> Vec<uuid::Uuid> {
     job_ids
 }
 
+/// A `jobs` row for `job`, status `running` (what `cancel-job` needs).
+pub async fn running_job(db: &TestDb, job: &uuid::Uuid) {
+    db.client()
+        .await
+        .batch_execute(&format!("INSERT INTO jobs (id, status) VALUES ('{job}', 'running')"))
+        .await
+        .expect("a running job");
+}
+
 /// The job's schedule key made a string: every ZADD of its rows fails with
 /// WRONGTYPE, so those rows stay (retried) and a delete claim puts them back.
 pub async fn poison_job(redis_url: &str, prefix: &str, job: &uuid::Uuid) {
