@@ -4,7 +4,8 @@
 # from loopback) and Redis on 127.0.0.1:6379. Starts them when stopped,
 # installs them from Debian's packages when missing; also installs the tools
 # the tests start themselves (pgbouncer, prometheus's promtool and server, and the
-# openssl command that makes a TLS test server's certificate).
+# openssl command that makes a TLS test server's certificate, Chromium and
+# ChromeDriver for the console's browser tests).
 # Needs root for installs.
 # Idempotent: on a machine where both already run it only checks.
 set -euo pipefail
@@ -86,8 +87,12 @@ ensure_tools() {
   # (tests/prometheus.rs starts one).
   { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)
+  # The console's browser tests drive Debian's Chromium through its
+  # ChromeDriver (tests/console_browser.rs).
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
-  log "pgbouncer, promtool and openssl are installed"
+  log "pgbouncer, promtool, openssl, chromium and chromedriver are installed"
 }
 
 ensure_postgres

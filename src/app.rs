@@ -30,6 +30,8 @@ pub enum RunError {
     Metrics(#[from] telemetry::metrics::MetricsError),
     #[error("{actor} kept failing (restart intensity exceeded); last error: {error}")]
     GaveUp { actor: &'static str, error: String },
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleSetupError),
 }
 
 /// Options of `outbox-relay run` that are not configuration.
@@ -72,6 +74,12 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
     let healths = actors::tree::Healths::new(&cfg);
     let metrics = telemetry::metrics::Metrics::new(&cfg.metrics)?;
     let http = http::start(&cfg.http.listen, healths.all(), metrics.clone())?;
+    let console = if cfg.console.listen.is_empty() {
+        None
+    } else {
+        let c = crate::console::build(&cfg, metrics.registry(), &log).await?;
+        Some(crate::console::start(&cfg.console.listen, c)?)
+    };
     let (relay, mut fatal) = actors::tree::start(&cfg, &schema, &healths, &metrics, &log);
     let progress = if opts.progress {
         Some(actix_rt::spawn(progress_lines(
@@ -98,6 +106,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
             info!(log, "shutdown requested; finishing the tick in flight"; "signal" => signal);
             relay.stop(&log).await;
             http.stop(true).await;
+            if let Some(c) = console {
+                c.stop(true).await;
+            }
             info!(log, "outbox-relay stopped";
                 "dispatched" => stats.dispatched.load(Ordering::Relaxed),
                 "retried" => stats.retried.load(Ordering::Relaxed),
@@ -107,6 +118,9 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
         Err(gave_up) => {
             relay.stop(&log).await;
             http.stop(false).await;
+            if let Some(c) = console {
+                c.stop(false).await;
+            }
             Err(match gave_up {
                 Some(g) => RunError::GaveUp {
                     actor: g.actor,
@@ -119,6 +133,38 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
             })
         }
     }
+}
+
+/// `outbox-relay console`: the console and its API alone, with `/metrics`
+/// (the console's counters) on `http.listen`, until SIGTERM or SIGINT.
+pub async fn console_only(mut cfg: Config, log: Logger) -> Result<(), crate::cli::RelayError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| crate::cli::RelayError::Run(RunError::Signals(e)))?;
+    if cfg.console.listen.is_empty() {
+        cfg.console.listen = crate::config::DEFAULT_CONSOLE_LISTEN.to_string();
+    }
+    if cfg.console.listen == cfg.http.listen {
+        return Err(crate::cli::RelayError::Usage(format!(
+            "console.listen and http.listen are both {}; give the console its own port",
+            cfg.http.listen
+        )));
+    }
+    let registry = prometheus::Registry::new();
+    let console = crate::console::build(&cfg, &registry, &log).await?;
+    let server = crate::console::start(&cfg.console.listen, console)?;
+    let metrics_server = http::start_metrics_only(&cfg.http.listen, registry).map_err(RunError::from)?;
+    info!(log, "outbox-relay console started (no sweeping)";
+        "version" => env!("CARGO_PKG_VERSION"),
+        "database" => redact_url(cfg.console.database_url(&cfg.database)),
+        "listen" => &cfg.console.listen, "metrics" => &cfg.http.listen);
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    info!(log, "shutdown requested"; "signal" => signal);
+    server.stop(true).await;
+    metrics_server.stop(true).await;
+    Ok(())
 }
 
 /// One line a second: rows still due, delivery rate, dead letters.

@@ -152,3 +152,50 @@ pub fn start(listen: &str, health: Healths, metrics_: Metrics) -> Result<actix_w
     actix_rt::spawn(server);
     Ok(handle)
 }
+
+/// `/metrics` of `registry` alone, for `outbox-relay console` (which runs
+/// no actor): `/healthz` and `/readyz` answer 200 while it serves.
+pub fn start_metrics_only(
+    listen: &str,
+    registry: prometheus::Registry,
+) -> Result<actix_web::dev::ServerHandle, HttpError> {
+    let registry = web::Data::new(registry);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(registry.clone())
+            .route(
+                "/metrics",
+                web::get().to(|r: web::Data<prometheus::Registry>| async move {
+                    let mut buf = Vec::new();
+                    let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &r.gather(), &mut buf);
+                    HttpResponse::Ok()
+                        .content_type("text/plain; version=0.0.4; charset=utf-8")
+                        .body(buf)
+                }),
+            )
+            .route(
+                "/healthz",
+                web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "healthy"})) }),
+            )
+            .route(
+                "/readyz",
+                web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"ready": true})) }),
+            )
+            .default_service(web::to(not_found))
+    })
+    .workers(1)
+    .max_connections(MAX_CONNECTIONS)
+    .client_request_timeout(REQUEST_HEAD_TIMEOUT)
+    .keep_alive(KEEP_ALIVE)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(listen)
+    .map_err(|source| HttpError {
+        listen: listen.to_string(),
+        source,
+    })?
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Ok(handle)
+}

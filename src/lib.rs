@@ -18,6 +18,7 @@ pub mod actors;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod deadline;
 pub mod domain;

@@ -27,6 +27,9 @@ GRANT SELECT ON SEQUENCE task_outbox_id_seq TO outbox_relay;
 GRANT SELECT, UPDATE ON jobs TO outbox_relay;
 -- The claim skips paused jobs (`outbox-relay pause`).
 GRANT SELECT ON outbox_relay_pause TO outbox_relay;
+-- The heartbeat the console reads (migration 7): a relay upserts its own
+-- row and minute, and forgets rows a day old.
+GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_instances, outbox_relay_minutes TO outbox_relay;
 
 -- Triage: `dead-letter list|requeue|purge`, `cancel-job`, `status`,
 -- `pause`, `resume`.
@@ -38,3 +41,6 @@ GRANT SELECT, UPDATE, DELETE ON task_outbox_dead TO outbox_triage;
 GRANT SELECT, UPDATE ON jobs TO outbox_triage;
 -- `pause` and `resume` write the control table.
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_pause TO outbox_triage;
+-- The console (`outbox-relay console`, or console.listen on `run`) runs as
+-- this role too: everything above, and the fleet it shows.
+GRANT SELECT ON outbox_relay_instances, outbox_relay_minutes TO outbox_triage;

@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use slog::{debug, warn, Logger};
+use slog::{debug, info, warn, Logger};
 
 use super::lifecycle::{every, fault_point, guarded, run_contained, Core, Lifecycle, Mode};
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
-use crate::db::{column, pg_error_text, Pg};
+use crate::db::{column, fleet, pg_error_text, Pg};
 use crate::deadline::Deadline;
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
@@ -125,12 +125,31 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
     ProbeReport { outbox, redis_ping }
 }
 
+/// Write this relay's heartbeat (`db::fleet`) before `deadline`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Heartbeat {
+    pub deadline: Deadline,
+}
+
 #[derive(Debug, Clone)]
 pub struct MetricsSettings {
     pub database_url: String,
     pub redis: RedisConfig,
     pub probe_interval: Duration,
     pub round_timeout: Duration,
+    /// Who this relay is, and how often it writes its heartbeat
+    /// (`health.interval`); None writes none (tests of the actor alone).
+    pub heartbeat: Option<(fleet::Instance, Duration)>,
+}
+
+/// Cumulative totals already written to the fleet's minutes.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Totals {
+    delivered: u64,
+    retried: u64,
+    dead_lettered: u64,
+    lag: Vec<u64>,
 }
 
 pub struct MetricsActor {
@@ -140,6 +159,10 @@ pub struct MetricsActor {
     healths: Arc<Vec<Arc<ActorHealth>>>,
     core: Core,
     pools: Option<(Pg, Redis)>,
+    /// What the heartbeats written so far have counted.
+    sent: Totals,
+    /// The last heartbeat failed (logged once per episode).
+    beat_failing: bool,
 }
 
 impl MetricsActor {
@@ -159,6 +182,65 @@ impl MetricsActor {
             metrics,
             healths,
             pools: None,
+            sent: Totals::default(),
+            beat_failing: false,
+        }
+    }
+
+    /// The totals now, from the counters the sweep moves.
+    fn totals(&self) -> Totals {
+        let rows = |o: &str| self.metrics.sweep_rows.with_label_values(&[o]).get();
+        let lag = self.metrics.delivery_lag.with_label_values(&["created"]);
+        let mut per_bucket = Vec::with_capacity(crate::telemetry::metrics::LAG_BUCKETS.len() + 1);
+        let proto = prometheus::core::Metric::metric(&lag);
+        let h = proto.get_histogram();
+        let mut below = 0;
+        for b in h.get_bucket() {
+            per_bucket.push(b.cumulative_count().saturating_sub(below));
+            below = b.cumulative_count();
+        }
+        per_bucket.push(h.get_sample_count().saturating_sub(below));
+        Totals {
+            delivered: rows("dispatched"),
+            retried: rows("retried"),
+            dead_lettered: rows("dead_lettered"),
+            lag: per_bucket,
+        }
+    }
+
+    /// The heartbeat's body: state now, and what changed since `self.sent`.
+    fn beat(&self, now: &Totals) -> fleet::Beat {
+        let d = |a: u64, b: u64| i64::try_from(a.saturating_sub(b)).unwrap_or(i64::MAX);
+        let health: serde_json::Map<String, serde_json::Value> = self
+            .healths
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    serde_json::Value::from(h.snapshot().status.as_str()),
+                )
+            })
+            .collect();
+        let counters = serde_json::json!({
+            "delivered": now.delivered,
+            "retried": now.retried,
+            "dead_lettered": now.dead_lettered,
+            "paused": self.metrics.paused_state(),
+            "held_back": self.metrics.redis_backpressure.get() > 0,
+            "listen_leader": self.metrics.listen_leader.get() > 0,
+        });
+        fleet::Beat {
+            counters: counters.to_string(),
+            health: serde_json::Value::Object(health).to_string(),
+            delivered: d(now.delivered, self.sent.delivered),
+            retried: d(now.retried, self.sent.retried),
+            dead_lettered: d(now.dead_lettered, self.sent.dead_lettered),
+            lag_buckets: now
+                .lag
+                .iter()
+                .enumerate()
+                .map(|(i, v)| d(*v, self.sent.lag.get(i).copied().unwrap_or(0)))
+                .collect(),
         }
     }
 
@@ -226,6 +308,11 @@ impl Lifecycle for MetricsActor {
         every(self, ctx, self.settings.probe_interval, true, |act| Probe {
             deadline: Deadline::after(act.round_timeout()),
         });
+        if let Some((_, interval)) = &self.settings.heartbeat {
+            every(self, ctx, *interval, true, |act| Heartbeat {
+                deadline: Deadline::after(act.settings.round_timeout),
+            });
+        }
         Ok(())
     }
 
@@ -252,6 +339,62 @@ impl Handler<Probe> for MetricsActor {
                 act.apply(report);
                 act.core.health.ok();
             });
+        });
+    }
+}
+
+impl Handler<Heartbeat> for MetricsActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Heartbeat, ctx: &mut Self::Context) {
+        guarded(self, ctx, "heartbeat handler", |act, ctx| {
+            if act.core.expired(msg.deadline, "heartbeat") {
+                return;
+            }
+            let (Some((pg, _)), Some((me, _))) = (act.pools.clone(), act.settings.heartbeat.clone()) else {
+                return;
+            };
+            let now = act.totals();
+            let beat = act.beat(&now);
+            let deadline = msg.deadline;
+            let write = async move {
+                let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
+                let cancel = conn.cancel_token();
+                match deadline
+                    .run("postgres heartbeat", fleet::beat(&**conn, &me, &beat))
+                    .await
+                {
+                    Ok(done) => done.map_err(|e| e.text()),
+                    Err(expired) => {
+                        pg.cancel(cancel).await;
+                        conn.discard();
+                        Err(expired.to_string())
+                    }
+                }
+            };
+            run_contained(
+                act,
+                ctx,
+                "heartbeat",
+                Mode::Wait,
+                write,
+                move |act, outcome, _| match outcome {
+                    Ok(()) => {
+                        act.sent = now;
+                        if act.beat_failing {
+                            info!(act.core.log, "fleet heartbeat written again");
+                        }
+                        act.beat_failing = false;
+                    }
+                    Err(e) => {
+                        if !act.beat_failing {
+                            warn!(act.core.log, "fleet heartbeat failed; the console shows this relay as stale until it succeeds (migration 7 applied? outbox_relay_instances granted?)";
+                            "error" => e);
+                        }
+                        act.beat_failing = true;
+                    }
+                },
+            );
         });
     }
 }

@@ -219,6 +219,7 @@ pub fn start(
         redis: cfg.redis.clone(),
         probe_interval: cfg.metrics.probe_interval.0,
         round_timeout: cfg.sweep.tick_timeout.0,
+        heartbeat: Some((instance(cfg, schema), health_interval)),
     };
     let (mm, mall, mh, ms, m_log) = (
         metrics.clone(),
@@ -300,6 +301,36 @@ pub fn start(
         },
         fatal,
     )
+}
+
+/// Who this relay is, for the fleet's heartbeat (`db::fleet`).
+fn instance(cfg: &Config, schema: &crate::db::schema::Schema) -> crate::db::fleet::Instance {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map_or_else(|| "unknown".to_string(), |h| h.trim().to_string());
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let settings = serde_json::json!({
+        "batch_size": cfg.sweep.batch_size,
+        "concurrency": cfg.sweep.concurrency,
+        "key_prefix": cfg.redis.key_prefix,
+        "claim": match &schema.claim {
+            crate::db::schema::ClaimMode::Delete => "delete".to_string(),
+            crate::db::schema::ClaimMode::Lock(why) => format!("lock ({why})"),
+        },
+        "listen": cfg.database.listen_target().is_some(),
+        "redis_mode": format!("{:?}", cfg.redis.mode).to_lowercase(),
+    });
+    crate::db::fleet::Instance {
+        id: uuid::Uuid::new_v4().to_string(),
+        host,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at,
+        settings: settings.to_string(),
+    }
 }
 
 /// One `actor health` line per actor every `interval`.

@@ -35,26 +35,31 @@ pub enum JobsError {
     Partial(String),
 }
 
-#[derive(Serialize)]
-struct CancelOutput {
-    job_id: String,
-    already_cancelled: bool,
-    outbox_rows_deleted: u64,
-    schedule_key: String,
-    schedule_entries_removed: bool,
+/// What `cancel-job` (or the console's cancel) did.
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct CancelOutput {
+    pub job_id: String,
+    pub already_cancelled: bool,
+    pub outbox_rows_deleted: u64,
+    pub schedule_key: String,
+    pub schedule_entries_removed: bool,
 }
 
-/// Cancel `job`: Postgres first, then its Redis keys.
-pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), JobsError> {
-    let (mut client, schema) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+/// Cancel `job`: Postgres first (over `db_url`), then its Redis keys.
+pub async fn cancel_everywhere(
+    db_url: &str,
+    redis: &crate::config::RedisConfig,
+    job: String,
+) -> Result<CancelOutput, JobsError> {
+    let (mut client, schema) = db::connect_ready(db_url, STARTUP_TIMEOUT).await?;
     let done = jobs::cancel(&mut client, &schema, &job).await?;
     // The schedule key names the job as task_outbox.job_id holds it (the
     // canonical UUID form where that column is a UUID).
     let job = schema.outbox_job_id.stored_form(&job).unwrap_or(job);
-    let key = schedule_key(&cfg.redis.key_prefix, &job);
-    let fence = cancel_fence_key(&cfg.redis.key_prefix, &key);
+    let key = schedule_key(&redis.key_prefix, &job);
+    let fence = cancel_fence_key(&redis.key_prefix, &key);
     let cleanup = async {
-        let mut conn = crate::redis::connect_config(&cfg.redis, STARTUP_TIMEOUT)
+        let mut conn = crate::redis::connect_config(redis, STARTUP_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
         // The fence first, then the schedule, in this order on one
@@ -66,14 +71,14 @@ pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), Job
             .arg(&fence)
             .arg(1)
             .arg("EX")
-            .arg(cfg.redis.cancel_fence_ttl.0.as_secs().max(1))
+            .arg(redis.cancel_fence_ttl.0.as_secs().max(1))
             .cmd("DEL")
             .arg(&key)
             .query_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
         let _: i64 = conn
-            .hdel(format!("{}running", cfg.redis.key_prefix), &job)
+            .hdel(format!("{}running", redis.key_prefix), &job)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(removed > 0)
@@ -82,27 +87,31 @@ pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), Job
         job: job.clone(),
         reason,
     })?;
+    Ok(CancelOutput {
+        job_id: job,
+        already_cancelled: done.already,
+        outbox_rows_deleted: done.outbox_rows_deleted,
+        schedule_key: key,
+        schedule_entries_removed: removed,
+    })
+}
+
+/// `outbox-relay cancel-job`.
+pub async fn cancel_job(cfg: &Config, job: String, json: bool) -> Result<(), JobsError> {
+    let out = cancel_everywhere(&cfg.database.url, &cfg.redis, job).await?;
+    let (job, key, removed) = (&out.job_id, &out.schedule_key, out.schedule_entries_removed);
     if json {
-        println!(
-            "{}",
-            to_json(&CancelOutput {
-                job_id: job.clone(),
-                already_cancelled: done.already,
-                outbox_rows_deleted: done.outbox_rows_deleted,
-                schedule_key: key,
-                schedule_entries_removed: removed,
-            })
-        );
-    } else if done.already {
+        println!("{}", to_json(&out));
+    } else if out.already_cancelled {
         println!(
             "job {job} was already cancelled; {} late outbox rows deleted, schedule key {key} {}",
-            done.outbox_rows_deleted,
+            out.outbox_rows_deleted,
             if removed { "removed" } else { "absent" }
         );
     } else {
         println!(
             "job {job} cancelled: {} outbox rows deleted, schedule key {key} {}",
-            done.outbox_rows_deleted,
+            out.outbox_rows_deleted,
             if removed { "removed" } else { "was empty" }
         );
     }

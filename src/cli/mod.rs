@@ -126,6 +126,20 @@ pub enum Command {
     /// Triage task_outbox_dead: list, requeue, purge.
     #[command(subcommand)]
     DeadLetter(dead_letter::DeadLetterCommand),
+    /// Serve only the browser console and its /api/v1/ (no sweeping): one
+    /// console for a fleet of relays, on console.listen (default
+    /// 127.0.0.1:9465), until SIGTERM or SIGINT. See README "Console".
+    Console {
+        #[command(subcommand)]
+        command: Option<ConsoleCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCommand {
+    /// Read a password from standard input (one line) and print its argon2id
+    /// hash, for a `name:role:hash` line of console.users_file.
+    HashPassword,
 }
 
 /// Anything that makes a command fail (the exit code follows the kind).
@@ -151,6 +165,10 @@ pub enum RelayError {
     Bench(#[from] bench::BenchError),
     #[error("invariant violated: {0}")]
     Invariant(String),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleSetupError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -174,6 +192,12 @@ pub fn execute(cli: Cli) -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("outbox-relay: panic: {}", crate::redact::scrub(&info.to_string()));
     }));
+    if let Command::Console {
+        command: Some(ConsoleCommand::HashPassword),
+    } = &cli.command
+    {
+        return hash_password();
+    }
     let cfg = match Config::load(&path, must_exist) {
         Ok(c) => c,
         Err(e) => return fail(2, e),
@@ -228,6 +252,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             block_on(bench::run(&cfg, args)).map_err(RelayError::Bench)
         }
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
+        Command::Console { .. } => block_on(crate::app::console_only(cfg, log.clone())),
         Command::CheckConfig { no_connect } => {
             print!("{}", crate::redact::scrub(&cfg.to_redacted_toml()));
             if no_connect {
@@ -275,7 +300,28 @@ pub fn execute(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(RelayError::Config(e)) => fail(2, e),
         Err(e @ RelayError::Bench(bench::BenchError::Usage(_))) => fail(2, e),
+        Err(e @ RelayError::Usage(_)) => fail(2, e),
         Err(e) => fail(1, e),
+    }
+}
+
+/// `outbox-relay console hash-password`: one line in, one hash out. The
+/// password is never echoed or logged.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        return fail(1, format!("cannot read the password from standard input: {e}"));
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return fail(2, "no password on standard input (type it, then Enter; or pipe it in)");
+    }
+    match crate::console::auth::hash_password(password) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("cannot hash the password: {e}")),
     }
 }
 

@@ -79,6 +79,7 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     pub health: HealthConfig,
     pub http: HttpConfig,
+    pub console: ConsoleConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -360,6 +361,62 @@ impl Default for HttpConfig {
     }
 }
 
+/// The browser console (README "Console").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Where `run` serves the console, e.g. `127.0.0.1:9465`; `""` (the
+    /// default): `run` serves none. `outbox-relay console` uses
+    /// [`DEFAULT_CONSOLE_LISTEN`] when it is empty.
+    pub listen: String,
+    /// One user per line, `name:role:argon2-hash` (role `viewer` or
+    /// `operator`), e.g. a file mounted from the Secret. Without users the
+    /// console is read-only and only on a loopback address.
+    pub users_file: String,
+    /// Hide and refuse every action, whoever signs in.
+    pub read_only: bool,
+    /// The console's own Postgres (the triage role fits); `""`:
+    /// `database.url`.
+    pub database_url: String,
+    /// Connections of the console's own pool.
+    pub pool_size: u32,
+    /// Every console statement ends after this.
+    pub statement_timeout: Dur,
+    /// A session lasts this long.
+    pub session_ttl: Dur,
+    /// Mark the session cookie `Secure` (serve it behind TLS).
+    pub secure_cookie: bool,
+}
+
+/// Where `outbox-relay console` listens when `console.listen` is empty.
+pub const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:9465";
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            listen: String::new(),
+            users_file: String::new(),
+            read_only: false,
+            database_url: String::new(),
+            pool_size: 2,
+            statement_timeout: Dur::secs(2),
+            session_ttl: Dur::secs(8 * 3600),
+            secure_cookie: false,
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// The console's Postgres URL.
+    pub fn database_url<'a>(&'a self, database: &'a DatabaseConfig) -> &'a str {
+        if self.database_url.is_empty() {
+            &database.url
+        } else {
+            &self.database_url
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -452,12 +509,17 @@ impl Config {
     /// The effective configuration as TOML, passwords replaced by `***`.
     /// Every password in the connection strings, for `redact::remember`.
     pub fn secrets(&self) -> Vec<String> {
-        [&self.database.url, &self.database.listen_url, &self.redis.url]
-            .into_iter()
-            .chain(self.redis.cluster_urls.iter())
-            .chain(self.redis.sentinel_urls.iter())
-            .flat_map(|u| crate::redact::passwords(u))
-            .collect()
+        [
+            &self.database.url,
+            &self.database.listen_url,
+            &self.redis.url,
+            &self.console.database_url,
+        ]
+        .into_iter()
+        .chain(self.redis.cluster_urls.iter())
+        .chain(self.redis.sentinel_urls.iter())
+        .flat_map(|u| crate::redact::passwords(u))
+        .collect()
     }
 
     pub fn to_redacted_toml(&self) -> String {
@@ -467,6 +529,9 @@ impl Config {
             c.database.listen_url = redact_url(&c.database.listen_url);
         }
         c.redis.url = redact_url(&c.redis.url);
+        if !c.console.database_url.is_empty() {
+            c.console.database_url = redact_url(&c.console.database_url);
+        }
         c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
         c.redis.sentinel_urls = c.redis.sentinel_urls.iter().map(|u| redact_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

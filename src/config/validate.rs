@@ -276,6 +276,7 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen),
             );
         }
+        self.validate_console(&mut bad);
         if self.metrics.app.trim().is_empty() {
             bad("metrics.app", "must not be empty".into());
         }
@@ -323,4 +324,62 @@ fn braces_balanced(prefix: &str) -> bool {
         }
     }
     !open
+}
+
+impl Config {
+    /// `console.*`: the address, the users file (read and checked here, so
+    /// a bad line stops the start with its line number), and the refusal
+    /// of an exposed console nobody must sign in to.
+    fn validate_console(&self, bad: &mut impl FnMut(&str, String)) {
+        let c = &self.console;
+        let mut users = 0;
+        if !c.users_file.is_empty() {
+            match crate::console::auth::read_users(&c.users_file) {
+                Ok(u) if u.is_empty() => bad("console.users_file", format!("{} names no user", c.users_file)),
+                Ok(u) => users = u.len(),
+                Err(e) => bad("console.users_file", e.to_string()),
+            }
+        }
+        if !c.listen.is_empty() {
+            match SocketAddr::from_str(&c.listen) {
+                Err(_) => bad(
+                    "console.listen",
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:9465 (or \"\": no console)",
+                        c.listen
+                    ),
+                ),
+                Ok(a) if !a.ip().is_loopback() && users == 0 && c.users_file.is_empty() => bad(
+                    "console.listen",
+                    format!(
+                        "{} is not a loopback address and console.users_file names no user: refused, \
+                         since anyone who reaches it would see the outbox (add users, or listen on 127.0.0.1)",
+                        c.listen
+                    ),
+                ),
+                Ok(_) if c.listen == self.http.listen => bad(
+                    "console.listen",
+                    format!(
+                        "{} is http.listen's address too; give the console its own port",
+                        c.listen
+                    ),
+                ),
+                Ok(_) => {}
+            }
+        }
+        if !c.database_url.is_empty() {
+            if let Err(e) = check_pg_url(&c.database_url) {
+                bad("console.database_url", e);
+            }
+        }
+        if c.pool_size == 0 {
+            bad("console.pool_size", "must be at least 1".into());
+        }
+        if c.statement_timeout.0.is_zero() {
+            bad("console.statement_timeout", "must be greater than 0".into());
+        }
+        if c.session_ttl.0.is_zero() {
+            bad("console.session_ttl", "must be greater than 0".into());
+        }
+    }
 }

@@ -340,3 +340,112 @@ pub async fn cutoff_ms(client: &impl GenericClient, older_than: Duration) -> Res
         .await?
         .get(0))
 }
+
+/// What a filtered requeue or purge did, over all its batches.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct BatchReport {
+    /// Dead letters the filter matched when their batch was taken.
+    pub matched: u64,
+    /// Moved back into the outbox (requeue) or deleted (purge).
+    pub done: u64,
+    /// Left in place (requeue: their task is in the outbox already, or a
+    /// `lighthouse` row's run is gone).
+    pub skipped: u64,
+    pub batches: u64,
+}
+
+/// The next at most `batch` ids matching `f` above `after`, in id order.
+async fn next_ids(
+    client: &Client,
+    schema: &Schema,
+    f: &Filter,
+    after: i64,
+    batch: i64,
+) -> Result<Vec<i64>, DeadLetterError> {
+    let job = job_text(schema, f.job.as_deref());
+    let since = f.since.map(ms);
+    let rows = client
+        .query_typed(
+            &format!("SELECT id FROM task_outbox_dead WHERE {FILTER} AND id > $4 ORDER BY id LIMIT $5"),
+            &[
+                (&job, Type::TEXT),
+                (&since, Type::INT8),
+                (&f.error, Type::TEXT),
+                (&after, Type::INT8),
+                (&batch, Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| column(r, TABLE, 0))
+        .collect::<Result<_, ColumnError>>()?)
+}
+
+/// Requeue every dead letter matching `f`, `batch` at a time (each batch
+/// its own transaction, so a large requeue never holds long locks);
+/// `progress` is called after each batch. Rows a concurrent purge took
+/// meanwhile are skipped, not an error.
+pub async fn requeue_matching(
+    client: &mut Client,
+    schema: &Schema,
+    f: &Filter,
+    batch: i64,
+    mut progress: impl FnMut(&BatchReport),
+) -> Result<BatchReport, DeadLetterError> {
+    let mut report = BatchReport::default();
+    let mut after = 0;
+    loop {
+        let ids = next_ids(client, schema, f, after, batch).await?;
+        let Some(&last) = ids.last() else { break };
+        after = last;
+        let mut want = ids;
+        let done = loop {
+            match requeue(client, schema, &Selector::Ids(want.clone()), false).await {
+                Ok(r) => break r,
+                Err(DeadLetterError::UnknownIds(gone)) => {
+                    want.retain(|i| !gone.contains(i));
+                    if want.is_empty() {
+                        break RequeueReport::default();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        report.matched += done.matched;
+        report.done += done.requeued;
+        report.skipped += done.skipped;
+        report.batches += 1;
+        progress(&report);
+    }
+    Ok(report)
+}
+
+/// Delete every dead letter matching `f`, `batch` per statement.
+pub async fn purge_matching(
+    client: &Client,
+    schema: &Schema,
+    f: &Filter,
+    batch: i64,
+    mut progress: impl FnMut(&BatchReport),
+) -> Result<BatchReport, DeadLetterError> {
+    let mut report = BatchReport::default();
+    let mut after = 0;
+    loop {
+        let ids = next_ids(client, schema, f, after, batch).await?;
+        let Some(&last) = ids.last() else { break };
+        after = last;
+        let deleted = client
+            .execute_typed(
+                "DELETE FROM task_outbox_dead WHERE id = ANY($1)",
+                &[(&ids, Type::INT8_ARRAY)],
+            )
+            .await?;
+        report.matched += ids.len() as u64;
+        report.done += deleted;
+        report.skipped += ids.len() as u64 - deleted.min(ids.len() as u64);
+        report.batches += 1;
+        progress(&report);
+    }
+    Ok(report)
+}

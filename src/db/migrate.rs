@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "notify_xid",
         sql: include_str!("../../migrations/0006_notify_xid.sql"),
     },
+    Migration {
+        version: 7,
+        name: "fleet",
+        sql: include_str!("../../migrations/0007_fleet.sql"),
+    },
 ];
 
 /// `deploy/postgres/roles.sql`: every privilege of `outbox_relay` and

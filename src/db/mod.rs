@@ -8,6 +8,7 @@
 //! processes (SQLSTATE 42P05, incident 5 of the spec).
 
 pub mod dead_letter;
+pub mod fleet;
 pub mod jobs;
 pub mod listen;
 pub mod migrate;

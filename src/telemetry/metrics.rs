@@ -418,6 +418,11 @@ impl Metrics {
     }
 
     /// The text exposition format of everything registered.
+    /// The registry, for counters of other parts (the console's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();

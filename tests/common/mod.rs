@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use tokio_postgres::NoTls;
 
+pub mod browser;
 pub mod cluster;
 pub mod proxy;
+pub mod web;
 
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 

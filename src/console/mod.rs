@@ -1,0 +1,269 @@
+//! The browser console: the fleet, the backlog, the lag and the dead
+//! letters, and the actions an on-call operator takes on them (README
+//! "Console", SECURITY.md).
+//!
+//! Served by `run` when `console.listen` is set, or alone by `outbox-relay
+//! console`. Pages are rendered on the server (maud, checked at compile
+//! time) and work with JavaScript off; there is no script at all, and the
+//! one stylesheet is embedded in the binary. Every page's data is also a
+//! JSON endpoint under `/api/v1/` with the same roles.
+//!
+//! Safety:
+//! - No action without a signed-in operator (`auth`); viewers see every
+//!   page and no action, and get 403 on a forged one. `console.read_only`
+//!   hides and refuses every action. Without users the console only
+//!   listens on a loopback address, read-only (config validation).
+//! - A state-changing form must carry the session's CSRF token and come
+//!   from the same origin (`Origin`, else `Referer`); the API takes a
+//!   session with `X-CSRF-Token`, or HTTP Basic with a JSON body (which a
+//!   cross-site form cannot send).
+//! - Headers on every answer: a CSP without inline script,
+//!   `frame-ancestors 'none'`, `nosniff`, referrers only to itself, no caching.
+//! - Every action writes an audit line (who, what, filter, how many rows)
+//!   and counts in `outbox_relay_console_actions_total`.
+//! - Its own small Postgres pool; every read under
+//!   `console.statement_timeout` (cancelled on the server when it passes);
+//!   no read scans `task_outbox` (`data`).
+
+pub mod auth;
+pub mod chart;
+pub mod data;
+mod handlers;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{middleware::DefaultHeaders, web, App, HttpServer};
+use prometheus::{IntCounterVec, Opts, Registry};
+use slog::{info, warn, Logger};
+use tokio_postgres::Client;
+
+use crate::config::{Config, RedisConfig};
+use crate::db::schema::Schema;
+use crate::db::{self, Pg, QueryError};
+use crate::deadline::{Deadline, STARTUP_TIMEOUT};
+use crate::redis::DirectConn;
+
+/// Why the console could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleSetupError {
+    #[error("cannot listen on console.listen {listen}: {source}")]
+    Listen { listen: String, source: std::io::Error },
+    #[error("console.users_file: {0}")]
+    Users(#[from] auth::UsersError),
+    #[error(transparent)]
+    Database(#[from] db::DbSetupError),
+    #[error("console metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Why one request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("postgres: {0}")]
+    Postgres(String),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl From<QueryError> for ConsoleError {
+    fn from(e: QueryError) -> Self {
+        ConsoleError::Postgres(e.text())
+    }
+}
+
+impl From<db::dead_letter::DeadLetterError> for ConsoleError {
+    fn from(e: db::dead_letter::DeadLetterError) -> Self {
+        ConsoleError::Postgres(e.to_string())
+    }
+}
+
+/// The console's counters.
+#[derive(Clone)]
+pub struct ConsoleMetrics {
+    /// Actions by name and result (`ok`, `error`, `forbidden`).
+    pub actions: IntCounterVec,
+    /// Sign-ins by result (`ok`, `failed`, `limited`).
+    pub logins: IntCounterVec,
+}
+
+impl ConsoleMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_console_actions_total",
+                "Console actions (pause, resume, cancel, requeue, purge, requeue_set_aside), by result: ok, error, forbidden (refused for the role, read_only, CSRF or origin).",
+            ),
+            &["action", "result"],
+        )?;
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_console_logins_total",
+                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(actions.clone()))?;
+        registry.register(Box::new(logins.clone()))?;
+        Ok(ConsoleMetrics { actions, logins })
+    }
+}
+
+/// Everything a request handler reads.
+pub struct Console {
+    pub(crate) pg: Pg,
+    pub(crate) pg_url: String,
+    pub(crate) schema: Schema,
+    pub(crate) redis_cfg: RedisConfig,
+    redis: tokio::sync::Mutex<Option<DirectConn>>,
+    pub(crate) users: Vec<auth::User>,
+    pub(crate) sessions: auth::Sessions,
+    pub(crate) limiter: auth::Limiter,
+    pub(crate) read_only: bool,
+    pub(crate) secure_cookie: bool,
+    pub(crate) timeout: Duration,
+    /// A relay unseen for this long is shown stale (3 heartbeats).
+    pub(crate) stale_after: Duration,
+    pub(crate) metrics: ConsoleMetrics,
+    pub(crate) log: Logger,
+}
+
+impl Console {
+    /// Without users nobody signs in: everyone is a viewer (loopback only).
+    pub(crate) fn anonymous(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Run `f` on a pooled connection under `console.statement_timeout`;
+    /// past it the statement is cancelled on the server and the
+    /// connection dropped.
+    pub(crate) async fn read<T>(
+        &self,
+        f: impl AsyncFnOnce(&Client) -> Result<T, ConsoleError>,
+    ) -> Result<T, ConsoleError> {
+        let deadline = Deadline::after(self.timeout);
+        let mut conn = self
+            .pg
+            .checkout(deadline)
+            .await
+            .map_err(|e| ConsoleError::Postgres(e.to_string()))?;
+        let cancel = conn.cancel_token();
+        let outcome = deadline.run("console query", f(&conn)).await;
+        match outcome {
+            Ok(r) => r,
+            Err(expired) => {
+                self.pg.cancel(cancel).await;
+                conn.discard();
+                Err(ConsoleError::Postgres(format!(
+                    "{expired} (console.statement_timeout {:?})",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// A connection of its own for an action (they may run many batches).
+    pub(crate) async fn action_client(&self) -> Result<Client, ConsoleError> {
+        db::connect(&self.pg_url, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| ConsoleError::Postgres(e.to_string()))
+    }
+
+    /// The shared Redis connection, opened on first use and after an error.
+    pub(crate) async fn redis(&self) -> Result<DirectConn, ConsoleError> {
+        let mut slot = self.redis.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = crate::redis::connect_config(&self.redis_cfg, self.timeout)
+            .await
+            .map_err(|e| ConsoleError::Redis(e.to_string()))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forget the Redis connection after an error (the next use reconnects).
+    pub(crate) async fn redis_failed(&self) {
+        *self.redis.lock().await = None;
+    }
+}
+
+/// Build the console from the configuration: users, its own pool, the
+/// schema (read once), its counters in `registry`.
+pub async fn build(cfg: &Config, registry: &Registry, log: &Logger) -> Result<Arc<Console>, ConsoleSetupError> {
+    let users = auth::read_users(&cfg.console.users_file)?;
+    let url = cfg.console.database_url(&cfg.database).to_string();
+    let schema = db::check_ready(&url, STARTUP_TIMEOUT).await?;
+    let pg = db::pool(&url, cfg.console.pool_size, cfg.console.statement_timeout.0)?;
+    if users.is_empty() {
+        warn!(log, "console has no users (console.users_file): every visitor is a viewer and no action is possible; it listens on loopback only");
+    }
+    Ok(Arc::new(Console {
+        pg,
+        pg_url: url,
+        schema,
+        redis_cfg: cfg.redis.clone(),
+        redis: tokio::sync::Mutex::new(None),
+        users,
+        sessions: auth::Sessions::new(cfg.console.session_ttl.0),
+        limiter: auth::Limiter::default(),
+        read_only: cfg.console.read_only,
+        secure_cookie: cfg.console.secure_cookie,
+        timeout: cfg.console.statement_timeout.0,
+        stale_after: cfg.health.interval.0 * 3,
+        metrics: ConsoleMetrics::new(registry)?,
+        log: log.new(slog::o!("component" => "console")),
+    }))
+}
+
+/// The headers every answer carries.
+fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((
+            "Content-Security-Policy",
+            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ))
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("X-Frame-Options", "DENY"))
+        // Not `no-referrer`: with it a browser sends `Origin: null` on a
+        // form POST, and the same-origin check could not tell.
+        .add(("Referrer-Policy", "same-origin"))
+        .add(("Cache-Control", "no-store"))
+        .add(("Cross-Origin-Opener-Policy", "same-origin"))
+}
+
+/// Serve the console on `listen` in the background; the handle stops it.
+pub fn start(listen: &str, console: Arc<Console>) -> Result<actix_web::dev::ServerHandle, ConsoleSetupError> {
+    let log = console.log.clone();
+    let data = web::Data::from(console);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::FormConfig::default().limit(64 * 1024))
+            .app_data(web::JsonConfig::default().limit(64 * 1024))
+            .wrap(security_headers())
+            .configure(handlers::routes)
+    })
+    .workers(1)
+    .max_connections(256)
+    .client_request_timeout(crate::http::REQUEST_HEAD_TIMEOUT)
+    .keep_alive(crate::http::KEEP_ALIVE)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(listen)
+    .map_err(|source| ConsoleSetupError::Listen {
+        listen: listen.to_string(),
+        source,
+    })?
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    info!(log, "console listening"; "listen" => listen);
+    Ok(handle)
+}

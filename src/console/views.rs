@@ -1,0 +1,399 @@
+//! The console's pages (maud: checked at compile time, escaped by default).
+//! Plain HTML forms; no script anywhere.
+
+use maud::{html, Markup, DOCTYPE};
+
+use super::chart::{Chart, Series};
+use super::data::{self, thousands, Capped, Fleet, Job, JobCounts, Overview};
+use super::handlers::{DeadLettersData, FilterForm, Point, ScheduleData, Who};
+
+fn layout(title: &str, who: Option<&Who>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · outbox-relay" }
+                link rel="stylesheet" href="/static/console.css";
+            }
+            body {
+                header {
+                    a.brand href="/" { "outbox-relay" }
+                    @if who.is_some() {
+                        nav {
+                            a href="/" { "Overview" }
+                            a href="/jobs" { "Jobs" }
+                            a href="/dead-letters" { "Dead letters" }
+                            a href="/set-aside" { "Set aside" }
+                        }
+                    }
+                    @if let Some(w) = who {
+                        div.who {
+                            span { (w.name) " · " (w.role.as_str()) }
+                            @if let Some(csrf) = &w.csrf {
+                                form method="post" action="/logout" {
+                                    input type="hidden" name="csrf" value=(csrf);
+                                    button type="submit" { "Sign out" }
+                                }
+                            }
+                        }
+                    }
+                }
+                main {
+                    h1 { (title) }
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+pub fn message(title: &str, text: &str, who: Option<&Who>) -> Markup {
+    layout(title, who, html! { p.message { (text) } })
+}
+
+pub fn login(token: &str, next: &str, error: Option<&str>, read_only: bool) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        html! {
+            @if let Some(e) = error { p.error { (e) } }
+            @if read_only { p { "This console is read-only." } }
+            form.login method="post" action="/login" {
+                input type="hidden" name="token" value=(token);
+                input type="hidden" name="next" value=(next);
+                label { "Name " input type="text" name="name" autocomplete="username" required; }
+                label { "Password " input type="password" name="password" autocomplete="current-password" required; }
+                button type="submit" { "Sign in" }
+            }
+        },
+    )
+}
+
+pub fn result(who: &Who, ok: bool, text: &str, back: &str) -> Markup {
+    layout(
+        if ok { "Done" } else { "Failed" },
+        Some(who),
+        html! {
+            p.(if ok { "result ok" } else { "result error" }) { (text) }
+            p { a href=(back) { "Back" } }
+        },
+    )
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 3600.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else if s >= 60.0 {
+        format!("{:.1} min", s / 60.0)
+    } else if s >= 1.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{:.0} ms", s * 1000.0)
+    }
+}
+
+fn capped(c: &Capped) -> Markup {
+    html! { (c.text()) @if c.more { abbr title="counted up to 10,000 along the claim index" { " *" } } }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn overview(
+    who: &Who,
+    o: &Overview,
+    redis_ratio: Option<f64>,
+    redis_error: Option<&str>,
+    relays: (usize, usize),
+    hour: &[Point],
+    day: &[Point],
+    fleet: &Fleet,
+) -> Markup {
+    let charts = |pts: &[Point], span: &str| {
+        let minutes: Vec<i64> = pts.iter().map(|p| p.minute).collect();
+        let val = |f: fn(&Point) -> i64| pts.iter().map(|p| Some(f(p) as f64)).collect::<Vec<_>>();
+        html! {
+            (Chart { title: &format!("Rows per point, last {span}"), unit: "rows", minutes: minutes.clone(), series: vec![
+                Series { name: "delivered", class: "s1", values: val(|p| p.delivered) },
+                Series { name: "retried", class: "s2", values: val(|p| p.retried) },
+                Series { name: "dead-lettered", class: "s3", values: val(|p| p.dead_lettered) },
+            ]}.render())
+            (Chart { title: &format!("Delivery lag (created to ZADD), last {span}"), unit: "s", minutes, series: vec![
+                Series { name: "p50", class: "s1", values: pts.iter().map(|p| p.lag_p50_seconds).collect() },
+                Series { name: "p99", class: "s3", values: pts.iter().map(|p| p.lag_p99_seconds).collect() },
+            ]}.render())
+        }
+    };
+    layout(
+        "Overview",
+        Some(who),
+        html! {
+            @if o.paused_all { p.warning { "Everything is paused (outbox-relay pause): no relay claims a row." } }
+            section.tiles {
+                div.tile { h2 { "Due now" } p.big { (capped(&o.due)) } }
+                div.tile { h2 { "Oldest due" } p.big { (o.oldest_due_seconds.map_or("none".to_string(), seconds)) } }
+                div.tile { h2 { "Delayed" } p.big { (capped(&o.delayed)) } }
+                div.tile { h2 { "Set aside" } p.big { a href="/set-aside" { (capped(&o.set_aside)) } } }
+                div.tile { h2 { "Dead letters" } p.big { a href="/dead-letters" { (capped(&o.dead_letters)) } } }
+                div.tile { h2 { "Redis memory" } p.big {
+                    @match (redis_ratio, redis_error) {
+                        (Some(r), _) => { (format!("{:.0} %", r * 100.0)) }
+                        (None, Some(_)) => { "unreachable" }
+                        (None, None) => { "no limit" }
+                    }
+                } }
+                div.tile { h2 { "Relays up" } p.big { (relays.0) @if relays.1 > 0 { small { " (" (relays.1) " stale)" } } } }
+                div.tile { h2 { "Outbox rows" } p.big { "≈ " (thousands(o.outbox_rows_estimate)) } p.note { "planner estimate" } }
+            }
+            @if let Some(e) = redis_error { p.error { "Redis: " (e) } }
+            p.note { "* counted up to 10,000 along the claim index; the console never scans task_outbox." }
+            section.charts {
+                (charts(hour, "hour"))
+                (charts(day, "day (10-minute points)"))
+            }
+            h2 { "Fleet" }
+            table {
+                thead { tr { th { "Relay" } th { "Host" } th { "Version" } th { "Last seen" } th { "Settings" } th { "Delivered" } th { "Health" } th { "State" } } }
+                tbody {
+                    @for (m, stale) in fleet.live.iter().map(|m| (m, false)).chain(fleet.stale.iter().map(|m| (m, true))) {
+                        tr.(if stale { "stale" } else { "live" }) {
+                            td { code { (m.instance_id.get(..8).unwrap_or(&m.instance_id)) } }
+                            td { (m.host) }
+                            td { (m.version) }
+                            td { (seconds(m.seen_seconds_ago)) " ago" @if stale { " (stale)" } }
+                            td.small { "batch " (m.settings["batch_size"]) ", concurrency " (m.settings["concurrency"])
+                                ", prefix " code { (m.settings["key_prefix"].as_str().unwrap_or("")) }
+                                ", claim " (m.settings["claim"].as_str().unwrap_or("")) }
+                            td { (m.counters["delivered"]) }
+                            td.small {
+                                @if let Some(h) = m.health.as_object() {
+                                    @for (actor, status) in h {
+                                        span.(if status == "healthy" { "ok" } else { "bad" }) { (actor) ": " (status.as_str().unwrap_or("")) } " "
+                                    }
+                                }
+                            }
+                            td.small { "paused: " (m.counters["paused"].as_str().unwrap_or("no"))
+                                @if m.counters["held_back"] == true { ", held back (Redis memory)" } }
+                        }
+                    }
+                    @if fleet.live.is_empty() && fleet.stale.is_empty() {
+                        tr { td colspan="8" { "No relay has written a heartbeat in the last day (migration 7, outbox-relay 0.1 or later)." } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn jobs(who: &Who, jobs: &[Job], redis_error: Option<&str>, can_act: bool) -> Markup {
+    layout(
+        "Jobs",
+        Some(who),
+        html! {
+            p.note { "Due and delayed rows are counted among the next " (thousands(data::CAP)) " of each, in claim order; dead letters exactly." }
+            @if let Some(e) = redis_error { p.error { "Redis: " (e) } }
+            table {
+                thead { tr { th { "Job" } th { "Due" } th { "Delayed" } th { "Schedule (ZCARD)" } th { "Dead letters" } th { "Paused" } @if can_act { th { "Actions" } } } }
+                tbody {
+                    @for j in jobs {
+                        tr {
+                            td { a href=(format!("/jobs/{}/schedule", j.job_id)) { code { (j.job_id) } } }
+                            td { (thousands(j.due_in_sample)) }
+                            td { (thousands(j.delayed_in_sample)) }
+                            td { (j.schedule_size.map_or("?".to_string(), thousands)) }
+                            td { a href=(format!("/dead-letters?job={}", j.job_id)) { (thousands(j.dead_letters)) } }
+                            td { @if j.paused { strong { "paused" } } @else { "no" } }
+                            @if can_act {
+                                td.actions {
+                                    @let csrf = who.csrf.as_deref().unwrap_or("");
+                                    @if j.paused {
+                                        form method="post" action=(format!("/jobs/{}/resume", j.job_id)) {
+                                            input type="hidden" name="csrf" value=(csrf);
+                                            button type="submit" name="do" value="resume" { "Resume" }
+                                        }
+                                    } @else {
+                                        form method="post" action=(format!("/jobs/{}/pause", j.job_id)) {
+                                            input type="hidden" name="csrf" value=(csrf);
+                                            button type="submit" name="do" value="pause" { "Pause" }
+                                        }
+                                    }
+                                    a.button.danger href=(format!("/jobs/{}/cancel", j.job_id)) { "Cancel…" }
+                                }
+                            }
+                        }
+                    }
+                    @if jobs.is_empty() { tr { td colspan="7" { "No job is active or has due or delayed rows, dead letters or a pause." } } }
+                }
+            }
+        },
+    )
+}
+
+pub fn cancel_confirm(who: &Who, job: &str, c: &JobCounts) -> Markup {
+    layout(
+        "Cancel a job",
+        Some(who),
+        html! {
+            p.warning {
+                "Cancel job " code { (job) } "? Its outbox rows are deleted unsent, its schedule key is removed, "
+                "and a fence keeps any late write out. This cannot be undone."
+            }
+            ul {
+                li { "Due rows among the next " (thousands(data::CAP)) ": " strong { (thousands(c.due_in_sample)) } }
+                li { "Delayed rows among the next " (thousands(data::CAP)) ": " strong { (thousands(c.delayed_in_sample)) } }
+                li { "Dead letters (kept): " strong { (c.dead_letters.text()) } }
+            }
+            form method="post" action=(format!("/jobs/{job}/cancel")) {
+                input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
+                button.danger type="submit" name="do" value="cancel" { "Cancel job " (job) }
+                " " a href="/jobs" { "Back" }
+            }
+        },
+    )
+}
+
+pub fn schedule(who: &Who, s: &ScheduleData, page: isize) -> Markup {
+    layout(
+        "Schedule",
+        Some(who),
+        html! {
+            p { code { (s.key) } ": " (thousands(s.size)) " entries, in score order (read-only)." }
+            table {
+                thead { tr { th { "#" } th { "Due (score)" } th { "Member" } } }
+                tbody {
+                    @for (i, e) in s.entries.iter().enumerate() {
+                        tr { td { (s.offset + i as isize + 1) } td { (e.at) } td.member { code { (e.member) } } }
+                    }
+                    @if s.entries.is_empty() { tr { td colspan="3" { "No entries here." } } }
+                }
+            }
+            p.pager {
+                @if s.offset > 0 {
+                    a href=(format!("/jobs/{}/schedule?offset={}", s.job_id, (s.offset - page).max(0))) { "← Earlier" } " "
+                }
+                @if (s.offset + page) < s.size as isize {
+                    a href=(format!("/jobs/{}/schedule?offset={}", s.job_id, s.offset + page)) { "Later →" }
+                }
+            }
+        },
+    )
+}
+
+fn filter_fields(f: &FilterForm) -> Markup {
+    html! {
+        input type="hidden" name="job" value=(f.job);
+        input type="hidden" name="error" value=(f.error);
+        input type="hidden" name="within" value=(f.within);
+    }
+}
+
+pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: bool) -> Markup {
+    layout(
+        "Dead letters",
+        Some(who),
+        html! {
+            form.filter method="get" action="/dead-letters" {
+                label { "Job " input type="text" name="job" value=(f.job); }
+                label { "Error contains " input type="text" name="error" value=(f.error); }
+                label { "Dead-lettered within " input type="text" name="within" value=(f.within) placeholder="1h, 7d"; }
+                button type="submit" { "Filter" }
+            }
+            p { (capped(&d.matching)) " dead letters match " (f.describe()) "; the newest 100 are listed." }
+            @if can_act && d.matching.count > 0 {
+                div.actions {
+                    form method="get" action="/dead-letters/confirm" {
+                        input type="hidden" name="action" value="requeue";
+                        (filter_fields(f))
+                        button type="submit" { "Requeue all matching…" }
+                    }
+                    form method="get" action="/dead-letters/confirm" {
+                        input type="hidden" name="action" value="purge";
+                        (filter_fields(f))
+                        button.danger type="submit" { "Purge all matching…" }
+                    }
+                }
+            }
+            table {
+                thead { tr { th { "Id" } th { "Job" } th { "Task" } th { "Attempts" } th { "Dead-lettered" } th { "Error" } } }
+                tbody {
+                    @for r in &d.rows {
+                        tr {
+                            td { a href=(format!("/dead-letters/{}", r.id)) { (r.id) } }
+                            td { code { (r.job_id) } }
+                            td { code { (r.task_id) } }
+                            td { (r.attempts) }
+                            td { (r.dead_lettered_at) }
+                            td.error-text { (r.last_error) }
+                        }
+                    }
+                    @if d.rows.is_empty() { tr { td colspan="6" { "None." } } }
+                }
+            }
+        },
+    )
+}
+
+pub fn batch_confirm(who: &Who, action: &str, f: &FilterForm, matching: &Capped) -> Markup {
+    let verb = if action == "requeue" { "Requeue" } else { "Purge" };
+    layout(
+        &format!("{verb} dead letters"),
+        Some(who),
+        html! {
+            p.warning {
+                (verb) " " strong { (matching.text()) } " dead letters matching " (f.describe()) "? "
+                @if action == "requeue" {
+                    "They go back into task_outbox as new rows due now, with their attempts reset; done in batches of 500."
+                } @else {
+                    "They are deleted for good, in batches of 500."
+                }
+            }
+            form method="post" action=(format!("/dead-letters/{action}")) {
+                input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
+                (filter_fields(f))
+                button.(if action == "purge" { "danger" } else { "" }) type="submit" { (verb) " " (matching.text()) " dead letters" }
+                " " a href=(format!("/dead-letters?{}", f.query())) { "Back" }
+            }
+        },
+    )
+}
+
+pub fn dead_letter(who: &Who, id: i64, cols: &[(String, Option<String>)]) -> Markup {
+    layout(
+        &format!("Dead letter {id}"),
+        Some(who),
+        html! {
+            table.detail {
+                @for (k, v) in cols {
+                    tr { th { (k) } td { @match v { Some(v) => { code { (v) } } None => { em { "NULL" } } } } }
+                }
+            }
+            p { a href="/dead-letters" { "All dead letters" } }
+        },
+    )
+}
+
+pub fn set_aside(who: &Who, rows: &[data::SetAside], count: &Capped, can_act: bool) -> Markup {
+    layout(
+        "Set-aside rows",
+        Some(who),
+        html! {
+            p { (capped(count)) " rows are set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them. The first 200 are listed." }
+            @if can_act && count.count > 0 {
+                form method="post" action="/set-aside/requeue" {
+                    input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
+                    label { "Job (empty: all) " input type="text" name="job"; }
+                    button type="submit" { "Make them due again" }
+                }
+            }
+            table {
+                thead { tr { th { "Id" } th { "Job" } th { "Task" } th { "Attempts" } th { "Created" } } }
+                tbody {
+                    @for r in rows {
+                        tr { td { (r.id) } td { code { (r.job_id) } } td { code { (r.task_id) } } td { (r.attempts) } td { (r.created_at) } }
+                    }
+                    @if rows.is_empty() { tr { td colspan="5" { "None." } } }
+                }
+            }
+        },
+    )
+}

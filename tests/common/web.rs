@@ -1,0 +1,321 @@
+//! A small HTTP/1.1 client for the console's tests: keeps cookies like a
+//! browser, sends forms and JSON, and returns status, headers and body.
+//! (The browser tests drive a real Chromium; these check the protocol.)
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{free_port, relay_command, scratch_dir, shared_redis_url, shipped_env, RelayProcess, TestDb};
+
+/// One answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `<input … name="NAME" value="…">` in the body.
+    pub fn input(&self, name: &str) -> Option<String> {
+        let at = self.body.find(&format!("name=\"{name}\""))?;
+        let rest = &self.body[at..];
+        let v = rest.find("value=\"")? + "value=\"".len();
+        let end = rest[v..].find('"')?;
+        Some(rest[v..v + end].to_string())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// A client of one console, with its cookie jar.
+pub struct Web {
+    pub port: u16,
+    pub cookies: HashMap<String, String>,
+    /// Sent as `Origin` on POSTs unless a request says otherwise.
+    pub origin: Option<String>,
+}
+
+/// `application/x-www-form-urlencoded` of `fields`.
+pub fn form(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Standard base64 with padding (for HTTP Basic).
+pub fn base64(input: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Web {
+    pub fn new(port: u16) -> Web {
+        Web {
+            port,
+            cookies: HashMap::new(),
+            origin: Some(format!("http://127.0.0.1:{port}")),
+        }
+    }
+
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, String)>,
+    ) -> Answer {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap_or_else(|e| panic!("console on port {} does not answer: {e}", self.port));
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n",
+            self.port
+        );
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            req.push_str(&format!("Cookie: {}\r\n", jar.join("; ")));
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let body = body.map(|(ctype, b)| {
+            req.push_str(&format!("Content-Type: {ctype}\r\nContent-Length: {}\r\n", b.len()));
+            b
+        });
+        req.push_str("\r\n");
+        if let Some(b) = body {
+            req.push_str(&b);
+        }
+        s.write_all(req.as_bytes()).await.expect("send request");
+        // Read the head, then as many bytes as Content-Length says (some
+        // servers, ChromeDriver's among them, leave the connection open
+        // after answering despite `Connection: close`); without a length,
+        // to the end.
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..at]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                let chunked = head.contains("transfer-encoding: chunked") || head.contains("transfer-encoding:chunked");
+                let have = buf.len() - at - 4;
+                match length {
+                    Some(n) if have >= n => break,
+                    None if chunked && buf.ends_with(b"0\r\n\r\n") => break,
+                    _ => {}
+                }
+            }
+            let n = s.read(&mut chunk).await.expect("read answer");
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {text}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        for (k, v) in &headers {
+            if k == "set-cookie" {
+                let pair = v.split(';').next().unwrap_or_default();
+                if let Some((name, value)) = pair.split_once('=') {
+                    if value.is_empty() || v.contains("Max-Age=0") {
+                        self.cookies.remove(name);
+                    } else {
+                        self.cookies.insert(name.to_string(), value.to_string());
+                    }
+                }
+            }
+        }
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked { dechunk(body) } else { body.to_string() };
+        Answer { status, headers, body }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.request("GET", path, &[], None).await
+    }
+
+    /// POST a form, with this client's `Origin`.
+    pub async fn post_form(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let origin = self.origin.clone();
+        let headers: Vec<(&str, &str)> = origin.iter().map(|o| ("Origin", o.as_str())).collect();
+        self.request(
+            "POST",
+            path,
+            &headers,
+            Some(("application/x-www-form-urlencoded", form(fields))),
+        )
+        .await
+    }
+
+    /// Sign in through the form, as a browser does; the answer of the POST.
+    pub async fn sign_in(&mut self, name: &str, password: &str) -> Answer {
+        let page = self.get("/login").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let token = page.input("token").expect("the login form's token");
+        self.post_form(
+            "/login",
+            &[("token", &token), ("next", "/"), ("name", name), ("password", password)],
+        )
+        .await
+    }
+
+    /// The CSRF token of this session, read from a page's sign-out form.
+    pub async fn csrf(&mut self) -> String {
+        let page = self.get("/jobs").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        page.input("csrf").expect("a CSRF token on the page")
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        let (Some(chunk), Some(next)) = (after.get(..n), after.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        rest = next.trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `outbox-relay console hash-password` with `password` on stdin.
+pub fn hash(password: &str) -> String {
+    let mut child = relay_command(&["console", "hash-password"], &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write the password");
+    let out = child.wait_with_output().expect("hash-password output");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let h = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(h.starts_with("$argon2id$"), "{h}");
+    assert!(!h.contains(password), "the hash does not hold the password");
+    h
+}
+
+/// A users file with operator `alice` and viewer `bob`.
+pub fn users_file(stem: &str) -> std::path::PathBuf {
+    let dir = scratch_dir(stem);
+    let path = dir.join("users");
+    std::fs::write(
+        &path,
+        format!(
+            "# console users\nalice:operator:{}\nbob:viewer:{}\n",
+            hash("alice's password"),
+            hash("bob's password")
+        ),
+    )
+    .expect("write users");
+    path
+}
+
+/// A relay (`run`) serving the console.
+pub struct ConsoleRelay {
+    pub relay: RelayProcess,
+    pub port: u16,
+}
+
+/// `run` at the shipped defaults with the console on a free port.
+pub async fn relay_with_console(
+    db: &TestDb,
+    prefix: &str,
+    users: Option<&std::path::Path>,
+    extra: &[(&str, &str)],
+) -> ConsoleRelay {
+    let port = free_port();
+    let mut env = shipped_env(&db.url, &shared_redis_url(), prefix);
+    env.push(("OUTBOX_RELAY_CONSOLE__LISTEN".into(), format!("127.0.0.1:{port}")));
+    env.push(("OUTBOX_RELAY_LOG__FORMAT".into(), "json".into()));
+    if let Some(u) = users {
+        env.push(("OUTBOX_RELAY_CONSOLE__USERS_FILE".into(), u.display().to_string()));
+    }
+    for (k, v) in extra {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_console(port, &mut relay).await;
+    ConsoleRelay { relay, port }
+}
+
+pub async fn wait_console(port: u16, relay: &mut RelayProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        assert!(relay.is_running(), "relay exited: {:#?}", relay.lines());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "console never answered: {:#?}",
+            relay.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

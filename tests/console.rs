@@ -1,0 +1,566 @@
+//! The browser console over HTTP (#30): sign-in, roles, CSRF and origin
+//! checks, security headers, the actions and their audit lines, the API,
+//! the fleet's heartbeat, and the refusals at start. Real Postgres, real
+//! Redis, the relay as a subprocess at the shipped defaults plus the
+//! console's keys. (tests/console_browser.rs drives a real Chromium.)
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::web::{base64, relay_with_console, users_file, Web};
+use common::*;
+
+async fn paused_jobs(db: &TestDb) -> i64 {
+    db.count("SELECT count(*) FROM outbox_relay_pause WHERE scope <> '*'")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_roles_csrf_origin_and_job_actions() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-roles");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let mut anon = Web::new(c.port);
+
+    // Nothing without signing in; every answer carries the headers.
+    let r = anon.get("/").await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/login?next=/"));
+    let login = anon.get("/login").await;
+    assert_eq!(login.status, 200);
+    let csp = login.header("content-security-policy").expect("a CSP");
+    assert!(
+        csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert_eq!(login.header("x-content-type-options"), Some("nosniff"));
+    assert!(!login.body.contains("<script"), "no script: {}", login.body);
+    let api = anon.get("/api/v1/overview").await;
+    assert_eq!(api.status, 401, "{}", api.body);
+
+    // A wrong password, then the right one.
+    let mut alice = Web::new(c.port);
+    assert_eq!(alice.sign_in("alice", "wrong").await.status, 401);
+    let ok = alice.sign_in("alice", "alice's password").await;
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    let cookie = ok.header("set-cookie").expect("a session cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let page = alice.get("/").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Overview") && page.body.contains("alice · operator"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("alice's password"));
+
+    // Rows of two jobs; job A is paused from the console before they come.
+    let jobs = new_jobs(2);
+    let (a, b) = (jobs[0], jobs[1]);
+    running_job(&db, &a).await;
+    running_job(&db, &b).await;
+    let csrf = alice.csrf().await;
+
+    // The viewer sees no action and cannot forge one.
+    let mut bob = Web::new(c.port);
+    assert_eq!(bob.sign_in("bob", "bob's password").await.status, 303);
+    let bob_csrf = bob.csrf().await;
+    seed_for(&db, 10, &[b]).await;
+    wait_until("job B's rows delivered", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+    let jobs_page = bob.get("/jobs").await;
+    assert!(jobs_page.body.contains(&b.to_string()), "{}", jobs_page.body);
+    assert!(
+        !jobs_page.body.contains(">Pause<") && !jobs_page.body.contains("Cancel…"),
+        "{}",
+        jobs_page.body
+    );
+    let forged = bob.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &bob_csrf)]).await;
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert_eq!(paused_jobs(&db).await, 0);
+
+    // The operator without the token, or from another origin: refused.
+    let no_token = alice.post_form(&format!("/jobs/{a}/pause"), &[]).await;
+    assert_eq!(no_token.status, 403, "{}", no_token.body);
+    assert!(no_token.body.contains("CSRF"), "{}", no_token.body);
+    alice.origin = Some("http://evil.example".into());
+    let cross = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    assert_eq!(cross.status, 403, "{}", cross.body);
+    alice.origin = None;
+    let no_origin = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    assert_eq!(no_origin.status, 403, "neither Origin nor Referer: {}", no_origin.body);
+    alice.origin = Some(format!("http://127.0.0.1:{}", c.port));
+    assert_eq!(paused_jobs(&db).await, 0);
+
+    // Pause A: its rows wait while B's are delivered; resume: delivered.
+    let paused = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    assert_eq!(paused.status, 200, "{}", paused.body);
+    assert!(paused.body.contains("paused job"), "{}", paused.body);
+    assert_eq!(paused_jobs(&db).await, 1);
+    seed_for(&db, 40, &[a]).await;
+    seed_for(&db, 40, &[b]).await;
+    wait_until("job B's new rows delivered", Duration::from_secs(60), || async {
+        db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{b}'"))
+            .await
+            == 0
+    })
+    .await;
+    // Two more sweep intervals: A's rows are still there.
+    let ticks = c.relay.ok_ticks().await;
+    wait_until("two more ticks", Duration::from_secs(30), || async {
+        c.relay.ok_ticks().await >= ticks + 2.0
+    })
+    .await;
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{a}'"))
+            .await,
+        40
+    );
+    let jobs_page = alice.get("/jobs").await;
+    assert!(jobs_page.body.contains("Resume"), "{}", jobs_page.body);
+    let resumed = alice.post_form(&format!("/jobs/{a}/resume"), &[("csrf", &csrf)]).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.body);
+    wait_until(
+        "job A's rows delivered after resume",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    let members = schedule_members(&shared_redis_url(), &prefix).await;
+    assert_eq!(members.len(), 90);
+
+    // The schedule page shows A's entries in score order, read-only.
+    let sched = alice.get(&format!("/jobs/{a}/schedule")).await;
+    assert_eq!(sched.status, 200);
+    assert!(sched.body.contains("40 entries"), "{}", sched.body);
+
+    // Cancel B: the confirmation states its counts, then the result line.
+    seed_for(&db, 5, &[b]).await;
+    let confirm = alice.get(&format!("/jobs/{b}/cancel")).await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    assert!(confirm.body.contains("Dead letters (kept)"), "{}", confirm.body);
+    let cancelled = alice.post_form(&format!("/jobs/{b}/cancel"), &[("csrf", &csrf)]).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert!(cancelled.body.contains("cancelled job"), "{}", cancelled.body);
+    // B's 50 entries went with its schedule key; A's 40 stay.
+    assert_eq!(schedule_members(&shared_redis_url(), &prefix).await.len(), 40);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM jobs WHERE id = '{b}' AND status = 'cancelled'"
+        ))
+        .await,
+        1
+    );
+
+    // Audit lines and counters.
+    let audits = c.relay.records("console action");
+    let did: Vec<(String, String)> = audits
+        .iter()
+        .filter(|r| r["msg"] == "console action")
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap_or("").to_string(),
+                r["action"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for action in ["pause", "resume", "cancel"] {
+        assert!(did.contains(&("alice".into(), action.into())), "{did:?}");
+    }
+    let refused = c.relay.records("console action refused");
+    assert!(refused.iter().any(|r| r["user"] == "bob"), "{refused:?}");
+    let m = c.relay.http_get("/metrics").await.expect("metrics").1;
+    assert_eq!(
+        metric_value(
+            &m,
+            "outbox_relay_console_actions_total",
+            &[("action", "pause"), ("result", "ok")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "outbox_relay_console_actions_total",
+            &[("action", "pause"), ("result", "forbidden")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric_value(&m, "outbox_relay_console_logins_total", &[("result", "failed")]),
+        Some(1.0)
+    );
+
+    // Signing out ends the session.
+    let out = alice.post_form("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(alice.get("/").await.status, 303);
+}
+
+async fn insert_dead(db: &TestDb, job: &uuid::Uuid, n: i64, error: &str) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO task_outbox_dead (original_id, task_id, job_id, page_id, host, path, priority,
+                                           source_type, run_at, attempts, last_error)
+             SELECT i, gen_random_uuid(), $1, i::int, 'example.com', '/dead/' || i, 0.5, 'sitemap', now(), 5, $3
+               FROM generate_series(1, $2::int8) AS i",
+            &[job, &n, &error],
+        )
+        .await
+        .expect("dead letters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-dead");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let jobs = new_jobs(2);
+    let (a, b) = (jobs[0], jobs[1]);
+    insert_dead(&db, &a, 1200, "WRONGTYPE Operation against a key").await;
+    insert_dead(&db, &a, 30, "field path holds '|'").await;
+    insert_dead(&db, &b, 20, "WRONGTYPE Operation against a key").await;
+
+    let mut alice = Web::new(c.port);
+    assert_eq!(alice.sign_in("alice", "alice's password").await.status, 303);
+    let csrf = alice.csrf().await;
+    let list = alice.get(&format!("/dead-letters?job={a}&error=WRONGTYPE")).await;
+    assert_eq!(list.status, 200);
+    assert!(list.body.contains("1,200 dead letters match"), "{}", list.body);
+
+    // The confirmation states how many the filter matches.
+    let confirm = alice
+        .get(&format!(
+            "/dead-letters/confirm?action=requeue&job={a}&error=WRONGTYPE&within="
+        ))
+        .await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    assert!(confirm.body.contains("1,200"), "{}", confirm.body);
+    let done = alice
+        .post_form(
+            "/dead-letters/requeue",
+            &[
+                ("csrf", &csrf),
+                ("job", &a.to_string()),
+                ("error", "WRONGTYPE"),
+                ("within", ""),
+            ],
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("requeued 1200 of 1200"), "{}", done.body);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 50);
+    // The relay delivers them.
+    wait_until("requeued rows delivered", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 0
+    })
+    .await;
+    assert_eq!(schedule_members(&shared_redis_url(), &prefix).await.len(), 1200);
+
+    // Purge what is left of job B's WRONGTYPE rows only.
+    let purged = alice
+        .post_form(
+            "/dead-letters/purge",
+            &[
+                ("csrf", &csrf),
+                ("job", &b.to_string()),
+                ("error", "WRONGTYPE"),
+                ("within", "1h"),
+            ],
+        )
+        .await;
+    assert_eq!(purged.status, 200, "{}", purged.body);
+    assert!(purged.body.contains("purged 20 of 20"), "{}", purged.body);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 30);
+
+    // One row, every column.
+    let id = db.count("SELECT min(id) FROM task_outbox_dead").await;
+    let row = alice.get(&format!("/dead-letters/{id}")).await;
+    assert_eq!(row.status, 200);
+    for col in ["original_id", "last_error", "dead_lettered_at", "lighthouse_run_id"] {
+        assert!(row.body.contains(col), "{col}: {}", row.body);
+    }
+    assert!(
+        row.body.contains("field path holds &#39;|&#39;") || row.body.contains("field path holds '|'"),
+        "{}",
+        row.body
+    );
+
+    let audit = c.relay.records("console action");
+    assert!(
+        audit.iter().any(|r| r["action"] == "requeue"
+            && r["rows"] == 1200
+            && r["target"].as_str().is_some_and(|t| t.contains("WRONGTYPE"))),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-api");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let job = new_jobs(1)[0];
+    let mut web = Web::new(c.port);
+    web.origin = None;
+    let basic = |u: &str, p: &str| format!("Basic {}", base64(format!("{u}:{p}").as_bytes()));
+    let (alice, bob) = (basic("alice", "alice's password"), basic("bob", "bob's password"));
+
+    let r = web
+        .request("GET", "/api/v1/overview", &[("Authorization", &bob)], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let o = r.json();
+    assert_eq!(o["overview"]["due"]["count"], 0);
+    assert!(o["relays_live"].as_u64().is_some(), "{o}");
+    let fleet = web
+        .request("GET", "/api/v1/fleet", &[("Authorization", &bob)], None)
+        .await
+        .json();
+    let me = &fleet["live"][0];
+    assert_eq!(me["settings"]["batch_size"], 1000, "shipped batch: {fleet}");
+    assert_eq!(me["settings"]["key_prefix"], prefix.0.as_str());
+
+    // A viewer may not act; an operator must send JSON.
+    let pause = format!("/api/v1/jobs/{job}/pause");
+    let r = web
+        .request(
+            "POST",
+            &pause,
+            &[("Authorization", &bob)],
+            Some(("application/json", "{}".into())),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = web
+        .request(
+            "POST",
+            &pause,
+            &[("Authorization", &alice)],
+            Some(("application/x-www-form-urlencoded", "x=1".into())),
+        )
+        .await;
+    assert_eq!(
+        r.status, 403,
+        "a form with cached Basic credentials is what a cross-site page can send: {}",
+        r.body
+    );
+    assert_eq!(paused_jobs(&db).await, 0);
+    let r = web
+        .request(
+            "POST",
+            &pause,
+            &[("Authorization", &alice)],
+            Some(("application/json", "{}".into())),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["ok"], true);
+    assert_eq!(paused_jobs(&db).await, 1);
+    let jobs = web
+        .request("GET", "/api/v1/jobs", &[("Authorization", &alice)], None)
+        .await
+        .json();
+    assert!(
+        jobs["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["job_id"] == job.to_string() && j["paused"] == true)),
+        "{jobs}"
+    );
+
+    // Five wrong passwords, then even the right one waits.
+    for _ in 0..5 {
+        let r = web
+            .request(
+                "GET",
+                "/api/v1/overview",
+                &[("Authorization", &basic("alice", "nope"))],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 401);
+    }
+    let r = web
+        .request("GET", "/api/v1/overview", &[("Authorization", &alice)], None)
+        .await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let m = c.relay.http_get("/metrics").await.expect("metrics").1;
+    assert_eq!(
+        metric_value(&m, "outbox_relay_console_logins_total", &[("result", "limited")]),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_heartbeat_and_minutes_survive_in_postgres() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let c = relay_with_console(&db, &prefix, None, &[]).await;
+    // A relay gone for an hour is stale; one gone for two days is forgotten
+    // at the next heartbeat.
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outbox_relay_instances (instance_id, host, version, started_at, last_seen)
+             VALUES ('gone-an-hour', 'old-host', '0.0.9', now() - interval '2 hours', now() - interval '1 hour'),
+                    ('gone-two-days', 'older-host', '0.0.8', now() - interval '3 days', now() - interval '2 days');
+             INSERT INTO outbox_relay_minutes (minute, instance_id, delivered)
+             VALUES (date_trunc('minute', now()) - interval '2 days', 'gone-two-days', 5)",
+        )
+        .await
+        .expect("old instances");
+    seed(&db, 300, 3).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    // Without users, a loopback console is open to viewers only.
+    let mut web = Web::new(c.port);
+    wait_until("the minutes count the 300 rows", Duration::from_secs(60), || async {
+        let m = Web::new(c.port).get("/api/v1/minutes").await.json();
+        let hour: i64 = m["hour"]
+            .as_array()
+            .map_or(0, |h| h.iter().filter_map(|p| p["delivered"].as_i64()).sum());
+        hour == 300
+    })
+    .await;
+    let fleet = web.get("/api/v1/fleet").await.json();
+    assert_eq!(fleet["live"].as_array().map(Vec::len), Some(1), "{fleet}");
+    assert_eq!(fleet["stale"][0]["instance_id"], "gone-an-hour", "{fleet}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM outbox_relay_instances WHERE instance_id = 'gone-two-days'")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM outbox_relay_minutes WHERE instance_id = 'gone-two-days'")
+            .await,
+        0
+    );
+    let page = web.get("/").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("<svg") && page.body.contains("<polyline"),
+        "charts: {}",
+        page.body
+    );
+    assert!(page.body.contains("(stale)"), "{}", page.body);
+    assert!(page.body.contains("anonymous · viewer"), "{}", page.body);
+    let r = web.post_form("/set-aside/requeue", &[("csrf", "x")]).await;
+    assert_eq!(r.status, 403, "no users: no action: {}", r.body);
+    // One heartbeat statement per interval: the row's last_seen moves.
+    let seen = db
+        .count("SELECT extract(epoch FROM last_seen)::int8 FROM outbox_relay_instances WHERE host <> 'old-host'")
+        .await;
+    wait_until("the next heartbeat", Duration::from_secs(40), || async {
+        db.count("SELECT extract(epoch FROM last_seen)::int8 FROM outbox_relay_instances WHERE host <> 'old-host'")
+            .await
+            > seen
+    })
+    .await;
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_console_without_users_is_refused_with_one_line() {
+    let env = vec![("OUTBOX_RELAY_CONSOLE__LISTEN".to_string(), "0.0.0.0:9465".to_string())];
+    let out = relay_command(&["check-config", "--no-connect"], &env)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("console.listen") && err.contains("not a loopback address"),
+        "{err}"
+    );
+
+    let dir = scratch_dir("console-bad-users");
+    let bad = dir.join("users");
+    std::fs::write(&bad, "alice:admin:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA\n").expect("write");
+    let env = vec![(
+        "OUTBOX_RELAY_CONSOLE__USERS_FILE".to_string(),
+        bad.display().to_string(),
+    )];
+    let out = relay_command(&["check-config", "--no-connect"], &env)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1") && err.contains("viewer or operator"), "{err}");
+    assert!(!err.contains("argon2id$v"), "no hash printed: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-alone");
+    let (port, metrics_port) = (free_port(), free_port());
+    let env = vec![
+        ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
+        ("OUTBOX_RELAY_REDIS__URL".to_string(), shared_redis_url()),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(), prefix.0.clone()),
+        ("OUTBOX_RELAY_CONSOLE__LISTEN".to_string(), format!("127.0.0.1:{port}")),
+        (
+            "OUTBOX_RELAY_CONSOLE__USERS_FILE".to_string(),
+            users.display().to_string(),
+        ),
+        ("OUTBOX_RELAY_CONSOLE__READ_ONLY".to_string(), "true".to_string()),
+        (
+            "OUTBOX_RELAY_HTTP__LISTEN".to_string(),
+            format!("127.0.0.1:{metrics_port}"),
+        ),
+    ];
+    let mut child = relay_command(&["console"], &env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn console");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(child.try_wait().ok().flatten().is_none(), "console exited");
+        assert!(std::time::Instant::now() < deadline, "console never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let jobs = seed(&db, 50, 1).await;
+    let mut alice = Web::new(port);
+    assert_eq!(alice.sign_in("alice", "alice's password").await.status, 303);
+    let page = alice.get("/jobs").await;
+    assert!(page.body.contains(&jobs[0].to_string()), "{}", page.body);
+    assert!(!page.body.contains(">Pause<"), "read-only hides actions: {}", page.body);
+    let csrf = page.input("csrf").expect("csrf");
+    let r = alice
+        .post_form(&format!("/jobs/{}/pause", jobs[0]), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("read-only"), "{}", r.body);
+    let overview = alice.get("/api/v1/overview").await.json();
+    assert_eq!(overview["overview"]["due"]["count"], 50, "{overview}");
+    // No sweeping: the rows are all still there after the console served
+    // twenty more reads (a relay would have taken them within its first
+    // tick), and no relay wrote a heartbeat.
+    for _ in 0..20 {
+        assert_eq!(alice.get("/api/v1/overview").await.status, 200);
+    }
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 50);
+    assert_eq!(db.count("SELECT count(*) FROM outbox_relay_instances").await, 0);
+    let mut m = Web::new(metrics_port);
+    let scrape = m.get("/metrics").await;
+    assert!(
+        scrape.body.contains("outbox_relay_console_actions_total"),
+        "{}",
+        scrape.body
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
