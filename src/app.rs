@@ -32,6 +32,8 @@ pub enum RunError {
     GaveUp { actor: &'static str, error: String },
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleSetupError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Options of `outbox-relay run` that are not configuration.
@@ -137,14 +139,14 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
 
 /// `outbox-relay console`: the console and its API alone, with `/metrics`
 /// (the console's counters) on `http.listen`, until SIGTERM or SIGINT.
-pub async fn console_only(mut cfg: Config, log: Logger) -> Result<(), crate::cli::RelayError> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| crate::cli::RelayError::Run(RunError::Signals(e)))?;
+pub async fn console_only(mut cfg: Config, log: Logger) -> Result<(), RunError> {
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(RunError::Signals)?;
     if cfg.console.listen.is_empty() {
         cfg.console.listen = crate::config::DEFAULT_CONSOLE_LISTEN.to_string();
     }
     if cfg.console.listen == cfg.http.listen {
-        return Err(crate::cli::RelayError::Usage(format!(
+        return Err(RunError::Usage(format!(
             "console.listen and http.listen are both {}; give the console its own port",
             cfg.http.listen
         )));
@@ -152,7 +154,7 @@ pub async fn console_only(mut cfg: Config, log: Logger) -> Result<(), crate::cli
     let registry = prometheus::Registry::new();
     let console = crate::console::build(&cfg, &registry, &log).await?;
     let server = crate::console::start(&cfg.console.listen, console)?;
-    let metrics_server = http::start_metrics_only(&cfg.http.listen, registry).map_err(RunError::from)?;
+    let metrics_server = http::start_metrics_only(&cfg.http.listen, registry)?;
     info!(log, "outbox-relay console started (no sweeping)";
         "version" => env!("CARGO_PKG_VERSION"),
         "database" => redact_url(cfg.console.database_url(&cfg.database)),

@@ -8,14 +8,17 @@
 //! `tests/architecture.rs` keeps it true):
 //! - [`cli`]: one function per subcommand;
 //! - [`app`]: the run loop of `outbox-relay run`;
-//! - [`actors`]: the actor layer and its supervisor; [`http`], [`verify`];
+//! - [`console`]: the browser console and its API;
+//! - [`actors`]: the actor layer and its supervisor; [`http`], [`verify`],
+//!   [`cancel`];
 //! - [`db`] (Postgres) and [`redis`] (Redis), which never import each other;
 //! - [`domain`]: the row, the member, the outcomes and the settlement rules;
-//! - [`config`], [`telemetry`], [`deadline`], [`pool`], [`redact`], [`tls`]:
-//!   what every layer above uses.
+//! - [`config`], [`telemetry`], [`deadline`], [`pool`], [`redact`], [`tls`],
+//!   [`users`]: what every layer above uses.
 
 pub mod actors;
 pub mod app;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -30,4 +33,5 @@ pub mod redact;
 pub mod redis;
 pub mod telemetry;
 pub mod tls;
+pub mod users;
 pub mod verify;

@@ -18,12 +18,13 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     ("commands", &["cli"]),
     ("run loop", &["app"]),
-    ("actors and tools", &["actors", "http", "verify"]),
+    ("console", &["console"]),
+    ("actors and tools", &["actors", "cancel", "http", "verify"]),
     ("stores", &["db", "redis"]),
     ("domain", &["domain"]),
     ("telemetry", &["telemetry"]),
     ("configuration", &["config"]),
-    ("foundations", &["deadline", "fault", "pool", "redact", "tls"]),
+    ("foundations", &["deadline", "fault", "pool", "redact", "tls", "users"]),
 ];
 
 const BEGIN: &str = "<!-- module-graph:begin (scripts/module-graph writes this block) -->";

@@ -165,10 +165,6 @@ pub enum RelayError {
     Bench(#[from] bench::BenchError),
     #[error("invariant violated: {0}")]
     Invariant(String),
-    #[error(transparent)]
-    Console(#[from] crate::console::ConsoleSetupError),
-    #[error("{0}")]
-    Usage(String),
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -252,7 +248,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             block_on(bench::run(&cfg, args)).map_err(RelayError::Bench)
         }
         Command::DeadLetter(cmd) => block_on(dead_letter::run(&cfg, cmd)).map_err(RelayError::Triage),
-        Command::Console { .. } => block_on(crate::app::console_only(cfg, log.clone())),
+        Command::Console { .. } => block_on(crate::app::console_only(cfg, log.clone())).map_err(RelayError::Run),
         Command::CheckConfig { no_connect } => {
             print!("{}", crate::redact::scrub(&cfg.to_redacted_toml()));
             if no_connect {
@@ -300,7 +296,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(RelayError::Config(e)) => fail(2, e),
         Err(e @ RelayError::Bench(bench::BenchError::Usage(_))) => fail(2, e),
-        Err(e @ RelayError::Usage(_)) => fail(2, e),
+        Err(e @ RelayError::Run(crate::app::RunError::Usage(_))) => fail(2, e),
         Err(e) => fail(1, e),
     }
 }

@@ -334,7 +334,7 @@ impl Config {
         let c = &self.console;
         let mut users = 0;
         if !c.users_file.is_empty() {
-            match crate::console::auth::read_users(&c.users_file) {
+            match crate::users::read_users(&c.users_file) {
                 Ok(u) if u.is_empty() => bad("console.users_file", format!("{} names no user", c.users_file)),
                 Ok(u) => users = u.len(),
                 Err(e) => bad("console.users_file", e.to_string()),

@@ -846,7 +846,7 @@ async fn job_action(st: &Console, who: &Who, job: &str, action: &'static str) ->
             })
             .map_err(|e| e.to_string())
         }
-        "cancel" => crate::cli::jobs::cancel_everywhere(&st.pg_url, &st.redis_cfg, scope.clone())
+        "cancel" => crate::cancel::cancel_everywhere(&st.pg_url, &st.redis_cfg, scope.clone())
             .await
             .map(|o| {
                 (

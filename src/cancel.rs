@@ -1,0 +1,83 @@
+//! Cancel a job everywhere: in Postgres first (status, `completed_at`, its
+//! outbox rows, in one transaction: [`crate::db::jobs::cancel`]), then its
+//! cancel fence, schedule key and running-counter field in Redis. Used by
+//! `outbox-relay cancel-job` and by the console.
+
+use ::redis::AsyncCommands;
+use serde::Serialize;
+
+use crate::db::jobs::{self, CancelError};
+use crate::db::{self, DbSetupError};
+use crate::deadline::STARTUP_TIMEOUT;
+use crate::domain::{cancel_fence_key, schedule_key};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelJobError {
+    #[error(transparent)]
+    Setup(#[from] DbSetupError),
+    #[error(transparent)]
+    Cancel(#[from] CancelError),
+    #[error("job {job} is cancelled in Postgres, but removing its Redis keys failed ({reason}); run cancel-job again to retry")]
+    RedisCleanup { job: String, reason: String },
+}
+
+/// What `cancel-job` (or the console's cancel) did.
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct CancelOutput {
+    pub job_id: String,
+    pub already_cancelled: bool,
+    pub outbox_rows_deleted: u64,
+    pub schedule_key: String,
+    pub schedule_entries_removed: bool,
+}
+
+/// Cancel `job`: Postgres first (over `db_url`), then its Redis keys.
+pub async fn cancel_everywhere(
+    db_url: &str,
+    redis: &crate::config::RedisConfig,
+    job: String,
+) -> Result<CancelOutput, CancelJobError> {
+    let (mut client, schema) = db::connect_ready(db_url, STARTUP_TIMEOUT).await?;
+    let done = jobs::cancel(&mut client, &schema, &job).await?;
+    // The schedule key names the job as task_outbox.job_id holds it (the
+    // canonical UUID form where that column is a UUID).
+    let job = schema.outbox_job_id.stored_form(&job).unwrap_or(job);
+    let key = schedule_key(&redis.key_prefix, &job);
+    let fence = cancel_fence_key(&redis.key_prefix, &key);
+    let cleanup = async {
+        let mut conn = crate::redis::connect_config(redis, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The fence first, then the schedule, in this order on one
+        // connection (both keys share a slot, so one node): a ZADD of the
+        // job that Redis runs between the two, or at any time after, finds
+        // the fence and is refused (see `redis::pipeline::FENCED_ZADD`).
+        let (_, removed): ((), i64) = ::redis::pipe()
+            .cmd("SET")
+            .arg(&fence)
+            .arg(1)
+            .arg("EX")
+            .arg(redis.cancel_fence_ttl.0.as_secs().max(1))
+            .cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _: i64 = conn
+            .hdel(format!("{}running", redis.key_prefix), &job)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(removed > 0)
+    };
+    let removed = cleanup.await.map_err(|reason| CancelJobError::RedisCleanup {
+        job: job.clone(),
+        reason,
+    })?;
+    Ok(CancelOutput {
+        job_id: job,
+        already_cancelled: done.already,
+        outbox_rows_deleted: done.outbox_rows_deleted,
+        schedule_key: key,
+        schedule_entries_removed: removed,
+    })
+}
