@@ -71,19 +71,29 @@ impl Chart<'_> {
         let y = |v: f64| PAD_T + (H - PAD_T - PAD_B) * (1.0 - v / top);
         let mut lines = String::new();
         for s in &self.series {
-            // A gap breaks the line: one polyline per run of values.
-            let mut run = String::new();
-            let flush = |run: &mut String, lines: &mut String| {
-                if !run.is_empty() {
-                    let _ = write!(lines, r#"<polyline class="{}" points="{}"/>"#, s.class, run.trim_end());
-                    run.clear();
+            // A gap breaks the line: one polyline per run of values, and a
+            // dot for a value alone (a polyline of one point draws nothing).
+            let mut run: Vec<(f64, f64)> = Vec::new();
+            let flush = |run: &mut Vec<(f64, f64)>, lines: &mut String| {
+                match run.as_slice() {
+                    [] => {}
+                    [(px, py)] => {
+                        let _ = write!(
+                            lines,
+                            r#"<circle class="{}" cx="{px:.1}" cy="{py:.1}" r="2.5"/>"#,
+                            s.class
+                        );
+                    }
+                    points => {
+                        let pts: Vec<String> = points.iter().map(|(px, py)| format!("{px:.1},{py:.1}")).collect();
+                        let _ = write!(lines, r#"<polyline class="{}" points="{}"/>"#, s.class, pts.join(" "));
+                    }
                 }
+                run.clear();
             };
             for (i, v) in s.values.iter().enumerate() {
                 match v {
-                    Some(v) => {
-                        let _ = write!(run, "{:.1},{:.1} ", x(i), y(*v));
-                    }
+                    Some(v) => run.push((x(i), y(*v))),
                     None => flush(&mut run, &mut lines),
                 }
             }
@@ -131,7 +141,8 @@ mod tests {
             }],
         };
         let svg = c.render().into_string();
-        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        assert_eq!(svg.matches("<polyline").count(), 1, "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 1, "the value alone is a dot: {svg}");
         assert!(svg.contains("Throughput &lt;rows&gt;"), "escaped title: {svg}");
         assert!(svg.contains("max 4.000 rows/min"), "{svg}");
         assert_eq!(compact(1_234_567.0), "1.2M");

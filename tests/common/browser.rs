@@ -18,6 +18,9 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 pub struct Driver {
     child: Child,
     port: u16,
+    /// The browsers' profile directories: a browser left behind by a failed
+    /// test (ChromeDriver's children outlive it) is found by its profile.
+    profiles: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl Driver {
@@ -29,7 +32,11 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; scripts/services.sh installs it)");
-        let d = Driver { child, port };
+        let d = Driver {
+            child,
+            port,
+            profiles: std::sync::Mutex::new(Vec::new()),
+        };
         wait_until("chromedriver answers", Duration::from_secs(30), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
@@ -40,6 +47,7 @@ impl Driver {
     /// A new headless browser with an empty profile.
     pub async fn browser(&self) -> Browser {
         let profile = super::scratch_dir("chromium-profile");
+        self.profiles.lock().expect("profiles").push(profile.clone());
         let mut web = Web::new(self.port);
         web.origin = None;
         let caps = json!({
@@ -74,6 +82,12 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for p in self.profiles.lock().map(|p| p.clone()).unwrap_or_default() {
+            let _ = Command::new("pkill")
+                .arg("-f")
+                .arg(format!("--user-data-dir={}", p.display()))
+                .status();
+        }
     }
 }
 

@@ -23,6 +23,7 @@
 //! Files: `scenarios` (what runs), `measure` (how it is measured),
 //! `report` (what is printed). Speed goals live here, never in tests.
 
+mod console;
 mod measure;
 mod report;
 mod scenarios;
@@ -102,6 +103,13 @@ pub struct BenchArgs {
     /// `--rows` too: at 5,000,000 rows they take most of the run).
     #[arg(long)]
     pub skip_floors: bool,
+    /// Also time the console (#30): with the seeded rows in `task_outbox`,
+    /// every page from `outbox-relay console` (the slowest of three
+    /// fetches each), then the relay serves it (`console.listen`, the one
+    /// setting this overrides) and the overview is fetched once a second
+    /// through the drain. Compare drain ÷ floor with a run without it.
+    #[arg(long)]
+    pub console: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -69,6 +69,12 @@ pub struct BenchReport {
     /// traffic: at most `sweep.live_concurrency` drain ticks at once).
     pub backlog_drain_rows_per_sec: Option<f64>,
     pub cores: usize,
+    /// `--console`: each page's time with the seeded rows in place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_pages: Option<Vec<super::console::PageTime>>,
+    /// `--console`: the overview fetched once a second during the drain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console_refreshes: Option<super::console::Refreshes>,
 }
 
 pub(super) fn print_scaling(r: &ScalingReport) {
@@ -150,5 +156,17 @@ pub(super) fn print_report(r: &BenchReport) {
     }
     if let Some(rps) = r.backlog_drain_rows_per_sec {
         println!("| backlog drain rate during that run (live traffic) | {rps:.0} rows/s |");
+    }
+    for p in r.console_pages.iter().flatten() {
+        println!(
+            "| console `{}` with {} rows in task_outbox | {} in {:.1} ms (slowest of 3) |",
+            p.path, r.rows, p.status, p.ms
+        );
+    }
+    if let Some(c) = &r.console_refreshes {
+        println!(
+            "| console overview once a second during the drain | {} fetched, {} failed, p50 {:.1} ms, max {:.1} ms |",
+            c.fetched, c.failed, c.p50_ms, c.max_ms
+        );
     }
 }

@@ -151,16 +151,31 @@ pub(super) async fn drain_and_latency(
         (one, two, ctid)
     };
 
-    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
-    eprintln!("bench: drain…");
+    let console_port = if args.console {
+        Some(super::console::free_port()?)
+    } else {
+        None
+    };
+    let overrides: Vec<(&str, String)> = console_port
+        .map(|p| vec![("OUTBOX_RELAY_CONSOLE__LISTEN", format!("127.0.0.1:{p}"))])
+        .unwrap_or_default();
+    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &overrides));
     seed(&client, args.rows, args.jobs, args.spread_run_at).await?;
+    let console_pages = if args.console {
+        eprintln!("bench: console pages with {} rows in task_outbox…", args.rows);
+        Some(super::console::time_pages(args.config.as_deref(), url, prefix).await?)
+    } else {
+        None
+    };
+    eprintln!("bench: drain…");
     let mut relay = [spawn_relay(
         args.config.as_deref(),
         url,
         prefix,
-        &[],
+        &overrides,
         args.relay_log.as_deref(),
     )?];
+    let refresher = console_port.map(super::console::Refresher::start);
     let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
     let mut marks = Vec::with_capacity(10);
@@ -173,6 +188,7 @@ pub(super) async fn drain_and_latency(
     })
     .await?;
     let (cpu_after, _) = proc_usage(pid);
+    let console_refreshes = refresher.map(super::console::Refresher::stop);
     let left: i64 = client
         .query_typed_one("SELECT count(*) FROM task_outbox", &[])
         .await
@@ -238,6 +254,8 @@ pub(super) async fn drain_and_latency(
         ratio_to_floor2: ratio(drain_rps, floor2_rps),
         relay_cpu_seconds: cpu_after - cpu_before,
         relay_peak_rss_mib: peak_kib as f64 / 1024.0,
+        console_pages,
+        console_refreshes,
         latency_idle: idle,
         latency_during_backlog: during,
         backlog_drain_rows_per_sec: (backlog_secs > 0.0)
