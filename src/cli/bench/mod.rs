@@ -183,7 +183,9 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
     } else if args.scaling {
         scaling(cfg, &args, &url, &prefix).await.map(Report::Scaling)
     } else {
-        drain_and_latency(cfg, &args, &url, &prefix).await.map(Report::Drain)
+        drain_and_latency(cfg, &args, &url, &prefix)
+            .await
+            .map(|r| Report::Drain(Box::new(r)))
     };
     // Clean up whatever happened.
     let _ = admin
@@ -204,7 +206,7 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
 }
 
 enum Report {
-    Drain(BenchReport),
+    Drain(Box<BenchReport>),
     Sustained(sustained::SustainedReport),
     Scaling(ScalingReport),
 }
