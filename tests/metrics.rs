@@ -258,8 +258,12 @@ async fn backlog_gauges_follow_the_outbox_and_failed_probes_leave_gaps() {
     .await
     .expect("seed");
 
+    // One probe round reads Postgres and pings Redis at once: a round whose
+    // ping answered just before the kill may read the rows inserted just
+    // after it. Wait for a round that saw both.
     let text = scrape_until(&relay, "gauges show the stuck backlog", Duration::from_secs(30), |t| {
         metric_value(t, "outbox_relay_backlog_rows", &[]) == Some(250.0)
+            && metric_value(t, "outbox_relay_redis_up", &[]) == Some(0.0)
     })
     .await;
     let age = metric_value(&text, "outbox_relay_oldest_age_seconds", &[]).expect("age");

@@ -238,19 +238,22 @@ fn scratch_url(url: &str, name: &str) -> String {
     }
 }
 
-/// Delete every key under `prefix` (on every master of a cluster).
+/// Delete every key under `prefix` (on every master of a cluster), with
+/// `UNLINK`: freeing sets of millions of members is Redis's background
+/// work then, not a stall of the shared server (a `DEL` of a 5,000,000-row
+/// run's schedules kept the next bench from connecting).
 async fn delete_prefix(conn: &mut DirectConn, prefix: &str) -> Result<(), ::redis::RedisError> {
     let keys = keys_matching(conn, &format!("{prefix}*")).await?;
     match conn {
         DirectConn::Standalone(c) => {
             for chunk in keys.chunks(1000) {
-                let _: i64 = ::redis::cmd("DEL").arg(chunk).query_async(c).await?;
+                let _: i64 = ::redis::cmd("UNLINK").arg(chunk).query_async(c).await?;
             }
         }
-        // Keys on different slots cannot share a DEL.
+        // Keys on different slots cannot share an UNLINK.
         DirectConn::Cluster(_) => {
             for chunk in keys.chunks(1000) {
-                for deleted in per_key::<i64>(conn, "DEL", chunk).await {
+                for deleted in per_key::<i64>(conn, "UNLINK", chunk).await {
                     deleted?;
                 }
             }
