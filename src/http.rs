@@ -134,23 +134,11 @@ pub fn start(listen: &str, health: Healths, metrics_: Metrics) -> Result<actix_w
                     .default_service(web::to(method_not_allowed)),
             )
             .default_service(web::to(not_found))
-    })
-    .workers(1)
-    .max_connections(MAX_CONNECTIONS)
-    .client_request_timeout(REQUEST_HEAD_TIMEOUT)
-    .client_disconnect_timeout(Duration::from_secs(1))
-    .keep_alive(KEEP_ALIVE)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(listen)
-    .map_err(|source| HttpError {
+    });
+    serve(server, listen, MAX_CONNECTIONS).map_err(|source| HttpError {
         listen: listen.to_string(),
         source,
-    })?
-    .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
-    Ok(handle)
+    })
 }
 
 /// `/metrics` of `registry` alone, for `outbox-relay console` (which runs
@@ -182,19 +170,43 @@ pub fn start_metrics_only(
                 web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"ready": true})) }),
             )
             .default_service(web::to(not_found))
-    })
-    .workers(1)
-    .max_connections(MAX_CONNECTIONS)
-    .client_request_timeout(REQUEST_HEAD_TIMEOUT)
-    .keep_alive(KEEP_ALIVE)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(listen)
-    .map_err(|source| HttpError {
+    });
+    serve(server, listen, MAX_CONNECTIONS).map_err(|source| HttpError {
         listen: listen.to_string(),
         source,
-    })?
-    .run();
+    })
+}
+
+/// Bind `server` to `listen` with what every HTTP endpoint of the process
+/// shares (one worker, at most `max_connections`, a request head within
+/// [`REQUEST_HEAD_TIMEOUT`], idle keep-alive closed after [`KEEP_ALIVE`], no
+/// signal handling of its own) and run it in the background.
+pub fn serve<F, I, S, B>(
+    server: HttpServer<F, I, S, B>,
+    listen: &str,
+    max_connections: usize,
+) -> std::io::Result<actix_web::dev::ServerHandle>
+where
+    F: Fn() -> I + Send + Clone + 'static,
+    I: actix_service::IntoServiceFactory<S, actix_http::Request>,
+    S: actix_web::dev::ServiceFactory<actix_http::Request, Config = actix_web::dev::AppConfig> + 'static,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::InitError: std::fmt::Debug,
+    S::Response: Into<actix_web::dev::Response<B>> + 'static,
+    <S::Service as actix_web::dev::Service<actix_http::Request>>::Future: 'static,
+    S::Service: 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    let server = server
+        .workers(1)
+        .max_connections(max_connections)
+        .client_request_timeout(REQUEST_HEAD_TIMEOUT)
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .keep_alive(KEEP_ALIVE)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .bind(listen)?
+        .run();
     let handle = server.handle();
     actix_rt::spawn(server);
     Ok(handle)

@@ -278,6 +278,18 @@ pub async fn set_aside(c: &Client) -> Result<Vec<SetAside>, QueryError> {
         .map_err(QueryError::from)
 }
 
+/// Rows set aside, counted up to [`CAP`] along the claim index.
+pub async fn set_aside_count(c: &Client) -> Result<Capped, QueryError> {
+    let cap = CAP + 1;
+    let r = c
+        .query_typed_one(
+            "SELECT count(*) FROM (SELECT 1 FROM task_outbox WHERE run_at = 'infinity' LIMIT $1) s",
+            &[(&cap, Type::INT8)],
+        )
+        .await?;
+    Ok(Capped::of(column(&r, "task_outbox", 0)?))
+}
+
 /// Make at most `batch` set-aside rows (of `job`, or all) due now with
 /// their attempts reset; how many. Called until it returns 0.
 pub async fn requeue_set_aside(c: &Client, job: Option<&str>, batch: i64) -> Result<u64, QueryError> {

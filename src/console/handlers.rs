@@ -457,6 +457,9 @@ struct OverviewData {
     redis_error: Option<String>,
     relays_live: usize,
     relays_stale: usize,
+    /// The relays themselves, for the page (the API has `/api/v1/fleet`).
+    #[serde(skip)]
+    fleet: data::Fleet,
 }
 
 async fn load_overview(st: &Console) -> Result<OverviewData, ConsoleError> {
@@ -474,6 +477,7 @@ async fn load_overview(st: &Console) -> Result<OverviewData, ConsoleError> {
         redis_error,
         relays_live: fleet.live.len(),
         relays_stale: fleet.stale.len(),
+        fleet,
     })
 }
 
@@ -1023,21 +1027,13 @@ async fn overview_page(st: St, req: HttpRequest) -> HttpResponse {
                 &o.overview,
                 o.redis_memory_ratio,
                 o.redis_error.as_deref(),
-                (o.relays_live, o.relays_stale),
                 &m.hour,
                 &m.day,
-                &fleet_or_empty(&st).await,
+                &o.fleet,
             ),
         ),
         (Err(e), _) | (_, Err(e)) => page_error(&who, &e),
     }
-}
-
-async fn fleet_or_empty(st: &Console) -> data::Fleet {
-    let stale_after = st.stale_after;
-    st.read(async |c| Ok(data::fleet(c, stale_after).await?))
-        .await
-        .unwrap_or_default()
 }
 
 async fn jobs_page(st: St, req: HttpRequest) -> HttpResponse {
@@ -1190,7 +1186,7 @@ async fn dead_letter_page(st: St, req: HttpRequest, id: web::Path<String>) -> Ht
 async fn set_aside_page(st: St, req: HttpRequest) -> HttpResponse {
     let who = visitor!(st, req);
     match st
-        .read(async |c| Ok((data::set_aside(c).await?, data::overview(c).await?.set_aside)))
+        .read(async |c| Ok((data::set_aside(c).await?, data::set_aside_count(c).await?)))
         .await
     {
         Ok((rows, count)) => html(
@@ -1322,7 +1318,7 @@ async fn api_dead_letters_action(
 async fn api_set_aside(st: St, req: HttpRequest) -> HttpResponse {
     let _who = caller!(st, req);
     match st
-        .read(async |c| Ok((data::set_aside(c).await?, data::overview(c).await?.set_aside)))
+        .read(async |c| Ok((data::set_aside(c).await?, data::set_aside_count(c).await?)))
         .await
     {
         Ok((rows, count)) => HttpResponse::Ok().json(serde_json::json!({ "count": count, "rows": rows })),

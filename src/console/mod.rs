@@ -249,21 +249,11 @@ pub fn start(listen: &str, console: Arc<Console>) -> Result<actix_web::dev::Serv
             .app_data(web::JsonConfig::default().limit(64 * 1024))
             .wrap(security_headers())
             .configure(handlers::routes)
-    })
-    .workers(1)
-    .max_connections(256)
-    .client_request_timeout(crate::http::REQUEST_HEAD_TIMEOUT)
-    .keep_alive(crate::http::KEEP_ALIVE)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(listen)
-    .map_err(|source| ConsoleSetupError::Listen {
+    });
+    let handle = crate::http::serve(server, listen, 256).map_err(|source| ConsoleSetupError::Listen {
         listen: listen.to_string(),
         source,
-    })?
-    .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
+    })?;
     info!(log, "console listening"; "listen" => listen);
     Ok(handle)
 }

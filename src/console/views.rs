@@ -104,7 +104,6 @@ pub fn overview(
     o: &Overview,
     redis_ratio: Option<f64>,
     redis_error: Option<&str>,
-    relays: (usize, usize),
     hour: &[Point],
     day: &[Point],
     fleet: &Fleet,
@@ -142,7 +141,7 @@ pub fn overview(
                         (None, None) => { "no limit" }
                     }
                 } }
-                div.tile { h2 { "Relays up" } p.big { (relays.0) @if relays.1 > 0 { small { " (" (relays.1) " stale)" } } } }
+                div.tile { h2 { "Relays up" } p.big { (fleet.live.len()) @if !fleet.stale.is_empty() { small { " (" (fleet.stale.len()) " stale)" } } } }
                 div.tile { h2 { "Outbox rows" } p.big { "≈ " (thousands(o.outbox_rows_estimate)) } p.note { "planner estimate" } }
             }
             @if let Some(e) = redis_error { p.error { "Redis: " (e) } }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::measure::RelayChild;
+use super::measure::{free_port, RelayChild};
 use super::BenchError;
 use crate::config::CONFIG_PATH_ENV;
 
@@ -173,11 +173,4 @@ impl Refresher {
             max_ms: ok.last().copied().unwrap_or(0.0),
         }
     }
-}
-
-pub(super) fn free_port() -> Result<u16, BenchError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| BenchError::Relay(format!("no free port for the console: {e}")))
 }

@@ -75,11 +75,11 @@ pub(super) fn describe_settings(config: Option<&str>, prefix: &str, extra: &[(&s
 }
 
 /// A port nothing listens on now.
-fn free_port() -> Result<u16, BenchError> {
+pub(super) fn free_port() -> Result<u16, BenchError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| BenchError::Relay(format!("no free port for the relay's HTTP endpoint: {e}")))
+        .map_err(|e| BenchError::Relay(format!("no free port on 127.0.0.1: {e}")))
 }
 
 /// This binary as `outbox-relay run` on the scratch database and prefix;

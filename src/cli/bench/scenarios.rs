@@ -152,7 +152,7 @@ pub(super) async fn drain_and_latency(
     };
 
     let console_port = if args.console {
-        Some(super::console::free_port()?)
+        Some(super::measure::free_port()?)
     } else {
         None
     };
