@@ -9,7 +9,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::web::{base64, relay_with_console, users_file, Web};
+use common::web::{base64, cli, outbox_rows_of, relay_with_console, users_file, Web};
 use common::*;
 
 async fn paused_jobs(db: &TestDb) -> i64 {
@@ -333,6 +333,35 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
     assert_eq!(me["settings"]["batch_size"], 1000, "shipped batch: {fleet}");
     assert_eq!(me["settings"]["key_prefix"], prefix.0.as_str());
 
+    // The overview's backlog is the relay's own probe, carried by its
+    // heartbeat: exact past the console's 10,000 cap.
+    cli(&db, &["pause", "--reason", "api test"]);
+    seed_for(&db, 10_500, &[job]).await;
+    wait_until(
+        "the overview shows the relay's exact count",
+        Duration::from_secs(60),
+        || {
+            let (port, bob) = (c.port, bob.clone());
+            async move {
+                let mut web = Web::new(port);
+                web.origin = None;
+                let o = web
+                    .request("GET", "/api/v1/overview", &[("Authorization", &bob)], None)
+                    .await
+                    .json();
+                o["overview"]["source"]["kind"] == "relay"
+                    && o["overview"]["due"]["count"] == 10_500
+                    && o["overview"]["due"]["more"] == false
+            }
+        },
+    )
+    .await;
+    cli(&db, &["resume"]);
+    wait_until("the rows delivered", Duration::from_secs(60), || async {
+        outbox_rows_of(&db, &job).await == 0
+    })
+    .await;
+
     // A viewer may not act; an operator must send JSON.
     let pause = format!("/api/v1/jobs/{job}/pause");
     let r = web
@@ -546,6 +575,7 @@ async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
     assert!(r.body.contains("read-only"), "{}", r.body);
     let overview = alice.get("/api/v1/overview").await.json();
     assert_eq!(overview["overview"]["due"]["count"], 50, "{overview}");
+    assert_eq!(overview["overview"]["source"]["kind"], "console", "{overview}");
     // No sweeping: the rows are all still there after the console served
     // twenty more reads (a relay would have taken them within its first
     // tick), and no relay wrote a heartbeat.

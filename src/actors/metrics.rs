@@ -13,7 +13,7 @@
 //! only a panic fails this actor.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use slog::{debug, info, warn, Logger};
@@ -50,6 +50,11 @@ pub struct OutboxProbe {
     pub backlog: i64,
     /// Age in seconds of the oldest due row by `created_at` (0: none due).
     pub oldest_age: f64,
+    /// Seconds the earliest due row has been due (`now() - min(run_at)`);
+    /// None: none due.
+    pub oldest_due: Option<f64>,
+    /// Rows due later (retries in backoff, delayed tasks), not set aside.
+    pub delayed: i64,
     pub dead_letters: i64,
     /// Rows set aside (`run_at = 'infinity'`).
     pub set_aside: i64,
@@ -57,6 +62,20 @@ pub struct OutboxProbe {
     pub paused_all: bool,
     /// Jobs paused one by one.
     pub paused_jobs: i64,
+}
+
+/// An outbox probe as the fleet's heartbeat carries it (`counters.outbox`,
+/// read by the console's overview): what it counted, and how long before
+/// the heartbeat it did.
+fn probe_json(p: &OutboxProbe, age: Duration) -> serde_json::Value {
+    serde_json::json!({
+        "due": p.backlog,
+        "delayed": p.delayed,
+        "set_aside": p.set_aside,
+        "dead_letters": p.dead_letters,
+        "oldest_due_seconds": p.oldest_due,
+        "probed_seconds_ago": age.as_secs_f64(),
+    })
 }
 
 /// Probe Postgres and Redis concurrently, each bounded by `deadline`.
@@ -80,7 +99,9 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
                             (SELECT count(*) FROM task_outbox_dead),
                             count(*) FILTER (WHERE run_at = 'infinity'),
                             (SELECT count(*) FILTER (WHERE scope = '*') FROM outbox_relay_pause),
-                            (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause)
+                            (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause),
+                            extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8,
+                            count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity')
                        FROM task_outbox",
                     &[],
                 )
@@ -106,6 +127,10 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             set_aside: col(3)?.unwrap_or(0),
             paused_all: col(4)?.unwrap_or(0) > 0,
             paused_jobs: col(5)?.unwrap_or(0),
+            oldest_due: column::<Option<f64>>(&row, "task_outbox", 6)
+                .map_err(|e| e.to_string())?
+                .map(|s| s.max(0.0)),
+            delayed: col(7)?.unwrap_or(0),
         })
     };
     let ping = async {
@@ -163,6 +188,10 @@ pub struct MetricsActor {
     sent: Totals,
     /// The last heartbeat failed (logged once per episode).
     beat_failing: bool,
+    /// The last outbox probe that succeeded, and when: the heartbeat
+    /// carries it, so the console reads the backlog from here instead of
+    /// walking the claim index itself (None after a failed probe).
+    last_probe: Option<(OutboxProbe, Instant)>,
 }
 
 impl MetricsActor {
@@ -184,6 +213,7 @@ impl MetricsActor {
             pools: None,
             sent: Totals::default(),
             beat_failing: false,
+            last_probe: None,
         }
     }
 
@@ -228,6 +258,7 @@ impl MetricsActor {
             "paused": self.metrics.paused_state(),
             "held_back": self.metrics.redis_backpressure.get() > 0,
             "listen_leader": self.metrics.listen_leader.get() > 0,
+            "outbox": self.last_probe.as_ref().map(|(p, at)| probe_json(p, at.elapsed())),
         });
         fleet::Beat {
             counters: counters.to_string(),
@@ -253,6 +284,7 @@ impl MetricsActor {
         let m = &self.metrics;
         match report.outbox {
             Ok(p) => {
+                self.last_probe = Some((p, Instant::now()));
                 m.postgres_up.set(1);
                 m.backlog_rows.set(p.backlog as f64);
                 m.oldest_age_seconds.set(p.oldest_age);
@@ -262,6 +294,7 @@ impl MetricsActor {
                 m.paused_jobs.set(p.paused_jobs);
             }
             Err(e) => {
+                self.last_probe = None;
                 m.postgres_up.set(0);
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();

@@ -1,11 +1,16 @@
 //! What the console's pages and `/api/v1/` show, read from Postgres and
 //! Redis, and the actions they take.
 //!
-//! No query scans `task_outbox`: counts walk the claim index
-//! (`run_at, id`) and stop at [`CAP`] (shown as "more than 10,000"), the
-//! total is the planner's estimate (labelled so), and per-job figures are
-//! counted in the next [`CAP`] due (and delayed) rows in claim order. Every
-//! statement runs on the console's own pool, under its deadline.
+//! No query scans `task_outbox`. The overview's backlog comes from the
+//! freshest live relay's heartbeat, which carries the outbox probe that
+//! relay runs anyway (`metrics.probe_interval`): exact, a few seconds old,
+//! and free for the drain (a console refreshed every second costs it one
+//! read of the fleet table). With no live relay reporting, counts walk the
+//! claim index (`run_at, id`) and stop at [`CAP`] (shown as "more than
+//! 10,000"). The total is the planner's estimate (labelled so), and per-job
+//! figures are counted in the next [`CAP`] due (and delayed) rows in claim
+//! order. Every statement runs on the console's own pool, under its
+//! deadline.
 
 use serde::Serialize;
 use tokio_postgres::types::Type;
@@ -25,6 +30,11 @@ pub struct Capped {
 }
 
 impl Capped {
+    /// A count that went all the way.
+    pub fn exact(n: i64) -> Self {
+        Capped { count: n, more: false }
+    }
+
     fn of(n: i64) -> Self {
         Capped {
             count: n.min(CAP),
@@ -77,6 +87,83 @@ pub struct Overview {
     pub paused_all: bool,
     /// Jobs paused one by one.
     pub paused_jobs: i64,
+    /// Where the backlog figures come from.
+    pub source: Source,
+}
+
+/// Who counted the overview's backlog.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// The console, along the claim index, up to [`CAP`].
+    #[default]
+    Console,
+    /// A relay's outbox probe, exact, carried by its heartbeat.
+    Relay {
+        instance_id: String,
+        host: String,
+        /// How old the figures are: the heartbeat's age plus the probe's
+        /// age when the heartbeat was written.
+        age_seconds: f64,
+    },
+}
+
+/// The freshest outbox probe a live relay's heartbeat carries, if it is
+/// younger than `max_age` (a relay whose probe fails carries none).
+fn freshest_probe(fleet: &Fleet, max_age: std::time::Duration) -> Option<(&fleet::Member, &serde_json::Value, f64)> {
+    fleet
+        .live
+        .iter()
+        .filter_map(|m| {
+            let p = m.counters.get("outbox").filter(|p| p.is_object())?;
+            let age = m.seen_seconds_ago + p.get("probed_seconds_ago")?.as_f64()?;
+            Some((m, p, age))
+        })
+        .filter(|(_, _, age)| *age <= max_age.as_secs_f64())
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+}
+
+/// The overview from the freshest live relay's probe (see the module's
+/// notes), reading only the planner's estimate and the pause table here;
+/// None when no live relay carries one younger than `max_age`.
+pub async fn overview_from_fleet(
+    c: &Client,
+    fleet: &Fleet,
+    max_age: std::time::Duration,
+) -> Result<Option<Overview>, QueryError> {
+    let Some((m, p, age)) = freshest_probe(fleet, max_age) else {
+        return Ok(None);
+    };
+    let n = |k: &str| p.get(k).and_then(|v| v.as_i64());
+    let (Some(due), Some(delayed), Some(set_aside), Some(dead)) =
+        (n("due"), n("delayed"), n("set_aside"), n("dead_letters"))
+    else {
+        return Ok(None);
+    };
+    let r = c
+        .query_typed_one(
+            "SELECT (SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = 'task_outbox'::regclass),
+                    (SELECT count(*) FILTER (WHERE scope = '*') > 0 FROM outbox_relay_pause),
+                    (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause)",
+            &[],
+        )
+        .await?;
+    const T: &str = "outbox_relay_pause";
+    Ok(Some(Overview {
+        due: Capped::exact(due),
+        delayed: Capped::exact(delayed),
+        set_aside: Capped::exact(set_aside),
+        oldest_due_seconds: p.get("oldest_due_seconds").and_then(|v| v.as_f64()),
+        outbox_rows_estimate: column::<Option<i64>>(&r, T, 0)?.unwrap_or(0),
+        dead_letters: Capped::exact(dead),
+        paused_all: column(&r, T, 1)?,
+        paused_jobs: column(&r, T, 2)?,
+        source: Source::Relay {
+            instance_id: m.instance_id.clone(),
+            host: m.host.clone(),
+            age_seconds: age,
+        },
+    }))
 }
 
 pub async fn overview(c: &Client) -> Result<Overview, QueryError> {
@@ -106,6 +193,7 @@ pub async fn overview(c: &Client) -> Result<Overview, QueryError> {
         dead_letters: Capped::of(column(&r, T, 5)?),
         paused_all: column(&r, T, 6)?,
         paused_jobs: column(&r, T, 7)?,
+        source: Source::Console,
     })
 }
 
@@ -333,5 +421,43 @@ mod tests {
         assert_eq!(Capped::of(12).text(), "12");
         assert_eq!(Capped::of(CAP).text(), "10,000");
         assert_eq!(Capped::of(CAP + 1).text(), "more than 10,000");
+        assert_eq!(Capped::exact(30_000).text(), "30,000");
+    }
+
+    fn member(id: &str, seen: f64, counters: serde_json::Value) -> fleet::Member {
+        fleet::Member {
+            instance_id: id.into(),
+            host: "h".into(),
+            version: "v".into(),
+            started_at: String::new(),
+            last_seen: String::new(),
+            seen_seconds_ago: seen,
+            settings: serde_json::json!({}),
+            counters,
+            health: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn the_freshest_live_probe_is_taken_and_old_or_missing_ones_are_not() {
+        use serde_json::json;
+        let probe = |ago: f64| json!({"outbox": {"due": 1, "probed_seconds_ago": ago}});
+        let max = std::time::Duration::from_secs(15);
+        let fleet = Fleet {
+            live: vec![
+                member("old", 1.0, probe(20.0)),
+                member("none", 0.0, json!({"outbox": null})),
+                member("b", 3.0, probe(1.0)),
+                member("a", 1.0, probe(2.5)),
+            ],
+            stale: vec![member("stale", 0.0, probe(0.0))],
+        };
+        let (m, _, age) = freshest_probe(&fleet, max).expect("a probe");
+        assert_eq!((m.instance_id.as_str(), age), ("a", 3.5));
+        let none = Fleet {
+            live: vec![member("old", 1.0, probe(20.0)), member("none", 0.0, json!({}))],
+            stale: vec![],
+        };
+        assert!(freshest_probe(&none, max).is_none());
     }
 }

@@ -465,7 +465,14 @@ struct OverviewData {
 async fn load_overview(st: &Console) -> Result<OverviewData, ConsoleError> {
     let stale_after = st.stale_after;
     let (overview, fleet) = st
-        .read(async |c| Ok((data::overview(c).await?, data::fleet(c, stale_after).await?)))
+        .read(async |c| {
+            let fleet = data::fleet(c, stale_after).await?;
+            let overview = match data::overview_from_fleet(c, &fleet, stale_after).await? {
+                Some(o) => o,
+                None => data::overview(c).await?,
+            };
+            Ok((overview, fleet))
+        })
         .await?;
     let (redis_memory_ratio, redis_error) = match redis_memory(st).await {
         Ok(r) => (r, None),

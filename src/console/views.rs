@@ -145,7 +145,15 @@ pub fn overview(
                 div.tile { h2 { "Outbox rows" } p.big { "≈ " (thousands(o.outbox_rows_estimate)) } p.note { "planner estimate" } }
             }
             @if let Some(e) = redis_error { p.error { "Redis: " (e) } }
-            p.note { "* counted up to 10,000 along the claim index; the console never scans task_outbox." }
+            @match &o.source {
+                data::Source::Relay { instance_id, host, age_seconds } => {
+                    p.note { "Backlog as counted by relay " code { (instance_id.get(..8).unwrap_or(instance_id)) } " on " (host)
+                        ", " (seconds(*age_seconds)) " ago (its outbox probe, exact)." }
+                }
+                data::Source::Console => {
+                    p.note { "No live relay reports its backlog: counted here up to 10,000 along the claim index; the console never scans task_outbox." }
+                }
+            }
             section.charts {
                 (charts(hour, "hour"))
                 (charts(day, "day (10-minute points)"))

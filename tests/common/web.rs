@@ -319,3 +319,20 @@ pub async fn wait_console(port: u16, relay: &mut RelayProcess) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Run one CLI command against `db`; it must succeed.
+pub fn cli(db: &TestDb, args: &[&str]) {
+    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
+    let out = relay_command(args, &env).output().expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Rows of `job` still in the outbox.
+pub async fn outbox_rows_of(db: &TestDb, job: &uuid::Uuid) -> i64 {
+    db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{job}'"))
+        .await
+}
