@@ -343,12 +343,7 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
         || {
             let (port, bob) = (c.port, bob.clone());
             async move {
-                let mut web = Web::new(port);
-                web.origin = None;
-                let o = web
-                    .request("GET", "/api/v1/overview", &[("Authorization", &bob)], None)
-                    .await
-                    .json();
+                let o = Web::api(port).get_as("/api/v1/overview", &bob).await.json();
                 o["overview"]["source"]["kind"] == "relay"
                     && o["overview"]["due"]["count"] == 10_500
                     && o["overview"]["due"]["more"] == false

@@ -7,9 +7,16 @@
 //! role; the pod then drains as `outbox_relay`, answers the probes the
 //! Deployment declares, and stops cleanly on SIGTERM.
 //!
-//! The only liberty taken: the config file lives in a temporary directory
-//! instead of the Deployment's mount path (OUTBOX_RELAY_CONFIG is pointed
-//! there). The Secret's values are this test's database and a private
+//! The console's Deployment (`console.yaml`) then serves the fleet as
+//! `outbox_triage`: its readiness path answers, an operator from the users
+//! Secret signs in with a `Secure` cookie, the relay's heartbeat (written as
+//! `outbox_relay`) is listed, and a pause and resume go through.
+//!
+//! The liberties taken: the config file and the users file live in a
+//! temporary directory instead of the Deployments' mount paths (the
+//! variables naming them are pointed there), and the console's two ports
+//! are moved to free ones, since here its pod shares one host with the
+//! relay's. The Secrets' values are this test's database and a private
 //! Redis (the ConfigMap's `hover:` prefix then touches nobody else's keys).
 
 mod common;
@@ -17,6 +24,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::web::{base64, hash, Web};
 use common::*;
 use serde_yaml::Value;
 
@@ -38,6 +46,16 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no {kind} named {name} in deploy/kubernetes"))
+}
+
+/// The entry of `v[list]` (volumes, volumeMounts, ports) named `name`.
+fn named<'a>(v: &'a Value, list: &str, name: &str) -> &'a Value {
+    v[list]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("no {list}"))
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {list} entry named {name}"))
 }
 
 fn s(v: &Value) -> &str {
@@ -92,12 +110,7 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
     let container = &pod["containers"][0];
 
     // The ConfigMap's key, at the path the Deployment mounts it.
-    let mount = container["volumeMounts"]
-        .as_sequence()
-        .expect("volumeMounts")
-        .iter()
-        .find(|m| m["name"] == "config")
-        .expect("config volume mount");
+    let mount = named(container, "volumeMounts", "config");
     let (key, toml_text) = config_map["data"]
         .as_mapping()
         .expect("ConfigMap data")
@@ -132,6 +145,7 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
             ("outbox-relay-migrator", "DATABASE_URL") => db.role_url("outbox_migrator"),
             ("outbox-relay", "DATABASE_URL") => db.role_url("outbox_relay"),
             ("outbox-relay", "REDIS_URL") => redis.url(),
+            ("outbox-relay-console", "DATABASE_URL") => db.role_url("outbox_triage"),
             other => panic!("the test does not know Secret key {other:?}"),
         }
     };
@@ -173,14 +187,31 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
 
     // The pod of the Deployment, as outbox_relay.
     let mut env = container_env(container);
-    let ports: Vec<(Option<&str>, i64)> = service["spec"]["ports"]
-        .as_sequence()
-        .expect("Service ports")
-        .iter()
-        .map(|p| (p["name"].as_str(), p["port"].as_i64().expect("port")))
-        .collect();
-    env.extend(service_links(s(&service["metadata"]["name"]), "10.96.12.34", &ports));
-    env.extend(service_links("kubernetes", "10.96.0.1", &[(Some("https"), 443)]));
+    assert_eq!(s(&service["spec"]["ports"][0]["targetPort"]), "metrics");
+    // Every Service of the namespace injects its variables into every pod.
+    let links = {
+        let mut links = Vec::new();
+        for (i, svc) in docs.iter().filter(|d| d["kind"] == "Service").enumerate() {
+            let ports: Vec<(Option<&str>, i64)> = svc["spec"]["ports"]
+                .as_sequence()
+                .expect("Service ports")
+                .iter()
+                .map(|p| (p["name"].as_str(), p["port"].as_i64().expect("port")))
+                .collect();
+            links.extend(service_links(
+                s(&svc["metadata"]["name"]),
+                &format!("10.96.12.{}", 34 + i),
+                &ports,
+            ));
+        }
+        links.extend(service_links("kubernetes", "10.96.0.1", &[(Some("https"), 443)]));
+        links
+    };
+    assert!(
+        links.iter().any(|(k, _)| k.starts_with("OUTBOX_RELAY_CONSOLE_")),
+        "the console's Service is linked too"
+    );
+    env.extend(links.clone());
     env.insert("HOSTNAME".into(), "outbox-relay-6d9f7c5b8-x2x7q".into());
     assert_eq!(
         env.get("OUTBOX_RELAY_CONFIG").map(String::as_str),
@@ -251,6 +282,21 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
         "metrics carry the ConfigMap's environment"
     );
 
+    // The relay's heartbeat, written as outbox_relay (migrate --grant gave
+    // it the fleet tables), for the console.
+    wait_until(
+        "the relay's heartbeat is in the fleet table",
+        Duration::from_secs(30),
+        || async { db.count("SELECT count(*) FROM outbox_relay_instances").await == 1 },
+    )
+    .await;
+    assert!(
+        relay.records("fleet heartbeat failed").is_empty(),
+        "{:#?}",
+        relay.lines()
+    );
+    console_pod(&docs, &container_env, &links, &config_file, &db).await;
+
     // The grace period covers a tick's deadline plus the commit grace.
     let tick = outbox_relay::config::parse_duration(cfg["sweep"]["tick_timeout"].as_str().expect("tick_timeout"))
         .expect("tick_timeout");
@@ -268,6 +314,142 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
     assert!(started.elapsed() < tick + Duration::from_secs(1));
 }
 
+/// The console's Deployment, started as kubelet would start its pod.
+async fn console_pod(
+    docs: &[Value],
+    container_env: &dyn Fn(&Value) -> BTreeMap<String, String>,
+    links: &[(String, String)],
+    config_file: &std::path::Path,
+    db: &TestDb,
+) {
+    let deployment = find(docs, "Deployment", "outbox-relay-console");
+    assert_eq!(
+        deployment["spec"]["replicas"].as_i64(),
+        Some(1),
+        "sessions live in memory: one console pod"
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"].as_sequence().expect("args").iter().map(s).collect();
+    assert_eq!(args, ["console"]);
+    let port_of = |name: &str| {
+        named(container, "ports", name)["containerPort"]
+            .as_i64()
+            .expect("containerPort")
+    };
+
+    // The users file: the Secret's key, at the path the pod mounts it,
+    // holding a real hash in place of the example line.
+    let secret = find(docs, "Secret", "outbox-relay-console");
+    assert!(
+        s(&secret["stringData"]["users"]).contains(":operator:$argon2id$"),
+        "the Secret shows the users file's form"
+    );
+    let mount = named(container, "volumeMounts", "users");
+    let item = named(pod, "volumes", "users");
+    assert_eq!(s(&item["secret"]["secretName"]), "outbox-relay-console");
+    let mounted = format!("{}/{}", s(&mount["mountPath"]), s(&item["secret"]["items"][0]["path"]));
+    let users = scratch_dir("k8s-console").join("users");
+    std::fs::write(&users, format!("alice:operator:{}\n", hash("alice's password"))).expect("users");
+
+    let mut env = container_env(container);
+    assert_eq!(env.get("OUTBOX_RELAY_CONSOLE__USERS_FILE"), Some(&mounted));
+    env.insert("OUTBOX_RELAY_CONSOLE__USERS_FILE".into(), users.display().to_string());
+    env.insert("OUTBOX_RELAY_CONFIG".into(), config_file.display().to_string());
+    let listen = env
+        .get("OUTBOX_RELAY_CONSOLE__LISTEN")
+        .cloned()
+        .expect("console.listen");
+    assert_eq!(listen, format!("0.0.0.0:{}", port_of("console")));
+    assert_eq!(
+        image_env()
+            .iter()
+            .find(|(k, _)| k == "OUTBOX_RELAY_HTTP__LISTEN")
+            .map(|(_, v)| v.clone()),
+        Some(format!("0.0.0.0:{}", port_of("metrics")))
+    );
+    let (port, metrics_port) = (free_port(), free_port());
+    env.insert("OUTBOX_RELAY_CONSOLE__LISTEN".into(), format!("0.0.0.0:{port}"));
+    env.insert("OUTBOX_RELAY_HTTP__LISTEN".into(), format!("0.0.0.0:{metrics_port}"));
+    env.extend(links.iter().cloned());
+    env.insert("HOSTNAME".into(), "outbox-relay-console-5b7d9c-q8w2r".into());
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let mut child = relay_command(&["console"], &env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the console pod");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+            panic!("the console pod exited ({status}): {err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the console never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _child = Kill(child);
+
+    // Its probes.
+    let mut web = Web::new(port);
+    let ready = s(&container["readinessProbe"]["httpGet"]["path"]);
+    assert_eq!(s(&container["readinessProbe"]["httpGet"]["port"]), "console");
+    assert_eq!(web.get(ready).await.status, 200, "readiness {ready}");
+    assert_eq!(s(&container["livenessProbe"]["httpGet"]["port"]), "metrics");
+    let live = s(&container["livenessProbe"]["httpGet"]["path"]);
+    assert_eq!(Web::new(metrics_port).get(live).await.status, 200, "liveness {live}");
+
+    // An operator signs in: the session cookie is Secure.
+    let r = web.sign_in("alice", "alice's password").await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let cookie = r.header("set-cookie").expect("a session cookie").to_string();
+    assert!(cookie.contains("Secure") && cookie.contains("HttpOnly"), "{cookie}");
+
+    // The fleet: the relay's heartbeat, read as outbox_triage; the backlog
+    // from its probe.
+    let mut api = Web::api(port);
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    wait_until(
+        "the console lists the relay and its probe",
+        Duration::from_secs(30),
+        || {
+            let alice = alice.clone();
+            async move {
+                let o = Web::api(port).get_as("/api/v1/overview", &alice).await.json();
+                o["relays_live"] == 1 && o["overview"]["source"]["kind"] == "relay"
+            }
+        },
+    )
+    .await;
+
+    // Actions as outbox_triage: pause and resume a job, requeue the (no)
+    // dead letters.
+    let job = uuid::Uuid::new_v4();
+    for action in ["pause", "resume"] {
+        let r = api
+            .post_json_as(&format!("/api/v1/jobs/{job}/{action}"), &alice, "{}")
+            .await;
+        assert_eq!(r.status, 200, "{action}: {}", r.body);
+        let paused = db
+            .count(&format!(
+                "SELECT count(*) FROM outbox_relay_pause WHERE scope = '{job}'"
+            ))
+            .await;
+        assert_eq!(paused, i64::from(action == "pause"), "after {action}");
+    }
+    let r = api.post_json_as("/api/v1/dead-letters/requeue", &alice, "{}").await;
+    assert_eq!(r.status, 200, "requeue: {}", r.body);
+}
+
 #[test]
 fn the_pod_runs_locked_down_as_the_images_user() {
     let docs = manifests();
@@ -277,7 +459,11 @@ fn the_pod_runs_locked_down_as_the_images_user() {
         .rev()
         .find_map(|l| l.strip_prefix("USER "))
         .expect("USER in the Dockerfile");
-    for (kind, name) in [("Deployment", "outbox-relay"), ("Job", "outbox-relay-migrate")] {
+    for (kind, name) in [
+        ("Deployment", "outbox-relay"),
+        ("Deployment", "outbox-relay-console"),
+        ("Job", "outbox-relay-migrate"),
+    ] {
         let pod = &find(&docs, kind, name)["spec"]["template"]["spec"];
         let sc = &pod["securityContext"];
         assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{kind}: runAsNonRoot");

@@ -200,6 +200,29 @@ impl Web {
         .await
     }
 
+    /// A client of the API, as a script is: no `Origin` header.
+    pub fn api(port: u16) -> Web {
+        let mut web = Web::new(port);
+        web.origin = None;
+        web
+    }
+
+    /// `GET path` with an `Authorization` header.
+    pub async fn get_as(&mut self, path: &str, auth: &str) -> Answer {
+        self.request("GET", path, &[("Authorization", auth)], None).await
+    }
+
+    /// `POST path` with an `Authorization` header and a JSON body.
+    pub async fn post_json_as(&mut self, path: &str, auth: &str, json: &str) -> Answer {
+        self.request(
+            "POST",
+            path,
+            &[("Authorization", auth)],
+            Some(("application/json", json.to_string())),
+        )
+        .await
+    }
+
     /// Sign in through the form, as a browser does; the answer of the POST.
     pub async fn sign_in(&mut self, name: &str, password: &str) -> Answer {
         let page = self.get("/login").await;
