@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// through the drain. Compare drain ÷ floor with a run without it.
     #[arg(long)]
     pub console: bool,
+    /// With `--console`: everything it does except the refreshes during
+    /// the drain (the control arm: the same pages timed first, the same
+    /// relay serving the console, nobody looking), so a pair of runs
+    /// differs only in the once-a-second overview.
+    #[arg(long, requires = "console")]
+    pub console_idle: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -163,6 +163,9 @@ pub(super) fn print_report(r: &BenchReport) {
             p.path, r.rows, p.status, p.ms
         );
     }
+    if r.console_pages.is_some() && r.console_refreshes.is_none() {
+        println!("| console overview during the drain | not fetched (--console-idle: the control arm) |");
+    }
     if let Some(c) = &r.console_refreshes {
         println!(
             "| console overview once a second during the drain | {} fetched, {} failed, p50 {:.1} ms, max {:.1} ms |",

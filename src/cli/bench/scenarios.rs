@@ -175,7 +175,9 @@ pub(super) async fn drain_and_latency(
         &overrides,
         args.relay_log.as_deref(),
     )?];
-    let refresher = console_port.map(super::console::Refresher::start);
+    let refresher = console_port
+        .filter(|_| !args.console_idle)
+        .map(super::console::Refresher::start);
     let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
     let mut marks = Vec::with_capacity(10);
