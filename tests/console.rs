@@ -334,9 +334,23 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
     assert_eq!(me["settings"]["key_prefix"], prefix.0.as_str());
 
     // The overview's backlog is the relay's own probe, carried by its
-    // heartbeat: exact past the console's 10,000 cap.
+    // heartbeat: exact past the console's 10,000 cap. One row is due at
+    // `-infinity` and was created then (Postgres cannot subtract either
+    // from now(): the probe's oldest-due read once failed on it, and with
+    // it every gauge); the 10,501st row, seeded after it, proves a probe
+    // saw it and succeeded.
     cli(&db, &["pause", "--reason", "api test"]);
     seed_for(&db, 10_500, &[job]).await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE task_outbox SET run_at = '-infinity', created_at = '-infinity'
+              WHERE id = (SELECT min(id) FROM task_outbox)",
+            &[],
+        )
+        .await
+        .expect("-infinity");
+    seed_for(&db, 1, &[job]).await;
     wait_until(
         "the overview shows the relay's exact count",
         Duration::from_secs(60),
@@ -345,8 +359,9 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
             async move {
                 let o = Web::api(port).get_as("/api/v1/overview", &bob).await.json();
                 o["overview"]["source"]["kind"] == "relay"
-                    && o["overview"]["due"]["count"] == 10_500
+                    && o["overview"]["due"]["count"] == 10_501
                     && o["overview"]["due"]["more"] == false
+                    && o["overview"]["oldest_due_seconds"].as_f64().is_some_and(f64::is_finite)
             }
         },
     )
@@ -568,8 +583,20 @@ async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("read-only"), "{}", r.body);
+    db.client()
+        .await
+        .execute(
+            "UPDATE task_outbox SET run_at = '-infinity' WHERE id = (SELECT min(id) FROM task_outbox)",
+            &[],
+        )
+        .await
+        .expect("-infinity");
     let overview = alice.get("/api/v1/overview").await.json();
     assert_eq!(overview["overview"]["due"]["count"], 50, "{overview}");
+    assert!(
+        overview["overview"]["oldest_due_seconds"].as_f64().is_some(),
+        "a row due at -infinity breaks no count: {overview}"
+    );
     assert_eq!(overview["overview"]["source"]["kind"], "console", "{overview}");
     // No sweeping: the rows are all still there after the console served
     // twenty more reads (a relay would have taken them within its first

@@ -50,8 +50,9 @@ pub struct OutboxProbe {
     pub backlog: i64,
     /// Age in seconds of the oldest due row by `created_at` (0: none due).
     pub oldest_age: f64,
-    /// Seconds the earliest due row has been due (`now() - min(run_at)`);
-    /// None: none due.
+    /// Seconds the earliest due row has been due (`now() - min(run_at)`,
+    /// over finite `run_at`s: Postgres cannot subtract `-infinity`, and a
+    /// row due then is dead-lettered by the next claim); None: none due.
     pub oldest_due: Option<f64>,
     /// Rows due later (retries in backoff, delayed tasks), not set aside.
     pub delayed: i64,
@@ -95,12 +96,14 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             let row = tx
                 .query_typed_one(
                     "SELECT count(*) FILTER (WHERE run_at <= now()),
-                            COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now())), 0)::float8,
+                            COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()
+                                                                                     AND isfinite(created_at))), 0)::float8,
                             (SELECT count(*) FROM task_outbox_dead),
                             count(*) FILTER (WHERE run_at = 'infinity'),
                             (SELECT count(*) FILTER (WHERE scope = '*') FROM outbox_relay_pause),
                             (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause),
-                            extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8,
+                            extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()
+                                                                            AND run_at > '-infinity'))::float8,
                             count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity')
                        FROM task_outbox",
                     &[],

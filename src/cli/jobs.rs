@@ -135,7 +135,7 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
             .query_typed_one(
                 "SELECT count(*) FILTER (WHERE run_at <= now()),
                     count(*) FILTER (WHERE run_at > now() AND run_at <> 'infinity'),
-                    extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()))::float8,
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now() AND isfinite(created_at)))::float8,
                     count(*) FILTER (WHERE run_at = 'infinity')
                FROM task_outbox",
                 &[],

@@ -175,7 +175,7 @@ pub async fn overview(c: &Client) -> Result<Overview, QueryError> {
                                             WHERE run_at > now() AND run_at < 'infinity' LIMIT $1) s),
                     (SELECT count(*) FROM (SELECT 1 FROM task_outbox WHERE run_at = 'infinity' LIMIT $1) s),
                     (SELECT extract(epoch FROM now() - run_at)::float8 FROM task_outbox
-                      WHERE run_at <= now() ORDER BY run_at, id LIMIT 1),
+                      WHERE run_at > '-infinity' AND run_at <= now() ORDER BY run_at, id LIMIT 1),
                     (SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = 'task_outbox'::regclass),
                     (SELECT count(*) FROM (SELECT 1 FROM task_outbox_dead LIMIT $1) s),
                     (SELECT count(*) FILTER (WHERE scope = '*') > 0 FROM outbox_relay_pause),
