@@ -9,6 +9,10 @@
 
 BUILDAH_MEMFD_ERROR='sealing memfd copy'
 
+_buildah_once() {
+  if declare -F as_root >/dev/null; then as_root buildah "$@"; else buildah "$@"; fi
+}
+
 # buildah_retry ARGS...: `buildah ARGS...` (through the caller's `as_root`
 # when it has one), again when it failed only because the re-exec seal did.
 # Its standard output passes through unchanged.
@@ -17,10 +21,11 @@ buildah_retry() {
   err=$(mktemp)
   for attempt in 1 2 3; do
     rc=0
-    # stderr is shown as it comes (a relay's log lines) and kept to look at.
-    if declare -F as_root >/dev/null; then as_root buildah "$@" 2> >(tee "$err" >&2) || rc=$?
-    else buildah "$@" 2> >(tee "$err" >&2) || rc=$?; fi
-    wait $! 2>/dev/null || true
+    # stderr is shown as it comes (a relay's log lines) and kept to look
+    # at; stdout passes through on fd 3. A plain pipeline, so it has ended
+    # when its status is read (a process substitution's `$!` is not set
+    # when the command is a function such as as_root).
+    { _buildah_once "$@" 2>&1 1>&3 3>&- | tee "$err" >&2; rc=${PIPESTATUS[0]}; } 3>&1 || true
     if [ "$rc" -eq 0 ] || ! grep -q "$BUILDAH_MEMFD_ERROR" "$err" || [ "$attempt" -eq 3 ]; then
       rm -f "$err"
       return "$rc"
