@@ -83,8 +83,9 @@ impl Drop for Driver {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for p in self.profiles.lock().map(|p| p.clone()).unwrap_or_default() {
+            // `--` first: the pattern itself starts with dashes.
             let _ = Command::new("pkill")
-                .arg("-f")
+                .args(["-f", "--"])
                 .arg(format!("--user-data-dir={}", p.display()))
                 .status();
         }

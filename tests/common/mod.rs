@@ -619,11 +619,12 @@ impl RedisSentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
                  sentinel monitor {m} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {m} 1000\n\
                  sentinel failover-timeout {m} 10000\n",
                 dir.display(),
+                dir.join("sentinel.log").display(),
                 m = Self::MASTER
             ) + &sentinel.map(|p| format!("requirepass {p}\n")).unwrap_or_default()
                 + extra,
@@ -661,6 +662,15 @@ impl RedisSentinel {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
             None => format!("redis://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// The last `lines` lines of this sentinel's log (what it decided and
+    /// when: +sdown, +switch-master, +convert-to-slave, +tilt), for a
+    /// failing test to print.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join("sentinel.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// The master's port as this sentinel names it now.
