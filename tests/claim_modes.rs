@@ -231,14 +231,7 @@ async fn a_row_due_at_minus_infinity_is_dead_lettered_with_its_reason() {
     let prefix = key_prefix();
     let redis_url = shared_redis_url();
     seed(&db, 50, 2).await;
-    db.client()
-        .await
-        .execute(
-            "UPDATE task_outbox SET run_at = '-infinity' WHERE id = (SELECT min(id) FROM task_outbox)",
-            &[],
-        )
-        .await
-        .expect("-infinity");
+    db.set_first_row("run_at = '-infinity'").await;
     let mut relay = RelayProcess::spawn(&relay_env(&db, &redis_url, &prefix, &[]));
     relay.wait_started().await;
     wait_drained(&db, Duration::from_secs(30)).await;

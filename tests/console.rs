@@ -341,15 +341,7 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
     // saw it and succeeded.
     cli(&db, &["pause", "--reason", "api test"]);
     seed_for(&db, 10_500, &[job]).await;
-    db.client()
-        .await
-        .execute(
-            "UPDATE task_outbox SET run_at = '-infinity', created_at = '-infinity'
-              WHERE id = (SELECT min(id) FROM task_outbox)",
-            &[],
-        )
-        .await
-        .expect("-infinity");
+    db.set_first_row("run_at = '-infinity', created_at = '-infinity'").await;
     seed_for(&db, 1, &[job]).await;
     wait_until(
         "the overview shows the relay's exact count",
@@ -583,14 +575,7 @@ async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("read-only"), "{}", r.body);
-    db.client()
-        .await
-        .execute(
-            "UPDATE task_outbox SET run_at = '-infinity' WHERE id = (SELECT min(id) FROM task_outbox)",
-            &[],
-        )
-        .await
-        .expect("-infinity");
+    db.set_first_row("run_at = '-infinity'").await;
     let overview = alice.get("/api/v1/overview").await.json();
     assert_eq!(overview["overview"]["due"]["count"], 50, "{overview}");
     assert!(

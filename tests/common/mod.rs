@@ -248,6 +248,13 @@ impl TestDb {
     pub async fn count(&self, sql: &str) -> i64 {
         self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
     }
+
+    /// Give the outbox's first row (lowest id) these `SET` assignments, e.g.
+    /// `run_at = '-infinity'`.
+    pub async fn set_first_row(&self, assignments: &str) {
+        let sql = format!("UPDATE task_outbox SET {assignments} WHERE id = (SELECT min(id) FROM task_outbox)");
+        self.client().await.execute(&sql, &[]).await.expect(&sql);
+    }
 }
 
 impl Drop for TestDb {
