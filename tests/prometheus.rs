@@ -27,12 +27,22 @@ impl Prometheus {
     /// Start a Prometheus scraping `target` every second, with the shipped
     /// rules evaluated every second.
     fn start(target: &str) -> Prometheus {
+        Prometheus::start_all(&[target.to_string()])
+    }
+
+    /// The same, scraping every one of `targets`.
+    fn start_all(targets: &[String]) -> Prometheus {
+        let targets = targets
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let dir = scratch_dir("prometheus");
         let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/outbox-relay.rules.yml");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              rule_files: [\"{rules}\"]\n\
-             scrape_configs:\n  - job_name: outbox-relay\n    static_configs: [{{ targets: [\"{target}\"] }}]\n"
+             scrape_configs:\n  - job_name: outbox-relay\n    static_configs: [{{ targets: [{targets}] }}]\n"
         );
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config).expect("write prometheus.yml");
@@ -82,6 +92,137 @@ impl Prometheus {
 
     async fn value(&self, query: &str) -> Option<f64> {
         self.query(query).await.first().map(|(_, v)| *v)
+    }
+
+    /// The query API's whole answer for `query` (its `status`, and `error`
+    /// when Prometheus refused it).
+    async fn answer(&self, query: &str) -> serde_json::Value {
+        let q: String = url::form_urlencoded::byte_serialize(query.as_bytes()).collect();
+        self.get(&format!("/api/v1/query?query={q}"))
+            .await
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The shipped Deployment's `replicas`.
+fn shipped_replicas() -> usize {
+    let manifest = include_str!("../deploy/kubernetes/deployment.yaml");
+    manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("replicas:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("deploy/kubernetes/deployment.yaml sets replicas")
+}
+
+/// Every query of the shipped dashboard, by panel title, with Grafana's
+/// variables filled in for one `app` and `environment`.
+fn dashboard_queries(app: &str, environment: &str) -> Vec<(String, String)> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../dashboards/outbox-relay.json")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or("").to_string();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                let expr = expr
+                    .replace("$app", app)
+                    .replace("$environment", environment)
+                    .replace("$__rate_interval", "1m");
+                out.push((title.clone(), expr));
+            }
+        }
+    }
+    out
+}
+
+/// The shipped dashboard against the shipped replica count: every relay of
+/// a Deployment probes the same outbox table, so a panel that added their
+/// gauges showed the backlog once per replica (the Backlog panels summed
+/// them: 2 × the real backlog with the shipped `replicas: 2`). Every
+/// panel's query must evaluate, and the panels that read the table must
+/// show it once.
+#[tokio::test]
+async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
+    let replicas = shipped_replicas();
+    assert!(replicas >= 2, "the test is about more than one relay");
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let app = format!("dash{}", uuid::Uuid::new_v4().simple());
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1"),
+            ("OUTBOX_RELAY_METRICS__APP", &app),
+            ("OUTBOX_RELAY_METRICS__ENVIRONMENT", "ci"),
+        ],
+    );
+    let mut relays = Vec::new();
+    for _ in 0..replicas {
+        let mut relay = RelayProcess::spawn(&env);
+        relay.wait_started().await;
+        relays.push(relay);
+    }
+
+    // 40 dead letters (a string-keyed schedule, max_attempts 1), then 1,500
+    // rows due while delivery is paused: figures that stay put.
+    let poisoned = uuid::Uuid::new_v4();
+    let mut conn = redis_conn(&redis_url).await;
+    let _: () = redis::AsyncCommands::set(&mut conn, format!("{}sched:{poisoned}", &*prefix), "x")
+        .await
+        .expect("SET");
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             SELECT gen_random_uuid(), $1::uuid, i, 'h', '/p/' || i, 1, 's', now() FROM generate_series(1, 40) i",
+            &[&poisoned],
+        )
+        .await
+        .expect("poisoned rows");
+    wait_drained(&db, Duration::from_secs(60)).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 40);
+    common::web::cli(&db, &["pause", "--reason", "dashboard test"]);
+    seed(&db, 1_500, 5).await;
+
+    let targets: Vec<String> = relays.iter().map(|r| format!("127.0.0.1:{}", r.http_port)).collect();
+    let prom = Prometheus::start_all(&targets);
+    let every_relay = format!(
+        "count(outbox_relay_backlog_rows{{app=\"{app}\"}} == 1500 and on (instance) outbox_relay_dead_letter_rows == 40)"
+    );
+    wait_until(
+        "Prometheus holds every relay's probe of the paused backlog",
+        Duration::from_secs(90),
+        || async { prom.value(&every_relay).await == Some(replicas as f64) },
+    )
+    .await;
+
+    let queries = dashboard_queries(&app, "ci");
+    assert!(queries.len() > 20, "{queries:?}");
+    for (title, expr) in &queries {
+        let answer = prom.answer(expr).await;
+        assert_eq!(answer["status"], "success", "panel {title:?}: {expr}: {answer}");
+    }
+    let panel = |title: &str| {
+        queries
+            .iter()
+            .find(|(t, _)| t == title)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_else(|| panic!("no panel {title:?} in the dashboard"))
+    };
+    for (title, want) in [("Backlog (due rows)", 1_500.0), ("Dead letters", 40.0)] {
+        let got = prom.value(&panel(title)).await;
+        assert_eq!(
+            got,
+            Some(want),
+            "panel {title:?} with {replicas} relays: {}",
+            panel(title)
+        );
+    }
+    for relay in relays {
+        relay.stop().await;
     }
 }
 
@@ -190,6 +331,7 @@ async fn a_real_prometheus_scrapes_the_relay_and_evaluates_the_rules() {
         "OutboxRelayRedisDown",
         "OutboxRelayRowsSetAside",
         "OutboxRelayRestartStorm",
+        "OutboxRelayBacklogUncounted",
     ];
     for r in all.iter().filter(|r| quiet.iter().any(|q| r["name"] == *q)) {
         assert_eq!(r["state"], "inactive", "{r}");
