@@ -11,6 +11,14 @@
 //! probe is logged and leaves a gap in its gauge (no fake 0). Probing a
 //! dependency that is down is the probe's finding, not the actor's failure:
 //! only a panic fails this actor.
+//!
+//! The outbox probe counts by walking the whole table (about 1 s of a
+//! server core for 5,000,000 rows), so it keeps to a duty cycle: after a
+//! probe that took `d`, the next waits [`probe_spacing`] (at least 20 `d`,
+//! at most a minute). A count that Postgres cuts off at its statement
+//! timeout (a lock on the table, or more rows than it can count in the
+//! round) leaves the gauges empty with a warning that says so, but keeps
+//! `postgres_up` at 1: the server answered.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,8 +47,40 @@ pub struct Probe {
 /// What one probe round found; an `Err` is a probe that failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeReport {
-    pub outbox: Result<OutboxProbe, String>,
+    /// None: the outbox probe rested this round ([`probe_spacing`]).
+    pub outbox: Option<Result<OutboxProbe, OutboxProbeError>>,
+    /// How long the outbox probe took, checkout to COMMIT (or to its
+    /// failure).
+    pub outbox_took: Duration,
     pub redis_ping: Result<Duration, String>,
+}
+
+/// Why the outbox probe has no figures.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OutboxProbeError {
+    /// Postgres answered, but cancelled the count at the probe's statement
+    /// timeout: a lock on `task_outbox` (an `ALTER TABLE` waiting, a
+    /// `LOCK TABLE`), or more rows than it can count in the round.
+    #[error("postgres cancelled the outbox count at its statement timeout ({0}): a lock on task_outbox, or more rows than it can count in one probe round")]
+    CutOff(String),
+    /// No answer, or an error: Postgres is down, frozen, or takes no writes.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How much of the time the outbox probe may keep a server core busy.
+const PROBE_DUTY_FACTOR: u32 = 20;
+/// The longest wait between two outbox probes, however long the last took.
+const PROBE_SPACING_MAX: Duration = Duration::from_secs(60);
+
+/// How long after a probe that took `took` the next may start: at least
+/// `interval`, at least `took` × [`PROBE_DUTY_FACTOR`] (so the count keeps
+/// a server core busy at most 1/20 of the time, per relay), at most
+/// [`PROBE_SPACING_MAX`] (or `interval`, when that is longer).
+pub fn probe_spacing(took: Duration, interval: Duration) -> Duration {
+    took.saturating_mul(PROBE_DUTY_FACTOR)
+        .min(PROBE_SPACING_MAX)
+        .max(interval)
 }
 
 /// What the outbox probe read.
@@ -79,18 +119,37 @@ fn probe_json(p: &OutboxProbe, age: Duration) -> serde_json::Value {
     })
 }
 
-/// Probe Postgres and Redis concurrently, each bounded by `deadline`.
-pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
+/// Probe Postgres (when `count_outbox`) and Redis concurrently, each
+/// bounded by `deadline`.
+pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline, count_outbox: bool) -> ProbeReport {
     // Every step under the deadline, BEGIN and COMMIT too: a frozen server
     // (SIGSTOP, a paused VM, a black-holed network) answers nothing, and a
     // probe that waited for it would hold this actor's mailbox for good.
     let outbox = async {
-        let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
+        if !count_outbox {
+            return (None, Duration::ZERO);
+        }
+        let started = tokio::time::Instant::now();
+        let result = async {
+        let mut conn = pg
+            .checkout(deadline)
+            .await
+            .map_err(|e| OutboxProbeError::Failed(e.to_string()))?;
         let cancel = conn.cancel_token();
-        let q = |e: tokio_postgres::Error| pg_error_text(&e);
+        let q = |e: tokio_postgres::Error| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+                OutboxProbeError::CutOff(pg_error_text(&e))
+            } else {
+                OutboxProbeError::Failed(pg_error_text(&e))
+            }
+        };
         let read = async {
             let tx = conn.transaction().await.map_err(q)?;
-            tx.batch_execute(&format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout()))
+            // Four fifths of the time left, so a server that answers
+            // cancels the count itself (CutOff) before the round's own
+            // deadline gives up on it (Failed: no answer at all).
+            let statement_ms = (deadline.remaining().as_millis() * 4 / 5).max(1);
+            tx.batch_execute(&format!("SET LOCAL statement_timeout = '{statement_ms}ms'"))
                 .await
                 .map_err(q)?;
             let row = tx
@@ -111,19 +170,20 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
                 .await
                 .map_err(q)?;
             tx.commit().await.map_err(q)?;
-            Ok::<_, String>(row)
+            Ok::<_, OutboxProbeError>(row)
         };
         let row = match deadline.run("postgres backlog probe", read).await {
             Ok(r) => r?,
             Err(expired) => {
                 pg.cancel(cancel).await;
                 conn.discard();
-                return Err(expired.to_string());
+                return Err(OutboxProbeError::Failed(expired.to_string()));
             }
         };
-        let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(|e| e.to_string());
-        let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(|e| e.to_string())?;
-        Ok::<_, String>(OutboxProbe {
+        let failed = |e: crate::db::ColumnError| OutboxProbeError::Failed(e.to_string());
+        let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(failed);
+        let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(failed)?;
+        Ok::<_, OutboxProbeError>(OutboxProbe {
             backlog: col(0)?.unwrap_or(0),
             oldest_age: age.unwrap_or(0.0).max(0.0),
             dead_letters: col(2)?.unwrap_or(0),
@@ -131,10 +191,13 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             paused_all: col(4)?.unwrap_or(0) > 0,
             paused_jobs: col(5)?.unwrap_or(0),
             oldest_due: column::<Option<f64>>(&row, "task_outbox", 6)
-                .map_err(|e| e.to_string())?
+                .map_err(failed)?
                 .map(|s| s.max(0.0)),
             delayed: col(7)?.unwrap_or(0),
         })
+        }
+        .await;
+        (Some(result), started.elapsed())
     };
     let ping = async {
         let started = tokio::time::Instant::now();
@@ -149,8 +212,12 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline) -> ProbeReport {
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(started.elapsed())
     };
-    let (outbox, redis_ping) = tokio::join!(outbox, ping);
-    ProbeReport { outbox, redis_ping }
+    let ((outbox, outbox_took), redis_ping) = tokio::join!(outbox, ping);
+    ProbeReport {
+        outbox,
+        outbox_took,
+        redis_ping,
+    }
 }
 
 /// Write this relay's heartbeat (`db::fleet`) before `deadline`.
@@ -195,6 +262,9 @@ pub struct MetricsActor {
     /// carries it, so the console reads the backlog from here instead of
     /// walking the claim index itself (None after a failed probe).
     last_probe: Option<(OutboxProbe, Instant)>,
+    /// No outbox probe before this ([`probe_spacing`]); None: the next
+    /// round probes.
+    probe_rest_until: Option<Instant>,
 }
 
 impl MetricsActor {
@@ -217,6 +287,7 @@ impl MetricsActor {
             sent: Totals::default(),
             beat_failing: false,
             last_probe: None,
+            probe_rest_until: None,
         }
     }
 
@@ -285,8 +356,31 @@ impl MetricsActor {
 
     fn apply(&mut self, report: ProbeReport) {
         let m = &self.metrics;
+        let took = report.outbox_took;
+        let result = match &report.outbox {
+            None => None,
+            Some(Ok(_)) => Some("ok"),
+            Some(Err(OutboxProbeError::CutOff(_))) => Some("cut_off"),
+            Some(Err(OutboxProbeError::Failed(_))) => Some("failed"),
+        };
+        if let Some(result) = result {
+            m.outbox_probe_duration
+                .with_label_values(&[result])
+                .observe(took.as_secs_f64());
+        }
+        // A count the server finished or cut off cost it `took`: rest in
+        // proportion. A probe that got no answer costs the server nothing,
+        // and the next round must see it come back.
+        if matches!(&report.outbox, Some(Ok(_) | Err(OutboxProbeError::CutOff(_)))) {
+            let interval = self.settings.probe_interval;
+            let spacing = probe_spacing(took, interval);
+            self.probe_rest_until = (spacing > interval).then(|| Instant::now() + spacing - took);
+        } else if report.outbox.is_some() {
+            self.probe_rest_until = None;
+        }
         match report.outbox {
-            Ok(p) => {
+            None => {}
+            Some(Ok(p)) => {
                 self.last_probe = Some((p, Instant::now()));
                 m.postgres_up.set(1);
                 m.backlog_rows.set(p.backlog as f64);
@@ -296,14 +390,19 @@ impl MetricsActor {
                 m.paused.set(i64::from(p.paused_all));
                 m.paused_jobs.set(p.paused_jobs);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 self.last_probe = None;
-                m.postgres_up.set(0);
+                // A count cut off by the server's own statement timeout is
+                // an answer: the server is up (a lock, or a table too big
+                // to count in the round), and the alerts must not call it
+                // down.
+                m.postgres_up.set(i64::from(matches!(e, OutboxProbeError::CutOff(_))));
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();
                 m.dead_letter_rows.clear();
                 m.set_aside_rows.clear();
-                warn!(self.core.log, "outbox probe failed; its gauges are left empty"; "error" => e);
+                warn!(self.core.log, "outbox probe failed; its gauges are left empty";
+                      "error" => e.to_string(), "took_ms" => took.as_millis() as u64);
             }
         }
         match report.redis_ping {
@@ -368,7 +467,14 @@ impl Handler<Probe> for MetricsActor {
                 return;
             }
             let Some((pg, redis)) = act.pools.clone() else { return };
-            let round = async move { probe(&pg, &redis, msg.deadline).await };
+            // A round in the outbox probe's rest pings Redis only; the
+            // timer ticks every interval, so a rest that ends within a
+            // quarter of one counts as over.
+            let quarter = act.settings.probe_interval / 4;
+            let count_outbox = act
+                .probe_rest_until
+                .is_none_or(|until| Instant::now() + quarter >= until);
+            let round = async move { probe(&pg, &redis, msg.deadline, count_outbox).await };
             run_contained(act, ctx, "probe", Mode::Wait, round, |act, report, _| {
                 // In the callback, not the handler: proves callbacks are covered.
                 fault_point("metrics.probe");
@@ -432,5 +538,44 @@ impl Handler<Heartbeat> for MetricsActor {
                 },
             );
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quick_probe_keeps_the_interval() {
+        let interval = Duration::from_secs(5);
+        assert_eq!(probe_spacing(Duration::ZERO, interval), interval);
+        assert_eq!(probe_spacing(Duration::from_millis(40), interval), interval);
+        // 250 ms × 20 is the interval itself.
+        assert_eq!(probe_spacing(Duration::from_millis(250), interval), interval);
+    }
+
+    #[test]
+    fn a_slow_probe_waits_twenty_times_as_long_up_to_a_minute() {
+        let interval = Duration::from_secs(5);
+        assert_eq!(probe_spacing(Duration::from_secs(1), interval), Duration::from_secs(20));
+        assert_eq!(
+            probe_spacing(Duration::from_millis(2500), interval),
+            Duration::from_secs(50)
+        );
+        assert_eq!(probe_spacing(Duration::from_secs(4), interval), PROBE_SPACING_MAX);
+        assert_eq!(probe_spacing(Duration::MAX, interval), PROBE_SPACING_MAX);
+        // A configured interval longer than the cap is kept.
+        let hourly = Duration::from_secs(3600);
+        assert_eq!(probe_spacing(Duration::from_secs(4), hourly), hourly);
+    }
+
+    #[test]
+    fn a_cut_off_count_is_told_apart_from_a_failure() {
+        let cut = OutboxProbeError::CutOff("canceling statement due to statement timeout".into()).to_string();
+        assert!(cut.contains("a lock on task_outbox"), "{cut}");
+        assert_eq!(
+            OutboxProbeError::Failed("connection refused".into()).to_string(),
+            "connection refused"
+        );
     }
 }

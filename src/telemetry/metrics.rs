@@ -84,6 +84,8 @@ pub struct Metrics {
     pub sweep_ticks: IntCounterVec,
     pub sweep_duration: Histogram,
     pub claim_duration: HistogramVec,
+    /// Time the outbox probe took, by result (ok, cut_off, failed).
+    pub outbox_probe_duration: HistogramVec,
     pub delivery_lag: HistogramVec,
     pub backlog_rows: ProbeGauge,
     pub oldest_age_seconds: ProbeGauge,
@@ -195,6 +197,18 @@ impl Metrics {
                     )
                     .buckets(CLAIM_BUCKETS.to_vec()),
                     &["lane", "found"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
+            outbox_probe_duration: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "outbox_relay_outbox_probe_duration_seconds",
+                        "Time the outbox probe took (it counts task_outbox by walking the table), by result: ok, cut_off (Postgres cancelled the count at its statement timeout: a lock on the table, or more rows than it counts in a round), failed (no answer, or an error). After a probe that took d the next waits at least 20 d (at most 60 s), so rate(_sum) stays under 0.05 per relay.",
+                    )
+                    .buckets(CLAIM_BUCKETS.to_vec()),
+                    &["result"],
                 )?;
                 registry.register(Box::new(h.clone()))?;
                 h
