@@ -71,7 +71,7 @@ pub enum OutboxProbeError {
 /// How much of the time the outbox probe may keep a server core busy.
 const PROBE_DUTY_FACTOR: u32 = 20;
 /// The longest wait between two outbox probes, however long the last took.
-const PROBE_SPACING_MAX: Duration = Duration::from_secs(60);
+pub const PROBE_SPACING_MAX: Duration = Duration::from_secs(60);
 
 /// How long after a probe that took `took` the next may start: at least
 /// `interval`, at least `took` × [`PROBE_DUTY_FACTOR`] (so the count keeps

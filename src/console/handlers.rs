@@ -467,7 +467,11 @@ async fn load_overview(st: &Console) -> Result<OverviewData, ConsoleError> {
     let (overview, fleet) = st
         .read(async |c| {
             let fleet = data::fleet(c, stale_after).await?;
-            let overview = match data::overview_from_fleet(c, &fleet, stale_after).await? {
+            // A relay's probe of a big outbox rests up to a minute between
+            // counts (`probe_spacing`): still the freshest exact figures,
+            // and the page names their age.
+            let probe_max_age = stale_after + crate::actors::metrics::PROBE_SPACING_MAX;
+            let overview = match data::overview_from_fleet(c, &fleet, probe_max_age).await? {
                 Some(o) => o,
                 None => data::overview(c).await?,
             };
