@@ -104,6 +104,26 @@ impl Prometheus {
     }
 }
 
+/// `rows` due rows of a new job whose schedule key holds a string: Redis
+/// refuses them (WRONGTYPE), so with `max_attempts = 1` each is
+/// dead-lettered at its first attempt.
+async fn poisoned_rows(db: &TestDb, redis_url: &str, prefix: &str, rows: i64) {
+    let poisoned = uuid::Uuid::new_v4();
+    let mut conn = redis_conn(redis_url).await;
+    let _: () = redis::AsyncCommands::set(&mut conn, format!("{prefix}sched:{poisoned}"), "x")
+        .await
+        .expect("SET");
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+             SELECT gen_random_uuid(), $1::uuid, i, 'h', '/p/' || i, 1, 's', now() FROM generate_series(1, $2::int8) i",
+            &[&poisoned, &rows],
+        )
+        .await
+        .expect("poisoned rows");
+}
+
 /// The shipped Deployment's `replicas`.
 fn shipped_replicas() -> usize {
     let manifest = include_str!("../deploy/kubernetes/deployment.yaml");
@@ -168,20 +188,7 @@ async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
 
     // 40 dead letters (a string-keyed schedule, max_attempts 1), then 1,500
     // rows due while delivery is paused: figures that stay put.
-    let poisoned = uuid::Uuid::new_v4();
-    let mut conn = redis_conn(&redis_url).await;
-    let _: () = redis::AsyncCommands::set(&mut conn, format!("{}sched:{poisoned}", &*prefix), "x")
-        .await
-        .expect("SET");
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-             SELECT gen_random_uuid(), $1::uuid, i, 'h', '/p/' || i, 1, 's', now() FROM generate_series(1, 40) i",
-            &[&poisoned],
-        )
-        .await
-        .expect("poisoned rows");
+    poisoned_rows(&db, &redis_url, &prefix, 40).await;
     wait_drained(&db, Duration::from_secs(60)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 40);
     common::web::cli(&db, &["pause", "--reason", "dashboard test"]);
@@ -259,23 +266,10 @@ async fn a_real_prometheus_scrapes_the_relay_and_evaluates_the_rules() {
     )
     .await;
 
-    // One job's key holds a string: its rows are refused (WRONGTYPE) and,
-    // with max_attempts 1, dead-lettered at once.
-    let poisoned = uuid::Uuid::new_v4();
-    let mut conn = redis_conn(&redis_url).await;
-    let _: () = redis::AsyncCommands::set(&mut conn, format!("{}sched:{poisoned}", &*prefix), "x")
-        .await
-        .expect("SET");
+    // 2,000 good rows, and 100 of a job whose key holds a string: refused
+    // (WRONGTYPE) and, with max_attempts 1, dead-lettered at once.
     seed(&db, 2_000, 5).await;
-    db.client()
-        .await
-        .execute(
-            "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
-             SELECT gen_random_uuid(), $1::uuid, i, 'h', '/p/' || i, 1, 's', now() FROM generate_series(1, 100) i",
-            &[&poisoned],
-        )
-        .await
-        .expect("poisoned rows");
+    poisoned_rows(&db, &redis_url, &prefix, 100).await;
     wait_drained(&db, Duration::from_secs(60)).await;
     let dead = db.count("SELECT count(*) FROM task_outbox_dead").await;
     assert_eq!(dead, 100, "the string-keyed job's rows were dead-lettered");
