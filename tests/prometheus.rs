@@ -162,7 +162,7 @@ fn dashboard_queries(app: &str, environment: &str) -> Vec<(String, String)> {
 /// panel's query must evaluate, and the panels that read the table must
 /// show it once.
 #[tokio::test]
-async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
+async fn the_dashboard_and_the_alerts_show_the_outbox_once_under_the_shipped_replicas() {
     let replicas = shipped_replicas();
     assert!(replicas >= 2, "the test is about more than one relay");
     let db = TestDb::new().await;
@@ -187,17 +187,19 @@ async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
     }
 
     // 40 dead letters (a string-keyed schedule, max_attempts 1), then 1,500
-    // rows due while delivery is paused: figures that stay put.
+    // rows due while delivery is paused, one of them set aside: figures
+    // that stay put.
     poisoned_rows(&db, &redis_url, &prefix, 40).await;
     wait_drained(&db, Duration::from_secs(60)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 40);
     common::web::cli(&db, &["pause", "--reason", "dashboard test"]);
     seed(&db, 1_500, 5).await;
+    db.set_first_row("run_at = 'infinity'").await;
 
     let targets: Vec<String> = relays.iter().map(|r| format!("127.0.0.1:{}", r.http_port)).collect();
     let prom = Prometheus::start_all(&targets);
     let every_relay = format!(
-        "count(outbox_relay_backlog_rows{{app=\"{app}\"}} == 1500 and on (instance) outbox_relay_dead_letter_rows == 40)"
+        "count(outbox_relay_backlog_rows{{app=\"{app}\"}} == 1499 and on (instance) outbox_relay_dead_letter_rows == 40)"
     );
     wait_until(
         "Prometheus holds every relay's probe of the paused backlog",
@@ -219,7 +221,11 @@ async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
             .map(|(_, e)| e.clone())
             .unwrap_or_else(|| panic!("no panel {title:?} in the dashboard"))
     };
-    for (title, want) in [("Backlog (due rows)", 1_500.0), ("Dead letters", 40.0)] {
+    for (title, want) in [
+        ("Backlog (due rows)", 1_499.0),
+        ("Dead letters", 40.0),
+        ("Rows set aside", 1.0),
+    ] {
         let got = prom.value(&panel(title)).await;
         assert_eq!(
             got,
@@ -228,6 +234,20 @@ async fn the_dashboard_shows_the_outbox_once_under_the_shipped_replicas() {
             panel(title)
         );
     }
+
+    // The shipped rules on what is in the table fire once per outbox, not
+    // once per replica (before: one OutboxRelayRowsSetAside per relay).
+    let firing = format!("ALERTS{{alertname=\"OutboxRelayRowsSetAside\",alertstate=\"firing\",app=\"{app}\"}}");
+    wait_until("OutboxRelayRowsSetAside fires", Duration::from_secs(60), || async {
+        !prom.query(&firing).await.is_empty()
+    })
+    .await;
+    // Prometheus held every relay's set-aside row before the rule's first
+    // evaluation that fired: a rule per replica fires for each in that
+    // same evaluation.
+    let alerts = prom.query(&firing).await;
+    assert_eq!(alerts.len(), 1, "one alert for one outbox: {alerts:?}");
+    assert!(alerts[0].0.get("instance").is_none(), "{alerts:?}");
     for relay in relays {
         relay.stop().await;
     }
