@@ -35,7 +35,7 @@ use crate::deadline::Deadline;
 use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
 use crate::telemetry::health::ActorHealth;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, PROBE_SPACING_MAX};
 
 /// Run the probes before `deadline`.
 #[derive(Message, Debug, Clone, Copy)]
@@ -70,8 +70,6 @@ pub enum OutboxProbeError {
 
 /// How much of the time the outbox probe may keep a server core busy.
 const PROBE_DUTY_FACTOR: u32 = 20;
-/// The longest wait between two outbox probes, however long the last took.
-pub const PROBE_SPACING_MAX: Duration = Duration::from_secs(60);
 
 /// How long after a probe that took `took` the next may start: at least
 /// `interval`, at least `took` × [`PROBE_DUTY_FACTOR`] (so the count keeps

@@ -470,7 +470,7 @@ async fn load_overview(st: &Console) -> Result<OverviewData, ConsoleError> {
             // A relay's probe of a big outbox rests up to a minute between
             // counts (`probe_spacing`): still the freshest exact figures,
             // and the page names their age.
-            let probe_max_age = stale_after + crate::actors::metrics::PROBE_SPACING_MAX;
+            let probe_max_age = stale_after + crate::telemetry::metrics::PROBE_SPACING_MAX;
             let overview = match data::overview_from_fleet(c, &fleet, probe_max_age).await? {
                 Some(o) => o,
                 None => data::overview(c).await?,

@@ -27,6 +27,11 @@ pub const LAG_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// The longest wait between two outbox probes, however long the last took
+/// (`actors::metrics::probe_spacing`); the console accepts a relay's probe
+/// this much older than its heartbeat limit.
+pub const PROBE_SPACING_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Claim durations, 100 µs to 10 s: a healthy claim takes under a millisecond.
 pub const CLAIM_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
