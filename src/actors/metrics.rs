@@ -117,84 +117,86 @@ fn probe_json(p: &OutboxProbe, age: Duration) -> serde_json::Value {
     })
 }
 
-/// Probe Postgres (when `count_outbox`) and Redis concurrently, each
-/// bounded by `deadline`.
-pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline, count_outbox: bool) -> ProbeReport {
+/// The outbox probe's count: one transaction under `deadline`.
+async fn outbox_counts(pg: &Pg, deadline: Deadline) -> Result<OutboxProbe, OutboxProbeError> {
     // Every step under the deadline, BEGIN and COMMIT too: a frozen server
     // (SIGSTOP, a paused VM, a black-holed network) answers nothing, and a
     // probe that waited for it would hold this actor's mailbox for good.
+    let mut conn = pg
+        .checkout(deadline)
+        .await
+        .map_err(|e| OutboxProbeError::Failed(e.to_string()))?;
+    let cancel = conn.cancel_token();
+    let q = |e: tokio_postgres::Error| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+            OutboxProbeError::CutOff(pg_error_text(&e))
+        } else {
+            OutboxProbeError::Failed(pg_error_text(&e))
+        }
+    };
+    let read = async {
+        let tx = conn.transaction().await.map_err(q)?;
+        // Four fifths of the time left, so a server that answers
+        // cancels the count itself (CutOff) before the round's own
+        // deadline gives up on it (Failed: no answer at all).
+        let statement_ms = (deadline.remaining().as_millis() * 4 / 5).max(1);
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = '{statement_ms}ms'"))
+            .await
+            .map_err(q)?;
+        let row = tx
+            .query_typed_one(
+                "SELECT count(*) FILTER (WHERE run_at <= now()),
+                        COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()
+                                                                                 AND isfinite(created_at))), 0)::float8,
+                        (SELECT count(*) FROM task_outbox_dead),
+                        count(*) FILTER (WHERE run_at = 'infinity'),
+                        (SELECT count(*) FILTER (WHERE scope = '*') FROM outbox_relay_pause),
+                        (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause),
+                        extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()
+                                                                        AND run_at > '-infinity'))::float8,
+                        count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity')
+                   FROM task_outbox",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        Ok::<_, OutboxProbeError>(row)
+    };
+    let row = match deadline.run("postgres backlog probe", read).await {
+        Ok(r) => r?,
+        Err(expired) => {
+            pg.cancel(cancel).await;
+            conn.discard();
+            return Err(OutboxProbeError::Failed(expired.to_string()));
+        }
+    };
+    let failed = |e: crate::db::ColumnError| OutboxProbeError::Failed(e.to_string());
+    let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(failed);
+    let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(failed)?;
+    Ok::<_, OutboxProbeError>(OutboxProbe {
+        backlog: col(0)?.unwrap_or(0),
+        oldest_age: age.unwrap_or(0.0).max(0.0),
+        dead_letters: col(2)?.unwrap_or(0),
+        set_aside: col(3)?.unwrap_or(0),
+        paused_all: col(4)?.unwrap_or(0) > 0,
+        paused_jobs: col(5)?.unwrap_or(0),
+        oldest_due: column::<Option<f64>>(&row, "task_outbox", 6)
+            .map_err(failed)?
+            .map(|s| s.max(0.0)),
+        delayed: col(7)?.unwrap_or(0),
+    })
+}
+
+/// Probe Postgres (when `count_outbox`) and Redis concurrently, each
+/// bounded by `deadline`.
+pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline, count_outbox: bool) -> ProbeReport {
     let outbox = async {
         if !count_outbox {
             return (None, Duration::ZERO);
         }
         let started = tokio::time::Instant::now();
-        let result = async {
-        let mut conn = pg
-            .checkout(deadline)
-            .await
-            .map_err(|e| OutboxProbeError::Failed(e.to_string()))?;
-        let cancel = conn.cancel_token();
-        let q = |e: tokio_postgres::Error| {
-            if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
-                OutboxProbeError::CutOff(pg_error_text(&e))
-            } else {
-                OutboxProbeError::Failed(pg_error_text(&e))
-            }
-        };
-        let read = async {
-            let tx = conn.transaction().await.map_err(q)?;
-            // Four fifths of the time left, so a server that answers
-            // cancels the count itself (CutOff) before the round's own
-            // deadline gives up on it (Failed: no answer at all).
-            let statement_ms = (deadline.remaining().as_millis() * 4 / 5).max(1);
-            tx.batch_execute(&format!("SET LOCAL statement_timeout = '{statement_ms}ms'"))
-                .await
-                .map_err(q)?;
-            let row = tx
-                .query_typed_one(
-                    "SELECT count(*) FILTER (WHERE run_at <= now()),
-                            COALESCE(extract(epoch FROM now() - min(created_at) FILTER (WHERE run_at <= now()
-                                                                                     AND isfinite(created_at))), 0)::float8,
-                            (SELECT count(*) FROM task_outbox_dead),
-                            count(*) FILTER (WHERE run_at = 'infinity'),
-                            (SELECT count(*) FILTER (WHERE scope = '*') FROM outbox_relay_pause),
-                            (SELECT count(*) FILTER (WHERE scope <> '*') FROM outbox_relay_pause),
-                            extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()
-                                                                            AND run_at > '-infinity'))::float8,
-                            count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity')
-                       FROM task_outbox",
-                    &[],
-                )
-                .await
-                .map_err(q)?;
-            tx.commit().await.map_err(q)?;
-            Ok::<_, OutboxProbeError>(row)
-        };
-        let row = match deadline.run("postgres backlog probe", read).await {
-            Ok(r) => r?,
-            Err(expired) => {
-                pg.cancel(cancel).await;
-                conn.discard();
-                return Err(OutboxProbeError::Failed(expired.to_string()));
-            }
-        };
-        let failed = |e: crate::db::ColumnError| OutboxProbeError::Failed(e.to_string());
-        let col = |i| column::<Option<i64>>(&row, "task_outbox", i).map_err(failed);
-        let age = column::<Option<f64>>(&row, "task_outbox", 1).map_err(failed)?;
-        Ok::<_, OutboxProbeError>(OutboxProbe {
-            backlog: col(0)?.unwrap_or(0),
-            oldest_age: age.unwrap_or(0.0).max(0.0),
-            dead_letters: col(2)?.unwrap_or(0),
-            set_aside: col(3)?.unwrap_or(0),
-            paused_all: col(4)?.unwrap_or(0) > 0,
-            paused_jobs: col(5)?.unwrap_or(0),
-            oldest_due: column::<Option<f64>>(&row, "task_outbox", 6)
-                .map_err(failed)?
-                .map(|s| s.max(0.0)),
-            delayed: col(7)?.unwrap_or(0),
-        })
-        }
-        .await;
+        let result = outbox_counts(pg, deadline).await;
         (Some(result), started.elapsed())
     };
     let ping = async {
