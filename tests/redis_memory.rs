@@ -58,9 +58,12 @@ async fn a_nearly_full_redis_holds_writes_back_until_it_has_room() {
         "no attempt counted"
     );
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    // The gate closed at 0.8 and stays closed down to 0.75 (the hysteresis):
+    // used_memory moves a little while held back (CI once read 0.7976).
     let m = scrape(&relay).await;
+    let held_down_to = 0.8 - outbox_relay::redis::memory::HYSTERESIS;
     assert!(
-        metric_value(&m, "outbox_relay_redis_memory_ratio", &[]).is_some_and(|r| r >= 0.8),
+        metric_value(&m, "outbox_relay_redis_memory_ratio", &[]).is_some_and(|r| r >= held_down_to),
         "{m}"
     );
     assert_eq!(
