@@ -385,17 +385,13 @@ async fn the_outbox_probe_rests_in_proportion_to_what_it_costs() {
 /// answer: with `task_outbox` locked (an `ALTER TABLE` waiting, a
 /// `LOCK TABLE`) the outbox gauges leave a gap and the warning names the
 /// lock, but `postgres_up` stays 1, so the alerts do not page "Postgres
-/// down" for a lock (before: 0, `OutboxRelayPostgresDown`).
+/// not writable" for a lock (before: 0, `OutboxRelayPostgresNotWritable`).
+/// At the shipped probe interval and tick timeout (a 5 s round).
 #[tokio::test]
 async fn a_locked_outbox_leaves_gaps_but_postgres_up() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
-    let env = relay_env(
-        &db,
-        &shared_redis_url(),
-        &prefix,
-        &[("OUTBOX_RELAY_METRICS__PROBE_INTERVAL", "2s")],
-    );
+    let env = relay_env(&db, &shared_redis_url(), &prefix, &[]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;
     scrape_until(&relay, "a probe read the outbox", Duration::from_secs(30), |t| {

@@ -73,11 +73,7 @@ impl Prometheus {
 
     /// The instant vector of `query`: (labels, value) per series.
     async fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
-        let q: String = url::form_urlencoded::byte_serialize(query.as_bytes()).collect();
-        let Some(v) = self.get(&format!("/api/v1/query?query={q}")).await else {
-            return Vec::new();
-        };
-        v["data"]["result"]
+        self.answer(query).await["data"]["result"]
             .as_array()
             .map(|rs| {
                 rs.iter()

@@ -367,16 +367,13 @@ impl MetricsActor {
             m.outbox_probe_duration
                 .with_label_values(&[result])
                 .observe(took.as_secs_f64());
-        }
-        // A count the server finished or cut off cost it `took`: rest in
-        // proportion. A probe that got no answer costs the server nothing,
-        // and the next round must see it come back.
-        if matches!(&report.outbox, Some(Ok(_) | Err(OutboxProbeError::CutOff(_)))) {
+            // A count the server finished or cut off cost it `took`: rest
+            // in proportion. A probe that got no answer cost the server
+            // nothing, and the next round must see it come back.
             let interval = self.settings.probe_interval;
             let spacing = probe_spacing(took, interval);
-            self.probe_rest_until = (spacing > interval).then(|| Instant::now() + spacing - took);
-        } else if report.outbox.is_some() {
-            self.probe_rest_until = None;
+            self.probe_rest_until =
+                (result != "failed" && spacing > interval).then(|| Instant::now() + spacing.saturating_sub(took));
         }
         match report.outbox {
             None => {}
