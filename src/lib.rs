@@ -13,8 +13,8 @@
 //!   [`cancel`];
 //! - [`db`] (Postgres) and [`redis`] (Redis), which never import each other;
 //! - [`domain`]: the row, the member, the outcomes and the settlement rules;
-//! - [`config`], [`telemetry`], [`deadline`], [`pool`], [`redact`], [`tls`],
-//!   [`users`]: what every layer above uses.
+//! - [`config`], [`telemetry`], [`deadline`], [`netaddr`], [`pool`],
+//!   [`redact`], [`tls`], [`users`]: what every layer above uses.
 
 pub mod actors;
 pub mod app;
@@ -28,6 +28,7 @@ pub mod domain;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod http;
+pub mod netaddr;
 pub mod pool;
 pub mod redact;
 pub mod redis;

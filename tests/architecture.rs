@@ -24,7 +24,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("domain", &["domain"]),
     ("telemetry", &["telemetry"]),
     ("configuration", &["config"]),
-    ("foundations", &["deadline", "fault", "pool", "redact", "tls", "users"]),
+    (
+        "foundations",
+        &["deadline", "fault", "netaddr", "pool", "redact", "tls", "users"],
+    ),
 ];
 
 const BEGIN: &str = "<!-- module-graph:begin (scripts/module-graph writes this block) -->";

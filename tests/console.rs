@@ -84,25 +84,33 @@ async fn sign_in_roles_csrf_origin_and_job_actions() {
         "{}",
         jobs_page.body
     );
-    let forged = bob.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &bob_csrf)]).await;
+    let forged = bob
+        .post_form("/jobs/pause", &[("csrf", &bob_csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(forged.status, 403, "{}", forged.body);
     assert_eq!(paused_jobs(&db).await, 0);
 
     // The operator without the token, or from another origin: refused.
-    let no_token = alice.post_form(&format!("/jobs/{a}/pause"), &[]).await;
+    let no_token = alice.post_form("/jobs/pause", &[("job", &a.to_string())]).await;
     assert_eq!(no_token.status, 403, "{}", no_token.body);
     assert!(no_token.body.contains("CSRF"), "{}", no_token.body);
     alice.origin = Some("http://evil.example".into());
-    let cross = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    let cross = alice
+        .post_form("/jobs/pause", &[("csrf", &csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(cross.status, 403, "{}", cross.body);
     alice.origin = None;
-    let no_origin = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    let no_origin = alice
+        .post_form("/jobs/pause", &[("csrf", &csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(no_origin.status, 403, "neither Origin nor Referer: {}", no_origin.body);
     alice.origin = Some(format!("http://127.0.0.1:{}", c.port));
     assert_eq!(paused_jobs(&db).await, 0);
 
     // Pause A: its rows wait while B's are delivered; resume: delivered.
-    let paused = alice.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    let paused = alice
+        .post_form("/jobs/pause", &[("csrf", &csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(paused.status, 200, "{}", paused.body);
     assert!(paused.body.contains("paused job"), "{}", paused.body);
     assert_eq!(paused_jobs(&db).await, 1);
@@ -127,7 +135,9 @@ async fn sign_in_roles_csrf_origin_and_job_actions() {
     );
     let jobs_page = alice.get("/jobs").await;
     assert!(jobs_page.body.contains("Resume"), "{}", jobs_page.body);
-    let resumed = alice.post_form(&format!("/jobs/{a}/resume"), &[("csrf", &csrf)]).await;
+    let resumed = alice
+        .post_form("/jobs/resume", &[("csrf", &csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(resumed.status, 200, "{}", resumed.body);
     wait_until(
         "job A's rows delivered after resume",
@@ -139,16 +149,18 @@ async fn sign_in_roles_csrf_origin_and_job_actions() {
     assert_eq!(members.len(), 90);
 
     // The schedule page shows A's entries in score order, read-only.
-    let sched = alice.get(&format!("/jobs/{a}/schedule")).await;
+    let sched = alice.get(&format!("/jobs/schedule?job={a}")).await;
     assert_eq!(sched.status, 200);
     assert!(sched.body.contains("40 entries"), "{}", sched.body);
 
     // Cancel B: the confirmation states its counts, then the result line.
     seed_for(&db, 5, &[b]).await;
-    let confirm = alice.get(&format!("/jobs/{b}/cancel")).await;
+    let confirm = alice.get(&format!("/jobs/cancel?job={b}")).await;
     assert_eq!(confirm.status, 200, "{}", confirm.body);
     assert!(confirm.body.contains("Dead letters (kept)"), "{}", confirm.body);
-    let cancelled = alice.post_form(&format!("/jobs/{b}/cancel"), &[("csrf", &csrf)]).await;
+    let cancelled = alice
+        .post_form("/jobs/cancel", &[("csrf", &csrf), ("job", &b.to_string())])
+        .await;
     assert_eq!(cancelled.status, 200, "{}", cancelled.body);
     assert!(cancelled.body.contains("cancelled job"), "{}", cancelled.body);
     // B's 50 entries went with its schedule key; A's 40 stay.
@@ -247,6 +259,9 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
         .await;
     assert_eq!(confirm.status, 200, "{}", confirm.body);
     assert!(confirm.body.contains("1,200"), "{}", confirm.body);
+    // The form carries what was confirmed (#37): the count and highest id.
+    assert_eq!(confirm.input("expect_rows").as_deref(), Some("1200"));
+    let max_id = confirm.input("max_id").expect("the confirmed highest id");
     let done = alice
         .post_form(
             "/dead-letters/requeue",
@@ -255,6 +270,8 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
                 ("job", &a.to_string()),
                 ("error", "WRONGTYPE"),
                 ("within", ""),
+                ("expect_rows", "1200"),
+                ("max_id", &max_id),
             ],
         )
         .await;
@@ -269,6 +286,12 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
     assert_eq!(schedule_members(&shared_redis_url(), &prefix).await.len(), 1200);
 
     // Purge what is left of job B's WRONGTYPE rows only.
+    let confirm = alice
+        .get(&format!(
+            "/dead-letters/confirm?action=purge&job={b}&error=WRONGTYPE&within=1h"
+        ))
+        .await;
+    let max_id = confirm.input("max_id").expect("the confirmed highest id");
     let purged = alice
         .post_form(
             "/dead-letters/purge",
@@ -277,6 +300,8 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
                 ("job", &b.to_string()),
                 ("error", "WRONGTYPE"),
                 ("within", "1h"),
+                ("expect_rows", "20"),
+                ("max_id", &max_id),
             ],
         )
         .await;
@@ -424,9 +449,20 @@ async fn the_api_takes_basic_auth_with_json_and_the_same_roles() {
         assert_eq!(r.status, 401);
     }
     let r = web
-        .request("GET", "/api/v1/overview", &[("Authorization", &alice)], None)
+        .request(
+            "GET",
+            "/api/v1/overview",
+            &[("Authorization", &basic("alice", "nope"))],
+            None,
+        )
         .await;
     assert_eq!(r.status, 429, "{}", r.body);
+    // Credentials checked a moment ago are remembered (no argon2 per
+    // call, #37): the script that polls with them goes on.
+    let r = web
+        .request("GET", "/api/v1/overview", &[("Authorization", &alice)], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     let m = c.relay.http_get("/metrics").await.expect("metrics").1;
     assert_eq!(
         metric_value(&m, "outbox_relay_console_logins_total", &[("result", "limited")]),
@@ -571,7 +607,7 @@ async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
     assert!(!page.body.contains(">Pause<"), "read-only hides actions: {}", page.body);
     let csrf = page.input("csrf").expect("csrf");
     let r = alice
-        .post_form(&format!("/jobs/{}/pause", jobs[0]), &[("csrf", &csrf)])
+        .post_form("/jobs/pause", &[("csrf", &csrf), ("job", &jobs[0].to_string())])
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("read-only"), "{}", r.body);

@@ -104,7 +104,10 @@ async fn operator_and_viewer() {
     .await;
     op.goto(&format!("{base}/jobs")).await;
     op.screenshot(&shots().join("jobs.png")).await;
-    op.click(&format!("form[action=\"/jobs/{a}/pause\"] button")).await;
+    op.click(&format!(
+        "form[action=\"/jobs/pause\"]:has(input[name=\"job\"][value=\"{a}\"]) button"
+    ))
+    .await;
     op.wait_for(&format!("paused job {a}")).await;
     seed_for(&db, 25, &[a]).await;
     seed_for(&db, 25, &[b]).await;
@@ -119,13 +122,16 @@ async fn operator_and_viewer() {
     .await;
     assert_eq!(outbox_rows_of(&db, &a).await, 25, "a paused job's rows wait");
     op.goto(&format!("{base}/jobs")).await;
-    op.click(&format!("form[action=\"/jobs/{a}/resume\"] button")).await;
+    op.click(&format!(
+        "form[action=\"/jobs/resume\"]:has(input[name=\"job\"][value=\"{a}\"]) button"
+    ))
+    .await;
     op.wait_for(&format!("resumed job {a}")).await;
     wait_until("A's rows delivered after resume", Duration::from_secs(60), || async {
         outbox_rows_of(&db, &a).await == 0
     })
     .await;
-    op.goto(&format!("{base}/jobs/{a}/schedule")).await;
+    op.goto(&format!("{base}/jobs/schedule?job={a}")).await;
     op.wait_for("26 entries").await;
     op.screenshot(&shots().join("schedule.png")).await;
 
@@ -171,11 +177,13 @@ async fn operator_and_viewer() {
     running_job(&db, &doomed).await;
     cli(&db, &["pause", "--job", &doomed.to_string()]);
     seed_for(&db, 7, &[doomed]).await;
-    op.goto(&format!("{base}/jobs/{doomed}/cancel")).await;
+    op.goto(&format!("{base}/jobs/cancel?job={doomed}")).await;
     op.wait_for("Due rows among the next 10,000").await;
     op.screenshot(&shots().join("cancel-confirm.png")).await;
-    op.click(&format!("form[action=\"/jobs/{doomed}/cancel\"] button"))
-        .await;
+    op.click(&format!(
+        "form[action=\"/jobs/cancel\"]:has(input[name=\"job\"][value=\"{doomed}\"]) button"
+    ))
+    .await;
     op.wait_for("7 outbox rows deleted").await;
     assert_eq!(outbox_rows_of(&db, &doomed).await, 0);
     op.goto(&format!("{base}/set-aside")).await;
@@ -196,7 +204,7 @@ async fn operator_and_viewer() {
     // A POST without the CSRF token, with the operator's own session: refused.
     let mut forger = Web::new(c.port);
     forger.cookies.extend(op.cookies().await);
-    let r = forger.post_form(&format!("/jobs/{a}/pause"), &[]).await;
+    let r = forger.post_form("/jobs/pause", &[("job", &a.to_string())]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     op.close().await;
 
@@ -222,7 +230,9 @@ async fn operator_and_viewer() {
     let mut forged = Web::new(c.port);
     forged.cookies.extend(viewer.cookies().await);
     let csrf = forged.csrf().await;
-    let r = forged.post_form(&format!("/jobs/{a}/pause"), &[("csrf", &csrf)]).await;
+    let r = forged
+        .post_form("/jobs/pause", &[("csrf", &csrf), ("job", &a.to_string())])
+        .await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(
         db.count(&format!("SELECT count(*) FROM outbox_relay_pause WHERE scope = '{a}'"))

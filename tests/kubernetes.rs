@@ -446,7 +446,16 @@ async fn console_pod(
             .await;
         assert_eq!(paused, i64::from(action == "pause"), "after {action}");
     }
-    let r = api.post_json_as("/api/v1/dead-letters/requeue", &alice, "{}").await;
+    // A bulk action says `all` and carries what its confirmation counted.
+    let seen = api.get_as("/api/v1/dead-letters/confirm", &alice).await.json();
+    let body = serde_json::json!({
+        "all": true,
+        "expect_rows": seen["expect_rows"],
+        "max_id": seen["max_id"],
+    });
+    let r = api
+        .post_json_as("/api/v1/dead-letters/requeue", &alice, &body.to_string())
+        .await;
     assert_eq!(r.status, 200, "requeue: {}", r.body);
 }
 

@@ -382,10 +382,22 @@ pub struct ConsoleConfig {
     pub pool_size: u32,
     /// Every console statement ends after this.
     pub statement_timeout: Dur,
-    /// A session lasts this long.
+    /// A session lasts this long, however busy.
     pub session_ttl: Dur,
-    /// Mark the session cookie `Secure` (serve it behind TLS).
+    /// A session unused this long ends (a console left open on a shared
+    /// screen signs itself out).
+    pub idle_timeout: Dur,
+    /// Mark the session cookie `Secure` (serve it behind TLS): the cookies
+    /// get the `__Host-` prefix and every answer carries HSTS.
     pub secure_cookie: bool,
+    /// The console's own Redis user (README "Redis ACL", `outbox-console`):
+    /// its URL, or in cluster mode the URL whose user and password replace
+    /// those of `redis.cluster_urls`; `""`: `redis.url`, the relays' user.
+    pub redis_url: String,
+    /// Addresses (or CIDR ranges) of reverse proxies whose
+    /// `X-Forwarded-For` names the client; from any other peer the header
+    /// is ignored. The failed-sign-in limit counts per client address.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Where `outbox-relay console` listens when `console.listen` is empty.
@@ -401,12 +413,40 @@ impl Default for ConsoleConfig {
             pool_size: 2,
             statement_timeout: Dur::secs(2),
             session_ttl: Dur::secs(8 * 3600),
+            idle_timeout: Dur::secs(30 * 60),
             secure_cookie: false,
+            redis_url: String::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
 
 impl ConsoleConfig {
+    /// The Redis settings the console connects with: the relays' own,
+    /// with `console.redis_url`'s user where it is set.
+    pub fn redis(&self, redis: &RedisConfig) -> RedisConfig {
+        let mut r = redis.clone();
+        if self.redis_url.is_empty() {
+            return r;
+        }
+        r.url = self.redis_url.clone();
+        if let Ok(own) = url::Url::parse(&self.redis_url) {
+            r.cluster_urls = r
+                .cluster_urls
+                .iter()
+                .map(|seed| match url::Url::parse(seed) {
+                    Ok(mut u) => {
+                        let _ = u.set_username(own.username());
+                        let _ = u.set_password(own.password());
+                        u.to_string()
+                    }
+                    Err(_) => seed.clone(),
+                })
+                .collect();
+        }
+        r
+    }
+
     /// The console's Postgres URL.
     pub fn database_url<'a>(&'a self, database: &'a DatabaseConfig) -> &'a str {
         if self.database_url.is_empty() {
@@ -514,6 +554,7 @@ impl Config {
             &self.database.listen_url,
             &self.redis.url,
             &self.console.database_url,
+            &self.console.redis_url,
         ]
         .into_iter()
         .chain(self.redis.cluster_urls.iter())
@@ -531,6 +572,9 @@ impl Config {
         c.redis.url = redact_url(&c.redis.url);
         if !c.console.database_url.is_empty() {
             c.console.database_url = redact_url(&c.console.database_url);
+        }
+        if !c.console.redis_url.is_empty() {
+            c.console.redis_url = redact_url(&c.console.redis_url);
         }
         c.redis.cluster_urls = c.redis.cluster_urls.iter().map(|u| redact_url(u)).collect();
         c.redis.sentinel_urls = c.redis.sentinel_urls.iter().map(|u| redact_url(u)).collect();

@@ -381,5 +381,18 @@ impl Config {
         if c.session_ttl.0.is_zero() {
             bad("console.session_ttl", "must be greater than 0".into());
         }
+        if c.idle_timeout.0.is_zero() {
+            bad("console.idle_timeout", "must be greater than 0".into());
+        }
+        if !c.redis_url.is_empty() {
+            if let Err(e) = ::redis::Client::open(c.redis_url.as_str()) {
+                bad("console.redis_url", format!("not a Redis URL: {e}"));
+            }
+        }
+        for (i, p) in c.trusted_proxies.iter().enumerate() {
+            if let Err(e) = crate::netaddr::IpRange::parse(p) {
+                bad(&format!("console.trusted_proxies[{i}]"), e);
+            }
+        }
     }
 }

@@ -1,26 +1,46 @@
 //! Who may use the console: users and roles (`crate::users`, from
-//! `console.users_file`), sessions, CSRF tokens, and the failed-login
-//! limiter.
+//! `console.users_file`), sessions, CSRF tokens, the failed-login limiter,
+//! and the password checks themselves.
 //!
 //! - A user is one line `name:role:hash` (role `viewer` or `operator`; the
 //!   hash an argon2 PHC string from `outbox-relay console hash-password`).
 //!   Only hashes are ever stored; the file comes from the Secret.
-//! - A session is a random 128-bit token in an `HttpOnly`, `SameSite=Strict`
+//! - A session is a random token in an `HttpOnly`, `SameSite=Strict`
 //!   cookie, held in memory (a console restart signs everyone out), with
-//!   its own CSRF token that every state-changing form must send back.
-//! - Failed logins are limited per client address and per user name: after
-//!   [`FAILURES_ALLOWED`] in [`FAILURE_WINDOW`] further attempts are
-//!   refused (429) until the window has passed, before any hash is checked.
+//!   its own CSRF token that every state-changing form must send back. It
+//!   ends after `console.session_ttl` however busy, after
+//!   `console.idle_timeout` unused, at sign-out, or when its user signs
+//!   out everywhere.
+//! - Failed logins are limited per client address: after
+//!   [`FAILURES_ALLOWED`] in [`FAILURE_WINDOW`] that address is refused
+//!   (429) until the window has passed. Per user name they only slow down
+//!   ([`Limiter::name_delay`]): an attacker who guesses at one operator's
+//!   name from many addresses must never lock that operator out during an
+//!   incident.
+//! - Argon2 runs on the blocking pool, at most [`HASHERS`] at a time, never
+//!   on the console's one request thread ([`Hasher`]); an API caller's
+//!   credentials, once checked, are remembered for [`CREDENTIAL_TTL`] under
+//!   a keyed 128-bit digest, so a script polling every second costs one
+//!   hash a minute, not one per call.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use crate::users::{hash_password, read_users, verify_password, Role, User, UsersError};
 
-/// Failed logins allowed per address, and per user name, in a window.
+/// Failed logins allowed per address, and per user name before its
+/// attempts slow down, in a window.
 pub const FAILURES_ALLOWED: u32 = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// The longest a sign-in for a much-guessed name is held back.
+pub const NAME_DELAY_MAX: Duration = Duration::from_secs(4);
+/// Password checks (argon2, ~20 MiB and tens of ms each) at once.
+pub const HASHERS: usize = 2;
+/// How long checked API credentials are remembered.
+pub const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 
 /// A random token: 64 hex digits (two v4 UUIDs, 244 random bits).
 pub fn token() -> String {
@@ -42,13 +62,17 @@ pub struct Session {
     pub user: String,
     pub role: Role,
     pub csrf: String,
+    /// The absolute end (`console.session_ttl` after sign-in).
     expires: Instant,
+    /// The last request that used it.
+    used: Instant,
 }
 
 /// Sessions in memory, by token.
 #[derive(Debug)]
 pub struct Sessions {
     ttl: Duration,
+    idle: Duration,
     by_token: Mutex<HashMap<String, Session>>,
 }
 
@@ -56,11 +80,16 @@ pub struct Sessions {
 const MAX_SESSIONS: usize = 10_000;
 
 impl Sessions {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, idle: Duration) -> Self {
         Sessions {
             ttl,
+            idle,
             by_token: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn live(&self, s: &Session, now: Instant) -> bool {
+        s.expires > now && now.duration_since(s.used) < self.idle
     }
 
     /// Start a session; returns its token.
@@ -71,10 +100,11 @@ impl Sessions {
             role: user.role,
             csrf: token(),
             expires: now + self.ttl,
+            used: now,
         };
         let t = token();
         let mut map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, s| s.expires > now);
+        map.retain(|_, s| s.expires > now && now.duration_since(s.used) < self.idle);
         if map.len() >= MAX_SESSIONS {
             if let Some(oldest) = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone()) {
                 map.remove(&oldest);
@@ -84,14 +114,29 @@ impl Sessions {
         (t, session)
     }
 
-    /// The live session of `token`.
+    /// The live session of `token`; using it resets its idle clock.
     pub fn get(&self, token: &str) -> Option<Session> {
-        let map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(token).filter(|s| s.expires > Instant::now()).cloned()
+        let now = Instant::now();
+        let mut map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.get_mut(token)?;
+        if !self.live(s, now) {
+            map.remove(token);
+            return None;
+        }
+        s.used = now;
+        Some(s.clone())
     }
 
     pub fn end(&self, token: &str) {
         self.by_token.lock().unwrap_or_else(|p| p.into_inner()).remove(token);
+    }
+
+    /// End every session of `user` (sign out everywhere); how many.
+    pub fn end_all(&self, user: &str) -> usize {
+        let mut map = self.by_token.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, s| s.user != user);
+        before - map.len()
     }
 }
 
@@ -102,13 +147,32 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// Whether `key` may try again now.
-    pub fn allows(&self, key: &str, now: Instant) -> bool {
+    /// Failures of `key` in the current window.
+    fn failures(&self, key: &str, now: Instant) -> u32 {
         let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(key) {
-            Some((n, since)) => *n < FAILURES_ALLOWED || now.duration_since(*since) >= FAILURE_WINDOW,
-            None => true,
+            Some((n, since)) if now.duration_since(*since) < FAILURE_WINDOW => *n,
+            _ => 0,
         }
+    }
+
+    /// Whether `key` (a client address) may try again now.
+    pub fn allows(&self, key: &str, now: Instant) -> bool {
+        self.failures(key, now) < FAILURES_ALLOWED
+    }
+
+    /// How long an attempt for `key` (a user name) waits before its
+    /// password is checked: nothing for the first [`FAILURES_ALLOWED`]
+    /// failures of the window, then 250 ms doubling per failure up to
+    /// [`NAME_DELAY_MAX`]. It slows guessing at one name from many
+    /// addresses; it never refuses the right password.
+    pub fn name_delay(&self, key: &str, now: Instant) -> Duration {
+        let n = self.failures(key, now);
+        if n < FAILURES_ALLOWED {
+            return Duration::ZERO;
+        }
+        let doublings = (n - FAILURES_ALLOWED).min(8);
+        (Duration::from_millis(250) * 2u32.pow(doublings)).min(NAME_DELAY_MAX)
     }
 
     /// Count a failure of `key`.
@@ -130,6 +194,90 @@ impl Limiter {
     }
 }
 
+/// Password checks off the request thread, a few at a time.
+#[derive(Debug)]
+pub struct Hasher {
+    permits: tokio::sync::Semaphore,
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            permits: tokio::sync::Semaphore::new(HASHERS),
+        }
+    }
+}
+
+impl Hasher {
+    /// Whether `password` matches the argon2 `hash`, computed on the
+    /// blocking pool once a permit is free (a burst of sign-ins queues
+    /// here instead of stalling every page).
+    pub async fn verify(&self, hash: &str, password: &str) -> bool {
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let (hash, password) = (hash.to_string(), password.to_string());
+        tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// API credentials already checked: a keyed 128-bit digest of the
+/// `Authorization` value (two SipHash keys drawn at start, never stored)
+/// → the user, for [`CREDENTIAL_TTL`]. Neither the password nor a hash an
+/// attacker could test offline is kept.
+#[derive(Debug, Default)]
+pub struct CredentialCache {
+    keys: (RandomState, RandomState),
+    by_digest: Mutex<HashMap<u128, (User, Instant)>>,
+}
+
+/// Credentials remembered at most (a flood of distinct ones evicts).
+const MAX_CREDENTIALS: usize = 1_000;
+
+impl CredentialCache {
+    fn digest(&self, credential: &str) -> u128 {
+        let a = self.keys.0.hash_one(credential);
+        let b = self.keys.1.hash_one(credential);
+        (u128::from(a) << 64) | u128::from(b)
+    }
+
+    /// The user these credentials were checked for, if recently.
+    pub fn get(&self, credential: &str, now: Instant) -> Option<User> {
+        let d = self.digest(credential);
+        let mut map = self.by_digest.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&d) {
+            Some((u, at)) if now.duration_since(*at) < CREDENTIAL_TTL => Some(u.clone()),
+            Some(_) => {
+                map.remove(&d);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn put(&self, credential: &str, user: &User, now: Instant) {
+        let d = self.digest(credential);
+        let mut map = self.by_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CREDENTIALS {
+            map.retain(|_, (_, at)| now.duration_since(*at) < CREDENTIAL_TTL);
+            if map.len() >= MAX_CREDENTIALS {
+                map.clear();
+            }
+        }
+        map.insert(d, (user.clone(), now));
+    }
+
+    /// Forget every credential of `user` (sign out everywhere).
+    pub fn forget(&self, user: &str) {
+        self.by_digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (u, _)| u.name != user);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,16 +289,73 @@ mod tests {
             role: Role::Viewer,
             hash: String::new(),
         };
-        let s = Sessions::new(Duration::from_secs(60));
+        let s = Sessions::new(Duration::from_secs(60), Duration::from_secs(60));
         let (t, session) = s.start(&user);
-        assert_eq!(s.get(&t), Some(session.clone()));
+        assert_eq!(
+            s.get(&t).map(|g| (g.user, g.csrf)),
+            Some((session.user.clone(), session.csrf.clone()))
+        );
         assert_eq!(session.csrf.len(), 64);
         assert_eq!(s.get("nope"), None);
         s.end(&t);
         assert_eq!(s.get(&t), None);
-        let short = Sessions::new(Duration::ZERO);
+        let short = Sessions::new(Duration::ZERO, Duration::from_secs(60));
         let (t, _) = short.start(&user);
         assert_eq!(short.get(&t), None, "expired at once");
+        let idle = Sessions::new(Duration::from_secs(60), Duration::ZERO);
+        let (t, _) = idle.start(&user);
+        assert_eq!(idle.get(&t), None, "idle at once");
+    }
+
+    #[test]
+    fn signing_out_everywhere_ends_only_that_users_sessions() {
+        let user = |name: &str| User {
+            name: name.into(),
+            role: Role::Operator,
+            hash: String::new(),
+        };
+        let s = Sessions::new(Duration::from_secs(60), Duration::from_secs(60));
+        let (a1, _) = s.start(&user("a"));
+        let (a2, _) = s.start(&user("a"));
+        let (b, _) = s.start(&user("b"));
+        assert_eq!(s.end_all("a"), 2);
+        assert_eq!((s.get(&a1), s.get(&a2)), (None, None));
+        assert!(s.get(&b).is_some());
+    }
+
+    #[test]
+    fn a_guessed_name_slows_down_and_is_never_refused() {
+        let l = Limiter::default();
+        let t0 = Instant::now();
+        for _ in 0..FAILURES_ALLOWED {
+            assert_eq!(l.name_delay("user:alice", t0), Duration::ZERO);
+            l.failed("user:alice", t0);
+        }
+        assert_eq!(l.name_delay("user:alice", t0), Duration::from_millis(250));
+        for _ in 0..100 {
+            l.failed("user:alice", t0);
+        }
+        assert_eq!(l.name_delay("user:alice", t0), NAME_DELAY_MAX);
+        assert_eq!(l.name_delay("user:alice", t0 + FAILURE_WINDOW), Duration::ZERO);
+    }
+
+    #[test]
+    fn checked_credentials_are_remembered_briefly_and_forgotten_on_demand() {
+        let c = CredentialCache::default();
+        let alice = User {
+            name: "alice".into(),
+            role: Role::Operator,
+            hash: String::new(),
+        };
+        let t0 = Instant::now();
+        assert!(c.get("Basic abc", t0).is_none());
+        c.put("Basic abc", &alice, t0);
+        assert_eq!(c.get("Basic abc", t0).map(|u| u.name), Some("alice".into()));
+        assert!(c.get("Basic abd", t0).is_none(), "another credential");
+        assert!(c.get("Basic abc", t0 + CREDENTIAL_TTL).is_none(), "expired");
+        c.put("Basic abc", &alice, t0);
+        c.forget("alice");
+        assert!(c.get("Basic abc", t0).is_none());
     }
 
     #[test]

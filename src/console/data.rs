@@ -341,14 +341,16 @@ pub struct SetAside {
     pub created_at: String,
 }
 
-/// The first 200 rows set aside, oldest id first (by the claim index).
-pub async fn set_aside(c: &Client) -> Result<Vec<SetAside>, QueryError> {
+/// The first 200 rows set aside (of `job`, or all), oldest id first (by
+/// the claim index).
+pub async fn set_aside(c: &Client, job: Option<&str>) -> Result<Vec<SetAside>, QueryError> {
     let rows = c
         .query_typed(
             "SELECT id, task_id::text, job_id::text, attempts,
                     to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-               FROM task_outbox WHERE run_at = 'infinity' ORDER BY run_at, id LIMIT 200",
-            &[],
+               FROM task_outbox WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)
+              ORDER BY run_at, id LIMIT 200",
+            &[(&job, Type::TEXT)],
         )
         .await?;
     const T: &str = "task_outbox";
@@ -366,28 +368,31 @@ pub async fn set_aside(c: &Client) -> Result<Vec<SetAside>, QueryError> {
         .map_err(QueryError::from)
 }
 
-/// Rows set aside, counted up to [`CAP`] along the claim index.
-pub async fn set_aside_count(c: &Client) -> Result<Capped, QueryError> {
-    let cap = CAP + 1;
+/// Rows set aside (of `job`, or all), counted exactly along the claim
+/// index, and the highest id among them (0 when none): what the requeue
+/// form carries.
+pub async fn set_aside_extent(c: &Client, job: Option<&str>) -> Result<(i64, i64), QueryError> {
     let r = c
         .query_typed_one(
-            "SELECT count(*) FROM (SELECT 1 FROM task_outbox WHERE run_at = 'infinity' LIMIT $1) s",
-            &[(&cap, Type::INT8)],
+            "SELECT count(*), coalesce(max(id), 0)::int8 FROM task_outbox
+              WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)",
+            &[(&job, Type::TEXT)],
         )
         .await?;
-    Ok(Capped::of(column(&r, "task_outbox", 0)?))
+    Ok((column(&r, "task_outbox", 0)?, column(&r, "task_outbox", 1)?))
 }
 
-/// Make at most `batch` set-aside rows (of `job`, or all) due now with
-/// their attempts reset; how many. Called until it returns 0.
-pub async fn requeue_set_aside(c: &Client, job: Option<&str>, batch: i64) -> Result<u64, QueryError> {
+/// Make at most `batch` set-aside rows (of `job`, or all; ids at most
+/// `upto`) due now with their attempts reset; how many. Called until it
+/// returns 0.
+pub async fn requeue_set_aside(c: &Client, job: Option<&str>, upto: i64, batch: i64) -> Result<u64, QueryError> {
     Ok(c.execute_typed(
         "UPDATE task_outbox SET run_at = now(), attempts = 0
           WHERE id IN (SELECT id FROM task_outbox
-                        WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)
+                        WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1) AND id <= $3
                         ORDER BY run_at, id LIMIT $2
                           FOR UPDATE SKIP LOCKED)",
-        &[(&job, Type::TEXT), (&batch, Type::INT8)],
+        &[(&job, Type::TEXT), (&batch, Type::INT8), (&upto, Type::INT8)],
     )
     .await?)
 }

@@ -18,17 +18,34 @@
 //!   session with `X-CSRF-Token`, or HTTP Basic with a JSON body (which a
 //!   cross-site form cannot send).
 //! - Headers on every answer: a CSP without inline script,
-//!   `frame-ancestors 'none'`, `nosniff`, referrers only to itself, no caching.
-//! - Every action writes an audit line (who, what, filter, how many rows)
-//!   and counts in `outbox_relay_console_actions_total`.
+//!   `frame-ancestors 'none'`, `nosniff`, referrers only to itself, no
+//!   caching, and HSTS with `secure_cookie`. An anonymous console answers
+//!   only requests whose `Host` is a loopback name (DNS rebinding).
+//! - No link or form action is built from data (`paths`); bodies are read
+//!   under a deadline and parsed strictly (`body`); bulk actions carry
+//!   what was confirmed, and every action is audited before and after it
+//!   runs (`actions`). SECURITY.md has the threat table.
+//!
+//! Layout: `routes` → `pages`, `api`, `signin` → `actions`, `load`,
+//! `identity` → `views`, `respond`, `body`, `paths`, `auth`, `data`; each
+//! file imports only from those after it.
 //! - Its own small Postgres pool; every read under
 //!   `console.statement_timeout` (cancelled on the server when it passes);
 //!   no read scans `task_outbox` (`data`).
 
+mod actions;
+mod api;
 pub mod auth;
+mod body;
 pub mod chart;
 pub mod data;
-mod handlers;
+mod identity;
+mod load;
+mod pages;
+pub mod paths;
+mod respond;
+mod routes;
+mod signin;
 mod views;
 
 use std::sync::Arc;
@@ -56,6 +73,8 @@ pub enum ConsoleSetupError {
     Database(#[from] db::DbSetupError),
     #[error("console metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("console.trusted_proxies: {0}")]
+    Proxies(String),
 }
 
 /// Why one request could not be answered.
@@ -69,6 +88,9 @@ pub enum ConsoleError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// What was confirmed no longer holds (409; nothing changed).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<QueryError> for ConsoleError {
@@ -97,14 +119,14 @@ impl ConsoleMetrics {
         let actions = IntCounterVec::new(
             Opts::new(
                 "outbox_relay_console_actions_total",
-                "Console actions (pause, resume, cancel, requeue, purge, requeue_set_aside), by result: ok, error, forbidden (refused for the role, read_only, CSRF or origin).",
+                "Console actions (pause, resume, cancel, requeue, purge, requeue_set_aside), by result: ok, error (failed, or ended, while acting), forbidden (refused for the role, read_only, CSRF or origin).",
             ),
             &["action", "result"],
         )?;
         let logins = IntCounterVec::new(
             Opts::new(
                 "outbox_relay_console_logins_total",
-                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit).",
+                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit of the client's address), slowed (held back because the name had many failures).",
             ),
             &["result"],
         )?;
@@ -124,6 +146,9 @@ pub struct Console {
     pub(crate) users: Vec<auth::User>,
     pub(crate) sessions: auth::Sessions,
     pub(crate) limiter: auth::Limiter,
+    pub(crate) hasher: auth::Hasher,
+    pub(crate) credentials: auth::CredentialCache,
+    pub(crate) trusted_proxies: Vec<crate::netaddr::IpRange>,
     pub(crate) read_only: bool,
     pub(crate) secure_cookie: bool,
     pub(crate) timeout: Duration,
@@ -203,15 +228,25 @@ pub async fn build(cfg: &Config, registry: &Registry, log: &Logger) -> Result<Ar
     if users.is_empty() {
         warn!(log, "console has no users (console.users_file): every visitor is a viewer and no action is possible; it listens on loopback only");
     }
+    let trusted_proxies = cfg
+        .console
+        .trusted_proxies
+        .iter()
+        .map(|p| crate::netaddr::IpRange::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ConsoleSetupError::Proxies)?;
     Ok(Arc::new(Console {
         pg,
         pg_url: url,
         schema,
-        redis_cfg: cfg.redis.clone(),
+        redis_cfg: cfg.console.redis(&cfg.redis),
         redis: tokio::sync::Mutex::new(None),
         users,
-        sessions: auth::Sessions::new(cfg.console.session_ttl.0),
+        sessions: auth::Sessions::new(cfg.console.session_ttl.0, cfg.console.idle_timeout.0),
         limiter: auth::Limiter::default(),
+        hasher: auth::Hasher::default(),
+        credentials: auth::CredentialCache::default(),
+        trusted_proxies,
         read_only: cfg.console.read_only,
         secure_cookie: cfg.console.secure_cookie,
         timeout: cfg.console.statement_timeout.0,
@@ -221,9 +256,15 @@ pub async fn build(cfg: &Config, registry: &Registry, log: &Logger) -> Result<Ar
     }))
 }
 
-/// The headers every answer carries.
-fn security_headers() -> DefaultHeaders {
-    DefaultHeaders::new()
+/// The headers every answer carries; HSTS when the console is served
+/// over TLS (`secure_cookie`).
+fn security_headers(secure: bool) -> DefaultHeaders {
+    let headers = if secure {
+        DefaultHeaders::new().add(("Strict-Transport-Security", "max-age=31536000"))
+    } else {
+        DefaultHeaders::new()
+    };
+    headers
         .add((
             "Content-Security-Policy",
             "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; \
@@ -238,17 +279,43 @@ fn security_headers() -> DefaultHeaders {
         .add(("Cross-Origin-Opener-Policy", "same-origin"))
 }
 
+/// An anonymous console (no users, loopback only) answers a request only
+/// when its `Host` names a loopback address or `localhost`: a web page
+/// whose DNS name was re-pointed at 127.0.0.1 (DNS rebinding) sends its
+/// own name, and is refused before any page is read.
+fn host_refused(anonymous: bool, req: &actix_web::dev::ServiceRequest) -> bool {
+    anonymous
+        && !req
+            .headers()
+            .get(actix_web::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(crate::netaddr::loopback_host)
+}
+
 /// Serve the console on `listen` in the background; the handle stops it.
 pub fn start(listen: &str, console: Arc<Console>) -> Result<actix_web::dev::ServerHandle, ConsoleSetupError> {
+    use actix_web::dev::Service;
+    use futures_util::future::{ready, Either, FutureExt};
     let log = console.log.clone();
+    let (anonymous, secure) = (console.anonymous(), console.secure_cookie);
     let data = web::Data::from(console);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .app_data(web::FormConfig::default().limit(64 * 1024))
-            .app_data(web::JsonConfig::default().limit(64 * 1024))
-            .wrap(security_headers())
-            .configure(handlers::routes)
+            .wrap(security_headers(secure))
+            .wrap_fn(move |req, srv| {
+                if host_refused(anonymous, &req) {
+                    let refused = actix_web::HttpResponse::MisdirectedRequest()
+                        .content_type("text/plain; charset=utf-8")
+                        .body(
+                            "this console without users answers only to a loopback Host (localhost, 127.0.0.1, [::1])",
+                        );
+                    Either::Left(ready(Ok(req.into_response(refused).map_into_right_body())))
+                } else {
+                    Either::Right(srv.call(req).map(|r| r.map(|r| r.map_into_left_body())))
+                }
+            })
+            .configure(routes::routes)
     });
     let handle = crate::http::serve(server, listen, 256).map_err(|source| ConsoleSetupError::Listen {
         listen: listen.to_string(),

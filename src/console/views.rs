@@ -1,11 +1,16 @@
 //! The console's pages (maud: checked at compile time, escaped by default).
-//! Plain HTML forms; no script anywhere.
+//! Plain HTML forms; no script anywhere. A view takes data and returns
+//! markup; every URL in it comes from `paths` (no path is built from
+//! data), and every form that changes something posts to a constant
+//! action with its subject in hidden fields.
 
 use maud::{html, Markup, DOCTYPE};
 
 use super::chart::{Chart, Series};
 use super::data::{self, thousands, Capped, Fleet, Job, JobCounts, Overview};
-use super::handlers::{DeadLettersData, FilterForm, Point, ScheduleData, Who};
+use super::identity::Who;
+use super::load::{DeadLettersData, Extent, FilterForm, Point, ScheduleData, SetAsideData, SetAsideQuery};
+use super::paths;
 
 fn layout(title: &str, who: Option<&Who>, body: Markup) -> Markup {
     html! {
@@ -35,6 +40,11 @@ fn layout(title: &str, who: Option<&Who>, body: Markup) -> Markup {
                                 form method="post" action="/logout" {
                                     input type="hidden" name="csrf" value=(csrf);
                                     button type="submit" { "Sign out" }
+                                }
+                                form method="post" action="/logout" {
+                                    input type="hidden" name="csrf" value=(csrf);
+                                    input type="hidden" name="everywhere" value="true";
+                                    button type="submit" title="End every session of this user, on every browser" { "Sign out everywhere" }
                                 }
                             }
                         }
@@ -204,27 +214,29 @@ pub fn jobs(who: &Who, jobs: &[Job], redis_error: Option<&str>, can_act: bool) -
                 tbody {
                     @for j in jobs {
                         tr {
-                            td { a href=(format!("/jobs/{}/schedule", j.job_id)) { code { (j.job_id) } } }
+                            td { a href=(paths::job_schedule(&j.job_id, 0)) { code { (j.job_id) } } }
                             td { (thousands(j.due_in_sample)) }
                             td { (thousands(j.delayed_in_sample)) }
                             td { (j.schedule_size.map_or("?".to_string(), thousands)) }
-                            td { a href=(format!("/dead-letters?job={}", j.job_id)) { (thousands(j.dead_letters)) } }
+                            td { a href=(paths::dead_letters_of_job(&j.job_id)) { (thousands(j.dead_letters)) } }
                             td { @if j.paused { strong { "paused" } } @else { "no" } }
                             @if can_act {
                                 td.actions {
                                     @let csrf = who.csrf.as_deref().unwrap_or("");
                                     @if j.paused {
-                                        form method="post" action=(format!("/jobs/{}/resume", j.job_id)) {
+                                        form method="post" action=(paths::JOB_RESUME) {
                                             input type="hidden" name="csrf" value=(csrf);
-                                            button type="submit" name="do" value="resume" { "Resume" }
+                                            input type="hidden" name="job" value=(j.job_id);
+                                            button type="submit" { "Resume" }
                                         }
                                     } @else {
-                                        form method="post" action=(format!("/jobs/{}/pause", j.job_id)) {
+                                        form method="post" action=(paths::JOB_PAUSE) {
                                             input type="hidden" name="csrf" value=(csrf);
-                                            button type="submit" name="do" value="pause" { "Pause" }
+                                            input type="hidden" name="job" value=(j.job_id);
+                                            button type="submit" { "Pause" }
                                         }
                                     }
-                                    a.button.danger href=(format!("/jobs/{}/cancel", j.job_id)) { "Cancel…" }
+                                    a.button.danger href=(paths::job_cancel_confirm(&j.job_id)) { "Cancel…" }
                                 }
                             }
                         }
@@ -250,9 +262,10 @@ pub fn cancel_confirm(who: &Who, job: &str, c: &JobCounts) -> Markup {
                 li { "Delayed rows among the next " (thousands(data::CAP)) ": " strong { (thousands(c.delayed_in_sample)) } }
                 li { "Dead letters (kept): " strong { (c.dead_letters.text()) } }
             }
-            form method="post" action=(format!("/jobs/{job}/cancel")) {
+            form method="post" action=(paths::JOB_CANCEL) {
                 input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
-                button.danger type="submit" name="do" value="cancel" { "Cancel job " (job) }
+                input type="hidden" name="job" value=(job);
+                button.danger type="submit" { "Cancel job " (job) }
                 " " a href="/jobs" { "Back" }
             }
         },
@@ -276,10 +289,10 @@ pub fn schedule(who: &Who, s: &ScheduleData, page: isize) -> Markup {
             }
             p.pager {
                 @if s.offset > 0 {
-                    a href=(format!("/jobs/{}/schedule?offset={}", s.job_id, (s.offset - page).max(0))) { "← Earlier" } " "
+                    a href=(paths::job_schedule(&s.job_id, (s.offset - page).max(0))) { "← Earlier" } " "
                 }
                 @if (s.offset + page) < s.size as isize {
-                    a href=(format!("/jobs/{}/schedule?offset={}", s.job_id, s.offset + page)) { "Later →" }
+                    a href=(paths::job_schedule(&s.job_id, s.offset + page)) { "Later →" }
                 }
             }
         },
@@ -299,7 +312,7 @@ pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: boo
         "Dead letters",
         Some(who),
         html! {
-            form.filter method="get" action="/dead-letters" {
+            form.filter method="get" action=(paths::DEAD_LETTERS) {
                 label { "Job " input type="text" name="job" value=(f.job); }
                 label { "Error contains " input type="text" name="error" value=(f.error); }
                 label { "Dead-lettered within " input type="text" name="within" value=(f.within) placeholder="1h, 7d"; }
@@ -308,12 +321,12 @@ pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: boo
             p { (capped(&d.matching)) " dead letters match " (f.describe()) "; the newest 100 are listed." }
             @if can_act && d.matching.count > 0 {
                 div.actions {
-                    form method="get" action="/dead-letters/confirm" {
+                    form method="get" action=(paths::DEAD_LETTERS_CONFIRM) {
                         input type="hidden" name="action" value="requeue";
                         (filter_fields(f))
                         button type="submit" { "Requeue all matching…" }
                     }
-                    form method="get" action="/dead-letters/confirm" {
+                    form method="get" action=(paths::DEAD_LETTERS_CONFIRM) {
                         input type="hidden" name="action" value="purge";
                         (filter_fields(f))
                         button.danger type="submit" { "Purge all matching…" }
@@ -325,7 +338,7 @@ pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: boo
                 tbody {
                     @for r in &d.rows {
                         tr {
-                            td { a href=(format!("/dead-letters/{}", r.id)) { (r.id) } }
+                            td { a href=(paths::dead_letter(r.id)) { (r.id) } }
                             td { code { (r.job_id) } }
                             td { code { (r.task_id) } }
                             td { (r.attempts) }
@@ -340,25 +353,42 @@ pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: boo
     )
 }
 
-pub fn batch_confirm(who: &Who, action: &str, f: &FilterForm, matching: &Capped) -> Markup {
+/// The hidden fields that bind a bulk action to what its page showed:
+/// `all` when nothing narrows it, the exact count and the highest id.
+fn bound_fields(all: bool, e: &Extent) -> Markup {
+    html! {
+        @if all { input type="hidden" name="all" value="true"; }
+        input type="hidden" name="expect_rows" value=(e.rows);
+        input type="hidden" name="max_id" value=(e.max_id);
+    }
+}
+
+pub fn batch_confirm(who: &Who, action: &str, f: &FilterForm, e: &Extent) -> Markup {
     let verb = if action == "requeue" { "Requeue" } else { "Purge" };
+    let count = thousands(e.rows);
     layout(
         &format!("{verb} dead letters"),
         Some(who),
         html! {
             p.warning {
-                (verb) " " strong { (matching.text()) } " dead letters matching " (f.describe()) "? "
+                (verb) " " strong { (count) } " dead letters matching " (f.describe()) "? "
                 @if action == "requeue" {
                     "They go back into task_outbox as new rows due now, with their attempts reset; done in batches of 500."
                 } @else {
                     "They are deleted for good, in batches of 500."
                 }
+                " Rows dead-lettered after this page was shown are not touched; if more match by then, nothing is done and you are asked again."
             }
-            form method="post" action=(format!("/dead-letters/{action}")) {
-                input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
-                (filter_fields(f))
-                button.(if action == "purge" { "danger" } else { "" }) type="submit" { (verb) " " (matching.text()) " dead letters" }
-                " " a href=(format!("/dead-letters?{}", f.query())) { "Back" }
+            @if e.rows > 0 {
+                form method="post" action=(if action == "requeue" { paths::DEAD_LETTERS_REQUEUE } else { paths::DEAD_LETTERS_PURGE }) {
+                    input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
+                    (filter_fields(f))
+                    (bound_fields(f.is_empty(), e))
+                    button.(if action == "purge" { "danger" } else { "" }) type="submit" { (verb) " " (count) " dead letters" }
+                    " " a href=(f.page()) { "Back" }
+                }
+            } @else {
+                p { "Nothing to do. " a href=(f.page()) { "Back" } }
             }
         },
     )
@@ -374,31 +404,39 @@ pub fn dead_letter(who: &Who, id: i64, cols: &[(String, Option<String>)]) -> Mar
                     tr { th { (k) } td { @match v { Some(v) => { code { (v) } } None => { em { "NULL" } } } } }
                 }
             }
-            p { a href="/dead-letters" { "All dead letters" } }
+            p { a href=(paths::DEAD_LETTERS) { "All dead letters" } }
         },
     )
 }
 
-pub fn set_aside(who: &Who, rows: &[data::SetAside], count: &Capped, can_act: bool) -> Markup {
+pub fn set_aside(who: &Who, q: &SetAsideQuery, d: &SetAsideData, can_act: bool) -> Markup {
+    let count = thousands(d.extent.rows);
     layout(
         "Set-aside rows",
         Some(who),
         html! {
-            p { (capped(count)) " rows are set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them. The first 200 are listed." }
-            @if can_act && count.count > 0 {
-                form method="post" action="/set-aside/requeue" {
+            form.filter method="get" action=(paths::SET_ASIDE) {
+                label { "Job (empty: all) " input type="text" name="job" value=(q.job); }
+                button type="submit" { "Filter" }
+            }
+            p { (count) " rows are set aside (run_at = infinity)"
+                @if !q.job.trim().is_empty() { " for job " code { (q.job.trim()) } }
+                ": bound for the dead table, whose id columns cannot hold them. The first 200 are listed." }
+            @if can_act && d.extent.rows > 0 {
+                form method="post" action=(paths::SET_ASIDE_REQUEUE) {
                     input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
-                    label { "Job (empty: all) " input type="text" name="job"; }
-                    button type="submit" { "Make them due again" }
+                    input type="hidden" name="job" value=(q.job.trim());
+                    (bound_fields(q.job.trim().is_empty(), &d.extent))
+                    button type="submit" { "Make these " (count) " due again" }
                 }
             }
             table {
                 thead { tr { th { "Id" } th { "Job" } th { "Task" } th { "Attempts" } th { "Created" } } }
                 tbody {
-                    @for r in rows {
+                    @for r in &d.rows {
                         tr { td { (r.id) } td { code { (r.job_id) } } td { code { (r.task_id) } } td { (r.attempts) } td { (r.created_at) } }
                     }
-                    @if rows.is_empty() { tr { td colspan="5" { "None." } } }
+                    @if d.rows.is_empty() { tr { td colspan="5" { "None." } } }
                 }
             }
         },

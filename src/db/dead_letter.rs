@@ -354,25 +354,42 @@ pub struct BatchReport {
     pub batches: u64,
 }
 
-/// The next at most `batch` ids matching `f` above `after`, in id order.
+/// How many dead letters match `f`, counted exactly, and the highest id
+/// among them (0 when none): what a confirmation shows and a bulk action
+/// is bound to.
+pub async fn extent(client: &Client, schema: &Schema, f: &Filter) -> Result<(i64, i64), DeadLetterError> {
+    let job = job_text(schema, f.job.as_deref());
+    let since = f.since.map(ms);
+    let r = client
+        .query_typed_one(
+            &format!("SELECT count(*), coalesce(max(id), 0)::int8 FROM task_outbox_dead WHERE {FILTER}"),
+            &[(&job, Type::TEXT), (&since, Type::INT8), (&f.error, Type::TEXT)],
+        )
+        .await?;
+    Ok((column(&r, TABLE, 0)?, column(&r, TABLE, 1)?))
+}
+
+/// The next at most `batch` ids matching `f` above `after` and at most
+/// `upto`, in id order.
 async fn next_ids(
     client: &Client,
     schema: &Schema,
     f: &Filter,
-    after: i64,
+    (after, upto): (i64, i64),
     batch: i64,
 ) -> Result<Vec<i64>, DeadLetterError> {
     let job = job_text(schema, f.job.as_deref());
     let since = f.since.map(ms);
     let rows = client
         .query_typed(
-            &format!("SELECT id FROM task_outbox_dead WHERE {FILTER} AND id > $4 ORDER BY id LIMIT $5"),
+            &format!("SELECT id FROM task_outbox_dead WHERE {FILTER} AND id > $4 AND id <= $6 ORDER BY id LIMIT $5"),
             &[
                 (&job, Type::TEXT),
                 (&since, Type::INT8),
                 (&f.error, Type::TEXT),
                 (&after, Type::INT8),
                 (&batch, Type::INT8),
+                (&upto, Type::INT8),
             ],
         )
         .await?;
@@ -382,21 +399,24 @@ async fn next_ids(
         .collect::<Result<_, ColumnError>>()?)
 }
 
-/// Requeue every dead letter matching `f`, `batch` at a time (each batch
-/// its own transaction, so a large requeue never holds long locks);
-/// `progress` is called after each batch. Rows a concurrent purge took
-/// meanwhile are skipped, not an error.
+/// Requeue every dead letter matching `f` whose id is at most `upto` (the
+/// highest id the operator confirmed: rows dead-lettered since are not
+/// touched), `batch` at a time (each batch its own transaction, so a
+/// large requeue never holds long locks); `progress` is called after each
+/// batch. Rows a concurrent purge took meanwhile are skipped, not an
+/// error.
 pub async fn requeue_matching(
     client: &mut Client,
     schema: &Schema,
     f: &Filter,
+    upto: i64,
     batch: i64,
     mut progress: impl FnMut(&BatchReport),
 ) -> Result<BatchReport, DeadLetterError> {
     let mut report = BatchReport::default();
     let mut after = 0;
     loop {
-        let ids = next_ids(client, schema, f, after, batch).await?;
+        let ids = next_ids(client, schema, f, (after, upto), batch).await?;
         let Some(&last) = ids.last() else { break };
         after = last;
         let mut want = ids;
@@ -421,18 +441,20 @@ pub async fn requeue_matching(
     Ok(report)
 }
 
-/// Delete every dead letter matching `f`, `batch` per statement.
+/// Delete every dead letter matching `f` whose id is at most `upto`,
+/// `batch` per statement.
 pub async fn purge_matching(
     client: &Client,
     schema: &Schema,
     f: &Filter,
+    upto: i64,
     batch: i64,
     mut progress: impl FnMut(&BatchReport),
 ) -> Result<BatchReport, DeadLetterError> {
     let mut report = BatchReport::default();
     let mut after = 0;
     loop {
-        let ids = next_ids(client, schema, f, after, batch).await?;
+        let ids = next_ids(client, schema, f, (after, upto), batch).await?;
         let Some(&last) = ids.last() else { break };
         after = last;
         let deleted = client

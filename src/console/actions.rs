@@ -1,0 +1,541 @@
+//! The console's actions: pause, resume and cancel a job; requeue or purge
+//! the dead letters a filter matches; make set-aside rows due again. The
+//! page forms and the API reach the same functions here.
+//!
+//! Every action
+//! - is refused before it starts unless an operator asks, from this
+//!   console's origin, with the session's CSRF token ([`refuse_action`]);
+//! - takes its input strictly: unknown fields are refused by name, an
+//!   empty filter means nothing unless `all` says everything, and a bulk
+//!   action carries the exact count and the highest id its operator
+//!   confirmed ([`BulkForm`]): it answers 409 and changes nothing when
+//!   more rows match by then, and never touches a row above that id;
+//! - writes an audit line *before* it acts (who, what, the filter, the
+//!   rows expected) and one after with the rows actually changed, also
+//!   when a later batch fails, or when the task ends early ([`Audit`]);
+//! - runs as a task of its own, so a client that goes away does not stop
+//!   it half-way with nothing logged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use slog::{info, warn};
+
+use super::auth::{self, Role};
+use super::data;
+use super::identity::{loggable, same_origin, Who};
+use super::load::{Extent, FilterForm};
+use super::respond::html;
+use super::{views, Console, ConsoleError};
+use crate::db::dead_letter as dl;
+use crate::db::pause;
+
+type St = web::Data<Console>;
+
+/// Rows per batch of a filtered requeue or purge.
+pub const ACTION_BATCH: i64 = 500;
+
+/// What an action did: one line for the page, the audit log and the API.
+#[derive(Debug, Serialize)]
+pub(crate) struct ActionResult {
+    pub action: &'static str,
+    pub ok: bool,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    #[serde(skip)]
+    pub status: StatusCode,
+}
+
+impl ActionResult {
+    fn done(action: &'static str, message: String, rows: Option<u64>) -> Self {
+        ActionResult {
+            action,
+            ok: true,
+            message,
+            rows,
+            status: StatusCode::OK,
+        }
+    }
+
+    /// Failed while acting (`rows`: what was changed before).
+    fn failed(action: &'static str, e: &ConsoleError, rows: Option<u64>) -> Self {
+        ActionResult {
+            action,
+            ok: false,
+            message: e.to_string(),
+            rows,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Refused before anything changed: bad input (400) or a set that
+    /// outgrew its confirmation (409).
+    fn refused(action: &'static str, e: &ConsoleError) -> Self {
+        let status = match e {
+            ConsoleError::Conflict(_) => StatusCode::CONFLICT,
+            ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ActionResult {
+            action,
+            ok: false,
+            message: e.to_string(),
+            rows: Some(0),
+            status,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- guards
+
+/// Why an action is refused, before it runs.
+pub(crate) fn refuse_action(
+    st: &Console,
+    who: &Who,
+    req: &HttpRequest,
+    csrf: Option<&str>,
+    api: bool,
+) -> Option<String> {
+    if st.read_only {
+        return Some("the console is read-only (console.read_only)".into());
+    }
+    if who.role != Role::Operator {
+        return Some(format!("{} is a viewer; actions need an operator", who.name));
+    }
+    let origin_ok = if api && !who.session {
+        // Basic auth: a cross-site form cannot send a JSON body, and a
+        // browser that sent an Origin must have sent ours.
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        json && (req.headers().get(header::ORIGIN).is_none() || same_origin(req))
+    } else {
+        same_origin(req)
+    };
+    if !origin_ok {
+        return Some(
+            "the request did not come from this console (Origin/Referer, or a JSON body for Basic auth)".into(),
+        );
+    }
+    if who.session {
+        let sent = if api {
+            req.headers().get("X-CSRF-Token").and_then(|v| v.to_str().ok())
+        } else {
+            csrf
+        };
+        if !sent.is_some_and(|t| who.csrf.as_deref().is_some_and(|c| auth::same_token(c, t))) {
+            return Some("missing or wrong CSRF token; reload the page and try again".into());
+        }
+    }
+    None
+}
+
+pub(crate) fn forbidden(st: &Console, who: &Who, action: &str, why: &str, api: bool) -> HttpResponse {
+    st.metrics.actions.with_label_values(&[action, "forbidden"]).inc();
+    warn!(st.log, "console action refused"; "user" => loggable(&who.name), "action" => action, "why" => why);
+    if api {
+        HttpResponse::Forbidden().json(serde_json::json!({ "error": why }))
+    } else {
+        html(StatusCode::FORBIDDEN, views::message("Refused", why, Some(who)))
+    }
+}
+
+/// `pause`, `resume` or `cancel`.
+pub(crate) fn job_action_name(action: &str) -> Option<&'static str> {
+    ["pause", "resume", "cancel"].into_iter().find(|a| *a == action)
+}
+
+/// `requeue` or `purge`.
+pub(crate) fn bulk_action_name(action: &str) -> Option<&'static str> {
+    ["requeue", "purge"].into_iter().find(|a| *a == action)
+}
+
+// ---------------------------------------------------------------- audit
+
+/// An action's audit: a line when it starts, one when it ends, with the
+/// rows changed so far kept in a counter the work updates batch by batch.
+/// Dropped without [`Audit::finish`] (the task ended early), it still
+/// writes the end line with what was done.
+pub(crate) struct Audit {
+    st: St,
+    user: String,
+    action: &'static str,
+    target: String,
+    done: Arc<AtomicU64>,
+    finished: bool,
+}
+
+impl Audit {
+    pub fn start(st: &St, who: &Who, action: &'static str, target: &str, expected: Option<i64>) -> Audit {
+        info!(st.log, "console action started";
+            "user" => loggable(&who.name), "action" => action, "target" => loggable(target),
+            "expected_rows" => expected);
+        Audit {
+            st: st.clone(),
+            user: who.name.clone(),
+            action,
+            target: target.to_string(),
+            done: Arc::new(AtomicU64::new(0)),
+            finished: false,
+        }
+    }
+
+    /// The rows changed so far (the work stores into it).
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.done.clone()
+    }
+
+    pub fn finish(mut self, r: &ActionResult) {
+        self.finished = true;
+        let st = &self.st;
+        st.metrics
+            .actions
+            .with_label_values(&[self.action, if r.ok { "ok" } else { "error" }])
+            .inc();
+        let (user, target) = (loggable(&self.user), loggable(&self.target));
+        if r.ok {
+            info!(st.log, "console action";
+                "user" => user, "action" => self.action, "target" => target,
+                "rows" => r.rows, "result" => &r.message);
+        } else {
+            warn!(st.log, "console action failed";
+                "user" => user, "action" => self.action, "target" => target,
+                "rows" => self.done.load(Ordering::Relaxed), "error" => &r.message);
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let st = &self.st;
+        st.metrics.actions.with_label_values(&[self.action, "error"]).inc();
+        warn!(st.log, "console action ended before it finished";
+            "user" => loggable(&self.user), "action" => self.action, "target" => loggable(&self.target),
+            "rows" => self.done.load(Ordering::Relaxed));
+    }
+}
+
+/// Run an action as a task of its own: a client that disconnects drops
+/// only its wait, never the work.
+async fn detached(
+    action: &'static str,
+    work: impl std::future::Future<Output = ActionResult> + 'static,
+) -> ActionResult {
+    match actix_web::rt::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => ActionResult::failed(
+            action,
+            &ConsoleError::Postgres(format!("the action's task ended: {e}")),
+            None,
+        ),
+    }
+}
+
+// ---------------------------------------------------------------- jobs
+
+/// A job action's form: the job travels in the body, never in the path
+/// (`paths`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JobForm {
+    #[serde(default)]
+    pub csrf: String,
+    #[serde(default)]
+    pub job: String,
+}
+
+/// The API's job action body: nothing (the job is in the path).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoFields {}
+
+/// The job id as `task_outbox.job_id::text` gives it back, or why it
+/// names no job.
+fn job_scope(st: &Console, job: &str, action: &str) -> Result<String, ConsoleError> {
+    if job.is_empty() {
+        return Err(ConsoleError::BadRequest("no job id given".into()));
+    }
+    let scope = st.schema.outbox_job_id.stored_form(job).ok_or_else(|| {
+        ConsoleError::BadRequest(format!(
+            "job id {job:?} cannot name a job (task_outbox.job_id is {})",
+            st.schema.outbox_job_id
+        ))
+    })?;
+    if scope == pause::ALL && action != "cancel" {
+        return Err(ConsoleError::BadRequest(format!(
+            "job id {:?} is the pause table's name for every job: pause or resume everything with `outbox-relay pause` / `resume`",
+            pause::ALL
+        )));
+    }
+    Ok(scope)
+}
+
+pub(crate) async fn job_action(st: St, who: Who, job: String, action: &'static str) -> ActionResult {
+    let scope = match job_scope(&st, &job, action) {
+        Ok(s) => s,
+        Err(e) => return ActionResult::refused(action, &e),
+    };
+    let audit = Audit::start(&st, &who, action, &format!("job {scope}"), None);
+    detached(action, async move {
+        let r = match run_job_action(&st, &who, &scope, action).await {
+            Ok((message, rows)) => ActionResult::done(action, message, rows),
+            Err(e) => ActionResult::failed(action, &e, None),
+        };
+        audit.finish(&r);
+        r
+    })
+    .await
+}
+
+async fn run_job_action(
+    st: &Console,
+    who: &Who,
+    scope: &str,
+    action: &'static str,
+) -> Result<(String, Option<u64>), ConsoleError> {
+    if action == "cancel" {
+        let o = crate::cancel::cancel_everywhere(&st.pg_url, &st.redis_cfg, scope.to_string())
+            .await
+            .map_err(|e| ConsoleError::Postgres(e.to_string()))?;
+        return Ok((
+            format!(
+                "cancelled job {}: {} outbox rows deleted, schedule {} {}",
+                o.job_id,
+                o.outbox_rows_deleted,
+                o.schedule_key,
+                if o.schedule_entries_removed {
+                    "removed"
+                } else {
+                    "was empty"
+                }
+            ),
+            Some(o.outbox_rows_deleted),
+        ));
+    }
+    let reason = format!("console: {}", who.name);
+    let changed = st
+        .read(async |c| {
+            Ok(if action == "pause" {
+                pause::pause(c, scope, &reason).await?
+            } else {
+                pause::resume(c, scope).await?
+            })
+        })
+        .await?;
+    let msg = match (action, changed) {
+        ("pause", true) => format!("paused job {scope}: its rows are not claimed from each relay's next tick"),
+        ("pause", false) => format!("job {scope} was already paused"),
+        (_, true) => format!("resumed job {scope}: its rows are claimed again"),
+        (_, false) => format!("job {scope} was not paused"),
+    };
+    Ok((msg, None))
+}
+
+// ---------------------------------------------------------------- bulk
+
+/// A bulk action's input, from a form or a JSON body: the filter, `all`
+/// to mean every row, and what the operator confirmed. Unknown fields are
+/// refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkForm {
+    #[serde(default)]
+    pub csrf: String,
+    #[serde(default)]
+    pub job: String,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub within: String,
+    /// Every row: required when the filter is empty, refused with one.
+    #[serde(default)]
+    pub all: bool,
+    /// The exact count the confirmation showed.
+    pub expect_rows: Option<i64>,
+    /// The highest id the confirmation saw.
+    pub max_id: Option<i64>,
+}
+
+impl BulkForm {
+    pub fn filter_form(&self) -> FilterForm {
+        FilterForm {
+            job: self.job.clone(),
+            error: self.error.clone(),
+            within: self.within.clone(),
+        }
+    }
+
+    /// What was confirmed, or why the input is refused.
+    fn confirmed(&self, empty: bool, every: &str, extent_api: &str) -> Result<Extent, ConsoleError> {
+        if empty && !self.all {
+            return Err(ConsoleError::BadRequest(format!(
+                "no filter given: to act on {every}, say so with all=true"
+            )));
+        }
+        if !empty && self.all {
+            return Err(ConsoleError::BadRequest(
+                "all=true and a filter: send one or the other".into(),
+            ));
+        }
+        match (self.expect_rows, self.max_id) {
+            (Some(rows), Some(max_id)) => Ok(Extent { rows, max_id }),
+            _ => Err(ConsoleError::BadRequest(format!(
+                "expect_rows and max_id are required: the count and highest id that were confirmed ({extent_api} gives both)"
+            ))),
+        }
+    }
+}
+
+/// 409 unless the set matching now is within what was confirmed.
+fn still_confirmed(now: Extent, confirmed: Extent, what: &str) -> Result<(), ConsoleError> {
+    if now.rows > confirmed.rows || now.max_id > confirmed.max_id {
+        return Err(ConsoleError::Conflict(format!(
+            "{} {what} match now (highest id {}), but {} were confirmed (highest id {}): nothing was changed; look again and confirm the new count",
+            now.rows, now.max_id, confirmed.rows, confirmed.max_id
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, form: BulkForm) -> ActionResult {
+    let f = form.filter_form();
+    let target = f.describe();
+    let bound = async {
+        let confirmed = form.confirmed(f.is_empty(), "every dead letter", "GET /api/v1/dead-letters/confirm")?;
+        let filter = f.filter(&st.schema)?;
+        let now = super::load::dead_letters_extent(&st, &f).await?;
+        still_confirmed(now, confirmed, &format!("dead letters matching {target}"))?;
+        Ok::<_, ConsoleError>((filter, confirmed))
+    };
+    let (filter, confirmed) = match bound.await {
+        Ok(b) => b,
+        Err(e) => return ActionResult::refused(action, &e),
+    };
+    let audit = Audit::start(&st, &who, action, &target, Some(confirmed.rows));
+    let done = audit.counter();
+    detached(action, async move {
+        let run = async {
+            let mut client = st.action_client().await?;
+            let log = st.log.clone();
+            let progress = |r: &dl::BatchReport| {
+                done.store(r.done, Ordering::Relaxed);
+                if r.batches % 20 == 0 {
+                    info!(log, "console action progress"; "action" => action, "batches" => r.batches, "done" => r.done);
+                }
+            };
+            let (schema, upto) = (&st.schema, confirmed.max_id);
+            Ok::<_, ConsoleError>(if action == "requeue" {
+                dl::requeue_matching(&mut client, schema, &filter, upto, ACTION_BATCH, progress).await?
+            } else {
+                dl::purge_matching(&client, schema, &filter, upto, ACTION_BATCH, progress).await?
+            })
+        };
+        let r = match run.await {
+            Ok(rep) => ActionResult::done(
+                action,
+                if action == "requeue" {
+                    format!(
+                        "requeued {} of {} dead letters matching {target} ({} left in place: their task is in the outbox already, or its run is gone)",
+                        rep.done, rep.matched, rep.skipped
+                    )
+                } else {
+                    format!("purged {} of {} dead letters matching {target}", rep.done, rep.matched)
+                },
+                Some(rep.done),
+            ),
+            Err(e) => ActionResult::failed(action, &e, Some(done.load(Ordering::Relaxed))),
+        };
+        audit.finish(&r);
+        r
+    })
+    .await
+}
+
+/// The set-aside requeue's input: a job (or `all`), and what was confirmed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetAsideForm {
+    #[serde(default)]
+    pub csrf: String,
+    #[serde(default)]
+    pub job: String,
+    #[serde(default)]
+    pub all: bool,
+    pub expect_rows: Option<i64>,
+    pub max_id: Option<i64>,
+}
+
+pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> ActionResult {
+    const ACTION: &str = "requeue_set_aside";
+    let q = super::load::SetAsideQuery { job: form.job.clone() };
+    let job = q.job(&st.schema);
+    let target = job.as_deref().map_or_else(
+        || "every set-aside row".to_string(),
+        |j| format!("set-aside rows of job {j:?}"),
+    );
+    let bulk = BulkForm {
+        all: form.all,
+        expect_rows: form.expect_rows,
+        max_id: form.max_id,
+        ..BulkForm::default()
+    };
+    let bound = async {
+        let confirmed = bulk.confirmed(job.is_none(), "every set-aside row", "GET /api/v1/set-aside")?;
+        let j = job.clone();
+        let (rows, max_id) = st
+            .read(async |c| Ok(data::set_aside_extent(c, j.as_deref()).await?))
+            .await?;
+        still_confirmed(Extent { rows, max_id }, confirmed, &target)?;
+        Ok::<_, ConsoleError>(confirmed)
+    };
+    let confirmed = match bound.await {
+        Ok(c) => c,
+        Err(e) => return ActionResult::refused(ACTION, &e),
+    };
+    let audit = Audit::start(&st, &who, ACTION, &target, Some(confirmed.rows));
+    let done = audit.counter();
+    detached(ACTION, async move {
+        let run = async {
+            let client = st.action_client().await?;
+            loop {
+                let n = data::requeue_set_aside(&client, job.as_deref(), confirmed.max_id, ACTION_BATCH).await?;
+                if n == 0 {
+                    break;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok::<_, ConsoleError>(done.load(Ordering::Relaxed))
+        };
+        let r = match run.await {
+            Ok(n) => ActionResult::done(
+                ACTION,
+                format!("made {n} set-aside rows due again ({target}), attempts reset"),
+                Some(n),
+            ),
+            Err(e) => ActionResult::failed(ACTION, &e, Some(done.load(Ordering::Relaxed))),
+        };
+        audit.finish(&r);
+        r
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- answers
+
+pub(crate) fn action_page(who: &Who, r: &ActionResult, back: &str) -> HttpResponse {
+    html(r.status, views::result(who, r.ok, &r.message, back))
+}
+
+pub(crate) fn api_action(r: ActionResult) -> HttpResponse {
+    HttpResponse::build(r.status).json(r)
+}

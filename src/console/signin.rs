@@ -1,0 +1,158 @@
+//! Signing in and out: the login form (with its double-submit token), the
+//! password check (`identity::check_password`: limited per address,
+//! slowed per name, hashed off the request thread), the session cookie,
+//! and sign-out of this session or of every session of the user.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use slog::info;
+
+use super::auth;
+use super::identity::{self, check_password, client_key, cookie, loggable, same_origin, session_of, Refusal};
+use super::respond::redirect;
+use super::{body, paths, views, Console};
+
+type St = web::Data<Console>;
+
+/// The login form's cookie lives this long (seconds).
+const LOGIN_FORM_AGE: u64 = 600;
+
+fn cookie_header(st: &Console, name: &str, value: &str, max_age: Option<u64>) -> String {
+    let mut c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict");
+    if let Some(age) = max_age {
+        c.push_str(&format!("; Max-Age={age}"));
+    }
+    if st.secure_cookie {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NextQuery {
+    next: Option<String>,
+}
+
+pub(crate) async fn login_form(st: St, req: HttpRequest) -> HttpResponse {
+    if st.anonymous() {
+        return redirect("/");
+    }
+    let next = body::query::<NextQuery>(req.query_string()).ok().and_then(|q| q.next);
+    let token = auth::token();
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((
+            header::SET_COOKIE,
+            cookie_header(
+                &st,
+                identity::login_cookie(st.secure_cookie),
+                &token,
+                Some(LOGIN_FORM_AGE),
+            ),
+        ))
+        .body(views::login(&token, &paths::safe_next(next.as_deref()), None, st.read_only).into_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    token: String,
+    next: Option<String>,
+}
+
+pub(crate) async fn login(st: St, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let fresh = auth::token();
+    let again = |status: StatusCode, next: &str, why: &str| {
+        HttpResponse::build(status)
+            .content_type("text/html; charset=utf-8")
+            .insert_header((
+                header::SET_COOKIE,
+                cookie_header(
+                    &st,
+                    identity::login_cookie(st.secure_cookie),
+                    &fresh,
+                    Some(LOGIN_FORM_AGE),
+                ),
+            ))
+            .body(views::login(&fresh, next, Some(why), st.read_only).into_string())
+    };
+    let form: LoginForm = match body::read(payload)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| body::form(&b).map_err(|e| e.to_string()))
+    {
+        Ok(f) => f,
+        Err(e) => return again(StatusCode::BAD_REQUEST, "/", &e),
+    };
+    let next = paths::safe_next(form.next.as_deref());
+    let double_submit =
+        cookie(&req, identity::login_cookie(st.secure_cookie)).is_some_and(|c| auth::same_token(c, &form.token));
+    if !double_submit || !same_origin(&req) {
+        return again(
+            StatusCode::FORBIDDEN,
+            &next,
+            "The sign-in form expired or came from another site; try again.",
+        );
+    }
+    match check_password(&st, &req, &form.name, &form.password).await {
+        Ok(user) => {
+            let (token, _) = st.sessions.start(&user);
+            info!(st.log, "console sign-in";
+                "user" => loggable(&user.name), "role" => user.role.as_str(), "client" => client_key(&st, &req));
+            HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, next))
+                .insert_header((
+                    header::SET_COOKIE,
+                    cookie_header(&st, identity::session_cookie(st.secure_cookie), &token, None),
+                ))
+                .finish()
+        }
+        Err(Refusal::Limited) => again(
+            StatusCode::TOO_MANY_REQUESTS,
+            &next,
+            "Too many failed sign-ins from this address; wait a minute.",
+        ),
+        Err(Refusal::Wrong) => again(StatusCode::UNAUTHORIZED, &next, "Wrong name or password."),
+    }
+}
+
+/// The sign-out form: its CSRF token, and `everywhere` to end every
+/// session of the user (and forget their API credentials).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    everywhere: bool,
+}
+
+pub(crate) async fn logout(st: St, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let form: Option<LogoutForm> = body::read(payload).await.ok().and_then(|b| body::form(&b).ok());
+    if let (Some((token, s)), Some(form)) = (session_of(&st, &req), form) {
+        if auth::same_token(&s.csrf, &form.csrf) && same_origin(&req) {
+            if form.everywhere {
+                let ended = st.sessions.end_all(&s.user);
+                st.credentials.forget(&s.user);
+                info!(st.log, "console sign-out everywhere"; "user" => loggable(&s.user), "sessions" => ended);
+            } else {
+                st.sessions.end(&token);
+                info!(st.log, "console sign-out"; "user" => loggable(&s.user));
+            }
+        }
+    }
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, "/login"))
+        .insert_header((
+            header::SET_COOKIE,
+            cookie_header(&st, identity::session_cookie(st.secure_cookie), "", Some(0)),
+        ))
+        .finish()
+}

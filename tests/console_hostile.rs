@@ -1,0 +1,429 @@
+//! The console against hostile input (#37): job ids that hold `/ ? # % ..`,
+//! links crafted to turn one action into another, bulk-action bodies with
+//! a mistyped field, a confirmation the data has outgrown, and actions
+//! whose later batch fails or whose client goes away. Real Postgres, real
+//! Redis, the relay as a subprocess serving the console; every form is
+//! followed the way a browser follows it (its `action` resolved against
+//! the page's URL by the WHATWG rules of the `url` crate).
+
+mod common;
+
+use common::web::{base64, cli, relay_with_console, users_file, Answer, Web};
+use common::*;
+
+/// Insert `n` dead letters of `job` with `error`.
+async fn insert_dead(db: &TestDb, job: &str, n: i64, error: &str) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO task_outbox_dead (original_id, task_id, job_id, page_id, host, path, priority,
+                                           source_type, run_at, attempts, last_error)
+             SELECT i, gen_random_uuid(), $1::text::uuid, i::int, 'example.com', '/dead/' || i, 0.5, 'sitemap',
+                    now(), 5, $3
+               FROM generate_series(1, $2::int8) AS i",
+            &[&job, &n, &error],
+        )
+        .await
+        .expect("dead letters");
+}
+
+async fn dead_of(db: &TestDb, job: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) FROM task_outbox_dead WHERE job_id::text = lower('{job}')"
+    ))
+    .await
+}
+
+/// Every `<form method="post">` of a page: its action and hidden fields.
+fn post_forms(body: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    for part in body.split("<form").skip(1) {
+        let form = part.split("</form>").next().unwrap_or_default();
+        let head = form.split('>').next().unwrap_or_default();
+        if !head.contains("method=\"post\"") {
+            continue;
+        }
+        let action = attr(head, "action").unwrap_or_default();
+        let hidden = form
+            .split("<input")
+            .skip(1)
+            .filter(|i| i.contains("type=\"hidden\""))
+            .filter_map(|i| Some((attr(i, "name")?, attr(i, "value").unwrap_or_default())))
+            .collect();
+        out.push((action, hidden));
+    }
+    out
+}
+
+fn attr(tag: &str, name: &str) -> Option<String> {
+    let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let end = tag[at..].find('"')?;
+    Some(unescape(&tag[at..at + end]))
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Where a browser on `page` sends a form whose action is `action`.
+fn resolve(port: u16, page: &str, action: &str) -> String {
+    let base = url::Url::parse(&format!("http://127.0.0.1:{port}{page}")).expect("page URL");
+    let to = base.join(action).expect("a resolvable action");
+    match to.query() {
+        Some(q) => format!("{}?{q}", to.path()),
+        None => to.path().to_string(),
+    }
+}
+
+/// Submit every POST form of `page` as a browser would: its action
+/// resolved against the page, its hidden fields as they are.
+async fn submit_every_form(web: &mut Web, port: u16, page: &str) -> Vec<(String, Answer)> {
+    let shown = web.get(page).await;
+    let mut answers = Vec::new();
+    for (action, hidden) in post_forms(&shown.body) {
+        if action == "/logout" {
+            continue;
+        }
+        let to = resolve(port, page, &action);
+        let fields: Vec<(&str, &str)> = hidden.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let a = web.post_form(&to, &fields).await;
+        answers.push((to, a));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_job_link_acts_on_that_job_id_and_nothing_else() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-crafted");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    // Nothing is claimed: every row stays where the test put it.
+    cli(&db, &["pause", "--reason", "crafted links"]);
+    let jobs = new_jobs(2);
+    let (a, other) = (jobs[0].to_string(), jobs[1]);
+    insert_dead(&db, &a, 1200, "WRONGTYPE Operation against a key").await;
+    seed_for(&db, 20, &[other]).await;
+    running_job(&db, &other).await;
+    db.client()
+        .await
+        .batch_execute("UPDATE task_outbox SET run_at = 'infinity' WHERE id = (SELECT min(id) FROM task_outbox)")
+        .await
+        .expect("one row set aside");
+
+    let mut alice = Web::new(c.port);
+    assert_eq!(alice.sign_in("alice", "alice's password").await.status, 303);
+    let crafted = [
+        "/jobs/..%2Fdead-letters%2Fpurge%3F/cancel".to_string(),
+        "/jobs/..%2Fset-aside%2Frequeue%3F/cancel".to_string(),
+        format!("/jobs/{other}%2Fcancel%3F/cancel"),
+        format!("/jobs/{other}%2Fcancel%3F/schedule"),
+        "/jobs/cancel?job=..%2Fdead-letters%2Fpurge%3F".to_string(),
+        "/jobs/cancel?job=..%2F..%2Fdead-letters%2Fpurge%3Fx%3D".to_string(),
+        format!("/jobs/cancel?job={other}%2Fcancel%3F"),
+        format!("/jobs/schedule?job={other}%23%2F..%2Fcancel"),
+    ];
+    for page in &crafted {
+        for (to, answer) in submit_every_form(&mut alice, c.port, page).await {
+            assert!(
+                ["/jobs/pause", "/jobs/resume", "/jobs/cancel"].contains(&to.as_str()),
+                "{page}: a form posts to {to}, not to a job action's own route ({})",
+                answer.status
+            );
+        }
+    }
+    assert_eq!(dead_of(&db, &a).await, 1200, "no dead letter purged");
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE run_at = 'infinity'")
+            .await,
+        1,
+        "the set-aside row is still set aside"
+    );
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{other}'"))
+            .await,
+        20,
+        "the other job is not cancelled"
+    );
+    let audit = c.relay.records("console action");
+    assert!(
+        !audit
+            .iter()
+            .any(|r| r["action"] == "purge" || r["action"] == "requeue_set_aside"),
+        "{audit:?}"
+    );
+}
+
+/// A paused job per hostile TEXT id (the Go schema's `task_outbox.job_id`):
+/// every link and form of the Jobs page, followed as a browser follows it,
+/// reaches that job's own route and acts on exactly that id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_job_ids_round_trip_through_every_link_and_form() {
+    let db = TestDb::go().await;
+    let prefix = key_prefix();
+    let users = users_file("console-text-ids");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let ids = [
+        "../dead-letters/purge?",
+        "a/b",
+        "x?y=1#frag",
+        "100%25 sure %2F",
+        "..",
+        ".",
+        "{job}|x",
+        "with space and \"quotes\" 'too'",
+        "ünïcødé/日本",
+        "%2e%2e",
+        "back\\slash",
+    ];
+    let mut alice = Web::new(c.port);
+    assert_eq!(alice.sign_in("alice", "alice's password").await.status, 303);
+    let client = db.client().await;
+    for id in ids {
+        client
+            .execute(
+                "INSERT INTO outbox_relay_pause (scope, reason) VALUES ($1, 'hostile id')",
+                &[&id],
+            )
+            .await
+            .expect("pause a job with a hostile id");
+    }
+    let page = alice.get("/jobs").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    // Each Resume form resumes exactly its own job, one at a time.
+    for (action, hidden) in post_forms(&page.body) {
+        if action == "/logout" {
+            continue;
+        }
+        let to = resolve(c.port, "/jobs", &action);
+        let fields: Vec<(&str, &str)> = hidden.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let before: Vec<String> = client
+            .query("SELECT scope FROM outbox_relay_pause ORDER BY scope", &[])
+            .await
+            .expect("pauses")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let r = alice.post_form(&to, &fields).await;
+        assert_eq!(r.status, 200, "{to}: {}", r.body);
+        let after: Vec<String> = client
+            .query("SELECT scope FROM outbox_relay_pause ORDER BY scope", &[])
+            .await
+            .expect("pauses")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let gone: Vec<&String> = before.iter().filter(|s| !after.contains(s)).collect();
+        assert_eq!(gone.len(), 1, "{to} resumed {gone:?}");
+        assert!(ids.contains(&gone[0].as_str()), "{to} resumed {gone:?}");
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM outbox_relay_pause").await,
+        0,
+        "every hostile id resumed"
+    );
+    // `*` is the pause table's name for every job: a job id `*` is
+    // refused, it does not pause everything.
+    let csrf = alice.csrf().await;
+    let r = alice.post_form("/jobs/pause", &[("csrf", &csrf), ("job", "*")]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = Web::api(c.port)
+        .post_json_as(
+            "/api/v1/jobs/%2A/pause",
+            &format!("Basic {}", base64(b"alice:alice's password")),
+            "{}",
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        db.count("SELECT count(*) FROM outbox_relay_pause WHERE scope = '*'")
+            .await,
+        0,
+        "the job id * did not pause every job"
+    );
+    // Links to schedules and dead letters carry the id intact.
+    for id in ids {
+        client
+            .execute(
+                "INSERT INTO outbox_relay_pause (scope, reason) VALUES ($1, 'hostile id')",
+                &[&id],
+            )
+            .await
+            .expect("pause again");
+    }
+    let page = alice.get("/jobs").await;
+    let hrefs: Vec<url::Url> = page
+        .body
+        .split(" href=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .map(|h| {
+            url::Url::parse(&format!("http://127.0.0.1:{}/jobs", c.port))
+                .expect("base")
+                .join(&unescape(h))
+                .expect("a resolvable link")
+        })
+        .collect();
+    let job_of = |u: &url::Url| u.query_pairs().find(|(k, _)| k == "job").map(|(_, v)| v.into_owned());
+    for id in ids {
+        for path in ["/jobs/schedule", "/dead-letters"] {
+            let link = hrefs
+                .iter()
+                .find(|u| u.path() == path && job_of(u).as_deref() == Some(id))
+                .unwrap_or_else(|| panic!("no {path} link for {id:?} among {hrefs:?}"));
+            let s = alice
+                .get(&format!("{}?{}", link.path(), link.query().unwrap_or_default()))
+                .await;
+            assert_eq!(s.status, 200, "{link}: {}", s.body);
+            if path == "/jobs/schedule" {
+                let key = format!("{}sched:{id}", prefix.0);
+                assert!(
+                    s.body.contains(&maud_escape(&key)),
+                    "{link} shows the schedule of {id:?} ({key}): {}",
+                    s.body
+                );
+            }
+        }
+    }
+    // The API's routes take the id as one percent-encoded path segment
+    // (what a script's URL library sends) and act on exactly it.
+    let alice_basic = format!("Basic {}", base64(b"alice:alice's password"));
+    for id in ids {
+        let segment: String = id
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let r = Web::api(c.port)
+            .post_json_as(&format!("/api/v1/jobs/{segment}/resume"), &alice_basic, "{}")
+            .await;
+        assert_eq!(r.status, 200, "{id:?}: {}", r.body);
+        let left = client
+            .query_one("SELECT count(*) FROM outbox_relay_pause WHERE scope = $1", &[&id])
+            .await
+            .expect("count")
+            .get::<_, i64>(0);
+        assert_eq!(left, 0, "{id:?} resumed through the API");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM outbox_relay_pause").await, 0);
+}
+
+fn maud_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_or_empty_bulk_filter_is_refused_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-typo");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    cli(&db, &["pause", "--reason", "typos"]);
+    let jobs = new_jobs(2);
+    let (a, b) = (jobs[0].to_string(), jobs[1].to_string());
+    insert_dead(&db, &a, 1200, "WRONGTYPE").await;
+    insert_dead(&db, &b, 300, "WRONGTYPE").await;
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    let mut api = Web::api(c.port);
+    for path in ["/api/v1/dead-letters/purge", "/api/v1/dead-letters/requeue"] {
+        let r = api.post_json_as(path, &alice, &format!(r#"{{"job_id": "{a}"}}"#)).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert!(r.body.contains("job_id"), "the answer names the field: {}", r.body);
+        let r = api.post_json_as(path, &alice, "{}").await;
+        assert_eq!(r.status, 400, "{path}: everything needs saying: {}", r.body);
+        let r = api.post_json_as(path, &alice, "").await;
+        assert_eq!(r.status, 400, "{path}: no body is not everything: {}", r.body);
+    }
+    let r = api
+        .post_json_as("/api/v1/set-aside/requeue", &alice, &format!(r#"{{"jobid": "{a}"}}"#))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("jobid"), "{}", r.body);
+    // The same through the forms.
+    let mut web = Web::new(c.port);
+    assert_eq!(web.sign_in("alice", "alice's password").await.status, 303);
+    let csrf = web.csrf().await;
+    let r = web
+        .post_form("/dead-letters/purge", &[("csrf", &csrf), ("job_id", &a)])
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("job_id"), "{}", r.body);
+    let r = web.post_form("/dead-letters/purge", &[("csrf", &csrf)]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 1500);
+}
+
+/// The confirmation's count, the list and the action read one canonical
+/// filter; the action carries what was confirmed and refuses a set that
+/// has grown since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_action_touches_exactly_what_was_confirmed() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-confirmed");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    cli(&db, &["pause", "--reason", "confirmations"]);
+    let jobs = new_jobs(2);
+    let (a, b) = (jobs[0].to_string(), jobs[1].to_string());
+    insert_dead(&db, &a, 10_050, "WRONGTYPE").await;
+    insert_dead(&db, &b, 300, "WRONGTYPE").await;
+    let upper = a.to_uppercase();
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    let mut api = Web::api(c.port);
+    let list = api
+        .get_as(&format!("/api/v1/dead-letters?job={upper}"), &alice)
+        .await
+        .json();
+    let listed = list["rows"].as_array().map_or(0, Vec::len);
+    assert_eq!(listed, 100, "{list}");
+    assert!(
+        list["matching"]["count"].as_i64().unwrap_or(0) > 0,
+        "the count reads the same job id as the list: {list}"
+    );
+
+    let mut web = Web::new(c.port);
+    assert_eq!(web.sign_in("alice", "alice's password").await.status, 303);
+    let page = format!("/dead-letters/confirm?action=purge&job={upper}&error=&within=");
+    let confirm = web.get(&page).await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    assert!(
+        confirm.body.contains("10,050"),
+        "the exact count, past 10,000: {}",
+        confirm.body
+    );
+    // More matching rows arrive between the confirmation and the click.
+    insert_dead(&db, &a, 5, "WRONGTYPE").await;
+    let forms = post_forms(&confirm.body);
+    let (action, hidden) = forms
+        .iter()
+        .find(|(a, _)| a.contains("purge"))
+        .cloned()
+        .expect("the purge form");
+    let fields: Vec<(&str, &str)> = hidden.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let stale = web.post_form(&resolve(c.port, &page, &action), &fields).await;
+    assert_eq!(stale.status, 409, "the set grew: {}", stale.body);
+    assert_eq!(dead_of(&db, &a).await, 10_055, "nothing purged on a 409");
+    // Confirmed again, it purges exactly job A's rows.
+    let confirm = web.get(&page).await;
+    assert!(confirm.body.contains("10,055"), "{}", confirm.body);
+    let forms = post_forms(&confirm.body);
+    let (action, hidden) = forms
+        .iter()
+        .find(|(a, _)| a.contains("purge"))
+        .cloned()
+        .expect("the purge form");
+    let fields: Vec<(&str, &str)> = hidden.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let done = web.post_form(&resolve(c.port, &page, &action), &fields).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(dead_of(&db, &a).await, 0);
+    assert_eq!(dead_of(&db, &b).await, 300, "the other job's rows are untouched");
+}
