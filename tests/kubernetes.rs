@@ -146,6 +146,7 @@ async fn a_pod_of_the_deployment_migrates_drains_answers_its_probes_and_stops() 
             ("outbox-relay", "DATABASE_URL") => db.role_url("outbox_relay"),
             ("outbox-relay", "REDIS_URL") => redis.url(),
             ("outbox-relay-console", "DATABASE_URL") => db.role_url("outbox_triage"),
+            ("outbox-relay-console", "REDIS_URL") => redis.url(),
             other => panic!("the test does not know Secret key {other:?}"),
         }
     };

@@ -44,3 +44,6 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_pause TO outbox_triage;
 -- The console (`outbox-relay console`, or console.listen on `run`) runs as
 -- this role too: everything above, and the fleet it shows.
 GRANT SELECT ON outbox_relay_instances, outbox_relay_minutes TO outbox_triage;
+-- Its set-aside requeue makes rows due again (UPDATE … SET run_at = now(),
+-- attempts = 0, on rows it locks FOR UPDATE): those two columns only.
+GRANT UPDATE (run_at, attempts) ON task_outbox TO outbox_triage;
