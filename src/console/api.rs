@@ -176,7 +176,7 @@ pub(crate) async fn set_aside(st: St, req: HttpRequest) -> HttpResponse {
     let q: SetAsideQuery = query!(req);
     match load::load_set_aside(&st, &q).await {
         Ok(d) => HttpResponse::Ok().json(serde_json::json!({
-            "count": d.extent.rows,
+            "count": data::Capped::exact(d.extent.rows),
             "expect_rows": d.extent.rows,
             "max_id": d.extent.max_id,
             "rows": d.rows,
