@@ -201,6 +201,29 @@ async fn operator_and_viewer() {
     }
     op.screenshot(&shots().join("overview-after.png")).await;
 
+    // A crafted link (#37): once it rendered a cancel form whose action
+    // Chromium resolved to /dead-letters/purge. No page builds a URL from
+    // the job id now: neither link offers any form that reaches another
+    // route, and the dead letters are all still there.
+    for crafted in [
+        "/jobs/..%2Fdead-letters%2Fpurge%3F/cancel",
+        "/jobs/cancel?job=..%2Fdead-letters%2Fpurge%3F",
+    ] {
+        op.goto(&format!("{base}{crafted}")).await;
+        assert!(
+            op.all("form[method=post]:not([action=\"/logout\"]):not([action=\"/jobs/cancel\"])")
+                .await
+                .is_empty(),
+            "{crafted}: {}",
+            op.source().await
+        );
+        assert!(
+            op.all("form[action=\"/jobs/cancel\"]").await.is_empty(),
+            "{crafted}: a cancel form for a job id that cannot name a job"
+        );
+    }
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 10);
+
     // A POST without the CSRF token, with the operator's own session: refused.
     let mut forger = Web::new(c.port);
     forger.cookies.extend(op.cookies().await);
