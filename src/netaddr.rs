@@ -52,21 +52,61 @@ impl IpRange {
     }
 }
 
-/// The client's address: the peer, unless the peer is a trusted proxy;
-/// then the right-most `X-Forwarded-For` entry that is not a trusted proxy
-/// (entries left of it were written by the client and prove nothing).
-pub fn client_address(peer: Option<IpAddr>, forwarded_for: &[&str], trusted: &[IpRange]) -> Option<IpAddr> {
-    let peer = peer?;
+/// One `X-Forwarded-For` hop as an address: `1.2.3.4`, `1.2.3.4:5678`,
+/// `2001:db8::1`, `[2001:db8::1]:5678`.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    hop.rsplit_once(':').and_then(|(h, _port)| h.parse().ok())
+}
+
+/// The key a client is limited and logged by: its address, with IPv6
+/// taken per /64 (one host usually holds a whole /64, and would get a
+/// limit per address of it otherwise).
+fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or_else(|| ip.to_string(), |v4| v4.to_string()),
+        v4 => v4.to_string(),
+    }
+}
+
+/// Who the client is, as a key: the peer's address, unless the peer is a
+/// trusted proxy; then the right-most `X-Forwarded-For` hop that is not a
+/// trusted proxy (hops left of it were written by the client and prove
+/// nothing). A hop that is not an address is the key as it is written
+/// (`forwarded:…`): never skipped, and never turned into the proxy's own
+/// address, which every client behind it shares.
+pub fn client_key(peer: Option<IpAddr>, forwarded_for: &[&str], trusted: &[IpRange]) -> String {
+    let Some(peer) = peer else {
+        return "unknown".into();
+    };
     let is_trusted = |ip: IpAddr| trusted.iter().any(|r| r.contains(ip));
     if !is_trusted(peer) {
-        return Some(peer);
+        return address_key(peer);
     }
-    let hops: Vec<IpAddr> = forwarded_for
+    let hops: Vec<&str> = forwarded_for
         .iter()
         .flat_map(|h| h.split(','))
-        .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
         .collect();
-    Some(hops.into_iter().rev().find(|ip| !is_trusted(*ip)).unwrap_or(peer))
+    for hop in hops.into_iter().rev() {
+        match hop_address(hop) {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return address_key(ip),
+            None => return format!("forwarded:{}", hop.chars().take(64).collect::<String>()),
+        }
+    }
+    address_key(peer)
 }
 
 /// Whether `host` (a `Host` header: name or address, maybe a port) names
@@ -112,25 +152,36 @@ mod tests {
     #[test]
     fn forwarded_for_counts_only_behind_a_trusted_proxy() {
         let proxies = [IpRange::parse("10.0.0.0/8").expect("range")];
+        let key = |peer: &str, xff: &[&str], trusted: &[IpRange]| client_key(Some(ip(peer)), xff, trusted);
         // From a proxy: the right-most untrusted hop.
         assert_eq!(
-            client_address(Some(ip("10.0.0.5")), &["6.6.6.6, 203.0.113.9, 10.0.0.7"], &proxies),
-            Some(ip("203.0.113.9"))
+            key("10.0.0.5", &["6.6.6.6, 203.0.113.9, 10.0.0.7"], &proxies),
+            "203.0.113.9"
+        );
+        // Several headers read as one list, in order.
+        assert_eq!(key("10.0.0.5", &["6.6.6.6", "203.0.113.9"], &proxies), "203.0.113.9");
+        // Hops with ports, IPv6 with brackets; IPv6 per /64.
+        assert_eq!(key("10.0.0.5", &["203.0.113.9:5123"], &proxies), "203.0.113.9");
+        assert_eq!(
+            key("10.0.0.5", &["[2001:db8:1:2::7]:443"], &proxies),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            key("10.0.0.5", &["2001:db8:1:2:ffff::9"], &proxies),
+            "2001:db8:1:2::/64"
         );
         // From anyone else: the header is the client's own words.
+        assert_eq!(key("198.51.100.1", &["203.0.113.9"], &proxies), "198.51.100.1");
+        assert_eq!(key("10.0.0.5", &["203.0.113.9"], &[]), "10.0.0.5");
+        // A hop that is not an address is its own key: never skipped to a
+        // client-written hop on its left, never the proxy's address.
         assert_eq!(
-            client_address(Some(ip("198.51.100.1")), &["203.0.113.9"], &proxies),
-            Some(ip("198.51.100.1"))
+            key("10.0.0.5", &["198.51.100.7, garbage"], &proxies),
+            "forwarded:garbage"
         );
-        // Nothing usable: the proxy itself.
-        assert_eq!(
-            client_address(Some(ip("10.0.0.5")), &["garbage"], &proxies),
-            Some(ip("10.0.0.5"))
-        );
-        assert_eq!(
-            client_address(Some(ip("10.0.0.5")), &["203.0.113.9"], &[]),
-            Some(ip("10.0.0.5"))
-        );
+        // No hop at all: the proxy itself.
+        assert_eq!(key("10.0.0.5", &[], &proxies), "10.0.0.5");
+        assert_eq!(client_key(None, &[], &proxies), "unknown");
     }
 
     #[test]

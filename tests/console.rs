@@ -262,6 +262,9 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
     // The form carries what was confirmed (#37): the count and highest id.
     assert_eq!(confirm.input("expect_rows").as_deref(), Some("1200"));
     let max_id = confirm.input("max_id").expect("the confirmed highest id");
+    let fingerprint = confirm
+        .input("fingerprint")
+        .expect("the confirmed id set's fingerprint");
     let done = alice
         .post_form(
             "/dead-letters/requeue",
@@ -272,6 +275,7 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
                 ("within", ""),
                 ("expect_rows", "1200"),
                 ("max_id", &max_id),
+                ("fingerprint", &fingerprint),
             ],
         )
         .await;
@@ -292,6 +296,9 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
         ))
         .await;
     let max_id = confirm.input("max_id").expect("the confirmed highest id");
+    let fingerprint = confirm
+        .input("fingerprint")
+        .expect("the confirmed id set's fingerprint");
     let purged = alice
         .post_form(
             "/dead-letters/purge",
@@ -302,6 +309,7 @@ async fn dead_letters_requeued_and_purged_by_filter_in_batches() {
                 ("within", "1h"),
                 ("expect_rows", "20"),
                 ("max_id", &max_id),
+                ("fingerprint", &fingerprint),
             ],
         )
         .await;

@@ -441,6 +441,7 @@ async fn confirmed_body(api: &mut Web, auth: &str, job: &str) -> String {
         "job": job,
         "expect_rows": seen["expect_rows"],
         "max_id": seen["max_id"],
+        "fingerprint": seen["fingerprint"],
     })
     .to_string()
 }
@@ -544,4 +545,105 @@ async fn a_client_that_disconnects_mid_action_leaves_a_complete_audit() {
     })
     .await;
     assert_eq!(dead_of(&db, &job).await, 0, "the purge ran to its end");
+}
+
+/// The set-aside requeue is bound to the very rows shown: a row set aside
+/// after the page, even with a lower id, and one that left meanwhile,
+/// make it refuse (409) and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_aside_requeue_refuses_a_swapped_row() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-set-aside-swap");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    cli(&db, &["pause", "--reason", "set-aside swap"]);
+    let job = new_jobs(1)[0];
+    seed_for(&db, 10, &[job]).await;
+    let client = db.client().await;
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM task_outbox ORDER BY id", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let set_aside = |id: i64, on: bool| {
+        let sql = format!(
+            "UPDATE task_outbox SET run_at = {} WHERE id = {id}",
+            if on { "'infinity'" } else { "now()" }
+        );
+        let db = &db;
+        async move { db.client().await.batch_execute(&sql).await.expect("set aside") }
+    };
+    set_aside(ids[5], true).await;
+    set_aside(ids[9], true).await;
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    let mut api = Web::api(c.port);
+    let seen = api.get_as("/api/v1/set-aside", &alice).await.json();
+    assert_eq!(seen["expect_rows"], 2, "{seen}");
+    // Row 5 leaves, row 2 (a lower id) comes: the same count and highest id.
+    set_aside(ids[5], false).await;
+    set_aside(ids[2], true).await;
+    let body = serde_json::json!({
+        "all": true,
+        "expect_rows": seen["expect_rows"],
+        "max_id": seen["max_id"],
+        "fingerprint": seen["fingerprint"],
+    })
+    .to_string();
+    let r = api.post_json_as("/api/v1/set-aside/requeue", &alice, &body).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE run_at = 'infinity'")
+            .await,
+        2,
+        "nothing changed"
+    );
+}
+
+/// A TEXT job id is taken exactly: one that begins with a space, or is
+/// nothing but spaces, is its own job, not a trimmed other one and not
+/// "every job".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_with_spaces_is_that_job_and_no_other() {
+    let db = TestDb::go().await;
+    let prefix = key_prefix();
+    let users = users_file("console-spaces");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    cli(&db, &["pause", "--reason", "spaces"]);
+    let client = db.client().await;
+    for (job, n) in [("job-7", 3_i64), (" job-7", 2), ("  ", 1)] {
+        client
+            .execute(
+                "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
+                 SELECT gen_random_uuid()::text, $1, i::int, 'example.com', '/p/' || i, 0.5, 'sitemap', 'infinity'
+                   FROM generate_series(1, $2::int8) AS i",
+                &[&job, &n],
+            )
+            .await
+            .expect("rows set aside");
+    }
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    let mut api = Web::api(c.port);
+    for (q, want) in [("job-7", 3), ("%20job-7", 2), ("%20%20", 1), ("", 6)] {
+        let seen = api.get_as(&format!("/api/v1/set-aside?job={q}"), &alice).await.json();
+        assert_eq!(seen["expect_rows"], want, "job={q:?}: {seen}");
+    }
+    let seen = api.get_as("/api/v1/set-aside?job=%20job-7", &alice).await.json();
+    let body = serde_json::json!({
+        "job": " job-7",
+        "expect_rows": seen["expect_rows"],
+        "max_id": seen["max_id"],
+        "fingerprint": seen["fingerprint"],
+    })
+    .to_string();
+    let r = api.post_json_as("/api/v1/set-aside/requeue", &alice, &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["rows"], 2, "{}", r.body);
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE run_at = 'infinity'")
+            .await,
+        4,
+        "only the two rows of \" job-7\" are due again"
+    );
 }

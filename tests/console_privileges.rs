@@ -177,6 +177,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
             "job": job,
             "expect_rows": seen["expect_rows"],
             "max_id": seen["max_id"],
+            "fingerprint": seen["fingerprint"],
         })
         .to_string()
     };
@@ -206,6 +207,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
                 "error": "WRONGTYPE",
                 "expect_rows": seen["expect_rows"],
                 "max_id": seen["max_id"],
+                "fingerprint": seen["fingerprint"],
             })
             .to_string(),
         )
@@ -234,7 +236,13 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
         .post_json_as(
             "/api/v1/set-aside/requeue",
             &alice,
-            &serde_json::json!({ "all": true, "expect_rows": 1, "max_id": seen["max_id"] }).to_string(),
+            &serde_json::json!({
+                "all": true,
+                "expect_rows": 1,
+                "max_id": seen["max_id"],
+                "fingerprint": seen["fingerprint"],
+            })
+            .to_string(),
         )
         .await;
     assert_eq!(r.status, 200, "set-aside requeue: {}", r.body);

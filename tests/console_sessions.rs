@@ -75,7 +75,7 @@ async fn guesses_at_a_name_from_many_addresses_never_lock_its_operator_out() {
     }
     let m = c.relay.http_get("/metrics").await.expect("metrics").1;
     assert!(
-        metric_value(&m, "outbox_relay_console_logins_total", &[("result", "slowed")]).unwrap_or(0.0) >= 1.0,
+        metric_value(&m, "outbox_relay_console_login_delays_total", &[]).unwrap_or(0.0) >= 1.0,
         "the name's later guesses were slowed"
     );
     // Alice, from her own address, with her password: in.
@@ -292,4 +292,45 @@ async fn a_request_body_that_never_ends_is_cut_off() {
         .await
         .expect("the console answers or closes within 40 s, well past its body deadline");
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 4"), "{answer}");
+}
+
+/// Guesses sent all at once from one address are limited like guesses
+/// sent one by one: each attempt counts from before its check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guesses_sent_at_once_from_one_address_are_limited_too() {
+    let db = TestDb::new().await;
+    let users = users_file("console-burst");
+    let c = relay_with_console(&db, &key_prefix(), Some(&users), &[]).await;
+    let wrong = format!("Basic {}", common::web::base64(b"alice:guess"));
+    let mut burst = Vec::new();
+    for _ in 0..30 {
+        let (port, wrong) = (c.port, wrong.clone());
+        burst.push(tokio::spawn(async move {
+            Web::api(port).get_as("/api/v1/overview", &wrong).await.status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for b in burst {
+        statuses.push(b.await.expect("a guess"));
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert!(checked <= 5, "{checked} guesses were checked at once: {statuses:?}");
+    assert!(statuses.iter().all(|s| [401, 429, 503].contains(s)), "{statuses:?}");
+}
+
+/// "Sign out everywhere" that is refused says so instead of looking done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sign_out_everywhere_says_so() {
+    let db = TestDb::new().await;
+    let users = users_file("console-signout-refused");
+    let c = relay_with_console(&db, &key_prefix(), Some(&users), &[]).await;
+    let (mut a1, mut a2) = (Web::new(c.port), Web::new(c.port));
+    assert_eq!(a1.sign_in("alice", "alice's password").await.status, 303);
+    assert_eq!(a2.sign_in("alice", "alice's password").await.status, 303);
+    let r = a1
+        .post_form("/logout", &[("csrf", "wrong"), ("everywhere", "true")])
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("no session ended"), "{}", r.body);
+    assert_eq!(a2.get("/jobs").await.status, 200);
 }

@@ -453,6 +453,7 @@ async fn console_pod(
         "all": true,
         "expect_rows": seen["expect_rows"],
         "max_id": seen["max_id"],
+        "fingerprint": seen["fingerprint"],
     });
     let r = api
         .post_json_as("/api/v1/dead-letters/requeue", &alice, &body.to_string())

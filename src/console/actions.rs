@@ -7,9 +7,10 @@
 //!   console's origin, with the session's CSRF token ([`refuse_action`]);
 //! - takes its input strictly: unknown fields are refused by name, an
 //!   empty filter means nothing unless `all` says everything, and a bulk
-//!   action carries the exact count and the highest id its operator
-//!   confirmed ([`BulkForm`]): it answers 409 and changes nothing when
-//!   more rows match by then, and never touches a row above that id;
+//!   action carries what its operator confirmed ([`BulkForm`]: the exact
+//!   count, the highest id, the fingerprint of the id set): it answers 409
+//!   and changes nothing unless exactly those rows match when it starts,
+//!   and never touches a row above that id;
 //! - writes an audit line *before* it acts (who, what, the filter, the
 //!   rows expected) and one after with the rows actually changed, also
 //!   when a later batch fails, or when the task ends early ([`Audit`]);
@@ -26,7 +27,7 @@ use slog::{info, warn};
 
 use super::auth::{self, Role};
 use super::data;
-use super::identity::{loggable, same_origin, Who};
+use super::identity::{loggable, one_line, same_origin, Who};
 use super::load::{Extent, FilterForm};
 use super::respond::html;
 use super::{views, Console, ConsoleError};
@@ -203,11 +204,11 @@ impl Audit {
         if r.ok {
             info!(st.log, "console action";
                 "user" => user, "action" => self.action, "target" => target,
-                "rows" => r.rows, "result" => &r.message);
+                "rows" => r.rows, "result" => one_line(&r.message));
         } else {
             warn!(st.log, "console action failed";
                 "user" => user, "action" => self.action, "target" => target,
-                "rows" => self.done.load(Ordering::Relaxed), "error" => &r.message);
+                "rows" => self.done.load(Ordering::Relaxed), "error" => one_line(&r.message));
         }
     }
 }
@@ -364,6 +365,8 @@ pub(crate) struct BulkForm {
     pub expect_rows: Option<i64>,
     /// The highest id the confirmation saw.
     pub max_id: Option<i64>,
+    /// The fingerprint of the id set the confirmation saw.
+    pub fingerprint: Option<String>,
 }
 
 impl BulkForm {
@@ -387,20 +390,24 @@ impl BulkForm {
                 "all=true and a filter: send one or the other".into(),
             ));
         }
-        match (self.expect_rows, self.max_id) {
-            (Some(rows), Some(max_id)) => Ok(Extent { rows, max_id }),
+        match (self.expect_rows, self.max_id, &self.fingerprint) {
+            (Some(rows), Some(max_id), Some(fingerprint)) => Ok(Extent {
+                rows,
+                max_id,
+                fingerprint: fingerprint.clone(),
+            }),
             _ => Err(ConsoleError::BadRequest(format!(
-                "expect_rows and max_id are required: the count and highest id that were confirmed ({extent_api} gives both)"
+                "expect_rows, max_id and fingerprint are required: what was confirmed ({extent_api} gives all three)"
             ))),
         }
     }
 }
 
-/// 409 unless the set matching now is within what was confirmed.
-fn still_confirmed(now: Extent, confirmed: Extent, what: &str) -> Result<(), ConsoleError> {
-    if now.rows > confirmed.rows || now.max_id > confirmed.max_id {
+/// 409 unless exactly the confirmed rows match now.
+fn still_confirmed(now: &Extent, confirmed: &Extent, what: &str) -> Result<(), ConsoleError> {
+    if now != confirmed {
         return Err(ConsoleError::Conflict(format!(
-            "{} {what} match now (highest id {}), but {} were confirmed (highest id {}): nothing was changed; look again and confirm the new count",
+            "the {what} are not the ones confirmed: {} match now (highest id {}), {} were confirmed (highest id {}); nothing was changed: look again and confirm",
             now.rows, now.max_id, confirmed.rows, confirmed.max_id
         )));
     }
@@ -414,7 +421,7 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
         let confirmed = form.confirmed(f.is_empty(), "every dead letter", "GET /api/v1/dead-letters/confirm")?;
         let filter = f.filter(&st.schema)?;
         let now = super::load::dead_letters_extent(&st, &f).await?;
-        still_confirmed(now, confirmed, &format!("dead letters matching {target}"))?;
+        still_confirmed(&now, &confirmed, &format!("dead letters matching {target}"))?;
         Ok::<_, ConsoleError>((filter, confirmed))
     };
     let (filter, confirmed) = match bound.await {
@@ -425,6 +432,8 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
     let done = audit.counter();
     detached(action, async move {
         let run = async {
+            // Dead letters get ids in commit order, so one dead-lettered
+            // after the check has a higher id than any confirmed one.
             let mut client = st.action_client().await?;
             let log = st.log.clone();
             let progress = |r: &dl::BatchReport| {
@@ -473,6 +482,7 @@ pub(crate) struct SetAsideForm {
     pub all: bool,
     pub expect_rows: Option<i64>,
     pub max_id: Option<i64>,
+    pub fingerprint: Option<String>,
 }
 
 pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> ActionResult {
@@ -487,42 +497,35 @@ pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> Ac
         all: form.all,
         expect_rows: form.expect_rows,
         max_id: form.max_id,
+        fingerprint: form.fingerprint.clone(),
         ..BulkForm::default()
     };
-    let bound = async {
-        let confirmed = bulk.confirmed(job.is_none(), "every set-aside row", "GET /api/v1/set-aside")?;
-        let j = job.clone();
-        let (rows, max_id) = st
-            .read(async |c| Ok(data::set_aside_extent(c, j.as_deref()).await?))
-            .await?;
-        still_confirmed(Extent { rows, max_id }, confirmed, &target)?;
-        Ok::<_, ConsoleError>(confirmed)
-    };
-    let confirmed = match bound.await {
+    let confirmed = match bulk.confirmed(job.is_none(), "every set-aside row", "GET /api/v1/set-aside") {
         Ok(c) => c,
         Err(e) => return ActionResult::refused(ACTION, &e),
     };
     let audit = Audit::start(&st, &who, ACTION, &target, Some(confirmed.rows));
-    let done = audit.counter();
     detached(ACTION, async move {
         let run = async {
-            let client = st.action_client().await?;
-            loop {
-                let n = data::requeue_set_aside(&client, job.as_deref(), confirmed.max_id, ACTION_BATCH).await?;
-                if n == 0 {
-                    break;
-                }
-                done.fetch_add(n, Ordering::Relaxed);
-            }
-            Ok::<_, ConsoleError>(done.load(Ordering::Relaxed))
+            let mut client = st.action_client().await?;
+            Ok::<_, ConsoleError>(data::requeue_set_aside(&mut client, job.as_deref(), &confirmed).await?)
         };
         let r = match run.await {
-            Ok(n) => ActionResult::done(
-                ACTION,
-                format!("made {n} set-aside rows due again ({target}), attempts reset"),
-                Some(n),
-            ),
-            Err(e) => ActionResult::failed(ACTION, &e, Some(done.load(Ordering::Relaxed))),
+            Ok(data::SetAsideRequeue::Done(n)) => {
+                audit.counter().store(n, Ordering::Relaxed);
+                ActionResult::done(
+                    ACTION,
+                    format!("made {n} set-aside rows due again ({target}), attempts reset"),
+                    Some(n),
+                )
+            }
+            Ok(data::SetAsideRequeue::Changed(now)) => {
+                let e = still_confirmed(&now, &confirmed, &target)
+                    .err()
+                    .unwrap_or_else(|| ConsoleError::Conflict(format!("the {target} changed")));
+                ActionResult::refused(ACTION, &e)
+            }
+            Err(e) => ActionResult::failed(ACTION, &e, Some(0)),
         };
         audit.finish(&r);
         r

@@ -4,8 +4,9 @@
 //! strings are parsed strictly: an unknown field is a 400 naming it.
 //!
 //! A bulk action is two calls: `GET …/confirm` (or `GET /api/v1/set-aside`)
-//! gives the exact count and highest id of what matches, and the action
-//! carries both as `expect_rows` and `max_id` (README "Console").
+//! gives the exact count, highest id and fingerprint of what matches, and
+//! the action carries all three as `expect_rows`, `max_id` and
+//! `fingerprint` (README "Console").
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
@@ -131,6 +132,7 @@ pub(crate) async fn dead_letters_confirm(st: St, req: HttpRequest) -> HttpRespon
             "all": f.is_empty(),
             "expect_rows": e.rows,
             "max_id": e.max_id,
+            "fingerprint": e.fingerprint,
         })),
         Err(e) => api_error(&e),
     }
@@ -179,6 +181,7 @@ pub(crate) async fn set_aside(st: St, req: HttpRequest) -> HttpResponse {
             "count": data::Capped::exact(d.extent.rows),
             "expect_rows": d.extent.rows,
             "max_id": d.extent.max_id,
+            "fingerprint": d.extent.fingerprint,
             "rows": d.rows,
         })),
         Err(e) => api_error(&e),

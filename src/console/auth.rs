@@ -13,12 +13,14 @@
 //!   out everywhere.
 //! - Failed logins are limited per client address: after
 //!   [`FAILURES_ALLOWED`] in [`FAILURE_WINDOW`] that address is refused
-//!   (429) until the window has passed. Per user name they only slow down
+//!   (429) until the window has passed. An address's attempts are checked
+//!   one at a time ([`Limiter::turn`]), so a burst sent all at once is
+//!   limited like the same attempts sent in turn. Per user name they only slow down
 //!   ([`Limiter::name_delay`]): an attacker who guesses at one operator's
 //!   name from many addresses must never lock that operator out during an
 //!   incident.
-//! - Argon2 runs on the blocking pool, at most [`HASHERS`] at a time, never
-//!   on the console's one request thread ([`Hasher`]); an API caller's
+//! - Argon2 runs on the blocking pool, [`HASHERS`] at a time, never on the
+//!   console's one request thread ([`Hasher`]); an API caller's
 //!   credentials, once checked, are remembered for [`CREDENTIAL_TTL`] under
 //!   a keyed 128-bit digest, so a script polling every second costs one
 //!   hash a minute, not one per call.
@@ -37,8 +39,12 @@ pub const FAILURES_ALLOWED: u32 = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// The longest a sign-in for a much-guessed name is held back.
 pub const NAME_DELAY_MAX: Duration = Duration::from_secs(4);
-/// Password checks (argon2, ~20 MiB and tens of ms each) at once.
-pub const HASHERS: usize = 2;
+/// Password checks (argon2, ~20 MiB and tens of ms each) at once: one, so
+/// a burst of sign-ins cannot take the console pod past its memory limit
+/// (`deploy/kubernetes/console.yaml`: 64 MiB).
+pub const HASHERS: usize = 1;
+/// A password check that cannot start within this is refused as busy.
+pub const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long checked API credentials are remembered.
 pub const CREDENTIAL_TTL: Duration = Duration::from_secs(60);
 
@@ -140,10 +146,18 @@ impl Sessions {
     }
 }
 
-/// Failed logins per key (a client address, a user name) in a window.
+/// Failed logins per key (a client address, a user name) in a window,
+/// and each address's turn to be checked.
 #[derive(Debug, Default)]
 pub struct Limiter {
     failures: Mutex<HashMap<String, (u32, Instant)>>,
+    gates: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// An address's turn to have a sign-in checked; the next waits until it
+/// is dropped.
+pub struct Turn {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Limiter {
@@ -192,6 +206,24 @@ impl Limiter {
     pub fn succeeded(&self, key: &str) {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
+
+    /// Wait for `key`'s turn (a client address): its sign-ins are checked
+    /// one at a time, each seeing the failures of those before it, so a
+    /// burst sent at once is limited like the same attempts sent in turn.
+    /// None when the turn did not come within [`HASH_QUEUE_TIMEOUT`].
+    pub async fn turn(&self, key: &str) -> Option<Turn> {
+        let gate = {
+            let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+            if gates.len() > 10_000 {
+                gates.retain(|_, g| std::sync::Arc::strong_count(g) > 1);
+            }
+            gates.entry(key.to_string()).or_default().clone()
+        };
+        tokio::time::timeout(HASH_QUEUE_TIMEOUT, gate.lock_owned())
+            .await
+            .ok()
+            .map(|guard| Turn { _guard: guard })
+    }
 }
 
 /// Password checks off the request thread, a few at a time.
@@ -211,15 +243,19 @@ impl Default for Hasher {
 impl Hasher {
     /// Whether `password` matches the argon2 `hash`, computed on the
     /// blocking pool once a permit is free (a burst of sign-ins queues
-    /// here instead of stalling every page).
-    pub async fn verify(&self, hash: &str, password: &str) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else {
-            return false;
+    /// here instead of stalling every page); None when no permit came
+    /// within [`HASH_QUEUE_TIMEOUT`].
+    pub async fn verify(&self, hash: &str, password: &str) -> Option<bool> {
+        let permit = tokio::time::timeout(HASH_QUEUE_TIMEOUT, self.permits.acquire()).await;
+        let Ok(Ok(_permit)) = permit else {
+            return None;
         };
         let (hash, password) = (hash.to_string(), password.to_string());
-        tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false)
+        Some(
+            tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                .await
+                .unwrap_or(false),
+        )
     }
 }
 

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+use crate::db::dead_letter::{Extent, EXTENT_COLUMNS};
 use crate::db::{column, fleet, ColumnError, QueryError};
 
 /// Counts stop here; per-job figures are taken in this many rows.
@@ -368,33 +369,66 @@ pub async fn set_aside(c: &Client, job: Option<&str>) -> Result<Vec<SetAside>, Q
         .map_err(QueryError::from)
 }
 
-/// Rows set aside (of `job`, or all), counted exactly along the claim
-/// index, and the highest id among them (0 when none): what the requeue
-/// form carries.
-pub async fn set_aside_extent(c: &Client, job: Option<&str>) -> Result<(i64, i64), QueryError> {
+/// The [`Extent`] of the rows set aside (of `job`, or all): what the
+/// requeue form carries.
+pub async fn set_aside_extent(c: &Client, job: Option<&str>) -> Result<Extent, QueryError> {
     let r = c
         .query_typed_one(
-            "SELECT count(*), coalesce(max(id), 0)::int8 FROM task_outbox
-              WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)",
+            &format!(
+                "SELECT {EXTENT_COLUMNS} FROM task_outbox
+                  WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)"
+            ),
             &[(&job, Type::TEXT)],
         )
         .await?;
-    Ok((column(&r, "task_outbox", 0)?, column(&r, "task_outbox", 1)?))
+    Ok(Extent::from_row(&r, "task_outbox")?)
 }
 
-/// Make at most `batch` set-aside rows (of `job`, or all; ids at most
-/// `upto`) due now with their attempts reset; how many. Called until it
-/// returns 0.
-pub async fn requeue_set_aside(c: &Client, job: Option<&str>, upto: i64, batch: i64) -> Result<u64, QueryError> {
-    Ok(c.execute_typed(
-        "UPDATE task_outbox SET run_at = now(), attempts = 0
-          WHERE id IN (SELECT id FROM task_outbox
-                        WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1) AND id <= $3
-                        ORDER BY run_at, id LIMIT $2
-                          FOR UPDATE SKIP LOCKED)",
-        &[(&job, Type::TEXT), (&batch, Type::INT8), (&upto, Type::INT8)],
-    )
-    .await?)
+/// What a set-aside requeue did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SetAsideRequeue {
+    /// These many rows are due again.
+    Done(u64),
+    /// The rows set aside are no longer the confirmed ones: nothing changed.
+    Changed(Extent),
+}
+
+/// Make the rows set aside (of `job`, or all) due now with their attempts
+/// reset, if they are exactly the `confirmed` ones; in one transaction
+/// that locks them first, so no row set aside meanwhile is touched, and
+/// none that was shown is missed. (Set-aside rows are never claimed: the
+/// locks block no relay.)
+pub async fn requeue_set_aside(
+    c: &mut Client,
+    job: Option<&str>,
+    confirmed: &Extent,
+) -> Result<SetAsideRequeue, QueryError> {
+    let tx = c.transaction().await?;
+    let r = tx
+        .query_typed_one(
+            &format!(
+                "WITH locked AS (SELECT id FROM task_outbox
+                                  WHERE run_at = 'infinity' AND ($1::text IS NULL OR job_id::text = $1)
+                                  ORDER BY id FOR UPDATE)
+                 SELECT {EXTENT_COLUMNS}, coalesce(array_agg(id), '{{}}') FROM locked"
+            ),
+            &[(&job, Type::TEXT)],
+        )
+        .await?;
+    let now = Extent::from_row(&r, "task_outbox")?;
+    if &now != confirmed {
+        tx.rollback().await?;
+        return Ok(SetAsideRequeue::Changed(now));
+    }
+    let ids: Vec<i64> = column(&r, "task_outbox", 3)?;
+    let n = tx
+        .execute_typed(
+            "UPDATE task_outbox SET run_at = now(), attempts = 0 WHERE id = ANY($1) AND run_at = 'infinity'",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(SetAsideRequeue::Done(n))
 }
 
 /// The fleet: relays seen within `stale_after` are live, others stale.

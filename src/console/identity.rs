@@ -64,24 +64,41 @@ pub(crate) fn session_of(st: &Console, req: &HttpRequest) -> Option<(String, Ses
 /// The client's address, for limits and logs: the peer, or behind a
 /// trusted proxy the address it forwarded (`crate::netaddr`).
 pub(crate) fn client_key(st: &Console, req: &HttpRequest) -> String {
-    let forwarded: Vec<&str> = req
+    // Bytes a header cannot hold as text still name a hop (lossily): a
+    // header that does not parse must never make the proxy the client.
+    let forwarded: Vec<String> = req
         .headers()
         .get_all("x-forwarded-for")
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .collect();
-    crate::netaddr::client_address(req.peer_addr().map(|a| a.ip()), &forwarded, &st.trusted_proxies)
-        .map_or_else(|| "unknown".to_string(), |ip| ip.to_string())
+    let forwarded: Vec<&str> = forwarded.iter().map(String::as_str).collect();
+    crate::netaddr::client_key(req.peer_addr().map(|a| a.ip()), &forwarded, &st.trusted_proxies)
 }
 
 /// A value from outside (a user name, a filter) made safe for one log
 /// field: control characters escaped (a newline cannot start a forged
-/// line in the text format), at most 128 characters.
+/// line in the text format), at most 200 characters.
 pub fn loggable(s: &str) -> String {
-    let mut out: String = s.chars().take(128).flat_map(char::escape_default).collect();
-    if s.chars().count() > 128 {
+    let mut out = one_line(&s.chars().take(200).collect::<String>());
+    if s.chars().count() > 200 {
         out.push('…');
     }
     out
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`), whole: for
+/// messages that quote outside values (a job id in an action's result).
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// A page's visitor: a session, or anyone when there are no users.
@@ -133,7 +150,7 @@ pub(crate) async fn api_caller(st: &Console, req: &HttpRequest) -> Result<Who, H
     let Some((name, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
         return Err(unauthorized());
     };
-    match check_password(st, req, name, password).await {
+    match check_password(st, req, name, password, Some(credential)).await {
         Ok(user) => {
             st.credentials.put(credential, &user, Instant::now());
             Ok(as_who(user))
@@ -141,6 +158,9 @@ pub(crate) async fn api_caller(st: &Console, req: &HttpRequest) -> Result<Who, H
         Err(Refusal::Limited) => Err(HttpResponse::TooManyRequests()
             .insert_header((header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string()))
             .json(serde_json::json!({ "error": "too many failed sign-ins from this address; wait a minute" }))),
+        Err(Refusal::Busy) => Err(HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "5"))
+            .json(serde_json::json!({ "error": "too many sign-ins at once; try again in a few seconds" }))),
         Err(Refusal::Wrong) => Err(unauthorized()),
     }
 }
@@ -148,21 +168,35 @@ pub(crate) async fn api_caller(st: &Console, req: &HttpRequest) -> Result<Who, H
 pub(crate) enum Refusal {
     Wrong,
     Limited,
+    /// No password check could start in time (a burst of sign-ins).
+    Busy,
 }
 
-/// Check a name and password: refused outright past the failed-login
-/// limit of the client's address; slowed, never refused, for a name that
-/// many attempts guessed at; the hash checked off the request thread.
-/// Every outcome is counted and logged.
+/// Check a name and password, one at a time per client address: refused
+/// outright past the failed-login limit of the address; slowed, never
+/// refused, for a name that many attempts guessed at; the hash checked
+/// off the request thread. `credential` (an API caller's `Authorization`)
+/// is looked up again once it is this attempt's turn: a script's calls
+/// sent at once cost one check. Every outcome is counted and logged.
 pub(crate) async fn check_password(
     st: &Console,
     req: &HttpRequest,
     name: &str,
     password: &str,
+    credential: Option<&str>,
 ) -> Result<auth::User, Refusal> {
-    let now = Instant::now();
     let client = client_key(st, req);
     let (by_addr, by_name) = (format!("addr:{client}"), format!("user:{name}"));
+    let Some(_turn) = st.limiter.turn(&by_addr).await else {
+        st.metrics.logins.with_label_values(&["busy"]).inc();
+        warn!(st.log, "console sign-in refused: too many sign-ins at once from this address";
+            "user" => loggable(name), "client" => &client);
+        return Err(Refusal::Busy);
+    };
+    if let Some(user) = credential.and_then(|c| st.credentials.get(c, Instant::now())) {
+        return Ok(user);
+    }
+    let now = Instant::now();
     if !st.limiter.allows(&by_addr, now) {
         st.metrics.logins.with_label_values(&["limited"]).inc();
         warn!(st.log, "console sign-in refused: too many failures from this address";
@@ -171,17 +205,22 @@ pub(crate) async fn check_password(
     }
     let delay = st.limiter.name_delay(&by_name, now);
     if !delay.is_zero() {
-        st.metrics.logins.with_label_values(&["slowed"]).inc();
+        st.metrics.login_delays.inc();
         tokio::time::sleep(delay).await;
     }
     // An unknown name costs a hash check too, so timing does not tell
     // which names exist.
     const DECOY: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$T6I1kGJ3s3bj3gkuUq7l2LwO8yNnV0KZ7q1fKZb6nYc";
     let user = st.users.iter().find(|u| u.name == name);
-    let ok = st
+    let Some(ok) = st
         .hasher
         .verify(user.map_or(DECOY, |u| u.hash.as_str()), password)
-        .await;
+        .await
+    else {
+        st.metrics.logins.with_label_values(&["busy"]).inc();
+        warn!(st.log, "console sign-in refused: too many sign-ins at once"; "user" => loggable(name), "client" => &client);
+        return Err(Refusal::Busy);
+    };
     match user {
         Some(u) if ok => {
             st.limiter.succeeded(&by_name);
@@ -265,6 +304,12 @@ mod tests {
         let l = loggable(forged);
         assert!(!l.contains('\n'), "{l}");
         assert!(l.starts_with("alice\\n"), "{l}");
-        assert_eq!(loggable(&"x".repeat(500)).chars().count(), 129);
+        assert_eq!(loggable(&"x".repeat(500)).chars().count(), 201);
+        assert_eq!(
+            loggable("job \"ü\""),
+            "job \"ü\"",
+            "only control characters are escaped"
+        );
+        assert_eq!(one_line("a\u{1b}[31mb"), "a\\u{1b}[31mb");
     }
 }

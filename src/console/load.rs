@@ -307,9 +307,11 @@ pub(crate) struct FilterForm {
 }
 
 impl FilterForm {
-    /// Whether it names no row in particular (every dead letter).
+    /// Whether it names no row in particular (every dead letter). A job
+    /// id or error text is taken exactly as given, spaces included: a
+    /// TEXT job id may begin or end with one, or be nothing else.
     pub fn is_empty(&self) -> bool {
-        self.job.trim().is_empty() && self.error.trim().is_empty() && self.within.trim().is_empty()
+        self.job.is_empty() && self.error.is_empty() && self.within.trim().is_empty()
     }
 
     /// The filter the queries run, its job id in the form
@@ -317,11 +319,11 @@ impl FilterForm {
     /// an id the column cannot hold is kept and matches nothing). The one
     /// place a dead-letter job id is canonicalised.
     pub fn filter(&self, schema: &crate::db::schema::Schema) -> Result<Filter, ConsoleError> {
-        let some = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
-        let since = match some(&self.within) {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let within = self.within.trim();
+        let since = match (!within.is_empty()).then_some(within) {
             Some(w) => Some(
-                crate::config::parse_duration(&w)
-                    .map_err(|e| ConsoleError::BadRequest(format!("within {w:?}: {e}")))?,
+                crate::config::parse_duration(w).map_err(|e| ConsoleError::BadRequest(format!("within {w:?}: {e}")))?,
             ),
             None => None,
         };
@@ -335,11 +337,11 @@ impl FilterForm {
     /// "job …, error contains …" for audit lines and confirmations.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
-        if !self.job.trim().is_empty() {
-            parts.push(format!("job {:?}", self.job.trim()));
+        if !self.job.is_empty() {
+            parts.push(format!("job {:?}", self.job));
         }
-        if !self.error.trim().is_empty() {
-            parts.push(format!("error contains {:?}", self.error.trim()));
+        if !self.error.is_empty() {
+            parts.push(format!("error contains {:?}", self.error));
         }
         if !self.within.trim().is_empty() {
             parts.push(format!("dead-lettered within {}", self.within.trim()));
@@ -356,8 +358,8 @@ impl FilterForm {
         super::paths::with_query(
             super::paths::DEAD_LETTERS,
             &[
-                ("job", self.job.trim()),
-                ("error", self.error.trim()),
+                ("job", &self.job),
+                ("error", &self.error),
                 ("within", self.within.trim()),
             ],
         )
@@ -383,20 +385,16 @@ pub(crate) async fn load_dead_letters(st: &Console, f: &FilterForm) -> Result<De
 }
 
 /// What a bulk action's confirmation shows and its form carries: the rows
-/// matching, counted exactly however many, and the highest id among them.
-/// The action refuses to run when more match by then (409), and never
-/// touches a row above `max_id`.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub(crate) struct Extent {
-    pub rows: i64,
-    pub max_id: i64,
-}
+/// matching, counted exactly however many, the highest id among them, and
+/// the fingerprint of their id set. The action refuses to run (409) unless
+/// exactly those rows match when it starts, and never touches a row above
+/// that id.
+pub(crate) use crate::db::dead_letter::Extent;
 
 pub(crate) async fn dead_letters_extent(st: &Console, f: &FilterForm) -> Result<Extent, ConsoleError> {
     let filter = f.filter(&st.schema)?;
     let schema = st.schema.clone();
-    let (rows, max_id) = st.read(async |c| Ok(dl::extent(c, &schema, &filter).await?)).await?;
-    Ok(Extent { rows, max_id })
+    st.read(async |c| Ok(dl::extent(c, &schema, &filter).await?)).await
 }
 
 /// A set-aside filter: a job id, or every set-aside row.
@@ -411,7 +409,7 @@ impl SetAsideQuery {
     /// The job id in the form `task_outbox.job_id::text` gives back, or
     /// None for every job.
     pub fn job(&self, schema: &crate::db::schema::Schema) -> Option<String> {
-        let j = self.job.trim();
+        let j = &self.job;
         (!j.is_empty()).then(|| schema.outbox_job_id.stored_form(j).unwrap_or_else(|| j.to_string()))
     }
 }
@@ -425,9 +423,8 @@ pub(crate) struct SetAsideData {
 pub(crate) async fn load_set_aside(st: &Console, q: &SetAsideQuery) -> Result<SetAsideData, ConsoleError> {
     let job = q.job(&st.schema);
     st.read(async |c| {
-        let (rows, max_id) = data::set_aside_extent(c, job.as_deref()).await?;
         Ok(SetAsideData {
-            extent: Extent { rows, max_id },
+            extent: data::set_aside_extent(c, job.as_deref()).await?,
             rows: data::set_aside(c, job.as_deref()).await?,
         })
     })

@@ -110,8 +110,10 @@ impl From<db::dead_letter::DeadLetterError> for ConsoleError {
 pub struct ConsoleMetrics {
     /// Actions by name and result (`ok`, `error`, `forbidden`).
     pub actions: IntCounterVec,
-    /// Sign-ins by result (`ok`, `failed`, `limited`).
+    /// Sign-ins by result (`ok`, `failed`, `limited`, `busy`).
     pub logins: IntCounterVec,
+    /// Sign-ins held back because their name had many failures.
+    pub login_delays: prometheus::IntCounter,
 }
 
 impl ConsoleMetrics {
@@ -126,13 +128,22 @@ impl ConsoleMetrics {
         let logins = IntCounterVec::new(
             Opts::new(
                 "outbox_relay_console_logins_total",
-                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit of the client's address), slowed (held back because the name had many failures).",
+                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit of the client's address), busy (no password check could start within 10 s).",
             ),
             &["result"],
         )?;
+        let login_delays = prometheus::IntCounter::new(
+            "outbox_relay_console_login_delays_total",
+            "Console sign-ins held back (up to 4 s) because their user name had many recent failures; they are also counted by result.",
+        )?;
         registry.register(Box::new(actions.clone()))?;
         registry.register(Box::new(logins.clone()))?;
-        Ok(ConsoleMetrics { actions, logins })
+        registry.register(Box::new(login_delays.clone()))?;
+        Ok(ConsoleMetrics {
+            actions,
+            logins,
+            login_delays,
+        })
     }
 }
 

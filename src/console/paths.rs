@@ -96,13 +96,18 @@ pub fn safe_next(next: Option<&str>) -> String {
     }
 }
 
+/// A small deterministic generator (xorshift) of job ids drawn from the
+/// characters that have broken URLs before (also used by `views`' tests).
+#[cfg(test)]
+pub(crate) fn hostile_ids(n: usize) -> Vec<String> {
+    tests::hostile_ids(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (xorshift): ids drawn from the
-    /// characters that have broken URLs before.
-    fn hostile_ids(n: usize) -> Vec<String> {
+    pub(super) fn hostile_ids(n: usize) -> Vec<String> {
         const PARTS: &[&str] = &[
             "/", "?", "#", "%", "..", ".", "*", "{", "}", "|", " ", "\"", "'", "&", "=", "+", "\\", "%2F", "%2e%2e",
             "ü", "日本", "a", "job-7", "<", ">", ";", ":", "@", "\t",

@@ -101,7 +101,7 @@ pub(crate) async fn login(st: St, req: HttpRequest, payload: web::Payload) -> Ht
             "The sign-in form expired or came from another site; try again.",
         );
     }
-    match check_password(&st, &req, &form.name, &form.password).await {
+    match check_password(&st, &req, &form.name, &form.password, None).await {
         Ok(user) => {
             let (token, _) = st.sessions.start(&user);
             info!(st.log, "console sign-in";
@@ -120,6 +120,11 @@ pub(crate) async fn login(st: St, req: HttpRequest, payload: web::Payload) -> Ht
             "Too many failed sign-ins from this address; wait a minute.",
         ),
         Err(Refusal::Wrong) => again(StatusCode::UNAUTHORIZED, &next, "Wrong name or password."),
+        Err(Refusal::Busy) => again(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &next,
+            "Too many sign-ins at once; try again in a few seconds.",
+        ),
     }
 }
 
@@ -136,17 +141,41 @@ struct LogoutForm {
 
 pub(crate) async fn logout(st: St, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     let form: Option<LogoutForm> = body::read(payload).await.ok().and_then(|b| body::form(&b).ok());
-    if let (Some((token, s)), Some(form)) = (session_of(&st, &req), form) {
-        if auth::same_token(&s.csrf, &form.csrf) && same_origin(&req) {
-            if form.everywhere {
-                let ended = st.sessions.end_all(&s.user);
-                st.credentials.forget(&s.user);
-                info!(st.log, "console sign-out everywhere"; "user" => loggable(&s.user), "sessions" => ended);
-            } else {
-                st.sessions.end(&token);
-                info!(st.log, "console sign-out"; "user" => loggable(&s.user));
-            }
+    let everywhere = form.as_ref().is_some_and(|f| f.everywhere);
+    let session = session_of(&st, &req);
+    let checked = match (&session, &form) {
+        (Some((_, s)), Some(f)) => auth::same_token(&s.csrf, &f.csrf) && same_origin(&req),
+        _ => false,
+    };
+    match session {
+        Some((_, s)) if checked && everywhere => {
+            let ended = st.sessions.end_all(&s.user);
+            st.credentials.forget(&s.user);
+            info!(st.log, "console sign-out everywhere"; "user" => loggable(&s.user), "sessions" => ended);
         }
+        Some((token, s)) if checked => {
+            st.sessions.end(&token);
+            info!(st.log, "console sign-out"; "user" => loggable(&s.user));
+        }
+        // Signing out everywhere must not seem done when nothing ended:
+        // the user would believe other browsers signed out.
+        Some((_, s)) if everywhere => {
+            let who = identity::Who {
+                name: s.user,
+                role: s.role,
+                csrf: Some(s.csrf),
+                session: true,
+            };
+            return super::respond::html(
+                StatusCode::FORBIDDEN,
+                views::message(
+                    "Not signed out",
+                    "Signing out everywhere was refused (the form expired or came from another site): no session ended. Reload the page and try again.",
+                    Some(&who),
+                ),
+            );
+        }
+        _ => {}
     }
     HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/login"))

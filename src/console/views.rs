@@ -354,12 +354,14 @@ pub fn dead_letters(who: &Who, f: &FilterForm, d: &DeadLettersData, can_act: boo
 }
 
 /// The hidden fields that bind a bulk action to what its page showed:
-/// `all` when nothing narrows it, the exact count and the highest id.
+/// `all` when nothing narrows it, the exact count, the highest id and the
+/// fingerprint of the id set.
 fn bound_fields(all: bool, e: &Extent) -> Markup {
     html! {
         @if all { input type="hidden" name="all" value="true"; }
         input type="hidden" name="expect_rows" value=(e.rows);
         input type="hidden" name="max_id" value=(e.max_id);
+        input type="hidden" name="fingerprint" value=(e.fingerprint);
     }
 }
 
@@ -377,7 +379,7 @@ pub fn batch_confirm(who: &Who, action: &str, f: &FilterForm, e: &Extent) -> Mar
                 } @else {
                     "They are deleted for good, in batches of 500."
                 }
-                " Rows dead-lettered after this page was shown are not touched; if more match by then, nothing is done and you are asked again."
+                " If other rows match by the time you confirm, nothing is done and you are asked again."
             }
             @if e.rows > 0 {
                 form method="post" action=(if action == "requeue" { paths::DEAD_LETTERS_REQUEUE } else { paths::DEAD_LETTERS_PURGE }) {
@@ -420,13 +422,13 @@ pub fn set_aside(who: &Who, q: &SetAsideQuery, d: &SetAsideData, can_act: bool) 
                 button type="submit" { "Filter" }
             }
             p { (count) " rows are set aside (run_at = infinity)"
-                @if !q.job.trim().is_empty() { " for job " code { (q.job.trim()) } }
+                @if !q.job.is_empty() { " for job " code { (q.job) } }
                 ": bound for the dead table, whose id columns cannot hold them. The first 200 are listed." }
             @if can_act && d.extent.rows > 0 {
                 form method="post" action=(paths::SET_ASIDE_REQUEUE) {
                     input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
-                    input type="hidden" name="job" value=(q.job.trim());
-                    (bound_fields(q.job.trim().is_empty(), &d.extent))
+                    input type="hidden" name="job" value=(q.job);
+                    (bound_fields(q.job.is_empty(), &d.extent))
                     button type="submit" { "Make these " (count) " due again" }
                 }
             }
@@ -441,4 +443,146 @@ pub fn set_aside(who: &Who, q: &SetAsideQuery, d: &SetAsideData, can_act: bool) 
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::auth::Role;
+
+    /// A form: its action and its hidden fields.
+    type Form = (String, Vec<(String, String)>);
+
+    /// Every `href="…"` and `<form … action="…">` of a page, unescaped.
+    fn urls(markup: &str) -> (Vec<String>, Vec<Form>) {
+        let unescape = |s: &str| {
+            s.replace("&quot;", "\"")
+                .replace("&#39;", "'")
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&")
+        };
+        let attr = |tag: &str, name: &str| {
+            let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+            let end = tag[at..].find('"')?;
+            Some(unescape(&tag[at..at + end]))
+        };
+        let hrefs = markup
+            .split(" href=\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .map(unescape)
+            .collect();
+        let forms = markup
+            .split("<form")
+            .skip(1)
+            .map(|f| {
+                let f = f.split("</form>").next().unwrap_or_default();
+                let head = f.split('>').next().unwrap_or_default();
+                let hidden = f
+                    .split("<input")
+                    .skip(1)
+                    .filter(|i| i.contains("type=\"hidden\""))
+                    .filter_map(|i| Some((attr(i, "name")?, attr(i, "value").unwrap_or_default())))
+                    .collect();
+                (attr(head, "action").unwrap_or_default(), hidden)
+            })
+            .collect();
+        (hrefs, forms)
+    }
+
+    /// The property of #37 item 1 over rendered pages: for thousands of
+    /// generated job ids, every link and every form of the Jobs page and
+    /// of each job's cancel and schedule pages, resolved by a browser's
+    /// rules against the page's own URL, reaches one of the console's
+    /// routes, and every job it names is exactly one of the ids.
+    #[test]
+    fn every_rendered_link_and_form_reaches_its_route_with_the_id_intact() {
+        let who = Who {
+            name: "alice".into(),
+            role: Role::Operator,
+            csrf: Some("c".repeat(64)),
+            session: true,
+        };
+        let ids = crate::console::paths::hostile_ids(2000);
+        let listed: Vec<Job> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Job {
+                job_id: id.clone(),
+                due_in_sample: 1,
+                delayed_in_sample: 0,
+                dead_letters: 1,
+                paused: i % 2 == 0,
+                schedule_size: Some(60),
+            })
+            .collect();
+        let routes = [
+            "/",
+            "/jobs",
+            "/dead-letters",
+            "/set-aside",
+            "/static/console.css",
+            paths::JOB_SCHEDULE,
+            paths::JOB_CANCEL_CONFIRM,
+        ];
+        let posts = [paths::JOB_PAUSE, paths::JOB_RESUME, paths::JOB_CANCEL, "/logout"];
+        let check = |page_url: &str, markup: &str, seen: &mut std::collections::HashSet<String>| {
+            let base = url::Url::parse(page_url).expect("page URL");
+            let (hrefs, forms) = urls(markup);
+            for h in hrefs {
+                let u = base.join(&h).expect("a link resolves");
+                assert_eq!(u.host_str(), Some("console.example"), "{page_url}: {h}");
+                assert!(routes.contains(&u.path()), "{page_url}: {h} reaches {}", u.path());
+                if let Some((_, job)) = u.query_pairs().find(|(k, _)| k == "job") {
+                    assert!(ids.contains(&job.to_string()), "{page_url}: {h} names {job:?}");
+                    seen.insert(job.into_owned());
+                }
+            }
+            for (action, hidden) in forms {
+                let u = base.join(&action).expect("an action resolves");
+                assert_eq!(u.query(), None, "{page_url}: {action}");
+                assert!(posts.contains(&u.path()), "{page_url}: a form posts to {}", u.path());
+                if let Some((_, job)) = hidden.iter().find(|(k, _)| k == "job") {
+                    assert!(ids.contains(job), "{page_url}: a form names {job:?}");
+                }
+            }
+        };
+        let mut linked = std::collections::HashSet::new();
+        check(
+            "http://console.example/jobs",
+            &jobs(&who, &listed, None, true).into_string(),
+            &mut linked,
+        );
+        assert_eq!(linked.len(), ids.iter().collect::<std::collections::HashSet<_>>().len());
+        for id in ids.iter().take(300) {
+            let page = format!("http://console.example{}", paths::job_cancel_confirm(id));
+            let counts = JobCounts {
+                due_in_sample: 1,
+                delayed_in_sample: 0,
+                dead_letters: Capped::exact(0),
+            };
+            let markup = cancel_confirm(&who, id, &counts).into_string();
+            check(&page, &markup, &mut linked);
+            let (_, forms) = urls(&markup);
+            assert!(
+                forms
+                    .iter()
+                    .any(|(a, h)| a == paths::JOB_CANCEL && h.iter().any(|(k, v)| k == "job" && v == id)),
+                "{id:?}: the cancel form names exactly the job"
+            );
+            let s = ScheduleData {
+                job_id: id.clone(),
+                key: format!("hover:sched:{id}"),
+                size: 200,
+                offset: 50,
+                entries: Vec::new(),
+            };
+            check(
+                &format!("http://console.example{}", paths::job_schedule(id, 50)),
+                &schedule(&who, &s, 50).into_string(),
+                &mut linked,
+            );
+        }
+    }
 }

@@ -354,19 +354,43 @@ pub struct BatchReport {
     pub batches: u64,
 }
 
-/// How many dead letters match `f`, counted exactly, and the highest id
-/// among them (0 when none): what a confirmation shows and a bulk action
-/// is bound to.
-pub async fn extent(client: &Client, schema: &Schema, f: &Filter) -> Result<(i64, i64), DeadLetterError> {
+/// Which rows a filter matched, exactly: how many, the highest id, and a
+/// fingerprint of the whole id set (the sum of a 64-bit hash of each id:
+/// any row added, removed or swapped changes it). What a confirmation
+/// shows and a bulk action is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    pub rows: i64,
+    pub max_id: i64,
+    pub fingerprint: String,
+}
+
+/// The SQL of an [`Extent`] over the `id`s a `FROM … WHERE` selects.
+pub const EXTENT_COLUMNS: &str =
+    "count(*), coalesce(max(id), 0)::int8, coalesce(sum(hashint8extended(id, 0)::numeric), 0)::text";
+
+impl Extent {
+    /// Read from a row of [`EXTENT_COLUMNS`].
+    pub fn from_row(r: &tokio_postgres::Row, table: &'static str) -> Result<Extent, ColumnError> {
+        Ok(Extent {
+            rows: column(r, table, 0)?,
+            max_id: column(r, table, 1)?,
+            fingerprint: column(r, table, 2)?,
+        })
+    }
+}
+
+/// The [`Extent`] of the dead letters matching `f`.
+pub async fn extent(client: &Client, schema: &Schema, f: &Filter) -> Result<Extent, DeadLetterError> {
     let job = job_text(schema, f.job.as_deref());
     let since = f.since.map(ms);
     let r = client
         .query_typed_one(
-            &format!("SELECT count(*), coalesce(max(id), 0)::int8 FROM task_outbox_dead WHERE {FILTER}"),
+            &format!("SELECT {EXTENT_COLUMNS} FROM task_outbox_dead WHERE {FILTER}"),
             &[(&job, Type::TEXT), (&since, Type::INT8), (&f.error, Type::TEXT)],
         )
         .await?;
-    Ok((column(&r, TABLE, 0)?, column(&r, TABLE, 1)?))
+    Ok(Extent::from_row(&r, TABLE)?)
 }
 
 /// The next at most `batch` ids matching `f` above `after` and at most
