@@ -266,6 +266,9 @@ pub struct TickReport {
     /// How long until the first row this tick put back for later (a
     /// retry, a postponed write) comes due.
     pub put_back_in: Option<Duration>,
+    /// Postgres refused a settle write (`stage: reason`): the delivered
+    /// rows were deleted anyway and these many others put off.
+    pub settle_refused: Option<(&'static str, String, usize)>,
 }
 
 /// Why a tick was abandoned. The transaction was rolled back in every case.
@@ -639,7 +642,45 @@ async fn tick_on(
                 },
             )
         };
-        let (_, shape, ..) = deadline.run("postgres settle", settle_all).await??;
+        let (_, shape, restored, ..) = match deadline.run("postgres settle", settle_all).await? {
+            Ok(done) => done,
+            // A table refused one of the writes (a trigger that raises, a
+            // check, a revoked privilege): left to itself the rollback
+            // would return the whole batch and the next tick would send it
+            // again, forever. Keep what Redis accepted and put off the rest.
+            Err(TickError::Db { stage, reason }) => {
+                deadline
+                    .run("postgres rollback", tx.rollback())
+                    .await?
+                    .map_err(TickError::db("postgres rollback"))?;
+                let put_off = plan.written_rows();
+                let delay = settings.retry.base_backoff;
+                settle_refused(conn, &plan.delete, &put_off, delay, deadline).await?;
+                report.retried = 0;
+                report.dead_lettered = 0;
+                report.set_aside.clear();
+                report.deferred += put_off.len();
+                report.put_back_in = Some(delay);
+                report.settle_refused = Some((stage, reason, put_off.len()));
+                lap(&mut stage_us[2]);
+                report.stage_us = stage_us;
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        if restored < restore.len() as u64 {
+            // A trigger or rule on task_outbox dropped rows it was given
+            // back (a producer's de-duplication, say): committing would
+            // lose them. Undo the tick; every claimed row returns.
+            deadline
+                .run("postgres rollback", tx.rollback())
+                .await?
+                .map_err(TickError::db("postgres rollback"))?;
+            return Err(TickError::ClaimFallback(format!(
+                "putting claimed rows back wrote {restored} of {} rows: a trigger or rule on task_outbox dropped the others, which would have been lost",
+                restore.len()
+            )));
+        }
         if let Some(now) = shape.filter(|now| *now != settings.schema.outbox_shape) {
             // What was put back may hold a DEFAULT for a new column: undo
             // it all (the rows return to the outbox as they were claimed;
@@ -665,6 +706,63 @@ async fn tick_on(
     lap(&mut stage_us[3]);
     report.stage_us = stage_us;
     Ok(report)
+}
+
+/// After Postgres refused a write of a tick's settle (and the tick rolled
+/// back): in a transaction of its own, delete the rows Redis accepted and
+/// put the others off by `delay`, so nothing is re-sent every tick. A step
+/// refused again is dropped from the next try: the delete alone, then the
+/// put-off alone (then at least the batch waits `delay` before it is sent
+/// again). Errors that are not refusals (a lost connection, a timeout)
+/// end the tick as usual.
+async fn settle_refused(
+    conn: &mut tokio_postgres::Client,
+    delete: &[i64],
+    put_off: &[i64],
+    delay: Duration,
+    deadline: Deadline,
+) -> Result<(), TickError> {
+    const STAGE: &str = "settle after a refused write";
+    let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
+    let every: Vec<i64> = delete.iter().chain(put_off).copied().collect();
+    let tries: [(&[i64], &[i64]); 3] = [(delete, put_off), (delete, &[]), (&[], &every)];
+    let mut last = String::new();
+    for (delete, put_off) in tries {
+        if delete.is_empty() && put_off.is_empty() {
+            continue;
+        }
+        let tx = deadline
+            .run("postgres begin", conn.transaction())
+            .await?
+            .map_err(TickError::db("postgres begin"))?;
+        let set = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
+        let writes = async {
+            tx.batch_execute(&set).await?;
+            outbox::delete(&tx, delete).await?;
+            outbox::postpone(&tx, put_off, delay_ms).await?;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match deadline.run(STAGE, writes).await?.map_err(TickError::db(STAGE)) {
+            Ok(()) => {
+                return tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
+                    .await
+                    .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
+                    .map_err(TickError::db("postgres commit"));
+            }
+            Err(TickError::Db { reason, .. }) => {
+                last = reason;
+                deadline
+                    .run("postgres rollback", tx.rollback())
+                    .await?
+                    .map_err(TickError::db("postgres rollback"))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(TickError::Db {
+        stage: STAGE,
+        reason: format!("every write refused: {last}"),
+    })
 }
 
 /// What a tick claims.
@@ -756,7 +854,7 @@ pub struct SweepActor {
     last_backlog_notice: Option<std::time::Instant>,
     /// Per-tick warnings (Redis unavailable / refusing / row retries), at
     /// most one line per [`WARN_EVERY`] each.
-    warn_throttles: [Throttle; 4],
+    warn_throttles: [Throttle; 5],
 }
 
 /// How often a warning that every tick could repeat is logged.
@@ -1170,6 +1268,17 @@ impl SweepActor {
             if let Some(held) = self.warn_throttles[1].pass(now) {
                 warn!(self.core.log, "redis refused writes for a reason that is not the rows'; rows will be re-sent after base_backoff without counting an attempt";
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
+            }
+        }
+        if let Some((stage, why, rows)) = &r.settle_refused {
+            self.metrics
+                .settle_refused_rows
+                .with_label_values(&[stage])
+                .inc_by(*rows as u64);
+            if let Some(held) = self.warn_throttles[4].pass(now) {
+                warn!(self.core.log, "postgres refused a write of the tick's settle; the rows redis accepted were deleted, the others stay in the outbox and are tried again after base_backoff";
+                    "write" => *stage, "error" => why, "rows_kept" => rows, "delivered" => r.delivered,
+                    "suppressed" => held);
             }
         }
         if r.cancelled > 0 {

@@ -77,6 +77,23 @@ impl Settlement {
 
     /// The tick changes no row (each stays exactly as it was): a delete
     /// claim then rolls back instead of putting every row back.
+    /// The rows this settlement writes besides deleting: retried, moved
+    /// to the dead table, set aside, postponed. When Postgres refuses one
+    /// of those writes, these are the rows put off instead.
+    pub fn written_rows(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .retry_ids
+            .iter()
+            .chain(&self.dead_ids)
+            .chain(&self.aside_ids)
+            .chain(&self.postpone_ids)
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn changes_nothing(&self) -> bool {
         self.delete.is_empty() && self.updates_nothing()
     }

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub redis_refused_entries: IntCounterVec,
     pub wakeups: IntCounterVec,
     pub redis_unavailable_ticks: IntCounter,
+    /// Rows a tick put off because Postgres refused one of its settle
+    /// writes (a trigger, a check, a revoked privilege), by the write.
+    pub settle_refused_rows: IntCounterVec,
     /// Last values folded into the counters above (health and pool
     /// statistics are cumulative; counters move by the difference).
     seen: Arc<Mutex<HashMap<String, u64>>>,
@@ -352,6 +355,11 @@ impl Metrics {
             redis_unavailable_ticks: counter(
                 "outbox_relay_redis_unavailable_ticks_total",
                 "Ticks whose rows found Redis unavailable as a whole (refused, pool timeout, broken connection): left in the outbox, no attempt counted.",
+            )?,
+            settle_refused_rows: counter_vec(
+                "outbox_relay_settle_refused_rows_total",
+                "Rows kept in the outbox and put off by base_backoff because Postgres refused a write of their tick's settle (a trigger, a check, a revoked privilege on task_outbox or task_outbox_dead), by the refused write; the rows Redis accepted in that tick were deleted.",
+                "stage",
             )?,
             wakeups: counter_vec(
                 "outbox_relay_wakeups_total",
