@@ -339,6 +339,7 @@ async fn a_real_prometheus_scrapes_the_relay_and_evaluates_the_rules() {
     }
     let quiet = [
         "OutboxRelayRedisDown",
+        "OutboxRelayRedisRefusingWrites",
         "OutboxRelayRowsSetAside",
         "OutboxRelayRestartStorm",
         "OutboxRelayBacklogUncounted",

@@ -95,6 +95,16 @@ async fn refused_until_fixed<B, BFut, F, Fut>(
         0,
         "no attempt was counted"
     );
+    // Not healthy, not ready: a Redis that takes no write is an outage to
+    // whoever reads /readyz (#38; before, both said 200 while every row
+    // waited, and the backlog gauges read 0: postponed rows are not due).
+    wait_until(
+        "/readyz says the relay cannot deliver",
+        Duration::from_secs(30),
+        || async { matches!(relay.http_get("/readyz").await, Some((503, body)) if body.contains("DispatchActor")) },
+    )
+    .await;
+    assert_eq!(relay.http_get("/healthz").await.map(|(s, _)| s), Some(503));
     let warned = relay.records("redis refused writes");
     assert!(
         warned
@@ -110,6 +120,7 @@ async fn refused_until_fixed<B, BFut, F, Fut>(
 
     fix().await;
     wait_drained(&db, Duration::from_secs(60)).await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
     // Every member arrived, each exactly once. A postponed row is re-sent
     // with its new run_at as the score (later than when it was produced).
     let members = schedule_members(&server_url, &prefix).await;

@@ -303,10 +303,22 @@ impl Handler<DispatchBatch> for DispatchActor {
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {
             Ok((transition, result)) => {
                 act.memory_changed(transition);
+                // A Redis that refuses every write (a replica, MISCONF, an
+                // ACL change, a WAIT that never reaches wait_replicas) answers
+                // each batch: a round trip that delivered nothing is a
+                // failure of the actor, so it turns degraded and `/readyz`
+                // says so (the rows are postponed, out of the backlog gauges).
+                let refused = match &result {
+                    Ok(batch) => batch.refused_every_entry().map(|why| {
+                        DispatchError::Unavailable(format!("redis refused every write of the batch: {why}"))
+                    }),
+                    Err(_) => None,
+                };
                 // Holding back on purpose is not a failure of the actor.
-                let recorded = match &result {
-                    Err(DispatchError::BackPressure(_)) => Ok(()),
-                    r => r.as_ref().map(|_| ()),
+                let recorded = match (&result, &refused) {
+                    (_, Some(refusal)) => Err(refusal),
+                    (Err(DispatchError::BackPressure(_)), _) => Ok(()),
+                    (r, None) => r.as_ref().map(|_| ()),
                 };
                 act.record(recorded, ctx);
                 result.map(|batch| act.report(batch))

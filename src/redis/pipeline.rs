@@ -154,6 +154,22 @@ pub struct BatchOutcome {
     pub refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
+impl BatchOutcome {
+    /// Why nothing of the batch was written, when Redis refused (or a WAIT
+    /// shortfall kept back) every entry for a reason that is not theirs:
+    /// the batch "succeeded" as a round trip and delivered nothing.
+    pub fn refused_every_entry(&self) -> Option<&str> {
+        let mut why = None;
+        for o in &self.outcomes {
+            match o {
+                EntryOutcome::Deferred(w) => why = Some(w.as_str()),
+                _ => return None,
+            }
+        }
+        why
+    }
+}
+
 /// Send all `entries` and report each entry's outcome, in order.
 ///
 /// Standalone: one pipeline. Cluster: a pipeline may not span hash slots, so
