@@ -21,19 +21,6 @@ use common::*;
 const PASSWORD: &str = "console-acl-pw";
 const PREFIX: &str = "hover:";
 
-/// README's `ACL SETUSER <user> …` line as command arguments.
-fn readme_acl(user: &str) -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
-    let line = readme
-        .lines()
-        .find(|l| l.starts_with(&format!("ACL SETUSER {user} ")))
-        .unwrap_or_else(|| panic!("README has no `ACL SETUSER {user}` line"));
-    line.split_whitespace()
-        .skip(1)
-        .map(|w| w.replace("PASSWORD", PASSWORD))
-        .collect()
-}
-
 fn as_user(user: &str, port: u16) -> String {
     format!("redis://{user}:{PASSWORD}@127.0.0.1:{port}/0")
 }
@@ -44,7 +31,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
     let mut admin = redis_conn(&server.url()).await;
     for user in ["outbox-relay", "outbox-console"] {
         let _: () = redis::cmd("ACL")
-            .arg(readme_acl(user))
+            .arg(readme_acl(user, PASSWORD))
             .query_async(&mut admin)
             .await
             .unwrap_or_else(|e| panic!("README's ACL line for {user}: {e}"));

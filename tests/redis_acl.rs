@@ -23,25 +23,11 @@ const PASSWORD: &str = "acl-test-pw";
 /// The shipped default prefix, which README's lines name.
 const PREFIX: &str = "hover:";
 
-/// README's `ACL SETUSER <user> …` line, with the password filled in, as
-/// command arguments.
-fn readme_acl(user: &str) -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
-    let line = readme
-        .lines()
-        .find(|l| l.starts_with(&format!("ACL SETUSER {user} ")))
-        .unwrap_or_else(|| panic!("README has no `ACL SETUSER {user}` line"));
-    line.split_whitespace()
-        .skip(1)
-        .map(|w| w.replace("PASSWORD", PASSWORD))
-        .collect()
-}
-
 async fn create_users(port: u16) {
     let mut admin = redis_conn(&format!("redis://127.0.0.1:{port}/0")).await;
     for user in ["outbox-relay", "outbox-triage"] {
         let _: () = redis::cmd("ACL")
-            .arg(readme_acl(user))
+            .arg(readme_acl(user, PASSWORD))
             .query_async(&mut admin)
             .await
             .unwrap_or_else(|e| panic!("README's ACL line for {user}: {e}"));

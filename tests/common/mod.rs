@@ -292,6 +292,20 @@ pub fn go_schema() -> bool {
 }
 
 /// The shipped grants, `deploy/postgres/roles.sql`.
+/// README's `ACL SETUSER <user> …` line (README "Redis ACL"), exactly as
+/// written but for `password`, as command arguments.
+pub fn readme_acl(user: &str, password: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with(&format!("ACL SETUSER {user} ")))
+        .unwrap_or_else(|| panic!("README has no `ACL SETUSER {user}` line"));
+    line.split_whitespace()
+        .skip(1)
+        .map(|w| w.replace("PASSWORD", password))
+        .collect()
+}
+
 pub fn roles_sql() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"))
         .expect("deploy/postgres/roles.sql")
