@@ -266,9 +266,9 @@ pub struct TickReport {
     /// How long until the first row this tick put back for later (a
     /// retry, a postponed write) comes due.
     pub put_back_in: Option<Duration>,
-    /// Postgres refused a settle write (`stage: reason`): the delivered
-    /// rows were deleted anyway and these many others put off.
-    pub settle_refused: Option<(&'static str, String, usize)>,
+    /// Postgres refused a settle write (`stage`, `reason`): how many rows
+    /// were kept in the outbox, and how.
+    pub settle_refused: Option<(&'static str, String, usize, Kept)>,
 }
 
 /// Why a tick was abandoned. The transaction was rolled back in every case.
@@ -293,6 +293,10 @@ pub enum TickError {
     ClaimFallback(String),
     #[error("connection lost during {stage}: {reason}")]
     ConnectionLost { stage: &'static str, reason: String },
+    /// Another transaction was in the way (a deadlock, a serialization
+    /// failure, `lock_timeout`): the tick is tried again, nothing refused.
+    #[error("{stage}: {reason} (contention; the rows are claimed again)")]
+    Contention { stage: &'static str, reason: String },
     /// The session's server takes no writes (SQLSTATE 25006: a standby, a
     /// server set read-only behind the same address).
     #[error("postgres takes no writes (read-only server) during {stage}: {reason}")]
@@ -328,6 +332,11 @@ impl TickError {
                     stage,
                     reason: pg_error_text(&e),
                 }
+            } else if is_contention(&e) {
+                TickError::Contention {
+                    stage,
+                    reason: pg_error_text(&e),
+                }
             } else {
                 TickError::Db {
                     stage,
@@ -336,6 +345,13 @@ impl TickError {
             }
         }
     }
+}
+
+/// SQLSTATE class 40 (a deadlock, a serialization failure) or 55P03
+/// (`lock_timeout`): another transaction was in the way, nothing refused.
+fn is_contention(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("40") || c.code() == "55P03")
 }
 
 /// One tick: claim, encode, dispatch, settle, commit.
@@ -585,7 +601,11 @@ async fn tick_on(
         // (not the tick's whole budget from when the claim started).
         let reset_timeout = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
         let settle_all = async {
+            // `biased`: polled in the order the statements run, so when one
+            // fails the error returned is its own, not the "transaction
+            // aborted" of a later statement answered in the same read.
             tokio::try_join!(
+                biased;
                 async {
                     tx.batch_execute(&reset_timeout)
                         .await
@@ -655,13 +675,35 @@ async fn tick_on(
                     .map_err(TickError::db("postgres rollback"))?;
                 let put_off = plan.written_rows();
                 let delay = settings.retry.base_backoff;
-                settle_refused(conn, &plan.delete, &put_off, delay, deadline).await?;
+                let kept = settle_refused(conn, &plan.delete, &put_off, delay, deadline).await?;
                 report.retried = 0;
                 report.dead_lettered = 0;
                 report.set_aside.clear();
-                report.deferred += put_off.len();
-                report.put_back_in = Some(delay);
-                report.settle_refused = Some((stage, reason, put_off.len()));
+                report.last_retry_error = None;
+                report.last_dead_error = None;
+                match kept {
+                    Kept::PutOff => report.put_back_in = Some(delay),
+                    // The put-off was refused too: those rows are due, and
+                    // claimed again at the next tick.
+                    Kept::Due => {
+                        report.put_back_in = None;
+                        report.left_due = true;
+                    }
+                    // Even the delete was refused: every row, delivered or
+                    // not, waits `delay` and is sent again.
+                    Kept::AllPutOff => {
+                        report.delivered = 0;
+                        report.cancelled = 0;
+                        report.delivery_lags.clear();
+                        report.put_back_in = Some(delay);
+                    }
+                }
+                let rows = if kept == Kept::AllPutOff {
+                    plan.delete.len() + put_off.len()
+                } else {
+                    put_off.len()
+                };
+                report.settle_refused = Some((stage, reason, rows, kept));
                 lap(&mut stage_us[2]);
                 report.stage_us = stage_us;
                 return Ok(report);
@@ -708,6 +750,31 @@ async fn tick_on(
     Ok(report)
 }
 
+/// How the rows of a tick whose settle Postgres refused were kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// The delivered rows deleted, the others put off by `base_backoff`.
+    PutOff,
+    /// The delivered rows deleted; the others could not be put off (an
+    /// UPDATE refused too) and are due: claimed again at the next tick.
+    Due,
+    /// Nothing could be deleted: every row, delivered or not, put off and
+    /// sent again after `base_backoff`.
+    AllPutOff,
+}
+
+impl Kept {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kept::PutOff => "delivered rows deleted, the others put off by base_backoff",
+            Kept::Due => {
+                "delivered rows deleted; the others could not be put off and are claimed again at the next tick"
+            }
+            Kept::AllPutOff => "nothing could be deleted: every row put off by base_backoff and sent again",
+        }
+    }
+}
+
 /// After Postgres refused a write of a tick's settle (and the tick rolled
 /// back): in a transaction of its own, delete the rows Redis accepted and
 /// put the others off by `delay`, so nothing is re-sent every tick. A step
@@ -721,13 +788,17 @@ async fn settle_refused(
     put_off: &[i64],
     delay: Duration,
     deadline: Deadline,
-) -> Result<(), TickError> {
+) -> Result<Kept, TickError> {
     const STAGE: &str = "settle after a refused write";
     let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
     let every: Vec<i64> = delete.iter().chain(put_off).copied().collect();
-    let tries: [(&[i64], &[i64]); 3] = [(delete, put_off), (delete, &[]), (&[], &every)];
+    let tries: [(&[i64], &[i64], Kept); 3] = [
+        (delete, put_off, Kept::PutOff),
+        (delete, &[], Kept::Due),
+        (&[], &every, Kept::AllPutOff),
+    ];
     let mut last = String::new();
-    for (delete, put_off) in tries {
+    for (delete, put_off, kept) in tries {
         if delete.is_empty() && put_off.is_empty() {
             continue;
         }
@@ -735,7 +806,11 @@ async fn settle_refused(
             .run("postgres begin", conn.transaction())
             .await?
             .map_err(TickError::db("postgres begin"))?;
-        let set = format!("SET LOCAL statement_timeout = '{}'", deadline.pg_timeout());
+        let t = deadline.pg_timeout();
+        let set = format!(
+            "SET LOCAL statement_timeout = '{t}'; SET LOCAL idle_in_transaction_session_timeout = '{t}';
+             SET LOCAL synchronous_commit = off"
+        );
         let writes = async {
             tx.batch_execute(&set).await?;
             outbox::delete(&tx, delete).await?;
@@ -744,10 +819,11 @@ async fn settle_refused(
         };
         match deadline.run(STAGE, writes).await?.map_err(TickError::db(STAGE)) {
             Ok(()) => {
-                return tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
+                tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
                     .await
                     .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
-                    .map_err(TickError::db("postgres commit"));
+                    .map_err(TickError::db("postgres commit"))?;
+                return Ok(kept);
             }
             Err(TickError::Db { reason, .. }) => {
                 last = reason;
@@ -1270,15 +1346,15 @@ impl SweepActor {
                     "rows" => r.deferred, "error" => why, "suppressed" => held);
             }
         }
-        if let Some((stage, why, rows)) = &r.settle_refused {
+        if let Some((stage, why, rows, kept)) = &r.settle_refused {
             self.metrics
                 .settle_refused_rows
                 .with_label_values(&[stage])
                 .inc_by(*rows as u64);
             if let Some(held) = self.warn_throttles[4].pass(now) {
-                warn!(self.core.log, "postgres refused a write of the tick's settle; the rows redis accepted were deleted, the others stay in the outbox and are tried again after base_backoff";
-                    "write" => *stage, "error" => why, "rows_kept" => rows, "delivered" => r.delivered,
-                    "suppressed" => held);
+                warn!(self.core.log, "postgres refused a write of the tick's settle; the rows stay in the outbox";
+                    "write" => *stage, "error" => why, "rows_kept" => rows, "kept" => kept.as_str(),
+                    "delivered" => r.delivered, "suppressed" => held);
             }
         }
         if r.cancelled > 0 {

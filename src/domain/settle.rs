@@ -75,8 +75,6 @@ impl Settlement {
             .map(|ms| Duration::from_millis(ms.max(0) as u64))
     }
 
-    /// The tick changes no row (each stays exactly as it was): a delete
-    /// claim then rolls back instead of putting every row back.
     /// The rows this settlement writes besides deleting: retried, moved
     /// to the dead table, set aside, postponed. When Postgres refuses one
     /// of those writes, these are the rows put off instead.
@@ -94,6 +92,8 @@ impl Settlement {
         ids
     }
 
+    /// The tick changes no row (each stays exactly as it was): a delete
+    /// claim then rolls back instead of putting every row back.
     pub fn changes_nothing(&self) -> bool {
         self.delete.is_empty() && self.updates_nothing()
     }
@@ -267,6 +267,23 @@ mod tests {
         assert!(s.needs_writes(false), "the locking claim deletes them");
         let s = settle(&rows, vec![RowOutcome::Deferred, RowOutcome::Deferred], &policy());
         assert!(!s.needs_writes(false));
+    }
+
+    #[test]
+    fn the_rows_written_besides_deleting_are_each_listed_once() {
+        let rows = [row(1, 0), row(2, 0), row(3, 9), row(4, 0)];
+        let s = settle(
+            &rows,
+            vec![
+                RowOutcome::Delivered,
+                RowOutcome::Failed("WRONGTYPE x".into()),
+                RowOutcome::Failed("WRONGTYPE x".into()),
+                RowOutcome::Postponed,
+            ],
+            &policy(),
+        );
+        assert_eq!(s.delete, [1]);
+        assert_eq!(s.written_rows(), [2, 3, 4], "retried, dead-lettered, postponed");
     }
 
     #[test]

@@ -358,7 +358,7 @@ impl Metrics {
             )?,
             settle_refused_rows: counter_vec(
                 "outbox_relay_settle_refused_rows_total",
-                "Rows kept in the outbox and put off by base_backoff because Postgres refused a write of their tick's settle (a trigger, a check, a revoked privilege on task_outbox or task_outbox_dead), by the refused write; the rows Redis accepted in that tick were deleted.",
+                "Rows kept in the outbox because Postgres refused a write of their tick's settle (a trigger, a check, a revoked privilege on task_outbox or task_outbox_dead), by the refused write; the rows Redis accepted in that tick were deleted where Postgres allowed it.",
                 "stage",
             )?,
             wakeups: counter_vec(

@@ -632,7 +632,11 @@ impl RedisSentinel {
     }
 
     /// Monitoring the master at `master_port` (plain or TLS, as `extra`
-    /// says), with its own `requirepass` and more config lines.
+    /// says), with its own `requirepass` and more config lines. A master
+    /// is down after 3 s without an answer: with 1 s, a CI rehearsal on a
+    /// busy machine saw the just-promoted replica miss its pings for a
+    /// second (it was syncing the returning old master) and Sentinel fail
+    /// back over to the old master, restarted empty.
     pub async fn start_with_config(master_port: u16, sentinel: Option<&str>, extra: &str) -> RedisSentinel {
         let dir = scratch_dir("outbox-sentinel");
         let port = free_port();
@@ -642,7 +646,7 @@ impl RedisSentinel {
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n\
                  sentinel monitor {m} 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds {m} 1000\n\
+                 sentinel down-after-milliseconds {m} 3000\n\
                  sentinel failover-timeout {m} 10000\n",
                 dir.display(),
                 dir.join("sentinel.log").display(),
