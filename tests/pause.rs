@@ -188,3 +188,20 @@ async fn three_relays_obey_pause_and_resume_within_a_tick() {
         r.stop().await;
     }
 }
+
+/// `*` is the pause table's name for everything: `pause --job '*'` (a TEXT
+/// job id, the Go schema) is refused with one line, and pauses nothing.
+#[tokio::test]
+async fn a_job_named_star_is_refused_not_everything_paused() {
+    let db = TestDb::go().await;
+    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
+    for verb in ["pause", "resume"] {
+        let o = relay_command(&[verb, "--job", "*"], &env)
+            .output()
+            .expect("relay command");
+        assert!(!o.status.success(), "{verb} --job '*' must be refused");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("every job"), "{err}");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM outbox_relay_pause").await, 0);
+}

@@ -255,12 +255,22 @@ async fn pause_scope(cfg: &Config, job: Option<String>) -> Result<(tokio_postgre
     let (client, schema) = db::connect_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
     let scope = match job {
         None => pause::ALL.to_string(),
-        Some(j) => schema.outbox_job_id.stored_form(&j).ok_or_else(|| {
-            JobsError::Pause(format!(
-                "job id {j:?} cannot name a job: task_outbox.job_id is a {} column",
-                schema.outbox_job_id
-            ))
-        })?,
+        Some(j) => {
+            let scope = schema.outbox_job_id.stored_form(&j).ok_or_else(|| {
+                JobsError::Pause(format!(
+                    "job id {j:?} cannot name a job: task_outbox.job_id is a {} column",
+                    schema.outbox_job_id
+                ))
+            })?;
+            // `*` names every job in the pause table: a job called `*`
+            // (a TEXT id) cannot be paused alone without pausing all.
+            if scope == pause::ALL {
+                return Err(JobsError::Pause(format!(
+                    "job id {j:?} is the pause table's name for every job; pause or resume everything without --job"
+                )));
+            }
+            scope
+        }
     };
     Ok((client, scope))
 }
