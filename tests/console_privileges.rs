@@ -15,7 +15,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::web::{base64, cli, users_file, Web};
+use common::web::{base64, bound, cli, users_file, Web};
 use common::*;
 
 const PASSWORD: &str = "console-acl-pw";
@@ -159,15 +159,6 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
         .expect("EXISTS");
     assert!(!key_b, "B's schedule is gone");
 
-    let bulk = |job: &str, seen: &serde_json::Value| {
-        serde_json::json!({
-            "job": job,
-            "expect_rows": seen["expect_rows"],
-            "max_id": seen["max_id"],
-            "fingerprint": seen["fingerprint"],
-        })
-        .to_string()
-    };
     let seen = api
         .get_as(&format!("/api/v1/dead-letters/confirm?job={a}&error=WRONGTYPE"), &alice)
         .await
@@ -189,14 +180,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
         .post_json_as(
             "/api/v1/dead-letters/requeue",
             &alice,
-            &serde_json::json!({
-                "job": a.to_string(),
-                "error": "WRONGTYPE",
-                "expect_rows": seen["expect_rows"],
-                "max_id": seen["max_id"],
-                "fingerprint": seen["fingerprint"],
-            })
-            .to_string(),
+            &bound(serde_json::json!({ "job": a.to_string(), "error": "WRONGTYPE" }), &seen),
         )
         .await;
     assert_eq!(r.status, 200, "requeue: {}", r.body);
@@ -206,7 +190,11 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
         .await
         .json();
     let r = api
-        .post_json_as("/api/v1/dead-letters/purge", &alice, &bulk(&a.to_string(), &seen))
+        .post_json_as(
+            "/api/v1/dead-letters/purge",
+            &alice,
+            &bound(serde_json::json!({ "job": a.to_string() }), &seen),
+        )
         .await;
     assert_eq!(r.status, 200, "purge: {}", r.body);
     assert_eq!(r.json()["rows"], 10, "{}", r.body);
@@ -223,13 +211,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
         .post_json_as(
             "/api/v1/set-aside/requeue",
             &alice,
-            &serde_json::json!({
-                "all": true,
-                "expect_rows": 1,
-                "max_id": seen["max_id"],
-                "fingerprint": seen["fingerprint"],
-            })
-            .to_string(),
+            &bound(serde_json::json!({ "all": true }), &seen),
         )
         .await;
     assert_eq!(r.status, 200, "set-aside requeue: {}", r.body);

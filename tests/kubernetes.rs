@@ -449,15 +449,8 @@ async fn console_pod(
     }
     // A bulk action says `all` and carries what its confirmation counted.
     let seen = api.get_as("/api/v1/dead-letters/confirm", &alice).await.json();
-    let body = serde_json::json!({
-        "all": true,
-        "expect_rows": seen["expect_rows"],
-        "max_id": seen["max_id"],
-        "fingerprint": seen["fingerprint"],
-    });
-    let r = api
-        .post_json_as("/api/v1/dead-letters/requeue", &alice, &body.to_string())
-        .await;
+    let body = common::web::bound(serde_json::json!({ "all": true }), &seen);
+    let r = api.post_json_as("/api/v1/dead-letters/requeue", &alice, &body).await;
     assert_eq!(r.status, 200, "requeue: {}", r.body);
 }
 

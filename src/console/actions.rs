@@ -76,18 +76,12 @@ impl ActionResult {
     /// Refused before anything changed: bad input (400) or a set that
     /// outgrew its confirmation (409).
     fn refused(action: &'static str, e: &ConsoleError) -> Self {
-        let status = match e {
-            ConsoleError::Conflict(_) => StatusCode::CONFLICT,
-            ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
         ActionResult {
             action,
             ok: false,
             message: e.to_string(),
             rows: Some(0),
-            status,
+            status: super::respond::status_of(e),
         }
     }
 }

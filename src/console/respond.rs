@@ -13,7 +13,9 @@ pub(crate) fn html(status: StatusCode, body: maud::Markup) -> HttpResponse {
         .body(body.into_string())
 }
 
-fn status_of(e: &ConsoleError) -> StatusCode {
+/// The status an error answers with, on a page, in the API and as an
+/// action's refusal.
+pub(crate) fn status_of(e: &ConsoleError) -> StatusCode {
     match e {
         ConsoleError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,

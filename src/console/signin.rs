@@ -35,24 +35,30 @@ struct NextQuery {
     next: Option<String>,
 }
 
-pub(crate) async fn login_form(st: St, req: HttpRequest) -> HttpResponse {
-    if st.anonymous() {
-        return redirect("/");
-    }
-    let next = body::query::<NextQuery>(req.query_string()).ok().and_then(|q| q.next);
+/// The sign-in form with a fresh double-submit token (and its cookie),
+/// `next` already made safe, and why the last attempt failed.
+fn login_page(st: &Console, status: StatusCode, next: &str, why: Option<&str>) -> HttpResponse {
     let token = auth::token();
-    HttpResponse::Ok()
+    HttpResponse::build(status)
         .content_type("text/html; charset=utf-8")
         .insert_header((
             header::SET_COOKIE,
             cookie_header(
-                &st,
+                st,
                 identity::login_cookie(st.secure_cookie),
                 &token,
                 Some(LOGIN_FORM_AGE),
             ),
         ))
-        .body(views::login(&token, &paths::safe_next(next.as_deref()), None, st.read_only).into_string())
+        .body(views::login(&token, next, why, st.read_only).into_string())
+}
+
+pub(crate) async fn login_form(st: St, req: HttpRequest) -> HttpResponse {
+    if st.anonymous() {
+        return redirect("/");
+    }
+    let next = body::query::<NextQuery>(req.query_string()).ok().and_then(|q| q.next);
+    login_page(&st, StatusCode::OK, &paths::safe_next(next.as_deref()), None)
 }
 
 #[derive(Deserialize)]
@@ -68,21 +74,7 @@ struct LoginForm {
 }
 
 pub(crate) async fn login(st: St, req: HttpRequest, payload: web::Payload) -> HttpResponse {
-    let fresh = auth::token();
-    let again = |status: StatusCode, next: &str, why: &str| {
-        HttpResponse::build(status)
-            .content_type("text/html; charset=utf-8")
-            .insert_header((
-                header::SET_COOKIE,
-                cookie_header(
-                    &st,
-                    identity::login_cookie(st.secure_cookie),
-                    &fresh,
-                    Some(LOGIN_FORM_AGE),
-                ),
-            ))
-            .body(views::login(&fresh, next, Some(why), st.read_only).into_string())
-    };
+    let again = |status: StatusCode, next: &str, why: &str| login_page(&st, status, next, Some(why));
     let form: LoginForm = match body::read(payload)
         .await
         .map_err(|e| e.to_string())

@@ -260,6 +260,17 @@ fn dechunk(body: &str) -> String {
     out
 }
 
+/// A bulk action's JSON body: `filter` (an object: `job`, `error`,
+/// `within`, or `all`) with what its confirmation (`GET
+/// /api/v1/dead-letters/confirm` or `GET /api/v1/set-aside`) answered:
+/// `expect_rows`, `max_id` and `fingerprint`.
+pub fn bound(mut filter: serde_json::Value, seen: &serde_json::Value) -> String {
+    for key in ["expect_rows", "max_id", "fingerprint"] {
+        filter[key] = seen[key].clone();
+    }
+    filter.to_string()
+}
+
 /// `outbox-relay console hash-password` with `password` on stdin.
 pub fn hash(password: &str) -> String {
     let mut child = relay_command(&["console", "hash-password"], &[])
