@@ -629,3 +629,35 @@ async fn a_job_id_with_spaces_is_that_job_and_no_other() {
         "only the two rows of \" job-7\" are due again"
     );
 }
+
+/// Numbers from outside are taken as numbers, not trusted: a schedule
+/// page at the largest or a negative offset is a page (empty, or the
+/// first), not an arithmetic overflow in the console's one worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_page_at_any_offset_is_a_page() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let users = users_file("console-offsets");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let job = new_jobs(1)[0];
+    seed_for(&db, 60, &[job]).await;
+    wait_drained(&db, Duration::from_secs(60)).await;
+    let mut web = Web::new(c.port);
+    assert_eq!(web.sign_in("alice", "alice's password").await.status, 303);
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    for offset in [
+        i64::MAX.to_string(),
+        "-9223372036854775808".to_string(),
+        "59".to_string(),
+    ] {
+        let page = web.get(&format!("/jobs/schedule?job={job}&offset={offset}")).await;
+        assert_eq!(page.status, 200, "offset {offset}: {}", page.body);
+        let api = Web::api(c.port)
+            .get_as(&format!("/api/v1/jobs/{job}/schedule?offset={offset}"), &alice)
+            .await;
+        assert_eq!(api.status, 200, "offset {offset}: {}", api.body);
+        assert_eq!(api.json()["size"], 60);
+    }
+    // The console still answers after them.
+    assert_eq!(web.get("/jobs").await.status, 200);
+}

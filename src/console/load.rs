@@ -252,7 +252,10 @@ fn rfc3339_ms(ms: f64) -> String {
 
 pub(crate) async fn load_schedule(st: &Console, job: &str, offset: isize) -> Result<ScheduleData, ConsoleError> {
     let key = crate::domain::schedule_key(&st.redis_cfg.key_prefix, job);
-    let offset = offset.max(0);
+    // A sorted set holds at most 2^32 - 1 members: past that every page
+    // is empty, and the arithmetic on the offset (here and in the pager)
+    // cannot overflow, whatever a query string says.
+    let offset = offset.clamp(0, u32::MAX as isize);
     let mut conn = st.redis().await?;
     let read = async {
         let size: i64 = ::redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await?;
