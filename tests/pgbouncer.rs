@@ -14,6 +14,15 @@ use common::*;
 use redis::AsyncCommands;
 use uuid::Uuid;
 
+/// The shared Postgres's port, from the admin URL.
+fn shared_pg_port() -> u16 {
+    admin_url()
+        .rsplit_once(':')
+        .and_then(|(_, r)| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5432)
+}
+
 /// A private pgbouncer on a free port, pooling to the shared Postgres.
 struct PgBouncer {
     port: u16,
@@ -23,16 +32,14 @@ struct PgBouncer {
 
 impl PgBouncer {
     async fn start() -> PgBouncer {
+        PgBouncer::start_to(shared_pg_port()).await
+    }
+
+    /// A pgbouncer whose server connections go to 127.0.0.1:`pg_port`.
+    async fn start_to(pg_port: u16) -> PgBouncer {
         let port = free_port();
         let dir = scratch_dir("outbox-pgbouncer");
-        let admin = admin_url();
-        let (pg_host, pg_port) = (
-            "127.0.0.1",
-            admin
-                .rsplit_once(':')
-                .and_then(|(_, r)| r.split('/').next())
-                .unwrap_or("5432"),
-        );
+        let pg_host = "127.0.0.1";
         std::fs::write(
             dir.join("userlist.txt"),
             "\"root\" \"\"\n\"postgres\" \"\"\n\"outbox_relay\" \"\"\n",
@@ -88,6 +95,19 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What pgbouncer said is the first thing a failure needs: it is
+            // gone with the scratch directory otherwise.
+            let exited = self.child.try_wait().ok().flatten();
+            let log = std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "pgbouncer on port {} {}; its last log lines:\n{}",
+                self.port,
+                exited.map_or("was still running".to_string(), |s| format!("had exited: {s}")),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -293,4 +313,122 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     }
     relay.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP forwarder from a free port to `upstream` whose new connections
+/// can be made to wait before they are forwarded: a server slow to accept.
+struct SlowAccept {
+    port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowAccept {
+    async fn start(upstream: u16) -> SlowAccept {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .expect("bind the forwarder");
+        let port = listener.local_addr().expect("forwarder address").port();
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let wait = Duration::from_millis(delay.load(std::sync::atomic::Ordering::SeqCst));
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        SlowAccept { port, delay_ms, task }
+    }
+
+    fn delay_new_connections(&self, by: Duration) {
+        self.delay_ms
+            .store(by.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowAccept {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Statements cut off by their deadline through pgbouncer are cancelled
+/// without killing it, when forwarding the cancel takes longer than the
+/// relay waits for it: pgbouncer 1.18 (Debian bookworm's) exits (`FATAL …
+/// bad client state` / `bad server state`) when the cancel request's
+/// connection, or the connection being cancelled, closes before it has
+/// forwarded the cancel, and it forwards it over a new server connection.
+/// Seen in CI: the ConfigMap test's pgbouncer died under its lock waits.
+#[tokio::test]
+async fn cancels_slower_than_the_wait_do_not_kill_pgbouncer() {
+    let db = TestDb::new().await;
+    let slow = SlowAccept::start(shared_pg_port()).await;
+    let mut bouncer = PgBouncer::start_to(slow.port).await;
+    let pg = outbox_relay::db::pool(&bouncer.url(&db), 2, Duration::from_secs(10)).expect("pool");
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE task_outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    for round in 0..3 {
+        // Two statements wait on the lock, on pgbouncer's two server
+        // connections. (One queued for a server connection is not
+        // cancelled by pgbouncer 1.18: "cancel request for idle client";
+        // it runs once a server connection is free.)
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let conn = pg
+                .pool
+                .get_owned()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: a connection through pgbouncer: {e}"));
+            conns.push(conn);
+        }
+        for conn in &mut conns {
+            let cut = tokio::time::timeout(
+                Duration::from_millis(200),
+                conn.batch_execute("BEGIN; SELECT count(*) FROM task_outbox"),
+            )
+            .await;
+            assert!(cut.is_err(), "round {round}: the statement waits on the lock");
+        }
+        // Forwarding a cancel now takes 2.5 s (pgbouncer opens a new server
+        // connection for it), more than the relay waits for it.
+        slow.delay_new_connections(Duration::from_millis(2500));
+        for conn in &mut conns {
+            pg.cancel_statement(conn).await;
+        }
+        drop(conns);
+        // The cancelled statements stop waiting on the lock; with pgbouncer
+        // gone they would wait on (a backend blocked on a lock does not
+        // notice its client leave).
+        let waiting = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock'",
+            db.name
+        );
+        let since = Instant::now();
+        while db.count(&waiting).await > 0 {
+            if let Ok(Some(status)) = bouncer.child.try_wait() {
+                panic!("round {round}: pgbouncer exited ({status}) cancelling statements");
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "round {round}: the cancelled statements still wait on the lock after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        slow.delay_new_connections(Duration::ZERO);
+    }
+    lock.rollback().await.expect("release the lock");
+    let client = pg.pool.get().await.expect("pgbouncer still serves");
+    client
+        .batch_execute("SELECT 1")
+        .await
+        .expect("SELECT 1 through pgbouncer");
+    assert!(matches!(bouncer.child.try_wait(), Ok(None)), "pgbouncer is running");
 }

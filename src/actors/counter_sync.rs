@@ -144,7 +144,6 @@ pub async fn sync_counters(
         CheckoutError::Deadline(e) => SyncError::Deadline(e),
         CheckoutError::Pool(why) => SyncError::Pool(why),
     })?;
-    let cancel = conn.cancel_token();
     let work = async {
         if hash_empty {
             let ids = jobs::jobs_with_running_tasks(&**conn).await?;
@@ -165,8 +164,7 @@ pub async fn sync_counters(
         Ok(r) => r.map_err(|e| SyncError::Query(e.text()))?,
         Err(expired) => {
             // Stop the statement on the server too, not just our wait for it.
-            pg.cancel(cancel).await;
-            conn.discard();
+            pg.cancel_statement(&mut conn).await;
             return Err(expired.into());
         }
     };

@@ -81,12 +81,10 @@ pub async fn purge_expired(pg: &Pg, retention: Duration, deadline: Deadline) -> 
         CheckoutError::Deadline(e) => PurgeError::Deadline(e),
         CheckoutError::Pool(why) => PurgeError::Pool(why),
     })?;
-    let cancel = conn.cancel_token();
     let result = purge_on(&mut conn, retention, deadline).await;
     if matches!(result, Err(PurgeError::Deadline(_))) {
         // Stop the statement on the server too, not just our wait for it.
-        pg.cancel(cancel).await;
-        conn.discard();
+        pg.cancel_statement(&mut conn).await;
     }
     result
 }

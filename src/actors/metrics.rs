@@ -126,7 +126,6 @@ async fn outbox_counts(pg: &Pg, deadline: Deadline) -> Result<OutboxProbe, Outbo
         .checkout(deadline)
         .await
         .map_err(|e| OutboxProbeError::Failed(e.to_string()))?;
-    let cancel = conn.cancel_token();
     let q = |e: tokio_postgres::Error| {
         if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
             OutboxProbeError::CutOff(pg_error_text(&e))
@@ -166,8 +165,7 @@ async fn outbox_counts(pg: &Pg, deadline: Deadline) -> Result<OutboxProbe, Outbo
     let row = match deadline.run("postgres backlog probe", read).await {
         Ok(r) => r?,
         Err(expired) => {
-            pg.cancel(cancel).await;
-            conn.discard();
+            pg.cancel_statement(&mut conn).await;
             return Err(OutboxProbeError::Failed(expired.to_string()));
         }
     };
@@ -498,15 +496,13 @@ impl Handler<Heartbeat> for MetricsActor {
             let deadline = msg.deadline;
             let write = async move {
                 let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
-                let cancel = conn.cancel_token();
                 match deadline
                     .run("postgres heartbeat", fleet::beat(&**conn, &me, &beat))
                     .await
                 {
                     Ok(done) => done.map_err(|e| e.text()),
                     Err(expired) => {
-                        pg.cancel(cancel).await;
-                        conn.discard();
+                        pg.cancel_statement(&mut conn).await;
                         Err(expired.to_string())
                     }
                 }

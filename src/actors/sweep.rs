@@ -375,16 +375,14 @@ pub async fn run_tick(
         CheckoutError::Deadline(e) => TickError::Deadline(e),
         CheckoutError::Pool(why) => TickError::Pool(why),
     })?;
-    let cancel = conn.cancel_token();
     let result = tick_on(&mut conn, dispatch, settings, lane, claim, deadline, claim_started).await;
     if matches!(result, Err(TickError::Deadline(_) | TickError::CommitUnknown(_))) {
         // The transaction was dropped (its ROLLBACK is queued behind the
         // statement); cancel the statement itself. Bounded: a server that
-        // does not answer a cancel is not waited for.
-        pg.cancel(cancel).await;
-        // Its state is unknown (a ROLLBACK queued, the cancel maybe landing
-        // later): never hand it to the next tick.
-        conn.discard();
+        // does not answer a cancel is not waited for. Its state is unknown
+        // (a ROLLBACK queued, the cancel maybe landing later): the
+        // connection never goes to the next tick.
+        pg.cancel_statement(&mut conn).await;
     }
     result
 }

@@ -188,13 +188,11 @@ impl Console {
             .checkout(deadline)
             .await
             .map_err(|e| ConsoleError::Postgres(e.to_string()))?;
-        let cancel = conn.cancel_token();
         let outcome = deadline.run("console query", f(&conn)).await;
         match outcome {
             Ok(r) => r,
             Err(expired) => {
-                self.pg.cancel(cancel).await;
-                conn.discard();
+                self.pg.cancel_statement(&mut conn).await;
                 Err(ConsoleError::Postgres(format!(
                     "{expired} (console.statement_timeout {:?})",
                     self.timeout

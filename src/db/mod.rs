@@ -50,9 +50,13 @@ pub type PgPool = bb8::Pool<PgManager>;
 /// back to the pool, so the next user cannot inherit an aborted
 /// transaction (SQLSTATE 25P02) or a stalled socket.
 pub struct PgConn {
-    client: tokio_postgres::Client,
+    /// None once [`Pg::cancel_statement`] took it: the connection is then
+    /// discarded, and nothing uses it again.
+    client: Option<tokio_postgres::Client>,
     discard: bool,
 }
+
+const TAKEN: &str = "a connection is not used after Pg::cancel_statement took its client";
 
 impl PgConn {
     /// Close this connection when it is returned instead of reusing it.
@@ -64,13 +68,13 @@ impl PgConn {
 impl std::ops::Deref for PgConn {
     type Target = tokio_postgres::Client;
     fn deref(&self) -> &tokio_postgres::Client {
-        &self.client
+        self.client.as_ref().expect(TAKEN)
     }
 }
 
 impl std::ops::DerefMut for PgConn {
     fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
-        &mut self.client
+        self.client.as_mut().expect(TAKEN)
     }
 }
 
@@ -99,15 +103,21 @@ impl bb8::ManageConnection for PgManager {
             // public constructor.
             .map_err(|_| tokio_postgres::Error::__private_api_timeout())??;
         crate::pool::note_opened(crate::pool::POSTGRES);
-        Ok(PgConn { client, discard: false })
+        Ok(PgConn {
+            client: Some(client),
+            discard: false,
+        })
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        self.inner.is_valid(&mut conn.client).await
+        match conn.client.as_mut() {
+            Some(client) => self.inner.is_valid(client).await,
+            None => Err(tokio_postgres::Error::__private_api_timeout()),
+        }
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.discard || conn.client.is_closed()
+        conn.discard || conn.client.as_ref().is_none_or(|c| c.is_closed())
     }
 }
 
@@ -130,36 +140,43 @@ pub enum CheckoutError {
     Pool(String),
 }
 
-/// How long a request to cancel a statement (after its deadline) may take:
-/// a server that does not answer the cancel (frozen, partitioned) is not
-/// waited for.
+/// How long a tick waits for the cancel of its statement (after its
+/// deadline) before going on: a server that does not answer the cancel
+/// (frozen, partitioned) is not waited for. The cancel itself goes on in
+/// the background, up to [`CANCEL_LINGER`].
 pub const CANCEL_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a cancel request, and the connection whose statement it
+/// cancels, are kept open at most waiting for the other side to finish
+/// with the cancel. pgbouncer 1.18 (Debian bookworm's) dies (`FATAL …
+/// disconnect_client(): bad client state`, or `disconnect_server(): bad
+/// server state` when the cancelled client goes first) if either closes
+/// before it has forwarded the cancel, which takes as long as its new
+/// server connection does: `tests/pgbouncer.rs` shows both with a server
+/// slow to accept.
+pub const CANCEL_LINGER: Duration = Duration::from_secs(30);
+
 impl Pg {
-    /// Ask the server to cancel the statement running on the connection of
-    /// `token`, waiting at most [`CANCEL_WAIT`]. After a deadline the wait
-    /// for the statement was dropped, but the statement itself (and the
-    /// locks it holds) lives on until its own `statement_timeout` unless
-    /// cancelled. Sent as libpq sends it: the request, then a wait for the
-    /// other side to close (see [`NoShutdown`]).
-    pub async fn cancel(&self, token: tokio_postgres::CancelToken) {
-        let send = async {
-            match &self.cancel_to {
-                Some((host, port)) => {
-                    use tokio::io::AsyncReadExt;
-                    let mut sock = tokio::net::TcpStream::connect((host.as_str(), *port)).await.ok()?;
-                    token
-                        .cancel_query_raw(NoShutdown(&mut sock), tokio_postgres::NoTls)
-                        .await
-                        .ok()?;
-                    let mut buf = [0u8; 64];
-                    while sock.read(&mut buf).await.ok()? > 0 {}
-                    Some(())
-                }
-                None => token.cancel_query(tls::connector()).await.ok(),
-            }
+    /// Cancel the statement running on `conn` and discard the connection.
+    /// After a deadline the wait for the statement was dropped, but the
+    /// statement itself (and the locks it holds) lives on until its own
+    /// `statement_timeout` unless cancelled. The request is sent as libpq
+    /// sends it: then a wait for the other side to close (see
+    /// [`NoShutdown`]); the connection is closed only after that, so a
+    /// pgbouncer never sees a client leave while its cancel is on the way.
+    /// Waits at most [`CANCEL_WAIT`]; the rest goes on in the background.
+    pub async fn cancel_statement(&self, conn: &mut PgConn) {
+        conn.discard = true;
+        let Some(client) = conn.client.take() else {
+            return;
         };
-        let _ = tokio::time::timeout(CANCEL_WAIT, send).await;
+        let token = client.cancel_token();
+        let route = self.cancel_to.clone();
+        let linger = tokio::spawn(async move {
+            let _ = tokio::time::timeout(CANCEL_LINGER, send_cancel(route, token)).await;
+            drop(client);
+        });
+        let _ = tokio::time::timeout(CANCEL_WAIT, linger).await;
     }
 
     /// A connection before `deadline`; a failure names its cause.
@@ -174,8 +191,27 @@ impl Pg {
     }
 }
 
+/// Send a cancel request for `token`'s statement and wait for the other
+/// side to close the request's connection (`route`: see [`cancel_route`]).
+async fn send_cancel(route: Option<(String, u16)>, token: tokio_postgres::CancelToken) -> Option<()> {
+    match route {
+        Some((host, port)) => {
+            use tokio::io::AsyncReadExt;
+            let mut sock = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+            token
+                .cancel_query_raw(NoShutdown(&mut sock), tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            let mut buf = [0u8; 64];
+            while sock.read(&mut buf).await.ok()? > 0 {}
+            Some(())
+        }
+        None => token.cancel_query(tls::connector()).await.ok(),
+    }
+}
+
 /// Where a pool's cancel requests go when they can be sent the way libpq
-/// sends them (see [`Pg::cancel`]): the one TCP host of a URL without TLS.
+/// sends them (see [`Pg::cancel_statement`]): the one TCP host of a URL without TLS.
 /// None: a URL with several hosts, a socket path or `sslmode`, whose
 /// cancels go through tokio-postgres's own `cancel_query`.
 fn cancel_route(url: &str) -> Option<(String, u16)> {
