@@ -173,6 +173,104 @@ async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
     relay.stop().await;
 }
 
+/// The primary hangs instead of stopping (every process SIGSTOPped: the
+/// kernel still accepts its TCP connections, nothing answers; a paused VM,
+/// a partition) and the standby is promoted, at the shipped defaults. The
+/// relay reaches the new primary within `sweep.tick_timeout` (5 s) plus a
+/// few seconds and delivers every row: each host of the multi-host URL
+/// gets its own bound for the whole connection (start-up, authentication,
+/// the read-write check), as libpq's `connect_timeout`. Before, the hung
+/// first host took every attempt's whole budget and the second was never
+/// tried: nothing was delivered for as long as the test waited. The
+/// listener follows, and a relay started while the old primary hangs
+/// starts.
+#[tokio::test]
+async fn a_hung_primary_is_passed_over_for_the_promoted_standby() {
+    const ROWS: i64 = 30_000;
+    const TICK_TIMEOUT: Duration = Duration::from_secs(5);
+    let primary = PrivatePostgres::start().await;
+    let standby = primary.standby().await;
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", primary.port, standby.port);
+    let admin = format!("postgres://root@{hosts}/postgres?target_session_attrs=read-write");
+    let db = TestDb::new_on(&admin).await;
+    let on_standby = format!("postgres://root@127.0.0.1:{}/{}", standby.port, db.name);
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, ROWS, 40).await;
+    let expected = expected_members(&db).await;
+    let env = shipped_env(&db.url, &redis_url, &prefix);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the drain is under way", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await < ROWS * 9 / 10
+    })
+    .await;
+
+    let frozen = primary.freeze();
+    standby.promote();
+    let promoted = Instant::now();
+    let left = outbox_rows(&on_standby).await.expect("count on the new primary");
+    assert!(
+        left > 0,
+        "the drain ended before the failover ({ROWS} rows): make the backlog larger"
+    );
+    let mut resumed = None;
+    loop {
+        assert!(relay.is_running(), "exited: {:#?}", relay.lines());
+        let now = outbox_rows(&on_standby).await;
+        if resumed.is_none() && now.is_some_and(|n| n < left) {
+            resumed = Some(promoted.elapsed());
+        }
+        if now == Some(0) {
+            break;
+        }
+        assert!(
+            promoted.elapsed() < Duration::from_secs(180),
+            "not drained on the new primary past the hung one ({now:?} of {left} rows left): {:#?}",
+            relay.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = resumed.expect("rows delivered after the promotion");
+    println!(
+        "{:.1} s from `pg_ctl promote` to the first row delivered past the hung primary ({left} of {ROWS} rows left)",
+        resumed.as_secs_f64()
+    );
+    assert!(
+        resumed < TICK_TIMEOUT + Duration::from_secs(15),
+        "the promoted standby was reached {resumed:?} after the promotion, more than tick_timeout plus a few seconds"
+    );
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    let dead = pg_connect(&on_standby)
+        .await
+        .query_one("SELECT count(*) FROM task_outbox_dead", &[])
+        .await
+        .expect("dead rows")
+        .get::<_, i64>(0);
+    assert_eq!(dead, 0, "nothing dead-lettered");
+
+    // The listener moved too: it hears its own check on the new primary.
+    wait_until(
+        "the listener hears on the new primary",
+        Duration::from_secs(60),
+        || async {
+            relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
+                && relay.records("listening for new outbox rows; checked end to end").len() >= 2
+        },
+    )
+    .await;
+    // A relay started now (the old primary still hangs) starts and is
+    // ready: its start-up checks and its pools pass over the hung host.
+    // (The test's own helpers connect without a timeout: past this point
+    // they read the new primary only.)
+    let mut late = RelayProcess::spawn(&env);
+    late.wait_started().await;
+    late.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    late.stop().await;
+    relay.stop().await;
+    drop(frozen);
+}
+
 /// The server turns read-only under the relay (`default_transaction_read_only`
 /// set and reloaded, as on a server set read-only behind an unchanged
 /// address): the pooled sessions' claims fail with SQLSTATE 25006. That is

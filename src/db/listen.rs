@@ -50,6 +50,13 @@ pub const BACKLOG_PAYLOAD: &str = "outbox-relay-backlog";
 /// by TCP keepalive ([`crate::pool::tcp`]), and polling covers the meantime.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a listening connection must answer a query. A server that
+/// hangs (every process frozen, a paused VM) keeps the connection open and
+/// answers TCP keepalives from its kernel, so the connection never fails
+/// by itself: without this the listener stayed on a hung old primary for
+/// good after a failover, and kept the listen lead there.
+pub const LIVENESS_EVERY: Duration = Duration::from_secs(10);
+
 /// How long the listener waits to hear its own NOTIFY once it is committed.
 /// A notification is delivered at commit, within a millisecond on a
 /// healthy server.
@@ -371,6 +378,7 @@ async fn listen_once<F: Fn()>(
 ) -> Result<(), String> {
     let mut session = Session::open(&target.listen_url, heard.clone()).await?;
     let mut hears = session.probe(&target.notify_url).await?;
+    let mut next_alive = tokio::time::Instant::now() + LIVENESS_EVERY;
     let mut leader = false;
     // Whether a relay without the lead said so since it last changed.
     let mut said_follower = false;
@@ -423,6 +431,10 @@ async fn listen_once<F: Fn()>(
                         wake();
                     }
                 }
+                () = tokio::time::sleep_until(next_alive) => {
+                    session.answers().await?;
+                    next_alive = tokio::time::Instant::now() + LIVENESS_EVERY;
+                }
                 () = tokio::time::sleep_until(due.unwrap_or(far)), if due.is_some() => {
                     if !hears {
                         break session.probe(&target.notify_url).await?;
@@ -473,14 +485,26 @@ struct Session {
 }
 
 impl Session {
+    /// The connection answers a query within [`CONNECT_TIMEOUT`].
+    async fn answers(&self) -> Result<(), String> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.client.simple_query("SELECT 1"))
+            .await
+            .map_err(|_| {
+                format!(
+                    "the listen connection stopped answering (no answer to SELECT 1 within {}s)",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            })?
+            .map(|_| ())
+            .map_err(|e| pg_error_text(&e))
+    }
+
     async fn open(url: &str, announce: Arc<Heard>) -> Result<Session, String> {
         let cfg = pg_config(url, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
-        // Bounded as a whole (TCP, TLS, authentication): a frozen server
-        // accepts the TCP connection in its kernel and then answers nothing.
-        let (client, mut connection) = tokio::time::timeout(CONNECT_TIMEOUT, cfg.connect(super::tls::connector()))
-            .await
-            .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| pg_error_text(&e))?;
+        // Each host bounded as a whole (TCP, TLS, authentication): a frozen
+        // server accepts the TCP connection in its kernel and then answers
+        // nothing; the URL's next host is tried then.
+        let (client, mut connection) = super::hosts::connect(&cfg, super::tls::connector(), CONNECT_TIMEOUT).await?;
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let mine = format!("{PROBE_PREFIX}{nonce}:");
         let arrived = Arc::new(Notify::new());

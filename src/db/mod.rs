@@ -9,6 +9,7 @@
 
 pub mod dead_letter;
 pub mod fleet;
+pub mod hosts;
 pub mod jobs;
 pub mod listen;
 pub mod migrate;
@@ -78,17 +79,18 @@ impl std::ops::DerefMut for PgConn {
     }
 }
 
-/// bb8-postgres's manager, with [`PgConn::discard`] honoured and every
-/// connect bounded by the pool's checkout timeout: tokio-postgres bounds
-/// only the TCP connect, not the start-up, authentication and the
-/// read-write check after it, and bb8 keeps a pool slot for a connect in
-/// progress. A server that accepts the socket and then answers nothing (a
-/// frozen server; pgbouncer queueing the check behind busy server
-/// connections, up to its `query_wait_timeout`) would otherwise hold the
-/// slots of the whole pool.
+/// bb8-postgres's manager, one per host of the URL, with
+/// [`PgConn::discard`] honoured and each host's whole connection bounded
+/// as libpq bounds it ([`hosts`]): tokio-postgres bounds only the TCP
+/// connect, not the start-up, authentication and the read-write check
+/// after it, and bb8 keeps a pool slot for a connect in progress. A server
+/// that accepts the socket and then answers nothing (a frozen server;
+/// pgbouncer queueing the check behind busy server connections, up to its
+/// `query_wait_timeout`) would otherwise hold the slots of the whole pool,
+/// and the next host of the URL would never be tried.
 pub struct PgManager {
-    inner: PostgresConnectionManager<tls::Tls>,
-    connect_timeout: Duration,
+    hosts: Vec<PostgresConnectionManager<tls::Tls>>,
+    per_host: Duration,
 }
 
 impl bb8::ManageConnection for PgManager {
@@ -96,23 +98,30 @@ impl bb8::ManageConnection for PgManager {
     type Error = tokio_postgres::Error;
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = tokio::time::timeout(self.connect_timeout, self.inner.connect())
-            .await
-            // tokio-postgres's own timeout error ("timeout waiting for
-            // server"), the one its connect_timeout returns; it has no
-            // public constructor.
-            .map_err(|_| tokio_postgres::Error::__private_api_timeout())??;
-        crate::pool::note_opened(crate::pool::POSTGRES);
-        Ok(PgConn {
-            client: Some(client),
-            discard: false,
-        })
+        let mut last = None;
+        for host in &self.hosts {
+            match tokio::time::timeout(self.per_host, host.connect()).await {
+                Ok(Ok(client)) => {
+                    crate::pool::note_opened(crate::pool::POSTGRES);
+                    return Ok(PgConn {
+                        client: Some(client),
+                        discard: false,
+                    });
+                }
+                Ok(Err(e)) => last = Some(e),
+                // tokio-postgres's own timeout error ("timeout waiting for
+                // server"), the one its connect_timeout returns; it has no
+                // public constructor.
+                Err(_) => last = Some(tokio_postgres::Error::__private_api_timeout()),
+            }
+        }
+        Err(last.unwrap_or_else(tokio_postgres::Error::__private_api_timeout))
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        match conn.client.as_mut() {
-            Some(client) => self.inner.is_valid(client).await,
-            None => Err(tokio_postgres::Error::__private_api_timeout()),
+        match (conn.client.as_mut(), self.hosts.first()) {
+            (Some(client), Some(host)) => host.is_valid(client).await,
+            _ => Err(tokio_postgres::Error::__private_api_timeout()),
         }
     }
 
@@ -338,8 +347,11 @@ pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSe
         cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     }
     let manager = PgManager {
-        inner: PostgresConnectionManager::new(cfg, tls::connector()),
-        connect_timeout: checkout_timeout,
+        per_host: cfg.get_connect_timeout().copied().unwrap_or(checkout_timeout),
+        hosts: hosts::each_host(&cfg)
+            .into_iter()
+            .map(|one| PostgresConnectionManager::new(one, tls::connector()))
+            .collect(),
     };
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()
@@ -363,10 +375,11 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<tokio_postgres::Cli
         url: redact_url(url),
         reason,
     };
-    let (client, connection) = tokio::time::timeout(timeout, cfg.connect(tls::connector()))
+    // Each host bounded as a whole (see `hosts`): a frozen first host
+    // does not keep a start-up from the next.
+    let (client, connection) = hosts::connect(&cfg, tls::connector(), timeout)
         .await
-        .map_err(|_| unreachable(format!("no answer within {}ms", timeout.as_millis())))?
-        .map_err(|e| unreachable(pg_error_text(&e)))?;
+        .map_err(unreachable)?;
     tokio::spawn(async move {
         // The connection ends with an error when the server goes away; the
         // client's next call reports it, so there is nothing to add here.
