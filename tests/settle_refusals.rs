@@ -208,3 +208,66 @@ async fn a_producers_dedup_trigger_cannot_make_retried_rows_vanish() {
     );
     relay.stop().await;
 }
+
+/// A retried row's next try is counted from when the tick settles, not
+/// from when its transaction began: `run_at = now() + backoff` used the
+/// transaction's start, so a tick that waited on Redis (here 4 s, a
+/// delayed pipeline; the same for a WAIT on replicas) put rows off by the
+/// backoff minus the wait, already due when they were written (#38
+/// code-read item 5). The row's `run_at` must lie about `base_backoff`
+/// past the moment the delayed write was answered (1.5 s of the 3 s: the
+/// test reads that moment a little after it; counted from the tick's start
+/// it lies about 1 s before it).
+#[tokio::test]
+async fn a_retry_is_put_off_from_the_settle_not_from_the_tick_start() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    let jobs = new_jobs(1);
+    poison_job(&server.url(), &prefix, &jobs[0]).await;
+    proxy.delay_when(&jobs[0].to_string(), Duration::from_secs(4));
+    seed_for(&db, 1, &jobs).await;
+    let env = relay_env(
+        &db,
+        &proxy.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "20s"),
+            ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "3s"),
+            ("OUTBOX_RELAY_SWEEP__MAX_BACKOFF", "3s"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the delayed write is answered", Duration::from_secs(60), || async {
+        proxy.held_answered() >= 1
+    })
+    .await;
+    // Postgres's clock, read just after the write was answered: the settle
+    // comes after this.
+    let answered: std::time::SystemTime = db
+        .client()
+        .await
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .expect("clock")
+        .get(0);
+    wait_until("the row's first retry is settled", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 1").await == 1
+    })
+    .await;
+    let run_at: std::time::SystemTime = db
+        .client()
+        .await
+        .query_one("SELECT run_at FROM task_outbox", &[])
+        .await
+        .expect("run_at")
+        .get(0);
+    let put_off = run_at.duration_since(answered).unwrap_or_default();
+    assert!(
+        put_off >= Duration::from_millis(1_500),
+        "the retry is due {put_off:?} after the write was answered, less than base_backoff (3 s): counted from the tick's start"
+    );
+    relay.stop().await;
+}

@@ -413,7 +413,10 @@ pub async fn delete(tx: &Transaction<'_>, ids: &[i64]) -> Result<u64, tokio_post
     .await
 }
 
-/// Count a failed attempt and push each row's `run_at` out by its own delay.
+/// Count a failed attempt and push each row's `run_at` out by its own delay,
+/// from now (`clock_timestamp()`): the transaction's `now()` is its start,
+/// and a tick that waited on Redis would put rows off by less than their
+/// delay, some already due (`tests/settle_refusals.rs`).
 pub async fn reschedule(tx: &Transaction<'_>, ids: &[i64], delays_ms: &[i64]) -> Result<u64, tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(0);
@@ -421,7 +424,7 @@ pub async fn reschedule(tx: &Transaction<'_>, ids: &[i64], delays_ms: &[i64]) ->
     tx.execute_typed(
         "UPDATE task_outbox o
             SET attempts = o.attempts + 1,
-                run_at = now() + u.delay_ms * interval '1 millisecond'
+                run_at = clock_timestamp() + u.delay_ms * interval '1 millisecond'
            FROM unnest($1::int8[], $2::int8[]) AS u(id, delay_ms)
           WHERE o.id = u.id",
         &[(&ids, Type::INT8_ARRAY), (&delays_ms, Type::INT8_ARRAY)],
@@ -429,13 +432,14 @@ pub async fn reschedule(tx: &Transaction<'_>, ids: &[i64], delays_ms: &[i64]) ->
     .await
 }
 
-/// Try rows again after `delay_ms`, attempts unchanged (not their fault).
+/// Try rows again `delay_ms` from now (`clock_timestamp()`, as
+/// [`reschedule`]), attempts unchanged (not their fault).
 pub async fn postpone(tx: &Transaction<'_>, ids: &[i64], delay_ms: i64) -> Result<u64, tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
     tx.execute_typed(
-        "UPDATE task_outbox SET run_at = now() + $2::int8 * interval '1 millisecond' WHERE id = ANY($1::int8[])",
+        "UPDATE task_outbox SET run_at = clock_timestamp() + $2::int8 * interval '1 millisecond' WHERE id = ANY($1::int8[])",
         &[(&ids, Type::INT8_ARRAY), (&delay_ms, Type::INT8)],
     )
     .await
