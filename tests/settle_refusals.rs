@@ -271,3 +271,78 @@ async fn a_retry_is_put_off_from_the_settle_not_from_the_tick_start() {
     );
     relay.stop().await;
 }
+
+/// A put-back that fails for a moment (a deadlock with a producer, a lock
+/// timeout: SQLSTATE class 40 or 55P03) is contention, tried again: it
+/// once switched the relay to the locking claim for good, as if the table
+/// had changed (#38 code-read item 4). Here a trigger refuses the first
+/// three put-backs with 40P01 (a sequence counts them: it is not rolled
+/// back with the tick).
+#[tokio::test]
+async fn a_put_back_that_fails_for_a_moment_keeps_the_delete_claim() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    let jobs = new_jobs(3);
+    poison_job(&redis_url, &prefix, &jobs[1]).await;
+    seed_for(&db, 60, &jobs).await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE put_backs;
+             CREATE FUNCTION deadlock_at_first() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF current_setting('outbox_relay.put_back', true) = 'on' AND nextval('put_backs') <= 3 THEN
+                 RAISE EXCEPTION 'deadlock detected (test)' USING ERRCODE = '40P01';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER deadlock_at_first BEFORE INSERT ON task_outbox
+                FOR EACH ROW EXECUTE FUNCTION deadlock_at_first();",
+        )
+        .await
+        .expect("the trigger");
+    let poisoned = db
+        .count(&format!(
+            "SELECT count(*) FROM task_outbox WHERE job_id = '{}'",
+            jobs[1]
+        ))
+        .await;
+    assert!(poisoned > 0);
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms")],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until(
+        "the healthy rows delivered, the poisoned ones retried twice",
+        Duration::from_secs(60),
+        || async {
+            db.count("SELECT count(*) FROM task_outbox").await == poisoned
+                && db.count("SELECT count(*) FROM task_outbox WHERE attempts >= 2").await == poisoned
+        },
+    )
+    .await;
+    assert!(
+        db.count("SELECT last_value FROM put_backs").await >= 3,
+        "the put-backs were refused: {:#?}",
+        relay.lines()
+    );
+    assert!(
+        relay.records("claiming by locking from now on").is_empty(),
+        "a moment's deadlock is not a changed table: {:#?}",
+        relay.lines()
+    );
+    assert!(
+        relay
+            .lines()
+            .iter()
+            .any(|l| l.contains("40P01") && l.contains("contention")),
+        "the deadlock is reported as contention: {:#?}",
+        relay.lines()
+    );
+    relay.stop().await;
+}

@@ -622,11 +622,18 @@ async fn tick_on(
                         .map_err(TickError::db("read the outbox's shape"))
                 },
                 async {
-                    // Any failure here (INSERT revoked, a trigger, a check
-                    // added) would fail every such tick after its ZADDs:
-                    // the sweep claims by locking from then on instead.
+                    // A lasting failure here (INSERT revoked, a trigger, a
+                    // check added) would fail every such tick after its
+                    // ZADDs: the sweep claims by locking from then on
+                    // instead. A passing one (the connection, a timeout, a
+                    // read-only server, a deadlock or lock timeout) is the
+                    // tick's, tried again.
                     outbox::restore(&tx, schema, &claimed, restore).await.map_err(|e| {
-                        if is_connection_lost(&e) || is_statement_timeout(&e) || db::is_read_only(&e) {
+                        if is_connection_lost(&e)
+                            || is_statement_timeout(&e)
+                            || db::is_read_only(&e)
+                            || is_contention(&e)
+                        {
                             TickError::db("restore claimed rows")(e)
                         } else {
                             TickError::ClaimFallback(format!("putting claimed rows back failed: {}", pg_error_text(&e)))
