@@ -332,6 +332,13 @@ async fn sessions_on_a_read_only_server_are_a_dependency_fault_and_are_replaced(
     })
     .await;
     assert!(relay.is_running(), "{:#?}", relay.lines());
+    // The probe's session answers, but the server takes no writes: that is
+    // a Postgres the relay cannot use, and the gauge says so (it stayed 1
+    // while the probe's reads worked, #38 code-read item 3).
+    wait_until("outbox_relay_postgres_up is 0", Duration::from_secs(60), || async {
+        relay.metric("outbox_relay_postgres_up", &[]).await == Some(0.0)
+    })
+    .await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
     assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 500);
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
@@ -352,6 +359,12 @@ async fn sessions_on_a_read_only_server_are_a_dependency_fault_and_are_replaced(
     assert_all_delivered(&redis_url, &prefix, &expected).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     relay.wait_http("/readyz", 200, Duration::from_secs(60)).await;
+    wait_until(
+        "outbox_relay_postgres_up is 1 again",
+        Duration::from_secs(60),
+        || async { relay.metric("outbox_relay_postgres_up", &[]).await == Some(1.0) },
+    )
+    .await;
     relay.stop().await;
 }
 

@@ -53,6 +53,9 @@ pub struct ProbeReport {
     /// failure).
     pub outbox_took: Duration,
     pub redis_ping: Result<Duration, String>,
+    /// Postgres answered and takes writes (`transaction_read_only` off),
+    /// asked every round, also while the outbox probe rests.
+    pub postgres_writes: Result<(), String>,
 }
 
 /// Why the outbox probe has no figures.
@@ -210,12 +213,48 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline, count_outbox: boo
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(started.elapsed())
     };
-    let ((outbox, outbox_took), redis_ping) = tokio::join!(outbox, ping);
+    // After the count: the probe pool has one connection.
+    let outbox = async {
+        let counted = outbox.await;
+        (counted, takes_writes(pg, deadline).await)
+    };
+    let (((outbox, outbox_took), postgres_writes), redis_ping) = tokio::join!(outbox, ping);
     ProbeReport {
         outbox,
         outbox_took,
         redis_ping,
+        postgres_writes,
     }
+}
+
+/// Whether Postgres answers on the probe's connection and takes writes: a
+/// server set read-only behind the same address (or a standby the
+/// connection landed on before a failover) still answers every read.
+async fn takes_writes(pg: &Pg, deadline: Deadline) -> Result<(), String> {
+    let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
+    let read_only = match deadline
+        .run(
+            "postgres read-only check",
+            conn.simple_query("SHOW transaction_read_only"),
+        )
+        .await
+    {
+        Ok(answer) => answer.map_err(|e| pg_error_text(&e))?,
+        Err(expired) => {
+            pg.cancel_statement(&mut conn).await;
+            return Err(expired.to_string());
+        }
+    };
+    let on = read_only.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("on"),
+        _ => false,
+    });
+    if on {
+        return Err(
+            "postgres takes no writes (transaction_read_only = on): a standby, or a server set read-only".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Write this relay's heartbeat (`db::fleet`) before `deadline`.
@@ -263,6 +302,8 @@ pub struct MetricsActor {
     /// No outbox probe before this ([`probe_spacing`]); None: the next
     /// round probes.
     probe_rest_until: Option<Instant>,
+    /// The last round found Postgres taking no writes (logged once).
+    writes_refused: bool,
 }
 
 impl MetricsActor {
@@ -286,6 +327,7 @@ impl MetricsActor {
             beat_failing: false,
             last_probe: None,
             probe_rest_until: None,
+            writes_refused: false,
         }
     }
 
@@ -373,11 +415,25 @@ impl MetricsActor {
             self.probe_rest_until =
                 (result != "failed" && spacing > interval).then(|| Instant::now() + spacing.saturating_sub(took));
         }
+        // Up: it answers and takes writes. A count the server cut off is
+        // an answer (a lock, or a table too big to count in the round).
+        let counted = !matches!(report.outbox, Some(Err(OutboxProbeError::Failed(_))));
+        m.postgres_up.set(i64::from(counted && report.postgres_writes.is_ok()));
+        match (&report.postgres_writes, self.writes_refused) {
+            (Err(e), false) if e.contains("takes no writes") => {
+                warn!(self.core.log, "postgres answers but takes no writes; outbox_relay_postgres_up is 0"; "error" => e);
+                self.writes_refused = true;
+            }
+            (Ok(()), true) => {
+                info!(self.core.log, "postgres takes writes again");
+                self.writes_refused = false;
+            }
+            _ => {}
+        }
         match report.outbox {
             None => {}
             Some(Ok(p)) => {
                 self.last_probe = Some((p, Instant::now()));
-                m.postgres_up.set(1);
                 m.backlog_rows.set(p.backlog as f64);
                 m.oldest_age_seconds.set(p.oldest_age);
                 m.dead_letter_rows.set(p.dead_letters as f64);
@@ -387,11 +443,6 @@ impl MetricsActor {
             }
             Some(Err(e)) => {
                 self.last_probe = None;
-                // A count cut off by the server's own statement timeout is
-                // an answer: the server is up (a lock, or a table too big
-                // to count in the round), and the alerts must not call it
-                // down.
-                m.postgres_up.set(i64::from(matches!(e, OutboxProbeError::CutOff(_))));
                 m.backlog_rows.clear();
                 m.oldest_age_seconds.clear();
                 m.dead_letter_rows.clear();
