@@ -21,6 +21,10 @@ pub enum CancelJobError {
     RedisCleanup { job: String, reason: String },
 }
 
+/// How long a cancel waits for `redis.wait_replicas` replicas to hold its
+/// fence.
+const REPLICA_WAIT: std::time::Duration = STARTUP_TIMEOUT;
+
 /// What `cancel-job` (or the console's cancel) did.
 #[derive(Debug, Serialize, Clone, PartialEq)]
 pub struct CancelOutput {
@@ -67,6 +71,25 @@ pub async fn cancel_everywhere(
             .hdel(format!("{}running", redis.key_prefix), &job)
             .await
             .map_err(|e| e.to_string())?;
+        // As the relay's own writes: a failover must not promote a replica
+        // that has the schedule but not the fence.
+        if redis.wait_replicas > 0 {
+            conn.set_response_timeout(REPLICA_WAIT + std::time::Duration::from_secs(1));
+            let acked: i64 = ::redis::cmd("WAIT")
+                .arg(redis.wait_replicas)
+                .arg(REPLICA_WAIT.as_millis() as u64)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if acked < i64::from(redis.wait_replicas) {
+                return Err(format!(
+                    "the fence and the removal reached {acked} of {} replicas within {}s (redis.wait_replicas); \
+                     a failover now could bring the schedule back without its fence",
+                    redis.wait_replicas,
+                    REPLICA_WAIT.as_secs()
+                ));
+            }
+        }
         Ok::<_, String>(removed > 0)
     };
     let removed = cleanup.await.map_err(|reason| CancelJobError::RedisCleanup {

@@ -406,3 +406,60 @@ async fn rows_put_back_while_cancel_job_waits_are_cleared_by_the_fence() {
     );
     relay.stop().await;
 }
+
+/// With `redis.wait_replicas > 0`, cancel-job waits for that many replicas
+/// to hold the fence and the schedule's removal (`WAIT`), as the relay's
+/// writes do: without it, a failover right after a cancel could promote a
+/// replica that still had the schedule and not the fence (#38 code-read
+/// item 1). With no replica to acknowledge, it says so and fails (exit 1;
+/// Postgres is cancelled, run it again); with one, the replica holds the
+/// fence when it returns.
+#[tokio::test]
+async fn cancel_job_waits_for_the_replicas_it_is_told_to() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let primary = RedisServer::start().await;
+    let job = Uuid::new_v4();
+    db.client()
+        .await
+        .execute("INSERT INTO jobs (id, status) VALUES ($1::uuid, 'running')", &[&job])
+        .await
+        .expect("job");
+    let env = vec![
+        ("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone()),
+        ("OUTBOX_RELAY_REDIS__URL".to_string(), primary.url()),
+        ("OUTBOX_RELAY_REDIS__KEY_PREFIX".to_string(), prefix.to_string()),
+        ("OUTBOX_RELAY_REDIS__WAIT_REPLICAS".to_string(), "1".to_string()),
+    ];
+    let run = || {
+        relay_command(&["cancel-job", &job.to_string(), "--json"], &env)
+            .output()
+            .expect("cancel-job")
+    };
+    let alone = run();
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert!(!alone.status.success(), "no replica acknowledged: {stderr}");
+    assert!(
+        stderr.contains("0 of 1 replicas") && stderr.contains("run cancel-job again"),
+        "{stderr}"
+    );
+
+    let replica = RedisServer::start_replica_of(primary.port).await;
+    let mut on_replica = redis_conn(&replica.url()).await;
+    wait_until("the replica is in sync", Duration::from_secs(30), || async {
+        let mut c = redis_conn(&replica.url()).await;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let synced = run();
+    assert!(synced.status.success(), "{}", String::from_utf8_lossy(&synced.stderr));
+    let key = format!("{}sched:{job}", &*prefix);
+    let fence = outbox_relay::domain::cancel_fence_key(&prefix, &key);
+    let fenced: bool = on_replica.exists(&fence).await.expect("EXISTS");
+    assert!(fenced, "the replica holds {fence} when cancel-job returns");
+}
