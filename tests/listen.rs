@@ -136,6 +136,56 @@ async fn one_relay_answers_notifications_and_another_takes_over_when_it_stops() 
     follower.stop().await;
 }
 
+/// The lead gives the lead up when it cannot deliver (#38 code-read item
+/// 2): its Redis refuses every write (here a proxy in its path answering
+/// `-ERR`: a node turned replica, an ACL change), its dispatch is
+/// unhealthy, and within a liveness round it releases the lock; the other
+/// relay takes the lead and answers new rows. Before, it kept the lead and
+/// every other relay learnt of new rows only at its quiet poll.
+#[tokio::test]
+async fn a_lead_that_cannot_deliver_hands_the_lead_over() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    let mut a = RelayProcess::spawn(&shipped_env(&db.url, &proxy.url(), &prefix));
+    a.wait_started().await;
+    wait_until("the first relay holds the lead", Duration::from_secs(30), || async {
+        lead(&a).await == Some(1.0)
+    })
+    .await;
+    let mut b = RelayProcess::spawn(&shipped_env(&db.url, &server.url(), &prefix));
+    b.wait_started().await;
+    wait_until("the second relay follows", Duration::from_secs(30), || async {
+        !b.records("another relay answers new-row notifications").is_empty()
+    })
+    .await;
+
+    proxy.refuse(true);
+    seed(&db, 200, 2).await;
+    wait_until(
+        "the relay that cannot deliver gives up the lead",
+        Duration::from_secs(60),
+        || async { lead(&a).await == Some(0.0) && lead(&b).await == Some(1.0) },
+    )
+    .await;
+    assert_eq!(
+        a.records("this relay gives up the listen lead").len(),
+        1,
+        "{:#?}",
+        a.lines()
+    );
+    wait_drained(&db, Duration::from_secs(120)).await;
+    let woken_before = woken(&b).await;
+    commit_one_by_one(&db, 10).await;
+    wait_until("the new lead's sweep is woken", Duration::from_secs(10), || async {
+        woken(&b).await > woken_before
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// While the listener hears, idle lanes poll only every
 /// `sweep.listen_poll_interval` (an hour here): rows inserted not yet due,
 /// rows put back for a retry and rows held by a pause that is lifted must

@@ -894,6 +894,13 @@ pub struct SweepActor {
     idle_timers: Vec<SpawnHandle>,
     /// A [`Wake`] arrived while every lane was busy.
     woken: bool,
+    /// Ticks in a row whose every claimed row Redis refused (a node turned
+    /// replica, NOPERM, MISCONF, a WAIT shortfall), and until when no lane
+    /// claims because of them: the backoff of that many failures. A relay
+    /// that cannot deliver would otherwise claim the rows again the moment
+    /// they come due, ahead of the relays that can.
+    refused_streak: i32,
+    refusal_hold: Option<tokio::time::Instant>,
     /// Where the next oldest-first claim resumes while draining.
     cursor: Option<ClaimCursor>,
     /// When a claim last started from the beginning of the index.
@@ -969,6 +976,8 @@ impl SweepActor {
             in_flight: tokio::sync::watch::channel(0).0,
             idle_timers: Vec::new(),
             woken: false,
+            refused_streak: 0,
+            refusal_hold: None,
             cursor: None,
             last_full_scan: std::time::Instant::now(),
             full_scan_every: FULL_SCAN_EVERY,
@@ -1203,6 +1212,19 @@ impl SweepActor {
                     self.fresh_seen = report.snapshot.clone().filter(|_| settled && !fresh_full);
                 }
                 let now = tokio::time::Instant::now();
+                let refused = report.deferred_reason.is_some()
+                    && report.redis_unavailable.is_none()
+                    && report.back_pressure.is_none();
+                if refused && report.claimed > 0 && report.deferred >= report.claimed {
+                    let hold = self.settings.retry.backoff(self.refused_streak);
+                    self.refused_streak = self.refused_streak.saturating_add(1);
+                    self.refusal_hold = Some(now + hold);
+                    warn!(self.core.log, "redis refused every row of the batch; this relay claims nothing until the hold ends, so relays that can deliver take the rows";
+                        "rows" => report.claimed, "hold_ms" => hold.as_millis() as u64, "refused_batches_in_a_row" => self.refused_streak);
+                } else if report.deferred < report.claimed {
+                    self.refused_streak = 0;
+                    self.refusal_hold = None;
+                }
                 if let Some(after) = report.put_back_in {
                     self.due_at(ctx, now + after);
                 }
@@ -1395,6 +1417,16 @@ impl SweepActor {
             self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
             match msg.lane {
                 Lane::Drain => self.schedule(ctx, Pace::Idle),
+                Lane::Fresh => self.fresh_in_flight = false,
+            }
+            return;
+        }
+        if let Some(until) = self.refusal_hold.filter(|u| *u > tokio::time::Instant::now()) {
+            match msg.lane {
+                Lane::Drain => {
+                    let wait = until.saturating_duration_since(tokio::time::Instant::now());
+                    later(ctx, wait, |act, ctx| act.schedule(ctx, Pace::Drain));
+                }
                 Lane::Fresh => self.fresh_in_flight = false,
             }
             return;

@@ -237,6 +237,7 @@ pub fn start(
     let listener =
         crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
             let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
+            let delivering = (healths.sweep.clone(), healths.dispatch.clone());
             actix_rt::spawn(crate::db::listen::listen(
                 target,
                 (
@@ -246,7 +247,14 @@ pub fn start(
                     },
                     heard,
                 ),
-                move || waker.wake(),
+                (
+                    move || waker.wake(),
+                    move || {
+                        [&delivering.0, &delivering.1]
+                            .iter()
+                            .all(|h| h.snapshot().status == crate::telemetry::health::Status::Healthy)
+                    },
+                ),
                 log.new(slog::o!("actor" => "SweepActor")),
             ))
         });

@@ -57,6 +57,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// good after a failover, and kept the listen lead there.
 pub const LIVENESS_EVERY: Duration = Duration::from_secs(10);
 
+/// The listen session's server-side keepalives (libpq's names; per
+/// session, no privilege needed): a dead peer is found in 10 + 3 × 5 s,
+/// and unacknowledged data gives up after 25 s.
+const SERVER_KEEPALIVES: &str = "SELECT set_config('tcp_keepalives_idle', '10', false), \
+     set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false), \
+     set_config('tcp_user_timeout', '25000', false)";
+
 /// How long the listener waits to hear its own NOTIFY once it is committed.
 /// A notification is delivered at commit, within a millisecond on a
 /// healthy server.
@@ -337,16 +344,20 @@ pub const LEAD_RETRY: Duration = Duration::from_secs(1);
 /// its sweep for new rows; the others poll and drain (a full batch keeps
 /// every relay's drain lanes going), and try for the lead every
 /// [`LEAD_RETRY`].
-pub async fn listen<F: Fn() + Send + 'static>(
+///
+/// `delivering` says whether this relay delivers now (its sweep and
+/// dispatch healthy): a relay that does not gives the lead up, and does not
+/// try for it, so that one that does answers new rows.
+pub async fn listen<F: Fn() + Send + 'static, D: Fn() -> bool + Send + 'static>(
     target: ListenTarget,
     (gauges, heard): (ListenGauges, Arc<Heard>),
-    wake: F,
+    (wake, delivering): (F, D),
     log: Logger,
 ) {
     let mut backoff = Duration::from_millis(200);
     let mut warned_deaf = false;
     loop {
-        let ended = listen_once(&target, (&gauges, &heard), &wake, &log, &mut warned_deaf).await;
+        let ended = listen_once(&target, (&gauges, &heard), (&wake, &delivering), &log, &mut warned_deaf).await;
         gauges.active.set(0);
         gauges.leader.set(0);
         heard.set_role(Role::Deaf);
@@ -369,10 +380,10 @@ pub async fn listen<F: Fn() + Send + 'static>(
 
 /// One connection's life: LISTEN, the end-to-end check, the lead, then wake
 /// for each notification until the connection ends (`Ok`) or fails (`Err`).
-async fn listen_once<F: Fn()>(
+async fn listen_once<F: Fn(), D: Fn() -> bool>(
     target: &ListenTarget,
     (gauges, heard): (&ListenGauges, &Arc<Heard>),
-    wake: &F,
+    (wake, delivering): (&F, &D),
     log: &Logger,
     warned_deaf: &mut bool,
 ) -> Result<(), String> {
@@ -434,12 +445,23 @@ async fn listen_once<F: Fn()>(
                 () = tokio::time::sleep_until(next_alive) => {
                     session.answers().await?;
                     next_alive = tokio::time::Instant::now() + LIVENESS_EVERY;
+                    if leader && !delivering() {
+                        // New rows announced to a relay that cannot send
+                        // them wait for the others' quiet poll: hand over.
+                        session.give_up_lead().await?;
+                        leader = false;
+                        gauges.leader.set(0);
+                        heard.set_role(Role::Follower);
+                        warn!(log, "this relay gives up the listen lead: it is not delivering (its sweep or dispatch is unhealthy); another relay answers new rows, and this one tries again once it delivers");
+                        said_follower = false;
+                        due = Some(tokio::time::Instant::now() + LEAD_RETRY);
+                    }
                 }
                 () = tokio::time::sleep_until(due.unwrap_or(far)), if due.is_some() => {
                     if !hears {
                         break session.probe(&target.notify_url).await?;
                     }
-                    leader = session.try_lead().await?;
+                    leader = delivering() && session.try_lead().await?;
                     if leader {
                         heard.set_role(Role::Lead);
                         // Rows committed while nobody answered: polling
@@ -533,6 +555,12 @@ impl Session {
             }
             Ok(())
         });
+        // The server finds a vanished relay (its host gone, a partition:
+        // no FIN, no RST) within about half a minute instead of the
+        // kernel's default two hours, and ends its session, which releases
+        // the lead it held. Best effort: a server without tcp_user_timeout
+        // (before 12) or on a socket path ignores or refuses it.
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(SERVER_KEEPALIVES)).await;
         tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(&format!("LISTEN {CHANNEL}")))
             .await
             .map_err(|_| format!("LISTEN: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
@@ -550,6 +578,16 @@ impl Session {
     /// Try for [`LEAD_LOCK`] on this connection (the simple protocol:
     /// nothing prepared, pgbouncer-safe). `Ok(true)` when this session holds
     /// it (taking it again is harmless: a holder's count only grows).
+    /// Release the lead lock (taken by [`Session::try_lead`]).
+    async fn give_up_lead(&self) -> Result<(), String> {
+        let sql = format!("SELECT pg_advisory_unlock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1);
+        tokio::time::timeout(CONNECT_TIMEOUT, self.client.simple_query(&sql))
+            .await
+            .map_err(|_| format!("the listen lead: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
+            .map(|_| ())
+            .map_err(|e| format!("the listen lead: {}", pg_error_text(&e)))
+    }
+
     async fn try_lead(&self) -> Result<bool, String> {
         let sql = format!("SELECT pg_try_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1);
         let rows = tokio::time::timeout(CONNECT_TIMEOUT, self.client.simple_query(&sql))
