@@ -56,6 +56,13 @@ impl PgBouncer {
             ),
         )
         .expect("pgbouncer.ini");
+        let child = PgBouncer::spawn(&dir);
+        let b = PgBouncer { port, child, dir };
+        b.wait_accepting().await;
+        b
+    }
+
+    fn spawn(dir: &std::path::Path) -> Child {
         // pgbouncer refuses to run as root; let it drop to postgres then.
         let mut cmd = Command::new("pgbouncer");
         let is_root = Command::new("id")
@@ -70,18 +77,36 @@ impl PgBouncer {
                 .expect("chmod");
             cmd.args(["-u", "postgres"]);
         }
-        let child = cmd
-            .arg(dir.join("pgbouncer.ini"))
+        cmd.arg(dir.join("pgbouncer.ini"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start pgbouncer (scripts/services.sh installs it)");
-        let b = PgBouncer { port, child, dir };
+            .expect("start pgbouncer (scripts/services.sh installs it)")
+    }
+
+    async fn wait_accepting(&self) {
+        let port = self.port;
         wait_until("pgbouncer accepts connections", Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        b
+    }
+
+    /// SIGSTOP / SIGCONT: frozen, its sockets open, nothing answers.
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} pgbouncer");
+    }
+
+    /// Kill it (every client connection cut) and start it again on its port.
+    async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = PgBouncer::spawn(&self.dir);
+        self.wait_accepting().await;
     }
 
     fn url(&self, db: &TestDb) -> String {
@@ -313,6 +338,60 @@ async fn the_configmap_behind_pgbouncer_as_outbox_relay() {
     }
     relay.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// pgbouncer hung (SIGSTOP for longer than two tick deadlines: its
+/// sockets stay open, nothing answers) and then stopped and started again
+/// (every client connection cut) while the relay drains through it: the
+/// relay rides out both by itself, counts no attempt, and delivers every
+/// row. The fault matrix's pgbouncer row (docs/RELIABILITY.md).
+#[tokio::test]
+async fn a_hung_then_restarted_pgbouncer_is_ridden_out() {
+    let db = TestDb::new().await;
+    let mut bouncer = PgBouncer::start().await;
+    let prefix = key_prefix();
+    let redis_url = shared_redis_url();
+    seed(&db, 20_000, 10).await;
+    let expected = expected_members(&db).await;
+    let env = relay_env(
+        &db,
+        &redis_url,
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_DATABASE__URL", &bouncer.url(&db)),
+            ("OUTBOX_RELAY_SWEEP__BATCH_SIZE", "200"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the drain is under way", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await < 20_000
+    })
+    .await;
+    bouncer.signal("STOP");
+    wait_until("ticks time out on the hung pgbouncer", Duration::from_secs(60), || async {
+        relay.count("sweep tick failed") >= 2
+    })
+    .await;
+    let left = db.count("SELECT count(*) FROM task_outbox").await;
+    bouncer.signal("CONT");
+    wait_until("the drain goes on after the thaw", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await < left
+    })
+    .await;
+    bouncer.restart().await;
+    wait_drained_by(&db, Duration::from_secs(120), &relay).await;
+    assert!(relay.is_running(), "{:#?}", relay.lines());
+    assert_all_delivered(&redis_url, &prefix, &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    assert_eq!(
+        relay
+            .metric("outbox_relay_sweep_rows_total", &[("outcome", "retried")])
+            .await,
+        Some(0.0),
+        "no attempt counted"
+    );
+    relay.stop().await;
 }
 
 /// A TCP forwarder from a free port to `upstream` whose new connections

@@ -59,7 +59,17 @@ async fn the_relay_and_its_commands_find_the_master_through_the_sentinels() {
     let db = TestDb::new().await;
     create_ledger(&db).await;
     let prefix = key_prefix();
-    let env = sentinel_env(&db.url, &sentinel, &prefix, &[]);
+    let mut env = sentinel_env(&db.url, &sentinel, &prefix, &[]);
+    // A hung sentinel too, after the unreachable one: its port accepts
+    // connections (the kernel's backlog) and nothing ever answers, as a
+    // frozen sentinel or a black-holed address. It is passed over.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("a port that never answers");
+    let hung_port = hung.local_addr().expect("port").port();
+    for (k, v) in env.iter_mut() {
+        if k == "OUTBOX_RELAY_REDIS__SENTINEL_URLS" {
+            *v = v.replacen(",", &format!(",redis://127.0.0.1:{hung_port},"), 1);
+        }
+    }
 
     let out = relay_command(&["check-config"], &env).output().expect("check-config");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -112,6 +122,7 @@ async fn the_relay_and_its_commands_find_the_master_through_the_sentinels() {
         "the cancelled job's schedule is gone from the master"
     );
     relay.stop().await;
+    drop(hung);
 }
 
 /// `redis.wait_replicas = 1`: the master is killed (SIGKILL) mid-drain,
