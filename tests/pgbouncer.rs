@@ -369,9 +369,11 @@ async fn a_hung_then_restarted_pgbouncer_is_ridden_out() {
     })
     .await;
     bouncer.signal("STOP");
-    wait_until("ticks time out on the hung pgbouncer", Duration::from_secs(60), || async {
-        relay.count("sweep tick failed") >= 2
-    })
+    wait_until(
+        "ticks time out on the hung pgbouncer",
+        Duration::from_secs(60),
+        || async { relay.count("sweep tick failed") >= 2 },
+    )
     .await;
     let left = db.count("SELECT count(*) FROM task_outbox").await;
     bouncer.signal("CONT");
