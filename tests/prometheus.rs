@@ -349,3 +349,82 @@ async fn a_real_prometheus_scrapes_the_relay_and_evaluates_the_rules() {
     }
     relay.stop().await;
 }
+
+/// #38's alerts on what real relays did, evaluated by a real Prometheus
+/// with the shipped rules: one relay whose Redis refuses every write (a
+/// proxy in its path answering `-ERR`), one whose dead table refuses (a
+/// trigger that raises) the rows it must move there. Each alert's
+/// expression holds for its own relay's `app`, so the alert is pending and
+/// then fires after its `for` (10m: promtool's cases,
+/// deploy/prometheus/outbox-relay.rules.test.yml, check that part).
+#[tokio::test]
+async fn the_refusal_alerts_hold_on_what_the_relays_really_did() {
+    let server = RedisServer::start().await;
+    let proxy = common::proxy::RespProxy::start(server.port).await;
+    proxy.refuse(true);
+    let refusing_redis = TestDb::new().await;
+    let refusing_dead = TestDb::new().await;
+    refusing_dead
+        .client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'task_outbox_dead is under maintenance'; END $$;
+             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
+                FOR EACH ROW EXECUTE FUNCTION maintenance();",
+        )
+        .await
+        .expect("the dead table's guard");
+    let (prefix_a, prefix_b) = (key_prefix(), key_prefix());
+    let redis_url = shared_redis_url();
+    let mut a = RelayProcess::spawn(&relay_env(
+        &refusing_redis,
+        &proxy.url(),
+        &prefix_a,
+        &[("OUTBOX_RELAY_METRICS__APP", "refusing-redis")],
+    ));
+    let mut b = RelayProcess::spawn(&relay_env(
+        &refusing_dead,
+        &redis_url,
+        &prefix_b,
+        &[
+            ("OUTBOX_RELAY_METRICS__APP", "refusing-dead-table"),
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "1"),
+        ],
+    ));
+    a.wait_started().await;
+    b.wait_started().await;
+    let prom = Prometheus::start_all(&[
+        format!("127.0.0.1:{}", a.http_port),
+        format!("127.0.0.1:{}", b.http_port),
+    ]);
+    wait_until("Prometheus scrapes both relays", Duration::from_secs(60), || async {
+        prom.value("count(up{job=\"outbox-relay\"} == 1)").await == Some(2.0)
+    })
+    .await;
+    seed(&refusing_redis, 100, 2).await;
+    poisoned_rows(&refusing_dead, &redis_url, &prefix_b, 20).await;
+    for (alert, app, severity) in [
+        ("OutboxRelayRedisRefusingWrites", "refusing-redis", "critical"),
+        ("OutboxRelaySettleRefused", "refusing-dead-table", "warning"),
+    ] {
+        wait_until(
+            &format!("{alert} is pending or firing for {app}"),
+            Duration::from_secs(180),
+            || async {
+                prom.query(&format!("ALERTS{{alertname=\"{alert}\"}}"))
+                    .await
+                    .iter()
+                    .any(|(l, _)| l["app"] == app && l["severity"] == severity)
+            },
+        )
+        .await;
+        let others = prom.query(&format!("ALERTS{{alertname=\"{alert}\"}}")).await;
+        assert!(
+            others.iter().all(|(l, _)| l["app"] == app),
+            "{alert} holds for its own relay only: {others:?}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

@@ -875,6 +875,12 @@ enum Pace {
     Quiet,
 }
 
+/// The longest a relay whose batches Redis refused holds its claims: well
+/// inside the 2 m rate window of `OutboxRelayRedisRefusingWrites`, so a
+/// lasting refusal keeps the alert's expression true, and a Redis that
+/// takes writes again is written to within this.
+pub const REFUSAL_HOLD_MAX: Duration = Duration::from_secs(30);
+
 pub struct SweepActor {
     settings: SweepSettings,
     core: Core,
@@ -1216,7 +1222,7 @@ impl SweepActor {
                     && report.redis_unavailable.is_none()
                     && report.back_pressure.is_none();
                 if refused && report.claimed > 0 && report.deferred >= report.claimed {
-                    let hold = self.settings.retry.backoff(self.refused_streak);
+                    let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
                     self.refused_streak = self.refused_streak.saturating_add(1);
                     self.refusal_hold = Some(now + hold);
                     warn!(self.core.log, "redis refused every row of the batch; this relay claims nothing until the hold ends, so relays that can deliver take the rows";
