@@ -661,3 +661,56 @@ async fn a_schedule_page_at_any_offset_is_a_page() {
     // The console still answers after them.
     assert_eq!(web.get("/jobs").await.status, 200);
 }
+
+/// A purge under way when Postgres hangs (every process SIGSTOPped: no
+/// answer, and no statement timeout enforced) ends as failed within three
+/// `console.statement_timeout`s and 5 s, with its final audit line and
+/// the rows done before; it once waited for good, its audit line open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_on_a_hung_postgres_ends_with_its_audit_line() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let prefix = key_prefix();
+    let users = users_file("console-hung");
+    let c = relay_with_console(&db, &prefix, Some(&users), &[]).await;
+    let job = new_jobs(1)[0].to_string();
+    insert_dead(&db, &job, 1200, "WRONGTYPE").await;
+    // Each batch takes a moment, so the freeze lands mid-purge.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+             CREATE TRIGGER slow_batch BEFORE DELETE ON task_outbox_dead
+                FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();",
+        )
+        .await
+        .expect("the slow trigger");
+    let alice = format!("Basic {}", base64(b"alice:alice's password"));
+    let mut api = Web::api(c.port);
+    let body = confirmed_body(&mut api, &alice, &job).await;
+    let port = c.port;
+    let purge = tokio::spawn(async move {
+        let mut api = Web::api(port);
+        api.post_json_as("/api/v1/dead-letters/purge", &alice, &body).await
+    });
+    wait_until("the purge has started", Duration::from_secs(30), || async {
+        !c.relay.records("console action started").is_empty()
+    })
+    .await;
+    let frozen = pg.freeze();
+    let r = tokio::time::timeout(Duration::from_secs(60), purge)
+        .await
+        .expect("the purge answers while Postgres hangs")
+        .expect("the request task");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("hangs"), "{}", r.body);
+    wait_until("the final audit line is written", Duration::from_secs(30), || async {
+        c.relay
+            .records("console action failed")
+            .iter()
+            .any(|l| l["action"] == "purge" && l["error"].as_str().is_some_and(|e| e.contains("hangs")))
+    })
+    .await;
+    drop(frozen);
+}

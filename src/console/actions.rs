@@ -222,6 +222,35 @@ impl Drop for Audit {
 
 /// Run an action as a task of its own: a client that disconnects drops
 /// only its wait, never the work.
+/// An action's `work`, ended as failed when no batch is answered within
+/// `limit` (`beats` counts the batches answered): a Postgres that hangs
+/// (frozen, partitioned) enforces no statement timeout, and the action
+/// would otherwise never end nor write its final audit line. Dropping the
+/// work drops its connection.
+async fn unless_stalled<T>(
+    work: impl std::future::Future<Output = Result<T, ConsoleError>>,
+    beats: &AtomicU64,
+    limit: std::time::Duration,
+) -> Result<T, ConsoleError> {
+    let mut work = std::pin::pin!(work);
+    let mut seen = beats.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(limit, &mut work).await {
+            Ok(r) => return r,
+            Err(_) => {
+                let now = beats.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(ConsoleError::Postgres(format!(
+                        "Postgres answered nothing for {}s (3 × console.statement_timeout and 5 s): it hangs; the action was stopped, and the rows done before are counted",
+                        limit.as_secs()
+                    )));
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 async fn detached(
     action: &'static str,
     work: impl std::future::Future<Output = ActionResult> + 'static,
@@ -425,12 +454,15 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
     let audit = Audit::start(&st, &who, action, &target, Some(confirmed.rows));
     let done = audit.counter();
     detached(action, async move {
+        let beats = AtomicU64::new(0);
         let run = async {
             // Dead letters get ids in commit order, so one dead-lettered
             // after the check has a higher id than any confirmed one.
             let mut client = st.action_client().await?;
+            beats.fetch_add(1, Ordering::Relaxed);
             let log = st.log.clone();
             let progress = |r: &dl::BatchReport| {
+                beats.fetch_add(1, Ordering::Relaxed);
                 done.store(r.done, Ordering::Relaxed);
                 if r.batches % 20 == 0 {
                     info!(log, "console action progress"; "action" => action, "batches" => r.batches, "done" => r.done);
@@ -443,7 +475,7 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
                 dl::purge_matching(&client, schema, &filter, upto, ACTION_BATCH, progress).await?
             })
         };
-        let r = match run.await {
+        let r = match unless_stalled(run, &beats, st.action_stall()).await {
             Ok(rep) => ActionResult::done(
                 action,
                 if action == "requeue" {
@@ -504,7 +536,8 @@ pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> Ac
             let mut client = st.action_client().await?;
             Ok::<_, ConsoleError>(data::requeue_set_aside(&mut client, job.as_deref(), &confirmed).await?)
         };
-        let r = match run.await {
+        // One transaction: nothing counts as progress until it ends.
+        let r = match unless_stalled(run, &AtomicU64::new(0), st.action_stall()).await {
             Ok(data::SetAsideRequeue::Done(n)) => {
                 audit.counter().store(n, Ordering::Relaxed);
                 ActionResult::done(
