@@ -346,3 +346,58 @@ async fn a_put_back_that_fails_for_a_moment_keeps_the_delete_claim() {
     );
     relay.stop().await;
 }
+
+/// The dead table refuses and so does the put-off (an UPDATE trigger on
+/// `task_outbox`): the rows that cannot move are left due, and were
+/// claimed and tried again at every tick, without end. Now the relay holds
+/// its claims for a growing backoff (2 s, 4 s, 8 s, … at most 30 s), so
+/// the re-claims are bounded.
+#[tokio::test]
+async fn a_settle_refused_twice_over_is_held_off_not_looped() {
+    let redis = RedisServer::start().await;
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let jobs = new_jobs(2);
+    seed_for(&db, 200, &jobs).await;
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE task_outbox SET path = '/bad|' || id
+               WHERE id IN (SELECT id FROM task_outbox ORDER BY id LIMIT 10);
+             CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'under maintenance'; END $$;
+             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
+                FOR EACH ROW EXECUTE FUNCTION maintenance();
+             CREATE TRIGGER frozen_rows BEFORE UPDATE ON task_outbox
+                FOR EACH ROW EXECUTE FUNCTION maintenance();",
+        )
+        .await
+        .expect("the guards");
+    let env = relay_env(&db, &redis.url(), &prefix, &[]);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the good rows delivered", Duration::from_secs(60), || async {
+        db.count("SELECT count(*) FROM task_outbox").await == 10
+    })
+    .await;
+    let holding = "postgres refused the settle and the put-off of rows that stay";
+    wait_until("the hold has grown to 8 s", Duration::from_secs(60), || async {
+        relay
+            .records(holding)
+            .iter()
+            .any(|l| l["hold_ms"].as_u64().is_some_and(|ms| ms >= 8_000))
+    })
+    .await;
+    // 2 + 4 + 8 s of holds: the stuck rows were claimed about four times
+    // (a fifth of slack), not at every tick for 14 s.
+    let kept = relay
+        .metric(
+            "outbox_relay_settle_refused_rows_total",
+            &[("stage", "move to dead letters")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(kept <= 10.0 * 5.0, "the ten stuck rows were kept {kept} times");
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox").await, 10);
+    relay.stop().await;
+}

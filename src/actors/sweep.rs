@@ -773,7 +773,7 @@ impl Kept {
         match self {
             Kept::PutOff => "delivered rows deleted, the others put off by base_backoff",
             Kept::Due => {
-                "delivered rows deleted; the others could not be put off and are claimed again at the next tick"
+                "delivered rows deleted (if any); the others could not be put off: left due, and this relay holds its claims for a growing backoff (at most 30 s)"
             }
             Kept::AllPutOff => "nothing could be deleted: every row put off by base_backoff and sent again",
         }
@@ -785,8 +785,10 @@ impl Kept {
 /// put the others off by `delay`, so nothing is re-sent every tick. A step
 /// refused again is dropped from the next try: the delete alone, then the
 /// put-off alone (then at least the batch waits `delay` before it is sent
-/// again). Errors that are not refusals (a lost connection, a timeout)
-/// end the tick as usual.
+/// again). With nothing delivered and every write refused, the rows are
+/// left as they were, due ([`Kept::Due`]; the sweep then holds its claims).
+/// Errors that are not refusals (a lost connection, a timeout) end the
+/// tick as usual.
 async fn settle_refused(
     conn: &mut tokio_postgres::Client,
     delete: &[i64],
@@ -797,6 +799,9 @@ async fn settle_refused(
     const STAGE: &str = "settle after a refused write";
     let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
     let every: Vec<i64> = delete.iter().chain(put_off).copied().collect();
+    // With nothing delivered, a settle that could write nothing leaves the
+    // rows as they were before the claim: due, as `Kept::Due`.
+    let nothing_delivered = delete.is_empty();
     let tries: [(&[i64], &[i64], Kept); 3] = [
         (delete, put_off, Kept::PutOff),
         (delete, &[], Kept::Due),
@@ -839,6 +844,9 @@ async fn settle_refused(
             }
             Err(e) => return Err(e),
         }
+    }
+    if nothing_delivered {
+        return Ok(Kept::Due);
     }
     Err(TickError::Db {
         stage: STAGE,
@@ -1221,11 +1229,20 @@ impl SweepActor {
                 let refused = report.deferred_reason.is_some()
                     && report.redis_unavailable.is_none()
                     && report.back_pressure.is_none();
-                if refused && report.claimed > 0 && report.deferred >= report.claimed {
+                // Rows left due by a settle Postgres refused twice over
+                // (the put-off refused too) would be claimed and sent
+                // again at every tick: held off the same way.
+                let stuck = matches!(report.settle_refused, Some((_, _, _, Kept::Due)));
+                if stuck || (refused && report.claimed > 0 && report.deferred >= report.claimed) {
                     let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
                     self.refused_streak = self.refused_streak.saturating_add(1);
                     self.refusal_hold = Some(now + hold);
-                    warn!(self.core.log, "redis refused every row of the batch; this relay claims nothing until the hold ends, so relays that can deliver take the rows";
+                    let why = if stuck {
+                        "postgres refused the settle and the put-off of rows that stay"
+                    } else {
+                        "redis refused every row of the batch"
+                    };
+                    warn!(self.core.log, "{}; this relay claims nothing until the hold ends, so relays that can deliver take the rows", why;
                         "rows" => report.claimed, "hold_ms" => hold.as_millis() as u64, "refused_batches_in_a_row" => self.refused_streak);
                 } else if report.deferred < report.claimed {
                     self.refused_streak = 0;
