@@ -25,6 +25,44 @@ pub enum CancelJobError {
 /// fence.
 const REPLICA_WAIT: std::time::Duration = STARTUP_TIMEOUT;
 
+/// `WAIT` for `n` replicas of the node that holds `key` (the fence and the
+/// schedule share its slot): the replies and how long Redis was told to
+/// wait. In a cluster it goes to the slot's master only (redis-rs would
+/// send a key-less WAIT to every master and take the smallest count), and
+/// waits less than the cluster connection's own reply timeout.
+async fn wait_replicas(
+    conn: &mut crate::redis::DirectConn,
+    n: u32,
+    key: &str,
+) -> Result<(i64, std::time::Duration), String> {
+    use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let mut wait = ::redis::cmd("WAIT");
+    match conn {
+        crate::redis::DirectConn::Cluster(c) => {
+            let waited = CLUSTER_REPLICA_WAIT;
+            wait.arg(n).arg(waited.as_millis() as u64);
+            let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                crate::domain::hash_slot(key),
+                SlotAddr::Master,
+            )));
+            match c.route_command(wait, to).await.map_err(|e| e.to_string())? {
+                ::redis::Value::Int(acked) => Ok((acked, waited)),
+                other => Err(format!("unexpected WAIT reply {other:?}")),
+            }
+        }
+        crate::redis::DirectConn::Standalone(c) => {
+            c.set_response_timeout(REPLICA_WAIT + std::time::Duration::from_secs(1));
+            wait.arg(n).arg(REPLICA_WAIT.as_millis() as u64);
+            let acked: i64 = wait.query_async(c).await.map_err(|e| e.to_string())?;
+            Ok((acked, REPLICA_WAIT))
+        }
+    }
+}
+
+/// A cluster connection's replies are bounded by a quarter of its
+/// connect budget ([`STARTUP_TIMEOUT`]): its WAIT asks for less.
+const CLUSTER_REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What `cancel-job` (or the console's cancel) did.
 #[derive(Debug, Serialize, Clone, PartialEq)]
 pub struct CancelOutput {
@@ -74,19 +112,13 @@ pub async fn cancel_everywhere(
         // As the relay's own writes: a failover must not promote a replica
         // that has the schedule but not the fence.
         if redis.wait_replicas > 0 {
-            conn.set_response_timeout(REPLICA_WAIT + std::time::Duration::from_secs(1));
-            let acked: i64 = ::redis::cmd("WAIT")
-                .arg(redis.wait_replicas)
-                .arg(REPLICA_WAIT.as_millis() as u64)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (acked, waited) = wait_replicas(&mut conn, redis.wait_replicas, &fence).await?;
             if acked < i64::from(redis.wait_replicas) {
                 return Err(format!(
-                    "the fence and the removal reached {acked} of {} replicas within {}s (redis.wait_replicas); \
+                    "the fence and the removal reached {acked} of {} replicas within {}ms (redis.wait_replicas); \
                      a failover now could bring the schedule back without its fence",
                     redis.wait_replicas,
-                    REPLICA_WAIT.as_secs()
+                    waited.as_millis()
                 ));
             }
         }

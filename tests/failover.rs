@@ -30,6 +30,29 @@ async fn outbox_rows(url: &str) -> Option<i64> {
     Some(row.get(0))
 }
 
+/// Wait (up to 180 s after `promoted`) until the outbox on the new primary
+/// (`url`) is empty, the relay running all along; how long after the
+/// promotion the first of the `left` rows was delivered.
+async fn drained_on_new_primary(relay: &mut RelayProcess, url: &str, left: i64, promoted: Instant) -> Duration {
+    let mut resumed = None;
+    loop {
+        assert!(relay.is_running(), "exited after the promotion: {:#?}", relay.lines());
+        let now = outbox_rows(url).await;
+        if resumed.is_none() && now.is_some_and(|n| n < left) {
+            resumed = Some(promoted.elapsed());
+        }
+        if now == Some(0) {
+            return resumed.unwrap_or_else(|| promoted.elapsed());
+        }
+        assert!(
+            promoted.elapsed() < Duration::from_secs(180),
+            "not drained on the new primary ({now:?} of {left} rows left): {:#?}",
+            relay.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The primary stops (`pg_ctl stop -m fast`: every session cut, its WAL
 /// sent to the standby) while the relay drains 60,000 rows at the shipped
 /// defaults; ten seconds later the standby is promoted. The relay stays up
@@ -91,25 +114,7 @@ async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
 
     standby.promote();
     let promoted = Instant::now();
-    let mut resumed = None;
-    let give_up = promoted + Duration::from_secs(180);
-    loop {
-        assert!(relay.is_running(), "exited after the promotion: {:#?}", relay.lines());
-        let now = outbox_rows(&on_standby).await;
-        if resumed.is_none() && now.is_some_and(|n| n < left) {
-            resumed = Some(promoted.elapsed());
-        }
-        if now == Some(0) {
-            break;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "not drained on the new primary ({now:?} rows left): {:#?}",
-            relay.lines()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let resumed = resumed.expect("rows delivered after the promotion");
+    let resumed = drained_on_new_primary(&mut relay, &on_standby, left, promoted).await;
     println!(
         "delivery stopped for {:.1} s: {:.1} s without a primary (the test's wait), then {:.1} s from `pg_ctl promote` to the first row delivered on the new primary; {left} of {ROWS} rows were left at the failover",
         (promoted - stopped + resumed).as_secs_f64(),
@@ -214,24 +219,7 @@ async fn a_hung_primary_is_passed_over_for_the_promoted_standby() {
         left > 0,
         "the drain ended before the failover ({ROWS} rows): make the backlog larger"
     );
-    let mut resumed = None;
-    loop {
-        assert!(relay.is_running(), "exited: {:#?}", relay.lines());
-        let now = outbox_rows(&on_standby).await;
-        if resumed.is_none() && now.is_some_and(|n| n < left) {
-            resumed = Some(promoted.elapsed());
-        }
-        if now == Some(0) {
-            break;
-        }
-        assert!(
-            promoted.elapsed() < Duration::from_secs(180),
-            "not drained on the new primary past the hung one ({now:?} of {left} rows left): {:#?}",
-            relay.lines()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let resumed = resumed.expect("rows delivered after the promotion");
+    let resumed = drained_on_new_primary(&mut relay, &on_standby, left, promoted).await;
     println!(
         "{:.1} s from `pg_ctl promote` to the first row delivered past the hung primary ({left} of {ROWS} rows left)",
         resumed.as_secs_f64()

@@ -364,17 +364,7 @@ async fn the_refusal_alerts_hold_on_what_the_relays_really_did() {
     proxy.refuse(true);
     let refusing_redis = TestDb::new().await;
     let refusing_dead = TestDb::new().await;
-    refusing_dead
-        .client()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN RAISE EXCEPTION 'task_outbox_dead is under maintenance'; END $$;
-             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
-                FOR EACH ROW EXECUTE FUNCTION maintenance();",
-        )
-        .await
-        .expect("the dead table's guard");
+    guard_dead_table(&refusing_dead).await;
     let (prefix_a, prefix_b) = (key_prefix(), key_prefix());
     let redis_url = shared_redis_url();
     let mut a = RelayProcess::spawn(&relay_env(

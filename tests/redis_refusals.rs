@@ -250,3 +250,40 @@ async fn a_master_demoted_behind_its_address_postpones_rows_without_counting_att
     )
     .await;
 }
+
+/// A Redis that goes on refusing (READONLY: a real replica, whose PING
+/// still answers) past the longest hold, at the shipped defaults: the
+/// relay holds its claims 2 s, 4 s, 8 s, 16 s, then 30 s at a time, stays
+/// unready, and is never restarted as wedged (a hold longer than the
+/// sweep's wedge limit, 27.5 s here, once was), nor exits.
+#[tokio::test]
+async fn a_lasting_refusal_is_held_without_restarts() {
+    let server = RedisServer::start().await;
+    let primary = RedisServer::start().await;
+    replica_of(server.port, Some(primary.port)).await;
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    seed(&db, 100, 2).await;
+    let mut relay = RelayProcess::spawn(&shipped_env(&db.url, &server.url(), &prefix));
+    relay.wait_started().await;
+    let held = |ms: u64| {
+        relay
+            .records("redis refused every row of the batch")
+            .iter()
+            .filter(|l| l["hold_ms"].as_u64() == Some(ms))
+            .count()
+    };
+    wait_until("two holds of 30 s", Duration::from_secs(150), || async {
+        held(30_000) >= 2
+    })
+    .await;
+    assert!(relay.is_running(), "{:#?}", relay.lines());
+    let restarts = relay.records("actor failed; restarting it with fresh state");
+    assert!(
+        restarts.iter().all(|r| r["actor"] != "SweepActor"),
+        "the sweep is held, not wedged: {restarts:#?}"
+    );
+    relay.wait_http("/readyz", 503, Duration::from_secs(5)).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
+    relay.stop().await;
+}

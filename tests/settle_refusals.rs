@@ -44,16 +44,7 @@ async fn a_dead_table_that_refuses_does_not_make_the_batch_go_round() {
     let redis = RedisServer::start().await;
     let db = TestDb::new().await;
     let prefix = key_prefix();
-    db.client()
-        .await
-        .batch_execute(
-            "CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN RAISE EXCEPTION 'task_outbox_dead is under maintenance'; END $$;
-             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
-                FOR EACH ROW EXECUTE FUNCTION maintenance();",
-        )
-        .await
-        .expect("the maintenance guard");
+    guard_dead_table(&db).await;
     // 990 rows of three jobs, ten of them unparseable (`|` in the path:
     // dead-lettered at once, never sent); ten of a fourth job whose
     // schedule is not a sorted set (WRONGTYPE: with max_attempts 1,
@@ -359,20 +350,17 @@ async fn a_settle_refused_twice_over_is_held_off_not_looped() {
     let prefix = key_prefix();
     let jobs = new_jobs(2);
     seed_for(&db, 200, &jobs).await;
+    guard_dead_table(&db).await;
     db.client()
         .await
         .batch_execute(
             "UPDATE task_outbox SET path = '/bad|' || id
                WHERE id IN (SELECT id FROM task_outbox ORDER BY id LIMIT 10);
-             CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN RAISE EXCEPTION 'under maintenance'; END $$;
-             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
-                FOR EACH ROW EXECUTE FUNCTION maintenance();
              CREATE TRIGGER frozen_rows BEFORE UPDATE ON task_outbox
                 FOR EACH ROW EXECUTE FUNCTION maintenance();",
         )
         .await
-        .expect("the guards");
+        .expect("ten undeliverable rows, and the put-off refused");
     let env = relay_env(&db, &redis.url(), &prefix, &[]);
     let mut relay = RelayProcess::spawn(&env);
     relay.wait_started().await;

@@ -53,9 +53,9 @@ pub struct ProbeReport {
     /// failure).
     pub outbox_took: Duration,
     pub redis_ping: Result<Duration, String>,
-    /// Postgres answered and takes writes (`transaction_read_only` off),
-    /// asked every round, also while the outbox probe rests.
-    pub postgres_writes: Result<(), String>,
+    /// Whether Postgres takes writes (`transaction_read_only` off), asked
+    /// every round, also while the outbox probe rests; `Err`: no answer.
+    pub postgres_writes: Result<bool, String>,
 }
 
 /// Why the outbox probe has no figures.
@@ -227,12 +227,14 @@ pub async fn probe(pg: &Pg, redis: &Redis, deadline: Deadline, count_outbox: boo
     }
 }
 
-/// Whether Postgres answers on the probe's connection and takes writes: a
+/// Whether Postgres takes writes, asked on the probe's connection: a
 /// server set read-only behind the same address (or a standby the
-/// connection landed on before a failover) still answers every read.
-async fn takes_writes(pg: &Pg, deadline: Deadline) -> Result<(), String> {
+/// connection landed on before a failover) still answers every read. A
+/// connection to such a server is discarded, so the next round connects
+/// again (with a multi-host URL, to the server that takes writes now).
+async fn takes_writes(pg: &Pg, deadline: Deadline) -> Result<bool, String> {
     let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
-    let read_only = match deadline
+    let answer = match deadline
         .run(
             "postgres read-only check",
             conn.simple_query("SHOW transaction_read_only"),
@@ -245,16 +247,14 @@ async fn takes_writes(pg: &Pg, deadline: Deadline) -> Result<(), String> {
             return Err(expired.to_string());
         }
     };
-    let on = read_only.iter().any(|m| match m {
+    let read_only = answer.iter().any(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("on"),
         _ => false,
     });
-    if on {
-        return Err(
-            "postgres takes no writes (transaction_read_only = on): a standby, or a server set read-only".into(),
-        );
+    if read_only {
+        conn.discard();
     }
-    Ok(())
+    Ok(!read_only)
 }
 
 /// Write this relay's heartbeat (`db::fleet`) before `deadline`.
@@ -416,15 +416,21 @@ impl MetricsActor {
                 (result != "failed" && spacing > interval).then(|| Instant::now() + spacing.saturating_sub(took));
         }
         // Up: it answers and takes writes. A count the server cut off is
-        // an answer (a lock, or a table too big to count in the round).
-        let counted = !matches!(report.outbox, Some(Err(OutboxProbeError::Failed(_))));
-        m.postgres_up.set(i64::from(counted && report.postgres_writes.is_ok()));
+        // an answer (a lock, or a table too big to count in the round),
+        // and a read-only check that found no time left after it does not
+        // undo that.
+        let answered = matches!(report.outbox, Some(Ok(_) | Err(OutboxProbeError::CutOff(_))));
+        let up = match report.postgres_writes {
+            Ok(writes) => writes && !matches!(report.outbox, Some(Err(OutboxProbeError::Failed(_)))),
+            Err(_) => answered,
+        };
+        m.postgres_up.set(i64::from(up));
         match (&report.postgres_writes, self.writes_refused) {
-            (Err(e), false) if e.contains("takes no writes") => {
-                warn!(self.core.log, "postgres answers but takes no writes; outbox_relay_postgres_up is 0"; "error" => e);
+            (Ok(false), false) => {
+                warn!(self.core.log, "postgres answers but takes no writes (transaction_read_only = on: a standby, or a server set read-only); outbox_relay_postgres_up is 0");
                 self.writes_refused = true;
             }
-            (Ok(()), true) => {
+            (Ok(true), true) => {
                 info!(self.core.log, "postgres takes writes again");
                 self.writes_refused = false;
             }

@@ -1231,8 +1231,10 @@ impl SweepActor {
                     && report.back_pressure.is_none();
                 // Rows left due by a settle Postgres refused twice over
                 // (the put-off refused too) would be claimed and sent
-                // again at every tick: held off the same way.
-                let stuck = matches!(report.settle_refused, Some((_, _, _, Kept::Due)));
+                // again at every tick: when they were all the tick had,
+                // held off the same way (with rows delivered beside them
+                // the relay is making progress, and keeps it).
+                let stuck = matches!(report.settle_refused, Some((_, _, _, Kept::Due))) && report.delivered == 0;
                 if stuck || (refused && report.claimed > 0 && report.deferred >= report.claimed) {
                     let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
                     self.refused_streak = self.refused_streak.saturating_add(1);
@@ -1445,9 +1447,14 @@ impl SweepActor {
             return;
         }
         if let Some(until) = self.refusal_hold.filter(|u| *u > tokio::time::Instant::now()) {
+            // On its cadence, holding on purpose: alive, not wedged (the
+            // watchdog restarts a sweep silent for five cadences).
+            self.core.health.alive();
             match msg.lane {
                 Lane::Drain => {
-                    let wait = until.saturating_duration_since(tokio::time::Instant::now());
+                    let wait = until
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(self.settings.interval);
                     later(ctx, wait, |act, ctx| act.schedule(ctx, Pace::Drain));
                 }
                 Lane::Fresh => self.fresh_in_flight = false,
@@ -1552,6 +1559,8 @@ impl Lifecycle for SweepActor {
         self.due_timer = None;
         self.cursor = None;
         self.full_scan_every = FULL_SCAN_EVERY;
+        self.refused_streak = 0;
+        self.refusal_hold = None;
         self.running.clear();
         self.lane_suspect = None;
         // A wake-up lost with the failed actor must not block the next ones.

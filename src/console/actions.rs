@@ -220,8 +220,6 @@ impl Drop for Audit {
     }
 }
 
-/// Run an action as a task of its own: a client that disconnects drops
-/// only its wait, never the work.
 /// An action's `work`, ended as failed when no batch is answered within
 /// `limit` (`beats` counts the batches answered): a Postgres that hangs
 /// (frozen, partitioned) enforces no statement timeout, and the action
@@ -241,7 +239,7 @@ async fn unless_stalled<T>(
                 let now = beats.load(Ordering::Relaxed);
                 if now == seen {
                     return Err(ConsoleError::Postgres(format!(
-                        "Postgres answered nothing for {}s (3 × console.statement_timeout and 5 s): it hangs; the action was stopped, and the rows done before are counted",
+                        "Postgres answered nothing for {}s: it hangs; the action was stopped, and the rows done before are counted",
                         limit.as_secs()
                     )));
                 }
@@ -251,6 +249,8 @@ async fn unless_stalled<T>(
     }
 }
 
+/// Run an action as a task of its own: a client that disconnects drops
+/// only its wait, never the work.
 async fn detached(
     action: &'static str,
     work: impl std::future::Future<Output = ActionResult> + 'static,
@@ -475,7 +475,7 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
                 dl::purge_matching(&client, schema, &filter, upto, ACTION_BATCH, progress).await?
             })
         };
-        let r = match unless_stalled(run, &beats, st.action_stall()).await {
+        let r = match unless_stalled(run, &beats, super::ACTION_STALL).await {
             Ok(rep) => ActionResult::done(
                 action,
                 if action == "requeue" {
@@ -537,7 +537,7 @@ pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> Ac
             Ok::<_, ConsoleError>(data::requeue_set_aside(&mut client, job.as_deref(), &confirmed).await?)
         };
         // One transaction: nothing counts as progress until it ends.
-        let r = match unless_stalled(run, &AtomicU64::new(0), st.action_stall()).await {
+        let r = match unless_stalled(run, &AtomicU64::new(0), super::ACTION_STALL).await {
             Ok(data::SetAsideRequeue::Done(n)) => {
                 audit.counter().store(n, Ordering::Relaxed);
                 ActionResult::done(

@@ -169,6 +169,12 @@ pub struct Console {
     pub(crate) log: Logger,
 }
 
+/// How long an action may go without a batch answered before it is ended
+/// as failed: a Postgres that hangs (frozen, partitioned) answers nothing
+/// and enforces no statement timeout. A batch (500 rows) is not limited
+/// otherwise: a slow one (triggers, locks) is no fault.
+pub(crate) const ACTION_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Console {
     /// Without users nobody signs in: everyone is a viewer (loopback only).
     pub(crate) fn anonymous(&self) -> bool {
@@ -201,27 +207,13 @@ impl Console {
         }
     }
 
-    /// A connection of its own for an action (they may run many batches),
-    /// each statement under `console.statement_timeout` on the server. A
-    /// server that hangs enforces nothing: see [`Console::action_stall`].
+    /// A connection of its own for an action (they may run many batches,
+    /// each as long as it needs: see [`ACTION_STALL`] for a server that
+    /// answers nothing).
     pub(crate) async fn action_client(&self) -> Result<Client, ConsoleError> {
-        let client = db::connect(&self.pg_url, STARTUP_TIMEOUT)
+        db::connect(&self.pg_url, STARTUP_TIMEOUT)
             .await
-            .map_err(|e| ConsoleError::Postgres(e.to_string()))?;
-        let set = format!("SET statement_timeout = {}", self.timeout.as_millis().max(1));
-        tokio::time::timeout(STARTUP_TIMEOUT, client.batch_execute(&set))
-            .await
-            .map_err(|_| ConsoleError::Postgres(format!("{set}: no answer within {STARTUP_TIMEOUT:?}")))?
-            .map_err(|e| ConsoleError::Postgres(db::pg_error_text(&e)))?;
-        Ok(client)
-    }
-
-    /// How long an action may go without a batch answered before it is
-    /// ended as failed: three statements (a batch's, or the set-aside
-    /// requeue's whole transaction) at `console.statement_timeout`, which
-    /// the server enforces when it answers at all, and 5 s.
-    pub(crate) fn action_stall(&self) -> std::time::Duration {
-        self.timeout.saturating_mul(3) + std::time::Duration::from_secs(5)
+            .map_err(|e| ConsoleError::Postgres(e.to_string()))
     }
 
     /// The shared Redis connection, opened on first use and after an error.

@@ -60,9 +60,12 @@ pub const LIVENESS_EVERY: Duration = Duration::from_secs(10);
 /// The listen session's server-side keepalives (libpq's names; per
 /// session, no privilege needed): a dead peer is found in 10 + 3 × 5 s,
 /// and unacknowledged data gives up after 25 s.
-const SERVER_KEEPALIVES: &str = "SELECT set_config('tcp_keepalives_idle', '10', false), \
-     set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false), \
-     set_config('tcp_user_timeout', '25000', false)";
+const SERVER_KEEPALIVES: [&str; 2] = [
+    "SELECT set_config('tcp_keepalives_idle', '10', false), \
+     set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false)",
+    // Postgres 12 and later only: apart, so the keepalives hold without it.
+    "SELECT set_config('tcp_user_timeout', '25000', false)",
+];
 
 /// How long the listener waits to hear its own NOTIFY once it is committed.
 /// A notification is delivered at commit, within a millisecond on a
@@ -560,7 +563,9 @@ impl Session {
         // kernel's default two hours, and ends its session, which releases
         // the lead it held. Best effort: a server without tcp_user_timeout
         // (before 12) or on a socket path ignores or refuses it.
-        let _ = tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(SERVER_KEEPALIVES)).await;
+        for sql in SERVER_KEEPALIVES {
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(sql)).await;
+        }
         tokio::time::timeout(CONNECT_TIMEOUT, client.batch_execute(&format!("LISTEN {CHANNEL}")))
             .await
             .map_err(|_| format!("LISTEN: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
@@ -575,9 +580,6 @@ impl Session {
         })
     }
 
-    /// Try for [`LEAD_LOCK`] on this connection (the simple protocol:
-    /// nothing prepared, pgbouncer-safe). `Ok(true)` when this session holds
-    /// it (taking it again is harmless: a holder's count only grows).
     /// Release the lead lock (taken by [`Session::try_lead`]).
     async fn give_up_lead(&self) -> Result<(), String> {
         let sql = format!("SELECT pg_advisory_unlock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1);
@@ -588,6 +590,9 @@ impl Session {
             .map_err(|e| format!("the listen lead: {}", pg_error_text(&e)))
     }
 
+    /// Try for [`LEAD_LOCK`] on this connection (the simple protocol:
+    /// nothing prepared, pgbouncer-safe). `Ok(true)` when this session holds
+    /// it (taking it again is harmless: a holder's count only grows).
     async fn try_lead(&self) -> Result<bool, String> {
         let sql = format!("SELECT pg_try_advisory_lock({}, {})", LEAD_LOCK.0, LEAD_LOCK.1);
         let rows = tokio::time::timeout(CONNECT_TIMEOUT, self.client.simple_query(&sql))

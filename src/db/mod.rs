@@ -89,7 +89,9 @@ impl std::ops::DerefMut for PgConn {
 /// `query_wait_timeout`) would otherwise hold the slots of the whole pool,
 /// and the next host of the URL would never be tried.
 pub struct PgManager {
-    hosts: Vec<PostgresConnectionManager<tls::Tls>>,
+    /// One config per host of the URL ([`hosts::each_host`]).
+    hosts: Vec<tokio_postgres::Config>,
+    random: bool,
     per_host: Duration,
 }
 
@@ -99,7 +101,8 @@ impl bb8::ManageConnection for PgManager {
 
     async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
         let mut last = None;
-        for host in &self.hosts {
+        for one in hosts::attempts(&self.hosts, self.random, self.per_host).await {
+            let host = PostgresConnectionManager::new(one, tls::connector());
             match tokio::time::timeout(self.per_host, host.connect()).await {
                 Ok(Ok(client)) => {
                     crate::pool::note_opened(crate::pool::POSTGRES);
@@ -119,9 +122,9 @@ impl bb8::ManageConnection for PgManager {
     }
 
     async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
-        match (conn.client.as_mut(), self.hosts.first()) {
-            (Some(client), Some(host)) => host.is_valid(client).await,
-            _ => Err(tokio_postgres::Error::__private_api_timeout()),
+        match conn.client.as_mut() {
+            Some(client) => client.simple_query("").await.map(|_| ()),
+            None => Err(tokio_postgres::Error::__private_api_timeout()),
         }
     }
 
@@ -347,11 +350,9 @@ pub fn pool(url: &str, size: u32, checkout_timeout: Duration) -> Result<Pg, DbSe
         cfg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     }
     let manager = PgManager {
-        per_host: cfg.get_connect_timeout().copied().unwrap_or(checkout_timeout),
-        hosts: hosts::each_host(&cfg)
-            .into_iter()
-            .map(|one| PostgresConnectionManager::new(one, tls::connector()))
-            .collect(),
+        per_host: hosts::per_host_timeout(&cfg, checkout_timeout),
+        random: hosts::random(&cfg),
+        hosts: hosts::each_host(&cfg),
     };
     let last_error = LastError::default();
     let pool = bb8::Pool::builder()

@@ -452,17 +452,6 @@ pub enum DirectConn {
 
 delegate_connection_like!(DirectConn, DirectConn);
 
-impl DirectConn {
-    /// How long a command may wait for its answer (a `WAIT` for replicas
-    /// takes longer than the 500 ms default). A cluster connection keeps
-    /// the response timeout it was built with.
-    pub fn set_response_timeout(&mut self, timeout: Duration) {
-        if let DirectConn::Standalone(c) = self {
-            c.set_response_timeout(timeout);
-        }
-    }
-}
-
 /// Connect as the config says (standalone `url` or the cluster's seeds),
 /// failing with the real cause instead of a pool timeout.
 pub async fn connect_config(cfg: &RedisConfig, timeout: Duration) -> Result<DirectConn, RedisSetupError> {

@@ -1045,6 +1045,22 @@ pub async fn running_job(db: &TestDb, job: &uuid::Uuid) {
 
 /// The job's schedule key made a string: every ZADD of its rows fails with
 /// WRONGTYPE, so those rows stay (retried) and a delete claim puts them back.
+/// A maintenance guard on `task_outbox_dead`: every INSERT raises
+/// `task_outbox_dead is under maintenance` (the trigger function
+/// `maintenance()` can guard other tables too).
+pub async fn guard_dead_table(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'task_outbox_dead is under maintenance'; END $$;
+             CREATE TRIGGER maintenance BEFORE INSERT ON task_outbox_dead
+                FOR EACH ROW EXECUTE FUNCTION maintenance();",
+        )
+        .await
+        .expect("the dead table's maintenance guard");
+}
+
 pub async fn poison_job(redis_url: &str, prefix: &str, job: &uuid::Uuid) {
     let mut conn = redis_conn(redis_url).await;
     let _: () = conn
