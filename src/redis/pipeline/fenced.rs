@@ -1,0 +1,210 @@
+//! The fenced write: the script that checks a job's cancel fence and adds
+//! its entries in one atomic step, how entries are grouped into its calls,
+//! and how its replies become entry outcomes.
+
+use super::*;
+
+/// The schedule writes of one pipeline, in one script call: for each key
+/// (KEYS holds schedule key, fence key pairs; ARGV holds, per key, the
+/// number of score/member values and then those values) the ZADD of all
+/// of its members, unless the job's cancel fence exists (same slot), which
+/// answers `-1` for that key. Checked by Redis in the same atomic step as
+/// the write, so a ZADD sent before a `cancel-job` and executed after it (a
+/// stalled server, a black-holed network) cannot recreate the cancelled
+/// schedule. The answer is one element per key, in order: the ZADD's count,
+/// `-1`, or the ZADD's own error (WRONGTYPE, OOM, …, code kept), so
+/// classification is the same as for plain ZADDs. ZADDs go in chunks (Lua's
+/// `unpack` is limited to a few thousand values). Several keys per call,
+/// not one: a script call costs Redis 2–3 times a ZADD (measured,
+/// docs/BENCHMARKS.md).
+pub const FENCED_ZADD: &str = "local out = {}
+local a = 1
+for k = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  if redis.call('EXISTS', KEYS[k + 1]) == 1 then
+    out[#out + 1] = -1
+  else
+    local added, failed = 0, nil
+    for i = a, a + n - 1, 1000 do
+      local r = redis.pcall('ZADD', KEYS[k], unpack(ARGV, i, math.min(i + 999, a + n - 1)))
+      if type(r) == 'table' and r.err then
+        failed = r
+        break
+      end
+      added = added + r
+    end
+    out[#out + 1] = failed or added
+  end
+  a = a + n
+end
+return out";
+
+/// What [`FENCED_ZADD`] answers for a key whose job is cancelled.
+pub(super) const FENCED: i64 = -1;
+
+/// Entries per schedule-script call, at most (a key with more is one call
+/// of its own). A script runs atomically, so one call for a whole large
+/// batch would make a live row's write wait behind all of it (measured:
+/// backlog p99 13–23 ms with one call per 1,000-row batch against 8–12 ms
+/// with plain ZADDs); calls of this size interleave with other connections'
+/// while costing few script invocations per batch.
+pub(super) const ENTRIES_PER_CALL: usize = 200;
+
+/// `members` cut into the key groups of each script call, in order.
+pub(super) fn calls(groups: &[(&str, Vec<usize>)], members: &[usize]) -> Vec<Vec<usize>> {
+    let mut calls: Vec<Vec<usize>> = Vec::new();
+    let mut size = 0;
+    for &g in members {
+        let n = groups[g].1.len();
+        if calls.is_empty() || size + n > ENTRIES_PER_CALL {
+            calls.push(Vec::new());
+            size = 0;
+        }
+        if let Some(last) = calls.last_mut() {
+            last.push(g);
+        }
+        size += n;
+    }
+    calls
+}
+
+/// The pipeline for the key groups `members` (indexes into `groups`):
+/// [`FENCED_ZADD`] calls of up to [`ENTRIES_PER_CALL`] entries, then
+/// `WAIT` if asked.
+pub(super) fn build_pipeline(
+    prefix: &str,
+    entries: &[ScheduleEntry],
+    groups: &[(&str, Vec<usize>)],
+    members: &[usize],
+    wait_replicas: u32,
+    wait_ms: u64,
+) -> ::redis::Pipeline {
+    let mut pipe = ::redis::pipe();
+    pipe.ignore_errors();
+    for call in calls(groups, members) {
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(FENCED_ZADD).arg(call.len() * 2);
+        for &g in &call {
+            let key = groups[g].0;
+            cmd.arg(key).arg(cancel_fence_key(prefix, key));
+        }
+        for &g in &call {
+            let idx = &groups[g].1;
+            cmd.arg(idx.len() * 2);
+            for &i in idx {
+                cmd.arg(entries[i].score).arg(&entries[i].member);
+            }
+        }
+        pipe.add_command(cmd);
+    }
+    if wait_replicas > 0 {
+        pipe.cmd("WAIT").arg(wait_replicas).arg(wait_ms);
+    }
+    pipe
+}
+
+/// Record the replies of one pipeline built by [`build_pipeline`].
+pub(super) fn apply_replies(
+    batch: &mut BatchOutcome,
+    groups: &[(&str, Vec<usize>)],
+    members: &[usize],
+    wait_replicas: u32,
+    replies: &[Value],
+) -> Result<(), DispatchError> {
+    let calls = calls(groups, members);
+    let expected = calls.len() + usize::from(wait_replicas > 0);
+    if replies.len() != expected {
+        return Err(DispatchError::Unavailable(format!(
+            "pipeline returned {} replies for {} commands",
+            replies.len(),
+            expected
+        )));
+    }
+    // One element per key group of each call; an error for a whole call
+    // (the script refused before it ran: OOM, NOPERM on EVAL, a proxy's)
+    // is each of its groups'.
+    let mut per_group: Vec<&Value> = Vec::with_capacity(members.len());
+    for (call, reply) in calls.iter().zip(replies) {
+        match reply {
+            Value::Array(items) if items.len() == call.len() => per_group.extend(items.iter()),
+            whole @ Value::ServerError(_) => per_group.extend(std::iter::repeat_n(whole, call.len())),
+            other => {
+                return Err(DispatchError::Unavailable(format!(
+                    "unexpected reply to the schedule script: {other:?}"
+                )))
+            }
+        }
+    }
+    for (&g, reply) in members.iter().zip(per_group) {
+        if let Value::Int(FENCED) = reply {
+            for &i in &groups[g].1 {
+                batch.outcomes[i] = EntryOutcome::Cancelled;
+            }
+        } else if let Value::ServerError(err) = reply {
+            let outcome = classify(err);
+            if matches!(outcome, EntryOutcome::Deferred(_)) {
+                *batch.refused.entry(refusal_label(err)).or_default() += groups[g].1.len() as u64;
+            }
+            for &i in &groups[g].1 {
+                batch.outcomes[i] = outcome.clone();
+            }
+        }
+    }
+    if wait_replicas > 0 {
+        let acked = match &replies[calls.len()] {
+            Value::Int(n) => *n,
+            _ => 0,
+        };
+        if acked < i64::from(wait_replicas) {
+            let why = format!("WAIT: {acked} of {wait_replicas} replicas acknowledged the batch");
+            for &g in members {
+                for &i in &groups[g].1 {
+                    if batch.outcomes[i] == EntryOutcome::Delivered {
+                        batch.outcomes[i] = EntryOutcome::Deferred(why.clone());
+                    }
+                }
+            }
+            batch.wait_shortfalls += 1;
+            batch.wait_shortfall = Some(why);
+        }
+    }
+    Ok(())
+}
+
+/// Key groups (indexes into `groups`) that share a hash slot, in order of
+/// first appearance: one cluster pipeline each.
+pub(super) fn group_by_slot(groups: &[(&str, Vec<usize>)]) -> Vec<Vec<usize>> {
+    let mut index: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    let mut slots: Vec<Vec<usize>> = Vec::new();
+    for (g, (key, _)) in groups.iter().enumerate() {
+        let slot = key_slot(key);
+        match index.get(&slot) {
+            Some(&s) => slots[s].push(g),
+            None => {
+                index.insert(slot, slots.len());
+                slots.push(vec![g]);
+            }
+        }
+    }
+    slots
+}
+
+/// The Redis Cluster hash slot of `key` (see [`crate::domain::hash_slot`]).
+pub use crate::domain::hash_slot as key_slot;
+
+/// Entry indexes grouped by key, keys in order of first appearance.
+pub(super) fn group_by_key(entries: &[ScheduleEntry]) -> Vec<(&str, Vec<usize>)> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match index.get(e.key.as_str()) {
+            Some(&g) => groups[g].1.push(i),
+            None => {
+                index.insert(e.key.as_str(), groups.len());
+                groups.push((e.key.as_str(), vec![i]));
+            }
+        }
+    }
+    groups
+}
