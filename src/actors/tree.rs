@@ -237,7 +237,7 @@ pub fn start(
     let listener =
         crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
             let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
-            let delivering = (healths.sweep.clone(), healths.dispatch.clone());
+            let delivering = (healths.sweep.clone(), healths.dispatch.clone(), heard.clone());
             actix_rt::spawn(crate::db::listen::listen(
                 target,
                 (
@@ -250,9 +250,10 @@ pub fn start(
                 (
                     move || waker.wake(),
                     move || {
-                        [&delivering.0, &delivering.1]
-                            .iter()
-                            .all(|h| h.snapshot().status == crate::telemetry::health::Status::Healthy)
+                        !delivering.2.holding()
+                            && [&delivering.0, &delivering.1]
+                                .iter()
+                                .all(|h| h.snapshot().status == crate::telemetry::health::Status::Healthy)
                     },
                 ),
                 log.new(slog::o!("actor" => "SweepActor")),

@@ -53,6 +53,7 @@ impl SweepActor {
                     let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
                     self.refused_streak = self.refused_streak.saturating_add(1);
                     self.refusal_hold = Some(now + hold);
+                    self.heard.set_holding(true);
                     let why = if stuck {
                         "postgres refused the settle and the put-off of rows that stay"
                     } else {
@@ -61,8 +62,11 @@ impl SweepActor {
                     warn!(self.core.log, "{}; this relay claims nothing until the hold ends, so relays that can deliver take the rows", why;
                         "rows" => report.claimed, "hold_ms" => hold.as_millis() as u64, "refused_batches_in_a_row" => self.refused_streak);
                 } else if report.deferred < report.claimed {
+                    // A delivery: the Redis path works again (an empty
+                    // claim shows nothing; the listen lead waits for this).
                     self.refused_streak = 0;
                     self.refusal_hold = None;
+                    self.heard.set_holding(false);
                 }
                 if let Some(after) = report.put_back_in {
                     self.due_at(ctx, now + after);

@@ -401,6 +401,7 @@ impl Lifecycle for SweepActor {
         self.full_scan_every = FULL_SCAN_EVERY;
         self.refused_streak = 0;
         self.refusal_hold = None;
+        self.heard.set_holding(false);
         self.running.clear();
         self.lane_suspect = None;
         // A wake-up lost with the failed actor must not block the next ones.

@@ -78,18 +78,32 @@ impl Snapshot {
 pub struct Heard {
     role: AtomicU8,
     announced: Mutex<Announced>,
+    /// The sweep holds its claims: Redis refused its last batches (it does
+    /// not deliver, and must not lead).
+    holding: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Heard {
     fn default() -> Self {
         Heard {
             role: AtomicU8::new(0),
+            holding: std::sync::atomic::AtomicBool::new(false),
             announced: Mutex::new(Announced::default()),
         }
     }
 }
 
 impl Heard {
+    /// The sweep holds its claims (Redis refused them), or no longer.
+    pub fn set_holding(&self, on: bool) {
+        self.holding.store(on, Ordering::Release);
+    }
+
+    /// Whether the sweep holds its claims now.
+    pub fn holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
     pub fn role(&self) -> Role {
         match self.role.load(Ordering::Acquire) {
             2 => Role::Lead,

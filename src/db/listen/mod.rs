@@ -255,6 +255,8 @@ async fn listen_once<F: Fn(), D: Fn() -> bool>(
     let mut session = Session::open(&target.listen_url, heard.clone()).await?;
     let mut hears = session.probe(&target.notify_url).await?;
     let mut next_alive = tokio::time::Instant::now() + LIVENESS_EVERY;
+    // Liveness checks in a row that found the lead not delivering.
+    let mut not_delivering = 0u32;
     let mut leader = false;
     // Whether a relay without the lead said so since it last changed.
     let mut said_follower = false;
@@ -310,9 +312,13 @@ async fn listen_once<F: Fn(), D: Fn() -> bool>(
                 () = tokio::time::sleep_until(next_alive) => {
                     session.answers().await?;
                     next_alive = tokio::time::Instant::now() + LIVENESS_EVERY;
-                    if leader && !delivering() {
+                    not_delivering = if leader && !delivering() { not_delivering + 1 } else { 0 };
+                    if not_delivering >= 2 {
                         // New rows announced to a relay that cannot send
                         // them wait for the others' quiet poll: hand over.
+                        // At two checks in a row (10 s apart), not at one
+                        // failed tick.
+                        not_delivering = 0;
                         session.give_up_lead().await?;
                         leader = false;
                         gauges.leader.set(0);
