@@ -30,6 +30,20 @@ async fn outbox_rows(url: &str) -> Option<i64> {
     Some(row.get(0))
 }
 
+/// The listener heard its own check again after a failover: active, and
+/// checked end to end a second time (on the new primary).
+async fn listener_moved(relay: &RelayProcess) {
+    wait_until(
+        "the listener hears on the new primary",
+        Duration::from_secs(60),
+        || async {
+            relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
+                && relay.records("listening for new outbox rows; checked end to end").len() >= 2
+        },
+    )
+    .await;
+}
+
 /// Wait (up to 180 s after `promoted`) until the outbox on the new primary
 /// (`url`) is empty, the relay running all along; how long after the
 /// promotion the first of the `left` rows was delivered.
@@ -162,15 +176,7 @@ async fn a_standby_promoted_mid_drain_is_followed_and_nothing_is_lost() {
         "the pools reconnected to the new primary"
     );
     // The listener followed: it hears its own check on the new primary.
-    wait_until(
-        "the listener hears on the new primary",
-        Duration::from_secs(60),
-        || async {
-            relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
-                && relay.records("listening for new outbox rows; checked end to end").len() >= 2
-        },
-    )
-    .await;
+    listener_moved(&relay).await;
     seed(&db, 100, 2).await;
     let more = expected_members(&db).await;
     wait_drained(&db, Duration::from_secs(60)).await;
@@ -238,15 +244,7 @@ async fn a_hung_primary_is_passed_over_for_the_promoted_standby() {
     assert_eq!(dead, 0, "nothing dead-lettered");
 
     // The listener moved too: it hears its own check on the new primary.
-    wait_until(
-        "the listener hears on the new primary",
-        Duration::from_secs(60),
-        || async {
-            relay.metric("outbox_relay_listen_active", &[]).await == Some(1.0)
-                && relay.records("listening for new outbox rows; checked end to end").len() >= 2
-        },
-    )
-    .await;
+    listener_moved(&relay).await;
     // A relay started now (the old primary still hangs) starts and is
     // ready: its start-up checks and its pools pass over the hung host.
     // (The test's own helpers connect without a timeout: past this point
