@@ -1,7 +1,7 @@
 //! The shipped alert rules (`deploy/prometheus/outbox-relay.rules.yml`)
 //! are valid for the real `promtool`, each one is unit-tested (fires when it
 //! should, stays quiet when it should not) in `outbox-relay.rules.test.yml`,
-//! each links a runbook section that exists in the README, and each queries
+//! each links a runbook section that exists in docs/operations.md, and each queries
 //! only metrics the relay exports.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::process::Command;
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
 const RULES: &str = include_str!("../deploy/prometheus/outbox-relay.rules.yml");
 const RULE_TESTS: &str = include_str!("../deploy/prometheus/outbox-relay.rules.test.yml");
-const README: &str = include_str!("../README.md");
+const RUNBOOKS: &str = include_str!("../docs/operations.md");
 const METRICS_SRC: &str = include_str!("../src/telemetry/metrics.rs");
 
 fn promtool(args: &[&str]) -> (bool, String) {
@@ -58,14 +58,14 @@ fn every_alert_links_a_runbook_that_exists() {
     for name in alert_names() {
         let anchor = name.to_ascii_lowercase();
         assert!(
-            RULES.contains(&format!("runbook_url: \"README.md#{anchor}\"")),
-            "{name} links no README runbook"
+            RULES.contains(&format!("runbook_url: \"docs/operations.md#{anchor}\"")),
+            "{name} links no runbook in docs/operations.md"
         );
         assert!(
-            README
+            RUNBOOKS
                 .lines()
                 .any(|l| l.starts_with('#') && l.trim_start_matches('#').trim() == name),
-            "README has no heading {name} (the runbook its alert links)"
+            "docs/operations.md has no heading {name} (the runbook its alert links)"
         );
     }
 }

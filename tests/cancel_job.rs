@@ -114,7 +114,7 @@ async fn cancel_job_states_and_refusals() {
 }
 
 /// One job's cancel fence never refuses another job's rows, whatever the
-/// prefix (untagged, or tagged as README advises for a cluster) and the
+/// prefix (untagged, or tagged as docs/redis.md advises for a cluster) and the
 /// job ids (on the Go schema, TEXT ids sharing a `{tag}`). Before each
 /// job had a fence of its own, a tagged prefix gave every job the fence
 /// `{t}:cancelled:{t}`: after one cancel, every other job's rows were

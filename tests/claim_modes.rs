@@ -161,7 +161,7 @@ async fn a_column_added_while_running_is_kept_by_falling_back_to_locking_claims(
     relay.stop().await;
 }
 
-/// INSERT revoked while the relay runs (README's advice when a trigger must
+/// INSERT revoked while the relay runs (docs/settlement.md's advice when a trigger must
 /// not fire): a tick with rows that must stay cannot put them back. The
 /// relay falls back to locking claims with one warning instead of failing
 /// every such tick after its ZADDs and re-sending the batch forever, and

@@ -49,7 +49,7 @@ async fn migrate_twice_is_a_no_op() {
     );
 }
 
-/// README suggests building the claim index `CONCURRENTLY` before
+/// docs/from-go.md suggests building the claim index `CONCURRENTLY` before
 /// `migrate` on a busy outbox. A build that fails leaves an INVALID index
 /// of that name, which `IF NOT EXISTS` takes as done: migration 3 would
 /// then drop the old index and leave every claim without a usable one.

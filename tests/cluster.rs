@@ -97,7 +97,7 @@ async fn cluster_delivers_every_member_to_the_node_owning_its_slot() {
 }
 
 /// `cancel-job` on a cluster, under an untagged prefix and under a tagged
-/// one (README's advice for a cluster): the fence refuses the cancelled
+/// one (docs/redis.md's advice for a cluster): the fence refuses the cancelled
 /// job's rows and no other job's. (A tagged prefix once gave every job one
 /// shared fence, so every other job's rows were deleted unsent.)
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! requeues filtered dead letters and sees them delivered, and cancels a
 //! job; a viewer sees no action and a forged POST is refused, as is a POST
 //! without the CSRF token. Every page is saved as a screenshot in
-//! `target/console-screenshots/` (README shows two of them).
+//! `target/console-screenshots/` (docs/console.md shows two of them).
 
 mod common;
 
@@ -189,7 +189,7 @@ async fn operator_and_viewer() {
     op.goto(&format!("{base}/set-aside")).await;
     op.screenshot(&shots().join("set-aside.png")).await;
     // The overview once a heartbeat has counted the drain (every
-    // health.interval): README's picture.
+    // health.interval): docs/console.md's picture.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         op.goto(&format!("{base}/")).await;

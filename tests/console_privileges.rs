@@ -1,7 +1,7 @@
 //! The console with exactly the least privilege the docs give it (#37
 //! item 5): Postgres as `outbox_triage` with `deploy/postgres/roles.sql`,
-//! Redis as README's `outbox-console` user (`console.redis_url`), beside a
-//! relay running as `outbox_relay` and README's `outbox-relay` Redis user,
+//! Redis as docs/redis.md's `outbox-console` user (`console.redis_url`), beside a
+//! relay running as `outbox_relay` and docs/redis.md's `outbox-relay` Redis user,
 //! the layout of `deploy/kubernetes/`. Every page is served and every
 //! action runs, with no Redis or Postgres refusal anywhere.
 //!
@@ -34,7 +34,7 @@ async fn every_page_and_action_runs_with_the_documented_users_and_roles() {
             .arg(readme_acl(user, PASSWORD))
             .query_async(&mut admin)
             .await
-            .unwrap_or_else(|e| panic!("README's ACL line for {user}: {e}"));
+            .unwrap_or_else(|e| panic!("docs/redis.md's ACL line for {user}: {e}"));
     }
     let db = TestDb::new().await;
     let relay_url = db.url_as("outbox_relay").await;

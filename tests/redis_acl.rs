@@ -1,5 +1,5 @@
-//! README's Redis ACL, exactly as written: the `ACL SETUSER` lines of
-//! README "Redis ACL" are read from the README itself and run against
+//! The documented Redis ACL, exactly as written: the `ACL SETUSER` lines of
+//! docs/redis.md "Redis ACL" are read from that page itself and run against
 //! private Redis servers (standalone, and every node of a cluster). With
 //! those users and the shipped defaults otherwise (prefix `hover:`), the
 //! relay delivers, syncs counters, checks cancel fences and reads memory,
@@ -7,7 +7,7 @@
 //! several health intervals. A user without one of the commands is named
 //! by `check-config`.
 //!
-//! Before, README listed `+eval +zadd +exists +ping +wait +info`: counter
+//! Before, the README listed `+eval +zadd +exists +ping +wait +info`: counter
 //! sync could not run `HGETALL`, `/healthz` answered 503 for good, and
 //! the Deployment's liveness probe would have restarted every pod.
 
@@ -20,7 +20,7 @@ use common::*;
 use redis::AsyncCommands;
 
 const PASSWORD: &str = "acl-test-pw";
-/// The shipped default prefix, which README's lines name.
+/// The shipped default prefix, which the documented lines name.
 const PREFIX: &str = "hover:";
 
 async fn create_users(port: u16) {
@@ -30,7 +30,7 @@ async fn create_users(port: u16) {
             .arg(readme_acl(user, PASSWORD))
             .query_async(&mut admin)
             .await
-            .unwrap_or_else(|e| panic!("README's ACL line for {user}: {e}"));
+            .unwrap_or_else(|e| panic!("docs/redis.md's ACL line for {user}: {e}"));
     }
 }
 

@@ -1,5 +1,5 @@
 -- The three roles of outbox-relay and exactly the privileges each needs
--- (README "Database roles"; `outbox-relay check-config` names anything
+-- (docs/postgres.md "Database roles"; `outbox-relay check-config` names anything
 -- missing for `run`). Run as a superuser or the database owner, after the
 -- tables exist (`outbox-relay migrate`, as outbox_migrator).
 --

@@ -308,21 +308,21 @@ pub fn go_schema() -> bool {
     std::env::var("OUTBOX_TEST_SCHEMA").is_ok_and(|v| v == "go")
 }
 
-/// The shipped grants, `deploy/postgres/roles.sql`.
-/// README's `ACL SETUSER <user> …` line (README "Redis ACL"), exactly as
-/// written but for `password`, as command arguments.
+/// The docs' `ACL SETUSER <user> …` line (docs/redis.md "Redis ACL", once
+/// README's), exactly as written but for `password`, as command arguments.
 pub fn readme_acl(user: &str, password: &str) -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
-    let line = readme
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis.md")).expect("docs/redis.md");
+    let line = doc
         .lines()
         .find(|l| l.starts_with(&format!("ACL SETUSER {user} ")))
-        .unwrap_or_else(|| panic!("README has no `ACL SETUSER {user}` line"));
+        .unwrap_or_else(|| panic!("docs/redis.md has no `ACL SETUSER {user}` line"));
     line.split_whitespace()
         .skip(1)
         .map(|w| w.replace("PASSWORD", password))
         .collect()
 }
 
+/// The shipped grants, `deploy/postgres/roles.sql`.
 pub fn roles_sql() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql"))
         .expect("deploy/postgres/roles.sql")
@@ -350,7 +350,7 @@ impl Drop for Prefix {
                 let Ok(client) = redis::Client::open(shared_redis_url()) else {
                     return;
                 };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                let Ok(mut conn) = client.get_multiplexed_async_connection_with_config(&patient()).await else {
                     return;
                 };
                 let keys: Vec<String> = conn.keys(&pattern).await.unwrap_or_default();
@@ -367,7 +367,7 @@ pub fn key_prefix() -> Prefix {
     Prefix(format!("{}:", unique("t")))
 }
 
-/// A unique prefix with a hash tag, `{t…}:`: README's advice for Redis
+/// A unique prefix with a hash tag, `{t…}:`: docs/redis.md's advice for Redis
 /// Cluster (every key of the relay in one slot). Data tests that touch a
 /// key's layout (the cancel fence) run under both kinds.
 pub fn tagged_key_prefix() -> Prefix {
@@ -377,9 +377,19 @@ pub fn tagged_key_prefix() -> Prefix {
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("redis url")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&patient())
         .await
         .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+/// A test's own Redis connections wait as long as a loaded machine needs:
+/// redis-rs answers "timed out" after 500 ms by default, which a ZRANGE of
+/// 30,000 members decoded by a debug build while the machine builds or
+/// runs other tests can exceed (a console_browser run failed so).
+pub fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(60)))
 }
 
 /// All members of every `{prefix}sched:*` key, member → score.
