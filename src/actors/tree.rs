@@ -109,6 +109,14 @@ impl Healths {
     }
 }
 
+/// What every actor's start takes from the tree.
+struct Shared<'a> {
+    cfg: &'a Config,
+    supervision: Supervision,
+    metrics: &'a Metrics,
+    log: &'a Logger,
+}
+
 /// Start all actors and the health reporter. Must be called inside a
 /// running actix `System`. The receiver yields when the process must exit.
 /// `schema` is the shape of the tables, read at start ([`crate::db::schema`]).
@@ -120,150 +128,42 @@ pub fn start(
     log: &Logger,
 ) -> (Relay, mpsc::UnboundedReceiver<GiveUp>) {
     let (supervision, fatal) = Supervision::new(RestartPolicy::from(&cfg.supervisor), log);
-    let budget = cfg.supervisor.error_budget;
-    let health_interval = cfg.health.interval.0;
+    let at = Shared {
+        cfg,
+        supervision,
+        metrics,
+        log,
+    };
     let health = healths.all();
-    let (sweep_health, dispatch_health, dead_letter_health) = (
-        healths.sweep.clone(),
-        healths.dispatch.clone(),
-        healths.dead_letter.clone(),
-    );
-
-    let dispatch_arbiter = Arbiter::new();
-    let dispatch_settings = DispatchSettings {
-        redis: cfg.redis.clone(),
-        ping_interval: health_interval,
-        checkout_timeout: cfg.sweep.tick_timeout.0.max(health_interval),
-        error_budget: budget,
-    };
-    let (dh, ds, dm, dlog) = (
-        dispatch_health.clone(),
-        supervision.clone(),
-        metrics.clone(),
-        log.clone(),
-    );
-    let dispatch = Supervisor::start_in_arbiter(&dispatch_arbiter.handle(), move |_| {
-        DispatchActor::new(dispatch_settings, dh, ds, dm, &dlog)
-    });
-
+    let (dispatch_arbiter, dispatch) = start_dispatch(&at, healths);
     let dead_lettered_total = Arc::new(AtomicU64::new(0));
-    let (moved, dlh, dls, dl_log) = (
-        dead_lettered_total.clone(),
-        dead_letter_health.clone(),
-        supervision.clone(),
-        log.clone(),
-    );
-    let dl_settings = DeadLetterSettings {
-        database_url: cfg.database.url.clone(),
-        retention: cfg.dead_letter.retention.0,
-        purge_interval: cfg.dead_letter.purge_interval.0,
-        heartbeat: health_interval,
-        round_timeout: cfg.sweep.tick_timeout.0,
-        error_budget: budget,
-    };
-    let dead_letter = Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log));
-
+    let dead_letter = start_dead_letter(&at, healths, dead_lettered_total.clone());
     let stats = Arc::new(SweepStats::default());
-    let settings = SweepSettings {
-        database_url: cfg.database.url.clone(),
-        pool_size: cfg.database.pool_size,
-        batch_size: cfg.sweep.batch_size,
-        max_batch_bytes: cfg.sweep.max_batch_bytes,
-        interval: cfg.sweep.interval.0,
-        listen_poll: cfg.sweep.listen_poll_interval.0,
-        tick_timeout: cfg.sweep.tick_timeout.0,
-        key_prefix: cfg.redis.key_prefix.clone(),
-        concurrency: cfg.sweep.concurrency,
-        live_concurrency: cfg.sweep.live_concurrency(),
-        error_budget: budget,
-        retry: RetryPolicy {
-            base_backoff: cfg.sweep.base_backoff.0,
-            max_backoff: cfg.sweep.max_backoff.0,
-            max_attempts: cfg.sweep.max_attempts,
-        },
-        schema: Arc::new(schema.clone()),
-        claim_fallback: Arc::default(),
-    };
-    let (d, dl, st, sh, ss, sm, slog_) = (
-        dispatch.clone().recipient(),
-        dead_letter.clone().recipient(),
-        stats.clone(),
-        sweep_health.clone(),
-        supervision.clone(),
-        metrics.clone(),
-        log.clone(),
-    );
     let wake_pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let wp = wake_pending.clone();
     let heard = Arc::new(crate::db::listen::Heard::default());
-    let sweep_heard = heard.clone();
-    let sweep =
-        Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, (sm, wp, sweep_heard), &slog_));
-
-    let cs_settings = CounterSyncSettings {
-        database_url: cfg.database.url.clone(),
-        redis: cfg.redis.clone(),
-        interval: cfg.counter_sync.interval.0,
-        jobs_id: schema.jobs_id,
-        round_timeout: cfg.sweep.tick_timeout.0,
-        error_budget: budget,
+    let sweep = {
+        let (d, dl, st, sh, ss, sm, slog_) = (
+            dispatch.clone().recipient(),
+            dead_letter.clone().recipient(),
+            stats.clone(),
+            healths.sweep.clone(),
+            at.supervision.clone(),
+            metrics.clone(),
+            log.clone(),
+        );
+        let (settings, wp, sweep_heard) = (sweep_settings(cfg, schema), wake_pending.clone(), heard.clone());
+        Supervisor::start(move |_| SweepActor::new(settings, (d, dl), st, sh, ss, (sm, wp, sweep_heard), &slog_))
     };
-    let (csh, css, cs_log) = (healths.counter_sync.clone(), supervision.clone(), log.clone());
-    let skew = metrics.running_tasks_skew.clone();
-    let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
-    let counter_sync =
-        Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log));
-
-    let m_settings = MetricsSettings {
-        database_url: cfg.database.url.clone(),
-        redis: cfg.redis.clone(),
-        probe_interval: cfg.metrics.probe_interval.0,
-        round_timeout: cfg.sweep.tick_timeout.0,
-        heartbeat: Some((instance(cfg, schema), health_interval)),
-    };
-    let (mm, mall, mh, ms, m_log) = (
-        metrics.clone(),
-        healths.all(),
-        healths.metrics.clone(),
-        supervision.clone(),
-        log.clone(),
-    );
-    let metrics_actor = Supervisor::start(move |_| {
-        MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log)
-    });
+    let counter_sync = start_counter_sync(&at, schema, healths);
+    let metrics_actor = start_metrics(&at, schema, healths);
 
     metrics.listen_active.set(0);
     metrics.listen_leader.set(0);
-    let listener =
-        crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
-            let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
-            let delivering = (healths.sweep.clone(), healths.dispatch.clone(), heard.clone());
-            actix_rt::spawn(crate::db::listen::listen(
-                target,
-                (
-                    crate::db::listen::ListenGauges {
-                        active: metrics.listen_active.clone(),
-                        leader: metrics.listen_leader.clone(),
-                    },
-                    heard,
-                ),
-                (
-                    move || waker.wake(),
-                    move || {
-                        !delivering.2.holding()
-                            && [&delivering.0, &delivering.1]
-                                .iter()
-                                .all(|h| h.snapshot().status == crate::telemetry::health::Status::Healthy)
-                    },
-                ),
-                log.new(slog::o!("actor" => "SweepActor")),
-            ))
-        });
-
+    let listener = start_listener(&at, healths, &sweep, wake_pending, heard);
     let reporter = actix_rt::spawn(report_health(
         health.clone(),
         metrics.clone(),
-        health_interval,
+        cfg.health.interval.0,
         log.clone(),
     ));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -310,6 +210,138 @@ pub fn start(
         },
         fatal,
     )
+}
+
+/// The dispatch actor, on an arbiter (thread) of its own.
+fn start_dispatch(at: &Shared<'_>, healths: &Healths) -> (Arbiter, Addr<DispatchActor>) {
+    let cfg = at.cfg;
+    let health_interval = cfg.health.interval.0;
+    let dispatch_arbiter = Arbiter::new();
+    let dispatch_settings = DispatchSettings {
+        redis: cfg.redis.clone(),
+        ping_interval: health_interval,
+        checkout_timeout: cfg.sweep.tick_timeout.0.max(health_interval),
+        error_budget: cfg.supervisor.error_budget,
+    };
+    let (dh, ds, dm, dlog) = (
+        healths.dispatch.clone(),
+        at.supervision.clone(),
+        at.metrics.clone(),
+        at.log.clone(),
+    );
+    let dispatch = Supervisor::start_in_arbiter(&dispatch_arbiter.handle(), move |_| {
+        DispatchActor::new(dispatch_settings, dh, ds, dm, &dlog)
+    });
+    (dispatch_arbiter, dispatch)
+}
+
+fn start_dead_letter(at: &Shared<'_>, healths: &Healths, moved: Arc<AtomicU64>) -> Addr<DeadLetterActor> {
+    let cfg = at.cfg;
+    let (dlh, dls, dl_log) = (healths.dead_letter.clone(), at.supervision.clone(), at.log.clone());
+    let dl_settings = DeadLetterSettings {
+        database_url: cfg.database.url.clone(),
+        retention: cfg.dead_letter.retention.0,
+        purge_interval: cfg.dead_letter.purge_interval.0,
+        heartbeat: cfg.health.interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: cfg.supervisor.error_budget,
+    };
+    Supervisor::start(move |_| DeadLetterActor::new(dl_settings, moved, dlh, dls, &dl_log))
+}
+
+/// What the sweep needs from the configuration and the tables' shape.
+fn sweep_settings(cfg: &Config, schema: &Schema) -> SweepSettings {
+    SweepSettings {
+        database_url: cfg.database.url.clone(),
+        pool_size: cfg.database.pool_size,
+        batch_size: cfg.sweep.batch_size,
+        max_batch_bytes: cfg.sweep.max_batch_bytes,
+        interval: cfg.sweep.interval.0,
+        listen_poll: cfg.sweep.listen_poll_interval.0,
+        tick_timeout: cfg.sweep.tick_timeout.0,
+        key_prefix: cfg.redis.key_prefix.clone(),
+        concurrency: cfg.sweep.concurrency,
+        live_concurrency: cfg.sweep.live_concurrency(),
+        error_budget: cfg.supervisor.error_budget,
+        retry: RetryPolicy {
+            base_backoff: cfg.sweep.base_backoff.0,
+            max_backoff: cfg.sweep.max_backoff.0,
+            max_attempts: cfg.sweep.max_attempts,
+        },
+        schema: Arc::new(schema.clone()),
+        claim_fallback: Arc::default(),
+    }
+}
+
+fn start_counter_sync(at: &Shared<'_>, schema: &Schema, healths: &Healths) -> Addr<CounterSyncActor> {
+    let cfg = at.cfg;
+    let cs_settings = CounterSyncSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        interval: cfg.counter_sync.interval.0,
+        jobs_id: schema.jobs_id,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: cfg.supervisor.error_budget,
+    };
+    let (csh, css, cs_log) = (healths.counter_sync.clone(), at.supervision.clone(), at.log.clone());
+    let skew = at.metrics.running_tasks_skew.clone();
+    let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
+    Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log))
+}
+
+fn start_metrics(at: &Shared<'_>, schema: &Schema, healths: &Healths) -> Addr<MetricsActor> {
+    let cfg = at.cfg;
+    let m_settings = MetricsSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        probe_interval: cfg.metrics.probe_interval.0,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        heartbeat: Some((instance(cfg, schema), cfg.health.interval.0)),
+    };
+    let (mm, mall, mh, ms, m_log) = (
+        at.metrics.clone(),
+        healths.all(),
+        healths.metrics.clone(),
+        at.supervision.clone(),
+        at.log.clone(),
+    );
+    Supervisor::start(move |_| MetricsActor::new(m_settings, mm.clone(), mall.clone(), mh.clone(), ms.clone(), &m_log))
+}
+
+/// The LISTEN session (when the database URL allows one): it wakes the
+/// sweep, and holds the listen lead only while this relay can deliver.
+fn start_listener(
+    at: &Shared<'_>,
+    healths: &Healths,
+    sweep: &Addr<SweepActor>,
+    wake_pending: Arc<AtomicBool>,
+    heard: Arc<crate::db::listen::Heard>,
+) -> Option<actix_rt::task::JoinHandle<()>> {
+    let (cfg, metrics, log) = (at.cfg, at.metrics, at.log);
+    crate::db::listen::ListenTarget::new(cfg.database.listen_target(), &cfg.database.url).map(|target| {
+        let waker = Waker::new(sweep.clone().recipient(), wake_pending, metrics.clone());
+        let delivering = (healths.sweep.clone(), healths.dispatch.clone(), heard.clone());
+        actix_rt::spawn(crate::db::listen::listen(
+            target,
+            (
+                crate::db::listen::ListenGauges {
+                    active: metrics.listen_active.clone(),
+                    leader: metrics.listen_leader.clone(),
+                },
+                heard,
+            ),
+            (
+                move || waker.wake(),
+                move || {
+                    !delivering.2.holding()
+                        && [&delivering.0, &delivering.1]
+                            .iter()
+                            .all(|h| h.snapshot().status == crate::telemetry::health::Status::Healthy)
+                },
+            ),
+            log.new(slog::o!("actor" => "SweepActor")),
+        ))
+    })
 }
 
 /// Who this relay is, for the fleet's heartbeat (`db::fleet`).

@@ -199,7 +199,7 @@ fn print_status(st: &Status, prefix: &str) {
     println!("future-dated rows:      {}", st.future_rows);
     if st.set_aside_rows > 0 {
         println!(
-            "set aside:              {} rows (cannot be dead-lettered: ids the dead table cannot hold; run_at = infinity, see README)",
+            "set aside:              {} rows (cannot be dead-lettered: ids the dead table cannot hold; run_at = infinity, see docs/operations.md, Runbooks)",
             st.set_aside_rows
         );
     } else {

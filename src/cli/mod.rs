@@ -8,7 +8,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use slog::info;
+use slog::{info, Logger};
 
 pub mod bench;
 pub mod dead_letter;
@@ -128,7 +128,7 @@ pub enum Command {
     DeadLetter(dead_letter::DeadLetterCommand),
     /// Serve only the browser console and its /api/v1/ (no sweeping): one
     /// console for a fleet of relays, on console.listen (default
-    /// 127.0.0.1:9465), until SIGTERM or SIGINT. See README "Console".
+    /// 127.0.0.1:9465), until SIGTERM or SIGINT. See docs/console.md.
     Console {
         #[command(subcommand)]
         command: Option<ConsoleCommand>,
@@ -180,10 +180,6 @@ fn block_on<F: Future>(fut: F) -> F::Output {
 
 /// Run the parsed command line; the process exit code is the result.
 pub fn execute(cli: Cli) -> ExitCode {
-    let (path, must_exist) = match &cli.config {
-        Some(p) => (p.clone(), true),
-        None => (DEFAULT_CONFIG_PATH.to_string(), false),
-    };
     // Whatever panics, the message goes out without a secret in it.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("outbox-relay: panic: {}", crate::redact::scrub(&info.to_string()));
@@ -194,48 +190,44 @@ pub fn execute(cli: Cli) -> ExitCode {
     {
         return hash_password();
     }
+    let cfg = match load_config(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (log, guard) = logging::init(&cfg.log);
+    let result = dispatch(cli, cfg, &log);
+    // Flush the log tail before the process exits.
+    drop(log);
+    drop(guard);
+    exit_code(result)
+}
+
+/// The configuration from `--config` (which must exist) or the default
+/// path (which may not), its secrets remembered for redaction and its
+/// Postgres TLS roots installed; the exit code 2 when it is wrong.
+fn load_config(config: Option<&str>) -> Result<Config, ExitCode> {
+    let (path, must_exist) = match config {
+        Some(p) => (p.to_string(), true),
+        None => (DEFAULT_CONFIG_PATH.to_string(), false),
+    };
     let cfg = match Config::load(&path, must_exist) {
         Ok(c) => c,
-        Err(e) => return fail(2, e),
+        Err(e) => return Err(fail(2, e)),
     };
     crate::redact::remember(cfg.secrets());
     if let Err(e) = db::tls::configure(&cfg.database.tls_ca_file) {
-        return fail(2, format!("invalid config: database.tls_ca_file: {e}"));
+        return Err(fail(2, format!("invalid config: database.tls_ca_file: {e}")));
     }
-    let (log, guard) = logging::init(&cfg.log);
-    let result: Result<(), RelayError> = match cli.command {
+    Ok(cfg)
+}
+
+/// Run the subcommand.
+fn dispatch(cli: Cli, cfg: Config, log: &Logger) -> Result<(), RelayError> {
+    match cli.command {
         Command::Run { progress } => {
             block_on(crate::app::run(cfg, log.clone(), RunOptions { progress })).map_err(RelayError::Run)
         }
-        Command::Migrate { dry_run, grant } => block_on(async {
-            let report = db::migrate::apply(&cfg.database.url, STARTUP_TIMEOUT, dry_run, &log).await?;
-            if grant {
-                db::migrate::grant(&cfg.database.url, STARTUP_TIMEOUT).await?;
-                info!(
-                    log,
-                    "granted deploy/postgres/roles.sql to outbox_relay and outbox_triage"
-                );
-            }
-            if dry_run {
-                for v in &report.already_applied {
-                    println!("migration {v}: already applied");
-                }
-                for step in &report.steps {
-                    println!("{step}");
-                }
-                println!(
-                    "dry run: {} migrations would be applied ({} statements run, {} skipped); nothing changed",
-                    report.applied.len(),
-                    report.steps.iter().filter(|s| s.skipped.is_none()).count(),
-                    report.steps.iter().filter(|s| s.skipped.is_some()).count()
-                );
-            } else {
-                info!(log, "migrations up to date";
-                    "applied" => format!("{:?}", report.applied),
-                    "already_applied" => format!("{:?}", report.already_applied));
-            }
-            Ok(())
-        }),
+        Command::Migrate { dry_run, grant } => block_on(migrate_cmd(&cfg, dry_run, grant, log)),
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
         Command::Pause { job, reason, json } => {
@@ -254,44 +246,15 @@ pub fn execute(cli: Cli) -> ExitCode {
             if no_connect {
                 Ok(())
             } else {
-                block_on(async {
-                    let schema = db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
-                    println!("# postgres: reachable, outbox schema present: {}", schema.describe());
-                    let optional =
-                        db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await?;
-                    for m in &optional {
-                        println!("# postgres: warning: {m}");
-                    }
-                    if optional.is_empty() {
-                        println!("# postgres: the role holds every privilege `run` needs");
-                    } else {
-                        println!("# postgres: the role holds every privilege `run` requires");
-                    }
-                    let hearing = db::listen::check(db::listen::ListenTarget::new(
-                        cfg.database.listen_target(),
-                        &cfg.database.url,
-                    ))
-                    .await;
-                    println!("# postgres: listen: {}", hearing.describe());
-                    let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
-                    println!("# redis: reachable (PING {}µs)", rtt.as_micros());
-                    let optional = crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await?;
-                    for m in &optional {
-                        println!("# redis: warning: {m}");
-                    }
-                    if optional.is_empty() {
-                        println!("# redis: the user may run every command `run` sends");
-                    } else {
-                        println!("# redis: the user may run every command `run` requires");
-                    }
-                    Ok(())
-                })
+                block_on(check_services(&cfg))
             }
         }
-    };
-    // Flush the log tail before the process exits.
-    drop(log);
-    drop(guard);
+    }
+}
+
+/// The exit code of a command's result: 2 for a wrong configuration or
+/// command line, 1 for any other failure (the error printed).
+fn exit_code(result: Result<(), RelayError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(RelayError::Config(e)) => fail(2, e),
@@ -299,6 +262,72 @@ pub fn execute(cli: Cli) -> ExitCode {
         Err(e @ RelayError::Run(crate::app::RunError::Usage(_))) => fail(2, e),
         Err(e) => fail(1, e),
     }
+}
+
+/// `outbox-relay migrate [--dry-run] [--grant]`: apply (or show) the
+/// migrations, then grant the roles' privileges.
+async fn migrate_cmd(cfg: &Config, dry_run: bool, grant: bool, log: &Logger) -> Result<(), RelayError> {
+    let report = db::migrate::apply(&cfg.database.url, STARTUP_TIMEOUT, dry_run, log).await?;
+    if grant {
+        db::migrate::grant(&cfg.database.url, STARTUP_TIMEOUT).await?;
+        info!(
+            log,
+            "granted deploy/postgres/roles.sql to outbox_relay and outbox_triage"
+        );
+    }
+    if dry_run {
+        for v in &report.already_applied {
+            println!("migration {v}: already applied");
+        }
+        for step in &report.steps {
+            println!("{step}");
+        }
+        println!(
+            "dry run: {} migrations would be applied ({} statements run, {} skipped); nothing changed",
+            report.applied.len(),
+            report.steps.iter().filter(|s| s.skipped.is_none()).count(),
+            report.steps.iter().filter(|s| s.skipped.is_some()).count()
+        );
+    } else {
+        info!(log, "migrations up to date";
+            "applied" => format!("{:?}", report.applied),
+            "already_applied" => format!("{:?}", report.already_applied));
+    }
+    Ok(())
+}
+
+/// `outbox-relay check-config` without `--no-connect`: whether Postgres
+/// and Redis answer, and what the relay's role and user may do there.
+async fn check_services(cfg: &Config) -> Result<(), RelayError> {
+    let schema = db::check_ready(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    println!("# postgres: reachable, outbox schema present: {}", schema.describe());
+    let optional = db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await?;
+    for m in &optional {
+        println!("# postgres: warning: {m}");
+    }
+    if optional.is_empty() {
+        println!("# postgres: the role holds every privilege `run` needs");
+    } else {
+        println!("# postgres: the role holds every privilege `run` requires");
+    }
+    let hearing = db::listen::check(db::listen::ListenTarget::new(
+        cfg.database.listen_target(),
+        &cfg.database.url,
+    ))
+    .await;
+    println!("# postgres: listen: {}", hearing.describe());
+    let rtt = crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
+    println!("# redis: reachable (PING {}µs)", rtt.as_micros());
+    let optional = crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await?;
+    for m in &optional {
+        println!("# redis: warning: {m}");
+    }
+    if optional.is_empty() {
+        println!("# redis: the user may run every command `run` sends");
+    } else {
+        println!("# redis: the user may run every command `run` requires");
+    }
+    Ok(())
 }
 
 /// `outbox-relay console hash-password`: one line in, one hash out. The

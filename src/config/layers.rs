@@ -10,7 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use super::{Config, ConfigError, Problem, CONFIG_PATH_ENV, ENV_PREFIX};
+use super::error::{ConfigError, Problem};
+use super::root::Config;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+
+/// Environment variable naming the config file (same as `--config`).
+pub const CONFIG_PATH_ENV: &str = "OUTBOX_RELAY_CONFIG";
 
 /// Defaults, then the file's text (when there is one), then `env`,
 /// deserialized; `path` only names the file in error messages.

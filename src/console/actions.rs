@@ -27,10 +27,12 @@ use slog::{info, warn};
 
 use super::auth::{self, Role};
 use super::data;
+use super::error::ConsoleError;
 use super::identity::{loggable, one_line, same_origin, Who};
 use super::load::{Extent, FilterForm};
 use super::respond::html;
-use super::{views, Console, ConsoleError};
+use super::state::{Console, ACTION_STALL};
+use super::views;
 use crate::db::dead_letter as dl;
 use crate::db::pause;
 
@@ -475,7 +477,7 @@ pub(crate) async fn dead_letters_action(st: St, who: Who, action: &'static str, 
                 dl::purge_matching(&client, schema, &filter, upto, ACTION_BATCH, progress).await?
             })
         };
-        let r = match unless_stalled(run, &beats, super::ACTION_STALL).await {
+        let r = match unless_stalled(run, &beats, ACTION_STALL).await {
             Ok(rep) => ActionResult::done(
                 action,
                 if action == "requeue" {
@@ -537,7 +539,7 @@ pub(crate) async fn set_aside_action(st: St, who: Who, form: SetAsideForm) -> Ac
             Ok::<_, ConsoleError>(data::requeue_set_aside(&mut client, job.as_deref(), &confirmed).await?)
         };
         // One transaction: nothing counts as progress until it ends.
-        let r = match unless_stalled(run, &AtomicU64::new(0), super::ACTION_STALL).await {
+        let r = match unless_stalled(run, &AtomicU64::new(0), ACTION_STALL).await {
             Ok(data::SetAsideRequeue::Done(n)) => {
                 audit.counter().store(n, Ordering::Relaxed);
                 ActionResult::done(

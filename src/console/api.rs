@@ -6,15 +6,17 @@
 //! A bulk action is two calls: `GET …/confirm` (or `GET /api/v1/set-aside`)
 //! gives the exact count, highest id and fingerprint of what matches, and
 //! the action carries all three as `expect_rows`, `max_id` and
-//! `fingerprint` (README "Console").
+//! `fingerprint` (docs/console.md).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::actions::{self, BulkForm, NoFields, SetAsideForm};
+use super::error::ConsoleError;
 use super::identity::api_caller;
 use super::load::{self, FilterForm, PageQuery, SetAsideQuery};
 use super::respond::{api_error, not_found};
-use super::{body, data, Console, ConsoleError};
+use super::state::Console;
+use super::{body, data};
 
 type St = web::Data<Console>;
 

@@ -13,7 +13,7 @@ use actix_web::web;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use super::ConsoleError;
+use super::error::ConsoleError;
 
 /// A body must have arrived whole within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);

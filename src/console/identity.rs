@@ -13,7 +13,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use slog::warn;
 
 use super::auth::{self, Role, Session};
-use super::Console;
+use super::state::Console;
 
 /// Who is asking.
 #[derive(Debug, Clone)]

@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::data::{self, Overview};
-use super::{Console, ConsoleError};
+use super::error::ConsoleError;
+use super::state::Console;
 use crate::db::dead_letter::{self as dl, Filter};
 use crate::db::fleet;
 use crate::telemetry::metrics::LAG_BUCKETS;

@@ -7,10 +7,12 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::actions::{self, BulkForm, JobForm, SetAsideForm};
+use super::error::ConsoleError;
 use super::identity::{page_visitor, Who};
 use super::load::{self, FilterForm, ScheduleQuery, SetAsideQuery, SCHEDULE_PAGE};
 use super::respond::{html, not_found, page_error, to_login};
-use super::{body, data, paths, views, Console, ConsoleError};
+use super::state::Console;
+use super::{body, data, paths, views};
 
 type St = web::Data<Console>;
 

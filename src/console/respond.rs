@@ -4,8 +4,9 @@
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
 
+use super::error::ConsoleError;
 use super::identity::Who;
-use super::{paths, views, ConsoleError};
+use super::{paths, views};
 
 pub(crate) fn html(status: StatusCode, body: maud::Markup) -> HttpResponse {
     HttpResponse::build(status)

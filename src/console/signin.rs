@@ -11,7 +11,8 @@ use slog::info;
 use super::auth;
 use super::identity::{self, check_password, client_key, cookie, loggable, same_origin, session_of, Refusal};
 use super::respond::redirect;
-use super::{body, paths, views, Console};
+use super::state::Console;
+use super::{body, paths, views};
 
 type St = web::Data<Console>;
 

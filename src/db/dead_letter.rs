@@ -12,8 +12,8 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 
+use super::error::{column, pg_error_text, ColumnError};
 use super::schema::Schema;
-use super::{column, ColumnError};
 
 /// Which dead letters a `list` looks at (all filters combine with AND).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -90,7 +90,7 @@ const TABLE: &str = "task_outbox_dead";
 
 impl From<tokio_postgres::Error> for DeadLetterError {
     fn from(e: tokio_postgres::Error) -> Self {
-        DeadLetterError::Query(super::pg_error_text(&e))
+        DeadLetterError::Query(pg_error_text(&e))
     }
 }
 

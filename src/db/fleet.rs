@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-use super::{column, QueryError};
+use super::error::{column, QueryError};
 
 /// How long the fleet remembers a relay, and a minute of aggregates.
 pub const RETENTION: &str = "1 day";

@@ -18,6 +18,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, Connection, Socket};
 
+use super::error::pg_error_text;
+
 /// Connect to the first host of `cfg` (and address of that host) that
 /// completes a whole connection (TCP, TLS, start-up, authentication, the
 /// `target_session_attrs` check) within [`per_host_timeout`], trying them
@@ -38,7 +40,7 @@ where
     for one in tries {
         let reason = match tokio::time::timeout(per_host, one.connect(tls.clone())).await {
             Ok(Ok(connected)) => return Ok(connected),
-            Ok(Err(e)) => super::pg_error_text(&e),
+            Ok(Err(e)) => pg_error_text(&e),
             Err(_) => format!("no answer within {}ms", per_host.as_millis()),
         };
         why.push(if several {

@@ -7,8 +7,8 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient};
 
+use super::error::{column, pg_error_text, ColumnError, QueryError};
 use super::schema::{IdType, Schema};
-use super::{column, pg_error_text, ColumnError, QueryError};
 
 /// Set one job's `running_tasks` to `count` if it is `running` or
 /// `pending`; returns the previous value (`Some(None)` when it was NULL), or

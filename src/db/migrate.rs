@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use slog::{info, Logger};
 
-use super::{connect, pg_error_text, DbSetupError};
+use super::error::{pg_error_text, DbSetupError};
+use super::setup::connect;
 
 /// One embedded migration.
 #[derive(Debug)]
@@ -392,7 +393,7 @@ impl From<tokio_postgres::Error> for Refusal {
 /// Why `stmt` need not run (what it creates is already there), or None.
 ///
 /// An INVALID index (left by a failed `CREATE INDEX CONCURRENTLY`, as
-/// README suggests building the claim index by hand) serves no query: one
+/// docs/from-go.md suggests building the claim index by hand) serves no query: one
 /// of another name is not equivalent, and one of the very name the
 /// statement creates (which `IF NOT EXISTS` would take as done, letting
 /// migration 3 drop the old index and leave claims without any) is refused

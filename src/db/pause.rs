@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-use super::{column, QueryError};
+use super::error::{column, QueryError};
 
 /// The scope that pauses everything.
 pub const ALL: &str = "*";

@@ -3,8 +3,8 @@
 //! task_outbox`) at start and by `check-config`, instead of failing on its
 //! first tick (or its first dead letter, days later).
 //!
-//! The lists are the statements' needs, nothing more (README "Database
-//! roles" and `deploy/postgres/roles.sql` grant exactly these):
+//! The lists are the statements' needs, nothing more (docs/postgres.md
+//! "Database roles" and `deploy/postgres/roles.sql` grant exactly these):
 //! `SELECT … FOR UPDATE` needs UPDATE, a `DELETE … RETURNING` needs
 //! SELECT, an INSERT into a table with a serial id needs USAGE on its
 //! sequence, and the fresh lane's `pg_sequence_last_value` needs SELECT
@@ -13,7 +13,7 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use super::{column, QueryError};
+use super::error::{column, QueryError};
 
 /// One privilege: on a table, or on the `id` sequence of a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

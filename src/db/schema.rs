@@ -17,7 +17,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{column, QueryError};
+use super::error::{column, pg_error_text, QueryError};
 
 /// The type of an id column, as far as the relay cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,14 +301,14 @@ pub async fn read(client: &impl GenericClient) -> Result<Schema, Vec<String>> {
             &[],
         )
         .await
-        .map_err(|e| vec![super::pg_error_text(&e)])?;
+        .map_err(|e| vec![pg_error_text(&e)])?;
     let flag = |i| column::<bool>(&checks, "pg_class", i).map_err(|e| vec![e.to_string()]);
     let (lighthouse_check, can_insert, plain_table) = (flag(0)?, flag(1)?, flag(2)?);
     let foreign_keys = column::<Option<String>>(&checks, "pg_constraint", 3).map_err(|e| vec![e.to_string()])?;
     let shape = client
         .query_typed_one(OUTBOX_SHAPE_SQL, &[])
         .await
-        .map_err(|e| vec![super::pg_error_text(&e)])?;
+        .map_err(|e| vec![pg_error_text(&e)])?;
     let shape = column::<Option<String>>(&shape, "pg_attribute", 0).map_err(|e| vec![e.to_string()])?;
     let table = OutboxTable {
         unknown_columns: &unknown,

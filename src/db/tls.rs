@@ -120,10 +120,10 @@ mod tests {
 
     #[test]
     fn sslmode_is_only_what_the_url_says() {
-        let cfg = crate::db::pg_config("postgres://u@h/d", std::time::Duration::from_secs(1)).expect("url");
+        let cfg = crate::db::url::pg_config("postgres://u@h/d", std::time::Duration::from_secs(1)).expect("url");
         assert_eq!(cfg.get_ssl_mode(), SslMode::Disable);
-        let cfg =
-            crate::db::pg_config("postgres://u@h/d?sslmode=require", std::time::Duration::from_secs(1)).expect("url");
+        let cfg = crate::db::url::pg_config("postgres://u@h/d?sslmode=require", std::time::Duration::from_secs(1))
+            .expect("url");
         assert_eq!(cfg.get_ssl_mode(), SslMode::Require);
         assert!(tokio_postgres::Config::from_str("postgres://u@h/d?sslmode=verify-full").is_err());
     }

@@ -10,7 +10,8 @@
 
 use std::fmt::Write;
 
-use super::{OutboxRow, RowOutcome, ScheduleEntry};
+use super::outcome::{RowOutcome, ScheduleEntry};
+use super::row::OutboxRow;
 
 /// Why a row cannot become a schedule member. These are the row's fault:
 /// retrying cannot help, so the row is dead-lettered immediately.

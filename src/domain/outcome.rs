@@ -1,7 +1,8 @@
 //! What happens to a row on its way out: the ZADD a row becomes
 //! ([`ScheduleEntry`]), what Redis said about it ([`EntryOutcome`], decided
 //! by the dispatch) and what that means for the row ([`RowOutcome`], what
-//! settlement works on). The sweep maps one onto the other.
+//! settlement works on), and the rule from one to the other
+//! ([`RowOutcome::of_entry`]).
 
 /// One ZADD: `ZADD key score member`.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,4 +50,52 @@ pub enum RowOutcome {
     Poison(String),
     /// Its job was cancelled: the row is void, delete it unsent.
     Cancelled,
+}
+
+impl RowOutcome {
+    /// What Redis's answer for a row's entry means for the row, and the
+    /// server-wide condition it reports, if any (OOM, READONLY, a WAIT
+    /// shortfall, a write that may have landed).
+    pub fn of_entry(entry: EntryOutcome) -> (RowOutcome, Option<String>) {
+        match entry {
+            EntryOutcome::Delivered => (RowOutcome::Delivered, None),
+            EntryOutcome::Cancelled => (RowOutcome::Cancelled, None),
+            EntryOutcome::Rejected(e) => (RowOutcome::Failed(e), None),
+            // Not the row's fault: tried again later, no attempt counted.
+            EntryOutcome::Deferred(e) => (RowOutcome::Postponed, Some(e)),
+            // Maybe written with the row's score: keep the row (and so the
+            // score) as it is for the re-send.
+            EntryOutcome::Unknown(e) => (RowOutcome::Deferred, Some(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_rows_own_fault_fails_it_and_a_maybe_written_entry_keeps_its_row() {
+        let e = || "why".to_string();
+        assert_eq!(
+            RowOutcome::of_entry(EntryOutcome::Delivered),
+            (RowOutcome::Delivered, None)
+        );
+        assert_eq!(
+            RowOutcome::of_entry(EntryOutcome::Cancelled),
+            (RowOutcome::Cancelled, None)
+        );
+        assert_eq!(
+            RowOutcome::of_entry(EntryOutcome::Rejected(e())),
+            (RowOutcome::Failed(e()), None)
+        );
+        assert_eq!(
+            RowOutcome::of_entry(EntryOutcome::Deferred(e())),
+            (RowOutcome::Postponed, Some(e()))
+        );
+        assert_eq!(
+            RowOutcome::of_entry(EntryOutcome::Unknown(e())),
+            (RowOutcome::Deferred, Some(e()))
+        );
+    }
 }

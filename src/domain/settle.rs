@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use super::{OutboxRow, RowOutcome};
+use super::outcome::RowOutcome;
+use super::row::OutboxRow;
 
 /// How failed rows are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,12 +2,22 @@
 //! Cluster; TLS; keepalives): the pools' clients, direct connections for
 //! the commands, and the start-up checks.
 
-use super::*;
+use std::time::Duration;
+
+use ::redis::cluster::ClusterClient;
+use ::redis::{Client, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
+use bb8_redis::RedisConnectionManager;
+
+use super::conn::{ClusterManager, DirectConn, Redis, RedisPool, StandaloneManager};
+use super::{durability, permissions, sentinel};
+use crate::config::{RedisConfig, RedisMode};
+use crate::pool::LastError;
+use crate::redact::redact_url;
 
 /// Why Redis could not be reached at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
-    /// One line per command the user may not run (README "Redis ACL").
+    /// One line per command the user may not run (docs/redis.md "Redis ACL").
     #[error("{}", .missing.iter().map(|m| format!("Redis at {url}: {m}")).collect::<Vec<_>>().join("\n"))]
     Permissions {
         url: String,
@@ -132,6 +142,8 @@ fn cluster_client(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Clust
 /// connection repairs itself per node (one dead node must not make the
 /// whole connection look broken) and is dropped only when nothing answered
 /// on it ([`RedisConn::discard`]).
+///
+/// [`RedisConn::discard`]: super::conn::RedisConn::discard
 pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, RedisSetupError> {
     let last_error = LastError::default();
     let standalone = |manager| {
@@ -165,16 +177,6 @@ pub fn pool(cfg: &RedisConfig, checkout_timeout: Duration) -> Result<Redis, Redi
     };
     Ok(Redis { pool, last_error })
 }
-
-/// A direct connection for the CLI and start-up checks: one server, or the
-/// cluster through its seed nodes.
-#[derive(Clone)]
-pub enum DirectConn {
-    Standalone(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-delegate_connection_like!(DirectConn, DirectConn);
 
 /// Connect as the config says (standalone `url` or the cluster's seeds),
 /// failing with the real cause instead of a pool timeout.
@@ -231,60 +233,6 @@ async fn connect_client(
             reason: format!("no answer within {}ms", timeout.as_millis()),
         }),
     }
-}
-
-/// One range of hash slots and the master serving it (`CLUSTER SLOTS`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotRange {
-    pub start: u16,
-    pub end: u16,
-    /// `host:port` of the master.
-    pub master: String,
-    /// The master's node id (CLUSTER SLOTS gives it since Redis 4).
-    pub master_id: Option<String>,
-}
-
-/// A bulk or simple string reply as text.
-pub(crate) fn reply_text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// The cluster's slot map as one node reports it.
-pub async fn cluster_slots(conn: &mut ClusterConnection) -> Result<Vec<SlotRange>, ::redis::RedisError> {
-    let reply: Value = ::redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
-    Ok(parse_cluster_slots(&reply))
-}
-
-/// `[[start, end, [host, port, id, ...], replica...], ...]` → ranges.
-pub fn parse_cluster_slots(reply: &Value) -> Vec<SlotRange> {
-    let Value::Array(ranges) = reply else {
-        return Vec::new();
-    };
-    ranges
-        .iter()
-        .filter_map(|r| {
-            let Value::Array(parts) = r else { return None };
-            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
-                (parts.first(), parts.get(1), parts.get(2))
-            else {
-                return None;
-            };
-            let host = master.first().and_then(reply_text)?;
-            let Some(Value::Int(port)) = master.get(1) else {
-                return None;
-            };
-            Some(SlotRange {
-                start: u16::try_from(*start).ok()?,
-                end: u16::try_from(*end).ok()?,
-                master: format!("{host}:{port}"),
-                master_id: master.get(2).and_then(reply_text),
-            })
-        })
-        .collect()
 }
 
 /// Check that the Redis user may run every command `run` sends. Missing

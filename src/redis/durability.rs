@@ -3,13 +3,14 @@
 //! restart with nothing on disk, a failover before the replica had it) is
 //! lost for good. At start the relay reads `INFO persistence` (every
 //! master of a cluster) and, when an entry could be lost that way, says
-//! so in one warning line naming the risk and the fix (README
+//! so in one warning line naming the risk and the fix (docs/redis.md
 //! "Durability").
 
 use std::time::Duration;
 
+use super::conn::{DirectConn, Redis};
 use super::memory::{info_error, info_on_masters, InfoError};
-use super::{DirectConn, RedisConfig};
+use crate::config::RedisConfig;
 use crate::deadline::Deadline;
 
 /// What `INFO persistence` says of one server.
@@ -47,7 +48,7 @@ pub async fn risk(conn: &mut DirectConn, cfg: &RedisConfig, timeout: Duration) -
             .await
             .ok()?
             .map_err(|e| info_error(&e));
-            vec![(super::Redis::describe(cfg), text)]
+            vec![(Redis::describe(cfg), text)]
         }
         DirectConn::Cluster(c) => info_on_masters(c, "persistence", Deadline::after(timeout)).await.ok()?,
     };
@@ -60,7 +61,7 @@ pub async fn risk(conn: &mut DirectConn, cfg: &RedisConfig, timeout: Duration) -
         .collect();
     (!without_aof.is_empty()).then(|| {
         format!(
-            "Redis at {} keeps no append-only file and redis.wait_replicas is 0: a Redis restart loses the schedule entries written since its last snapshot (all of them without snapshots), and their outbox rows are already deleted; turn on appendonly (appendfsync everysec or always) or set redis.wait_replicas (README \"Durability\")",
+            "Redis at {} keeps no append-only file and redis.wait_replicas is 0: a Redis restart loses the schedule entries written since its last snapshot (all of them without snapshots), and their outbox rows are already deleted; turn on appendonly (appendfsync everysec or always) or set redis.wait_replicas (docs/redis.md \"Durability\")",
             without_aof.join(", ")
         )
     })

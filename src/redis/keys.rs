@@ -5,7 +5,8 @@
 
 use ::redis::cluster_async::ClusterConnection;
 
-use super::DirectConn;
+use super::conn::DirectConn;
+use super::slots::cluster_slots;
 
 /// `cmd key` for each of `keys`, all at once: in a cluster the keys live on
 /// different nodes, so they cannot share a pipeline; the cluster client
@@ -68,7 +69,7 @@ async fn scan(conn: &mut DirectConn, pattern: &str, slot: Option<u16>) -> Result
 /// The first slot of every master's ranges (CLUSTER SLOTS), one per master.
 async fn one_slot_per_master(conn: &mut ClusterConnection) -> Result<Vec<u16>, ::redis::RedisError> {
     let mut seen = std::collections::HashSet::new();
-    Ok(super::cluster_slots(conn)
+    Ok(cluster_slots(conn)
         .await?
         .into_iter()
         .filter(|r| seen.insert(r.master.clone()))

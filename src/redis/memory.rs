@@ -29,8 +29,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::conn::Redis;
 use super::pipeline::{checkout, DispatchError};
-use super::Redis;
+use super::reply::reply_text;
+use super::slots::cluster_slots;
 use crate::deadline::Deadline;
 
 /// How often `INFO memory` is asked at most.
@@ -258,7 +260,7 @@ pub async fn info_on_masters(
 ) -> Result<Vec<(String, Result<String, InfoError>)>, InfoError> {
     let mut c = cluster.clone();
     let slots = deadline
-        .run("redis CLUSTER SLOTS", super::cluster_slots(&mut c))
+        .run("redis CLUSTER SLOTS", cluster_slots(&mut c))
         .await
         .map_err(|e| InfoError::Unreachable(e.to_string()))?
         .map_err(|e| info_error(&e))?;
@@ -283,8 +285,7 @@ pub async fn info_on_masters(
                     .await
                     .map_err(|e| InfoError::Unreachable(format!("{addr}: {e}")))?
                     .map_err(|e| info_error(&e))?;
-                super::reply_text(&reply)
-                    .ok_or_else(|| InfoError::Refused(format!("{addr}: INFO {section} gave {reply:?}")))
+                reply_text(&reply).ok_or_else(|| InfoError::Refused(format!("{addr}: INFO {section} gave {reply:?}")))
             };
             let text = read.await;
             (addr, text)

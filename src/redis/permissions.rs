@@ -1,5 +1,5 @@
 //! What `run` needs from Redis, checked up front: a user that lacks a
-//! command (an ACL tighter than README's, a renamed command) is told so by
+//! command (an ACL tighter than docs/redis.md's, a renamed command) is told so by
 //! name at start and by `check-config`, instead of meeting it as a
 //! dependency fault on every tick for good (counter sync without
 //! `HGETALL` kept `/healthz` at 503 and the liveness probe restarting the
@@ -12,7 +12,8 @@
 
 use ::redis::Value;
 
-use super::{DirectConn, RedisConfig};
+use super::conn::DirectConn;
+use crate::config::RedisConfig;
 use crate::domain::{cancel_fence_key, schedule_key};
 
 /// A command `run` needs that the Redis user cannot run.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{Client, ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 
+use super::reply::reply_text;
 use crate::redact::redact_url;
 
 /// The master the process last connected to, and how often that changed.
@@ -150,7 +151,7 @@ impl Sentinels {
 /// The first element of a `ROLE` reply: `master`, `slave` or `sentinel`.
 fn role_name(v: &Value) -> Option<String> {
     match v {
-        Value::Array(items) => items.first().and_then(super::reply_text),
+        Value::Array(items) => items.first().and_then(reply_text),
         _ => None,
     }
 }

@@ -4,7 +4,7 @@
 //! counters and owned for probing by the `MetricsActor`. The registry adds
 //! the constant labels `app` and `environment` to every metric at scrape
 //! time, `process_*` included (adding them again per metric would make the
-//! scrape invalid). Names and meanings are listed in the README.
+//! scrape invalid). Names and meanings are listed in docs/metrics.md.
 //!
 //! Probe gauges ([`ProbeGauge`]) are registered only while their probe
 //! succeeds: a failed probe leaves a gap in the series instead of a fake 0.
@@ -18,6 +18,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use super::catalogue::CATALOGUE;
 use super::health::{ActorHealth, Status};
 use crate::config::MetricsConfig;
 
@@ -26,6 +27,9 @@ use crate::config::MetricsConfig;
 pub const LAG_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
+
+/// The `result` label values of `outbox_relay_outbox_probe_duration_seconds`.
+pub const PROBE_RESULTS: [&str; 3] = ["ok", "cut_off", "failed"];
 
 /// The longest wait between two outbox probes, however long the last took
 /// (`actors::metrics::probe_spacing`); the console accepts a relay's probe
@@ -156,216 +160,43 @@ impl Metrics {
             ("environment".to_string(), cfg.environment.clone()),
         ]);
         let registry = Registry::new_custom(None, Some(labels))?;
-        let counter_vec = |name: &str, help: &str, label: &str| -> Result<IntCounterVec, MetricsError> {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge_vec = |name: &str, help: &str, label: &str| -> Result<IntGaugeVec, MetricsError> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, MetricsError> {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
+        let r = Reg(&registry);
         let m = Metrics {
-            sweep_rows: counter_vec(
-                "outbox_relay_sweep_rows_total",
-                "Outbox rows settled, by outcome (dispatched, retried, dead_lettered, cancelled: a cancelled job's row deleted unsent, set_aside: bound for the dead table but its ids do not fit that table's columns).",
-                "outcome",
-            )?,
-            sweep_ticks: counter_vec(
-                "outbox_relay_sweep_ticks_total",
-                "Sweep ticks, by result (ok, error, deadline).",
-                "result",
-            )?,
-            sweep_duration: histogram(
-                "outbox_relay_sweep_duration_seconds",
-                "Duration of sweep ticks that ran (claim to commit or rollback).",
-                DURATION_BUCKETS,
-            )?,
-            claim_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "outbox_relay_claim_duration_seconds",
-                        "Time a tick's claim took (connection checkout, BEGIN, the claiming statement), by lane (drain, fresh) and whether it found rows (rows, none): a claim that grows while the backlog does not is walking dead index entries (a long transaction holding back vacuum).",
-                    )
-                    .buckets(CLAIM_BUCKETS.to_vec()),
-                    &["lane", "found"],
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
-            outbox_probe_duration: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "outbox_relay_outbox_probe_duration_seconds",
-                        "Time the outbox probe took (it counts task_outbox by walking the table), by result: ok, cut_off (Postgres cancelled the count at its statement timeout: a lock on the table, or more rows than it counts in a round), failed (no answer, or an error). After a probe that took d the next waits at least 20 d (at most 60 s), so rate(_sum) stays under 0.05 per relay.",
-                    )
-                    .buckets(CLAIM_BUCKETS.to_vec()),
-                    &["result"],
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
-            delivery_lag: {
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "outbox_relay_delivery_lag_seconds",
-                        "Time from a delivered row's created_at (from=\"created\") or run_at (from=\"due\") to its ZADD acknowledged.",
-                    )
-                    .buckets(LAG_BUCKETS.to_vec()),
-                    &["from"],
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
-            backlog_rows: ProbeGauge::new(&registry, "outbox_relay_backlog_rows", "Outbox rows due now (probe).")?,
-            oldest_age_seconds: ProbeGauge::new(
-                &registry,
-                "outbox_relay_oldest_age_seconds",
-                "Age of the oldest due outbox row by created_at (probe; 0 when nothing is due).",
-            )?,
-            dead_letter_rows: ProbeGauge::new(
-                &registry,
-                "outbox_relay_dead_letter_rows",
-                "Rows in task_outbox_dead (probe).",
-            )?,
-            set_aside_rows: ProbeGauge::new(
-                &registry,
-                "outbox_relay_set_aside_rows",
-                "Outbox rows set aside (run_at = infinity): bound for the dead table, whose id columns cannot hold them (probe).",
-            )?,
-            paused: int_gauge(
-                "outbox_relay_paused",
-                "1 while delivery is paused for every job (outbox-relay pause), else 0 (probe).",
-            )?,
-            paused_jobs: int_gauge(
-                "outbox_relay_paused_jobs",
-                "Jobs whose delivery is paused one by one (outbox-relay pause --job) (probe).",
-            )?,
-            redis_backpressure: int_gauge(
-                "outbox_relay_redis_backpressure",
-                "1 while writes are held back because Redis used_memory reached redis.max_memory_ratio of maxmemory, else 0.",
-            )?,
-            redis_memory_ratio: {
-                let g = Gauge::new(
-                    "outbox_relay_redis_memory_ratio",
-                    "Redis used_memory / maxmemory at the last reading (0 when Redis has no maxmemory or it was not read).",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            listen_active: int_gauge(
-                "outbox_relay_listen_active",
-                "1 while new rows wake the sweep (the LISTEN connection is up and heard the relay's own NOTIFY sent through database.url), else 0: polling every sweep.interval only (database.listen_url = \"off\", a listener behind pgbouncer in transaction pooling, or a lost connection).",
-            )?,
-            listen_leader: int_gauge(
-                "outbox_relay_listen_leader",
-                "1 while this relay answers new-row notifications (it holds the listen lead, a session advisory lock on its LISTEN connection), else 0: another relay answers, this one polls every sweep.interval and drains.",
-            )?,
-            redis_up: int_gauge(
-                "outbox_relay_redis_up",
-                "1 when the last Redis ping answered, else 0.",
-            )?,
-            postgres_up: int_gauge(
-                "outbox_relay_postgres_up",
-                "1 when the last probe read the outbox on a Postgres server that takes writes, else 0: Postgres down, frozen, or no server of database.url takes writes (a failover under way; the relay's pools connect to no other).",
-            )?,
-            connections_opened: counter_vec(
-                "outbox_relay_connections_opened_total",
-                "Connections the relay's pools opened, by service (postgres, redis): a step means a dependency restarted or failed over and every pool reconnected.",
-                "service",
-            )?,
-            redis_master_switches: counter(
-                "outbox_relay_redis_master_switches_total",
-                "Sentinel mode: times the sentinels named a master other than the one before (a failover seen by this relay).",
-            )?,
-            redis_ping_seconds: ProbeGauge::new(
-                &registry,
-                "outbox_relay_redis_ping_seconds",
-                "Round trip of the last Redis ping (absent while Redis does not answer).",
-            )?,
-            running_tasks_skew: histogram(
-                "outbox_relay_running_tasks_skew",
-                "Per job and sync, |running count in Redis - previous jobs.running_tasks|.",
-                SKEW_BUCKETS,
-            )?,
-            actor_restarts: counter_vec(
-                "outbox_relay_actor_restarts_total",
-                "Actor restarts by the supervisor.",
-                "actor",
-            )?,
-            actor_healthy: gauge_vec(
-                "outbox_relay_actor_healthy",
-                "1 when the actor is healthy, else 0.",
-                "actor",
-            )?,
-            deadline_exceeded: counter_vec(
-                "outbox_relay_deadline_exceeded_total",
-                "Work abandoned or dropped because its deadline passed.",
-                "actor",
-            )?,
-            pool_connections: gauge_vec(
-                "outbox_relay_pool_connections",
-                "Open connections of each pool.",
-                "pool",
-            )?,
-            pool_idle_connections: gauge_vec(
-                "outbox_relay_pool_idle_connections",
-                "Idle connections of each pool.",
-                "pool",
-            )?,
-            pool_gets_waited: counter_vec(
-                "outbox_relay_pool_gets_waited_total",
-                "Checkouts that had to wait for a connection.",
-                "pool",
-            )?,
-            pool_gets_timed_out: counter_vec(
-                "outbox_relay_pool_gets_timed_out_total",
-                "Checkouts that timed out.",
-                "pool",
-            )?,
-            redis_wait_shortfall: counter(
-                "outbox_relay_redis_wait_shortfall_total",
-                "Pipelines whose WAIT saw fewer replicas than redis.wait_replicas (their rows were kept and re-sent).",
-            )?,
-            redis_unreachable_entries: counter(
-                "outbox_relay_redis_unreachable_entries_total",
-                "Cluster: entries re-sent later because the node owning their slot did not answer.",
-            )?,
-            redis_refused_entries: counter_vec(
-                "outbox_relay_redis_refused_entries_total",
-                "Entries Redis refused for a reason that is not the entry's (server state, unknown or renamed command, ACL, a proxy's error), by error code; re-sent later without counting an attempt.",
-                "code",
-            )?,
-            redis_unavailable_ticks: counter(
-                "outbox_relay_redis_unavailable_ticks_total",
-                "Ticks whose rows found Redis unavailable as a whole (refused, pool timeout, broken connection): left in the outbox, no attempt counted.",
-            )?,
-            settle_refused_rows: counter_vec(
-                "outbox_relay_settle_refused_rows_total",
-                "Rows kept in the outbox because Postgres refused a write of their tick's settle (a trigger, a check, a revoked privilege on task_outbox or task_outbox_dead), by the refused write; the rows Redis accepted in that tick were deleted where Postgres allowed it.",
-                "stage",
-            )?,
-            wakeups: counter_vec(
-                "outbox_relay_wakeups_total",
-                "LISTEN notifications of new outbox rows: sent (woke the sweep), coalesced (a wake-up was already pending) or seen (every transaction announced was visible to the last claim for new rows: no claim needed).",
-                "result",
-            )?,
+            sweep_rows: r.counter_vec("outbox_relay_sweep_rows_total")?,
+            sweep_ticks: r.counter_vec("outbox_relay_sweep_ticks_total")?,
+            sweep_duration: r.histogram("outbox_relay_sweep_duration_seconds", DURATION_BUCKETS)?,
+            claim_duration: r.histogram_vec("outbox_relay_claim_duration_seconds", CLAIM_BUCKETS)?,
+            outbox_probe_duration: r.histogram_vec("outbox_relay_outbox_probe_duration_seconds", CLAIM_BUCKETS)?,
+            delivery_lag: r.histogram_vec("outbox_relay_delivery_lag_seconds", LAG_BUCKETS)?,
+            backlog_rows: r.probe_gauge("outbox_relay_backlog_rows")?,
+            oldest_age_seconds: r.probe_gauge("outbox_relay_oldest_age_seconds")?,
+            dead_letter_rows: r.probe_gauge("outbox_relay_dead_letter_rows")?,
+            set_aside_rows: r.probe_gauge("outbox_relay_set_aside_rows")?,
+            paused: r.int_gauge("outbox_relay_paused")?,
+            paused_jobs: r.int_gauge("outbox_relay_paused_jobs")?,
+            redis_backpressure: r.int_gauge("outbox_relay_redis_backpressure")?,
+            redis_memory_ratio: r.gauge("outbox_relay_redis_memory_ratio")?,
+            listen_active: r.int_gauge("outbox_relay_listen_active")?,
+            listen_leader: r.int_gauge("outbox_relay_listen_leader")?,
+            redis_up: r.int_gauge("outbox_relay_redis_up")?,
+            postgres_up: r.int_gauge("outbox_relay_postgres_up")?,
+            connections_opened: r.counter_vec("outbox_relay_connections_opened_total")?,
+            redis_master_switches: r.counter("outbox_relay_redis_master_switches_total")?,
+            redis_ping_seconds: r.probe_gauge("outbox_relay_redis_ping_seconds")?,
+            running_tasks_skew: r.histogram("outbox_relay_running_tasks_skew", SKEW_BUCKETS)?,
+            actor_restarts: r.counter_vec("outbox_relay_actor_restarts_total")?,
+            actor_healthy: r.gauge_vec("outbox_relay_actor_healthy")?,
+            deadline_exceeded: r.counter_vec("outbox_relay_deadline_exceeded_total")?,
+            pool_connections: r.gauge_vec("outbox_relay_pool_connections")?,
+            pool_idle_connections: r.gauge_vec("outbox_relay_pool_idle_connections")?,
+            pool_gets_waited: r.counter_vec("outbox_relay_pool_gets_waited_total")?,
+            pool_gets_timed_out: r.counter_vec("outbox_relay_pool_gets_timed_out_total")?,
+            redis_wait_shortfall: r.counter("outbox_relay_redis_wait_shortfall_total")?,
+            redis_unreachable_entries: r.counter("outbox_relay_redis_unreachable_entries_total")?,
+            redis_refused_entries: r.counter_vec("outbox_relay_redis_refused_entries_total")?,
+            redis_unavailable_ticks: r.counter("outbox_relay_redis_unavailable_ticks_total")?,
+            settle_refused_rows: r.counter_vec("outbox_relay_settle_refused_rows_total")?,
+            wakeups: r.counter_vec("outbox_relay_wakeups_total")?,
             seen: Arc::new(Mutex::new(HashMap::new())),
             registry,
         };
@@ -385,6 +216,11 @@ impl Metrics {
         }
         for service in crate::pool::SERVICES {
             m.connections_opened.with_label_values(&[service]);
+        }
+        // OutboxRelayBacklogUncounted counts cut-offs with increase(): from
+        // 0, the first one counts too.
+        for result in PROBE_RESULTS {
+            m.outbox_probe_duration.with_label_values(&[result]);
         }
         #[cfg(target_os = "linux")]
         m.registry
@@ -460,9 +296,101 @@ impl Metrics {
     }
 }
 
+/// Creates the relay's metrics, each with the help text and labels of its
+/// [`CATALOGUE`] entry, and registers them.
+struct Reg<'a>(&'a Registry);
+
+impl Reg<'_> {
+    fn def(name: &str) -> Result<(Opts, &'static [&'static str]), MetricsError> {
+        let d = CATALOGUE
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| prometheus::Error::Msg(format!("{name} is not in the metrics catalogue")))?;
+        Ok((Opts::new(d.name, d.help), d.labels))
+    }
+
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> Result<C, MetricsError> {
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn counter_vec(&self, name: &str) -> Result<IntCounterVec, MetricsError> {
+        let (opts, labels) = Self::def(name)?;
+        self.add(IntCounterVec::new(opts, labels)?)
+    }
+
+    fn gauge_vec(&self, name: &str) -> Result<IntGaugeVec, MetricsError> {
+        let (opts, labels) = Self::def(name)?;
+        self.add(IntGaugeVec::new(opts, labels)?)
+    }
+
+    fn counter(&self, name: &str) -> Result<IntCounter, MetricsError> {
+        self.add(IntCounter::with_opts(Self::def(name)?.0)?)
+    }
+
+    fn int_gauge(&self, name: &str) -> Result<IntGauge, MetricsError> {
+        self.add(IntGauge::with_opts(Self::def(name)?.0)?)
+    }
+
+    fn gauge(&self, name: &str) -> Result<Gauge, MetricsError> {
+        self.add(Gauge::with_opts(Self::def(name)?.0)?)
+    }
+
+    fn histogram(&self, name: &str, buckets: &[f64]) -> Result<Histogram, MetricsError> {
+        let opts = HistogramOpts::from(Self::def(name)?.0).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts)?)
+    }
+
+    fn histogram_vec(&self, name: &str, buckets: &[f64]) -> Result<HistogramVec, MetricsError> {
+        let (opts, labels) = Self::def(name)?;
+        self.add(HistogramVec::new(
+            HistogramOpts::from(opts).buckets(buckets.to_vec()),
+            labels,
+        )?)
+    }
+
+    fn probe_gauge(&self, name: &str) -> Result<ProbeGauge, MetricsError> {
+        let d = Self::def(name)?.0;
+        ProbeGauge::new(self.0, &d.name, &d.help)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_probe_result_is_exported_at_zero_from_the_start() {
+        let m = Metrics::new(&MetricsConfig::default()).expect("metrics");
+        let text = m.render();
+        for result in PROBE_RESULTS {
+            let line = format!("outbox_relay_outbox_probe_duration_seconds_count{{app=\"{}\",environment=\"{}\",result=\"{result}\"}} 0", MetricsConfig::default().app, MetricsConfig::default().environment);
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_catalogue_lists_each_metric_the_relay_creates_once() {
+        let source = include_str!("metrics.rs");
+        let created: Vec<&str> = source
+            .split("r.")
+            .skip(1)
+            .filter_map(|s| s.split_once("(\"outbox_relay_"))
+            .filter(|(method, _)| method.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .filter_map(|(_, rest)| rest.split('"').next())
+            .collect();
+        let mut listed: Vec<&str> = CATALOGUE
+            .iter()
+            .map(|d| d.name.trim_start_matches("outbox_relay_"))
+            .collect();
+        let mut created_sorted = created.clone();
+        created_sorted.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(created_sorted, listed, "CATALOGUE and Metrics::new differ");
+        let mut unique = listed.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), listed.len(), "a metric listed twice");
+    }
 
     fn metrics() -> Metrics {
         Metrics::new(&MetricsConfig::default()).expect("metrics")

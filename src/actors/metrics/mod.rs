@@ -30,12 +30,11 @@ use super::lifecycle::{every, fault_point, guarded, run_contained, Core, Lifecyc
 use super::small_pools;
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
-use crate::db::{column, fleet, pg_error_text, Pg};
+use crate::db::{fleet, Pg};
 use crate::deadline::Deadline;
-use crate::redis::pipeline::{checkout, DispatchError};
 use crate::redis::Redis;
 use crate::telemetry::health::ActorHealth;
-use crate::telemetry::metrics::{Metrics, PROBE_SPACING_MAX};
+use crate::telemetry::metrics::{Metrics, PROBE_RESULTS};
 
 mod probe;
 
@@ -189,11 +188,12 @@ impl MetricsActor {
     fn apply(&mut self, report: ProbeReport) {
         let m = &self.metrics;
         let took = report.outbox_took;
+        let [ok, cut_off, failed] = PROBE_RESULTS;
         let result = match &report.outbox {
             None => None,
-            Some(Ok(_)) => Some("ok"),
-            Some(Err(OutboxProbeError::CutOff(_))) => Some("cut_off"),
-            Some(Err(OutboxProbeError::Failed(_))) => Some("failed"),
+            Some(Ok(_)) => Some(ok),
+            Some(Err(OutboxProbeError::CutOff(_))) => Some(cut_off),
+            Some(Err(OutboxProbeError::Failed(_))) => Some(failed),
         };
         if let Some(result) = result {
             m.outbox_probe_duration
@@ -205,7 +205,7 @@ impl MetricsActor {
             let interval = self.settings.probe_interval;
             let spacing = probe_spacing(took, interval);
             self.probe_rest_until =
-                (result != "failed" && spacing > interval).then(|| Instant::now() + spacing.saturating_sub(took));
+                (result != failed && spacing > interval).then(|| Instant::now() + spacing.saturating_sub(took));
         }
         // Up: it answers and takes writes. A count the server cut off is
         // an answer (a lock, or a table too big to count in the round),
@@ -386,6 +386,7 @@ impl Handler<Heartbeat> for MetricsActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::metrics::PROBE_SPACING_MAX;
 
     #[test]
     fn a_quick_probe_keeps_the_interval() {

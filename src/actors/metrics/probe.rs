@@ -1,7 +1,13 @@
 //! One probe round's I/O: the outbox count (a transaction under the
 //! round's deadline), whether Postgres takes writes, and a Redis PING.
 
-use super::*;
+use std::time::Duration;
+
+use crate::db::{column, pg_error_text, Pg};
+use crate::deadline::Deadline;
+use crate::redis::pipeline::{checkout, DispatchError};
+use crate::redis::Redis;
+use crate::telemetry::metrics::PROBE_SPACING_MAX;
 
 /// What one probe round found; an `Err` is a probe that failed.
 #[derive(Debug, Clone, PartialEq)]

@@ -29,95 +29,8 @@ impl SweepActor {
                 return fail(self, ctx, format!("tick {panic}"));
             }
         };
-        let mut fresh_full = false;
-        let pace = match result {
-            Ok(report) => {
-                fresh_full = lane == Lane::Fresh && report.claimed >= report.limit;
-                let settled = report.redis_unavailable.is_none() && report.back_pressure.is_none() && !report.left_due;
-                if lane == Lane::Fresh {
-                    // Complete: it took every due row its snapshot showed
-                    // (but those other ticks held).
-                    self.fresh_seen = report.snapshot.clone().filter(|_| settled && !fresh_full);
-                }
-                let now = tokio::time::Instant::now();
-                let refused = report.deferred_reason.is_some()
-                    && report.redis_unavailable.is_none()
-                    && report.back_pressure.is_none();
-                // Rows left due by a settle Postgres refused twice over
-                // (the put-off refused too) would be claimed and sent
-                // again at every tick: when they were all the tick had,
-                // held off the same way (with rows delivered beside them
-                // the relay is making progress, and keeps it).
-                let stuck = matches!(report.settle_refused, Some((_, _, _, Kept::Due))) && report.delivered == 0;
-                if stuck || (refused && report.claimed > 0 && report.deferred >= report.claimed) {
-                    let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
-                    self.refused_streak = self.refused_streak.saturating_add(1);
-                    self.refusal_hold = Some(now + hold);
-                    self.heard.set_holding(true);
-                    let why = if stuck {
-                        "postgres refused the settle and the put-off of rows that stay"
-                    } else {
-                        "redis refused every row of the batch"
-                    };
-                    warn!(self.core.log, "{}; this relay claims nothing until the hold ends, so relays that can deliver take the rows", why;
-                        "rows" => report.claimed, "hold_ms" => hold.as_millis() as u64, "refused_batches_in_a_row" => self.refused_streak);
-                } else if report.deferred < report.claimed {
-                    // A delivery: the Redis path works again (an empty
-                    // claim shows nothing; the listen lead waits for this).
-                    self.refused_streak = 0;
-                    self.refusal_hold = None;
-                    self.heard.set_holding(false);
-                }
-                if let Some(after) = report.put_back_in {
-                    self.due_at(ctx, now + after);
-                }
-                if let (Some(after), Role::Lead) = (report.next_due_in, self.heard.role()) {
-                    self.due_at(ctx, now + after);
-                }
-                if report.claimed >= report.limit {
-                    self.announce_backlog(ctx);
-                }
-                self.claim_limit
-                    .observe(report.claimed as u32, report.limit as u32, report.max_row_bytes);
-                self.core.health.ok();
-                self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
-                self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
-                self.metrics
-                    .claim_duration
-                    .with_label_values(&[lane.label(), if report.claimed > 0 { "rows" } else { "none" }])
-                    .observe(report.claim_us as f64 / 1e6);
-                self.record(lane, &report);
-                if report.full_scan {
-                    self.full_scan_every = full_scan_every(report.claim_us);
-                }
-                if self.pauses_seen && !report.pauses_seen {
-                    // Every pause was lifted: the rows held back sit behind
-                    // the cursor; the next drain claim starts from the
-                    // beginning.
-                    self.full_scan_every = Duration::ZERO;
-                }
-                self.pauses_seen = report.pauses_seen;
-                if lane == Lane::Drain {
-                    // Resume after this batch next time (a claim from the
-                    // start that found an older backlog moves the cursor
-                    // back to it); a claim from the start runs at least
-                    // every FULL_SCAN_EVERY anyway.
-                    self.cursor = report.cursor.or(self.cursor);
-                }
-                if report.claimed >= report.limit
-                    && report.redis_unavailable.is_none()
-                    && report.back_pressure.is_none()
-                    // Rows Redis refused are postponed; keep draining as
-                    // long as some of the batch could be settled.
-                    && report.deferred < report.claimed
-                {
-                    Pace::Drain
-                } else if settled {
-                    Pace::Quiet
-                } else {
-                    Pace::Idle
-                }
-            }
+        let (pace, fresh_full) = match result {
+            Ok(report) => self.after_report(lane, report, ctx),
             Err(TickError::ClaimFallback(why)) => {
                 // The rows are as they were (the tick rolled back; a re-send
                 // of its ZADDs is harmless): claim them again, by locking.
@@ -125,28 +38,142 @@ impl SweepActor {
                     warn!(self.core.log, "task_outbox changed under the relay; claiming by locking from now on (restart the relay to check again)";
                         "reason" => why);
                 }
-                Pace::Drain
+                (Pace::Drain, false)
             }
-            Err(e) => {
-                let streak = self.core.failed(&e.to_string(), e.is_deadline());
-                if e.is_deadline() {
-                    self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
-                } else {
-                    self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
-                }
-                warn!(self.core.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
-                    "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
-                if e.is_connection_lost() {
-                    return fail_dependency(self, ctx, e.to_string());
-                }
-                if self.core.budget_spent(streak) {
-                    return fail_dependency(self, ctx, format!("{streak} consecutive failed ticks, last: {e}"));
-                }
-                Pace::Idle
-            }
+            Err(e) => match self.after_failure(e, ctx) {
+                Some(pace) => (pace, false),
+                None => return,
+            },
         };
+        self.next_for_lane(lane, pace, fresh_full, ctx);
+    }
+
+    /// What a tick's report changes (the hold, timers, the claim limit,
+    /// health, counters, the cursor), and the lane's next pace; also
+    /// whether a fresh-lane tick took a full batch.
+    fn after_report(&mut self, lane: Lane, report: TickReport, ctx: &mut Context<Self>) -> (Pace, bool) {
+        let fresh_full = lane == Lane::Fresh && report.claimed >= report.limit;
+        let settled = report.redis_unavailable.is_none() && report.back_pressure.is_none() && !report.left_due;
+        if lane == Lane::Fresh {
+            // Complete: it took every due row its snapshot showed
+            // (but those other ticks held).
+            self.fresh_seen = report.snapshot.clone().filter(|_| settled && !fresh_full);
+        }
+        let now = tokio::time::Instant::now();
+        self.hold_after(&report, now);
+        if let Some(after) = report.put_back_in {
+            self.due_at(ctx, now + after);
+        }
+        if let (Some(after), Role::Lead) = (report.next_due_in, self.heard.role()) {
+            self.due_at(ctx, now + after);
+        }
+        if report.claimed >= report.limit {
+            self.announce_backlog(ctx);
+        }
+        self.claim_limit
+            .observe(report.claimed as u32, report.limit as u32, report.max_row_bytes);
+        self.core.health.ok();
+        self.stats.ticks_ok.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sweep_ticks.with_label_values(&["ok"]).inc();
+        self.metrics
+            .claim_duration
+            .with_label_values(&[lane.label(), if report.claimed > 0 { "rows" } else { "none" }])
+            .observe(report.claim_us as f64 / 1e6);
+        self.record(lane, &report);
+        if report.full_scan {
+            self.full_scan_every = full_scan_every(report.claim_us);
+        }
+        if self.pauses_seen && !report.pauses_seen {
+            // Every pause was lifted: the rows held back sit behind
+            // the cursor; the next drain claim starts from the
+            // beginning.
+            self.full_scan_every = Duration::ZERO;
+        }
+        self.pauses_seen = report.pauses_seen;
+        if lane == Lane::Drain {
+            // Resume after this batch next time (a claim from the
+            // start that found an older backlog moves the cursor
+            // back to it); a claim from the start runs at least
+            // every FULL_SCAN_EVERY anyway.
+            self.cursor = report.cursor.or(self.cursor);
+        }
+        let pace = if report.claimed >= report.limit
+            && report.redis_unavailable.is_none()
+            && report.back_pressure.is_none()
+            // Rows Redis refused are postponed; keep draining as
+            // long as some of the batch could be settled.
+            && report.deferred < report.claimed
+        {
+            Pace::Drain
+        } else if settled {
+            Pace::Quiet
+        } else {
+            Pace::Idle
+        };
+        (pace, fresh_full)
+    }
+
+    /// Hold this relay's claims while Redis refuses every row of its
+    /// batches (or Postgres the settle of rows that stay); lift the hold
+    /// at a delivery.
+    fn hold_after(&mut self, report: &TickReport, now: tokio::time::Instant) {
+        let refused =
+            report.deferred_reason.is_some() && report.redis_unavailable.is_none() && report.back_pressure.is_none();
+        // Rows left due by a settle Postgres refused twice over
+        // (the put-off refused too) would be claimed and sent
+        // again at every tick: when they were all the tick had,
+        // held off the same way (with rows delivered beside them
+        // the relay is making progress, and keeps it).
+        let stuck = matches!(report.settle_refused, Some((_, _, _, Kept::Due))) && report.delivered == 0;
+        if stuck || (refused && report.claimed > 0 && report.deferred >= report.claimed) {
+            let hold = self.settings.retry.backoff(self.refused_streak).min(REFUSAL_HOLD_MAX);
+            self.refused_streak = self.refused_streak.saturating_add(1);
+            self.refusal_hold = Some(now + hold);
+            self.heard.set_holding(true);
+            let why = if stuck {
+                "postgres refused the settle and the put-off of rows that stay"
+            } else {
+                "redis refused every row of the batch"
+            };
+            warn!(self.core.log, "{}; this relay claims nothing until the hold ends, so relays that can deliver take the rows", why;
+                "rows" => report.claimed, "hold_ms" => hold.as_millis() as u64, "refused_batches_in_a_row" => self.refused_streak);
+        } else if report.deferred < report.claimed {
+            // A delivery: the Redis path works again (an empty
+            // claim shows nothing; the listen lead waits for this).
+            self.refused_streak = 0;
+            self.refusal_hold = None;
+            self.heard.set_holding(false);
+        }
+    }
+
+    /// A failed tick: counted, logged, and the actor failed when its
+    /// connection is lost or its error budget is spent (`None`).
+    fn after_failure(&mut self, e: TickError, ctx: &mut Context<Self>) -> Option<Pace> {
+        let streak = self.core.failed(&e.to_string(), e.is_deadline());
+        if e.is_deadline() {
+            self.stats.ticks_deadline.fetch_add(1, Ordering::Relaxed);
+            self.metrics.sweep_ticks.with_label_values(&["deadline"]).inc();
+        } else {
+            self.stats.ticks_error.fetch_add(1, Ordering::Relaxed);
+            self.metrics.sweep_ticks.with_label_values(&["error"]).inc();
+        }
+        warn!(self.core.log, "sweep tick failed and was rolled back; its rows stay in the outbox";
+            "error" => %e, "deadline" => e.is_deadline(), "consecutive_failures" => streak);
+        if e.is_connection_lost() {
+            fail_dependency(self, ctx, e.to_string());
+            return None;
+        }
+        if self.core.budget_spent(streak) {
+            fail_dependency(self, ctx, format!("{streak} consecutive failed ticks, last: {e}"));
+            return None;
+        }
+        Some(Pace::Idle)
+    }
+
+    /// Schedule the lane's next tick: a drain lane at its pace; the fresh
+    /// lane does not reschedule itself, it runs again only for a wake-up
+    /// that came while it ran.
+    fn next_for_lane(&mut self, lane: Lane, pace: Pace, fresh_full: bool, ctx: &mut Context<Self>) {
         match lane {
             Lane::Drain => self.schedule(ctx, pace),
             // The fresh lane does not reschedule itself; it runs again only

@@ -33,12 +33,10 @@ use super::lifecycle::{
 };
 use super::supervisor::Supervision;
 use crate::db::listen::{Heard, Role, Snapshot};
-use crate::db::outbox::{self, ClaimCursor, ClaimOrder};
-use crate::db::schema::{ClaimMode, Schema};
-use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
-use crate::deadline::{Deadline, Expired};
-use crate::domain::{encode_rows, settle, ClaimLimit, EntryOutcome, RetryPolicy, RowOutcome};
-use crate::redis::pipeline::DispatchError;
+use crate::db::outbox::ClaimCursor;
+use crate::db::{self, Pg};
+use crate::deadline::Deadline;
+use crate::domain::ClaimLimit;
 use crate::telemetry::health::ActorHealth;
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::metrics::Metrics;
@@ -46,77 +44,13 @@ use crate::telemetry::metrics::Metrics;
 mod lanes;
 mod pace;
 mod refused;
+mod report;
+mod settings;
 mod tick;
 
-pub use refused::Kept;
-pub use tick::{run_tick, ClaimPlan, TickError, TickReport};
-
-/// How long a commit may run past the deadline. The outcome of a commit cut
-/// short is unknown, and both outcomes are safe (ZADD is idempotent), so a
-/// short grace beats abandoning a commit that is about to succeed.
-const COMMIT_GRACE: Duration = Duration::from_secs(1);
-
-/// What a tick needs, fixed for the actor's life.
-#[derive(Clone, Debug)]
-pub struct SweepSettings {
-    pub database_url: String,
-    pub pool_size: u32,
-    pub batch_size: u32,
-    /// `sweep.max_batch_bytes`: what one tick may claim (see
-    /// [`ClaimLimit`]).
-    pub max_batch_bytes: u64,
-    pub interval: Duration,
-    /// `sweep.listen_poll_interval`: how often an idle lane claims while
-    /// the listener hears new rows (they are announced; a poll only looks
-    /// for what no notification announces).
-    pub listen_poll: Duration,
-    pub tick_timeout: Duration,
-    pub key_prefix: String,
-    /// Ticks run at once, each with its own claimed batch and connection.
-    pub concurrency: u32,
-    /// Drain ticks run at once while new rows keep arriving: fewer drain
-    /// ticks leave CPU for the fresh lane (latency) at some cost to how
-    /// fast a backlog drains meanwhile. A backlog with no new rows drains
-    /// with all `concurrency` lanes.
-    pub live_concurrency: u32,
-    /// Consecutive failed ticks after which the actor is restarted.
-    pub error_budget: u32,
-    pub retry: RetryPolicy,
-    /// The id column types, read from the catalog at start (UUID or TEXT:
-    /// the Go sweeper's database mixes them).
-    pub schema: Arc<Schema>,
-    /// Set when `task_outbox` changed under the relay (a column added, a
-    /// type changed, INSERT revoked, a foreign key added) or a put-back
-    /// failed: every later tick claims by locking, until the process
-    /// restarts and reads the catalog again. Shared by the lanes, kept
-    /// across actor restarts.
-    pub claim_fallback: Arc<ClaimFallback>,
-}
-
-/// Why delete claims stopped (see [`SweepSettings::claim_fallback`]).
-#[derive(Debug, Default)]
-pub struct ClaimFallback(std::sync::Mutex<Option<String>>);
-
-impl ClaimFallback {
-    /// Fall back for `why`; true only the first time (one warning line).
-    pub fn set(&self, why: String) -> bool {
-        match self.0.lock() {
-            Ok(mut g) if g.is_none() => {
-                *g = Some(why);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The claim mode in force given the one read at start.
-    pub fn mode(&self, at_start: &ClaimMode) -> ClaimMode {
-        match self.0.lock().ok().and_then(|g| g.clone()) {
-            Some(why) => ClaimMode::Lock(why),
-            None => at_start.clone(),
-        }
-    }
-}
+pub use report::{ClaimPlan, Kept, TickError, TickReport};
+pub use settings::{ClaimFallback, Lane, SweepSettings, FRESH_BATCH};
+pub use tick::run_tick;
 
 /// Counters shared with the process (progress line, later metrics); they
 /// outlive actor restarts.
@@ -130,9 +64,6 @@ pub struct SweepStats {
     pub ticks_deadline: AtomicU64,
     pub restarts: AtomicU64,
 }
-
-/// Rows a fresh-lane tick claims at most.
-pub const FRESH_BATCH: u32 = 20;
 
 /// New rows were committed this recently: the relay is serving live
 /// traffic, and while it does, at most `sweep.live_concurrency` drain
@@ -172,34 +103,12 @@ const LANE_WEDGE_GRACE: Duration = Duration::from_secs(5);
 /// How often the sweep looks for a wedged lane.
 const LANE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// What a tick is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    /// One of the `sweep.concurrency` lanes: oldest rows first, full batches,
-    /// reschedules itself.
-    Drain,
-    /// A one-off tick started by a wake-up while every lane is busy: the
-    /// newest rows first, so a just-committed row does not wait behind a
-    /// backlog.
-    Fresh,
-}
-
 /// When the next claim from the beginning is due after one that took
 /// `claim_us`: [`FULL_SCAN_COST_FACTOR`] times as long, within
 /// [`FULL_SCAN_EVERY`]..=[`FULL_SCAN_AT_MOST`].
 pub fn full_scan_every(claim_us: u64) -> Duration {
     Duration::from_micros(claim_us.saturating_mul(u64::from(FULL_SCAN_COST_FACTOR)))
         .clamp(FULL_SCAN_EVERY, FULL_SCAN_AT_MOST)
-}
-
-impl Lane {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Lane::Drain => "drain",
-            Lane::Fresh => "fresh",
-        }
-    }
 }
 
 /// Run one sweep tick before `deadline`.

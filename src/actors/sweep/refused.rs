@@ -1,32 +1,12 @@
 //! What a tick does when Postgres refused a write of its settle: keep what
 //! it can in a transaction of its own ([`Kept`]).
 
-use super::*;
+use std::time::Duration;
 
-/// How the rows of a tick whose settle Postgres refused were kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kept {
-    /// The delivered rows deleted, the others put off by `base_backoff`.
-    PutOff,
-    /// The delivered rows deleted; the others could not be put off (an
-    /// UPDATE refused too) and are due: claimed again at the next tick.
-    Due,
-    /// Nothing could be deleted: every row, delivered or not, put off and
-    /// sent again after `base_backoff`.
-    AllPutOff,
-}
-
-impl Kept {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kept::PutOff => "delivered rows deleted, the others put off by base_backoff",
-            Kept::Due => {
-                "delivered rows deleted (if any); the others could not be put off: left due, and this relay holds its claims for a growing backoff (at most 30 s)"
-            }
-            Kept::AllPutOff => "nothing could be deleted: every row put off by base_backoff and sent again",
-        }
-    }
-}
+use super::report::{Kept, TickError};
+use super::settings::COMMIT_GRACE;
+use crate::db::outbox;
+use crate::deadline::Deadline;
 
 /// After Postgres refused a write of a tick's settle (and the tick rolled
 /// back): in a transaction of its own, delete the rows Redis accepted and

@@ -13,33 +13,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
+use super::error::BenchError;
 use super::measure::{free_port, RelayChild};
-use super::BenchError;
+use super::report::{PageTime, Refreshes};
 use crate::config::CONFIG_PATH_ENV;
-
-/// One page's time with the table full.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PageTime {
-    pub path: String,
-    pub status: u16,
-    /// The slowest of three fetches.
-    pub ms: f64,
-}
-
-/// The overview fetched once a second during the drain (from its first
-/// answer: the relay binds the console as it starts).
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
-pub struct Refreshes {
-    pub fetched: usize,
-    /// Answers other than 200, or none within 10 s.
-    pub failed: usize,
-    /// What the failures were: a status, or "no answer".
-    pub failures: Vec<String>,
-    pub p50_ms: f64,
-    pub max_ms: f64,
-}
 
 /// Pages timed: every page, and the API's overview and jobs.
 const PAGES: &[&str] = &[

@@ -1,14 +1,17 @@
 //! How `bench` measures: the relay as a subprocess (its CPU and RSS from
 //! /proc), members counted in the schedules, drain waits that fail on a
-//! stall, VACUUM sampling, and latency percentiles.
+//! stall, VACUUM sampling, latency percentiles, and the latency rows' job
+//! ids with the keyspace watch that times them.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use uuid::Uuid;
+
+use super::error::{rd, BenchError};
 use super::report::Latency;
-use super::{rd, BenchError};
 use crate::config::CONFIG_PATH_ENV;
 use crate::db;
 use crate::deadline::STARTUP_TIMEOUT;
@@ -325,6 +328,14 @@ pub(super) fn summarize(mut ms: Vec<f64>, vacuum_share: f64) -> Latency {
     }
 }
 
+/// Latency rows' job ids all start with this, so one pattern subscribes to them.
+const LATENCY_JOB_PREFIX: &str = "1a7e0000-";
+
+/// The job id of latency row `n`: `1a7e0000-0000-4000-8000-<n>`.
+pub(super) fn latency_job(n: u64) -> Uuid {
+    Uuid::from_u128(0x1a7e_0000_0000_4000_8000_0000_0000_0000u128 | u128::from(n))
+}
+
 /// Redis keyspace notifications of the latency rows' schedules: when each
 /// latency job's key was first written. `notify-keyspace-events` is set for
 /// the run and put back by [`KeyspaceWatch::finish`].
@@ -355,10 +366,7 @@ impl KeyspaceWatch {
             .map_err(rd)?;
         let mut pubsub = client.get_async_pubsub().await.map_err(rd)?;
         pubsub
-            .psubscribe(format!(
-                "__keyspace@*__:{prefix}sched:{}*",
-                super::scenarios::LATENCY_JOB_PREFIX
-            ))
+            .psubscribe(format!("__keyspace@*__:{prefix}sched:{}*", LATENCY_JOB_PREFIX))
             .await
             .map_err(rd)?;
         let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));

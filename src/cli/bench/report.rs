@@ -1,6 +1,7 @@
-//! What `bench` reports: the figures of a drain-and-latency run and of the
-//! scaling matrix, as JSON (`--json`) or as the Markdown tables that
-//! docs/BENCHMARKS.md and docs/SCALING.md hold.
+//! What `bench` reports: the figures of a drain-and-latency run (the
+//! console's page times and refreshes included) and of the scaling matrix,
+//! as JSON (`--json`) or as the Markdown tables that docs/BENCHMARKS.md and
+//! docs/SCALING.md hold.
 
 use serde::Serialize;
 
@@ -71,10 +72,32 @@ pub struct BenchReport {
     pub cores: usize,
     /// `--console`: each page's time with the seeded rows in place.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub console_pages: Option<Vec<super::console::PageTime>>,
+    pub console_pages: Option<Vec<PageTime>>,
     /// `--console`: the overview fetched once a second during the drain.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub console_refreshes: Option<super::console::Refreshes>,
+    pub console_refreshes: Option<Refreshes>,
+}
+
+/// One page's time with the table full.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PageTime {
+    pub path: String,
+    pub status: u16,
+    /// The slowest of three fetches.
+    pub ms: f64,
+}
+
+/// The overview fetched once a second during the drain (from its first
+/// answer: the relay binds the console as it starts).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Refreshes {
+    pub fetched: usize,
+    /// Answers other than 200, or none within 10 s.
+    pub failed: usize,
+    /// What the failures were: a status, or "no answer".
+    pub failures: Vec<String>,
+    pub p50_ms: f64,
+    pub max_ms: f64,
 }
 
 pub(super) fn print_scaling(r: &ScalingReport) {

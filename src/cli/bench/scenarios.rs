@@ -5,16 +5,19 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
-use uuid::Uuid;
 
+use super::args::BenchArgs;
+use super::console::{time_pages, Refresher};
+use super::error::{pg, rd, BenchError};
 use super::measure::{
-    describe_settings, proc_usage, spawn_relay, summarize, wait_scheduled, watch_vacuum, KeyspaceWatch, LatencyRun,
+    describe_settings, free_port, latency_job, proc_usage, spawn_relay, summarize, wait_scheduled, watch_vacuum,
+    KeyspaceWatch, LatencyRun, RelayChild,
 };
-use super::report::{BenchReport, ScalingReport, ScalingRun};
-use super::{delete_prefix, open_scratch, pg, rd, BenchArgs, BenchError};
+use super::report::{BenchReport, Latency, Refreshes, ScalingReport, ScalingRun};
+use super::scratch::{delete_prefix, open_scratch};
 use crate::config::{Config, RedisMode};
 use crate::redact::redact_url;
-use crate::redis::Redis;
+use crate::redis::{DirectConn, Redis};
 
 pub(super) const SEED_SQL: &str =
     "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, retry_count,
@@ -136,26 +139,8 @@ pub(super) async fn drain_and_latency(
         args.jobs,
         batch
     );
-
-    let size = (args.rows, args.jobs, args.spread_run_at);
-    let (floor_rps, floor2_rps, floor_ctid_rps) = if args.skip_floors {
-        eprintln!("bench: floors skipped (--skip-floors): the ratios to them are 0");
-        (0.0, 0.0, 0.0)
-    } else {
-        eprintln!("bench: floor (Postgres alone, 1 connection)…");
-        let one = floor(url, &client, size, batch, 1, FloorStatement::IdIn).await?;
-        eprintln!("bench: floor (Postgres alone, 2 connections)…");
-        let two = floor(url, &client, size, batch, 2, FloorStatement::IdIn).await?;
-        eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
-        let ctid = floor(url, &client, size, batch, 1, FloorStatement::Ctid).await?;
-        (one, two, ctid)
-    };
-
-    let console_port = if args.console {
-        Some(super::measure::free_port()?)
-    } else {
-        None
-    };
+    let (floor_rps, floor2_rps, floor_ctid_rps) = floors(url, &client, args, batch).await?;
+    let console_port = if args.console { Some(free_port()?) } else { None };
     let overrides: Vec<(&str, String)> = console_port
         .map(|p| vec![("OUTBOX_RELAY_CONSOLE__LISTEN", format!("127.0.0.1:{p}"))])
         .unwrap_or_default();
@@ -163,26 +148,110 @@ pub(super) async fn drain_and_latency(
     seed(&client, args.rows, args.jobs, args.spread_run_at).await?;
     let console_pages = if args.console {
         eprintln!("bench: console pages with {} rows in task_outbox…", args.rows);
-        Some(super::console::time_pages(args.config.as_deref(), url, prefix).await?)
+        Some(time_pages(args.config.as_deref(), url, prefix).await?)
     } else {
         None
     };
+    let drained = drain(args, url, prefix, &client, &mut conn, console_port, &overrides).await?;
+    let (idle, during, backlog_secs) = latency_runs(cfg, &client, url, prefix, args).await?;
+    let (_, peak_kib) = proc_usage(drained.pid);
+    drop(drained.relay);
+
+    let drain_rps = args.rows as f64 / drained.secs;
+    Ok(BenchReport {
+        rows: args.rows,
+        spread_run_at: args.spread_run_at,
+        jobs: args.jobs,
+        batch_size: cfg.sweep.batch_size,
+        floor_rows_per_sec: floor_rps,
+        floor2_rows_per_sec: floor2_rps,
+        floor_ctid_rows_per_sec: floor_ctid_rps,
+        drain_rows_per_sec: drain_rps,
+        drain_seconds: drained.secs,
+        last_to_first_decile: match (drained.deciles.first(), drained.deciles.last()) {
+            (Some(f), Some(l)) if *f > 0.0 => l / f,
+            _ => 0.0,
+        },
+        drain_deciles: drained.deciles,
+        ratio_to_floor: ratio(drain_rps, floor_rps),
+        ratio_to_floor2: ratio(drain_rps, floor2_rps),
+        relay_cpu_seconds: drained.cpu_after - drained.cpu_before,
+        relay_peak_rss_mib: peak_kib as f64 / 1024.0,
+        console_pages,
+        console_refreshes: drained.console_refreshes,
+        latency_idle: idle,
+        latency_during_backlog: during,
+        backlog_drain_rows_per_sec: (backlog_secs > 0.0)
+            .then(|| (args.backlog_rows * i64::from(args.backlog_runs.max(1))) as f64 / backlog_secs),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+/// The floors of the drain (see [`floor`]): Postgres alone on 1
+/// connection, on 2, and the relay's ctid claim on 1; all 0 with
+/// `--skip-floors`.
+async fn floors(
+    url: &str,
+    client: &tokio_postgres::Client,
+    args: &BenchArgs,
+    batch: i64,
+) -> Result<(f64, f64, f64), BenchError> {
+    let size = (args.rows, args.jobs, args.spread_run_at);
+    Ok(if args.skip_floors {
+        eprintln!("bench: floors skipped (--skip-floors): the ratios to them are 0");
+        (0.0, 0.0, 0.0)
+    } else {
+        eprintln!("bench: floor (Postgres alone, 1 connection)…");
+        let one = floor(url, client, size, batch, 1, FloorStatement::IdIn).await?;
+        eprintln!("bench: floor (Postgres alone, 2 connections)…");
+        let two = floor(url, client, size, batch, 2, FloorStatement::IdIn).await?;
+        eprintln!("bench: floor (Postgres alone, 1 connection, the relay's ctid claim)…");
+        let ctid = floor(url, client, size, batch, 1, FloorStatement::Ctid).await?;
+        (one, two, ctid)
+    })
+}
+
+/// The drain of the seeded rows by one relay, which keeps running (idle)
+/// for the latency runs after it.
+struct Drain {
+    relay: [RelayChild; 1],
+    pid: u32,
+    /// Seconds until every member arrived, and rows/s in each tenth.
+    secs: f64,
+    deciles: Vec<f64>,
+    /// The relay's CPU seconds when the drain started and when it ended.
+    cpu_before: f64,
+    cpu_after: f64,
+    /// `--console` without `--console-idle`: the overview's refreshes.
+    console_refreshes: Option<Refreshes>,
+}
+
+/// Start the relay (serving the console on `console_port`, refreshed once
+/// a second unless `--console-idle`) and time its drain of the seeded
+/// `--rows`, tenth by tenth.
+async fn drain(
+    args: &BenchArgs,
+    url: &str,
+    prefix: &str,
+    client: &tokio_postgres::Client,
+    conn: &mut DirectConn,
+    console_port: Option<u16>,
+    overrides: &[(&str, String)],
+) -> Result<Drain, BenchError> {
     eprintln!("bench: drain…");
     let mut relay = [spawn_relay(
         args.config.as_deref(),
         url,
         prefix,
-        &overrides,
+        overrides,
         args.relay_log.as_deref(),
     )?];
-    let refresher = console_port
-        .filter(|_| !args.console_idle)
-        .map(super::console::Refresher::start);
+    let refresher = console_port.filter(|_| !args.console_idle).map(Refresher::start);
     let pid = relay[0].0.id();
     let (cpu_before, _) = proc_usage(pid);
     let mut marks = Vec::with_capacity(10);
     let mut next = 1;
-    let drain_secs = wait_scheduled(&mut relay, &mut conn, prefix, args.jobs, args.rows, |done, at| {
+    let secs = wait_scheduled(&mut relay, conn, prefix, args.jobs, args.rows, |done, at| {
         while next <= 10 && done * 10 >= args.rows * next {
             marks.push(at);
             next += 1;
@@ -190,7 +259,7 @@ pub(super) async fn drain_and_latency(
     })
     .await?;
     let (cpu_after, _) = proc_usage(pid);
-    let console_refreshes = refresher.map(super::console::Refresher::stop);
+    let console_refreshes = refresher.map(Refresher::stop);
     let left: i64 = client
         .query_typed_one("SELECT count(*) FROM task_outbox", &[])
         .await
@@ -206,9 +275,30 @@ pub(super) async fn drain_and_latency(
         deciles.push(tenth / (m - prev).max(1e-9));
         prev = *m;
     }
+    Ok(Drain {
+        relay,
+        pid,
+        secs,
+        deciles,
+        cpu_before,
+        cpu_after,
+        console_refreshes,
+    })
+}
 
+/// The latency runs with the drained relay idle: one of
+/// `--latency-seconds`, then `--backlog-runs` while `--backlog-rows` drain
+/// (their samples pooled; none with no backlog). Returns (idle, during the
+/// backlog, seconds the backlog runs lasted).
+async fn latency_runs(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    url: &str,
+    prefix: &str,
+    args: &BenchArgs,
+) -> Result<(Latency, Option<Latency>, f64), BenchError> {
     // One latency run: rows for `duration`, or until a `backlog` drained.
-    let measure = |duration, backlog| latency(cfg, &client, url, prefix, args.latency_rate, duration, backlog);
+    let measure = |duration, backlog| latency(cfg, client, url, prefix, args.latency_rate, duration, backlog);
     eprintln!("bench: latency, relay idle…");
     let run = measure(Duration::from_secs(args.latency_seconds), 0).await?;
     let idle = summarize(run.ms, run.vacuum_share);
@@ -222,7 +312,7 @@ pub(super) async fn drain_and_latency(
                 args.backlog_rows,
                 args.backlog_runs.max(1)
             );
-            seed(&client, args.backlog_rows, args.jobs, args.spread_run_at).await?;
+            seed(client, args.backlog_rows, args.jobs, args.spread_run_at).await?;
             let run = measure(Duration::from_secs(60), args.backlog_rows).await?;
             samples.extend(run.ms);
             vacuum_shares.push(run.vacuum_share);
@@ -233,37 +323,7 @@ pub(super) async fn drain_and_latency(
     } else {
         None
     };
-    let (_, peak_kib) = proc_usage(pid);
-    drop(relay);
-
-    let drain_rps = args.rows as f64 / drain_secs;
-    Ok(BenchReport {
-        rows: args.rows,
-        spread_run_at: args.spread_run_at,
-        jobs: args.jobs,
-        batch_size: cfg.sweep.batch_size,
-        floor_rows_per_sec: floor_rps,
-        floor2_rows_per_sec: floor2_rps,
-        floor_ctid_rows_per_sec: floor_ctid_rps,
-        drain_rows_per_sec: drain_rps,
-        drain_seconds: drain_secs,
-        last_to_first_decile: match (deciles.first(), deciles.last()) {
-            (Some(f), Some(l)) if *f > 0.0 => l / f,
-            _ => 0.0,
-        },
-        drain_deciles: deciles,
-        ratio_to_floor: ratio(drain_rps, floor_rps),
-        ratio_to_floor2: ratio(drain_rps, floor2_rps),
-        relay_cpu_seconds: cpu_after - cpu_before,
-        relay_peak_rss_mib: peak_kib as f64 / 1024.0,
-        console_pages,
-        console_refreshes,
-        latency_idle: idle,
-        latency_during_backlog: during,
-        backlog_drain_rows_per_sec: (backlog_secs > 0.0)
-            .then(|| (args.backlog_rows * i64::from(args.backlog_runs.max(1))) as f64 / backlog_secs),
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-    })
+    Ok((idle, during, backlog_secs))
 }
 
 /// `rps ÷ floor`, 0 without a floor (`--skip-floors`).
@@ -416,12 +476,4 @@ pub(super) async fn latency(
         );
     }
     Ok(LatencyRun { ms, ran, vacuum_share })
-}
-
-/// Latency rows' job ids all start with this, so one pattern subscribes to them.
-pub(super) const LATENCY_JOB_PREFIX: &str = "1a7e0000-";
-
-/// The job id of latency row `n`: `1a7e0000-0000-4000-8000-<n>`.
-pub(super) fn latency_job(n: u64) -> Uuid {
-    Uuid::from_u128(0x1a7e_0000_0000_4000_8000_0000_0000_0000u128 | u128::from(n))
 }

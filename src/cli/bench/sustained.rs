@@ -10,16 +10,21 @@
 //! session holds a REPEATABLE READ snapshot (vacuum can then remove none of
 //! the rows the relay deletes), and after it ends.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_postgres::types::Type;
 
-use super::measure::{describe_settings, histogram, metric_sum, scrape, spawn_relay, summarize, KeyspaceWatch};
+use super::args::BenchArgs;
+use super::error::{pg, BenchError};
+use super::measure::{
+    describe_settings, histogram, latency_job, metric_sum, scrape, spawn_relay, summarize, AbortOnDrop, KeyspaceWatch,
+    RelayChild,
+};
 use super::report::Latency;
-use super::scenarios::latency_job;
-use super::{open_scratch, pg, BenchArgs, BenchError};
+use super::scratch::open_scratch;
 use crate::config::Config;
 use crate::redact::redact_url;
 use crate::redis::Redis;
@@ -128,6 +133,72 @@ pub(super) async fn sustained(
     prefix: &str,
 ) -> Result<SustainedReport, BenchError> {
     let (client, _conn) = open_scratch(cfg, url).await?;
+    let plan = plan(args, rate);
+    eprintln!(
+        "bench: sustained {rate} rows/s in {}-row transactions over {} jobs, database {}, redis {}, phases {}",
+        plan.per_txn,
+        args.jobs,
+        redact_url(url),
+        Redis::describe(&cfg.redis),
+        plan.phases
+            .iter()
+            .map(|(n, d)| format!("{n} {}s", d.as_secs()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
+    let relays = start_relays(args, url, prefix)?;
+    let ports: Vec<u16> = relays.iter().map(|r| r.1).collect();
+    let listen_active = wait_ready(ports[0]).await?;
+
+    let watch = KeyspaceWatch::start(cfg, prefix).await?;
+    let sampler = BacklogSampler::start(&ports).await;
+    let production = produce(&client, url, args, &plan, &ports, &sampler.committed_rows).await?;
+    let end_claims = claims_now(&ports).await;
+    watch.wait_all(&production.committed, Duration::from_secs(30)).await;
+    drop(sampler.task);
+    let times = watch.finish(&production.committed).await;
+    let missing = times.iter().filter(|t| t.is_none()).count();
+    if missing > 0 {
+        eprintln!(
+            "bench: {missing} of {} latency rows never arrived",
+            production.committed.len()
+        );
+    }
+    let samples = sampler.samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let report_phases = phase_reports(&plan.phases, &production, &end_claims, &times, &samples, rate);
+    let left: i64 = client
+        .query_typed_one("SELECT count(*) FROM task_outbox", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    drop(relays);
+    if left > 0 {
+        eprintln!("bench: warning: {left} rows still in the outbox at the end");
+    }
+    Ok(SustainedReport {
+        rate,
+        rows_per_txn: plan.per_txn,
+        produced_rows: production.produced,
+        produced_rate: production.produced as f64 / production.seconds.max(1e-9),
+        listen_active,
+        relays: args.relays.max(1),
+        phases: report_phases,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+/// What the run produces: `per_txn` rows in a transaction every `every`,
+/// through `phases` (name, length) one after another.
+struct Plan {
+    per_txn: u32,
+    every: Duration,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+/// The plan of a run at `rate` rows/s: one `steady` phase, or `before`,
+/// `snapshot held` and `after` with `--hold-snapshot`.
+fn plan(args: &BenchArgs, rate: u32) -> Plan {
     let per_txn = args.rows_per_txn.clamp(1, rate.max(1));
     let every = Duration::from_secs_f64(f64::from(per_txn) / f64::from(rate.max(1)));
     let phases: Vec<(&str, Duration)> = match args.hold_snapshot {
@@ -138,18 +209,11 @@ pub(super) async fn sustained(
         ],
         None => vec![("steady", Duration::from_secs(args.sustained_seconds))],
     };
-    eprintln!(
-        "bench: sustained {rate} rows/s in {per_txn}-row transactions over {} jobs, database {}, redis {}, phases {}",
-        args.jobs,
-        redact_url(url),
-        Redis::describe(&cfg.redis),
-        phases
-            .iter()
-            .map(|(n, d)| format!("{n} {}s", d.as_secs()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    eprintln!("{}", describe_settings(args.config.as_deref(), prefix, &[]));
+    Plan { per_txn, every, phases }
+}
+
+/// The `--relays` relay processes (at least one) on the scratch database.
+fn start_relays(args: &BenchArgs, url: &str, prefix: &str) -> Result<Vec<RelayChild>, BenchError> {
     let mut relays = Vec::new();
     for _ in 0..args.relays.max(1) {
         relays.push(spawn_relay(
@@ -160,8 +224,12 @@ pub(super) async fn sustained(
             args.relay_log.as_deref(),
         )?);
     }
-    let ports: Vec<u16> = relays.iter().map(|r| r.1).collect();
-    let port = ports[0];
+    Ok(relays)
+}
+
+/// Wait until the relay's `/metrics` on `port` answers and its listener has
+/// been checked: whether it listens (a warning when it polls instead).
+async fn wait_ready(port: u16) -> Result<bool, BenchError> {
     // Ready: the scrape answers and the listener has been checked.
     let started = Instant::now();
     let listen_active = loop {
@@ -181,29 +249,72 @@ pub(super) async fn sustained(
     if !listen_active {
         eprintln!("bench: warning: outbox_relay_listen_active is 0: the relay polls (see its log)");
     }
+    Ok(listen_active)
+}
 
-    let watch = KeyspaceWatch::start(cfg, prefix).await?;
-    // The backlog every 100 ms: rows committed minus rows the relays
-    // delivered (their own counter). Not `count(*)` of the outbox: that
-    // scans every dead tuple too, and the scan would grow with them and
-    // take the cores the relay is measured on.
-    let samples: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::new(Mutex::new(Vec::new()));
-    let committed_rows = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let sampler = {
-        let (sink, produced, ports) = (samples.clone(), committed_rows.clone(), ports.clone());
-        let delivered_at_start = claims_now(&ports).await.delivered;
-        super::measure::AbortOnDrop::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                let before = produced.load(std::sync::atomic::Ordering::SeqCst);
-                let delivered = claims_now(&ports).await.delivered - delivered_at_start;
-                if let Ok(mut s) = sink.lock() {
-                    s.push((Instant::now(), (before as f64 - delivered).max(0.0) as i64));
+/// The backlog every 100 ms: rows committed minus rows the relays
+/// delivered (their own counter). Not `count(*)` of the outbox: that
+/// scans every dead tuple too, and the scan would grow with them and
+/// take the cores the relay is measured on.
+struct BacklogSampler {
+    /// (when, backlog rows) of each sample.
+    samples: Arc<Mutex<Vec<(Instant, i64)>>>,
+    /// Rows committed so far, kept up to date by the producer.
+    committed_rows: Arc<AtomicI64>,
+    /// The sampling task, stopped when dropped.
+    task: AbortOnDrop,
+}
+
+impl BacklogSampler {
+    /// Start sampling the relays at `ports`, from what they have delivered now.
+    async fn start(ports: &[u16]) -> BacklogSampler {
+        let samples: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::new(Mutex::new(Vec::new()));
+        let committed_rows = Arc::new(AtomicI64::new(0));
+        let task = {
+            let (sink, produced, ports) = (samples.clone(), committed_rows.clone(), ports.to_vec());
+            let delivered_at_start = claims_now(&ports).await.delivered;
+            AbortOnDrop::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    let before = produced.load(Ordering::SeqCst);
+                    let delivered = claims_now(&ports).await.delivered - delivered_at_start;
+                    if let Ok(mut s) = sink.lock() {
+                        s.push((Instant::now(), (before as f64 - delivered).max(0.0) as i64));
+                    }
                 }
-            }
-        })
-    };
+            })
+        };
+        BacklogSampler {
+            samples,
+            committed_rows,
+            task,
+        }
+    }
+}
+
+/// What the producer did.
+struct Production {
+    /// Each transaction's latency job and commit time.
+    committed: Vec<(String, Instant)>,
+    /// Each phase's start, end, the claims at its start, and the dead
+    /// tuples at its end.
+    bounds: Vec<(Instant, Instant, ClaimSnapshot, i64)>,
+    /// Rows committed, and the seconds production took.
+    produced: i64,
+    seconds: f64,
+}
+
+/// Produce through the plan's phases (holding a snapshot in another session
+/// during `snapshot held`), counting committed rows in `committed_rows`.
+async fn produce(
+    client: &tokio_postgres::Client,
+    url: &str,
+    args: &BenchArgs,
+    plan: &Plan,
+    ports: &[u16],
+    committed_rows: &AtomicI64,
+) -> Result<Production, BenchError> {
     let insert = "INSERT INTO task_outbox (task_id, job_id, page_id, host, path, priority, source_type, run_at)
          SELECT gen_random_uuid(),
                 CASE WHEN i = 1 THEN $1
@@ -214,9 +325,9 @@ pub(super) async fn sustained(
     let mut bounds: Vec<(Instant, Instant, ClaimSnapshot, i64)> = Vec::new();
     let mut produced = 0i64;
     let mut holder: Option<tokio_postgres::Client> = None;
-    let mut ticker = tokio::time::interval(every);
+    let mut ticker = tokio::time::interval(plan.every);
     let production_started = Instant::now();
-    for (name, length) in &phases {
+    for (name, length) in &plan.phases {
         if *name == "snapshot held" {
             let c = crate::db::connect(url, crate::deadline::STARTUP_TIMEOUT).await?;
             c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM task_outbox")
@@ -227,11 +338,11 @@ pub(super) async fn sustained(
             c.batch_execute("COMMIT").await.map_err(pg)?;
         }
         let phase_start = Instant::now();
-        let before = claims_now(&ports).await;
+        let before = claims_now(ports).await;
         while phase_start.elapsed() < *length {
             ticker.tick().await;
             let job = latency_job(committed.len() as u64);
-            let rows = i64::from(per_txn);
+            let rows = i64::from(plan.per_txn);
             client
                 .execute_typed(
                     insert,
@@ -241,7 +352,7 @@ pub(super) async fn sustained(
                 .map_err(pg)?;
             committed.push((job.to_string(), Instant::now()));
             produced += rows;
-            committed_rows.store(produced, std::sync::atomic::Ordering::SeqCst);
+            committed_rows.store(produced, Ordering::SeqCst);
         }
         let dead: i64 = client
             .query_typed_one(
@@ -254,26 +365,36 @@ pub(super) async fn sustained(
         eprintln!("bench: phase {name} done ({produced} rows so far)");
         bounds.push((phase_start, Instant::now(), before, dead));
     }
-    let produced_secs = production_started.elapsed().as_secs_f64();
+    let seconds = production_started.elapsed().as_secs_f64();
     if let Some(c) = holder.take() {
         let _ = c.batch_execute("COMMIT").await;
     }
-    let end_claims = claims_now(&ports).await;
-    watch.wait_all(&committed, Duration::from_secs(30)).await;
-    drop(sampler);
-    let times = watch.finish(&committed).await;
-    let missing = times.iter().filter(|t| t.is_none()).count();
-    if missing > 0 {
-        eprintln!("bench: {missing} of {} latency rows never arrived", committed.len());
-    }
-    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(Production {
+        committed,
+        bounds,
+        produced,
+        seconds,
+    })
+}
+
+/// Each phase's figures: its latency rows, the most backlog sampled in it,
+/// and the claims between its start and the next phase's (or `end_claims`).
+fn phase_reports(
+    phases: &[(&str, Duration)],
+    production: &Production,
+    end_claims: &ClaimSnapshot,
+    times: &[Option<f64>],
+    samples: &[(Instant, i64)],
+    rate: u32,
+) -> Vec<Phase> {
+    let (committed, bounds) = (&production.committed, &production.bounds);
     let mut report_phases = Vec::new();
     for (i, (name, _)) in phases.iter().enumerate() {
         let (from, to, ref before, dead) = bounds[i];
-        let after = bounds.get(i + 1).map_or(&end_claims, |b| &b.2);
+        let after = bounds.get(i + 1).map_or(end_claims, |b| &b.2);
         let ms: Vec<f64> = committed
             .iter()
-            .zip(&times)
+            .zip(times)
             .filter(|((_, at), _)| *at >= from && *at <= to)
             .filter_map(|(_, t)| *t)
             .collect();
@@ -299,25 +420,7 @@ pub(super) async fn sustained(
             dead_tuples: dead,
         });
     }
-    let left: i64 = client
-        .query_typed_one("SELECT count(*) FROM task_outbox", &[])
-        .await
-        .map_err(pg)?
-        .get(0);
-    drop(relays);
-    if left > 0 {
-        eprintln!("bench: warning: {left} rows still in the outbox at the end");
-    }
-    Ok(SustainedReport {
-        rate,
-        rows_per_txn: per_txn,
-        produced_rows: produced,
-        produced_rate: produced as f64 / produced_secs.max(1e-9),
-        listen_active,
-        relays: args.relays.max(1),
-        phases: report_phases,
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-    })
+    report_phases
 }
 
 pub(super) fn print_sustained(r: &SustainedReport) {

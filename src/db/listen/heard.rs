@@ -1,7 +1,10 @@
 //! What the listener heard, shared with the sweep: its role (deaf,
 //! follower, lead) and the transactions announced since the last claim.
 
-use super::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use super::channel::BACKLOG_PAYLOAD;
 
 /// What this relay's listener does now, as the sweep sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

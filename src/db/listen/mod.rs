@@ -19,42 +19,22 @@
 //! once, sets `outbox_relay_listen_active` to 0 and checks again every
 //! [`DEAF_RECHECK`]; polling carries the relay meanwhile.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use slog::{debug, info, warn, Logger};
-use tokio::sync::Notify;
-use tokio_postgres::AsyncMessage;
 
-use super::{pg_config, pg_error_text};
+use super::error::pg_error_text;
 use crate::redact::redact_url;
 
+mod channel;
 mod heard;
 mod session;
 
+pub use channel::{BACKLOG_PAYLOAD, CHANNEL, PROBE_PREFIX};
 pub use heard::{Announced, Heard, Role, Snapshot};
 use session::Session;
-
-/// The channel the trigger notifies.
-pub const CHANNEL: &str = "outbox_relay";
-
-/// Payloads of the listeners' own check notifications start with this;
-/// listeners never wake the sweep for one (another relay's check is no
-/// new row).
-pub const PROBE_PREFIX: &str = "outbox-relay-probe:";
-
-/// The payload of the lead's notification that a backlog is arriving (a
-/// claim for new rows found a full batch): the other relays, which do not
-/// answer new-row notifications, start their drain lanes for it instead of
-/// at their next poll.
-pub const BACKLOG_PAYLOAD: &str = "outbox-relay-backlog";
-
-/// How long connecting and `LISTEN` may take. Once listening, the
-/// connection only waits for notifications; a peer that vanished is found
-/// by TCP keepalive ([`crate::pool::tcp`]), and polling covers the meantime.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub use session::{LEAD_LOCK, PROBE_WAIT};
 
 /// How often a listening connection must answer a query. A server that
 /// hangs (every process frozen, a paused VM) keeps the connection open and
@@ -62,21 +42,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// by itself: without this the listener stayed on a hung old primary for
 /// good after a failover, and kept the listen lead there.
 pub const LIVENESS_EVERY: Duration = Duration::from_secs(10);
-
-/// The listen session's server-side keepalives (libpq's names; per
-/// session, no privilege needed): a dead peer is found in 10 + 3 × 5 s,
-/// and unacknowledged data gives up after 25 s.
-const SERVER_KEEPALIVES: [&str; 2] = [
-    "SELECT set_config('tcp_keepalives_idle', '10', false), \
-     set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false)",
-    // Postgres 12 and later only: apart, so the keepalives hold without it.
-    "SELECT set_config('tcp_user_timeout', '25000', false)",
-];
-
-/// How long the listener waits to hear its own NOTIFY once it is committed.
-/// A notification is delivered at commit, within a millisecond on a
-/// healthy server.
-pub const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// How often a deaf listener checks again (a pgbouncer swapped for a direct
 /// URL by a DNS change, a check that lost a race with a slow server).
@@ -168,7 +133,7 @@ pub async fn check(target: Option<ListenTarget>) -> Hearing {
 
 /// Tell the other relays a backlog is arriving ([`BACKLOG_PAYLOAD`]), on
 /// a pooled connection, within `deadline`.
-pub async fn notify_backlog(pg: &super::Pg, deadline: crate::deadline::Deadline) -> Result<(), String> {
+pub async fn notify_backlog(pg: &super::pool::Pg, deadline: crate::deadline::Deadline) -> Result<(), String> {
     let mut conn = pg.checkout(deadline).await.map_err(|e| e.to_string())?;
     let sql = format!("NOTIFY {CHANNEL}, '{BACKLOG_PAYLOAD}'");
     match deadline.run("postgres notify", conn.batch_execute(&sql)).await {
@@ -189,12 +154,6 @@ pub struct ListenGauges {
     /// 1 while this relay answers new-row notifications (the lead).
     pub leader: prometheus::IntGauge,
 }
-
-/// The session advisory lock (two int4 keys: "orly", "lead") whose holder
-/// answers new-row notifications. Taken on the listen connection, so it
-/// goes with that connection: a relay that stops, crashes or loses its
-/// listener hands the lead on.
-pub const LEAD_LOCK: (i32, i32) = (0x6f72_6c79, 0x6c65_6164);
 
 /// How often a relay without the lead tries to take it.
 pub const LEAD_RETRY: Duration = Duration::from_secs(1);

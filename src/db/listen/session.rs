@@ -2,7 +2,44 @@
 //! with a NOTIFY of its own, asked to answer, and where the lead lock is
 //! taken and given up.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+
+use super::channel::{CHANNEL, PROBE_PREFIX};
+use super::heard::Heard;
+use crate::db::error::pg_error_text;
+use crate::db::url::pg_config;
+
+/// How long connecting and `LISTEN` may take. Once listening, the
+/// connection only waits for notifications; a peer that vanished is found
+/// by TCP keepalive ([`crate::pool::tcp`]), and polling covers the meantime.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The listen session's server-side keepalives (libpq's names; per
+/// session, no privilege needed): a dead peer is found in 10 + 3 × 5 s,
+/// and unacknowledged data gives up after 25 s.
+const SERVER_KEEPALIVES: [&str; 2] = [
+    "SELECT set_config('tcp_keepalives_idle', '10', false), \
+     set_config('tcp_keepalives_interval', '5', false), set_config('tcp_keepalives_count', '3', false)",
+    // Postgres 12 and later only: apart, so the keepalives hold without it.
+    "SELECT set_config('tcp_user_timeout', '25000', false)",
+];
+
+/// How long the listener waits to hear its own NOTIFY once it is committed.
+/// A notification is delivered at commit, within a millisecond on a
+/// healthy server.
+pub const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// The session advisory lock (two int4 keys: "orly", "lead") whose holder
+/// answers new-row notifications. Taken on the listen connection, so it
+/// goes with that connection: a relay that stops, crashes or loses its
+/// listener hands the lead on.
+pub const LEAD_LOCK: (i32, i32) = (0x6f72_6c79, 0x6c65_6164);
 
 /// One LISTEN connection and what its notifications signal.
 pub(super) struct Session {
@@ -123,7 +160,7 @@ impl Session {
     /// did not arrive, `Err` when it could not be sent.
     pub(super) async fn probe(&self, notify_url: &str) -> Result<bool, String> {
         let number = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
-        let sender = crate::db::connect(notify_url, CONNECT_TIMEOUT)
+        let sender = crate::db::setup::connect(notify_url, CONNECT_TIMEOUT)
             .await
             .map_err(|e| format!("the check's NOTIFY: {e}"))?;
         // The payload is this process's own hex and digits: nothing to quote.

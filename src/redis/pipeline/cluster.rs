@@ -2,7 +2,30 @@
 //! per master at once, then (with `wait_replicas`) one `WAIT` per node that
 //! took writes.
 
-use super::*;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::Value;
+use tokio::time::Instant;
+
+use super::fenced::{apply_replies, build_pipeline, group_by_slot, key_slot};
+use super::outcome::{BatchOutcome, DispatchError};
+use crate::deadline::{Deadline, Expired};
+use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::redis::reply::reply_text;
+use crate::redis::slots::{cluster_slots, SlotRange};
+
+/// A slot pipeline's replies, or `Err` when it did not answer in time.
+type SlotReply = Result<::redis::RedisResult<Vec<Value>>, tokio::time::error::Elapsed>;
+
+/// A slot that answered: the id of the node that ran its pipeline (when it
+/// said), and the slot's key groups.
+type Answered<'a> = (Option<String>, &'a Vec<usize>);
+
+/// A node (by id, when it said) and the key groups of the slots it ran.
+type NodeSlots<'a> = (Option<String>, Vec<&'a Vec<usize>>);
+
+/// A node's `WAIT`: the node's address (when known), and the replicas that
+/// acknowledged or why there is no count.
+type WaitReply = (Option<String>, Result<i64, String>);
 
 /// The cluster half of [`zadd_batch`]: one ZADD pipeline per hash slot, all
 /// at once; then, with `wait_replicas`, one `WAIT` per node that took
@@ -21,9 +44,11 @@ use super::*;
 /// connection it arrives on, so if the client reconnected to that node
 /// between the ZADDs and the WAIT, the WAIT is satisfied at once (it needs
 /// a connection loss and then the node's death within one batch).
+///
+/// [`zadd_batch`]: super::zadd_batch
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn zadd_cluster(
-    cluster: ::redis::cluster_async::ClusterConnection,
+    cluster: ClusterConnection,
     prefix: &str,
     entries: &[ScheduleEntry],
     groups: &[(&str, Vec<usize>)],
@@ -37,6 +62,48 @@ pub(super) async fn zadd_cluster(
     let by = deadline.instant() - deadline.remaining() / 4;
     let durable = wait_replicas > 0;
     let slots = group_by_slot(groups);
+    let (results, topology) = send_slot_pipelines(&cluster, prefix, entries, groups, &slots, durable, by).await;
+    let (answered, failed_slots, stalled_slots) = settle_slot_replies(&mut batch, groups, &slots, results, durable);
+    if stalled_slots == slots.len() {
+        // Not one node answered in time: a stall, like a frozen standalone
+        // server. It counts toward the dispatch actor's error budget, whose
+        // restart builds a fresh cluster connection from the seed nodes.
+        return Err(DispatchError::Deadline(Expired {
+            stage: "redis cluster pipelines",
+        }));
+    }
+    if failed_slots == slots.len() {
+        // Nothing answered: the cluster as a whole is unreachable.
+        return Err(DispatchError::Unavailable(
+            batch
+                .unreachable_reason
+                .unwrap_or_else(|| "redis cluster unreachable".into()),
+        ));
+    }
+    if !durable || answered.is_empty() {
+        return Ok(batch);
+    }
+
+    let masters = topology.unwrap_or_default();
+    let by_node = group_by_node(answered);
+    let acks = wait_on_nodes(&cluster, &by_node, &masters, wait_replicas, wait_ms, by).await;
+    settle_waits(&mut batch, groups, &by_node, acks, wait_replicas);
+    Ok(batch)
+}
+
+/// Send the pipeline of each slot (key groups of `groups`), all at once,
+/// each given up on at `by`; `durable`, each ends with `CLUSTER MYID`, and
+/// the cluster's slot map is read meanwhile. The replies in the order of
+/// `slots`, and the slot map if it was read.
+async fn send_slot_pipelines(
+    cluster: &ClusterConnection,
+    prefix: &str,
+    entries: &[ScheduleEntry],
+    groups: &[(&str, Vec<usize>)],
+    slots: &[Vec<usize>],
+    durable: bool,
+    by: Instant,
+) -> (Vec<SlotReply>, Option<Vec<SlotRange>>) {
     let sends = slots.iter().map(|members| {
         let mut pipe = build_pipeline(prefix, entries, groups, members, 0, 0);
         if durable {
@@ -58,12 +125,24 @@ pub(super) async fn zadd_cluster(
             return None;
         }
         let mut c = cluster.clone();
-        tokio::time::timeout_at(by, crate::redis::cluster_slots(&mut c))
+        tokio::time::timeout_at(by, cluster_slots(&mut c))
             .await
             .ok()
             .and_then(Result::ok)
     };
-    let (results, topology) = tokio::join!(futures_util::future::join_all(sends), topology);
+    tokio::join!(futures_util::future::join_all(sends), topology)
+}
+
+/// Record each slot's replies in `batch`; the entries of a slot that
+/// failed or did not answer are marked unreachable. The slots that
+/// answered, how many failed, and how many of those did not answer at all.
+fn settle_slot_replies<'s>(
+    batch: &mut BatchOutcome,
+    groups: &[(&str, Vec<usize>)],
+    slots: &'s [Vec<usize>],
+    results: Vec<SlotReply>,
+    durable: bool,
+) -> (Vec<Answered<'s>>, usize, usize) {
     let mut failed_slots = 0;
     let mut stalled_slots = 0;
     // (the id of the node that ran the slot's pipeline, the slot's key groups)
@@ -74,11 +153,11 @@ pub(super) async fn zadd_cluster(
         let why = match result {
             Ok(Ok(mut replies)) => {
                 let ran_on = if durable {
-                    replies.pop().as_ref().and_then(crate::redis::reply_text)
+                    replies.pop().as_ref().and_then(reply_text)
                 } else {
                     None
                 };
-                match apply_replies(&mut batch, groups, members, 0, &replies) {
+                match apply_replies(batch, groups, members, 0, &replies) {
                     Ok(()) => {
                         answered.push((ran_on, members));
                         continue;
@@ -108,27 +187,12 @@ pub(super) async fn zadd_cluster(
         }
         batch.unreachable_reason = Some(why);
     }
-    if stalled_slots == slots.len() {
-        // Not one node answered in time: a stall, like a frozen standalone
-        // server. It counts toward the dispatch actor's error budget, whose
-        // restart builds a fresh cluster connection from the seed nodes.
-        return Err(DispatchError::Deadline(Expired {
-            stage: "redis cluster pipelines",
-        }));
-    }
-    if failed_slots == slots.len() {
-        // Nothing answered: the cluster as a whole is unreachable.
-        return Err(DispatchError::Unavailable(
-            batch
-                .unreachable_reason
-                .unwrap_or_else(|| "redis cluster unreachable".into()),
-        ));
-    }
-    if !durable || answered.is_empty() {
-        return Ok(batch);
-    }
+    (answered, failed_slots, stalled_slots)
+}
 
-    let masters = topology.unwrap_or_default();
+/// The slots that answered, by the node that ran them (one WAIT each); a
+/// slot whose node did not say which it was stays on its own.
+fn group_by_node(answered: Vec<Answered<'_>>) -> Vec<NodeSlots<'_>> {
     let mut by_node: Vec<(Option<String>, Vec<&Vec<usize>>)> = Vec::new();
     for (ran_on, members) in answered {
         match by_node.iter_mut().find(|(id, _)| id.is_some() && *id == ran_on) {
@@ -136,6 +200,20 @@ pub(super) async fn zadd_cluster(
             None => by_node.push((ran_on, vec![members])),
         }
     }
+    by_node
+}
+
+/// `WAIT` on each node of `by_node`, all at once, sent by the address
+/// `masters` (the slot map) gives its id, each given up on at `by`. One
+/// reply per node, in order.
+async fn wait_on_nodes(
+    cluster: &ClusterConnection,
+    by_node: &[NodeSlots<'_>],
+    masters: &[SlotRange],
+    wait_replicas: u32,
+    wait_ms: u64,
+    by: Instant,
+) -> Vec<WaitReply> {
     let waits = by_node.iter().map(|(id, _)| {
         let addr = id.as_ref().and_then(|id| {
             masters
@@ -172,7 +250,19 @@ pub(super) async fn zadd_cluster(
             (Some(addr), acked)
         }
     });
-    let acks = futures_util::future::join_all(waits).await;
+    futures_util::future::join_all(waits).await
+}
+
+/// Each node's `WAIT` reply (`acks`, in the order of `by_node`): below
+/// `wait_replicas`, or failed, the delivered entries of its slots are
+/// `Deferred` and the shortfall is counted.
+fn settle_waits(
+    batch: &mut BatchOutcome,
+    groups: &[(&str, Vec<usize>)],
+    by_node: &[NodeSlots<'_>],
+    acks: Vec<WaitReply>,
+    wait_replicas: u32,
+) {
     for ((_, members), (addr, acked)) in by_node.iter().zip(acks) {
         let on = addr.as_deref().unwrap_or("?");
         let why = match acked {
@@ -192,5 +282,4 @@ pub(super) async fn zadd_cluster(
         batch.wait_shortfalls += 1;
         batch.wait_shortfall = Some(why);
     }
-    Ok(batch)
 }

@@ -2,7 +2,10 @@
 //! its entries in one atomic step, how entries are grouped into its calls,
 //! and how its replies become entry outcomes.
 
-use super::*;
+use ::redis::Value;
+
+use super::outcome::{classify, refusal_label, BatchOutcome, DispatchError};
+use crate::domain::{cancel_fence_key, EntryOutcome, ScheduleEntry};
 
 /// The schedule writes of one pipeline, in one script call: for each key
 /// (KEYS holds schedule key, fence key pairs; ARGV holds, per key, the
@@ -207,4 +210,113 @@ pub(super) fn group_by_key(entries: &[ScheduleEntry]) -> Vec<(&str, Vec<usize>)>
         }
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_group_by_key_in_first_seen_order() {
+        let e = |k: &str| ScheduleEntry {
+            key: k.into(),
+            score: 1,
+            member: "m".into(),
+        };
+        let entries = [e("b"), e("a"), e("b"), e("c"), e("a")];
+        assert_eq!(
+            group_by_key(&entries),
+            vec![("b", vec![0, 2]), ("a", vec![1, 4]), ("c", vec![3])]
+        );
+    }
+
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        // Values from `CLUSTER KEYSLOT` (and the redis-rs router).
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"));
+        assert_ne!(key_slot("foo{}{bar}"), key_slot("bar"));
+        for key in [
+            "hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
+            "a",
+            "",
+            "{x}y",
+            "x{y",
+        ] {
+            assert_eq!(
+                ::redis::cluster_routing::Slot::new(key_slot(key)),
+                Some(::redis::cluster_routing::Slot::for_key(key)),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cancel_fence_shares_its_schedule_keys_slot_and_names_one_job() {
+        // Job ids chosen to meet: ids with tags of their own, braces that
+        // make no tag, the same tag twice, and ids spelling another form's
+        // fence (`{hover:sched:j}` is form 2's tag of job `j`).
+        let jobs = [
+            "9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11",
+            "2b0f7f5e-0c7e-4d38-9d55-5b1a3f0e9e42",
+            "job{1}",
+            "job{1}x",
+            "{1}",
+            "job{",
+            "{}",
+            "job}1",
+            "job}2",
+            "j",
+            "{hover:sched:j}",
+            "j:cancelled:j:x",
+            "s0}:hover:sched:j",
+            "{s0}:hover:sched:job}1",
+        ];
+        for prefix in ["hover:", "", "{hover}:", "{t1}:", "a{b}c:", "x"] {
+            let mut seen = std::collections::HashMap::new();
+            for job in jobs {
+                let sched = crate::domain::schedule_key(prefix, job);
+                let fence = cancel_fence_key(prefix, &sched);
+                assert_ne!(fence, sched);
+                assert!(fence.starts_with(&format!("{prefix}cancelled:")), "{fence}");
+                assert_eq!(key_slot(&fence), key_slot(&sched), "{prefix:?} {job:?}: {fence}");
+                if let Some(other) = seen.insert(fence.clone(), job) {
+                    panic!("{prefix:?}: jobs {other:?} and {job:?} share the fence {fence}");
+                }
+                // No fence is any job's schedule key.
+                assert!(!jobs.iter().any(|j| crate::domain::schedule_key(prefix, j) == fence));
+            }
+        }
+        // The default prefix with UUID ids keeps the fence of earlier
+        // releases, so a cancel made before an upgrade still holds.
+        assert_eq!(
+            cancel_fence_key("hover:", "hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11"),
+            "hover:cancelled:{hover:sched:9f1c1ad6-1a4b-4c43-a8f2-2f7d4a9a0c11}"
+        );
+    }
+
+    #[test]
+    fn script_calls_hold_up_to_their_size_and_big_keys_alone() {
+        let g = |n: usize| ("k", (0..n).collect::<Vec<usize>>());
+        let groups = vec![g(150), g(40), g(20), g(500), g(10), g(199)];
+        let all: Vec<usize> = (0..groups.len()).collect();
+        assert_eq!(
+            calls(&groups, &all),
+            vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5]]
+        );
+        assert_eq!(calls(&groups, &[]), Vec::<Vec<usize>>::new());
+    }
+
+    #[test]
+    fn key_groups_split_by_slot() {
+        let groups = vec![
+            ("foo", vec![0]),
+            ("bar", vec![1]),
+            ("{foo}x", vec![2]),
+            ("{bar}", vec![3]),
+        ];
+        assert_eq!(group_by_slot(&groups), vec![vec![0, 2], vec![1, 3]]);
+    }
 }

@@ -1,0 +1,28 @@
+//! `[health]`: the pace of the health checks, with its check.
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::Dur;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub interval: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Dur::secs(10),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// `health.*`.
+    pub(super) fn check(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.interval.0.is_zero() {
+            bad("health.interval", "must be greater than 0".into());
+        }
+    }
+}

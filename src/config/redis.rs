@@ -1,0 +1,201 @@
+//! `[redis]`: the Redis holding the schedules (standalone, cluster or
+//! sentinel), its key prefix and safety limits, with their check.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::Dur;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// The Redis holding the schedules. `REDIS_URL` overrides it.
+    pub url: String,
+    pub pool_size: u32,
+    /// Prefix of every key the relay writes; `hover:` matches existing consumers.
+    pub key_prefix: String,
+    /// With N > 0 every pipeline ends with `WAIT N <time>`; a batch not
+    /// acknowledged by N replicas is re-sent instead of deleted.
+    pub wait_replicas: u32,
+    /// `standalone` (one server, `url`), `cluster` (Redis Cluster,
+    /// `cluster_urls`) or `sentinel` (the master `sentinel_urls` name).
+    pub mode: RedisMode,
+    /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
+    pub cluster_urls: Vec<String>,
+    /// The sentinels to ask for the master (any one that answers will do),
+    /// each with its own password and TLS; sentinel mode only. The master
+    /// is reached with `url`'s user, password, database and TLS, at the
+    /// address the sentinels name.
+    pub sentinel_urls: Vec<String>,
+    /// The name the sentinels monitor the master under (`sentinel monitor
+    /// NAME …`); sentinel mode only.
+    pub sentinel_master: String,
+    /// PEM file of the CA(s) that signed the servers' certificates, for
+    /// `rediss://` URLs whose CA is not in the system's trust store (a
+    /// private CA). Empty: the system's roots.
+    pub tls_ca_file: String,
+    /// How long `cancel-job`'s fence (`{prefix}cancelled:{…}`) outlives the
+    /// cancel: a ZADD of the job that a stalled Redis executes within this
+    /// time is refused. Must exceed any stall or partition Redis can resume
+    /// from with old writes still queued.
+    pub cancel_fence_ttl: Dur,
+    /// Back-pressure: when Redis has a `maxmemory` and `used_memory`
+    /// reaches this share of it, the relay stops writing (rows wait in the
+    /// outbox, no attempt counted) until it falls below this minus 0.05,
+    /// instead of driving Redis into OOM refusals. 1 = only when full.
+    pub max_memory_ratio: f64,
+}
+
+/// How the relay talks to Redis.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            pool_size: 4,
+            key_prefix: "hover:".into(),
+            wait_replicas: 0,
+            mode: RedisMode::Standalone,
+            cluster_urls: Vec::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: String::new(),
+            tls_ca_file: String::new(),
+            cancel_fence_ttl: Dur::secs(7 * 86_400),
+            max_memory_ratio: 0.9,
+        }
+    }
+}
+
+/// Every `{` of `prefix` opens a non-empty `{tag}` closed within it, and no
+/// `}` stands alone: then a key's hash tag is either the prefix's (the same
+/// for every key of the relay) or comes after the prefix.
+fn braces_balanced(prefix: &str) -> bool {
+    let mut open = false;
+    let mut len = 0;
+    for c in prefix.chars() {
+        match (c, open) {
+            ('{', false) => {
+                open = true;
+                len = 0;
+            }
+            ('}', true) if len > 0 => open = false,
+            ('{' | '}', _) => return false,
+            (_, true) => len += 1,
+            _ => {}
+        }
+    }
+    !open
+}
+
+impl RedisConfig {
+    /// `redis.*`: the URL, the pool, the key prefix, the memory ratio and
+    /// the fence, then the mode's own keys, then the CA file.
+    pub(super) fn check(&self, bad: &mut impl FnMut(&str, String)) {
+        if let Err(e) = ::redis::Client::open(self.url.as_str()) {
+            bad("redis.url", format!("not a Redis URL: {e}"));
+        }
+        if !(1..=1000).contains(&self.pool_size) {
+            bad(
+                "redis.pool_size",
+                format!("must be between 1 and 1000 (got {})", self.pool_size),
+            );
+        }
+        if self.key_prefix.chars().any(char::is_whitespace) {
+            bad("redis.key_prefix", "must not contain whitespace".into());
+        }
+        if !braces_balanced(&self.key_prefix) {
+            bad(
+                "redis.key_prefix",
+                format!(
+                    "{:?} has a '{{' or '}}' that is not part of a {{hash tag}}: a job's cancel fence could not share its schedule's cluster slot",
+                    self.key_prefix
+                ),
+            );
+        }
+        if !(self.max_memory_ratio > 0.1 && self.max_memory_ratio <= 1.0) {
+            bad(
+                "redis.max_memory_ratio",
+                format!(
+                    "{} is out of range: a share of Redis's maxmemory above 0.1 and at most 1 (0.9 = stop writing at 90%)",
+                    self.max_memory_ratio
+                ),
+            );
+        }
+        if self.cancel_fence_ttl.0 < Duration::from_secs(60) {
+            bad(
+                "redis.cancel_fence_ttl",
+                "must be at least 1m (it must outlive any Redis stall)".into(),
+            );
+        }
+        self.check_mode(bad);
+        if !self.tls_ca_file.is_empty() {
+            let urls: Vec<&String> = match self.mode {
+                RedisMode::Standalone => vec![&self.url],
+                RedisMode::Cluster => self.cluster_urls.iter().collect(),
+                RedisMode::Sentinel => self.sentinel_urls.iter().chain([&self.url]).collect(),
+            };
+            if let Err(e) = crate::tls::read_ca_file(&self.tls_ca_file) {
+                bad("redis.tls_ca_file", e.to_string());
+            } else if !urls.iter().any(|u| u.starts_with("rediss://")) {
+                bad(
+                    "redis.tls_ca_file",
+                    "is set, but no Redis URL is rediss://: use rediss://, or the CA is never used".into(),
+                );
+            }
+        }
+    }
+
+    /// The keys of cluster mode (`cluster_urls`) or sentinel mode
+    /// (`sentinel_urls`, `sentinel_master`), whichever is configured.
+    fn check_mode(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.mode == RedisMode::Cluster {
+            if self.cluster_urls.is_empty() {
+                bad(
+                    "redis.cluster_urls",
+                    "cluster mode needs at least one seed node (e.g. [\"redis://10.0.0.1:6379\"])".into(),
+                );
+            }
+            let mut urls_ok = true;
+            for (i, url) in self.cluster_urls.iter().enumerate() {
+                if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    urls_ok = false;
+                    bad(&format!("redis.cluster_urls[{i}]"), format!("not a Redis URL: {e}"));
+                }
+            }
+            // Each URL is fine on its own; the set may still not be (e.g. mixed credentials).
+            if urls_ok && !self.cluster_urls.is_empty() {
+                if let Err(e) = ::redis::cluster::ClusterClient::new(self.cluster_urls.clone()) {
+                    bad("redis.cluster_urls", format!("not usable as cluster seeds: {e}"));
+                }
+            }
+        }
+        if self.mode == RedisMode::Sentinel {
+            if self.sentinel_urls.is_empty() {
+                bad(
+                    "redis.sentinel_urls",
+                    "sentinel mode needs at least one sentinel (e.g. [\"redis://10.0.0.1:26379\"])".into(),
+                );
+            }
+            for (i, url) in self.sentinel_urls.iter().enumerate() {
+                if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    bad(&format!("redis.sentinel_urls[{i}]"), format!("not a Redis URL: {e}"));
+                }
+            }
+            if self.sentinel_master.trim().is_empty() {
+                bad(
+                    "redis.sentinel_master",
+                    "sentinel mode needs the name the sentinels monitor the master under (`sentinel monitor NAME …`, often mymaster)".into(),
+                );
+            }
+        }
+    }
+}
