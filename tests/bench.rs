@@ -2,7 +2,7 @@
 //! every figure the report promises is there and plausible. Speeds are not
 //! asserted (they live in docs/BENCHMARKS.md, measured on a release build).
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -1,7 +1,7 @@
 //! `cancel-job`: allowed states, idempotence, clear refusals, and no
 //! schedule entry left behind by a sweep draining at the same moment.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! without INSERT — the relay claims with `SELECT … FOR UPDATE` instead,
 //! says so at start and in `check-config`, and loses nothing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

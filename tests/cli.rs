@@ -2,7 +2,7 @@
 //! configuration and unreachable services give one clear line naming the
 //! key or the service and a non-zero exit, never a panic.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 

@@ -4,7 +4,7 @@
 //! attempt counted) while the others are delivered, and a master that dies
 //! mid-drain fails over without dead letters or loss.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -4,7 +4,7 @@
 //! Redis, the relay as a subprocess at the shipped defaults plus the
 //! console's keys. (tests/console_browser.rs drives a real Chromium.)
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! without the CSRF token. Every page is saved as a screenshot in
 //! `target/console-screenshots/` (docs/console.md shows two of them).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

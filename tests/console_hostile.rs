@@ -6,7 +6,7 @@
 //! followed the way a browser follows it (its `action` resolved against
 //! the page's URL by the WHATWG rules of the `url` crate).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! idle console. Its own test binary: it measures, so nothing else of
 //! this suite runs beside it.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //! cancel's Redis cleanup failed), and the set-aside requeue's `UPDATE` was
 //! not granted to `outbox_triage`.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! `Host`; a sign-in never redirects off-site; a user name cannot forge a
 //! log line; a request body that never finishes is cut off.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! with a warning naming them, an empty hash zeroes the counters, and no
 //! transaction ever touches two jobs.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! batches that never touch newer rows, dry runs that change nothing, bad
 //! input refused, and retention run by the DeadLetterActor.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 use std::time::Duration;

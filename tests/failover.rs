@@ -3,7 +3,7 @@
 //! new primary), and sessions that land on a server that takes no writes
 //! (SQLSTATE 25006), which are a dependency's fault, never a row's.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

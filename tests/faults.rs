@@ -4,7 +4,7 @@
 //! The relay always runs as a real subprocess; a producer inserts rows (and
 //! their ledger copies) continuously while the fault happens.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

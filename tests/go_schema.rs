@@ -5,7 +5,7 @@
 //! schema; `scripts/test` also runs the data tests on it
 //! (`OUTBOX_TEST_SCHEMA=go`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! role: every member lands in its job's schedule with the right score, the
 //! outbox empties, nothing is dead-lettered.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

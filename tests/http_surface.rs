@@ -3,7 +3,7 @@
 //! request are closed after the head timeout, and 500 of them held open do
 //! not stop the probes from answering.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -19,7 +19,7 @@
 //! relay's. The Secrets' values are this test's database and a private
 //! Redis (the ConfigMap's `hover:` prefix then touches nobody else's keys).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

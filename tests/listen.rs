@@ -4,7 +4,7 @@
 //! (`outbox_relay_listen_active` 1) and new rows wake the sweep; `"off"`
 //! polls only. The deaf listener behind pgbouncer is in tests/pgbouncer.rs.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! byte budget (`sweep.max_batch_bytes`) claims fewer large rows at a time.
 //! Before the budget, the same drain peaked at about 600 MB.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

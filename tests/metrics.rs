@@ -3,7 +3,7 @@
 //! backlog (and leave a gap when a probe fails), and a dashboard that only
 //! queries metrics the binary exports.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -6,7 +6,7 @@
 //! for the relay's own faults, never for a dependency's outage (SPEC §2);
 //! before, about a minute of either made the process exit 1.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! rows fail: they retry with the backoff formula and, at `max_attempts`,
 //! move to `task_outbox_dead`; every other row is delivered in the same tick.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

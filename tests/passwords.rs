@@ -6,7 +6,7 @@
 //! characters a URL must encode. Nothing prints a password; a wrong one is
 //! one clear line.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

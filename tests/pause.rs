@@ -5,7 +5,7 @@
 //! metric, `status`). A job can be paused alone. After `resume` everything
 //! drains and the invariant holds.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

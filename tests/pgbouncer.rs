@@ -5,7 +5,7 @@
 //! concurrency and intervals, polling) behind pgbouncer as the
 //! `outbox_relay` role, through a lock held past two tick deadlines.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

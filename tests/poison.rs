@@ -2,7 +2,7 @@
 //! dead-lettered at once with an error naming the field; they are never
 //! written to Redis, and the good rows around them are unaffected.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

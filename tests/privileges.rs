@@ -3,7 +3,7 @@
 //! sync and cancel tests run that way), and a role missing a privilege is
 //! told each one by name, by `check-config` and at `run`'s start.
 
-mod common;
+use crate::common;
 
 use common::*;
 

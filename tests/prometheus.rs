@@ -4,7 +4,7 @@
 //! `environment`, and an alert of `deploy/prometheus/outbox-relay.rules.yml`
 //! fires on what the relay really did.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

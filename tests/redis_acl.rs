@@ -11,7 +11,7 @@
 //! sync could not run `HGETALL`, `/healthz` answered 503 for good, and
 //! the Deployment's liveness probe would have restarted every pod.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

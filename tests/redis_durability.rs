@@ -4,7 +4,7 @@
 //! naming the risk and the fix; against a Redis with an append-only file,
 //! or with `wait_replicas` set, it says nothing.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -3,7 +3,7 @@
 //! `redis.max_memory_ratio` of it (rows wait, no attempt counted), says so
 //! once and in a metric, and writes again when Redis has room.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! an outage across at least five ticks must end with zero dead letters and
 //! every row delivered once Redis is back.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -14,7 +14,7 @@
 //! `outbox_relay_redis_refused_entries_total` and logged with the error's
 //! text; once the cause is fixed, every row is delivered.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Several relays and concurrent ticks on one backlog, and WAIT before
 //! delete against a real primary/replica pair.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! × every surface (log lines in JSON and text at `trace`, error lines,
 //! `check-config`, `status`, `/metrics`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! counting attempts; with `redis.wait_replicas = 1` a master killed
 //! mid-drain loses no delivered entry.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -15,7 +15,7 @@
 //!   put-back that writes fewer rows than it was given rolls the tick back
 //!   and the relay claims by locking from then on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! back), the process exits 0 promptly, and nothing is lost: every row is
 //! either in Redis or still in the outbox, and a restarted relay finishes.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

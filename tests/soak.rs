@@ -3,7 +3,7 @@
 //! Not part of the normal test run: `scripts/soak` runs it (release build)
 //! and prints the figures recorded in docs/RELIABILITY.md.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! `status`: backlog, oldest due age, future rows, dead letters and the
 //! deepest schedules, as text and JSON; partial output when Redis is down.
 
-mod common;
+use crate::common;
 
 use common::*;
 use redis::AsyncCommands;

@@ -3,7 +3,7 @@
 //! dependency that stays dead makes the process exit non-zero, naming the
 //! actor; health lines and /healthz tell the truth throughout.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

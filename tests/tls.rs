@@ -8,7 +8,7 @@
 //! delivers, to one server and to a TLS-only cluster; untrusted
 //! certificates are one clear error line.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

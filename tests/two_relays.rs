@@ -1,7 +1,7 @@
 //! Two relay processes on one backlog partition it through SKIP LOCKED:
 //! every row delivered once settled, nothing lost, no deadlock, no errors.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `outbox-relay verify`: the invariant checker an operator can run. It
 //! passes after a clean drain and names lost and corrupted rows otherwise.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

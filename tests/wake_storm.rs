@@ -3,7 +3,7 @@
 //! accounted for (sent or coalesced), every row is delivered, and a row
 //! committed after the storm goes out at once again.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

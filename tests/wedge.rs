@@ -2,7 +2,7 @@
 //! a statement timeout at their deadline instead of waiting forever, the
 //! relay keeps running, and it drains once the lock is released.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
