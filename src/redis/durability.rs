@@ -61,7 +61,7 @@ pub async fn risk(conn: &mut DirectConn, cfg: &RedisConfig, timeout: Duration) -
         .collect();
     (!without_aof.is_empty()).then(|| {
         format!(
-            "Redis at {} keeps no append-only file and redis.wait_replicas is 0: a Redis restart loses the schedule entries written since its last snapshot (all of them without snapshots), and their outbox rows are already deleted; turn on appendonly (appendfsync everysec or always) or set redis.wait_replicas (docs/redis.md \"Durability\")",
+            "Redis at {} keeps no append-only file and redis.wait_replicas is 0: a Redis restart loses the schedule entries written since its last snapshot (all of them without snapshots), and their outbox rows are already deleted; turn on appendonly (appendfsync everysec or always) or set redis.wait_replicas (docs/redis.md \"Durability: wait_replicas\")",
             without_aof.join(", ")
         )
     })

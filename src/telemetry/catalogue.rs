@@ -1,6 +1,6 @@
 //! Every metric the relay exports: its name, labels and help text, in
 //! one table. [`super::metrics::Metrics`] creates each from its entry (a
-//! metric missing here fails at start), and docs/METRICS.md is checked
+//! metric missing here fails at start), and docs/metrics.md is checked
 //! against it.
 
 /// One metric of the relay.
@@ -12,7 +12,7 @@ pub struct MetricDef {
     pub help: &'static str,
 }
 
-/// The relay's metrics, in the order of [`super::metrics::Metrics`]'s fields.
+/// The relay's metrics, in the order `Metrics::new` creates them.
 pub const CATALOGUE: &[MetricDef] = &[
     MetricDef {
         name: "outbox_relay_sweep_rows_total",

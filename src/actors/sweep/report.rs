@@ -17,7 +17,7 @@ pub struct TickReport {
     /// A drain claim from the beginning (no cursor).
     pub full_scan: bool,
     pub claimed: usize,
-    /// The most rows the claim could take ([`ClaimLimit`]): as many
+    /// The most rows the claim could take ([`crate::domain::ClaimLimit`]): as many
     /// claimed is a full batch.
     pub limit: usize,
     /// The largest claimed row ([`crate::domain::OutboxRow::bytes`]).
@@ -160,7 +160,7 @@ pub struct ClaimPlan {
     /// The row limit (0: size the first claim by the rows due).
     pub rows: u32,
     /// Also read the claim's snapshot and when the next row comes due
-    /// ([`outbox::pauses_and_horizon`]): for the listen lead.
+    /// ([`crate::db::outbox::pauses_and_horizon`]): for the listen lead.
     pub horizon: bool,
 }
 
