@@ -99,3 +99,139 @@ fn the_fault_matrix_has_no_empty_cell_and_names_real_tests() {
     }
     assert!(named >= 30, "the matrix names its tests ({named} found)");
 }
+
+/// README is a front door, not the reference (#39): at most this many lines.
+const README_LINES: usize = 250;
+
+#[test]
+fn the_readme_stays_a_front_door_with_the_test_command_ci_runs() {
+    let readme = read("README.md");
+    let lines = readme.lines().count();
+    assert!(
+        lines <= README_LINES,
+        "README.md has {lines} lines (at most {README_LINES}): reference belongs in docs/"
+    );
+    // `.ci/run` must call the test command the README gives.
+    let ci = read(".ci/run");
+    assert!(readme.contains("scripts/test") && ci.contains("scripts/test"));
+    // Every page of docs/ is on the index.
+    let index = read("docs/README.md");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") && name != "README.md" {
+            assert!(
+                index.contains(&format!("({name}")),
+                "docs/README.md does not list {name}"
+            );
+        }
+    }
+}
+
+/// GitHub's anchor for a heading: lower case, spaces to `-`, punctuation
+/// other than `-` and `_` dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a markdown file's headings (outside code blocks).
+fn anchors(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if l.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && l.starts_with('#') {
+            out.push(anchor(l.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+/// Relative links `](target)` of a markdown text (outside code blocks).
+fn links(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if l.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let mut rest = l;
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            let Some(end) = after.find(')') else { break };
+            let target = &after[..end];
+            if !target.contains("://") && !target.starts_with("mailto:") {
+                out.push(target.to_string());
+            }
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
+#[test]
+fn every_relative_link_of_the_docs_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![
+        "README.md".to_string(),
+        "ARCHITECTURE.md".to_string(),
+        "SECURITY.md".to_string(),
+    ];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            pages.push(format!("docs/{name}"));
+        }
+    }
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for page in pages.iter().filter(|p| root.join(p).exists()) {
+        let text = read(page);
+        let dir = Path::new(page).parent().unwrap_or(Path::new(""));
+        for link in links(&text) {
+            checked += 1;
+            let (file, frag) = link.split_once('#').unwrap_or((link.as_str(), ""));
+            let target = if file.is_empty() {
+                Path::new(page).to_path_buf()
+            } else {
+                dir.join(file)
+            };
+            if !root.join(&target).exists() {
+                broken.push(format!("{page}: {link} (no file {})", target.display()));
+                continue;
+            }
+            if !frag.is_empty() && target.extension().is_some_and(|e| e == "md") {
+                let heads = anchors(&read(&target.to_string_lossy()));
+                if !heads.iter().any(|h| h == frag) {
+                    broken.push(format!("{page}: {link} (no heading #{frag} in {})", target.display()));
+                }
+            }
+        }
+    }
+    assert!(checked >= 50, "links found: {checked}");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn anchors_follow_githubs_rules() {
+    assert_eq!(anchor(" Durability: `wait_replicas`"), "durability-wait_replicas");
+    assert_eq!(anchor("OutboxRelayRedisDown"), "outboxrelayredisdown");
+    assert_eq!(
+        links("see [x](docs/a.md#b) and [y](https://e.org)\n```\n[z](no.md)\n```"),
+        vec!["docs/a.md#b"]
+    );
+}
