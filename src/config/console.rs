@@ -15,38 +15,42 @@ use super::redis::RedisConfig;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
-    /// Where `run` serves the console, e.g. `127.0.0.1:9465`; `""` (the
-    /// default): `run` serves none. `outbox-relay console` uses
-    /// [`DEFAULT_CONSOLE_LISTEN`] when it is empty.
+    /// where `run` serves the browser console (e.g. `127.0.0.1:9465`); `""` = none.
+    /// `outbox-relay console` serves it alone, on `127.0.0.1:9465` when empty. A
+    /// non-loopback address needs `console.users_file` (see [Console](console.md))
+    // The address `outbox-relay console` uses when it is empty is `DEFAULT_CONSOLE_LISTEN`.
     pub listen: String,
-    /// One user per line, `name:role:argon2-hash` (role `viewer` or
-    /// `operator`), e.g. a file mounted from the Secret. Without users the
-    /// console is read-only and only on a loopback address.
+    /// one user per line, `name:role:argon2-hash`, role `viewer` or `operator`
+    /// (`outbox-relay console hash-password` makes the hash); mount it from the Secret.
+    /// Without users the console is read-only and loopback-only
     pub users_file: String,
-    /// Hide and refuse every action, whoever signs in.
+    /// hide and refuse every action, whoever signs in
     pub read_only: bool,
-    /// The console's own Postgres (the triage role fits); `""`:
-    /// `database.url`.
+    /// the console's own Postgres URL (`outbox_triage` fits); `""` = `database.url`
     pub database_url: String,
-    /// Connections of the console's own pool.
+    /// connections of the console's own pool (the sweep's pool is never used)
     pub pool_size: u32,
-    /// Every console statement ends after this.
+    /// every console read is cancelled on the server past this (an action's batches are
+    /// not limited; one whose Postgres answers no batch for 60 s, a hung server, is
+    /// stopped, its audit line written)
     pub statement_timeout: Dur,
-    /// A session lasts this long, however busy.
+    /// how long a sign-in lasts at most (sessions live in memory: a restart signs
+    /// everyone out)
     pub session_ttl: Dur,
-    /// A session unused this long ends (a console left open on a shared
-    /// screen signs itself out).
+    /// a session unused this long ends
+    // A console left open on a shared screen signs itself out.
     pub idle_timeout: Dur,
-    /// Mark the session cookie `Secure` (serve it behind TLS): the cookies
-    /// get the `__Host-` prefix and every answer carries HSTS.
+    /// set it when the console is served over TLS (a reverse proxy): `Secure` cookies
+    /// named `__Host-…`, and HSTS
     pub secure_cookie: bool,
-    /// The console's own Redis user (docs/redis.md "Redis ACL", `outbox-console`):
-    /// its URL, or in cluster mode the URL whose user and password replace
-    /// those of `redis.cluster_urls`; `""`: `redis.url`, the relays' user.
+    /// the console's own Redis user (`outbox-console` in [Redis
+    /// ACL](redis.md#redis-acl)); in cluster mode its user and password replace those of
+    /// `redis.cluster_urls`; `""` = `redis.url`
     pub redis_url: String,
-    /// Addresses (or CIDR ranges) of reverse proxies whose
-    /// `X-Forwarded-For` names the client; from any other peer the header
-    /// is ignored. The failed-sign-in limit counts per client address.
+    /// reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the
+    /// client for the failed-sign-in limit; env: comma-separated
+    // From any other peer the header is ignored; the limit counts per
+    // client address.
     pub trusted_proxies: Vec<String>,
 }
 

@@ -7,6 +7,8 @@ use super::duration::Dur;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CounterSyncConfig {
+    /// how often `{prefix}running` is copied to `jobs.running_tasks` (each round has a
+    /// `sweep.tick_timeout` deadline)
     pub interval: Dur,
 }
 

@@ -9,21 +9,40 @@ use tokio_postgres::config::SslMode;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// Where the outbox lives. `DATABASE_URL` overrides it.
+    /// Postgres with the outbox; `?sslmode=require` for TLS (see [TLS to
+    /// Postgres](postgres.md#tls-to-postgres)); libpq's multi-host forms for a primary
+    /// with standbys:
+    /// `postgres://u@pg-a:5432,pg-b:5432/db?target_session_attrs=read-write` or
+    /// `host=pg-a,pg-b port=5432,5432 … target_session_attrs=read-write` (hosts are tried
+    /// in order, read-only ones skipped; `check-config` and the start line show every
+    /// host, never the password)
+    // `DATABASE_URL` overrides it (config/layers.rs).
     pub url: String,
-    /// Connections per pool (the sweep and the dead-letter actor each own one).
+    /// connections of the sweep's pool, one per tick in flight (1–1000, ≥
+    /// `sweep.concurrency`); the other actors hold one Postgres connection each (counter
+    /// sync, dead-letter retention, metrics probe), LISTEN one of its own, and the
+    /// console's pool is `console.pool_size`
+    // Read by actors::tree::sweep_settings only; dead_letter.rs and
+    // actors::small_pools build pools of one.
     pub pool_size: u32,
-    /// Never use named prepared statements (pgbouncer transaction pooling).
-    /// The relay currently uses unnamed statements in both modes.
+    /// accepted and ignored, kept for configs that set it: the relay never prepares named
+    /// statements, so it works behind pgbouncer in transaction pooling whatever this says
+    /// (see [pgbouncer](postgres.md#pgbouncer))
+    // Read nowhere: every statement is unnamed (`query_typed`,
+    // `execute_typed`, `batch_execute`), so there is no other mode to
+    // switch to. Still a field so that configs setting it load.
     pub pgbouncer_compat: bool,
-    /// Where to LISTEN for new rows: `"auto"` (the default) listens through
-    /// `url`'s server; a URL listens there (a direct one when `url` goes
-    /// through pgbouncer); `"off"` or `""` polls every `sweep.interval` only.
+    /// where to LISTEN for new rows, which then wake the sweep at once: `auto` = through
+    /// `database.url`'s server; a URL = there (a direct one when `database.url` goes
+    /// through pgbouncer in transaction pooling); `off` (or `""`, which meant polling
+    /// before `auto` became the default) = poll every `sweep.interval` only. Checked end
+    /// to end at start (see "LISTEN/NOTIFY")
     pub listen_url: String,
-    /// PEM file of the CA(s) that signed the server's certificate. Set, every
-    /// TLS connection (`sslmode=require|prefer` in the URL) checks the
-    /// certificate chain and that it names the host of the URL (libpq's
-    /// `verify-full`); empty, TLS encrypts without checking (libpq's `require`).
+    /// PEM file of the CA(s) that signed the server certificate: TLS connections then
+    /// check the chain and the host name (libpq's `verify-full`); `""` = encrypt without
+    /// checking
+    // With a CA file, validation refuses `sslmode=prefer` and `disable` in
+    // the URLs: a refused TLS would fall back to plaintext, unchecked.
     pub tls_ca_file: String,
 }
 

@@ -7,9 +7,12 @@ use super::duration::{Dur, OptDur};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeadLetterConfig {
-    /// Age after which dead letters are purged; `""` keeps them forever.
+    /// purge dead letters older than this (e.g. `30d`), in batches of 1000; `""` keeps
+    /// them forever
     pub retention: OptDur,
-    /// How often the retention purge runs (when `retention` is set).
+    /// how often the retention purge runs (each round has a `sweep.tick_timeout`
+    /// deadline)
+    // Runs only when `retention` is set.
     pub purge_interval: Dur,
 }
 

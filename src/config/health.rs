@@ -7,6 +7,8 @@ use super::duration::Dur;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
+    /// cadence of the `actor health` lines; the dispatch actor pings Redis when idle this
+    /// long
     pub interval: Dur,
 }
 

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
+    /// address of `/healthz`, `/readyz` and `/metrics` (use `0.0.0.0:9464` in a
+    /// container)
     pub listen: String,
 }
 

@@ -5,9 +5,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// `json` (one object per line) or `text` (for terminals).
+    /// `json` (one object per line) or `text`
+    // `text` is for terminals.
     pub format: String,
-    /// `critical`, `error`, `warning`, `info`, `debug` or `trace`.
+    /// `critical`, `error`, `warning`, `info`, `debug`, `trace`
     pub level: String,
 }
 

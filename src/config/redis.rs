@@ -10,40 +10,55 @@ use super::duration::Dur;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// The Redis holding the schedules. `REDIS_URL` overrides it.
+    /// Redis with the schedules
+    // `REDIS_URL` overrides it. Sentinel mode reaches the master with its
+    // user, password, database and TLS (at the address the sentinels name);
+    // cluster mode does not use it.
     pub url: String,
+    /// connections in the dispatch pool (1–1000); counter sync and the metrics probe hold
+    /// one Redis connection each
+    // The console (`ConsoleConfig::redis`) connects with one connection of its own.
     pub pool_size: u32,
-    /// Prefix of every key the relay writes; `hover:` matches existing consumers.
+    /// prefix of every key; a `{` or `}` only as a complete `{hash tag}`
+    // `hover:` matches existing consumers.
     pub key_prefix: String,
-    /// With N > 0 every pipeline ends with `WAIT N <time>`; a batch not
-    /// acknowledged by N replicas is re-sent instead of deleted.
+    /// N > 0: a batch is deleted only once N replicas acknowledged it (`WAIT N <half the
+    /// time left>`); otherwise its rows stay and are re-sent (see
+    /// [Durability](redis.md#durability-wait_replicas))
     pub wait_replicas: u32,
-    /// `standalone` (one server, `url`), `cluster` (Redis Cluster,
-    /// `cluster_urls`) or `sentinel` (the master `sentinel_urls` name).
+    /// `standalone` (`redis.url`), `cluster` (Redis Cluster through `redis.cluster_urls`)
+    /// or `sentinel` (the master `redis.sentinel_urls` name; see [Redis
+    /// Sentinel](redis.md#redis-sentinel))
     pub mode: RedisMode,
-    /// Seed nodes of the cluster (any reachable subset will do); cluster mode only.
+    /// cluster seed nodes, e.g. `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`;
+    /// environment: comma-separated
+    // Any reachable subset of the nodes will do; cluster mode only.
     pub cluster_urls: Vec<String>,
-    /// The sentinels to ask for the master (any one that answers will do),
-    /// each with its own password and TLS; sentinel mode only. The master
-    /// is reached with `url`'s user, password, database and TLS, at the
-    /// address the sentinels name.
+    /// sentinel mode: the sentinels, each with its own password and TLS, e.g.
+    /// `["redis://10.0.0.1:26379"]`; environment: comma-separated
+    // Any one sentinel that answers will do.
     pub sentinel_urls: Vec<String>,
-    /// The name the sentinels monitor the master under (`sentinel monitor
-    /// NAME …`); sentinel mode only.
+    /// sentinel mode: the name the sentinels monitor the master under (`mymaster`)
+    // As in the sentinels' `sentinel monitor NAME …`.
     pub sentinel_master: String,
-    /// PEM file of the CA(s) that signed the servers' certificates, for
-    /// `rediss://` URLs whose CA is not in the system's trust store (a
-    /// private CA). Empty: the system's roots.
+    /// PEM file of the CA(s) that signed the Redis servers' certificates, for `rediss://`
+    /// URLs with a private CA; `""` = the system's roots (see [TLS to
+    /// Redis](redis.md#tls-to-redis))
     pub tls_ca_file: String,
-    /// How long `cancel-job`'s fence (`{prefix}cancelled:{…}`) outlives the
-    /// cancel: a ZADD of the job that a stalled Redis executes within this
-    /// time is refused. Must exceed any stall or partition Redis can resume
-    /// from with old writes still queued.
+    /// how long `cancel-job`'s fence refuses the job's schedule writes (≥ 1m); must
+    /// outlive any Redis stall or partition that Redis can resume from with old writes
+    /// still queued
+    // The fence is `{prefix}cancelled:{…}`: a ZADD of the job that a
+    // stalled Redis executes within this time is refused.
     pub cancel_fence_ttl: Dur,
-    /// Back-pressure: when Redis has a `maxmemory` and `used_memory`
-    /// reaches this share of it, the relay stops writing (rows wait in the
-    /// outbox, no attempt counted) until it falls below this minus 0.05,
-    /// instead of driving Redis into OOM refusals. 1 = only when full.
+    /// back-pressure: when Redis has a `maxmemory` and `used_memory` reaches this share
+    /// of it (above 0.1, at most 1), the relay stops writing (rows wait in the outbox, no
+    /// attempt counted, one warning) until it is 0.05 below; checked with `INFO memory`
+    /// every 250 ms beside the batches, and before every batch once within 0.1 of the
+    /// mark or after writing half the room the last reading left; in a cluster on every
+    /// master, the fullest deciding; a Redis that refuses `INFO` turns it off with one
+    /// warning
+    // Instead of driving Redis into OOM refusals; 1 = only when full.
     pub max_memory_ratio: f64,
 }
 

@@ -33,7 +33,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// The effective configuration as TOML, passwords replaced by `***`.
     /// Every password in the connection strings, for `redact::remember`.
     pub fn secrets(&self) -> Vec<String> {
         [
@@ -50,6 +49,7 @@ impl Config {
         .collect()
     }
 
+    /// The effective configuration as TOML, passwords replaced by `***`.
     pub fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
         c.database.url = redact_url(&c.database.url);

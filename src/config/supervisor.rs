@@ -8,17 +8,19 @@ use super::duration::{format_duration, Dur};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisorConfig {
-    /// Restarts allowed (all actors together) within `restart_window` before
-    /// the process gives up and exits non-zero.
+    /// actor restarts (all actors together) allowed within `restart_window`; one more and
+    /// the process exits 1
     pub max_restarts: u32,
+    /// the window of `max_restarts`
     pub restart_window: Dur,
-    /// Consecutive failed units of work (ticks, batches, pings) after which
-    /// an actor is restarted with fresh state.
+    /// consecutive failed ticks / batches / pings after which an actor is restarted
+    // Restarted with fresh state (new connections).
     pub error_budget: u32,
-    /// Delay before an actor's first restart; doubles for each further
-    /// restart of that actor within the window.
+    /// delay before an actor's first restart, doubled per further restart within the
+    /// window
+    // Doubles per further restart of that same actor.
     pub backoff_base: Dur,
-    /// Cap of the restart delay.
+    /// cap of the restart delay (≥ `backoff_base`)
     pub backoff_max: Dur,
 }
 

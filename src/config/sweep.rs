@@ -11,33 +11,46 @@ use super::duration::{format_duration, Dur};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SweepConfig {
-    /// Pause between ticks when the last tick did not claim a full batch.
+    /// pause between ticks that did not claim a full batch (while LISTEN hears, only
+    /// after a tick that left rows due: Redis unavailable or held back, a failed tick)
     pub interval: Dur,
-    /// While the listener hears new rows (LISTEN/NOTIFY), the pause of a
-    /// lane whose last tick settled every row: new rows are announced, and
-    /// rows put back or not yet due have timers of their own; this poll
-    /// only finds what nothing announces (rows made due by hand, a trigger
-    /// disabled, a relay that died mid-tick).
+    /// while LISTEN hears new rows, the pause of a lane whose last tick settled every
+    /// row: it only finds rows nothing announces (made due by hand, triggers disabled, a
+    /// relay that died mid-tick); rows put back and rows not yet due have timers of their
+    /// own
     pub listen_poll_interval: Dur,
-    /// Rows claimed per tick (and ZADDs per pipeline).
+    /// rows per tick = ZADDs per pipeline (1–100000); the Go sweeper's 500 measured
+    /// slower (see "Tuning for speed")
     pub batch_size: u32,
-    /// What one tick may claim in bytes (its rows' text fields, plus 128 a
-    /// row): a tick holds its rows several times over (the reply, the
-    /// members, the pipeline), so large rows (50 KB paths) are claimed
-    /// fewer at a time and the relay stays inside its memory limit.
+    /// bytes one claim may take (its rows' text fields plus 128 a row; 65536–1073741824):
+    /// a tick holds its rows several times over, so the claim's row limit is
+    /// `max_batch_bytes` ÷ the largest recent row (rows with 50 KB paths: about 40 at a
+    /// time) and the relay stays inside the Deployment's 64 MiB (`tests/memory_limit.rs`
+    /// drains 300 MB of paths in a 64 MiB cgroup: 32 MiB peak, against about 600 MB and
+    /// an OOM kill before). After a start the first tick measures the rows at the head of
+    /// the queue (their sizes only) and sizes itself by them; with none due yet the limit
+    /// begins at 64 rows and doubles with each full batch (normal rows reach `batch_size`
+    /// in four ticks). One tick that meets large rows right after a run of small ones can
+    /// still claim `batch_size` of them; the limit is down from the next tick, and a
+    /// restart starts small again
+    // Held several times over: the reply, the members, the pipeline.
     pub max_batch_bytes: u64,
-    /// The tick's deadline; also its statement and idle-in-transaction timeout.
+    /// a tick's deadline and statement timeout (≥ 10ms)
+    // Also the tick's idle-in-transaction timeout (`SET LOCAL`).
     pub tick_timeout: Dur,
-    /// First retry delay; doubles with every failed attempt.
+    /// first retry delay, doubled per attempt
     pub base_backoff: Dur,
-    /// Cap of the retry delay.
+    /// retry delay cap (≥ `base_backoff`)
     pub max_backoff: Dur,
-    /// Failed attempts after which a row moves to `task_outbox_dead`.
+    /// failed attempts before a row is dead-lettered (≥ 1)
+    // Dead-lettered: moved to `task_outbox_dead`.
     pub max_attempts: u32,
-    /// Ticks one process runs at once, each with its own batch.
+    /// ticks run at once, each with its own batch and connection (1–64, ≤
+    /// `database.pool_size`); two keep Postgres and Redis busy together
     pub concurrency: u32,
-    /// Drain ticks run at once while new rows keep arriving (a wake-up in
-    /// the last second); 0: half of `concurrency`, rounded up.
+    /// drain ticks run at once while new rows keep arriving (a wake-up in the last
+    /// second); `0` = half of `concurrency`, rounded up; `concurrency` = always drain at
+    /// full speed (see "Tuning for speed")
     pub live_concurrency: u32,
 }
 
