@@ -29,8 +29,8 @@ pub struct BenchArgs {
     /// each against the floor measured in the same run (docs/SCALING.md).
     #[arg(long)]
     pub scaling: bool,
-    /// Rows per drain of the scaling matrix.
-    #[arg(long, default_value_t = 200_000)]
+    /// With `--scaling`: rows per drain of the scaling matrix.
+    #[arg(long, default_value_t = 200_000, requires = "scaling")]
     pub scaling_rows: i64,
     /// Seed rows with `run_at` one millisecond apart (distinct schedule
     /// scores, as rows committed over time get) instead of all the same
@@ -44,23 +44,24 @@ pub struct BenchArgs {
     /// backlog and the relay's claim times.
     #[arg(long, value_name = "RATE")]
     pub sustained: Option<u32>,
-    /// Rows per transaction of the sustained run.
-    #[arg(long, default_value_t = 500)]
+    /// With `--sustained`: rows per transaction.
+    #[arg(long, default_value_t = 500, requires = "sustained")]
     pub rows_per_txn: u32,
-    /// Length of the sustained run without `--hold-snapshot`, in seconds.
-    #[arg(long, default_value_t = 120)]
+    /// With `--sustained`: length of the run without `--hold-snapshot`, in seconds.
+    #[arg(long, default_value_t = 120, requires = "sustained")]
     pub sustained_seconds: u64,
     /// With `--sustained`: another session holds a REPEATABLE READ snapshot
     /// open for SECS (vacuum can remove none of the deleted rows), between a
     /// phase before and one after of `--phase-seconds` each.
     #[arg(long, value_name = "SECS", requires = "sustained")]
     pub hold_snapshot: Option<u64>,
-    /// Relay processes in the sustained run (each listening: how many claim
+    /// With `--sustained`: relay processes (each listening: how many claim
     /// per notification and find nothing is in the report).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "sustained")]
     pub relays: u32,
-    /// Length of the phases before and after a held snapshot, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// With `--hold-snapshot`: length of the phases before and after the
+    /// held snapshot, in seconds.
+    #[arg(long, default_value_t = 30, requires = "hold_snapshot")]
     pub phase_seconds: u64,
     /// Leave out the Postgres-only floors (the ratios are then 0): for a
     /// long drain whose last tenth ÷ first is the point (each floor drains
