@@ -17,6 +17,7 @@ use crate::db::schema::Schema;
 use crate::db::{self, Pg};
 use crate::deadline::{Deadline, STARTUP_TIMEOUT};
 use crate::redis::DirectConn;
+use crate::telemetry::catalogue::{find, Kind, CONSOLE_CATALOGUE};
 
 /// The console's counters.
 #[derive(Clone)]
@@ -31,24 +32,21 @@ pub struct ConsoleMetrics {
 
 impl ConsoleMetrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let actions = IntCounterVec::new(
-            Opts::new(
-                "outbox_relay_console_actions_total",
-                "Console actions (pause, resume, cancel, requeue, purge, requeue_set_aside), by result: ok, error (failed, or ended, while acting), forbidden (refused for the role, read_only, CSRF or origin).",
-            ),
-            &["action", "result"],
-        )?;
-        let logins = IntCounterVec::new(
-            Opts::new(
-                "outbox_relay_console_logins_total",
-                "Console sign-ins by result: ok, failed (wrong name or password), limited (refused by the failed-login limit of the client's address), busy (no password check could start within 10 s).",
-            ),
-            &["result"],
-        )?;
-        let login_delays = prometheus::IntCounter::new(
-            "outbox_relay_console_login_delays_total",
-            "Console sign-ins held back (up to 4 s) because their user name had many recent failures; they are also counted by result.",
-        )?;
+        // Every console metric is a counter: its entry must say so.
+        let def = |name: &str| match find(CONSOLE_CATALOGUE, name) {
+            Some(d) if d.kind == Kind::Counter => Ok(d),
+            _ => Err(prometheus::Error::Msg(format!(
+                "{name} is not a counter in the console's metrics catalogue"
+            ))),
+        };
+        let vec = |name: &str| {
+            let d = def(name)?;
+            IntCounterVec::new(Opts::new(d.name, d.help), d.labels)
+        };
+        let actions = vec("outbox_relay_console_actions_total")?;
+        let logins = vec("outbox_relay_console_logins_total")?;
+        let d = def("outbox_relay_console_login_delays_total")?;
+        let login_delays = prometheus::IntCounter::new(d.name, d.help)?;
         registry.register(Box::new(actions.clone()))?;
         registry.register(Box::new(logins.clone()))?;
         registry.register(Box::new(login_delays.clone()))?;

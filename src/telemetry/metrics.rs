@@ -18,7 +18,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use super::catalogue::CATALOGUE;
+use super::catalogue::{find, Kind, CATALOGUE};
 use super::health::{ActorHealth, Status};
 use crate::config::MetricsConfig;
 
@@ -301,11 +301,17 @@ impl Metrics {
 struct Reg<'a>(&'a Registry);
 
 impl Reg<'_> {
-    fn def(name: &str) -> Result<(Opts, &'static [&'static str]), MetricsError> {
-        let d = CATALOGUE
-            .iter()
-            .find(|d| d.name == name)
+    /// The catalogue's entry of `name`, which must be a metric of `kind`.
+    fn def(name: &str, kind: Kind) -> Result<(Opts, &'static [&'static str]), MetricsError> {
+        let d = find(CATALOGUE, name)
             .ok_or_else(|| prometheus::Error::Msg(format!("{name} is not in the metrics catalogue")))?;
+        if d.kind != kind {
+            let (listed, created) = (d.kind.as_str(), kind.as_str());
+            return Err(prometheus::Error::Msg(format!(
+                "{name} is a {listed} in the catalogue, created as a {created}"
+            ))
+            .into());
+        }
         Ok((Opts::new(d.name, d.help), d.labels))
     }
 
@@ -315,34 +321,34 @@ impl Reg<'_> {
     }
 
     fn counter_vec(&self, name: &str) -> Result<IntCounterVec, MetricsError> {
-        let (opts, labels) = Self::def(name)?;
+        let (opts, labels) = Self::def(name, Kind::Counter)?;
         self.add(IntCounterVec::new(opts, labels)?)
     }
 
     fn gauge_vec(&self, name: &str) -> Result<IntGaugeVec, MetricsError> {
-        let (opts, labels) = Self::def(name)?;
+        let (opts, labels) = Self::def(name, Kind::Gauge)?;
         self.add(IntGaugeVec::new(opts, labels)?)
     }
 
     fn counter(&self, name: &str) -> Result<IntCounter, MetricsError> {
-        self.add(IntCounter::with_opts(Self::def(name)?.0)?)
+        self.add(IntCounter::with_opts(Self::def(name, Kind::Counter)?.0)?)
     }
 
     fn int_gauge(&self, name: &str) -> Result<IntGauge, MetricsError> {
-        self.add(IntGauge::with_opts(Self::def(name)?.0)?)
+        self.add(IntGauge::with_opts(Self::def(name, Kind::Gauge)?.0)?)
     }
 
     fn gauge(&self, name: &str) -> Result<Gauge, MetricsError> {
-        self.add(Gauge::with_opts(Self::def(name)?.0)?)
+        self.add(Gauge::with_opts(Self::def(name, Kind::Gauge)?.0)?)
     }
 
     fn histogram(&self, name: &str, buckets: &[f64]) -> Result<Histogram, MetricsError> {
-        let opts = HistogramOpts::from(Self::def(name)?.0).buckets(buckets.to_vec());
+        let opts = HistogramOpts::from(Self::def(name, Kind::Histogram)?.0).buckets(buckets.to_vec());
         self.add(Histogram::with_opts(opts)?)
     }
 
     fn histogram_vec(&self, name: &str, buckets: &[f64]) -> Result<HistogramVec, MetricsError> {
-        let (opts, labels) = Self::def(name)?;
+        let (opts, labels) = Self::def(name, Kind::Histogram)?;
         self.add(HistogramVec::new(
             HistogramOpts::from(opts).buckets(buckets.to_vec()),
             labels,
@@ -350,7 +356,7 @@ impl Reg<'_> {
     }
 
     fn probe_gauge(&self, name: &str) -> Result<ProbeGauge, MetricsError> {
-        let d = Self::def(name)?.0;
+        let d = Self::def(name, Kind::Gauge)?.0;
         ProbeGauge::new(self.0, &d.name, &d.help)
     }
 }
