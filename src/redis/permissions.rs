@@ -45,6 +45,112 @@ fn refused(text: &str) -> bool {
     text.contains("NOPERM") || text.contains("no permissions") || text.contains("can't run this command")
 }
 
+/// When a need applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Always,
+    /// `redis.wait_replicas` > 0.
+    WaitReplicas,
+    /// `redis.mode = "cluster"`.
+    Cluster,
+    /// Both.
+    ClusterWaitReplicas,
+}
+
+/// One command (or script) `run` sends, and how it is probed.
+#[derive(Debug, Clone, Copy)]
+pub struct Need {
+    /// What to grant, in ACL terms (`+eval +exists`).
+    pub grant: &'static str,
+    /// What needs it.
+    pub for_what: &'static str,
+    /// Without it the relay cannot work; otherwise one feature is off.
+    pub required: bool,
+    pub when: When,
+    probe: Probe,
+}
+
+/// The command that probes a need, changing nothing.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    FenceExists,
+    ScheduleZadd,
+    RunningHgetall,
+    InfoMemory,
+    Wait,
+    ClusterSlots,
+    ClusterMyid,
+}
+
+/// Everything `run` sends besides what every connection sends first
+/// (`PING`, and `ROLE` with Sentinel: without them no probe gets this
+/// far), in the order it is probed. docs/redis.md's
+/// `ACL SETUSER outbox-relay` line is generated from it
+/// (`tests/reference_cli.rs`).
+pub const NEEDS: &[Need] = &[
+    Need {
+        grant: "+eval +exists",
+        for_what: "the schedule writes (the cancel fence check)",
+        required: true,
+        when: When::Always,
+        probe: Probe::FenceExists,
+    },
+    Need {
+        grant: "+eval +zadd",
+        for_what: "the schedule writes",
+        required: true,
+        when: When::Always,
+        probe: Probe::ScheduleZadd,
+    },
+    Need {
+        grant: "+hgetall",
+        for_what: "counter sync",
+        required: true,
+        when: When::Always,
+        probe: Probe::RunningHgetall,
+    },
+    Need {
+        grant: "+info",
+        for_what: "memory back-pressure",
+        required: false,
+        when: When::Always,
+        probe: Probe::InfoMemory,
+    },
+    Need {
+        grant: "+wait",
+        for_what: "redis.wait_replicas",
+        required: true,
+        when: When::WaitReplicas,
+        probe: Probe::Wait,
+    },
+    Need {
+        grant: "+cluster|slots",
+        for_what: "the cluster's topology",
+        required: true,
+        when: When::Cluster,
+        probe: Probe::ClusterSlots,
+    },
+    Need {
+        grant: "+cluster|myid",
+        for_what: "redis.wait_replicas in a cluster",
+        required: true,
+        when: When::ClusterWaitReplicas,
+        probe: Probe::ClusterMyid,
+    },
+];
+
+/// Every ACL grant of [`NEEDS`], one command each, first mention first
+/// (`+eval`, `+exists`, `+zadd`, …).
+pub fn grants() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for g in NEEDS.iter().flat_map(|n| n.grant.split_whitespace()) {
+        if !out.contains(&g) {
+            out.push(g);
+        }
+    }
+    out
+}
+
 /// Probe every command `run` sends with `cfg`; the ones the user may not
 /// run, required or not. Errors other than a refusal (a key of the wrong
 /// type, say) are not this check's business.
@@ -53,53 +159,34 @@ pub async fn missing(conn: &mut DirectConn, cfg: &RedisConfig) -> Vec<Missing> {
     let sched = schedule_key(prefix, "outbox-relay-permission-check");
     let fence = cancel_fence_key(prefix, &sched);
     let running = format!("{prefix}running");
-    let mut probes: Vec<(&'static str, &'static str, bool, ::redis::Cmd)> = vec![
-        (
-            "+eval +exists",
-            "the schedule writes (the cancel fence check)",
-            true,
-            script("return redis.call('EXISTS', KEYS[1])", &fence),
-        ),
-        (
-            "+eval +zadd",
-            "the schedule writes",
-            true,
-            script("return redis.call('ZADD', KEYS[1], 'XX', 0, 'x')", &sched),
-        ),
-        ("+hgetall", "counter sync", true, {
-            let mut c = ::redis::cmd("HGETALL");
-            c.arg(&running);
-            c
-        }),
-        ("+info", "memory back-pressure", false, {
-            let mut c = ::redis::cmd("INFO");
-            c.arg("memory");
-            c
-        }),
-    ];
-    if cfg.wait_replicas > 0 {
-        let mut c = ::redis::cmd("WAIT");
-        c.arg(0).arg(0);
-        probes.push(("+wait", "redis.wait_replicas", true, c));
-    }
-    if matches!(conn, DirectConn::Cluster(_)) {
-        let mut c = ::redis::cmd("CLUSTER");
-        c.arg("SLOTS");
-        probes.push(("+cluster|slots", "the cluster's topology", true, c));
-        if cfg.wait_replicas > 0 {
-            let mut c = ::redis::cmd("CLUSTER");
-            c.arg("MYID");
-            probes.push(("+cluster|myid", "redis.wait_replicas in a cluster", true, c));
-        }
-    }
+    let cluster = matches!(conn, DirectConn::Cluster(_));
+    let wait = cfg.wait_replicas > 0;
     let mut out = Vec::new();
-    for (grant, for_what, required, cmd) in probes {
+    for need in NEEDS {
+        let applies = match need.when {
+            When::Always => true,
+            When::WaitReplicas => wait,
+            When::Cluster => cluster,
+            When::ClusterWaitReplicas => cluster && wait,
+        };
+        if !applies {
+            continue;
+        }
+        let cmd = match need.probe {
+            Probe::FenceExists => script("return redis.call('EXISTS', KEYS[1])", &fence),
+            Probe::ScheduleZadd => script("return redis.call('ZADD', KEYS[1], 'XX', 0, 'x')", &sched),
+            Probe::RunningHgetall => ::redis::cmd("HGETALL").arg(&running).to_owned(),
+            Probe::InfoMemory => ::redis::cmd("INFO").arg("memory").to_owned(),
+            Probe::Wait => ::redis::cmd("WAIT").arg(0).arg(0).to_owned(),
+            Probe::ClusterSlots => ::redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+            Probe::ClusterMyid => ::redis::cmd("CLUSTER").arg("MYID").to_owned(),
+        };
         if let Err(e) = cmd.query_async::<Value>(conn).await {
             if refused(&e.to_string()) {
                 out.push(Missing {
-                    grant,
-                    for_what,
-                    required,
+                    grant: need.grant,
+                    for_what: need.for_what,
+                    required: need.required,
                     error: e.to_string(),
                 });
             }
@@ -130,5 +217,22 @@ mod tests {
         assert!(!refused(
             "WRONGTYPE Operation against a key holding the wrong kind of value"
         ));
+    }
+
+    #[test]
+    fn grants_name_each_command_once_in_probe_order() {
+        assert_eq!(
+            grants(),
+            [
+                "+eval",
+                "+exists",
+                "+zadd",
+                "+hgetall",
+                "+info",
+                "+wait",
+                "+cluster|slots",
+                "+cluster|myid"
+            ]
+        );
     }
 }
