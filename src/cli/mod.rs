@@ -34,7 +34,9 @@ OUTBOX_RELAY_<SECTION>__<KEY>; DATABASE_URL and REDIS_URL are honoured."
 pub struct Cli {
     /// Configuration file (TOML). Without it, config/default.toml is used when present,
     /// else the built-in defaults.
-    #[arg(long, short, global = true, env = CONFIG_PATH_ENV, value_name = "FILE")]
+    // The help names the variable but never shows its value: the same
+    // text wherever it is read (docs/cli.md is that text).
+    #[arg(long, short, global = true, env = CONFIG_PATH_ENV, hide_env_values = true, value_name = "FILE")]
     pub config: Option<String>,
 
     #[command(subcommand)]
@@ -122,6 +124,9 @@ pub enum Command {
     },
     /// Measure drain throughput (vs a Postgres-only floor) and commit-to-schedule
     /// latency on a scratch database and key prefix; see docs/BENCHMARKS.md.
+    ///
+    /// With redis.mode = "cluster" only --scaling runs: the latency runs time
+    /// keyspace notifications, which are per node.
     Bench(bench::BenchArgs),
     /// Triage task_outbox_dead: list, requeue, purge.
     #[command(subcommand)]
