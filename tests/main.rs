@@ -45,6 +45,7 @@ mod redis_durability;
 mod redis_memory;
 mod redis_outage;
 mod redis_refusals;
+mod reference_cli;
 mod reference_config;
 mod scale_out;
 mod secrets;
