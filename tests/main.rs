@@ -60,3 +60,27 @@ mod two_relays;
 mod verify;
 mod wake_storm;
 mod wedge;
+
+/// With `autotests = false`, a file of `tests/` that is not declared above
+/// would never be compiled or run: every one must be.
+#[test]
+fn every_file_of_tests_is_a_module_of_this_binary() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
+    let main = include_str!("main.rs");
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).expect("tests/").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(module) = name.strip_suffix(".rs") else {
+            continue;
+        };
+        if module == "main" {
+            continue;
+        }
+        files += 1;
+        assert!(
+            main.lines().any(|l| l == format!("mod {module};")),
+            "tests/{name} is not declared in tests/main.rs: its tests never run"
+        );
+    }
+    assert!(files >= 50, "test files found: {files}");
+}

@@ -172,8 +172,16 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
     // A metric with labels has no series in a scrape before its first
     // event (outbox_relay_redis_refused_entries_total{code}): the catalogue,
     // which the registry is built from, names it all the same.
-    for def in outbox_relay::telemetry::catalogue::CATALOGUE {
-        for suffix in ["", "_bucket", "_sum", "_count"] {
+    use outbox_relay::telemetry::catalogue::{Kind, CATALOGUE};
+    let series = |kind: Kind| -> &'static [&'static str] {
+        if kind == Kind::Histogram {
+            &["_bucket", "_sum", "_count"]
+        } else {
+            &[""]
+        }
+    };
+    for def in CATALOGUE {
+        for suffix in series(def.kind) {
             exported.insert(format!("{}{suffix}", def.name));
         }
     }
@@ -197,8 +205,8 @@ async fn scrape_is_valid_counts_match_and_the_dashboard_fits() {
     );
     // Every metric the relay exports has a panel (a histogram through its
     // buckets, sum or count).
-    for def in outbox_relay::telemetry::catalogue::CATALOGUE {
-        let shown = ["", "_bucket", "_sum", "_count"]
+    for def in CATALOGUE {
+        let shown = series(def.kind)
             .iter()
             .any(|suffix| referenced.contains(&format!("{}{suffix}", def.name)));
         assert!(shown, "the dashboard should show {}", def.name);
@@ -382,6 +390,14 @@ async fn the_outbox_probe_rests_in_proportion_to_what_it_costs() {
     let duty = busy / window.as_secs_f64();
     eprintln!("probe: {probes} probes, {busy:.3} s of {window:?}: duty {duty:.3}");
     assert!(probes >= 3.0, "the probe still runs: {probes} probes in {window:?}");
+    // Nor does it rest longer than its cost says: three probes come within
+    // about 20 times what they cost (a rest is 20 times the probe before
+    // it), with room for one probe before the window that cost more.
+    let bound = 40.0 * busy + 5.0;
+    assert!(
+        window.as_secs_f64() <= bound,
+        "the probe rested longer than its cost: {probes} probes, {busy:.3} s busy, in {window:?} (at most {bound:.1} s)"
+    );
     assert!(
         duty <= 0.1,
         "the probe kept Postgres busy {duty:.3} of the time ({probes} probes, {busy:.3} s in {window:?})"
