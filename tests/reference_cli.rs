@@ -14,7 +14,9 @@
 //! which every connection in Sentinel mode sends.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use crate::common::rust_files;
 
 use clap::CommandFactory;
 use outbox_relay::telemetry::catalogue::{MetricDef, CATALOGUE, CONSOLE_CATALOGUE};
@@ -321,22 +323,6 @@ const TYPED: &[(&str, &str)] = &[
     ("zrange", "ZRANGE"),
     ("zrem", "ZREM"),
 ];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .expect("read src")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|e| e == "rs") {
-            out.push(p);
-        }
-    }
-}
 
 /// The first string literal at the start of `s` (after blanks), quoted
 /// with `"` or `'`.
