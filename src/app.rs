@@ -52,12 +52,21 @@ pub async fn run(cfg: Config, log: Logger, opts: RunOptions) -> Result<(), RunEr
     for m in db::check_privileges(&cfg.database.url, db::privileges::RUN, STARTUP_TIMEOUT).await? {
         warn!(log, "missing a privilege"; "problem" => m.to_string());
     }
+    if cfg.journal.on() {
+        db::check_journal(&cfg.database.url, STARTUP_TIMEOUT).await?;
+    }
     crate::redis::ping(&cfg.redis, STARTUP_TIMEOUT).await?;
     for m in crate::redis::check_permissions(&cfg.redis, STARTUP_TIMEOUT).await? {
         warn!(log, "missing a Redis permission"; "problem" => m.to_string());
     }
     if let Some(risk) = crate::redis::durability_risk(&cfg.redis, STARTUP_TIMEOUT).await {
-        warn!(log, "redis may lose delivered entries on a restart"; "risk" => risk);
+        if cfg.journal.on() {
+            info!(log, "redis may lose delivered entries on a restart; the delivery journal writes them again";
+                "risk" => risk, "journal_keep" => crate::config::format_duration(cfg.journal.keep.0));
+        } else {
+            warn!(log, "redis may lose delivered entries on a restart; set journal.keep so the relay can write them again (docs/journal.md)";
+                "risk" => risk);
+        }
     }
     info!(log, "outbox-relay starting";
         "version" => env!("CARGO_PKG_VERSION"),

@@ -28,6 +28,7 @@ mod faults;
 mod go_schema;
 mod happy_path;
 mod http_surface;
+mod journal;
 mod kubernetes;
 mod listen;
 mod memory_limit;

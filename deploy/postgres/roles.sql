@@ -30,6 +30,11 @@ GRANT SELECT ON outbox_relay_pause TO outbox_relay;
 -- The heartbeat the console reads (migration 7): a relay upserts its own
 -- row and minute, and forgets rows a day old.
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_instances, outbox_relay_minutes TO outbox_relay;
+-- The delivery journal (migration 8): a tick inserts what it delivered;
+-- retention empties one partition at a time (TRUNCATE is checked on the
+-- partition itself); the watch and `reconcile` read it back.
+GRANT SELECT, INSERT ON outbox_relay_journal TO outbox_relay;
+GRANT SELECT, TRUNCATE ON outbox_relay_journal_0, outbox_relay_journal_1, outbox_relay_journal_2, outbox_relay_journal_3, outbox_relay_journal_4, outbox_relay_journal_5, outbox_relay_journal_6, outbox_relay_journal_7, outbox_relay_journal_8, outbox_relay_journal_9, outbox_relay_journal_10, outbox_relay_journal_11, outbox_relay_journal_12, outbox_relay_journal_13, outbox_relay_journal_14, outbox_relay_journal_15 TO outbox_relay;
 
 -- Triage: `dead-letter list|requeue|purge`, `cancel-job`, `status`,
 -- `pause`, `resume`.
@@ -44,6 +49,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON outbox_relay_pause TO outbox_triage;
 -- The console (`outbox-relay console`, or console.listen on `run`) runs as
 -- this role too: everything above, and the fleet it shows.
 GRANT SELECT ON outbox_relay_instances, outbox_relay_minutes TO outbox_triage;
+-- `reconcile` and `status` read the delivery journal.
+GRANT SELECT ON outbox_relay_journal TO outbox_triage;
 -- Its set-aside requeue makes rows due again (UPDATE … SET run_at = now(),
 -- attempts = 0, on rows it locks FOR UPDATE): those two columns only.
 GRANT UPDATE (run_at, attempts) ON task_outbox TO outbox_triage;

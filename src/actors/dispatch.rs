@@ -25,19 +25,29 @@ use super::lifecycle::{
 use super::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::deadline::{Deadline, Expired};
-use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::domain::{EntryOutcome, NodeMark, ScheduleEntry};
 use crate::redis::memory::{entry_cost, InfoError, MemoryGate, Transition};
 use crate::redis::pipeline::{ping, zadd_batch, BatchOutcome, DispatchError};
 use crate::redis::{self as rds, Redis};
 use crate::telemetry::health::ActorHealth;
 use crate::telemetry::metrics::Metrics;
 
-/// Send these ZADDs in one pipeline before `deadline`.
+/// Send these ZADDs in one pipeline before `deadline`; with `mark`, learn
+/// which node acknowledged them (for the delivery journal).
 #[derive(Message)]
-#[rtype(result = "Result<Vec<EntryOutcome>, DispatchError>")]
+#[rtype(result = "Result<Dispatched, DispatchError>")]
 pub struct DispatchBatch {
     pub entries: Vec<ScheduleEntry>,
     pub deadline: Deadline,
+    pub mark: bool,
+}
+
+/// A batch's answer: one outcome per entry, in order, and the node that
+/// acknowledged them when it was asked and could be told.
+#[derive(Debug, Clone, Default)]
+pub struct Dispatched {
+    pub outcomes: Vec<EntryOutcome>,
+    pub node: Option<NodeMark>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,7 +153,7 @@ impl DispatchActor {
 
     /// Count and log what the operator must hear about a batch; the
     /// outcomes go back to the sweep.
-    fn report(&mut self, batch: BatchOutcome) -> Vec<EntryOutcome> {
+    fn report(&mut self, batch: BatchOutcome) -> Dispatched {
         if batch.wait_shortfalls > 0 {
             self.metrics
                 .redis_wait_shortfall
@@ -180,7 +190,10 @@ impl DispatchActor {
             }
             _ => {}
         }
-        batch.outcomes
+        Dispatched {
+            outcomes: batch.outcomes,
+            node: batch.node,
+        }
     }
 
     fn ping_if_idle(&mut self, ctx: &mut Context<Self>) {
@@ -223,7 +236,7 @@ impl Lifecycle for DispatchActor {
 crate::supervised_actor!(DispatchActor);
 
 impl Handler<DispatchBatch> for DispatchActor {
-    type Result = ResponseActFuture<Self, Result<Vec<EntryOutcome>, DispatchError>>;
+    type Result = ResponseActFuture<Self, Result<Dispatched, DispatchError>>;
 
     fn handle(&mut self, msg: DispatchBatch, ctx: &mut Self::Context) -> Self::Result {
         let ready = |r| -> Self::Result { Box::pin(fut::ready(r)) };
@@ -297,7 +310,7 @@ impl Handler<DispatchBatch> for DispatchActor {
             gate.wrote(msg.entries.iter().map(|e| entry_cost(e.member.len())).sum());
             (
                 transition,
-                zadd_batch(&redis, &prefix, &msg.entries, wait_replicas, msg.deadline).await,
+                zadd_batch(&redis, &prefix, &msg.entries, (wait_replicas, msg.mark), msg.deadline).await,
             )
         });
         Box::pin(work.into_actor(self).map(|res, act, ctx| match res {

@@ -9,6 +9,7 @@
 pub mod counter_sync;
 pub mod dead_letter;
 pub mod dispatch;
+pub mod journal;
 pub mod lifecycle;
 pub mod metrics;
 pub mod supervisor;

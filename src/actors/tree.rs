@@ -9,6 +9,8 @@
 //! - `SweepActor`: the tick, talking to the two others only through messages;
 //! - `CounterSyncActor`: running-task counters, Redis hash → `jobs`;
 //! - `MetricsActor`: probes behind the Prometheus gauges;
+//! - `JournalActor`: watches Redis for lost data, writes lost entries again
+//!   from the delivery journal, and keeps the journal to `journal.keep`;
 //! - the LISTEN task (unless `database.listen_url` is `"off"`), which wakes the sweep.
 //!
 //! Adding an actor: its file implements [`super::lifecycle::Lifecycle`];
@@ -25,6 +27,7 @@ use tokio::sync::mpsc;
 use super::counter_sync::{CounterSyncActor, CounterSyncSettings};
 use super::dead_letter::{DeadLetterActor, DeadLetterSettings};
 use super::dispatch::{DispatchActor, DispatchSettings};
+use super::journal::{JournalActor, JournalSettings};
 use super::metrics::{MetricsActor, MetricsSettings};
 use super::supervisor::{GiveUp, RestartPolicy, Supervision};
 use super::sweep::{Stop, SweepActor, SweepSettings, SweepStats, Waker};
@@ -42,6 +45,7 @@ pub struct Relay {
     pub dead_letter: Addr<DeadLetterActor>,
     pub counter_sync: Addr<CounterSyncActor>,
     pub metrics: Addr<MetricsActor>,
+    pub journal: Addr<JournalActor>,
     pub stats: Arc<SweepStats>,
     pub dead_lettered_total: Arc<AtomicU64>,
     /// Every actor's health, in a fixed order (see [`Healths::all`]).
@@ -64,6 +68,7 @@ pub struct Healths {
     pub dead_letter: Arc<ActorHealth>,
     pub counter_sync: Arc<ActorHealth>,
     pub metrics: Arc<ActorHealth>,
+    pub journal: Arc<ActorHealth>,
 }
 
 impl Healths {
@@ -93,11 +98,12 @@ impl Healths {
             ),
             counter_sync: ActorHealth::new("CounterSyncActor", cfg.counter_sync.interval.0 + tick, true),
             metrics: ActorHealth::new("MetricsActor", cfg.metrics.probe_interval.0 + tick, false),
+            journal: ActorHealth::new("JournalActor", cfg.journal.watch_interval.0 + tick, true),
         }
     }
 
     /// All of them, in a fixed order (sweep, dispatch, dead letter, counter
-    /// sync, metrics).
+    /// sync, metrics, journal).
     pub fn all(&self) -> Arc<Vec<Arc<ActorHealth>>> {
         Arc::new(vec![
             self.sweep.clone(),
@@ -105,6 +111,7 @@ impl Healths {
             self.dead_letter.clone(),
             self.counter_sync.clone(),
             self.metrics.clone(),
+            self.journal.clone(),
         ])
     }
 }
@@ -156,6 +163,7 @@ pub fn start(
     };
     let counter_sync = start_counter_sync(&at, schema, healths);
     let metrics_actor = start_metrics(&at, schema, healths);
+    let journal = start_journal(&at, schema, healths);
 
     metrics.listen_active.set(0);
     metrics.listen_leader.set(0);
@@ -188,6 +196,10 @@ pub fn start(
             health: healths.metrics.clone(),
             wedged: metrics_actor.clone().recipient(),
         },
+        Watched {
+            health: healths.journal.clone(),
+            wedged: journal.clone().recipient(),
+        },
     ];
     if let Err(e) = watchdog::spawn(watched, stopping.clone(), log.clone()) {
         warn!(log, "cannot start the watchdog thread; wedged actors will only show in health"; "error" => %e);
@@ -199,6 +211,7 @@ pub fn start(
             dead_letter,
             counter_sync,
             metrics: metrics_actor,
+            journal,
             stats,
             dead_lettered_total,
             health,
@@ -270,6 +283,10 @@ fn sweep_settings(cfg: &Config, schema: &Schema) -> SweepSettings {
         },
         schema: Arc::new(schema.clone()),
         claim_fallback: Arc::default(),
+        journal_width: cfg
+            .journal
+            .on()
+            .then(|| crate::domain::journal::slot_width(cfg.journal.keep.0) as i64),
     }
 }
 
@@ -287,6 +304,28 @@ fn start_counter_sync(at: &Shared<'_>, schema: &Schema, healths: &Healths) -> Ad
     let skew = at.metrics.running_tasks_skew.clone();
     let on_skew: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |v| skew.observe(v as f64));
     Supervisor::start(move |_| CounterSyncActor::new(cs_settings, csh, css, Some(on_skew.clone()), &cs_log))
+}
+
+fn start_journal(at: &Shared<'_>, schema: &Schema, healths: &Healths) -> Addr<JournalActor> {
+    let cfg = at.cfg;
+    let settings = JournalSettings {
+        database_url: cfg.database.url.clone(),
+        redis: cfg.redis.clone(),
+        keep: cfg.journal.keep.0,
+        still_pending: cfg.journal.still_pending.clone(),
+        watch_interval: cfg.journal.watch_interval.0,
+        reconcile_rate: cfg.journal.reconcile_rate,
+        jobs_id: schema.jobs_id,
+        round_timeout: cfg.sweep.tick_timeout.0,
+        error_budget: cfg.supervisor.error_budget,
+    };
+    let (h, sup, m, log) = (
+        healths.journal.clone(),
+        at.supervision.clone(),
+        at.metrics.clone(),
+        at.log.clone(),
+    );
+    Supervisor::start(move |_| JournalActor::new(settings.clone(), h.clone(), sup.clone(), m.clone(), &log))
 }
 
 fn start_metrics(at: &Shared<'_>, schema: &Schema, healths: &Healths) -> Addr<MetricsActor> {

@@ -13,6 +13,7 @@ use slog::{info, Logger};
 pub mod bench;
 pub mod dead_letter;
 pub mod jobs;
+pub mod reconcile;
 
 use crate::app::RunOptions;
 use crate::config::{Config, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
@@ -102,6 +103,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write schedule entries Redis lost again, from the delivery journal
+    /// (journal.keep): each journaled entry whose member is missing from its
+    /// schedule, unless its job is cancelled or journal.still_pending leaves it
+    /// out, through the same fenced write as the relay. Idempotent; paced by
+    /// journal.reconcile_rate. Consumers may see an entry twice (at-least-once).
+    Reconcile {
+        /// Only entries journaled in this last stretch (`10m`, `2h`); default: all the journal holds.
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        /// Only this job's entries.
+        #[arg(long, value_name = "JOB_ID")]
+        job: Option<String>,
+        /// Count what would be written; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Backlog, oldest due age, future-dated rows, dead letters, pauses and the deepest schedules.
     Status {
         /// Print JSON.
@@ -166,6 +186,8 @@ pub enum RelayError {
     Jobs(#[from] jobs::JobsError),
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
+    #[error(transparent)]
+    Reconcile(#[from] reconcile::ReconcileCmdError),
     #[error(transparent)]
     Bench(#[from] bench::BenchError),
     #[error("invariant violated: {0}")]
@@ -235,6 +257,12 @@ fn dispatch(cli: Cli, cfg: Config, log: &Logger) -> Result<(), RelayError> {
         Command::Migrate { dry_run, grant } => block_on(migrate_cmd(&cfg, dry_run, grant, log)),
         Command::CancelJob { job_id, json } => block_on(jobs::cancel_job(&cfg, job_id, json)).map_err(RelayError::Jobs),
         Command::Status { json } => block_on(jobs::status(&cfg, json)).map_err(RelayError::Jobs),
+        Command::Reconcile {
+            since,
+            job,
+            dry_run,
+            json,
+        } => block_on(reconcile::run(&cfg, since, job, dry_run, json)).map_err(RelayError::Reconcile),
         Command::Pause { job, reason, json } => {
             block_on(jobs::pause(&cfg, job, &reason, json)).map_err(RelayError::Jobs)
         }
@@ -265,6 +293,7 @@ fn exit_code(result: Result<(), RelayError>) -> ExitCode {
         Err(RelayError::Config(e)) => fail(2, e),
         Err(e @ RelayError::Bench(bench::BenchError::Usage(_))) => fail(2, e),
         Err(e @ RelayError::Run(crate::app::RunError::Usage(_))) => fail(2, e),
+        Err(e @ RelayError::Reconcile(reconcile::ReconcileCmdError::Usage(_))) => fail(2, e),
         Err(e) => fail(1, e),
     }
 }
@@ -314,6 +343,10 @@ async fn check_services(cfg: &Config) -> Result<(), RelayError> {
         println!("# postgres: the role holds every privilege `run` needs");
     } else {
         println!("# postgres: the role holds every privilege `run` requires");
+    }
+    if cfg.journal.on() {
+        db::check_journal(&cfg.database.url, STARTUP_TIMEOUT).await?;
+        println!("# postgres: the delivery journal is there and the role may write, read and empty it");
     }
     let hearing = db::listen::check(db::listen::ListenTarget::new(
         cfg.database.listen_target(),

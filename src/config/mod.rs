@@ -8,7 +8,7 @@
 //!
 //! Files, leaves first: `error` and `duration` are the shared types; one
 //! file per section (`database`, `redis`, `sweep`, `counter_sync`,
-//! `dead_letter`, `supervisor`, `health`, `http`, `console`, `metrics`,
+//! `dead_letter`, `journal`, `supervisor`, `health`, `http`, `console`, `metrics`,
 //! `log`) holds its struct, its defaults and its own `check`; `root` is the
 //! whole [`Config`] and its redacted form; `layers` merges defaults, file
 //! and environment; `validate` runs the sections' checks in order; `load`
@@ -25,6 +25,7 @@ mod duration;
 mod error;
 mod health;
 mod http;
+mod journal;
 mod layers;
 mod load;
 mod log;
@@ -43,6 +44,7 @@ pub use self::duration::{format_duration, parse_duration, Dur, OptDur};
 pub use self::error::{ConfigError, Problem};
 pub use self::health::HealthConfig;
 pub use self::http::HttpConfig;
+pub use self::journal::JournalConfig;
 pub use self::layers::{CONFIG_PATH_ENV, ENV_PREFIX};
 pub use self::log::{parse_level, LogConfig};
 pub use self::metrics::MetricsConfig;

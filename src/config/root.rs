@@ -9,6 +9,7 @@ use super::database::DatabaseConfig;
 use super::dead_letter::DeadLetterConfig;
 use super::health::HealthConfig;
 use super::http::HttpConfig;
+use super::journal::JournalConfig;
 use super::log::LogConfig;
 use super::metrics::MetricsConfig;
 use super::redis::RedisConfig;
@@ -24,6 +25,7 @@ pub struct Config {
     pub sweep: SweepConfig,
     pub counter_sync: CounterSyncConfig,
     pub dead_letter: DeadLetterConfig,
+    pub journal: JournalConfig,
     pub supervisor: SupervisorConfig,
     pub health: HealthConfig,
     pub http: HttpConfig,

@@ -22,6 +22,7 @@ impl Config {
         self.redis.check(&mut bad);
         self.sweep.check(&self.database, &mut bad);
         self.dead_letter.check(&mut bad);
+        self.journal.check(&mut bad);
         self.counter_sync.check(&mut bad);
         self.supervisor.check(&mut bad);
         self.health.check(&mut bad);

@@ -29,6 +29,8 @@ pub enum DbSetupError {
     Unreachable { url: String, reason: String },
     #[error("Postgres at {url} has no outbox schema (tables task_outbox and task_outbox_dead); run `outbox-relay migrate` first")]
     SchemaMissing { url: String },
+    #[error("Postgres at {url} has no delivery journal (table outbox_relay_journal) but journal.keep is set; run `outbox-relay migrate` first, or set journal.keep = \"0s\"")]
+    JournalMissing { url: String },
     /// One line per thing in the tables the relay cannot work with.
     #[error("{}", .problems.iter().map(|p| format!("Postgres at {url}: {p}")).collect::<Vec<_>>().join("\n"))]
     Schema { url: String, problems: Vec<String> },

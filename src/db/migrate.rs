@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "fleet",
         sql: include_str!("../../migrations/0007_fleet.sql"),
     },
+    Migration {
+        version: 8,
+        name: "journal",
+        sql: include_str!("../../migrations/0008_journal.sql"),
+    },
 ];
 
 /// `deploy/postgres/roles.sql`: every privilege of `outbox_relay` and

@@ -11,6 +11,7 @@ pub mod dead_letter;
 pub mod fleet;
 pub mod hosts;
 pub mod jobs;
+pub mod journal;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
@@ -29,5 +30,5 @@ pub use error::{
     QueryError,
 };
 pub use pool::{pool, CheckoutError, Pg, PgConn, PgManager, PgPool, CANCEL_LINGER, CANCEL_WAIT};
-pub use setup::{check_privileges, check_ready, connect, connect_ready};
+pub use setup::{check_journal, check_privileges, check_ready, connect, connect_ready};
 pub use url::{pg_config, APPLICATION_NAME};

@@ -73,6 +73,29 @@ pub const RUN: &[Need] = &[
     },
 ];
 
+/// `run` with `journal.keep` set: record deliveries, read them back, and
+/// empty a partition at a time (TRUNCATE is checked on the partition).
+pub const JOURNAL: &[Need] = &[
+    need(Object::Table("outbox_relay_journal"), "SELECT"),
+    need(Object::Table("outbox_relay_journal"), "INSERT"),
+    need(Object::Table("outbox_relay_journal_0"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_1"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_2"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_3"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_4"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_5"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_6"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_7"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_8"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_9"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_10"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_11"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_12"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_13"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_14"), "TRUNCATE"),
+    need(Object::Table("outbox_relay_journal_15"), "TRUNCATE"),
+];
+
 /// A privilege the connected role does not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missing {

@@ -64,6 +64,23 @@ pub async fn connect_ready(
     }
 }
 
+/// With `journal.keep` set: the journal's table is there (migration 8)
+/// and the role may write, read and empty it.
+pub async fn check_journal(url: &str, timeout: Duration) -> Result<(), DbSetupError> {
+    let client = connect(url, timeout).await?;
+    let there = super::journal::exists(&client)
+        .await
+        .map_err(|e| DbSetupError::Unreachable {
+            url: redact_url(url),
+            reason: e.text(),
+        })?;
+    if !there {
+        return Err(DbSetupError::JournalMissing { url: redact_url(url) });
+    }
+    drop(client);
+    check_privileges(url, privileges::JOURNAL, timeout).await.map(|_| ())
+}
+
 /// Check that the role of `url` holds every privilege in `needs`. Missing
 /// required ones are an error listing each; missing optional ones are
 /// returned for a warning.

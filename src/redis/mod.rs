@@ -5,6 +5,7 @@
 pub mod durability;
 pub mod keys;
 pub mod memory;
+pub mod node;
 pub mod permissions;
 pub mod pipeline;
 pub mod sentinel;

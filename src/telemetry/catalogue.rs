@@ -217,6 +217,18 @@ pub const CATALOGUE: &[MetricDef] = &[
         help: "Pipelines whose WAIT saw fewer replicas than redis.wait_replicas (their rows were kept and re-sent).",
     },
     MetricDef {
+        name: "outbox_relay_redis_data_loss_total",
+        kind: Kind::Counter,
+        labels: &["cause"],
+        help: "Redis data losses the relay noticed, by cause (restart: a new run id; failover: a promoted replica that lacked journaled writes; vanished: the marker key gone from an unchanged node, as after FLUSHALL). With journal.keep set, the lost entries are written again.",
+    },
+    MetricDef {
+        name: "outbox_relay_journal_restored_entries_total",
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Schedule entries written again from the delivery journal after a loss (by the relay itself; `outbox-relay reconcile` reports its own).",
+    },
+    MetricDef {
         name: "outbox_relay_redis_unreachable_entries_total",
         kind: Kind::Counter,
         labels: &[],

@@ -19,6 +19,10 @@ use prometheus::{
 };
 
 use super::catalogue::{find, Kind, CATALOGUE};
+
+/// The causes of `outbox_relay_redis_data_loss_total`
+/// (`domain::journal::CAUSES`, checked equal there).
+pub const LOSS_CAUSES: [&str; 3] = ["restart", "failover", "vanished"];
 use super::health::{ActorHealth, Status};
 use crate::config::MetricsConfig;
 
@@ -130,6 +134,10 @@ pub struct Metrics {
     pub pool_gets_timed_out: IntCounterVec,
     pub redis_wait_shortfall: IntCounter,
     pub redis_unreachable_entries: IntCounter,
+    /// Redis data losses noticed, by cause (`domain::journal::CAUSES`).
+    pub redis_data_loss: IntCounterVec,
+    /// Entries the relay wrote again from the journal.
+    pub journal_restored: IntCounter,
     pub redis_refused_entries: IntCounterVec,
     pub wakeups: IntCounterVec,
     pub redis_unavailable_ticks: IntCounter,
@@ -192,6 +200,8 @@ impl Metrics {
             pool_gets_waited: r.counter_vec("outbox_relay_pool_gets_waited_total")?,
             pool_gets_timed_out: r.counter_vec("outbox_relay_pool_gets_timed_out_total")?,
             redis_wait_shortfall: r.counter("outbox_relay_redis_wait_shortfall_total")?,
+            redis_data_loss: r.counter_vec("outbox_relay_redis_data_loss_total")?,
+            journal_restored: r.counter("outbox_relay_journal_restored_entries_total")?,
             redis_unreachable_entries: r.counter("outbox_relay_redis_unreachable_entries_total")?,
             redis_refused_entries: r.counter_vec("outbox_relay_redis_refused_entries_total")?,
             redis_unavailable_ticks: r.counter("outbox_relay_redis_unavailable_ticks_total")?,
@@ -213,6 +223,9 @@ impl Metrics {
         }
         for result in ["sent", "coalesced", "seen"] {
             m.wakeups.with_label_values(&[result]);
+        }
+        for cause in LOSS_CAUSES {
+            m.redis_data_loss.with_label_values(&[cause]);
         }
         for service in crate::pool::SERVICES {
             m.connections_opened.with_label_values(&[service]);

@@ -47,6 +47,9 @@ pub struct SweepSettings {
     /// restarts and reads the catalog again. Shared by the lanes, kept
     /// across actor restarts.
     pub claim_fallback: Arc<ClaimFallback>,
+    /// `journal.keep` is set: each tick records what it delivered, in
+    /// slots this many seconds wide ([`crate::domain::journal::slot_width`]).
+    pub journal_width: Option<i64>,
 }
 
 /// Why delete claims stopped (see [`SweepSettings::claim_fallback`]).

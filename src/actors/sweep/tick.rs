@@ -11,6 +11,7 @@ use super::refused::settle_refused;
 use super::report::{is_contention, ClaimPlan, Kept, TickError, TickReport};
 use super::settings::{Lane, SweepSettings, COMMIT_GRACE, FRESH_BATCH};
 use crate::actors::dispatch::DispatchBatch;
+use crate::db::journal;
 use crate::db::outbox::{self, ClaimOrder, Claimed, Horizon};
 use crate::db::schema::ClaimMode;
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
@@ -115,10 +116,11 @@ async fn tick_on(
     }
     let rows = &claimed.rows;
     let mut laps = Laps::new(claim_started);
-    let outcomes = dispatch_rows(dispatch, rows, &settings.key_prefix, deadline, &mut report).await?;
+    let sent = dispatch_rows(dispatch, rows, settings, deadline, &mut report).await?;
     laps.lap(1);
-    report.delivery_lags = delivery_lags(rows, &outcomes, claimed_at);
-    let plan = settle_plan(rows, outcomes, settings, &mut report);
+    report.delivery_lags = delivery_lags(rows, &sent.outcomes, claimed_at);
+    let journal = Journal::of(rows, &sent.entries, &sent.outcomes, sent.node.as_ref());
+    let plan = settle_plan(rows, sent.outcomes, settings, &mut report);
 
     if delete_claim && plan.changes_nothing() {
         // Every row stays as it was (Redis unavailable, held back): a
@@ -128,9 +130,10 @@ async fn tick_on(
         report.stage_us = laps.us;
         return Ok(report);
     }
-    // A delete claim whose rows were all delivered has nothing to write.
-    if plan.needs_writes(delete_claim) {
-        match settle_writes(&tx, settings, &claimed, &plan, delete_claim, deadline).await {
+    // A delete claim whose rows were all delivered has nothing to write
+    // but the journal.
+    if plan.needs_writes(delete_claim) || !journal.rows.is_empty() {
+        match settle_writes(&tx, settings, (&claimed, &journal), &plan, delete_claim, deadline).await {
             Ok(written) => {
                 if let Some(e) = put_back_lost(&written, settings) {
                     rollback(tx, deadline).await?;
@@ -271,6 +274,41 @@ async fn claim_in(
     Ok(Some((claimed, scopes, seen)))
 }
 
+/// What the dispatch said of a tick's rows: an outcome per row, and for
+/// the journal the entries sent (with their rows) and the node that
+/// acknowledged them.
+struct Sent {
+    outcomes: Vec<RowOutcome>,
+    /// With the journal on: each entry sent and its row's index.
+    entries: Vec<(usize, crate::domain::ScheduleEntry)>,
+    node: Option<crate::domain::NodeMark>,
+}
+
+/// What the tick records in the delivery journal.
+struct Journal<'a> {
+    rows: Vec<(&'a crate::domain::OutboxRow, &'a crate::domain::ScheduleEntry)>,
+    node: Option<&'a crate::domain::NodeMark>,
+}
+
+impl<'a> Journal<'a> {
+    /// The delivered rows and the entries written for them.
+    fn of(
+        rows: &'a [crate::domain::OutboxRow],
+        entries: &'a [(usize, crate::domain::ScheduleEntry)],
+        outcomes: &[RowOutcome],
+        node: Option<&'a crate::domain::NodeMark>,
+    ) -> Self {
+        Journal {
+            rows: entries
+                .iter()
+                .filter(|(i, _)| outcomes[*i] == RowOutcome::Delivered)
+                .map(|(i, e)| (&rows[*i], e))
+                .collect(),
+            node,
+        }
+    }
+}
+
 /// Send the rows' entries to Redis (through the dispatch actor) and turn
 /// its answer into each row's outcome. Rows that could not be encoded are
 /// `Poison` already; Redis as a whole unavailable or held back leaves every
@@ -278,27 +316,44 @@ async fn claim_in(
 async fn dispatch_rows(
     dispatch: &Recipient<DispatchBatch>,
     rows: &[crate::domain::OutboxRow],
-    key_prefix: &str,
+    settings: &SweepSettings,
     deadline: Deadline,
     report: &mut TickReport,
-) -> Result<Vec<RowOutcome>, TickError> {
-    let (entries, entry_rows, mut outcomes) = encode_rows(rows, key_prefix);
+) -> Result<Sent, TickError> {
+    let (entries, entry_rows, outcomes) = encode_rows(rows, &settings.key_prefix);
+    let mut sent = Sent {
+        outcomes,
+        entries: Vec::new(),
+        node: None,
+    };
     if entries.is_empty() {
-        return Ok(outcomes);
+        return Ok(sent);
+    }
+    let mark = settings.journal_width.is_some();
+    if mark {
+        sent.entries = entry_rows.iter().copied().zip(entries.iter().cloned()).collect();
     }
     let reply = deadline
-        .run("redis dispatch", dispatch.send(DispatchBatch { entries, deadline }))
+        .run(
+            "redis dispatch",
+            dispatch.send(DispatchBatch {
+                entries,
+                deadline,
+                mark,
+            }),
+        )
         .await?
         .map_err(|e| TickError::Mailbox(e.to_string()))?;
     match reply {
-        Ok(per_entry) => {
-            for (k, o) in per_entry.into_iter().enumerate() {
+        Ok(answer) => {
+            for (k, o) in answer.outcomes.into_iter().enumerate() {
                 let (outcome, condition) = RowOutcome::of_entry(o);
                 if condition.is_some() {
                     report.deferred_reason = condition;
                 }
-                outcomes[entry_rows[k]] = outcome;
+                sent.outcomes[entry_rows[k]] = outcome;
             }
+            sent.node = answer.node;
         }
         // The outcome of the ZADDs is unknown: settle nothing.
         Err(DispatchError::Deadline(e)) => return Err(TickError::Deadline(e)),
@@ -307,7 +362,7 @@ async fn dispatch_rows(
         // Held back on purpose (Redis nearly full): the rows wait as they are.
         Err(DispatchError::BackPressure(why)) => report.back_pressure = Some(why),
     }
-    Ok(outcomes)
+    Ok(sent)
 }
 
 /// Per delivered row, seconds from `created_at` and from `run_at` to now
@@ -374,7 +429,7 @@ struct Written {
 async fn settle_writes(
     tx: &Transaction<'_>,
     settings: &SweepSettings,
-    claimed: &Claimed,
+    (claimed, journal): (&Claimed, &Journal<'_>),
     plan: &Settlement,
     delete_claim: bool,
     deadline: Deadline,
@@ -449,6 +504,14 @@ async fn settle_writes(
                 outbox::postpone(tx, &plan.postpone_ids, plan.postpone_delay_ms)
                     .await
                     .map_err(TickError::db("postpone deferred"))
+            },
+            async {
+                let Some(width) = settings.journal_width else {
+                    return Ok(0);
+                };
+                journal::record(tx, width, &journal.rows, journal.node)
+                    .await
+                    .map_err(TickError::db("journal deliveries"))
             },
         )
     };

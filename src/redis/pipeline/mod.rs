@@ -94,11 +94,16 @@ pub async fn ping(redis: &Redis, deadline: Deadline) -> Result<(), DispatchError
 /// ZADDs (at the end of the standalone pipeline; once per master in a
 /// cluster); entries whose WAIT saw fewer replicas are reported `Deferred`
 /// so their rows are re-sent rather than deleted.
+///
+/// With `mark` (the delivery journal is on), `INFO server replication`
+/// ends the standalone pipeline: the node that acknowledged the batch and
+/// its replication offset after it ([`BatchOutcome::node`]). A cluster
+/// batch spans nodes and carries no mark.
 pub async fn zadd_batch(
     redis: &Redis,
     prefix: &str,
     entries: &[ScheduleEntry],
-    wait_replicas: u32,
+    (wait_replicas, mark): (u32, bool),
     deadline: Deadline,
 ) -> Result<BatchOutcome, DispatchError> {
     let mut batch = BatchOutcome {
@@ -122,7 +127,10 @@ pub async fn zadd_batch(
     let groups = group_by_key(entries);
     let Some(cluster) = conn.cluster() else {
         let all: Vec<usize> = (0..groups.len()).collect();
-        let pipe = build_pipeline(prefix, entries, &groups, &all, wait_replicas, wait_ms);
+        let mut pipe = build_pipeline(prefix, entries, &groups, &all, wait_replicas, wait_ms);
+        if mark {
+            pipe.add_command(super::node::info_cmd());
+        }
         let answered = deadline.run("redis pipeline", pipe.query_async(&mut conn)).await;
         let Ok(answered) = answered else {
             // No reply before the deadline: the connection may be stuck.
@@ -131,7 +139,7 @@ pub async fn zadd_batch(
                 stage: "redis pipeline",
             }));
         };
-        let replies: Vec<Value> = match answered {
+        let mut replies: Vec<Value> = match answered {
             Ok(v) => v,
             // No answer in time: the outcome is unknown (Redis may have applied it).
             Err(e) if e.is_timeout() => {
@@ -141,6 +149,9 @@ pub async fn zadd_batch(
             }
             Err(e) => return Err(DispatchError::Unavailable(e.to_string())),
         };
+        if mark {
+            batch.node = replies.pop().as_ref().and_then(super::node::mark_of);
+        }
         apply_replies(&mut batch, &groups, &all, wait_replicas, &replies)?;
         if batch.refused.contains_key("READONLY") {
             // A replica now (a failover): a new connection asks the

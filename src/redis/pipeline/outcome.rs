@@ -86,6 +86,9 @@ pub struct BatchOutcome {
     pub unreachable_reason: Option<String>,
     /// Entries Redis refused for a reason that is not theirs, by code label.
     pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// The node that acknowledged the batch, when the journal asked
+    /// (standalone and Sentinel only).
+    pub node: Option<crate::domain::NodeMark>,
 }
 
 impl BatchOutcome {

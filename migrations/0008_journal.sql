@@ -1,0 +1,49 @@
+-- outbox-relay schema, version 8: the delivery journal.
+-- Safe to run by hand: psql -v ON_ERROR_STOP=1 -f migrations/0008_journal.sql
+--
+-- With journal.keep set, every tick writes one row here per row it
+-- delivered, in the tick's own transaction: the exact schedule key, score
+-- and member it wrote, and the Redis node that acknowledged it (run id,
+-- replication id, replication offset after the write). When Redis loses
+-- data (a restart without persistence, a failover before the replica had
+-- the writes, a FLUSHALL), the relay writes the missing entries again from
+-- here (`outbox-relay reconcile`; docs/journal.md).
+--
+-- Retention leaves no dead rows behind: the table is 16 list partitions
+-- by `slot`, the time slice the row was written in (keep / 13 wide, by the
+-- database's clock, modulo 16); the relay empties a slot with TRUNCATE
+-- one slice before it is written again. Nothing is ever DELETEd or
+-- UPDATEd here, so the table needs no vacuum to stay its size.
+CREATE TABLE IF NOT EXISTS outbox_relay_journal (
+    slot         SMALLINT NOT NULL,
+    delivered_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    outbox_id    BIGINT NOT NULL,
+    task_id      TEXT NOT NULL,
+    job_id       TEXT NOT NULL,
+    schedule_key TEXT NOT NULL,
+    score        BIGINT NOT NULL,
+    member       TEXT NOT NULL,
+    node_run_id  TEXT NOT NULL DEFAULT '',
+    node_replid  TEXT NOT NULL DEFAULT '',
+    node_offset  BIGINT NOT NULL DEFAULT 0
+) PARTITION BY LIST (slot);
+
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_0 PARTITION OF outbox_relay_journal FOR VALUES IN (0);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_1 PARTITION OF outbox_relay_journal FOR VALUES IN (1);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_2 PARTITION OF outbox_relay_journal FOR VALUES IN (2);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_3 PARTITION OF outbox_relay_journal FOR VALUES IN (3);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_4 PARTITION OF outbox_relay_journal FOR VALUES IN (4);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_5 PARTITION OF outbox_relay_journal FOR VALUES IN (5);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_6 PARTITION OF outbox_relay_journal FOR VALUES IN (6);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_7 PARTITION OF outbox_relay_journal FOR VALUES IN (7);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_8 PARTITION OF outbox_relay_journal FOR VALUES IN (8);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_9 PARTITION OF outbox_relay_journal FOR VALUES IN (9);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_10 PARTITION OF outbox_relay_journal FOR VALUES IN (10);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_11 PARTITION OF outbox_relay_journal FOR VALUES IN (11);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_12 PARTITION OF outbox_relay_journal FOR VALUES IN (12);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_13 PARTITION OF outbox_relay_journal FOR VALUES IN (13);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_14 PARTITION OF outbox_relay_journal FOR VALUES IN (14);
+CREATE TABLE IF NOT EXISTS outbox_relay_journal_15 PARTITION OF outbox_relay_journal FOR VALUES IN (15);
+
+-- Reconcile pages through the journal by outbox id.
+CREATE INDEX IF NOT EXISTS outbox_relay_journal_outbox_id ON outbox_relay_journal (outbox_id);

@@ -1,0 +1,226 @@
+//! Write lost schedule entries again from the delivery journal: the loss
+//! watch runs this when it notices a loss, `outbox-relay reconcile` and
+//! the console on demand.
+//!
+//! Page by page (outbox-id order) through the selected journal entries:
+//! ask Redis which members are missing from their schedules, drop those of
+//! cancelled jobs (`jobs.status`, so a cancel survives even a `FLUSHALL`
+//! that took its fence) and, with `journal.still_pending` set, those the
+//! application no longer considers waiting; write the rest through the
+//! same fenced write as the ticks (a fence that is there still wins).
+//! Idempotent: a member that is there is never written, so running it
+//! twice writes nothing the second time. Paced to `journal.reconcile_rate`
+//! entries examined per second, so it does not starve the drain.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::db::journal::{self, Journaled, Selection};
+use crate::db::schema::IdType;
+use crate::deadline::Deadline;
+use crate::domain::{EntryOutcome, ScheduleEntry};
+use crate::redis::pipeline::{checkout, zadd_batch, DispatchError};
+use crate::redis::Redis;
+
+/// Journal entries per page.
+pub const PAGE: i64 = 500;
+
+/// How long one page's Redis and Postgres work may take.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to reconcile, and how.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub selection: Selection,
+    /// `journal.still_pending` (`""`: every missing entry is written).
+    pub still_pending: String,
+    pub jobs_id: IdType,
+    pub wait_replicas: u32,
+    /// Entries examined per second at most.
+    pub rate: u32,
+    /// Count what would be written, write nothing.
+    pub dry_run: bool,
+}
+
+/// What a reconcile did (`--json` prints it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// Journal entries looked at.
+    pub examined: u64,
+    /// Of those, members still in their schedule.
+    pub present: u64,
+    /// Members missing from their schedule.
+    pub missing: u64,
+    /// Missing, but their job is cancelled: left out.
+    pub cancelled: u64,
+    /// Missing, but `journal.still_pending` did not return them: left out.
+    pub not_pending: u64,
+    /// Written again (with `--dry-run`: would be).
+    pub written: u64,
+    /// Redis refused to write them (a fence, OOM, READONLY, …): not written.
+    pub refused: u64,
+    pub seconds: f64,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("postgres: {0}")]
+    Postgres(String),
+    #[error("journal.still_pending failed: {0}")]
+    StillPending(String),
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+impl From<DispatchError> for ReconcileError {
+    fn from(e: DispatchError) -> Self {
+        ReconcileError::Redis(e.to_string())
+    }
+}
+
+/// Run `plan` to the end; `progress` hears the running totals after each
+/// page.
+pub async fn reconcile(
+    pg: &Client,
+    redis: &Redis,
+    plan: &Plan,
+    mut progress: impl FnMut(&Report),
+) -> Result<Report, ReconcileError> {
+    let started = Instant::now();
+    let mut report = Report {
+        dry_run: plan.dry_run,
+        ..Report::default()
+    };
+    let mut after = i64::MIN;
+    loop {
+        let page = journal::page(pg, &plan.selection, after, PAGE)
+            .await
+            .map_err(|e| ReconcileError::Postgres(e.text()))?;
+        let Some(last) = page.last() else { break };
+        after = last.outbox_id;
+        one_page(pg, redis, plan, page, &mut report).await?;
+        report.seconds = started.elapsed().as_secs_f64();
+        progress(&report);
+        // Paced: never ahead of `rate` entries a second.
+        let due = Duration::from_secs_f64(report.examined as f64 / f64::from(plan.rate.max(1)));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// One page: which are missing, which of those may be written, the write.
+async fn one_page(
+    pg: &Client,
+    redis: &Redis,
+    plan: &Plan,
+    page: Vec<Journaled>,
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    let deadline = Deadline::after(PAGE_TIMEOUT);
+    report.examined += page.len() as u64;
+    let there = present(redis, &page, deadline).await?;
+    let mut missing: Vec<Journaled> = page
+        .into_iter()
+        .zip(&there)
+        .filter(|(_, t)| !**t)
+        .map(|(j, _)| j)
+        .collect();
+    report.present += (there.len() - missing.len()) as u64;
+    report.missing += missing.len() as u64;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let jobs: HashSet<&str> = missing.iter().map(|j| j.job_id.as_str()).collect();
+    let jobs: Vec<&str> = jobs.into_iter().collect();
+    let cancelled: HashSet<String> = journal::cancelled_jobs(pg, plan.jobs_id, &jobs)
+        .await
+        .map_err(|e| ReconcileError::Postgres(e.text()))?
+        .into_iter()
+        .collect();
+    let before = missing.len();
+    missing.retain(|j| {
+        plan.jobs_id
+            .stored_form(&j.job_id)
+            .is_none_or(|form| !cancelled.contains(&form))
+    });
+    report.cancelled += (before - missing.len()) as u64;
+    if !plan.still_pending.trim().is_empty() && !missing.is_empty() {
+        let tasks: Vec<&str> = missing.iter().map(|j| j.task_id.as_str()).collect();
+        let pending: HashSet<String> = journal::still_pending(pg, &plan.still_pending, &tasks)
+            .await
+            .map_err(|e| ReconcileError::StillPending(e.text()))?
+            .into_iter()
+            .collect();
+        let before = missing.len();
+        missing.retain(|j| pending.contains(&j.task_id));
+        report.not_pending += (before - missing.len()) as u64;
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if plan.dry_run {
+        report.written += missing.len() as u64;
+        return Ok(());
+    }
+    let entries: Vec<ScheduleEntry> = missing.into_iter().map(|j| j.entry).collect();
+    let prefix = &plan.selection.key_prefix;
+    let batch = zadd_batch(redis, prefix, &entries, (plan.wait_replicas, false), deadline).await?;
+    for o in &batch.outcomes {
+        match o {
+            EntryOutcome::Delivered => report.written += 1,
+            EntryOutcome::Cancelled => report.cancelled += 1,
+            _ => report.refused += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Whether each entry's member is in its schedule (`ZSCORE`): one
+/// pipeline on one server; in a cluster each to its key's node. A reply
+/// that is an error (a key of another type) counts as there: writing it
+/// again could not help.
+async fn present(redis: &Redis, page: &[Journaled], deadline: Deadline) -> Result<Vec<bool>, ReconcileError> {
+    let mut conn = checkout(redis, deadline).await?;
+    conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+    let replies: Vec<::redis::Value> = if let Some(cluster) = conn.cluster() {
+        let asks = page.iter().map(|j| {
+            let mut c = cluster.clone();
+            let cmd = ::redis::cmd("ZSCORE").arg(&j.entry.key).arg(&j.entry.member).to_owned();
+            async move { cmd.query_async::<::redis::Value>(&mut c).await }
+        });
+        let answers = deadline
+            .run("redis ZSCORE", futures_util::future::join_all(asks))
+            .await
+            .map_err(|e| ReconcileError::Redis(e.to_string()))?;
+        answers
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| ReconcileError::Redis(e.to_string()))?
+    } else {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for j in page {
+            pipe.cmd("ZSCORE").arg(&j.entry.key).arg(&j.entry.member);
+        }
+        deadline
+            .run("redis ZSCORE", pipe.query_async(&mut conn))
+            .await
+            .map_err(|e| ReconcileError::Redis(e.to_string()))?
+            .map_err(|e| ReconcileError::Redis(e.to_string()))?
+    };
+    if replies.len() != page.len() {
+        return Err(ReconcileError::Redis(format!(
+            "{} replies to {} ZSCOREs",
+            replies.len(),
+            page.len()
+        )));
+    }
+    Ok(replies.iter().map(|v| !matches!(v, ::redis::Value::Nil)).collect())
+}

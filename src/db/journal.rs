@@ -1,0 +1,255 @@
+//! Queries on the delivery journal (`outbox_relay_journal`, migration 8):
+//! what a tick records of its deliveries, retention by whole partitions,
+//! and what the loss watch and `reconcile` read back.
+//!
+//! Every row lands in slot `floor(epoch / width) % 16` of the database's
+//! clock ([`crate::domain::journal`]); retention TRUNCATEs the slot two
+//! ahead of the one being written, under a short `lock_timeout`, so it
+//! never waits long behind a reader and never leaves dead rows behind.
+
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+use super::error::{column, QueryError};
+use super::schema::IdType;
+use crate::domain::journal::{slot_to_empty, SLOTS};
+use crate::domain::{NodeMark, OutboxRow, ScheduleEntry, Window};
+
+/// The slot a statement run now writes to, in SQL, for a slice `$1`
+/// seconds wide.
+const SLOT_SQL: &str = "(floor(extract(epoch FROM statement_timestamp()) / $1::int8)::int8 % 16)::int2";
+
+/// Record the delivered `rows` (each with the entry written for it) in
+/// the tick's transaction, acknowledged by `node`.
+pub async fn record(
+    tx: &Transaction<'_>,
+    width_secs: i64,
+    delivered: &[(&OutboxRow, &ScheduleEntry)],
+    node: Option<&NodeMark>,
+) -> Result<u64, tokio_postgres::Error> {
+    if delivered.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = delivered.iter().map(|(r, _)| r.id).collect();
+    let tasks: Vec<&str> = delivered.iter().map(|(r, _)| r.task_id.as_str()).collect();
+    let jobs: Vec<&str> = delivered.iter().map(|(r, _)| r.job_id.as_str()).collect();
+    let keys: Vec<&str> = delivered.iter().map(|(_, e)| e.key.as_str()).collect();
+    let scores: Vec<i64> = delivered.iter().map(|(_, e)| e.score).collect();
+    let members: Vec<&str> = delivered.iter().map(|(_, e)| e.member.as_str()).collect();
+    let blank = NodeMark::default();
+    let node = node.unwrap_or(&blank);
+    tx.execute_typed(
+        &format!(
+            "INSERT INTO outbox_relay_journal
+                    (slot, delivered_at, outbox_id, task_id, job_id, schedule_key, score, member,
+                     node_run_id, node_replid, node_offset)
+             SELECT {SLOT_SQL}, statement_timestamp(), u.id, u.task, u.job, u.key, u.score, u.member, $8, $9, $10
+               FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[])
+                    AS u(id, task, job, key, score, member)"
+        ),
+        &[
+            (&width_secs, Type::INT8),
+            (&ids, Type::INT8_ARRAY),
+            (&tasks, Type::TEXT_ARRAY),
+            (&jobs, Type::TEXT_ARRAY),
+            (&keys, Type::TEXT_ARRAY),
+            (&scores, Type::INT8_ARRAY),
+            (&members, Type::TEXT_ARRAY),
+            (&node.run_id, Type::TEXT),
+            (&node.replid, Type::TEXT),
+            (&node.offset, Type::INT8),
+        ],
+    )
+    .await
+}
+
+/// Whether the journal's table is there (migration 8 applied).
+pub async fn exists(client: &impl GenericClient) -> Result<bool, QueryError> {
+    let row = client
+        .query_typed_one("SELECT to_regclass('outbox_relay_journal') IS NOT NULL", &[])
+        .await?;
+    Ok(column(&row, "outbox_relay_journal", 0)?)
+}
+
+/// Empty the slot two slices ahead of the one written now, if it holds
+/// anything: its number when it was emptied, `None` when it was empty
+/// already. `lock_timeout` bounds the wait behind a reader (an error
+/// then; the caller tries again at its next round).
+pub async fn empty_next_slot(client: &mut Client, width_secs: i64) -> Result<Option<u64>, QueryError> {
+    let row = client
+        .query_typed_one(
+            "SELECT floor(extract(epoch FROM clock_timestamp()) / $1::int8)::int8",
+            &[(&width_secs, Type::INT8)],
+        )
+        .await?;
+    let slice: i64 = column(&row, "outbox_relay_journal", 0)?;
+    let slot = slot_to_empty(slice.max(0) as u64);
+    let table = format!("outbox_relay_journal_{slot}");
+    let tx = client.transaction().await?;
+    let any = tx
+        .query_typed_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])
+        .await?;
+    if !column::<bool>(&any, "outbox_relay_journal", 0)? {
+        tx.commit().await?;
+        return Ok(None);
+    }
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '1s'; TRUNCATE {table}"))
+        .await?;
+    tx.commit().await?;
+    Ok(Some(slot))
+}
+
+/// The journal's size: rows younger than `keep_secs`, all rows, and the
+/// oldest kept row's age in seconds (for `status` and the console).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Size {
+    pub rows: i64,
+    pub bytes: i64,
+    pub oldest_secs: Option<f64>,
+}
+
+/// [`Size`], from the partitions' own statistics (no count of the rows).
+pub async fn size(client: &impl GenericClient) -> Result<Size, QueryError> {
+    let row = client
+        .query_typed_one(
+            "SELECT coalesce(sum(c.reltuples::int8) FILTER (WHERE c.reltuples > 0), 0)::int8,
+                    coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8,
+                    (SELECT extract(epoch FROM now() - min(delivered_at))::float8 FROM outbox_relay_journal)
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'outbox_relay_journal'::regclass",
+            &[],
+        )
+        .await?;
+    Ok(Size {
+        rows: column(&row, "outbox_relay_journal", 0)?,
+        bytes: column(&row, "outbox_relay_journal", 1)?,
+        oldest_secs: column(&row, "outbox_relay_journal", 2)?,
+    })
+}
+
+/// One journaled delivery, as reconcile reads it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Journaled {
+    pub outbox_id: i64,
+    pub task_id: String,
+    pub job_id: String,
+    pub entry: ScheduleEntry,
+}
+
+/// Which journaled deliveries reconcile looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub window: Window,
+    /// Only entries younger than this (`journal.keep`, or `--since`).
+    pub keep_secs: i64,
+    /// Only this job's entries (`--job`).
+    pub job: Option<String>,
+    /// Only entries under this key prefix (`redis.key_prefix`).
+    pub key_prefix: String,
+}
+
+/// The next page: up to `limit` entries of `sel` with an outbox id above
+/// `after`, in outbox-id order (the index of migration 8).
+pub async fn page(
+    client: &impl GenericClient,
+    sel: &Selection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Journaled>, QueryError> {
+    let (replid, offset, recent): (&str, i64, i64) = match &sel.window {
+        Window::All => ("", 0, sel.keep_secs),
+        Window::After { replid, offset } => (replid.as_str(), *offset, sel.keep_secs),
+        Window::Recent { secs } => ("", 0, (*secs as i64).min(sel.keep_secs)),
+    };
+    let by_offset = matches!(sel.window, Window::After { .. });
+    let job = sel.job.as_deref().unwrap_or("");
+    // LIKE with the prefix's wildcards escaped: a prefix is operator text.
+    let like = format!(
+        "{}%",
+        sel.key_prefix
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    );
+    let rows = client
+        .query_typed(
+            "SELECT outbox_id, task_id, job_id, schedule_key, score, member
+               FROM outbox_relay_journal
+              WHERE outbox_id > $1
+                AND delivered_at >= statement_timestamp() - $2::int8 * interval '1 second'
+                AND ($3::text = '' OR job_id = $3)
+                AND schedule_key LIKE $4
+                AND (NOT $5::bool
+                     OR (node_replid = $6 AND node_offset >= $7)
+                     OR node_replid = '')
+              ORDER BY outbox_id
+              LIMIT $8",
+            &[
+                (&after, Type::INT8),
+                (&recent, Type::INT8),
+                (&job, Type::TEXT),
+                (&like, Type::TEXT),
+                (&by_offset, Type::BOOL),
+                (&replid, Type::TEXT),
+                (&offset, Type::INT8),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Journaled {
+                outbox_id: column(r, "outbox_relay_journal", 0)?,
+                task_id: column(r, "outbox_relay_journal", 1)?,
+                job_id: column(r, "outbox_relay_journal", 2)?,
+                entry: ScheduleEntry {
+                    key: column(r, "outbox_relay_journal", 3)?,
+                    score: column(r, "outbox_relay_journal", 4)?,
+                    member: column(r, "outbox_relay_journal", 5)?,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Whether `sel` selects anything at all (the watch skips a failover the
+/// promoted replica lost nothing of).
+pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, QueryError> {
+    Ok(!page(client, sel, i64::MIN, 1).await?.is_empty())
+}
+
+/// Which of `jobs` are cancelled (`jobs.status = 'cancelled'`): their
+/// entries stay lost. `jobs.id` is compared as text, so an id its type
+/// cannot hold matches nothing.
+pub async fn cancelled_jobs(
+    client: &impl GenericClient,
+    jobs_id: IdType,
+    jobs: &[&str],
+) -> Result<Vec<String>, QueryError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let forms: Vec<String> = jobs.iter().filter_map(|j| jobs_id.stored_form(j)).collect();
+    let rows = client
+        .query_typed(
+            "SELECT id::text FROM jobs WHERE id::text = ANY($1::text[]) AND status = 'cancelled'",
+            &[(&forms, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    rows.iter().map(|r| Ok(column(r, "jobs", 0)?)).collect()
+}
+
+/// `journal.still_pending`, run with `$1` = `tasks`: the task ids (its
+/// first column, which must be text: `id::text`) the application still
+/// considers waiting.
+pub async fn still_pending(client: &impl GenericClient, sql: &str, tasks: &[&str]) -> Result<Vec<String>, QueryError> {
+    let rows = client.query_typed(sql, &[(&tasks, Type::TEXT_ARRAY)]).await?;
+    rows.iter()
+        .map(|r| Ok(column(r, "journal.still_pending", 0)?))
+        .collect()
+}
+
+/// Slots of the journal, for the checks that name each partition.
+pub fn partitions() -> impl Iterator<Item = String> {
+    (0..SLOTS).map(|s| format!("outbox_relay_journal_{s}"))
+}

@@ -1,0 +1,422 @@
+//! The delivery journal (`journal.keep`): what a tick delivered is kept in
+//! `outbox_relay_journal`, in the tick's own transaction, with the member,
+//! key and score written and the node that acknowledged it. When Redis
+//! loses data the relay notices (a restart, a failover, a marker key gone)
+//! and writes the lost entries again; `outbox-relay reconcile` does it on
+//! demand. A cancelled job stays cancelled; `journal.still_pending` keeps
+//! entries a consumer already finished from coming back; retention keeps
+//! the journal flat.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use redis::AsyncCommands;
+
+/// The journal on for an hour, watched every second.
+const JOURNAL: &[(&str, &str)] = &[
+    ("OUTBOX_RELAY_JOURNAL__KEEP", "1h"),
+    ("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL", "1s"),
+];
+
+fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    JOURNAL.iter().chain(extra).copied().collect()
+}
+
+async fn journal_rows(db: &TestDb) -> i64 {
+    db.count("SELECT count(*) FROM outbox_relay_journal").await
+}
+
+/// `outbox-relay reconcile ARGS --json`, its report.
+fn reconcile(env: &[(String, String)], args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["reconcile", "--json"];
+    all.extend_from_slice(args);
+    let out = relay_command(&all, env).output().expect("reconcile");
+    assert!(
+        out.status.success(),
+        "reconcile {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Seed `rows` over `jobs` jobs, run a relay with the journal until they
+/// are delivered and journaled, and return it with what Redis then holds.
+async fn delivered(
+    db: &TestDb,
+    redis_url: &str,
+    prefix: &str,
+    rows: i64,
+    extra: &[(&'static str, &'static str)],
+) -> (RelayProcess, HashMap<String, f64>) {
+    seed(db, rows, 20).await;
+    let mut relay = RelayProcess::spawn(&relay_env(db, redis_url, prefix, &with(extra)));
+    relay.wait_started().await;
+    wait_drained_by(db, Duration::from_secs(120), &relay).await;
+    wait_until("every delivery journaled", Duration::from_secs(30), || async {
+        journal_rows(db).await == rows
+    })
+    .await;
+    let members = schedule_members(redis_url, prefix).await;
+    assert_eq!(members.len() as i64, rows);
+    (relay, members)
+}
+
+#[tokio::test]
+async fn each_delivery_is_journaled_with_its_exact_entry_and_node() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let (relay, members) = delivered(&db, &redis.url(), &prefix, 300, &[]).await;
+    relay.stop().await;
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT schedule_key, score, member, node_run_id, node_replid, node_offset, job_id
+               FROM outbox_relay_journal",
+            &[],
+        )
+        .await
+        .expect("read the journal");
+    let mut conn = redis_conn(&redis.url()).await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    let run_id = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("run_id:"))
+        .expect("run_id")
+        .to_string();
+    for r in &rows {
+        let (key, score, member): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(members.get(&member), Some(&(score as f64)), "{member}");
+        let job: String = r.get(6);
+        assert!(key == format!("{}sched:{job}", &*prefix), "{key} for job {job}");
+        let (node, replid, offset): (String, String, i64) = (r.get(3), r.get(4), r.get(5));
+        assert_eq!(node, run_id);
+        assert_eq!(replid.len(), 40, "{replid}");
+        // 0 until a replica attaches (no replication backlog before).
+        assert!(offset >= 0);
+    }
+    assert_eq!(rows.len(), 300);
+}
+
+#[tokio::test]
+async fn a_locking_claim_journals_too() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    db.client()
+        .await
+        .batch_execute("ALTER TABLE task_outbox ADD COLUMN note TEXT NOT NULL DEFAULT 'unset'")
+        .await
+        .expect("a column the relay does not know: it claims by locking");
+    let (relay, _) = delivered(&db, &redis.url(), &prefix, 200, &[]).await;
+    assert!(!relay.records("claiming with SELECT").is_empty());
+    relay.stop().await;
+}
+
+/// A Redis restarted without persistence after 10,000 journaled
+/// deliveries, 200 of which a consumer took and marked done.
+async fn restart_after_consumers_took_200(still_pending: bool) -> (usize, usize) {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let mut redis = RedisServer::start().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE app_tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL);
+             ALTER TABLE app_tasks OWNER TO CURRENT_USER",
+        )
+        .await
+        .expect("the application's table");
+    let sql = "SELECT id FROM app_tasks WHERE id = ANY($1) AND status = 'pending'";
+    let extra: &[(&str, &str)] = if still_pending {
+        &[("OUTBOX_RELAY_JOURNAL__STILL_PENDING", sql)]
+    } else {
+        &[]
+    };
+    let (relay, members) = delivered(&db, &redis.url(), &prefix, 10_000, extra).await;
+    let c = db.client().await;
+    c.batch_execute("INSERT INTO app_tasks SELECT task_id, 'pending' FROM outbox_relay_journal")
+        .await
+        .expect("the tasks");
+    // A consumer takes 200 entries and finishes their tasks.
+    let taken: Vec<(String, String, String)> = c
+        .query(
+            "SELECT task_id, schedule_key, member FROM outbox_relay_journal ORDER BY outbox_id LIMIT 200",
+            &[],
+        )
+        .await
+        .expect("pick 200")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut conn = redis_conn(&redis.url()).await;
+    for (task, key, member) in &taken {
+        let removed: i64 = conn.zrem(key, member).await.expect("ZREM");
+        assert_eq!(removed, 1);
+        c.execute("UPDATE app_tasks SET status = 'done' WHERE id = $1", &[task])
+            .await
+            .expect("done");
+    }
+    // Redis restarts with nothing on disk.
+    redis.stop();
+    redis.resume().await;
+    let expected = if still_pending { 9_800 } else { 10_000 };
+    wait_until("the lost entries written again", Duration::from_secs(90), || async {
+        schedule_members(&redis.url(), &prefix).await.len() >= expected
+    })
+    .await;
+    wait_until("the reconcile's summary", Duration::from_secs(30), || async {
+        !relay.records("journal reconciled").is_empty()
+    })
+    .await;
+    let back = schedule_members(&redis.url(), &prefix).await;
+    let loss = relay.records("redis lost data");
+    assert_eq!(loss.len(), 1, "{loss:?}");
+    assert_eq!(loss[0]["cause"], "restart");
+    assert_eq!(
+        relay
+            .metric("outbox_relay_redis_data_loss_total", &[("cause", "restart")])
+            .await,
+        Some(1.0)
+    );
+    for (member, score) in &back {
+        assert_eq!(members.get(member), Some(score), "written again as it was: {member}");
+    }
+    let taken_back = taken.iter().filter(|(_, _, m)| back.contains_key(m)).count();
+    relay.stop().await;
+    (back.len(), taken_back)
+}
+
+#[tokio::test]
+async fn a_restart_without_persistence_gets_back_what_is_still_pending() {
+    let (back, taken_back) = restart_after_consumers_took_200(true).await;
+    assert_eq!((back, taken_back), (9_800, 0));
+}
+
+#[tokio::test]
+async fn a_restart_without_persistence_gets_everything_back_without_still_pending() {
+    // At-least-once: the 200 a consumer took come back too.
+    let (back, taken_back) = restart_after_consumers_took_200(false).await;
+    assert_eq!((back, taken_back), (10_000, 200));
+}
+
+#[tokio::test]
+async fn flushall_then_reconcile_restores_once() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let (relay, members) = delivered(&db, &redis.url(), &prefix, 500, &[]).await;
+    relay.stop().await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let env = relay_env(&db, &redis.url(), &prefix, JOURNAL);
+
+    let dry = reconcile(&env, &["--dry-run"]);
+    assert_eq!(
+        (dry["missing"].as_u64(), dry["written"].as_u64()),
+        (Some(500), Some(500)),
+        "{dry}"
+    );
+    assert!(
+        schedule_members(&redis.url(), &prefix).await.is_empty(),
+        "a dry run writes nothing"
+    );
+
+    let done = reconcile(&env, &[]);
+    assert_eq!(
+        (done["examined"].as_u64(), done["written"].as_u64()),
+        (Some(500), Some(500)),
+        "{done}"
+    );
+    assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
+
+    let again = reconcile(&env, &[]);
+    assert_eq!(
+        (again["present"].as_u64(), again["written"].as_u64()),
+        (Some(500), Some(0)),
+        "{again}"
+    );
+
+    // --job and --since narrow it.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let job: String = db
+        .client()
+        .await
+        .query_one("SELECT job_id FROM outbox_relay_journal LIMIT 1", &[])
+        .await
+        .expect("a job")
+        .get(0);
+    let one = reconcile(&env, &["--job", &job, "--since", "1h"]);
+    let of_job = db
+        .count(&format!(
+            "SELECT count(*) FROM outbox_relay_journal WHERE job_id = '{job}'"
+        ))
+        .await;
+    assert_eq!(one["written"].as_i64(), Some(of_job), "{one}");
+    let none = reconcile(&env, &["--since", "0s"]);
+    assert_eq!(none["examined"].as_u64(), Some(0), "{none}");
+}
+
+#[tokio::test]
+async fn a_flushall_is_noticed_and_repaired_by_the_running_relay() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let (relay, members) = delivered(&db, &redis.url(), &prefix, 500, &[]).await;
+    // The watch has looked at least once with the marker there.
+    wait_until("the marker key", Duration::from_secs(30), || async {
+        let mut conn = redis_conn(&redis.url()).await;
+        conn.exists::<_, bool>(format!("{}journal:marker", &*prefix))
+            .await
+            .unwrap_or(false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let flushed = Instant::now();
+    wait_until("the entries written again", Duration::from_secs(60), || async {
+        schedule_members(&redis.url(), &prefix).await.len() == members.len()
+    })
+    .await;
+    let took = flushed.elapsed();
+    assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
+    let loss = relay.records("redis lost data");
+    assert_eq!(loss.len(), 1, "{loss:?}");
+    assert_eq!(loss[0]["cause"], "vanished");
+    eprintln!(
+        "restored {} entries {:.1}s after the FLUSHALL",
+        members.len(),
+        took.as_secs_f64()
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_jobs_entries_stay_lost() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let jobs = new_jobs(2);
+    for j in &jobs {
+        running_job(&db, j).await;
+    }
+    seed_for(&db, 400, &jobs).await;
+    let env = relay_env(&db, &redis.url(), &prefix, JOURNAL);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_drained_by(&db, Duration::from_secs(60), &relay).await;
+    wait_until("journaled", Duration::from_secs(30), || async {
+        journal_rows(&db).await == 400
+    })
+    .await;
+    relay.stop().await;
+    let cancelled = jobs[0].to_string();
+    let out = relay_command(&["cancel-job", &cancelled], &env)
+        .output()
+        .expect("cancel-job");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The FLUSHALL takes the cancel fence too: the journal must not bring
+    // the cancelled job back.
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    let report = reconcile(&env, &[]);
+    let of_cancelled = db
+        .count(&format!(
+            "SELECT count(*) FROM outbox_relay_journal WHERE job_id = '{cancelled}'"
+        ))
+        .await;
+    assert!(of_cancelled > 0);
+    assert_eq!(report["cancelled"].as_i64(), Some(of_cancelled), "{report}");
+    assert_eq!(report["written"].as_i64(), Some(400 - of_cancelled), "{report}");
+    let gone: bool = conn
+        .exists(format!("{}sched:{cancelled}", &*prefix))
+        .await
+        .expect("EXISTS");
+    assert!(!gone, "the cancelled job's schedule came back");
+    let kept: bool = conn
+        .exists(format!("{}sched:{}", &*prefix, jobs[1]))
+        .await
+        .expect("EXISTS");
+    assert!(kept);
+}
+
+#[tokio::test]
+async fn retention_keeps_the_journal_flat() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let jobs = new_jobs(4);
+    create_ledger(&db).await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_JOURNAL__KEEP", "30s"),
+            ("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL", "1s"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    // 20 rows every 100ms for 100s: over three retention periods.
+    let producer = Producer::start(db.url.clone(), jobs, 20, Duration::from_millis(100));
+    let started = Instant::now();
+    let mut samples: Vec<(f64, i64, f64)> = Vec::new();
+    while started.elapsed() < Duration::from_secs(100) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let c = db.client().await;
+        let row = c
+            .query_one(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(delivered_at))::float8, 0)
+                   FROM outbox_relay_journal",
+                &[],
+            )
+            .await
+            .expect("journal size");
+        samples.push((started.elapsed().as_secs_f64(), row.get(0), row.get(1)));
+    }
+    let produced = producer.stop().await;
+    let emptied = relay.records("journal slot emptied").len();
+    let about: Vec<String> = relay
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("ournal"))
+        .take(20)
+        .collect();
+    relay.stop().await;
+    assert!(produced > 10_000, "{produced}");
+    assert!(
+        emptied >= 15,
+        "100s of 3s slices: {emptied} emptied; {samples:?} {about:#?}"
+    );
+    // keep 30s: 3s slices; the slice written, 13 before it, and the next
+    // two until they are emptied: nothing older than 16 slices (48s), and
+    // some margin for a round that comes late.
+    let late: Vec<&(f64, i64, f64)> = samples.iter().filter(|(t, _, _)| *t > 55.0).collect();
+    assert!(late.len() >= 8, "{samples:?}");
+    for (t, _, oldest) in &late {
+        assert!(
+            *oldest <= 52.0,
+            "at {t:.0}s the oldest journaled row is {oldest:.0}s old: {samples:?}"
+        );
+        assert!(
+            *oldest >= 30.0,
+            "at {t:.0}s rows younger than keep were dropped: {samples:?}"
+        );
+    }
+    let most = late.iter().map(|(_, n, _)| *n).max().unwrap_or(0);
+    let least = late.iter().map(|(_, n, _)| *n).min().unwrap_or(0);
+    assert!(
+        most as f64 <= least as f64 * 1.5,
+        "the journal grew from {least} to {most} rows: {samples:?}"
+    );
+}
