@@ -2,6 +2,14 @@
 
 use super::*;
 
+pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// The binary the tests run: this build's, or `OUTBOX_RELAY_TEST_BIN` (an
+/// older build, to show that a new test fails where the behaviour is broken).
+pub fn relay_bin() -> String {
+    std::env::var("OUTBOX_RELAY_TEST_BIN").unwrap_or_else(|_| RELAY_BIN.to_string())
+}
+
 /// The relay binary running as a subprocess, its stdout (JSON log lines) captured.
 pub struct RelayProcess {
     child: Child,
