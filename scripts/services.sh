@@ -88,7 +88,7 @@ ensure_tools() {
   { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)
   # The console's browser tests drive Debian's Chromium through its
-  # ChromeDriver (tests/console_browser.rs).
+  # ChromeDriver (tests/console/in_a_browser.rs).
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi

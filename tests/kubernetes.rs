@@ -24,7 +24,7 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::web::{base64, hash, Web};
+use crate::console::web::{base64, bound, hash, Web};
 use common::*;
 use serde_yaml::Value;
 
@@ -449,7 +449,7 @@ async fn console_pod(
     }
     // A bulk action says `all` and carries what its confirmation counted.
     let seen = api.get_as("/api/v1/dead-letters/confirm", &alice).await.json();
-    let body = common::web::bound(serde_json::json!({ "all": true }), &seen);
+    let body = bound(serde_json::json!({ "all": true }), &seen);
     let r = api.post_json_as("/api/v1/dead-letters/requeue", &alice, &body).await;
     assert_eq!(r.status, 200, "requeue: {}", r.body);
 }

@@ -15,11 +15,6 @@ mod cli;
 mod cluster;
 mod code_size;
 mod console;
-mod console_browser;
-mod console_hostile;
-mod console_load;
-mod console_privileges;
-mod console_sessions;
 mod counter_sync;
 mod dead_letter;
 mod docs;
@@ -63,14 +58,39 @@ mod wake_storm;
 mod wedge;
 
 /// With `autotests = false`, a file of `tests/` that is not declared above
-/// would never be compiled or run: every one must be.
+/// would never be compiled or run: every one must be, and every file of a
+/// directory module (`tests/console/`, `tests/common/`) in its `mod.rs`.
 #[test]
 fn every_file_of_tests_is_a_module_of_this_binary() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests"));
     let main = include_str!("main.rs");
     let mut files = 0;
     for entry in std::fs::read_dir(dir).expect("tests/").flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().join("mod.rs").is_file() {
+            let parent = std::fs::read_to_string(entry.path().join("mod.rs")).expect("mod.rs");
+            assert!(
+                main.lines().any(|l| l == format!("mod {name};")),
+                "tests/{name}/ is not declared in tests/main.rs: its tests never run"
+            );
+            for inner in std::fs::read_dir(entry.path())
+                .expect("a directory of tests/")
+                .flatten()
+            {
+                let file = inner.file_name().to_string_lossy().into_owned();
+                let Some(module) = file.strip_suffix(".rs").filter(|m| *m != "mod") else {
+                    continue;
+                };
+                files += 1;
+                assert!(
+                    parent
+                        .lines()
+                        .any(|l| l == format!("mod {module};") || l == format!("pub mod {module};")),
+                    "tests/{name}/{file} is not declared in tests/{name}/mod.rs: it never runs"
+                );
+            }
+            continue;
+        }
         let Some(module) = name.strip_suffix(".rs") else {
             continue;
         };

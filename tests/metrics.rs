@@ -366,7 +366,7 @@ async fn probe_cost(relay: &RelayProcess, probes: f64, limit: Duration) -> (f64,
 async fn the_outbox_probe_rests_in_proportion_to_what_it_costs() {
     let db = TestDb::new().await;
     let prefix = key_prefix();
-    common::web::cli(&db, &["pause", "--reason", "probe cost"]);
+    common::cli(&db, &["pause", "--reason", "probe cost"]);
     seed(&db, 300_000, 10).await;
     let env = relay_env(
         &db,

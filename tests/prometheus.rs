@@ -188,7 +188,7 @@ async fn the_dashboard_and_the_alerts_show_the_outbox_once_under_the_shipped_rep
     poisoned_rows(&db, &redis_url, &prefix, 40).await;
     wait_drained(&db, Duration::from_secs(60)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 40);
-    common::web::cli(&db, &["pause", "--reason", "dashboard test"]);
+    common::cli(&db, &["pause", "--reason", "dashboard test"]);
     seed(&db, 1_500, 5).await;
     db.set_first_row("run_at = 'infinity'").await;
 

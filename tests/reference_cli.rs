@@ -495,7 +495,7 @@ fn acl_lines() -> String {
 }
 
 /// docs/redis.md's `ACL SETUSER` lines grant each user exactly what its
-/// code sends (`tests/redis_acl.rs` and `tests/console_privileges.rs` run
+/// code sends (`tests/redis_acl.rs` and `tests/console/privileges.rs` run
 /// them against a real Redis).
 #[test]
 fn redis_md_acl_lines_grant_what_the_code_sends() {

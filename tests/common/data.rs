@@ -280,3 +280,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }
+
+/// Rows of `job` still in the outbox.
+pub async fn outbox_rows_of(db: &TestDb, job: &uuid::Uuid) -> i64 {
+    db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{job}'"))
+        .await
+}

@@ -11,7 +11,9 @@
 //! - `certs`: certificates for the TLS tests;
 //! - `scrape`: reading `/metrics`;
 //! - here: `wait_until`, free ports, scratch directories.
-//! - `web`, `browser`: the console's HTTP client and Chromium.
+//!
+//! The console's HTTP client and browser are beside the console's tests
+//! (`tests/console/`).
 //!
 //! Everything talks to real services: Postgres at `OUTBOX_TEST_PG`
 //! (default `postgres://root@127.0.0.1:5432/test`) and Redis at
@@ -29,7 +31,6 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use tokio_postgres::NoTls;
 
-pub mod browser;
 mod certs;
 pub mod cluster;
 mod data;
@@ -40,7 +41,6 @@ mod redis_servers;
 mod relay;
 mod scrape;
 mod shared_redis;
-pub mod web;
 
 // Each module of the test binary uses only part of them.
 #[allow(unused_imports)]

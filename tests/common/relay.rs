@@ -302,3 +302,14 @@ impl Drop for RelayProcess {
         }
     }
 }
+
+/// Run one CLI command against `db`; it must succeed.
+pub fn cli(db: &TestDb, args: &[&str]) {
+    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
+    let out = relay_command(args, &env).output().expect("run the CLI");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -80,7 +80,7 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
 /// A test's own Redis connections wait as long as a loaded machine needs:
 /// redis-rs answers "timed out" after 500 ms by default, which a ZRANGE of
 /// 30,000 members decoded by a debug build while the machine builds or
-/// runs other tests can exceed (a console_browser run failed so).
+/// runs other tests can exceed (a run of the console's browser test failed so).
 pub fn patient() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(10)))

@@ -11,8 +11,8 @@ use crate::common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::browser::Driver;
-use common::web::{cli, outbox_rows_of, relay_with_console, users_file, Web};
+use super::browser::Driver;
+use super::web::{relay_with_console, users_file, Web};
 use common::*;
 
 fn shots() -> PathBuf {

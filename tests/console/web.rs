@@ -1,6 +1,9 @@
 //! A small HTTP/1.1 client for the console's tests: keeps cookies like a
-//! browser, sends forms and JSON, and returns status, headers and body.
-//! (The browser tests drive a real Chromium; these check the protocol.)
+//! browser, sends forms and JSON, returns status, headers and body, and
+//! follows a page's forms the way a browser does (each `action` resolved
+//! against the page's URL by the WHATWG rules of the `url` crate). Also
+//! the users file and a relay serving the console. (`browser` drives a
+//! real Chromium; these check the protocol.)
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{free_port, relay_command, scratch_dir, shared_redis_url, shipped_env, RelayProcess, TestDb};
+use crate::common::{free_port, relay_command, scratch_dir, shared_redis_url, shipped_env, RelayProcess, TestDb};
 
 /// One answer.
 #[derive(Debug, Clone)]
@@ -354,19 +357,64 @@ pub async fn wait_console(port: u16, relay: &mut RelayProcess) {
     }
 }
 
-/// Run one CLI command against `db`; it must succeed.
-pub fn cli(db: &TestDb, args: &[&str]) {
-    let env = vec![("OUTBOX_RELAY_DATABASE__URL".to_string(), db.url.clone())];
-    let out = relay_command(args, &env).output().expect("run the CLI");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Every `<form method="post">` of a page: its action and hidden fields.
+pub fn post_forms(body: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    for part in body.split("<form").skip(1) {
+        let form = part.split("</form>").next().unwrap_or_default();
+        let head = form.split('>').next().unwrap_or_default();
+        if !head.contains("method=\"post\"") {
+            continue;
+        }
+        let action = attr(head, "action").unwrap_or_default();
+        let hidden = form
+            .split("<input")
+            .skip(1)
+            .filter(|i| i.contains("type=\"hidden\""))
+            .filter_map(|i| Some((attr(i, "name")?, attr(i, "value").unwrap_or_default())))
+            .collect();
+        out.push((action, hidden));
+    }
+    out
 }
 
-/// Rows of `job` still in the outbox.
-pub async fn outbox_rows_of(db: &TestDb, job: &uuid::Uuid) -> i64 {
-    db.count(&format!("SELECT count(*) FROM task_outbox WHERE job_id = '{job}'"))
-        .await
+fn attr(tag: &str, name: &str) -> Option<String> {
+    let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let end = tag[at..].find('"')?;
+    Some(unescape(&tag[at..at + end]))
+}
+
+pub fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Where a browser on `page` sends a form whose action is `action`.
+pub fn resolve(port: u16, page: &str, action: &str) -> String {
+    let base = url::Url::parse(&format!("http://127.0.0.1:{port}{page}")).expect("page URL");
+    let to = base.join(action).expect("a resolvable action");
+    match to.query() {
+        Some(q) => format!("{}?{q}", to.path()),
+        None => to.path().to_string(),
+    }
+}
+
+/// Submit every POST form of `page` as a browser would: its action
+/// resolved against the page, its hidden fields as they are.
+pub async fn submit_every_form(web: &mut Web, port: u16, page: &str) -> Vec<(String, Answer)> {
+    let shown = web.get(page).await;
+    let mut answers = Vec::new();
+    for (action, hidden) in post_forms(&shown.body) {
+        if action == "/logout" {
+            continue;
+        }
+        let to = resolve(port, page, &action);
+        let fields: Vec<(&str, &str)> = hidden.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let a = web.post_form(&to, &fields).await;
+        answers.push((to, a));
+    }
+    answers
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::web::Web;
-use super::{free_port, wait_until};
+use crate::common::{free_port, wait_until};
 
 /// The key under which WebDriver returns an element's id.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -46,7 +46,7 @@ impl Driver {
 
     /// A new headless browser with an empty profile.
     pub async fn browser(&self) -> Browser {
-        let profile = super::scratch_dir("chromium-profile");
+        let profile = crate::common::scratch_dir("chromium-profile");
         self.profiles.lock().expect("profiles").push(profile.clone());
         let mut web = Web::new(self.port);
         web.origin = None;

@@ -11,7 +11,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::web::{form, relay_with_console, users_file, Web};
+use super::web::{base64, form, relay_with_console, users_file, Web};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -301,7 +301,7 @@ async fn guesses_sent_at_once_from_one_address_are_limited_too() {
     let db = TestDb::new().await;
     let users = users_file("console-burst");
     let c = relay_with_console(&db, &key_prefix(), Some(&users), &[]).await;
-    let wrong = format!("Basic {}", common::web::base64(b"alice:guess"));
+    let wrong = format!("Basic {}", base64(b"alice:guess"));
     let mut burst = Vec::new();
     for _ in 0..30 {
         let (port, wrong) = (c.port, wrong.clone());

@@ -15,7 +15,7 @@ use crate::common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::web::{base64, bound, cli, users_file, Web};
+use super::web::{base64, bound, users_file, Web};
 use common::*;
 
 const PASSWORD: &str = "console-acl-pw";

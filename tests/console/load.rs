@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::web::{base64, relay_with_console, users_file, Web};
+use super::web::{base64, relay_with_console, users_file, Web};
 use common::*;
 
 /// The median of `n` timed GETs of `path`.
