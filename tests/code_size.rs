@@ -1,8 +1,13 @@
-//! Every file of `src/` can be held in one read, and every function in
-//! one screen or two: no file over [`FILE_LINES`] lines, no function over
-//! [`FN_LINES`] (signature to closing brace, its comments included). The
-//! failure lists every offender, largest first.
-
+//! Every file of `src/` and `tests/` can be held in one read, and every
+//! function of `src/` in one screen or two: no file over [`FILE_LINES`]
+//! lines, no function of `src/` over [`FN_LINES`] (signature to closing
+//! brace, its comments included). The failure lists every offender,
+//! largest first.
+//!
+//! The function limit is for `src/` only: an integration test is one
+//! scenario told start to finish (start the services, break one, check
+//! the outbox), and about ten of them run past 120 lines; cutting one
+//! into helpers would hide the story the test tells, not shorten it.
 use std::fs;
 use std::path::PathBuf;
 
@@ -148,13 +153,18 @@ fn no_file_or_function_over_the_limits() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
+    let sources = files.len();
+    rust_files(&root.join("tests"), &mut files);
     let mut over: Vec<(usize, String)> = Vec::new();
-    for f in &files {
+    for (i, f) in files.iter().enumerate() {
         let text = fs::read_to_string(f).expect("read source");
         let rel = f.strip_prefix(&root).expect("under root").display().to_string();
         let lines = text.lines().count();
         if lines > FILE_LINES {
             over.push((lines, format!("{rel}: {lines} lines (file limit {FILE_LINES})")));
+        }
+        if i >= sources {
+            continue; // the function limit is for src/ (see the module doc)
         }
         for (name, line, n) in functions(&text) {
             if n > FN_LINES {
