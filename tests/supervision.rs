@@ -107,64 +107,6 @@ async fn a_panicking_handler_is_restarted_and_work_continues() {
 }
 
 #[tokio::test]
-async fn a_stalled_redis_abandons_ticks_at_the_deadline_without_charging_rows() {
-    let db = TestDb::new().await;
-    let prefix = key_prefix();
-    let redis = RedisServer::start().await;
-    let env = relay_env(
-        &db,
-        &redis.url(),
-        &prefix,
-        &[
-            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
-            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "2"),
-            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
-            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "100"),
-            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
-            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_MAX", "200ms"),
-        ],
-    );
-    let mut relay = RelayProcess::spawn(&env);
-    relay.wait_started().await;
-
-    redis.pause();
-    seed(&db, 500, 5).await;
-    let expected = expected_members(&db).await;
-    wait_until(
-        "the sweep counts ticks abandoned at their deadline",
-        Duration::from_secs(60),
-        || {
-            let exceeded = relay
-                .health_lines("SweepActor")
-                .iter()
-                .filter_map(|r| r["deadline_exceeded"].as_u64())
-                .max()
-                .unwrap_or(0);
-            async move { exceeded >= 3 }
-        },
-    )
-    .await;
-    assert!(relay.count("sweep tick failed") >= 3);
-    assert_eq!(
-        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await,
-        0,
-        "no row was bumped"
-    );
-    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-
-    redis.unpause();
-    wait_until(
-        "backlog drains once Redis answers again",
-        Duration::from_secs(60),
-        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
-    )
-    .await;
-    assert_all_delivered(&redis.url(), &prefix, &expected).await;
-    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
-    relay.stop().await;
-}
-
-#[tokio::test]
 async fn a_dependency_that_stays_dead_leaves_the_process_running_degraded_and_unready() {
     let db = TestDb::new().await;
     let prefix = key_prefix();

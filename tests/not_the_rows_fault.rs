@@ -1,7 +1,17 @@
-//! A misconfigured Redis must never dead-letter the outbox (SPEC §3): only
-//! an error about the entry itself (WRONGTYPE) counts an attempt. Three
-//! refusals that are not the rows' fault, each with `max_attempts = 2` and
-//! a fast backoff, so that rows are refused many times over their budget:
+//! What is not the rows' fault must never dead-letter the outbox (SPEC §3):
+//! only an error about the entry itself (WRONGTYPE) counts an attempt.
+//! Each case runs with `max_attempts = 2`, so that a fault charged to the
+//! rows would dead-letter them within a few ticks, and ends with no dead
+//! letter, attempts unchanged, and every row delivered once the cause is
+//! gone.
+//!
+//! Redis down or stalled:
+//! - stopped across at least five ticks;
+//! - paused (SIGSTOP) so that ticks are abandoned at their deadline.
+//!
+//! Redis refusing writes, the refusals counted in
+//! `outbox_relay_redis_refused_entries_total` and logged with the error's
+//! text:
 //! - ZADD renamed away (`--rename-command`, common hardening): `ERR Unknown Redis command called from script`;
 //! - an ACL user without `zadd`: `ERR The user executing the script can't run this command`
 //!   (`NOPERM` when the command is sent on its own);
@@ -10,9 +20,11 @@
 //!   Redis failing over behind a DNS name): `READONLY You can't write
 //!   against a read only replica` (#29 item 5).
 //!
-//! Each time: no dead letter, attempts unchanged, the refusals counted in
-//! `outbox_relay_redis_refused_entries_total` and logged with the error's
-//! text; once the cause is fixed, every row is delivered.
+//! The same rule under other faults is checked where those faults live: a
+//! Redis restart and a 30 s outage under a producer
+//! (`faults::redis_restart_and_30s_outage_cost_no_dead_letters`), long
+//! freezes at the shipped supervisor settings (`outages`), a cluster without
+//! full coverage (`cluster`), and master switches (`sentinel`).
 
 use crate::common;
 
@@ -285,5 +297,120 @@ async fn a_lasting_refusal_is_held_without_restarts() {
     );
     relay.wait_http("/readyz", 503, Duration::from_secs(5)).await;
     assert_eq!(db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn outage_costs_no_attempts_and_everything_drains_after() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let mut redis = RedisServer::start().await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "2"),
+            ("OUTBOX_RELAY_SWEEP__BASE_BACKOFF", "100ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_BACKOFF", "200ms"),
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "1s"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    redis.stop();
+    seed(&db, 1_000, 5).await;
+    let expected = expected_members(&db).await;
+    // Ticks, not log lines: the warning is throttled to one per 10 s.
+    wait_until("at least 5 ticks hit the outage", Duration::from_secs(60), || async {
+        let scrape = relay.http_get("/metrics").await.map(|(_, b)| b).unwrap_or_default();
+        metric_value(&scrape, "outbox_relay_redis_unavailable_ticks_total", &[]).is_some_and(|n| n >= 5.0)
+    })
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await,
+        0,
+        "no attempt was charged"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+    let why = relay.records("redis unavailable")[0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!why.is_empty(), "the warning says why Redis is unavailable");
+
+    redis.resume().await;
+    wait_until(
+        "backlog drains after Redis returns",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox_dead").await,
+        0,
+        "zero dead letters"
+    );
+    assert_all_delivered(&redis.url(), &prefix, &expected).await;
+    assert!(relay.is_running());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_redis_abandons_ticks_at_the_deadline_without_charging_rows() {
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let env = relay_env(
+        &db,
+        &redis.url(),
+        &prefix,
+        &[
+            ("OUTBOX_RELAY_SWEEP__TICK_TIMEOUT", "500ms"),
+            ("OUTBOX_RELAY_SWEEP__MAX_ATTEMPTS", "2"),
+            ("OUTBOX_RELAY_HEALTH__INTERVAL", "200ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__MAX_RESTARTS", "100"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_BASE", "100ms"),
+            ("OUTBOX_RELAY_SUPERVISOR__BACKOFF_MAX", "200ms"),
+        ],
+    );
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+
+    redis.pause();
+    seed(&db, 500, 5).await;
+    let expected = expected_members(&db).await;
+    wait_until(
+        "the sweep counts ticks abandoned at their deadline",
+        Duration::from_secs(60),
+        || {
+            let exceeded = relay
+                .health_lines("SweepActor")
+                .iter()
+                .filter_map(|r| r["deadline_exceeded"].as_u64())
+                .max()
+                .unwrap_or(0);
+            async move { exceeded >= 3 }
+        },
+    )
+    .await;
+    assert!(relay.count("sweep tick failed") >= 3);
+    assert_eq!(
+        db.count("SELECT count(*) FROM task_outbox WHERE attempts > 0").await,
+        0,
+        "no row was bumped"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
+
+    redis.unpause();
+    wait_until(
+        "backlog drains once Redis answers again",
+        Duration::from_secs(60),
+        || async { db.count("SELECT count(*) FROM task_outbox").await == 0 },
+    )
+    .await;
+    assert_all_delivered(&redis.url(), &prefix, &expected).await;
+    assert_eq!(db.count("SELECT count(*) FROM task_outbox_dead").await, 0);
     relay.stop().await;
 }
