@@ -84,7 +84,7 @@ ensure_tools() {
   local missing=()
   command -v pgbouncer >/dev/null || missing+=(pgbouncer)
   # Debian's prometheus package has both promtool and the server
-  # (tests/prometheus.rs starts one).
+  # (tests/alerts.rs starts one).
   { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)
   # The console's browser tests drive Debian's Chromium through its

@@ -36,7 +36,6 @@ mod pause;
 mod pgbouncer;
 mod poison;
 mod privileges;
-mod prometheus;
 mod redis_acl;
 mod redis_durability;
 mod redis_memory;

@@ -9,7 +9,7 @@
 //! - `relay`: the relay as a real subprocess (and its CLI), its log lines;
 //! - `data`: rows, jobs, the ledger and the outbox invariant;
 //! - `certs`: certificates for the TLS tests;
-//! - `scrape`: reading `/metrics`;
+//! - `scrape`: reading `/metrics`; `prometheus_server`: a real Prometheus;
 //! - here: `wait_until`, free ports, scratch directories.
 //!
 //! The console's HTTP client and browser are beside the console's tests
@@ -36,6 +36,7 @@ pub mod cluster;
 mod data;
 mod database;
 mod postgres;
+mod prometheus_server;
 pub mod proxy;
 mod redis_servers;
 mod relay;
@@ -51,6 +52,8 @@ pub use data::*;
 pub use database::*;
 #[allow(unused_imports)]
 pub use postgres::*;
+#[allow(unused_imports)]
+pub use prometheus_server::*;
 #[allow(unused_imports)]
 pub use redis_servers::*;
 #[allow(unused_imports)]
