@@ -1,10 +1,13 @@
 -- outbox-relay schema, version 8: the delivery journal.
 -- Safe to run by hand: psql -v ON_ERROR_STOP=1 -f migrations/0008_journal.sql
 --
--- With journal.keep set, every tick writes one row here per row it
--- delivered, in the tick's own transaction: the exact schedule key, score
--- and member it wrote, and the Redis node that acknowledged it (run id,
--- replication id, replication offset after the write). When Redis loses
+-- With journal.keep set, every tick that delivered rows writes one row
+-- here, in the tick's own transaction: for each row it delivered, the
+-- outbox id, task and job ids, and the exact schedule key, score and
+-- member it wrote (arrays, in the same order), and the Redis node that
+-- acknowledged the batch (run id, replication id, replication offset
+-- after the write). One row per batch, its arrays compressed by TOAST,
+-- costs the drain far less than one row per delivery. When Redis loses
 -- data (a restart without persistence, a failover before the replica had
 -- the writes, a FLUSHALL), the relay writes the missing entries again from
 -- here (`outbox-relay reconcile`; docs/journal.md).
@@ -15,17 +18,18 @@
 -- one slice before it is written again. Nothing is ever DELETEd or
 -- UPDATEd here, so the table needs no vacuum to stay its size.
 CREATE TABLE IF NOT EXISTS outbox_relay_journal (
-    slot         SMALLINT NOT NULL,
-    delivered_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-    outbox_id    BIGINT NOT NULL,
-    task_id      TEXT NOT NULL,
-    job_id       TEXT NOT NULL,
-    schedule_key TEXT NOT NULL,
-    score        BIGINT NOT NULL,
-    member       TEXT NOT NULL,
-    node_run_id  TEXT NOT NULL DEFAULT '',
-    node_replid  TEXT NOT NULL DEFAULT '',
-    node_offset  BIGINT NOT NULL DEFAULT 0
+    slot          SMALLINT NOT NULL,
+    delivered_at  TIMESTAMPTZ NOT NULL,
+    first_id      BIGINT NOT NULL,
+    outbox_ids    BIGINT[] NOT NULL,
+    task_ids      TEXT[] NOT NULL,
+    job_ids       TEXT[] NOT NULL,
+    schedule_keys TEXT[] NOT NULL,
+    scores        BIGINT[] NOT NULL,
+    members       TEXT[] NOT NULL,
+    node_run_id   TEXT NOT NULL DEFAULT '',
+    node_replid   TEXT NOT NULL DEFAULT '',
+    node_offset   BIGINT NOT NULL DEFAULT 0
 ) PARTITION BY LIST (slot);
 
 CREATE TABLE IF NOT EXISTS outbox_relay_journal_0 PARTITION OF outbox_relay_journal FOR VALUES IN (0);
@@ -45,5 +49,5 @@ CREATE TABLE IF NOT EXISTS outbox_relay_journal_13 PARTITION OF outbox_relay_jou
 CREATE TABLE IF NOT EXISTS outbox_relay_journal_14 PARTITION OF outbox_relay_journal FOR VALUES IN (14);
 CREATE TABLE IF NOT EXISTS outbox_relay_journal_15 PARTITION OF outbox_relay_journal FOR VALUES IN (15);
 
--- Reconcile pages through the journal by outbox id.
-CREATE INDEX IF NOT EXISTS outbox_relay_journal_outbox_id ON outbox_relay_journal (outbox_id);
+-- Reconcile pages through the journal by each batch's first outbox id.
+CREATE INDEX IF NOT EXISTS outbox_relay_journal_first_id ON outbox_relay_journal (first_id);

@@ -26,7 +26,8 @@ fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static s
 }
 
 async fn journal_rows(db: &TestDb) -> i64 {
-    db.count("SELECT count(*) FROM outbox_relay_journal").await
+    db.count("SELECT coalesce(sum(cardinality(outbox_ids)), 0)::int8 FROM outbox_relay_journal")
+        .await
 }
 
 /// `outbox-relay reconcile ARGS --json`, its report.
@@ -75,8 +76,9 @@ async fn each_delivery_is_journaled_with_its_exact_entry_and_node() {
     let c = db.client().await;
     let rows = c
         .query(
-            "SELECT schedule_key, score, member, node_run_id, node_replid, node_offset, job_id
-               FROM outbox_relay_journal",
+            "SELECT e.key, e.score, e.member, node_run_id, node_replid, node_offset, e.job
+               FROM outbox_relay_journal,
+                    unnest(schedule_keys, scores, members, job_ids) AS e(key, score, member, job)",
             &[],
         )
         .await
@@ -143,13 +145,15 @@ async fn restart_after_consumers_took_200(still_pending: bool) -> (usize, usize)
     };
     let (relay, members) = delivered(&db, &redis.url(), &prefix, 10_000, extra).await;
     let c = db.client().await;
-    c.batch_execute("INSERT INTO app_tasks SELECT task_id, 'pending' FROM outbox_relay_journal")
+    c.batch_execute("INSERT INTO app_tasks SELECT unnest(task_ids), 'pending' FROM outbox_relay_journal")
         .await
         .expect("the tasks");
     // A consumer takes 200 entries and finishes their tasks.
     let taken: Vec<(String, String, String)> = c
         .query(
-            "SELECT task_id, schedule_key, member FROM outbox_relay_journal ORDER BY outbox_id LIMIT 200",
+            "SELECT e.task, e.key, e.member
+               FROM outbox_relay_journal, unnest(outbox_ids, task_ids, schedule_keys, members) AS e(id, task, key, member)
+              ORDER BY e.id LIMIT 200",
             &[],
         )
         .await
@@ -250,14 +254,14 @@ async fn flushall_then_reconcile_restores_once() {
     let job: String = db
         .client()
         .await
-        .query_one("SELECT job_id FROM outbox_relay_journal LIMIT 1", &[])
+        .query_one("SELECT job_ids[1] FROM outbox_relay_journal LIMIT 1", &[])
         .await
         .expect("a job")
         .get(0);
     let one = reconcile(&env, &["--job", &job, "--since", "1h"]);
     let of_job = db
         .count(&format!(
-            "SELECT count(*) FROM outbox_relay_journal WHERE job_id = '{job}'"
+            "SELECT count(*) FROM outbox_relay_journal, unnest(job_ids) AS j WHERE j = '{job}'"
         ))
         .await;
     assert_eq!(one["written"].as_i64(), Some(of_job), "{one}");
@@ -331,7 +335,7 @@ async fn a_cancelled_jobs_entries_stay_lost() {
     let report = reconcile(&env, &[]);
     let of_cancelled = db
         .count(&format!(
-            "SELECT count(*) FROM outbox_relay_journal WHERE job_id = '{cancelled}'"
+            "SELECT count(*) FROM outbox_relay_journal, unnest(job_ids) AS j WHERE j = '{cancelled}'"
         ))
         .await;
     assert!(of_cancelled > 0);
@@ -376,7 +380,8 @@ async fn retention_keeps_the_journal_flat() {
         let c = db.client().await;
         let row = c
             .query_one(
-                "SELECT count(*), coalesce(extract(epoch FROM now() - min(delivered_at))::float8, 0)
+                "SELECT coalesce(sum(cardinality(outbox_ids)), 0)::int8,
+                        coalesce(extract(epoch FROM now() - min(delivered_at))::float8, 0)
                    FROM outbox_relay_journal",
                 &[],
             )
@@ -419,4 +424,124 @@ async fn retention_keeps_the_journal_flat() {
         most as f64 <= least as f64 * 1.5,
         "the journal grew from {least} to {most} rows: {samples:?}"
     );
+}
+
+/// Sentinel at `wait_replicas = 0`: replication is cut (the replica's
+/// user disabled on the master, its link killed) while a second batch is
+/// delivered, then the master is killed and the replica promoted. The
+/// promoted replica lacks exactly the second batch; the relay notices the
+/// failover by its `master_replid2`, and writes back that batch and
+/// nothing else: the first, which the new master has, is not even looked
+/// at again.
+#[tokio::test]
+async fn a_failover_with_replication_paused_gets_every_lost_entry_back() {
+    let mut master = RedisServer::start().await;
+    let mut m = redis_conn(&master.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "repl",
+            "on",
+            ">replpw",
+            "+psync",
+            "+replconf",
+            "+ping",
+            "+sync",
+        ])
+        .query_async(&mut m)
+        .await
+        .expect("the replication user");
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--masteruser",
+        "repl",
+        "--masterauth",
+        "replpw",
+    ])
+    .await;
+    let sentinel = RedisSentinel::start(master.port).await;
+    wait_until("the sentinel knows the replica", Duration::from_secs(30), || async {
+        sentinel.replicas().await == 1
+    })
+    .await;
+    let db = TestDb::new().await;
+    let prefix = key_prefix();
+    let mut env = shipped_env(&db.url, "redis://127.0.0.1:1/0", &prefix);
+    for (k, v) in [
+        ("OUTBOX_RELAY_REDIS__MODE", "sentinel".to_string()),
+        ("OUTBOX_RELAY_REDIS__SENTINEL_MASTER", RedisSentinel::MASTER.to_string()),
+        ("OUTBOX_RELAY_REDIS__SENTINEL_URLS", sentinel.url()),
+        ("OUTBOX_RELAY_JOURNAL__KEEP", "1h".to_string()),
+        ("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL", "1s".to_string()),
+    ] {
+        env.push((k.to_string(), v));
+    }
+    let jobs = new_jobs(5);
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    seed_for(&db, 500, &jobs).await;
+    wait_drained_by(&db, Duration::from_secs(60), &relay).await;
+    wait_until("the replica has the first batch", Duration::from_secs(30), || async {
+        schedule_members(&replica.url(), &prefix).await.len() == 500
+    })
+    .await;
+
+    // Replication stops: the replica cannot log in again.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "repl", "off"])
+        .query_async(&mut m)
+        .await
+        .expect("ACL SETUSER repl off");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "repl"])
+        .query_async(&mut m)
+        .await
+        .expect("CLIENT KILL USER repl");
+    seed_for(&db, 500, &jobs).await;
+    wait_drained_by(&db, Duration::from_secs(60), &relay).await;
+    wait_until("both batches journaled", Duration::from_secs(30), || async {
+        journal_rows(&db).await == 1_000
+    })
+    .await;
+    let all = schedule_members(&master.url(), &prefix).await;
+    assert_eq!(all.len(), 1_000);
+    assert_eq!(
+        schedule_members(&replica.url(), &prefix).await.len(),
+        500,
+        "replication was not cut"
+    );
+
+    master.stop();
+    wait_until("the sentinel promotes the replica", Duration::from_secs(90), || async {
+        sentinel.master_port().await == Some(replica.port)
+    })
+    .await;
+    wait_until("the lost batch written again", Duration::from_secs(90), || async {
+        schedule_members(&replica.url(), &prefix).await.len() == 1_000
+    })
+    .await;
+    wait_until("the reconcile's summary", Duration::from_secs(30), || async {
+        !relay.records("journal reconciled").is_empty()
+    })
+    .await;
+    assert_eq!(schedule_members(&replica.url(), &prefix).await, all);
+    let loss = relay.records("redis lost data");
+    assert_eq!(loss.len(), 1, "{loss:?}");
+    assert_eq!(loss[0]["cause"], "failover");
+    let summary = &relay.records("journal reconciled")[0];
+    assert_eq!(
+        (summary["examined"].as_u64(), summary["written"].as_u64()),
+        (Some(500), Some(500)),
+        "only the batch the replica lacked: {summary}"
+    );
+    assert_eq!(
+        relay
+            .metric("outbox_relay_redis_data_loss_total", &[("cause", "failover")])
+            .await,
+        Some(1.0)
+    );
+    relay.stop().await;
 }

@@ -282,6 +282,7 @@ const USERS: &[(&str, &[&str])] = &[
             "src/redis/durability.rs",
             "src/redis/memory.rs",
             "src/redis/mod.rs",
+            "src/redis/node.rs",
             "src/redis/pipeline/",
             "src/redis/reply.rs",
         ],

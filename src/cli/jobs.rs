@@ -78,6 +78,11 @@ pub struct Status {
     pub listen: String,
     /// The check's one line (what it found, and the fix when deaf).
     pub listen_detail: String,
+    /// The delivery journal (`journal.keep`): None when migration 8 is not
+    /// applied.
+    pub journal: Option<crate::db::journal::Size>,
+    /// This configuration's `journal.keep` (`0s`: off).
+    pub journal_keep: String,
 }
 
 #[derive(Debug, Serialize, Clone, PartialEq)]
@@ -151,6 +156,23 @@ pub async fn status(cfg: &Config, json: bool) -> Result<(), JobsError> {
                 .await
                 .map_err(|e| JobsError::Status(e.to_string()))?,
             paused: pause::list(&client).await.map_err(|e| JobsError::Status(e.text()))?,
+            journal: if db::journal::exists(&client)
+                .await
+                .map_err(|e| JobsError::Status(e.text()))?
+            {
+                Some(
+                    db::journal::size(&client)
+                        .await
+                        .map_err(|e| JobsError::Status(e.text()))?,
+                )
+            } else {
+                None
+            },
+            journal_keep: if cfg.journal.on() {
+                crate::config::format_duration(cfg.journal.keep.0)
+            } else {
+                "0s".into()
+            },
             ..Status::default()
         };
         Ok::<_, JobsError>(st)
@@ -206,6 +228,18 @@ fn print_status(st: &Status, prefix: &str) {
         println!("set aside:              0");
     }
     println!("dead letters:           {}", st.dead_letters);
+    match &st.journal {
+        None => println!("delivery journal:       none (migration 8 not applied)"),
+        Some(j) => println!(
+            "delivery journal:       {} entries, {:.1} MiB, oldest {} (journal.keep = {}{})",
+            j.entries,
+            j.bytes as f64 / 1_048_576.0,
+            j.oldest_secs
+                .map_or_else(|| "-".to_string(), |s| format!("{s:.0}s old")),
+            st.journal_keep,
+            if st.journal_keep == "0s" { ": off" } else { "" }
+        ),
+    }
     println!("listen (new rows wake): {}", st.listen_detail);
     if st.paused.is_empty() {
         println!("paused:                 no");

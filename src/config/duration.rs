@@ -55,6 +55,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Format a duration in the largest unit that represents it exactly.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
     for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);

@@ -20,7 +20,8 @@ use crate::domain::{NodeMark, OutboxRow, ScheduleEntry, Window};
 const SLOT_SQL: &str = "(floor(extract(epoch FROM statement_timestamp()) / $1::int8)::int8 % 16)::int2";
 
 /// Record the delivered `rows` (each with the entry written for it) in
-/// the tick's transaction, acknowledged by `node`.
+/// the tick's transaction, acknowledged by `node`: one journal row for the
+/// batch, the entries in its arrays.
 pub async fn record(
     tx: &Transaction<'_>,
     width_secs: i64,
@@ -31,6 +32,7 @@ pub async fn record(
         return Ok(0);
     }
     let ids: Vec<i64> = delivered.iter().map(|(r, _)| r.id).collect();
+    let first = ids.iter().copied().min().unwrap_or_default();
     let tasks: Vec<&str> = delivered.iter().map(|(r, _)| r.task_id.as_str()).collect();
     let jobs: Vec<&str> = delivered.iter().map(|(r, _)| r.job_id.as_str()).collect();
     let keys: Vec<&str> = delivered.iter().map(|(_, e)| e.key.as_str()).collect();
@@ -41,14 +43,13 @@ pub async fn record(
     tx.execute_typed(
         &format!(
             "INSERT INTO outbox_relay_journal
-                    (slot, delivered_at, outbox_id, task_id, job_id, schedule_key, score, member,
+                    (slot, delivered_at, first_id, outbox_ids, task_ids, job_ids, schedule_keys, scores, members,
                      node_run_id, node_replid, node_offset)
-             SELECT {SLOT_SQL}, statement_timestamp(), u.id, u.task, u.job, u.key, u.score, u.member, $8, $9, $10
-               FROM unnest($2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[])
-                    AS u(id, task, job, key, score, member)"
+             VALUES ({SLOT_SQL}, statement_timestamp(), $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         ),
         &[
             (&width_secs, Type::INT8),
+            (&first, Type::INT8),
             (&ids, Type::INT8_ARRAY),
             (&tasks, Type::TEXT_ARRAY),
             (&jobs, Type::TEXT_ARRAY),
@@ -99,29 +100,29 @@ pub async fn empty_next_slot(client: &mut Client, width_secs: i64) -> Result<Opt
     Ok(Some(slot))
 }
 
-/// The journal's size: rows younger than `keep_secs`, all rows, and the
-/// oldest kept row's age in seconds (for `status` and the console).
+/// The journal's size: entries kept, bytes on disk, and the oldest
+/// kept entry's age in seconds (for `status`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Size {
-    pub rows: i64,
+    pub entries: i64,
     pub bytes: i64,
     pub oldest_secs: Option<f64>,
 }
 
-/// [`Size`], from the partitions' own statistics (no count of the rows).
+/// [`Size`] (it reads every batch row's array length: a few thousand rows).
 pub async fn size(client: &impl GenericClient) -> Result<Size, QueryError> {
     let row = client
         .query_typed_one(
-            "SELECT coalesce(sum(c.reltuples::int8) FILTER (WHERE c.reltuples > 0), 0)::int8,
-                    coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8,
-                    (SELECT extract(epoch FROM now() - min(delivered_at))::float8 FROM outbox_relay_journal)
-               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-              WHERE i.inhparent = 'outbox_relay_journal'::regclass",
+            "SELECT coalesce(sum(cardinality(outbox_ids)), 0)::int8,
+                    (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::int8
+                       FROM pg_inherits WHERE inhparent = 'outbox_relay_journal'::regclass),
+                    extract(epoch FROM now() - min(delivered_at))::float8
+               FROM outbox_relay_journal",
             &[],
         )
         .await?;
     Ok(Size {
-        rows: column(&row, "outbox_relay_journal", 0)?,
+        entries: column(&row, "outbox_relay_journal", 0)?,
         bytes: column(&row, "outbox_relay_journal", 1)?,
         oldest_secs: column(&row, "outbox_relay_journal", 2)?,
     })
@@ -148,74 +149,94 @@ pub struct Selection {
     pub key_prefix: String,
 }
 
-/// The next page: up to `limit` entries of `sel` with an outbox id above
-/// `after`, in outbox-id order (the index of migration 8).
-pub async fn page(
-    client: &impl GenericClient,
-    sel: &Selection,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<Journaled>, QueryError> {
+/// A page of the journal: the entries of up to `limit` batches whose
+/// first outbox id is above `after` (in that order, the index of migration
+/// 8), and the last batch's first id (where the next page starts).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub entries: Vec<Journaled>,
+    pub last: Option<i64>,
+}
+
+/// The next [`Page`] of `sel`.
+pub async fn page(client: &impl GenericClient, sel: &Selection, after: i64, limit: i64) -> Result<Page, QueryError> {
     let (replid, offset, recent): (&str, i64, i64) = match &sel.window {
         Window::All => ("", 0, sel.keep_secs),
         Window::After { replid, offset } => (replid.as_str(), *offset, sel.keep_secs),
         Window::Recent { secs } => ("", 0, (*secs as i64).min(sel.keep_secs)),
     };
     let by_offset = matches!(sel.window, Window::After { .. });
-    let job = sel.job.as_deref().unwrap_or("");
-    // LIKE with the prefix's wildcards escaped: a prefix is operator text.
-    let like = format!(
-        "{}%",
-        sel.key_prefix
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    );
     let rows = client
         .query_typed(
-            "SELECT outbox_id, task_id, job_id, schedule_key, score, member
+            "SELECT first_id, outbox_ids, task_ids, job_ids, schedule_keys, scores, members
                FROM outbox_relay_journal
-              WHERE outbox_id > $1
+              WHERE first_id > $1
                 AND delivered_at >= statement_timestamp() - $2::int8 * interval '1 second'
-                AND ($3::text = '' OR job_id = $3)
-                AND schedule_key LIKE $4
-                AND (NOT $5::bool
-                     OR (node_replid = $6 AND node_offset >= $7)
+                AND (NOT $3::bool
+                     OR (node_replid = $4 AND node_offset >= $5)
                      OR node_replid = '')
-              ORDER BY outbox_id
-              LIMIT $8",
+                AND ($7::text = '' OR $7 = ANY(job_ids))
+              ORDER BY first_id
+              LIMIT $6",
             &[
                 (&after, Type::INT8),
                 (&recent, Type::INT8),
-                (&job, Type::TEXT),
-                (&like, Type::TEXT),
                 (&by_offset, Type::BOOL),
                 (&replid, Type::TEXT),
                 (&offset, Type::INT8),
                 (&limit, Type::INT8),
+                (&sel.job.as_deref().unwrap_or(""), Type::TEXT),
             ],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Journaled {
-                outbox_id: column(r, "outbox_relay_journal", 0)?,
-                task_id: column(r, "outbox_relay_journal", 1)?,
-                job_id: column(r, "outbox_relay_journal", 2)?,
-                entry: ScheduleEntry {
-                    key: column(r, "outbox_relay_journal", 3)?,
-                    score: column(r, "outbox_relay_journal", 4)?,
-                    member: column(r, "outbox_relay_journal", 5)?,
-                },
-            })
-        })
-        .collect()
+    let mut page = Page::default();
+    for r in &rows {
+        let t = "outbox_relay_journal";
+        page.last = Some(column(r, t, 0)?);
+        let ids: Vec<i64> = column(r, t, 1)?;
+        let tasks: Vec<String> = column(r, t, 2)?;
+        let jobs: Vec<String> = column(r, t, 3)?;
+        let keys: Vec<String> = column(r, t, 4)?;
+        let scores: Vec<i64> = column(r, t, 5)?;
+        let members: Vec<String> = column(r, t, 6)?;
+        let n = ids.len();
+        if [tasks.len(), jobs.len(), keys.len(), scores.len(), members.len()] != [n; 5] {
+            return Err(QueryError::Column(super::error::ColumnError {
+                table: t,
+                column: "outbox_ids".into(),
+                reason: "the batch's arrays differ in length".into(),
+            }));
+        }
+        let entries = ids.into_iter().zip(tasks).zip(jobs).zip(keys).zip(scores).zip(members);
+        for (((((outbox_id, task_id), job_id), key), score), member) in entries {
+            if sel.job.as_deref().is_some_and(|j| j != job_id) || !key.starts_with(&sel.key_prefix) {
+                continue;
+            }
+            page.entries.push(Journaled {
+                outbox_id,
+                task_id,
+                job_id,
+                entry: ScheduleEntry { key, score, member },
+            });
+        }
+    }
+    Ok(page)
 }
 
 /// Whether `sel` selects anything at all (the watch skips a failover the
 /// promoted replica lost nothing of).
 pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, QueryError> {
-    Ok(!page(client, sel, i64::MIN, 1).await?.is_empty())
+    let mut after = i64::MIN;
+    loop {
+        let p = page(client, sel, after, 100).await?;
+        if !p.entries.is_empty() {
+            return Ok(true);
+        }
+        match p.last {
+            Some(last) => after = last,
+            None => return Ok(false),
+        }
+    }
 }
 
 /// Which of `jobs` are cancelled (`jobs.status = 'cancelled'`): their

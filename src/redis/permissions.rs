@@ -77,6 +77,8 @@ enum Probe {
     ScheduleZadd,
     RunningHgetall,
     InfoMemory,
+    MarkerSet,
+    ScheduleZscore,
     Wait,
     ClusterSlots,
     ClusterMyid,
@@ -115,6 +117,20 @@ pub const NEEDS: &[Need] = &[
         required: false,
         when: When::Always,
         probe: Probe::InfoMemory,
+    },
+    Need {
+        grant: "+info +exists +set",
+        for_what: "the loss watch (INFO server replication, its marker key)",
+        required: false,
+        when: When::Always,
+        probe: Probe::MarkerSet,
+    },
+    Need {
+        grant: "+zscore",
+        for_what: "writing lost entries again from the journal",
+        required: false,
+        when: When::Always,
+        probe: Probe::ScheduleZscore,
     },
     Need {
         grant: "+wait",
@@ -177,6 +193,13 @@ pub async fn missing(conn: &mut DirectConn, cfg: &RedisConfig) -> Vec<Missing> {
             Probe::ScheduleZadd => script("return redis.call('ZADD', KEYS[1], 'XX', 0, 'x')", &sched),
             Probe::RunningHgetall => ::redis::cmd("HGETALL").arg(&running).to_owned(),
             Probe::InfoMemory => ::redis::cmd("INFO").arg("memory").to_owned(),
+            // XX on a key that is never there: the permission, no write.
+            Probe::MarkerSet => ::redis::cmd("SET")
+                .arg(format!("{}-probe", super::node::marker_key(prefix)))
+                .arg("x")
+                .arg("XX")
+                .to_owned(),
+            Probe::ScheduleZscore => ::redis::cmd("ZSCORE").arg(&sched).arg("x").to_owned(),
             Probe::Wait => ::redis::cmd("WAIT").arg(0).arg(0).to_owned(),
             Probe::ClusterSlots => ::redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
             Probe::ClusterMyid => ::redis::cmd("CLUSTER").arg("MYID").to_owned(),
@@ -229,6 +252,8 @@ mod tests {
                 "+zadd",
                 "+hgetall",
                 "+info",
+                "+set",
+                "+zscore",
                 "+wait",
                 "+cluster|slots",
                 "+cluster|myid"

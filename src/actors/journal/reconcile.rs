@@ -25,8 +25,11 @@ use crate::domain::{EntryOutcome, ScheduleEntry};
 use crate::redis::pipeline::{checkout, zadd_batch, DispatchError};
 use crate::redis::Redis;
 
-/// Journal entries per page.
-pub const PAGE: i64 = 500;
+/// Journal batches read at a time.
+const BATCHES: i64 = 20;
+
+/// Entries checked and written at a time.
+pub const PAGE: usize = 500;
 
 /// How long one page's Redis and Postgres work may take.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,18 +100,22 @@ pub async fn reconcile(
     };
     let mut after = i64::MIN;
     loop {
-        let page = journal::page(pg, &plan.selection, after, PAGE)
+        let page = journal::page(pg, &plan.selection, after, BATCHES)
             .await
             .map_err(|e| ReconcileError::Postgres(e.text()))?;
-        let Some(last) = page.last() else { break };
-        after = last.outbox_id;
-        one_page(pg, redis, plan, page, &mut report).await?;
-        report.seconds = started.elapsed().as_secs_f64();
-        progress(&report);
-        // Paced: never ahead of `rate` entries a second.
-        let due = Duration::from_secs_f64(report.examined as f64 / f64::from(plan.rate.max(1)));
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
+        let Some(last) = page.last else { break };
+        after = last;
+        let mut entries = page.entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let chunk: Vec<Journaled> = entries.by_ref().take(PAGE).collect();
+            one_page(pg, redis, plan, chunk, &mut report).await?;
+            report.seconds = started.elapsed().as_secs_f64();
+            progress(&report);
+            // Paced: never ahead of `rate` entries a second.
+            let due = Duration::from_secs_f64(report.examined as f64 / f64::from(plan.rate.max(1)));
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
         }
     }
     report.seconds = started.elapsed().as_secs_f64();

@@ -41,6 +41,7 @@ use crate::telemetry::health::ActorHealth;
 use crate::telemetry::logging::Throttle;
 use crate::telemetry::metrics::Metrics;
 
+mod dispatched;
 mod lanes;
 mod pace;
 mod refused;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use actix::Recipient;
 use tokio_postgres::{Client, Transaction};
 
+use super::dispatched::{delivery_lags, dispatch_rows, Journal};
 use super::refused::settle_refused;
 use super::report::{is_contention, ClaimPlan, Kept, TickError, TickReport};
 use super::settings::{Lane, SweepSettings, COMMIT_GRACE, FRESH_BATCH};
@@ -16,8 +17,7 @@ use crate::db::outbox::{self, ClaimOrder, Claimed, Horizon};
 use crate::db::schema::ClaimMode;
 use crate::db::{self, is_connection_lost, is_statement_timeout, pg_error_text, CheckoutError, Pg};
 use crate::deadline::Deadline;
-use crate::domain::{encode_rows, settle, ClaimLimit, RowOutcome, Settlement};
-use crate::redis::pipeline::DispatchError;
+use crate::domain::{settle, ClaimLimit, RowOutcome, Settlement};
 
 /// One tick: claim, encode, dispatch, settle, commit.
 ///
@@ -272,115 +272,6 @@ async fn claim_in(
         return Ok(None);
     }
     Ok(Some((claimed, scopes, seen)))
-}
-
-/// What the dispatch said of a tick's rows: an outcome per row, and for
-/// the journal the entries sent (with their rows) and the node that
-/// acknowledged them.
-struct Sent {
-    outcomes: Vec<RowOutcome>,
-    /// With the journal on: each entry sent and its row's index.
-    entries: Vec<(usize, crate::domain::ScheduleEntry)>,
-    node: Option<crate::domain::NodeMark>,
-}
-
-/// What the tick records in the delivery journal.
-struct Journal<'a> {
-    rows: Vec<(&'a crate::domain::OutboxRow, &'a crate::domain::ScheduleEntry)>,
-    node: Option<&'a crate::domain::NodeMark>,
-}
-
-impl<'a> Journal<'a> {
-    /// The delivered rows and the entries written for them.
-    fn of(
-        rows: &'a [crate::domain::OutboxRow],
-        entries: &'a [(usize, crate::domain::ScheduleEntry)],
-        outcomes: &[RowOutcome],
-        node: Option<&'a crate::domain::NodeMark>,
-    ) -> Self {
-        Journal {
-            rows: entries
-                .iter()
-                .filter(|(i, _)| outcomes[*i] == RowOutcome::Delivered)
-                .map(|(i, e)| (&rows[*i], e))
-                .collect(),
-            node,
-        }
-    }
-}
-
-/// Send the rows' entries to Redis (through the dispatch actor) and turn
-/// its answer into each row's outcome. Rows that could not be encoded are
-/// `Poison` already; Redis as a whole unavailable or held back leaves every
-/// row `Deferred` (noted in the report).
-async fn dispatch_rows(
-    dispatch: &Recipient<DispatchBatch>,
-    rows: &[crate::domain::OutboxRow],
-    settings: &SweepSettings,
-    deadline: Deadline,
-    report: &mut TickReport,
-) -> Result<Sent, TickError> {
-    let (entries, entry_rows, outcomes) = encode_rows(rows, &settings.key_prefix);
-    let mut sent = Sent {
-        outcomes,
-        entries: Vec::new(),
-        node: None,
-    };
-    if entries.is_empty() {
-        return Ok(sent);
-    }
-    let mark = settings.journal_width.is_some();
-    if mark {
-        sent.entries = entry_rows.iter().copied().zip(entries.iter().cloned()).collect();
-    }
-    let reply = deadline
-        .run(
-            "redis dispatch",
-            dispatch.send(DispatchBatch {
-                entries,
-                deadline,
-                mark,
-            }),
-        )
-        .await?
-        .map_err(|e| TickError::Mailbox(e.to_string()))?;
-    match reply {
-        Ok(answer) => {
-            for (k, o) in answer.outcomes.into_iter().enumerate() {
-                let (outcome, condition) = RowOutcome::of_entry(o);
-                if condition.is_some() {
-                    report.deferred_reason = condition;
-                }
-                sent.outcomes[entry_rows[k]] = outcome;
-            }
-            sent.node = answer.node;
-        }
-        // The outcome of the ZADDs is unknown: settle nothing.
-        Err(DispatchError::Deadline(e)) => return Err(TickError::Deadline(e)),
-        // Not the rows' fault: they stay as they are (outcomes remain Deferred).
-        Err(DispatchError::Unavailable(why)) => report.redis_unavailable = Some(why),
-        // Held back on purpose (Redis nearly full): the rows wait as they are.
-        Err(DispatchError::BackPressure(why)) => report.back_pressure = Some(why),
-    }
-    Ok(sent)
-}
-
-/// Per delivered row, seconds from `created_at` and from `run_at` to now
-/// (acknowledged): the ages at the claim (database clock) plus the time
-/// since (this process's monotonic clock).
-fn delivery_lags(rows: &[crate::domain::OutboxRow], outcomes: &[RowOutcome], claimed_at: Instant) -> Vec<(f64, f64)> {
-    let since_claim = claimed_at.elapsed().as_secs_f64();
-    rows.iter()
-        .zip(outcomes)
-        .filter(|(_, o)| matches!(o, RowOutcome::Delivered))
-        .map(|(r, _)| {
-            let (created, due) = r.age_at_claim_ms;
-            (
-                created.max(0) as f64 / 1000.0 + since_claim,
-                due.max(0) as f64 / 1000.0 + since_claim,
-            )
-        })
-        .collect()
 }
 
 /// What the tick writes for its rows ([`settle`], with rows the dead

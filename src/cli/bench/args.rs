@@ -63,6 +63,15 @@ pub struct BenchArgs {
     /// held snapshot, in seconds.
     #[arg(long, default_value_t = 30, requires = "hold_snapshot")]
     pub phase_seconds: u64,
+    /// Measure what the delivery journal costs (#40): `--rows` drained with
+    /// `journal.keep = "0s"`, then with `--journal-keep`, alternating, three
+    /// times each, and the ratio of the on rate to the off rate. Replaces
+    /// the floors, the drain and the latency runs.
+    #[arg(long)]
+    pub journal_cost: bool,
+    /// With `--journal-cost`: the `journal.keep` of the runs with it on.
+    #[arg(long, default_value = "1h", requires = "journal_cost")]
+    pub journal_keep: String,
     /// Leave out the Postgres-only floors (the ratios are then 0): for a
     /// long drain whose last tenth ÷ first is the point (each floor drains
     /// `--rows` too: at 5,000,000 rows they take most of the run).

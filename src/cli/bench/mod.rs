@@ -29,6 +29,7 @@
 mod args;
 mod console;
 mod error;
+mod journal;
 mod measure;
 mod report;
 mod scenarios;
@@ -48,9 +49,9 @@ use scratch::{delete_prefix, scratch_url};
 
 /// Run the benchmark and print its report.
 pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
-    if args.sustained.is_some() && args.scaling {
+    if usize::from(args.sustained.is_some()) + usize::from(args.scaling) + usize::from(args.journal_cost) > 1 {
         return Err(BenchError::Usage(
-            "bench: --sustained and --scaling are separate runs".into(),
+            "bench: --sustained, --scaling and --journal-cost are separate runs".into(),
         ));
     }
     if cfg.redis.mode == RedisMode::Cluster && !args.scaling {
@@ -77,6 +78,10 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
         sustained::sustained(cfg, &args, rate, &url, &prefix)
             .await
             .map(Report::Sustained)
+    } else if args.journal_cost {
+        journal::journal_cost(cfg, &args, &url, &prefix)
+            .await
+            .map(Report::Journal)
     } else if args.scaling {
         scaling(cfg, &args, &url, &prefix).await.map(Report::Scaling)
     } else {
@@ -95,6 +100,8 @@ pub async fn run(cfg: &Config, args: BenchArgs) -> Result<(), BenchError> {
         Report::Drain(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
         Report::Scaling(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
         Report::Sustained(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Journal(r) if args.json => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
+        Report::Journal(r) => journal::print(&r),
         Report::Sustained(r) => sustained::print_sustained(&r),
         Report::Drain(r) => print_report(&r),
         Report::Scaling(r) => print_scaling(&r),
@@ -106,4 +113,5 @@ enum Report {
     Drain(Box<BenchReport>),
     Sustained(sustained::SustainedReport),
     Scaling(ScalingReport),
+    Journal(journal::JournalCost),
 }
