@@ -250,7 +250,8 @@ async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
             "DispatchActor",
             "DeadLetterActor",
             "CounterSyncActor",
-            "MetricsActor"
+            "MetricsActor",
+            "JournalActor"
         ]
     );
 
@@ -279,7 +280,7 @@ async fn healthz_follows_redis_and_readyz_waits_for_both_pools() {
     relay.stop().await;
 }
 
-/// A panic at a fault point in each of the five actors — in handlers, in
+/// A panic at a fault point in each of the six actors — in handlers, in
 /// the callback that takes an I/O result, in a timer-driven round —
 /// restarts exactly that actor, which then goes back to healthy work.
 #[tokio::test]
@@ -291,6 +292,7 @@ async fn a_panic_in_any_actor_restarts_that_actor_and_work_goes_on() {
         ("dead_letter.report", "DeadLetterActor"),
         ("counter_sync.round", "CounterSyncActor"),
         ("metrics.probe", "MetricsActor"),
+        ("journal.watch", "JournalActor"),
     ] {
         let db = TestDb::new().await;
         let prefix = key_prefix();
