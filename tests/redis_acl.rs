@@ -50,13 +50,31 @@ async fn jobs(db: &TestDb, ids: &[uuid::Uuid]) {
 
 /// Every actor logged `lines` health lines, all of them healthy, and
 /// `/healthz` says 200.
+/// Every actor healthy over `lines` health lines, `/healthz` 200, and no
+/// warning about a missing permission.
 async fn healthy_for(relay: &RelayProcess, lines: usize) {
+    actors_healthy_for(relay, lines).await;
+    assert!(
+        relay.records("missing a Redis permission").is_empty(),
+        "{:#?}",
+        relay.lines()
+    );
+    assert!(
+        relay.records("cannot read redis INFO memory").is_empty(),
+        "{:#?}",
+        relay.lines()
+    );
+}
+
+/// Every actor healthy over `lines` health lines, and `/healthz` 200.
+async fn actors_healthy_for(relay: &RelayProcess, lines: usize) {
     let actors = [
         "SweepActor",
         "DispatchActor",
         "DeadLetterActor",
         "CounterSyncActor",
         "MetricsActor",
+        "JournalActor",
     ];
     wait_until(
         "several health intervals",
@@ -73,16 +91,6 @@ async fn healthy_for(relay: &RelayProcess, lines: usize) {
         assert!(unhealthy.is_empty(), "{a}: {unhealthy:#?}");
     }
     assert_eq!(relay.http_get("/healthz").await.map(|(s, _)| s), Some(200));
-    assert!(
-        relay.records("missing a Redis permission").is_empty(),
-        "{:#?}",
-        relay.lines()
-    );
-    assert!(
-        relay.records("cannot read redis INFO memory").is_empty(),
-        "{:#?}",
-        relay.lines()
-    );
 }
 
 fn check_config(env: &[(String, String)]) -> std::process::Output {
@@ -169,6 +177,27 @@ async fn a_user_without_a_command_is_named_by_check_config() {
         stdout.contains("# redis: warning:") && stdout.contains("+info"),
         "{stdout}"
     );
+    // An ACL from before the journal's watch (no +set), and no +info: the
+    // watch cannot look, says so once, and the relay stays healthy and
+    // ready (#40's review: it made every relay unhealthy).
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "outbox-relay", "-set"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL");
+    let mut env = env;
+    env.push(("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL".into(), "1s".into()));
+    env.push(("OUTBOX_RELAY_HEALTH__INTERVAL".into(), "1s".into()));
+    let mut relay = RelayProcess::spawn(&env);
+    relay.wait_started().await;
+    wait_until("the watch says it cannot look", Duration::from_secs(30), || async {
+        !relay.records("the journal watch cannot look at redis").is_empty()
+    })
+    .await;
+    actors_healthy_for(&relay, 3).await;
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
+    assert_eq!(relay.records("the journal watch cannot look at redis").len(), 1);
+    relay.stop().await;
 }
 
 #[tokio::test]

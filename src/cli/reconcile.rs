@@ -24,6 +24,9 @@ pub enum ReconcileCmdError {
     Failed(#[from] crate::actors::journal::reconcile::ReconcileError),
     #[error("{0}")]
     Postgres(String),
+    /// Entries of paused jobs were held back (exit 1).
+    #[error("{0}")]
+    HeldBack(String),
 }
 
 /// How far back `reconcile` looks without `--since`: everything the
@@ -57,6 +60,17 @@ pub async fn run(
             "there is no delivery journal (table outbox_relay_journal): run `outbox-relay migrate`, and set journal.keep on the relays".into(),
         ));
     }
+    // The job as the outbox's job_id column gives it back (a UUID in its
+    // canonical form), as the journal holds it.
+    let job = match job {
+        None => None,
+        Some(j) => Some(schema.outbox_job_id.stored_form(&j).ok_or_else(|| {
+            ReconcileCmdError::Usage(format!(
+                "--job {j:?} cannot name a job (task_outbox.job_id is {})",
+                schema.outbox_job_id
+            ))
+        })?),
+    };
     let redis = crate::redis::pool(&cfg.redis, STARTUP_TIMEOUT).map_err(|e| ReconcileCmdError::Redis(e.to_string()))?;
     let plan = Plan {
         selection: Selection {
@@ -64,6 +78,7 @@ pub async fn run(
             keep_secs,
             job,
             key_prefix: cfg.redis.key_prefix.clone(),
+            until_secs_ago: 0,
         },
         still_pending: cfg.journal.still_pending.clone(),
         jobs_id: schema.jobs_id,
@@ -94,7 +109,7 @@ pub async fn run(
         );
     } else {
         println!(
-            "{}journal entries examined {}: present in Redis {}, missing {}; of the missing: {} {}, {} of cancelled jobs left out, {} no longer pending left out, {} refused by Redis ({:.1}s)",
+            "{}journal entries examined {}: present in Redis {}, missing {}; of the missing: {} {}, {} of cancelled jobs left out, {} of paused jobs held back, {} no longer pending left out, {} refused by Redis ({:.1}s)",
             if report.dry_run { "dry run: " } else { "" },
             report.examined,
             report.present,
@@ -102,10 +117,17 @@ pub async fn run(
             report.written,
             if report.dry_run { "would be written" } else { "written again" },
             report.cancelled,
+            report.paused,
             report.not_pending,
             report.refused,
             report.seconds
         );
+    }
+    if report.paused > 0 {
+        return Err(ReconcileCmdError::HeldBack(format!(
+            "{} entries of paused jobs were held back; run reconcile again after `outbox-relay resume`",
+            report.paused
+        )));
     }
     if report.refused > 0 {
         return Err(ReconcileCmdError::Redis(format!(

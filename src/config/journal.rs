@@ -62,6 +62,19 @@ impl JournalConfig {
                     .into(),
             );
         }
+        // Retention empties each slot in the two slices before it is
+        // written (`domain::journal::slots_ahead`): a round at least every
+        // two slices.
+        let slice = self.keep.0.as_secs().div_ceil(13).max(1);
+        if self.on() && self.watch_interval.0 > std::time::Duration::from_secs(2 * slice) {
+            bad(
+                "journal.watch_interval",
+                format!(
+                    "must be at most {}s with journal.keep = {keep}s: retention runs in the watch's rounds and must come within two of keep/13",
+                    2 * slice
+                ),
+            );
+        }
         if self.reconcile_rate == 0 {
             bad("journal.reconcile_rate", "must be greater than 0".into());
         }
@@ -131,6 +144,21 @@ mod tests {
             ..JournalConfig::default()
         };
         assert!(problems(&off)[0].1.contains("journal.keep"), "{:?}", problems(&off));
+    }
+
+    #[test]
+    fn the_watch_comes_often_enough_for_retention() {
+        let c = JournalConfig {
+            keep: Dur::secs(30),
+            watch_interval: Dur::secs(7),
+            ..JournalConfig::default()
+        };
+        assert_eq!(problems(&c)[0].0, "journal.watch_interval");
+        let c = JournalConfig {
+            keep: Dur::secs(30),
+            ..JournalConfig::default()
+        };
+        assert!(problems(&c).is_empty(), "the shipped 5s fits the shortest keep");
     }
 
     #[test]

@@ -144,9 +144,11 @@ pub(crate) fn forbidden(st: &Console, who: &Who, action: &str, why: &str, api: b
     }
 }
 
-/// `pause`, `resume` or `cancel`.
+/// `pause`, `resume`, `cancel` or `reconcile`.
 pub(crate) fn job_action_name(action: &str) -> Option<&'static str> {
-    ["pause", "resume", "cancel"].into_iter().find(|a| *a == action)
+    ["pause", "resume", "cancel", "reconcile"]
+        .into_iter()
+        .find(|a| *a == action)
 }
 
 /// `requeue` or `purge`.
@@ -297,7 +299,7 @@ fn job_scope(st: &Console, job: &str, action: &str) -> Result<String, ConsoleErr
             st.schema.outbox_job_id
         ))
     })?;
-    if scope == pause::ALL && action != "cancel" {
+    if scope == pause::ALL && !matches!(action, "cancel" | "reconcile") {
         return Err(ConsoleError::BadRequest(format!(
             "job id {:?} is the pause table's name for every job: pause or resume everything with `outbox-relay pause` / `resume`",
             pause::ALL
@@ -347,6 +349,9 @@ async fn run_job_action(
             ),
             Some(o.outbox_rows_deleted),
         ));
+    }
+    if action == "reconcile" {
+        return super::reconcile::reconcile_job(st, scope).await;
     }
     let reason = format!("console: {}", who.name);
     let changed = st

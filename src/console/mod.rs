@@ -45,6 +45,7 @@ mod identity;
 mod load;
 mod pages;
 pub mod paths;
+mod reconcile;
 mod respond;
 mod routes;
 mod signin;

@@ -97,7 +97,10 @@ pub(crate) async fn schedule(st: St, req: HttpRequest) -> HttpResponse {
     let who = visitor!(st, req);
     let q: ScheduleQuery = query!(who, req);
     match load::load_schedule(&st, &q.job, q.offset).await {
-        Ok(s) => html(StatusCode::OK, views::schedule(&who, &s, SCHEDULE_PAGE)),
+        Ok(s) => html(
+            StatusCode::OK,
+            views::schedule(&who, &s, SCHEDULE_PAGE, can_act(&st, &who)),
+        ),
         Err(e) => page_error(&who, &e),
     }
 }

@@ -15,6 +15,7 @@
 /// The POST targets of the job actions: the job travels in the body.
 pub const JOB_PAUSE: &str = "/jobs/pause";
 pub const JOB_RESUME: &str = "/jobs/resume";
+pub const JOB_RECONCILE: &str = "/jobs/reconcile";
 pub const JOB_CANCEL: &str = "/jobs/cancel";
 /// The confirmation page of a job's cancel (GET, `?job=`).
 pub const JOB_CANCEL_CONFIRM: &str = "/jobs/cancel";

@@ -64,6 +64,8 @@ pub struct Console {
     pub(crate) pg_url: String,
     pub(crate) schema: Schema,
     pub(crate) redis_cfg: RedisConfig,
+    /// `[journal]`: what the reconcile action runs with.
+    pub(crate) journal: crate::config::JournalConfig,
     redis: tokio::sync::Mutex<Option<DirectConn>>,
     pub(crate) users: Vec<auth::User>,
     pub(crate) sessions: auth::Sessions,
@@ -179,6 +181,7 @@ pub async fn build(cfg: &Config, registry: &Registry, log: &Logger) -> Result<Ar
         secure_cookie: cfg.console.secure_cookie,
         timeout: cfg.console.statement_timeout.0,
         stale_after: cfg.health.interval.0 * 3,
+        journal: cfg.journal.clone(),
         metrics: ConsoleMetrics::new(registry)?,
         log: log.new(slog::o!("component" => "console")),
     }))

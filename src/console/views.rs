@@ -7,7 +7,7 @@
 use maud::{html, Markup, DOCTYPE};
 
 use super::chart::{Chart, Series};
-use super::data::{self, thousands, Capped, Fleet, Job, JobCounts, Overview};
+use super::data::{self, seconds, thousands, Capped, Fleet, Job, JobCounts, Overview};
 use super::identity::Who;
 use super::load::{DeadLettersData, Extent, FilterForm, Point, ScheduleData, SetAsideData, SetAsideQuery};
 use super::paths;
@@ -90,18 +90,6 @@ pub fn result(who: &Who, ok: bool, text: &str, back: &str) -> Markup {
             p { a href=(back) { "Back" } }
         },
     )
-}
-
-fn seconds(s: f64) -> String {
-    if s >= 3600.0 {
-        format!("{:.1} h", s / 3600.0)
-    } else if s >= 60.0 {
-        format!("{:.1} min", s / 60.0)
-    } else if s >= 1.0 {
-        format!("{s:.1} s")
-    } else {
-        format!("{:.0} ms", s * 1000.0)
-    }
 }
 
 fn capped(c: &Capped) -> Markup {
@@ -272,12 +260,19 @@ pub fn cancel_confirm(who: &Who, job: &str, c: &JobCounts) -> Markup {
     )
 }
 
-pub fn schedule(who: &Who, s: &ScheduleData, page: isize) -> Markup {
+pub fn schedule(who: &Who, s: &ScheduleData, page: isize, can_act: bool) -> Markup {
     layout(
         "Schedule",
         Some(who),
         html! {
             p { code { (s.key) } ": " (thousands(s.size)) " entries, in score order (read-only)." }
+            @if can_act {
+                form.actions method="post" action=(paths::JOB_RECONCILE) {
+                    input type="hidden" name="csrf" value=(who.csrf.as_deref().unwrap_or(""));
+                    input type="hidden" name="job" value=(s.job_id);
+                    button type="submit" title="Redis lost data: write this job's journaled entries that are missing from its schedule again (docs/journal.md)" { "Reconcile from the journal" }
+                }
+            }
             table {
                 thead { tr { th { "#" } th { "Due (score)" } th { "Member" } } }
                 tbody {
@@ -453,6 +448,14 @@ mod tests {
     /// A form: its action and its hidden fields.
     type Form = (String, Vec<(String, String)>);
 
+    /// Whether a form of the page posts to `action` naming exactly job `id`.
+    fn posts_job(markup: &str, action: &str, id: &str) -> bool {
+        let (_, forms) = urls(markup);
+        forms
+            .iter()
+            .any(|(a, h)| a == action && h.iter().any(|(k, v)| k == "job" && v == id))
+    }
+
     /// Every `href="…"` and `<form … action="…">` of a page, unescaped.
     fn urls(markup: &str) -> (Vec<String>, Vec<Form>) {
         let unescape = |s: &str| {
@@ -526,7 +529,8 @@ mod tests {
             paths::JOB_SCHEDULE,
             paths::JOB_CANCEL_CONFIRM,
         ];
-        let posts = [paths::JOB_PAUSE, paths::JOB_RESUME, paths::JOB_CANCEL, "/logout"];
+        let mut posts = vec![paths::JOB_PAUSE, paths::JOB_RESUME, paths::JOB_CANCEL, "/logout"];
+        posts.push(paths::JOB_RECONCILE);
         let check = |page_url: &str, markup: &str, seen: &mut std::collections::HashSet<String>| {
             let base = url::Url::parse(page_url).expect("page URL");
             let (hrefs, forms) = urls(markup);
@@ -564,12 +568,9 @@ mod tests {
             };
             let markup = cancel_confirm(&who, id, &counts).into_string();
             check(&page, &markup, &mut linked);
-            let (_, forms) = urls(&markup);
             assert!(
-                forms
-                    .iter()
-                    .any(|(a, h)| a == paths::JOB_CANCEL && h.iter().any(|(k, v)| k == "job" && v == id)),
-                "{id:?}: the cancel form names exactly the job"
+                posts_job(&markup, paths::JOB_CANCEL, id),
+                "{id:?}: the cancel form names the job"
             );
             let s = ScheduleData {
                 job_id: id.clone(),
@@ -578,10 +579,15 @@ mod tests {
                 offset: 50,
                 entries: Vec::new(),
             };
+            let markup = schedule(&who, &s, 50, true).into_string();
             check(
                 &format!("http://console.example{}", paths::job_schedule(id, 50)),
-                &schedule(&who, &s, 50).into_string(),
+                &markup,
                 &mut linked,
+            );
+            assert!(
+                posts_job(&markup, paths::JOB_RECONCILE, id),
+                "{id:?}: the reconcile form names the job"
             );
         }
     }

@@ -3,16 +3,17 @@
 //! and what the loss watch and `reconcile` read back.
 //!
 //! Every row lands in slot `floor(epoch / width) % 16` of the database's
-//! clock ([`crate::domain::journal`]); retention TRUNCATEs the slot two
-//! ahead of the one being written, under a short `lock_timeout`, so it
-//! never waits long behind a reader and never leaves dead rows behind.
+//! clock ([`crate::domain::journal`]); retention TRUNCATEs the two slots
+//! ahead of the one being written, each under its own lock and a short
+//! `lock_timeout`, so it never waits long behind a reader, never empties
+//! the slot being written, and never leaves dead rows behind.
 
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::error::{column, QueryError};
 use super::schema::IdType;
-use crate::domain::journal::{slot_to_empty, SLOTS};
+use crate::domain::journal::{is_ahead, slots_ahead};
 use crate::domain::{NodeMark, OutboxRow, ScheduleEntry, Window};
 
 /// The slot a statement run now writes to, in SQL, for a slice `$1`
@@ -72,32 +73,47 @@ pub async fn exists(client: &impl GenericClient) -> Result<bool, QueryError> {
     Ok(column(&row, "outbox_relay_journal", 0)?)
 }
 
-/// Empty the slot two slices ahead of the one written now, if it holds
-/// anything: its number when it was emptied, `None` when it was empty
-/// already. `lock_timeout` bounds the wait behind a reader (an error
-/// then; the caller tries again at its next round).
-pub async fn empty_next_slot(client: &mut Client, width_secs: i64) -> Result<Option<u64>, QueryError> {
-    let row = client
+/// Empty the two slots ahead of the one written now (the next slice's
+/// and the one after), those that hold anything: the slots emptied.
+///
+/// Each in a transaction of its own that first takes the partition's lock
+/// (`lock_timeout` 1 s: an error then, tried again next round), then reads
+/// the clock: a relay stopped between reading the clock and emptying a
+/// slot (SIGSTOP) can never empty the slot being written, because it
+/// checks which slot is ahead only once no one else can write to it.
+pub async fn empty_ahead(client: &mut Client, width_secs: i64) -> Result<Vec<u64>, QueryError> {
+    let mut emptied = Vec::new();
+    let first = client
         .query_typed_one(
             "SELECT floor(extract(epoch FROM clock_timestamp()) / $1::int8)::int8",
             &[(&width_secs, Type::INT8)],
         )
         .await?;
-    let slice: i64 = column(&row, "outbox_relay_journal", 0)?;
-    let slot = slot_to_empty(slice.max(0) as u64);
-    let table = format!("outbox_relay_journal_{slot}");
-    let tx = client.transaction().await?;
-    let any = tx
-        .query_typed_one(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), &[])
+    let slice: i64 = column(&first, "outbox_relay_journal", 0)?;
+    for slot in slots_ahead(slice.max(0) as u64) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '1s'; LOCK TABLE outbox_relay_journal_{slot} IN ACCESS EXCLUSIVE MODE"
+        ))
         .await?;
-    if !column::<bool>(&any, "outbox_relay_journal", 0)? {
+        let row = tx
+            .query_typed_one(
+                "SELECT floor(extract(epoch FROM clock_timestamp()) / $1::int8)::int8,
+                        EXISTS (SELECT 1 FROM outbox_relay_journal WHERE slot = $2::int2)",
+                &[(&width_secs, Type::INT8), (&(slot as i16), Type::INT2)],
+            )
+            .await?;
+        let now: i64 = column(&row, "outbox_relay_journal", 0)?;
+        let holds: bool = column(&row, "outbox_relay_journal", 1)?;
+        // Still ahead of the slice written now (not it, not one it keeps)?
+        if holds && is_ahead(slot, now.max(0) as u64) {
+            tx.batch_execute(&format!("TRUNCATE outbox_relay_journal_{slot}"))
+                .await?;
+            emptied.push(slot);
+        }
         tx.commit().await?;
-        return Ok(None);
     }
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = '1s'; TRUNCATE {table}"))
-        .await?;
-    tx.commit().await?;
-    Ok(Some(slot))
+    Ok(emptied)
 }
 
 /// The journal's size: entries kept, bytes on disk, and the oldest
@@ -147,7 +163,30 @@ pub struct Selection {
     pub job: Option<String>,
     /// Only entries under this key prefix (`redis.key_prefix`).
     pub key_prefix: String,
+    /// Only entries journaled at least this long ago (seconds): the time
+    /// since the loss was noticed, so what the node acknowledged after it
+    /// is not written again; 0 for everything up to now.
+    pub until_secs_ago: i64,
 }
+
+impl Selection {
+    /// `(replid, offset, by_offset, from_secs_ago)` of the window: how far
+    /// back entries are taken, counted from now.
+    fn bounds(&self) -> (&str, i64, bool, i64) {
+        let until = self.until_secs_ago.max(0);
+        match &self.window {
+            Window::All => ("", 0, false, self.keep_secs),
+            Window::After { replid, offset } => (replid.as_str(), *offset, true, self.keep_secs),
+            Window::Recent { secs } => ("", 0, false, (*secs as i64 + until).min(self.keep_secs)),
+        }
+    }
+}
+
+/// The selection's filter on journal rows, `$1`… `$7` as in [`page`].
+const SELECTED: &str = "delivered_at >= statement_timestamp() - $2::int8 * interval '1 second'
+                AND delivered_at <= statement_timestamp() - $7::int8 * interval '1 second'
+                AND (NOT $3::bool OR (node_replid = $4 AND node_offset >= $5) OR node_replid = '')
+                AND ($6::text = '' OR $6 = ANY(job_ids))";
 
 /// A page of the journal: the entries of up to `limit` batches whose
 /// first outbox id is above `after` (in that order, the index of migration
@@ -160,32 +199,25 @@ pub struct Page {
 
 /// The next [`Page`] of `sel`.
 pub async fn page(client: &impl GenericClient, sel: &Selection, after: i64, limit: i64) -> Result<Page, QueryError> {
-    let (replid, offset, recent): (&str, i64, i64) = match &sel.window {
-        Window::All => ("", 0, sel.keep_secs),
-        Window::After { replid, offset } => (replid.as_str(), *offset, sel.keep_secs),
-        Window::Recent { secs } => ("", 0, (*secs as i64).min(sel.keep_secs)),
-    };
-    let by_offset = matches!(sel.window, Window::After { .. });
+    let (replid, offset, by_offset, recent) = sel.bounds();
     let rows = client
         .query_typed(
-            "SELECT first_id, outbox_ids, task_ids, job_ids, schedule_keys, scores, members
-               FROM outbox_relay_journal
-              WHERE first_id > $1
-                AND delivered_at >= statement_timestamp() - $2::int8 * interval '1 second'
-                AND (NOT $3::bool
-                     OR (node_replid = $4 AND node_offset >= $5)
-                     OR node_replid = '')
-                AND ($7::text = '' OR $7 = ANY(job_ids))
-              ORDER BY first_id
-              LIMIT $6",
+            &format!(
+                "SELECT first_id, outbox_ids, task_ids, job_ids, schedule_keys, scores, members
+                   FROM outbox_relay_journal
+                  WHERE first_id > $1 AND {SELECTED}
+                  ORDER BY first_id
+                  LIMIT $8"
+            ),
             &[
                 (&after, Type::INT8),
                 (&recent, Type::INT8),
                 (&by_offset, Type::BOOL),
                 (&replid, Type::TEXT),
                 (&offset, Type::INT8),
-                (&limit, Type::INT8),
                 (&sel.job.as_deref().unwrap_or(""), Type::TEXT),
+                (&sel.until_secs_ago.max(0), Type::INT8),
+                (&limit, Type::INT8),
             ],
         )
         .await?;
@@ -223,20 +255,30 @@ pub async fn page(client: &impl GenericClient, sel: &Selection, after: i64, limi
     Ok(page)
 }
 
-/// Whether `sel` selects anything at all (the watch skips a failover the
-/// promoted replica lost nothing of).
+/// Whether `sel` selects any batch at all (the watch skips a failover
+/// the promoted replica lost nothing of): one `EXISTS`, no array read.
+/// The key prefix is judged by each batch's first key.
 pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, QueryError> {
-    let mut after = i64::MIN;
-    loop {
-        let p = page(client, sel, after, 100).await?;
-        if !p.entries.is_empty() {
-            return Ok(true);
-        }
-        match p.last {
-            Some(last) => after = last,
-            None => return Ok(false),
-        }
-    }
+    let (replid, offset, by_offset, recent) = sel.bounds();
+    let row = client
+        .query_typed_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM outbox_relay_journal
+                                 WHERE $1::text IS NOT NULL AND {SELECTED}
+                                   AND starts_with(schedule_keys[1], $1))"
+            ),
+            &[
+                (&sel.key_prefix, Type::TEXT),
+                (&recent, Type::INT8),
+                (&by_offset, Type::BOOL),
+                (&replid, Type::TEXT),
+                (&offset, Type::INT8),
+                (&sel.job.as_deref().unwrap_or(""), Type::TEXT),
+                (&sel.until_secs_ago.max(0), Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(column(&row, "outbox_relay_journal", 0)?)
 }
 
 /// Which of `jobs` are cancelled (`jobs.status = 'cancelled'`): their
@@ -268,9 +310,4 @@ pub async fn still_pending(client: &impl GenericClient, sql: &str, tasks: &[&str
     rows.iter()
         .map(|r| Ok(column(r, "journal.still_pending", 0)?))
         .collect()
-}
-
-/// Slots of the journal, for the checks that name each partition.
-pub fn partitions() -> impl Iterator<Item = String> {
-    (0..SLOTS).map(|s| format!("outbox_relay_journal_{s}"))
 }

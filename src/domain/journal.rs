@@ -24,10 +24,17 @@ pub fn slot_width(keep: Duration) -> u64 {
     keep.as_secs().div_ceil(SLICES_PER_KEEP).max(1)
 }
 
-/// The slot retention empties while slice `now_slice` is written: two
-/// ahead, so it is empty a whole slice before anything is written to it.
-pub fn slot_to_empty(now_slice: u64) -> u64 {
-    (now_slice + 2) % SLOTS
+/// The slots retention empties while slice `now_slice` is written: the
+/// next two, so each is empty before anything is written to it.
+pub fn slots_ahead(now_slice: u64) -> [u64; 2] {
+    [(now_slice + 1) % SLOTS, (now_slice + 2) % SLOTS]
+}
+
+/// Whether `slot` is one of [`slots_ahead`] of `now_slice`: not the slot
+/// written now, nor one of the 13 before it that hold what `keep` keeps.
+pub fn is_ahead(slot: u64, now_slice: u64) -> bool {
+    let ahead = (slot + SLOTS - now_slice % SLOTS) % SLOTS;
+    ahead == 1 || ahead == 2
 }
 
 /// The node that acknowledged a write: its run id (new at every start),
@@ -51,6 +58,15 @@ pub struct Observation {
     pub second_offset: i64,
     /// Whether the marker key the relay keeps beside the schedules is there.
     pub marker: bool,
+}
+
+impl Observation {
+    /// The look to compare the next one with: the marker is there now
+    /// (the look wrote it when it was missing).
+    pub fn after_marking(mut self) -> Observation {
+        self.marker = true;
+        self
+    }
 }
 
 /// What was lost, as narrowly as the relay can know it.
@@ -124,6 +140,22 @@ impl Loss {
                     before.mark.replid,
                     now.second_offset - 1,
                     before.mark.offset
+                ),
+            });
+        }
+        // The same node under a new replication history it did not
+        // continue from the one seen before (failed over and back between
+        // two looks, or a chain of failovers): what it holds is not known.
+        if now.mark.run_id == before.mark.run_id
+            && !before.mark.replid.is_empty()
+            && now.mark.replid != before.mark.replid
+        {
+            return Some(Loss {
+                cause: "failover",
+                window: Window::All,
+                detail: format!(
+                    "the node (run id {}) took a new replication history {} that does not continue {}: failed over and back, or over twice, between two looks",
+                    now.mark.run_id, now.mark.replid, before.mark.replid
                 ),
             });
         }
@@ -234,6 +266,12 @@ mod tests {
     }
 
     #[test]
+    fn a_new_history_that_does_not_continue_the_old_one_is_a_failover() {
+        let loss = Loss::between(Some(&look("r1", "x", 100, true)), &look("r1", "y", 40, true), S, true).unwrap();
+        assert_eq!((loss.cause, loss.window), ("failover", Window::All));
+    }
+
+    #[test]
     fn a_flush_is_noticed_by_the_marker() {
         let loss = Loss::between(Some(&look("r1", "x", 100, true)), &look("r1", "x", 120, false), S, true).unwrap();
         assert_eq!((loss.cause, loss.window), ("vanished", Window::All));
@@ -253,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn slots_cycle_and_the_one_emptied_is_two_ahead() {
+    fn slots_cycle_and_only_the_two_ahead_are_emptied() {
         assert_eq!(slot_width(Duration::from_secs(3600)), 277);
         assert_eq!(slot_width(Duration::from_secs(30)), 3);
         for keep in [30, 60, 61, 3600, 86_400, 30 * 86_400] {
@@ -263,8 +301,14 @@ mod tests {
             );
         }
         assert_eq!(slot_width(Duration::from_secs(5)), 1);
-        assert_eq!(slot_to_empty(0), 2);
-        assert_eq!(slot_to_empty(14), 0);
-        assert_eq!(slot_to_empty(31), 1);
+        assert_eq!(slots_ahead(0), [1, 2]);
+        assert_eq!(slots_ahead(14), [15, 0]);
+        assert_eq!(slots_ahead(31), [0, 1]);
+        for slice in 0..40 {
+            for slot in 0..SLOTS {
+                let written_or_kept = (0..=SLICES_PER_KEEP).any(|back| (slice + SLOTS * 4 - back) % SLOTS == slot);
+                assert_eq!(is_ahead(slot, slice), !written_or_kept, "slot {slot} at slice {slice}");
+            }
+        }
     }
 }

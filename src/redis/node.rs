@@ -53,6 +53,10 @@ pub enum ObserveError {
     Unavailable(String),
     #[error("redis answered INFO server replication without run_id/master_replid/master_repl_offset")]
     NoMark,
+    /// The connection reached a replica (a failover behind a fixed
+    /// address): the caller drops it and connects again.
+    #[error("the watch reached a replica, not the master")]
+    Replica,
 }
 
 /// One look at the node behind `conn`: its mark, how it was promoted (if
@@ -69,6 +73,9 @@ pub async fn observe<C: ConnectionLike>(conn: &mut C, prefix: &str) -> Result<Ob
         .await
         .map_err(|e| ObserveError::Unavailable(e.to_string()))?;
     let mark = parse_mark(&info).ok_or(ObserveError::NoMark)?;
+    if field(&info, "role") == Some("slave") {
+        return Err(ObserveError::Replica);
+    }
     if !marker {
         let _: () = ::redis::cmd("SET")
             .arg(&key)

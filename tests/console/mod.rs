@@ -20,6 +20,7 @@ mod hostile_ids;
 mod in_a_browser;
 mod load;
 mod privileges;
+mod reconcile;
 mod requeue_and_purge;
 mod sessions;
 mod start;

@@ -8,6 +8,8 @@
 //! that took its fence) and, with `journal.still_pending` set, those the
 //! application no longer considers waiting; write the rest through the
 //! same fenced write as the ticks (a fence that is there still wins).
+//! Entries of a paused job (or of every job, paused as a whole) are held
+//! back and counted, for a run after the resume.
 //! Idempotent: a member that is there is never written, so running it
 //! twice writes nothing the second time. Paced to `journal.reconcile_rate`
 //! entries examined per second, so it does not starve the drain.
@@ -61,12 +63,41 @@ pub struct Report {
     pub cancelled: u64,
     /// Missing, but `journal.still_pending` did not return them: left out.
     pub not_pending: u64,
+    /// Missing, but their job (or everything) is paused (`outbox-relay
+    /// pause`): not written; a run after the resume writes them.
+    pub paused: u64,
     /// Written again (with `--dry-run`: would be).
     pub written: u64,
     /// Redis refused to write them (a fence, OOM, READONLY, …): not written.
     pub refused: u64,
     pub seconds: f64,
     pub dry_run: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reply Redis sends as `wire` (e.g. `-NOPERM …`).
+    fn reply(wire: &str) -> ::redis::Value {
+        ::redis::parse_redis_value(format!("{wire}\r\n").as_bytes()).unwrap_or(::redis::Value::Okay)
+    }
+
+    #[test]
+    fn only_nil_is_missing_and_a_refusal_is_no_answer() {
+        assert!(!membership(&::redis::Value::Nil).unwrap());
+        assert!(membership(&reply(",1.5")).unwrap());
+        assert!(membership(&reply("$2\r\n17")).unwrap());
+        let wrong = reply("-WRONGTYPE Operation against a key holding the wrong kind of value");
+        assert!(membership(&wrong).unwrap(), "writing again could not fix it");
+        for refusal in [
+            "-NOPERM User x has no permissions to run the 'zscore' command",
+            "-LOADING Redis is loading",
+            "-ERR proxy says no",
+        ] {
+            assert!(membership(&reply(refusal)).is_err(), "{refusal}");
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +108,22 @@ pub enum ReconcileError {
     StillPending(String),
     #[error("redis: {0}")]
     Redis(String),
+    /// A statement did not answer within a page's time (a hung Postgres):
+    /// the connection may still be running it and must not be reused.
+    #[error("postgres did not answer {0} within 30s")]
+    Stalled(&'static str),
+}
+
+/// A Postgres step of a page, bounded by [`PAGE_TIMEOUT`].
+async fn pg_step<T>(
+    what: &'static str,
+    step: impl std::future::Future<Output = Result<T, crate::db::QueryError>>,
+    wrap: fn(String) -> ReconcileError,
+) -> Result<T, ReconcileError> {
+    match tokio::time::timeout(PAGE_TIMEOUT, step).await {
+        Ok(r) => r.map_err(|e| wrap(e.text())),
+        Err(_) => Err(ReconcileError::Stalled(what)),
+    }
 }
 
 impl From<DispatchError> for ReconcileError {
@@ -100,9 +147,12 @@ pub async fn reconcile(
     };
     let mut after = i64::MIN;
     loop {
-        let page = journal::page(pg, &plan.selection, after, BATCHES)
-            .await
-            .map_err(|e| ReconcileError::Postgres(e.text()))?;
+        let page = pg_step(
+            "reading the journal",
+            journal::page(pg, &plan.selection, after, BATCHES),
+            ReconcileError::Postgres,
+        )
+        .await?;
         let Some(last) = page.last else { break };
         after = last;
         let mut entries = page.entries.into_iter().peekable();
@@ -146,11 +196,14 @@ async fn one_page(
     }
     let jobs: HashSet<&str> = missing.iter().map(|j| j.job_id.as_str()).collect();
     let jobs: Vec<&str> = jobs.into_iter().collect();
-    let cancelled: HashSet<String> = journal::cancelled_jobs(pg, plan.jobs_id, &jobs)
-        .await
-        .map_err(|e| ReconcileError::Postgres(e.text()))?
-        .into_iter()
-        .collect();
+    let cancelled: HashSet<String> = pg_step(
+        "reading cancelled jobs",
+        journal::cancelled_jobs(pg, plan.jobs_id, &jobs),
+        ReconcileError::Postgres,
+    )
+    .await?
+    .into_iter()
+    .collect();
     let before = missing.len();
     missing.retain(|j| {
         plan.jobs_id
@@ -158,13 +211,30 @@ async fn one_page(
             .is_none_or(|form| !cancelled.contains(&form))
     });
     report.cancelled += (before - missing.len()) as u64;
+    // A pause holds these entries back as it holds the rows: an operator
+    // who paused during an incident gets no writes until the resume.
+    let pauses: HashSet<String> = pg_step("reading pauses", crate::db::pause::list(pg), ReconcileError::Postgres)
+        .await?
+        .into_iter()
+        .map(|p| p.scope)
+        .collect();
+    let before = missing.len();
+    if pauses.contains(crate::db::pause::ALL) {
+        missing.clear();
+    } else if !pauses.is_empty() {
+        missing.retain(|j| !pauses.contains(&j.job_id));
+    }
+    report.paused += (before - missing.len()) as u64;
     if !plan.still_pending.trim().is_empty() && !missing.is_empty() {
         let tasks: Vec<&str> = missing.iter().map(|j| j.task_id.as_str()).collect();
-        let pending: HashSet<String> = journal::still_pending(pg, &plan.still_pending, &tasks)
-            .await
-            .map_err(|e| ReconcileError::StillPending(e.text()))?
-            .into_iter()
-            .collect();
+        let pending: HashSet<String> = pg_step(
+            "journal.still_pending",
+            journal::still_pending(pg, &plan.still_pending, &tasks),
+            ReconcileError::StillPending,
+        )
+        .await?
+        .into_iter()
+        .collect();
         let before = missing.len();
         missing.retain(|j| pending.contains(&j.task_id));
         report.not_pending += (before - missing.len()) as u64;
@@ -190,9 +260,8 @@ async fn one_page(
 }
 
 /// Whether each entry's member is in its schedule (`ZSCORE`): one
-/// pipeline on one server; in a cluster each to its key's node. A reply
-/// that is an error (a key of another type) counts as there: writing it
-/// again could not help.
+/// pipeline on one server; in a cluster each to its key's node (see
+/// [`membership`]).
 async fn present(redis: &Redis, page: &[Journaled], deadline: Deadline) -> Result<Vec<bool>, ReconcileError> {
     let mut conn = checkout(redis, deadline).await?;
     conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
@@ -229,5 +298,22 @@ async fn present(redis: &Redis, page: &[Journaled], deadline: Deadline) -> Resul
             page.len()
         )));
     }
-    Ok(replies.iter().map(|v| !matches!(v, ::redis::Value::Nil)).collect())
+    replies.iter().map(membership).collect()
+}
+
+/// What one `ZSCORE` says: missing (`nil`), there (a score, or a key of
+/// another type, which writing again could not fix), or nothing usable
+/// (`NOPERM`, `LOADING`, a proxy's error): the reconcile stops rather
+/// than take a refusal for "there".
+fn membership(reply: &::redis::Value) -> Result<bool, ReconcileError> {
+    match reply {
+        ::redis::Value::Nil => Ok(false),
+        ::redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => Ok(true),
+        ::redis::Value::ServerError(e) => Err(ReconcileError::Redis(format!(
+            "ZSCORE refused: {} {}",
+            e.code(),
+            e.details().unwrap_or_default()
+        ))),
+        _ => Ok(true),
+    }
 }

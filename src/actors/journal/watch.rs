@@ -23,11 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use slog::{info, warn, Logger};
+use slog::{debug, info, warn, Logger};
 
-use super::reconcile::{reconcile, Plan, Report};
+use super::reconcile::{reconcile, Plan, ReconcileError, Report};
 use crate::actors::lifecycle::{every, fault_point, guarded, run_contained, Core, Lifecycle, Mode};
-use crate::actors::small_pools;
 use crate::actors::supervisor::Supervision;
 use crate::config::RedisConfig;
 use crate::db::journal::{self, Selection};
@@ -72,16 +71,19 @@ impl JournalSettings {
             keep_secs: self.keep.as_secs() as i64,
             job: None,
             key_prefix: self.redis.key_prefix.clone(),
+            until_secs_ago: 0,
         }
     }
 }
 
 /// What one round found.
 struct Round {
-    look: Option<Observation>,
+    /// The look (`None` in a Redis Cluster, where the watch does not run).
+    look: Result<Option<Observation>, String>,
     /// A loss noticed, and whether the journal holds anything of its window.
     loss: Option<(Loss, bool)>,
-    emptied: Option<u64>,
+    /// Retention: the slots emptied, or why it could not run.
+    retention: Result<Vec<u64>, String>,
 }
 
 pub struct JournalActor {
@@ -91,9 +93,16 @@ pub struct JournalActor {
     metrics: Metrics,
     /// The last look at the node, and when.
     last: Option<(Observation, Instant)>,
-    /// Losses not yet reconciled (oldest first).
-    pending: Vec<Loss>,
+    /// Losses not yet reconciled (oldest first), each with when it was
+    /// noticed (what the node acknowledged after that is not written again).
+    pending: Vec<(Loss, Instant)>,
+    /// The noticed time of the loss a running reconcile works on.
+    reconciling_since: Option<Instant>,
     reconciling: bool,
+    /// The last round's look failed, or its retention did (one warning
+    /// line when that starts, one when it ends).
+    look_failing: bool,
+    retention_failing: bool,
 }
 
 impl JournalActor {
@@ -111,26 +120,56 @@ impl JournalActor {
             metrics,
             last: None,
             pending: Vec::new(),
+            reconciling_since: None,
             reconciling: false,
+            look_failing: false,
+            retention_failing: false,
         }
     }
 
-    fn finish(&mut self, result: Result<Round, String>, ctx: &mut Context<Self>) {
-        let round = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let streak = self.core.failed(&e, false);
-                warn!(self.core.log, "journal watch round failed; it runs again next interval";
-                    "error" => %e, "consecutive_failures" => streak);
-                return;
-            }
-        };
+    /// A round that could not look at Redis or keep the journal says so
+    /// (once, and once when it works again) but stays healthy: the watch
+    /// is an extra, and a Redis that refuses `INFO` or `SET` (an ACL from
+    /// before the journal, a proxy) or a revoked TRUNCATE must not make a
+    /// relay that delivers look down. Only a round that does not finish
+    /// (the watchdog, the stale cadence) makes the actor unhealthy.
+    fn finish(&mut self, round: Round, ctx: &mut Context<Self>) {
         self.core.health.ok();
-        if let Some(slot) = round.emptied {
-            info!(self.core.log, "journal slot emptied"; "slot" => slot);
+        match round.look {
+            Ok(look) => {
+                if self.look_failing {
+                    info!(self.core.log, "the journal watch looks at redis again");
+                    self.look_failing = false;
+                }
+                if let Some(look) = look {
+                    self.last = Some((look.after_marking(), Instant::now()));
+                }
+            }
+            Err(e) => {
+                if !self.look_failing {
+                    warn!(self.core.log, "the journal watch cannot look at redis; a loss of data is not noticed meanwhile (grant +info +exists +set, docs/redis.md)";
+                        "error" => %e);
+                    self.look_failing = true;
+                }
+            }
         }
-        if let Some(look) = round.look {
-            self.last = Some((look, Instant::now()));
+        match round.retention {
+            Ok(emptied) => {
+                if self.retention_failing {
+                    info!(self.core.log, "journal retention runs again");
+                    self.retention_failing = false;
+                }
+                for slot in emptied {
+                    debug!(self.core.log, "journal slot emptied"; "slot" => slot);
+                }
+            }
+            Err(e) => {
+                if !self.retention_failing {
+                    warn!(self.core.log, "journal retention failed; the journal grows until it runs again";
+                        "error" => %e);
+                    self.retention_failing = true;
+                }
+            }
         }
         if let Some((loss, something)) = round.loss {
             self.noticed(loss, something);
@@ -151,7 +190,11 @@ impl JournalActor {
             warn!(self.core.log, "redis lost data; writing the lost schedule entries again from the journal";
                 "node" => node, "cause" => loss.cause, "detail" => &loss.detail,
                 "window" => describe(&loss.window));
-            self.pending.push(loss);
+            // A loss of everything covers the ones before it.
+            if loss.window == Window::All {
+                self.pending.clear();
+            }
+            self.pending.push((loss, Instant::now()));
         } else {
             warn!(self.core.log, "redis lost data; schedule entries delivered before may be gone, and without journal.keep the relay cannot write them again (docs/journal.md)";
                 "node" => node, "cause" => loss.cause, "detail" => &loss.detail);
@@ -167,9 +210,12 @@ impl JournalActor {
             return;
         };
         self.reconciling = true;
-        let loss = self.pending[0].clone();
+        let (loss, noticed) = self.pending[0].clone();
+        self.reconciling_since = Some(noticed);
+        let mut selection = self.settings.selection(loss.window.clone());
+        selection.until_secs_ago = noticed.elapsed().as_secs() as i64;
         let plan = Plan {
-            selection: self.settings.selection(loss.window.clone()),
+            selection,
             still_pending: self.settings.still_pending.clone(),
             jobs_id: self.settings.jobs_id,
             wait_replicas: self.settings.redis.wait_replicas,
@@ -177,10 +223,11 @@ impl JournalActor {
             dry_run: false,
         };
         let log = self.core.log.clone();
+        let cause = loss.cause;
         let restored = self.metrics.journal_restored.clone();
         let work = async move {
             let deadline = Deadline::after(Duration::from_secs(30));
-            let conn = pg.checkout(deadline).await.map_err(|e| match e {
+            let mut conn = pg.checkout(deadline).await.map_err(|e| match e {
                 CheckoutError::Deadline(e) => e.to_string(),
                 CheckoutError::Pool(why) => why,
             })?;
@@ -195,26 +242,49 @@ impl JournalActor {
                         "written" => r.written, "entries_per_second" => (r.examined as f64 / r.seconds.max(0.001)) as u64);
                 }
             })
-            .await
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>(report)
+            .await;
+            if let Err(ReconcileError::Stalled(_)) = &report {
+                // Its statement may still run: cancel it, and never hand
+                // the connection to the next round.
+                pg.cancel_statement(&mut conn).await;
+            }
+            report.map_err(|e| e.to_string())
         };
-        run_contained(self, ctx, "journal reconcile", Mode::Spawn, work, |act, result, _| {
-            act.reconciling = false;
-            match result {
-                Ok(r) => {
-                    let loss = act.pending.remove(0);
-                    info!(act.core.log, "journal reconciled: lost schedule entries written again";
-                        "cause" => loss.cause, "examined" => r.examined, "present" => r.present,
+        run_contained(
+            self,
+            ctx,
+            "journal reconcile",
+            Mode::Spawn,
+            work,
+            move |act, result, _| {
+                act.reconciling = false;
+                let since = act.reconciling_since.take();
+                match result {
+                    Ok(r) if r.refused > 0 => {
+                        warn!(act.core.log, "journal reconcile: redis refused some lost entries; it starts again at the next round";
+                        "refused" => r.refused, "written" => r.written);
+                    }
+                    Ok(r) if r.paused > 0 => {
+                        info!(act.core.log, "journal reconcile: entries of paused jobs wait for the resume; it starts again at the next round";
+                        "paused" => r.paused, "written" => r.written);
+                    }
+                    Ok(r) => {
+                        // The loss it worked on, unless a larger one replaced it.
+                        if let Some(i) = act.pending.iter().position(|(_, at)| Some(*at) == since) {
+                            act.pending.remove(i);
+                        }
+                        info!(act.core.log, "journal reconciled: lost schedule entries written again";
+                        "cause" => cause, "examined" => r.examined, "present" => r.present,
                         "missing" => r.missing, "written" => r.written, "cancelled" => r.cancelled,
                         "not_pending" => r.not_pending, "refused" => r.refused,
                         "seconds" => format!("{:.1}", r.seconds));
+                    }
+                    Err(e) => {
+                        warn!(act.core.log, "journal reconcile failed; it starts again at the next round"; "error" => e);
+                    }
                 }
-                Err(e) => {
-                    warn!(act.core.log, "journal reconcile failed; it starts again at the next round"; "error" => e);
-                }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -247,7 +317,12 @@ async fn pg_conn<'a, 'p>(
     conn.as_mut().ok_or_else(|| "no connection".to_string())
 }
 
-/// One round: look, compare, and empty the next slot.
+/// One round: look at the node, compare with the look before, and keep
+/// the journal to `keep`. Each step is bounded by the round's deadline
+/// and fails on its own: a look that fails does not stop retention, and a
+/// Postgres that cannot tell whether the journal holds anything of a loss
+/// counts as "it does" (a reconcile of nothing costs little; a loss not
+/// repaired costs tasks).
 async fn round(
     pg: Pg,
     redis: Redis,
@@ -255,66 +330,85 @@ async fn round(
     last: Option<(Observation, Instant)>,
     retention: bool,
     deadline: Deadline,
-) -> Result<Round, String> {
-    let mut out = Round {
-        look: None,
-        loss: None,
-        emptied: None,
-    };
-    let look = {
-        let mut conn = checkout(&redis, deadline).await.map_err(|e| e.to_string())?;
-        if conn.cluster().is_some() {
-            None
-        } else {
-            conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
-            let prefix = settings.redis.key_prefix.clone();
-            Some(
-                deadline
-                    .run("redis watch", rds::node::observe(&mut conn, &prefix))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?,
-            )
-        }
-    };
-    // Postgres only when the round needs it: a running reconcile holds
-    // the one connection.
+) -> Round {
+    let look = look(&redis, &settings.redis.key_prefix, deadline).await;
     let mut conn = None;
-    if let Some(look) = look {
+    let mut loss = None;
+    if let Ok(Some(now)) = &look {
         let before = last.as_ref().map(|(o, _)| o);
         let since = last.as_ref().map_or(Duration::ZERO, |(_, at)| at.elapsed());
-        let journaled = if settings.on() && before.is_none() && !look.marker {
-            let c = pg_conn(&pg, &mut conn, deadline).await?;
-            journal::any(&***c, &settings.selection(Window::All))
-                .await
-                .map_err(|e| e.text())?
-        } else {
-            false
-        };
-        if let Some(loss) = Loss::between(before, &look, since, journaled) {
-            let something = if settings.on() {
-                let c = pg_conn(&pg, &mut conn, deadline).await?;
-                journal::any(&***c, &settings.selection(loss.window.clone()))
-                    .await
-                    .map_err(|e| e.text())?
-            } else {
-                true
-            };
-            out.loss = Some((loss, something));
+        let journaled = settings.on()
+            && before.is_none()
+            && !now.marker
+            && journal_holds(&pg, &mut conn, &settings.selection(Window::All), deadline).await;
+        if let Some(l) = Loss::between(before, now, since, journaled) {
+            let something =
+                !settings.on() || journal_holds(&pg, &mut conn, &settings.selection(l.window.clone()), deadline).await;
+            loss = Some((l, something));
         }
-        out.look = Some(look);
     }
-    if retention {
-        let c = pg_conn(&pg, &mut conn, deadline).await?;
+    let retention = if retention {
         let width = crate::domain::journal::slot_width(settings.keep) as i64;
-        // A reader in the way (a long reconcile) makes TRUNCATE give up
-        // after its lock_timeout: tried again next round.
-        match journal::empty_next_slot(c, width).await {
-            Ok(emptied) => out.emptied = emptied,
-            Err(e) => return Err(format!("journal retention: {}", e.text())),
+        async {
+            let c = pg_conn(&pg, &mut conn, deadline).await?;
+            deadline
+                .run("journal retention", journal::empty_ahead(c, width))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.text())
+        }
+        .await
+    } else {
+        Ok(Vec::new())
+    };
+    if retention.is_err() {
+        if let Some(mut c) = conn.take() {
+            // A statement cut short may still hold a partition's lock.
+            pg.cancel_statement(&mut c).await;
         }
     }
-    Ok(out)
+    Round { look, loss, retention }
+}
+
+/// One look at the node (`None` in a Redis Cluster). A connection that
+/// reached a replica is dropped, so the next look asks again.
+async fn look(redis: &Redis, prefix: &str, deadline: Deadline) -> Result<Option<Observation>, String> {
+    let mut conn = checkout(redis, deadline).await.map_err(|e| e.to_string())?;
+    if conn.cluster().is_some() {
+        return Ok(None);
+    }
+    conn.set_response_timeout(deadline.remaining().max(Duration::from_millis(1)));
+    let seen = deadline.run("redis watch", rds::node::observe(&mut conn, prefix)).await;
+    match seen {
+        Ok(Ok(o)) => Ok(Some(o)),
+        Ok(Err(e)) => {
+            if !matches!(e, rds::node::ObserveError::NoMark) {
+                conn.discard();
+            }
+            Err(e.to_string())
+        }
+        Err(e) => {
+            conn.discard();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Whether the journal holds anything `sel` selects; `true` when
+/// Postgres cannot say in time.
+async fn journal_holds<'p>(
+    pg: &'p Pg,
+    conn: &mut Option<bb8::PooledConnection<'p, crate::db::PgManager>>,
+    sel: &Selection,
+    deadline: Deadline,
+) -> bool {
+    let Ok(c) = pg_conn(pg, conn, deadline).await else {
+        return true;
+    };
+    !matches!(
+        deadline.run("journal check", journal::any(&***c, sel)).await,
+        Ok(Ok(false))
+    )
 }
 
 impl Lifecycle for JournalActor {
@@ -324,7 +418,16 @@ impl Lifecycle for JournalActor {
 
     fn begin(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         let s = &self.settings;
-        self.pools = Some(small_pools(&s.database_url, &s.redis, s.round_timeout)?);
+        // Two Postgres connections: a reconcile holds one while the rounds
+        // go on with the other.
+        let pg = crate::db::pool(&s.database_url, 2, s.round_timeout)
+            .map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
+        let redis = crate::config::RedisConfig {
+            pool_size: 2,
+            ..s.redis.clone()
+        };
+        let redis = rds::pool(&redis, s.round_timeout).map_err(|e| format!("cannot build the Redis pool: {e}"))?;
+        self.pools = Some((pg, redis));
         every(self, ctx, self.settings.watch_interval, true, |act| Watch {
             deadline: Deadline::after(act.settings.round_timeout),
         });

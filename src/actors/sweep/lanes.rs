@@ -254,6 +254,16 @@ impl SweepActor {
                     "delivered" => r.delivered, "suppressed" => held);
             }
         }
+        if let Some((rows, why)) = &r.journal_refused {
+            self.metrics
+                .settle_refused_rows
+                .with_label_values(&["journal deliveries"])
+                .inc_by(*rows as u64);
+            if let Some(held) = self.warn_throttles[5].pass(now) {
+                warn!(self.core.log, "postgres refused the delivery journal; the rows are delivered but not journaled, and a loss of redis data would not bring them back";
+                    "error" => why, "rows" => rows, "suppressed" => held);
+            }
+        }
         if r.cancelled > 0 {
             if let Some(held) = self.warn_throttles[3].pass(now) {
                 info!(self.core.log, "rows of cancelled jobs deleted without being scheduled (their cancel fence is set)";

@@ -219,7 +219,7 @@ pub struct SweepActor {
     last_backlog_notice: Option<std::time::Instant>,
     /// Per-tick warnings (Redis unavailable / refusing / row retries), at
     /// most one line per [`WARN_EVERY`] each.
-    warn_throttles: [Throttle; 5],
+    warn_throttles: [Throttle; 6],
 }
 
 /// How often a warning that every tick could repeat is logged.

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use super::dispatched::Journal;
 use super::report::{Kept, TickError};
 use super::settings::COMMIT_GRACE;
-use crate::db::outbox;
+use crate::db::{journal, outbox};
 use crate::deadline::Deadline;
 
 /// After Postgres refused a write of a tick's settle (and the tick rolled
@@ -16,11 +17,13 @@ use crate::deadline::Deadline;
 /// again). With nothing delivered and every write refused, the rows are
 /// left as they were, due ([`Kept::Due`]; the sweep then holds its claims).
 /// Errors that are not refusals (a lost connection, a timeout) end the
-/// tick as usual.
+/// tick as usual. With the journal on (`journal`: its slice width and
+/// what was delivered), the delete journals what it deletes, behind a
+/// savepoint: a journal that refuses too costs the journal, not the delete.
 pub(super) async fn settle_refused(
     conn: &mut tokio_postgres::Client,
-    delete: &[i64],
-    put_off: &[i64],
+    (delete, put_off): (&[i64], &[i64]),
+    journal: Option<(i64, &Journal<'_>)>,
     delay: Duration,
     deadline: Deadline,
 ) -> Result<Kept, TickError> {
@@ -52,6 +55,12 @@ pub(super) async fn settle_refused(
         let writes = async {
             tx.batch_execute(&set).await?;
             outbox::delete(&tx, delete).await?;
+            if let Some((width, j)) = journal.filter(|(_, j)| !delete.is_empty() && !j.rows.is_empty()) {
+                tx.batch_execute("SAVEPOINT journal").await?;
+                if journal::record(&tx, width, &j.rows, j.node).await.is_err() {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT journal").await?;
+                }
+            }
             outbox::postpone(&tx, put_off, delay_ms).await?;
             Ok::<_, tokio_postgres::Error>(())
         };

@@ -65,6 +65,9 @@ pub struct TickReport {
     /// Postgres refused a settle write (`stage`, `reason`): how many rows
     /// were kept in the outbox, and how.
     pub settle_refused: Option<(&'static str, String, usize, Kept)>,
+    /// The delivery journal refused this tick's deliveries (rows
+    /// delivered, not journaled) and why: the tick went on without it.
+    pub journal_refused: Option<(usize, String)>,
 }
 
 /// Why a tick was abandoned. The transaction was rolled back in every case.

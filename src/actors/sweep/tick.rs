@@ -139,6 +139,7 @@ async fn tick_on(
                     rollback(tx, deadline).await?;
                     return Err(e);
                 }
+                report.journal_refused = written.journal_refused;
             }
             // A table refused one of the writes (a trigger that raises, a
             // check, a revoked privilege): left to itself the rollback
@@ -146,7 +147,15 @@ async fn tick_on(
             // again, forever. Keep what Redis accepted and put off the rest.
             Err(TickError::Db { stage, reason }) => {
                 rollback(tx, deadline).await?;
-                keep_after_refusal(conn, &plan, settings, deadline, &mut report, (stage, reason)).await?;
+                keep_after_refusal(
+                    conn,
+                    (&plan, &journal),
+                    settings,
+                    deadline,
+                    &mut report,
+                    (stage, reason),
+                )
+                .await?;
                 laps.lap(2);
                 report.stage_us = laps.us;
                 return Ok(report);
@@ -309,6 +318,8 @@ struct Written {
     shape: Option<String>,
     restored: u64,
     to_restore: usize,
+    /// The journal refused: rows not journaled, and why.
+    journal_refused: Option<(usize, String)>,
 }
 
 /// The settle's writes, pipelined on the tick's connection and run by the
@@ -396,21 +407,39 @@ async fn settle_writes(
                     .await
                     .map_err(TickError::db("postpone deferred"))
             },
+            // Last, behind a savepoint: a journal that refuses (INSERT
+            // revoked, a partition gone) costs the journal, not the
+            // settle; the rows are delivered either way.
             async {
-                let Some(width) = settings.journal_width else {
-                    return Ok(0);
+                let Some(width) = settings.journal_width.filter(|_| !journal.rows.is_empty()) else {
+                    return Ok(None);
                 };
-                journal::record(tx, width, &journal.rows, journal.node)
+                tx.batch_execute("SAVEPOINT journal")
                     .await
-                    .map_err(TickError::db("journal deliveries"))
+                    .map_err(TickError::db("journal savepoint"))?;
+                Ok(Some(journal::record(tx, width, &journal.rows, journal.node).await))
             },
         )
     };
-    let (_, shape, restored, ..) = deadline.run("postgres settle", settle_all).await??;
+    let (_, shape, restored, .., journaled) = deadline.run("postgres settle", settle_all).await??;
+    let journal_refused = match journaled {
+        Some(Err(e)) => {
+            deadline
+                .run(
+                    "postgres rollback to savepoint",
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT journal"),
+                )
+                .await?
+                .map_err(TickError::db("rollback to the journal's savepoint"))?;
+            Some((journal.rows.len(), pg_error_text(&e)))
+        }
+        _ => None,
+    };
     Ok(Written {
         shape,
         restored,
         to_restore: restore.len(),
+        journal_refused,
     })
 }
 
@@ -443,7 +472,7 @@ fn put_back_lost(written: &Written, settings: &SweepSettings) -> Option<TickErro
 /// and put off the rest ([`settle_refused`]), and make the report say so.
 async fn keep_after_refusal(
     conn: &mut Client,
-    plan: &Settlement,
+    (plan, journal): (&Settlement, &Journal<'_>),
     settings: &SweepSettings,
     deadline: Deadline,
     report: &mut TickReport,
@@ -451,7 +480,8 @@ async fn keep_after_refusal(
 ) -> Result<(), TickError> {
     let put_off = plan.written_rows();
     let delay = settings.retry.base_backoff;
-    let kept = settle_refused(conn, &plan.delete, &put_off, delay, deadline).await?;
+    let journal = settings.journal_width.map(|w| (w, journal));
+    let kept = settle_refused(conn, (&plan.delete, &put_off), journal, delay, deadline).await?;
     report.retried = 0;
     report.dead_lettered = 0;
     report.set_aside.clear();

@@ -1,127 +1,18 @@
-//! The delivery journal (`journal.keep`): what a tick delivered is kept in
-//! `outbox_relay_journal`, in the tick's own transaction, with the member,
-//! key and score written and the node that acknowledged it. When Redis
-//! loses data the relay notices (a restart, a failover, a marker key gone)
-//! and writes the lost entries again; `outbox-relay reconcile` does it on
-//! demand. A cancelled job stays cancelled; `journal.still_pending` keeps
-//! entries a consumer already finished from coming back; retention keeps
-//! the journal flat.
+//! Redis loses data; the relay notices and writes the lost entries again:
+//! a restart without persistence (with and without
+//! `journal.still_pending`), a Sentinel failover at `wait_replicas = 0`
+//! with replication cut, a `FLUSHALL` under a running relay; and on demand
+//! (`reconcile`), with a cancelled job's entries left lost and a pause
+//! holding entries back.
 
 use crate::common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
 use redis::AsyncCommands;
 
-/// The journal on for an hour, watched every second.
-const JOURNAL: &[(&str, &str)] = &[
-    ("OUTBOX_RELAY_JOURNAL__KEEP", "1h"),
-    ("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL", "1s"),
-];
-
-fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    JOURNAL.iter().chain(extra).copied().collect()
-}
-
-async fn journal_rows(db: &TestDb) -> i64 {
-    db.count("SELECT coalesce(sum(cardinality(outbox_ids)), 0)::int8 FROM outbox_relay_journal")
-        .await
-}
-
-/// `outbox-relay reconcile ARGS --json`, its report.
-fn reconcile(env: &[(String, String)], args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["reconcile", "--json"];
-    all.extend_from_slice(args);
-    let out = relay_command(&all, env).output().expect("reconcile");
-    assert!(
-        out.status.success(),
-        "reconcile {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// Seed `rows` over `jobs` jobs, run a relay with the journal until they
-/// are delivered and journaled, and return it with what Redis then holds.
-async fn delivered(
-    db: &TestDb,
-    redis_url: &str,
-    prefix: &str,
-    rows: i64,
-    extra: &[(&'static str, &'static str)],
-) -> (RelayProcess, HashMap<String, f64>) {
-    seed(db, rows, 20).await;
-    let mut relay = RelayProcess::spawn(&relay_env(db, redis_url, prefix, &with(extra)));
-    relay.wait_started().await;
-    wait_drained_by(db, Duration::from_secs(120), &relay).await;
-    wait_until("every delivery journaled", Duration::from_secs(30), || async {
-        journal_rows(db).await == rows
-    })
-    .await;
-    let members = schedule_members(redis_url, prefix).await;
-    assert_eq!(members.len() as i64, rows);
-    (relay, members)
-}
-
-#[tokio::test]
-async fn each_delivery_is_journaled_with_its_exact_entry_and_node() {
-    let db = TestDb::new().await;
-    let prefix = key_prefix();
-    let redis = RedisServer::start().await;
-    let (relay, members) = delivered(&db, &redis.url(), &prefix, 300, &[]).await;
-    relay.stop().await;
-    let c = db.client().await;
-    let rows = c
-        .query(
-            "SELECT e.key, e.score, e.member, node_run_id, node_replid, node_offset, e.job
-               FROM outbox_relay_journal,
-                    unnest(schedule_keys, scores, members, job_ids) AS e(key, score, member, job)",
-            &[],
-        )
-        .await
-        .expect("read the journal");
-    let mut conn = redis_conn(&redis.url()).await;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO");
-    let run_id = info
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("run_id:"))
-        .expect("run_id")
-        .to_string();
-    for r in &rows {
-        let (key, score, member): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
-        assert_eq!(members.get(&member), Some(&(score as f64)), "{member}");
-        let job: String = r.get(6);
-        assert!(key == format!("{}sched:{job}", &*prefix), "{key} for job {job}");
-        let (node, replid, offset): (String, String, i64) = (r.get(3), r.get(4), r.get(5));
-        assert_eq!(node, run_id);
-        assert_eq!(replid.len(), 40, "{replid}");
-        // 0 until a replica attaches (no replication backlog before).
-        assert!(offset >= 0);
-    }
-    assert_eq!(rows.len(), 300);
-}
-
-#[tokio::test]
-async fn a_locking_claim_journals_too() {
-    let db = TestDb::new().await;
-    let prefix = key_prefix();
-    let redis = RedisServer::start().await;
-    db.client()
-        .await
-        .batch_execute("ALTER TABLE task_outbox ADD COLUMN note TEXT NOT NULL DEFAULT 'unset'")
-        .await
-        .expect("a column the relay does not know: it claims by locking");
-    let (relay, _) = delivered(&db, &redis.url(), &prefix, 200, &[]).await;
-    assert!(!relay.records("claiming with SELECT").is_empty());
-    relay.stop().await;
-}
+use super::{delivered, journal_rows, reconcile, JOURNAL};
+use common::*;
 
 /// A Redis restarted without persistence after 10,000 journaled
 /// deliveries, 200 of which a consumer took and marked done.
@@ -233,6 +124,30 @@ async fn flushall_then_reconcile_restores_once() {
         schedule_members(&redis.url(), &prefix).await.is_empty(),
         "a dry run writes nothing"
     );
+
+    // A pause holds the entries back, as it holds the rows.
+    let pause = relay_command(&["pause", "--reason", "INC-42"], &env)
+        .output()
+        .expect("pause");
+    assert!(pause.status.success(), "{}", String::from_utf8_lossy(&pause.stderr));
+    let held = relay_command(&["reconcile", "--json"], &env)
+        .output()
+        .expect("reconcile");
+    assert_eq!(held.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&held.stdout).expect("the report");
+    assert_eq!(
+        (report["paused"].as_u64(), report["written"].as_u64()),
+        (Some(500), Some(0)),
+        "{report}"
+    );
+    assert!(
+        String::from_utf8_lossy(&held.stderr).contains("after `outbox-relay resume`"),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    assert!(schedule_members(&redis.url(), &prefix).await.is_empty());
+    let resume = relay_command(&["resume"], &env).output().expect("resume");
+    assert!(resume.status.success(), "{}", String::from_utf8_lossy(&resume.stderr));
 
     let done = reconcile(&env, &[]);
     assert_eq!(
@@ -351,79 +266,6 @@ async fn a_cancelled_jobs_entries_stay_lost() {
         .await
         .expect("EXISTS");
     assert!(kept);
-}
-
-#[tokio::test]
-async fn retention_keeps_the_journal_flat() {
-    let db = TestDb::new().await;
-    let prefix = key_prefix();
-    let redis = RedisServer::start().await;
-    let jobs = new_jobs(4);
-    create_ledger(&db).await;
-    let env = relay_env(
-        &db,
-        &redis.url(),
-        &prefix,
-        &[
-            ("OUTBOX_RELAY_JOURNAL__KEEP", "30s"),
-            ("OUTBOX_RELAY_JOURNAL__WATCH_INTERVAL", "1s"),
-        ],
-    );
-    let mut relay = RelayProcess::spawn(&env);
-    relay.wait_started().await;
-    // 20 rows every 100ms for 100s: over three retention periods.
-    let producer = Producer::start(db.url.clone(), jobs, 20, Duration::from_millis(100));
-    let started = Instant::now();
-    let mut samples: Vec<(f64, i64, f64)> = Vec::new();
-    while started.elapsed() < Duration::from_secs(100) {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let c = db.client().await;
-        let row = c
-            .query_one(
-                "SELECT coalesce(sum(cardinality(outbox_ids)), 0)::int8,
-                        coalesce(extract(epoch FROM now() - min(delivered_at))::float8, 0)
-                   FROM outbox_relay_journal",
-                &[],
-            )
-            .await
-            .expect("journal size");
-        samples.push((started.elapsed().as_secs_f64(), row.get(0), row.get(1)));
-    }
-    let produced = producer.stop().await;
-    let emptied = relay.records("journal slot emptied").len();
-    let about: Vec<String> = relay
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("ournal"))
-        .take(20)
-        .collect();
-    relay.stop().await;
-    assert!(produced > 10_000, "{produced}");
-    assert!(
-        emptied >= 15,
-        "100s of 3s slices: {emptied} emptied; {samples:?} {about:#?}"
-    );
-    // keep 30s: 3s slices; the slice written, 13 before it, and the next
-    // two until they are emptied: nothing older than 16 slices (48s), and
-    // some margin for a round that comes late.
-    let late: Vec<&(f64, i64, f64)> = samples.iter().filter(|(t, _, _)| *t > 55.0).collect();
-    assert!(late.len() >= 8, "{samples:?}");
-    for (t, _, oldest) in &late {
-        assert!(
-            *oldest <= 52.0,
-            "at {t:.0}s the oldest journaled row is {oldest:.0}s old: {samples:?}"
-        );
-        assert!(
-            *oldest >= 30.0,
-            "at {t:.0}s rows younger than keep were dropped: {samples:?}"
-        );
-    }
-    let most = late.iter().map(|(_, n, _)| *n).max().unwrap_or(0);
-    let least = late.iter().map(|(_, n, _)| *n).min().unwrap_or(0);
-    assert!(
-        most as f64 <= least as f64 * 1.5,
-        "the journal grew from {least} to {most} rows: {samples:?}"
-    );
 }
 
 /// Sentinel at `wait_replicas = 0`: replication is cut (the replica's
