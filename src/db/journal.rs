@@ -282,8 +282,8 @@ pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, Q
 }
 
 /// Which of `jobs` are cancelled (`jobs.status = 'cancelled'`): their
-/// entries stay lost. `jobs.id` is compared as text, so an id its type
-/// cannot hold matches nothing.
+/// entries stay lost. Ids `jobs.id` cannot hold are left out first, so
+/// they match nothing.
 pub async fn cancelled_jobs(
     client: &impl GenericClient,
     jobs_id: IdType,
@@ -293,9 +293,10 @@ pub async fn cancelled_jobs(
         return Ok(Vec::new());
     }
     let forms: Vec<String> = jobs.iter().filter_map(|j| jobs_id.stored_form(j)).collect();
+    // Cast to the column's type, so its primary key's index answers.
     let rows = client
         .query_typed(
-            "SELECT id::text FROM jobs WHERE id::text = ANY($1::text[]) AND status = 'cancelled'",
+            &format!("SELECT id::text FROM jobs WHERE id = ANY($1::text[]::{jobs_id}[]) AND status = 'cancelled'"),
             &[(&forms, Type::TEXT_ARRAY)],
         )
         .await?;

@@ -45,7 +45,7 @@ async fn a_crafted_job_link_acts_on_that_job_id_and_nothing_else() {
     for page in &crafted {
         for (to, answer) in submit_every_form(&mut alice, c.port, page).await {
             assert!(
-                ["/jobs/pause", "/jobs/resume", "/jobs/cancel"].contains(&to.as_str()),
+                ["/jobs/pause", "/jobs/resume", "/jobs/cancel", "/jobs/reconcile"].contains(&to.as_str()),
                 "{page}: a form posts to {to}, not to a job action's own route ({})",
                 answer.status
             );
