@@ -49,5 +49,29 @@ CREATE TABLE IF NOT EXISTS outbox_relay_journal_13 PARTITION OF outbox_relay_jou
 CREATE TABLE IF NOT EXISTS outbox_relay_journal_14 PARTITION OF outbox_relay_journal FOR VALUES IN (14);
 CREATE TABLE IF NOT EXISTS outbox_relay_journal_15 PARTITION OF outbox_relay_journal FOR VALUES IN (15);
 
+-- The arrays compress with lz4 where the server has it (Postgres 14 and
+-- later, built with lz4, as Debian's and the official images are): about
+-- a third of pglz's cost at the same size (docs/BENCHMARKS.md, session
+-- 20). Elsewhere they keep the default, pglz.
+DO $$
+DECLARE
+    t TEXT;
+BEGIN
+    FOR t IN SELECT 'outbox_relay_journal' UNION ALL
+             SELECT 'outbox_relay_journal_' || n FROM generate_series(0, 15) AS n
+    LOOP
+        EXECUTE format('ALTER TABLE %I
+            ALTER COLUMN outbox_ids SET COMPRESSION lz4,
+            ALTER COLUMN task_ids SET COMPRESSION lz4,
+            ALTER COLUMN job_ids SET COMPRESSION lz4,
+            ALTER COLUMN schedule_keys SET COMPRESSION lz4,
+            ALTER COLUMN scores SET COMPRESSION lz4,
+            ALTER COLUMN members SET COMPRESSION lz4', t);
+    END LOOP;
+EXCEPTION WHEN feature_not_supported OR invalid_parameter_value OR syntax_error THEN
+    RAISE NOTICE 'lz4 is not available: the journal compresses with pglz';
+END
+$$;
+
 -- Reconcile pages through the journal by each batch's first outbox id.
 CREATE INDEX IF NOT EXISTS outbox_relay_journal_first_id ON outbox_relay_journal (first_id);

@@ -79,6 +79,7 @@ pub async fn run(
             job,
             key_prefix: cfg.redis.key_prefix.clone(),
             until_secs_ago: 0,
+            at_epoch: None,
         },
         still_pending: cfg.journal.still_pending.clone(),
         jobs_id: schema.jobs_id,
@@ -123,16 +124,16 @@ pub async fn run(
             report.seconds
         );
     }
-    if report.paused > 0 {
-        return Err(ReconcileCmdError::HeldBack(format!(
-            "{} entries of paused jobs were held back; run reconcile again after `outbox-relay resume`",
-            report.paused
-        )));
-    }
     if report.refused > 0 {
         return Err(ReconcileCmdError::Redis(format!(
             "{} entries were refused by Redis and are still missing; run reconcile again when Redis accepts writes",
             report.refused
+        )));
+    }
+    if report.paused > 0 && !report.dry_run {
+        return Err(ReconcileCmdError::HeldBack(format!(
+            "{} entries of paused jobs were held back; run reconcile again after `outbox-relay resume`",
+            report.paused
         )));
     }
     Ok(())

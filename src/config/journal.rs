@@ -66,11 +66,11 @@ impl JournalConfig {
         // written (`domain::journal::slots_ahead`): a round at least every
         // two slices.
         let slice = self.keep.0.as_secs().div_ceil(13).max(1);
-        if self.on() && self.watch_interval.0 > std::time::Duration::from_secs(2 * slice) {
+        if self.on() && self.watch_interval.0 >= std::time::Duration::from_secs(2 * slice) {
             bad(
                 "journal.watch_interval",
                 format!(
-                    "must be at most {}s with journal.keep = {keep}s: retention runs in the watch's rounds and must come within two of keep/13",
+                    "must be under {}s with journal.keep = {keep}s: retention runs in the watch's rounds, at least one in every two slices of keep/13",
                     2 * slice
                 ),
             );

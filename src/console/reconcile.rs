@@ -5,7 +5,7 @@
 
 use super::error::ConsoleError;
 use super::state::Console;
-use crate::actors::journal::reconcile::{reconcile, Plan};
+use crate::actors::journal::reconcile::{reconcile, Plan, ReconcileError};
 use crate::db::journal::Selection;
 use crate::domain::Window;
 
@@ -33,6 +33,7 @@ pub(crate) async fn reconcile_job(st: &Console, scope: &str) -> Result<(String, 
             job: Some(scope.to_string()),
             key_prefix: st.redis_cfg.key_prefix.clone(),
             until_secs_ago: 0,
+            at_epoch: None,
         },
         still_pending: st.journal.still_pending.clone(),
         jobs_id: st.schema.jobs_id,
@@ -40,15 +41,19 @@ pub(crate) async fn reconcile_job(st: &Console, scope: &str) -> Result<(String, 
         rate: st.journal.reconcile_rate,
         dry_run: false,
     };
-    let r = reconcile(&pg, &redis, &plan, |_| {})
-        .await
-        .map_err(|e| ConsoleError::Redis(e.to_string()))?;
+    let r = reconcile(&pg, &redis, &plan, |_| {}).await.map_err(|e| match e {
+        ReconcileError::Redis(_) => ConsoleError::Redis(e.to_string()),
+        _ => ConsoleError::Postgres(e.to_string()),
+    })?;
     let message = format!(
         "job {scope}: {} journaled entries, {} in its schedule, {} missing: {} written again, {} left out (job cancelled), {} held back (job paused: reconcile again after the resume), {} left out (no longer pending), {} refused by Redis",
         r.examined, r.present, r.missing, r.written, r.cancelled, r.paused, r.not_pending, r.refused
     );
     if r.refused > 0 {
         return Err(ConsoleError::Redis(message));
+    }
+    if r.paused > 0 {
+        return Err(ConsoleError::Conflict(message));
     }
     Ok((message, Some(r.written)))
 }

@@ -90,30 +90,49 @@ pub async fn empty_ahead(client: &mut Client, width_secs: i64) -> Result<Vec<u64
         )
         .await?;
     let slice: i64 = column(&first, "outbox_relay_journal", 0)?;
+    // Each slot on its own: a lock wait on the first does not keep the
+    // second from being emptied; the first error is returned after both.
+    let mut failed = None;
     for slot in slots_ahead(slice.max(0) as u64) {
-        let tx = client.transaction().await?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '1s'; LOCK TABLE outbox_relay_journal_{slot} IN ACCESS EXCLUSIVE MODE"
-        ))
-        .await?;
-        let row = tx
-            .query_typed_one(
-                "SELECT floor(extract(epoch FROM clock_timestamp()) / $1::int8)::int8,
-                        EXISTS (SELECT 1 FROM outbox_relay_journal WHERE slot = $2::int2)",
-                &[(&width_secs, Type::INT8), (&(slot as i16), Type::INT2)],
-            )
-            .await?;
-        let now: i64 = column(&row, "outbox_relay_journal", 0)?;
-        let holds: bool = column(&row, "outbox_relay_journal", 1)?;
-        // Still ahead of the slice written now (not it, not one it keeps)?
-        if holds && is_ahead(slot, now.max(0) as u64) {
-            tx.batch_execute(&format!("TRUNCATE outbox_relay_journal_{slot}"))
-                .await?;
-            emptied.push(slot);
+        match empty_slot(client, width_secs, slot).await {
+            Ok(true) => emptied.push(slot),
+            Ok(false) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
         }
-        tx.commit().await?;
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(emptied)
+}
+
+/// Empty `slot` if it holds anything and is still ahead of the slice
+/// written now, read under its lock. Whether it was emptied.
+async fn empty_slot(client: &mut Client, width_secs: i64, slot: u64) -> Result<bool, QueryError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '1s'; LOCK TABLE outbox_relay_journal_{slot} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await?;
+    let row = tx
+        .query_typed_one(
+            "SELECT floor(extract(epoch FROM clock_timestamp()) / $1::int8)::int8,
+                    EXISTS (SELECT 1 FROM outbox_relay_journal WHERE slot = $2::int2)",
+            &[(&width_secs, Type::INT8), (&(slot as i16), Type::INT2)],
+        )
+        .await?;
+    let now: i64 = column(&row, "outbox_relay_journal", 0)?;
+    let holds: bool = column(&row, "outbox_relay_journal", 1)?;
+    // Still ahead of the slice written now (not it, not one it keeps)?
+    let empty = holds && is_ahead(slot, now.max(0) as u64);
+    if empty {
+        tx.batch_execute(&format!("TRUNCATE outbox_relay_journal_{slot}"))
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(empty)
 }
 
 /// The journal's size: entries kept, bytes on disk, and the oldest
@@ -167,6 +186,19 @@ pub struct Selection {
     /// since the loss was noticed, so what the node acknowledged after it
     /// is not written again; 0 for everything up to now.
     pub until_secs_ago: i64,
+    /// The database's clock (unix seconds) both ends are counted back
+    /// from, fixed once per reconcile so its window does not slide while
+    /// it pages ([`fix_now`]); `None`: each statement's own time.
+    pub at_epoch: Option<f64>,
+}
+
+/// The database's clock now, in unix seconds: what a reconcile fixes its
+/// window to ([`Selection::at_epoch`]).
+pub async fn fix_now(client: &impl GenericClient) -> Result<f64, QueryError> {
+    let row = client
+        .query_typed_one("SELECT extract(epoch FROM statement_timestamp())::float8", &[])
+        .await?;
+    Ok(column(&row, "outbox_relay_journal", 0)?)
 }
 
 impl Selection {
@@ -182,9 +214,11 @@ impl Selection {
     }
 }
 
-/// The selection's filter on journal rows, `$1`… `$7` as in [`page`].
-const SELECTED: &str = "delivered_at >= statement_timestamp() - $2::int8 * interval '1 second'
-                AND delivered_at <= statement_timestamp() - $7::int8 * interval '1 second'
+/// The selection's filter on journal rows, `$2`… `$7` and `$9` as in
+/// [`page`]: the window's ends counted back from `$9` (unix seconds, the
+/// database's clock when the selection was fixed), or from now.
+const SELECTED: &str = "delivered_at >= coalesce(to_timestamp($9::float8), statement_timestamp()) - $2::int8 * interval '1 second'
+                AND delivered_at <= coalesce(to_timestamp($9::float8), statement_timestamp()) - $7::int8 * interval '1 second'
                 AND (NOT $3::bool OR (node_replid = $4 AND node_offset >= $5) OR node_replid = '')
                 AND ($6::text = '' OR $6 = ANY(job_ids))";
 
@@ -218,6 +252,7 @@ pub async fn page(client: &impl GenericClient, sel: &Selection, after: i64, limi
                 (&sel.job.as_deref().unwrap_or(""), Type::TEXT),
                 (&sel.until_secs_ago.max(0), Type::INT8),
                 (&limit, Type::INT8),
+                (&sel.at_epoch, Type::FLOAT8),
             ],
         )
         .await?;
@@ -264,7 +299,7 @@ pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, Q
         .query_typed_one(
             &format!(
                 "SELECT EXISTS (SELECT 1 FROM outbox_relay_journal
-                                 WHERE $1::text IS NOT NULL AND {SELECTED}
+                                 WHERE $8::int8 = 0 AND {SELECTED}
                                    AND starts_with(schedule_keys[1], $1))"
             ),
             &[
@@ -275,6 +310,8 @@ pub async fn any(client: &impl GenericClient, sel: &Selection) -> Result<bool, Q
                 (&offset, Type::INT8),
                 (&sel.job.as_deref().unwrap_or(""), Type::TEXT),
                 (&sel.until_secs_ago.max(0), Type::INT8),
+                (&0i64, Type::INT8),
+                (&sel.at_epoch, Type::FLOAT8),
             ],
         )
         .await?;

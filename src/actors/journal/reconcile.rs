@@ -145,11 +145,17 @@ pub async fn reconcile(
         dry_run: plan.dry_run,
         ..Report::default()
     };
+    // The window is fixed now: a reconcile that pages for minutes does not
+    // take in what was journaled meanwhile.
+    let mut selection = plan.selection.clone();
+    if selection.at_epoch.is_none() {
+        selection.at_epoch = Some(pg_step("reading the clock", journal::fix_now(pg), ReconcileError::Postgres).await?);
+    }
     let mut after = i64::MIN;
     loop {
         let page = pg_step(
             "reading the journal",
-            journal::page(pg, &plan.selection, after, BATCHES),
+            journal::page(pg, &selection, after, BATCHES),
             ReconcileError::Postgres,
         )
         .await?;

@@ -72,6 +72,7 @@ impl JournalSettings {
             job: None,
             key_prefix: self.redis.key_prefix.clone(),
             until_secs_ago: 0,
+            at_epoch: None,
         }
     }
 }
@@ -99,6 +100,9 @@ pub struct JournalActor {
     /// The noticed time of the loss a running reconcile works on.
     reconciling_since: Option<Instant>,
     reconciling: bool,
+    /// No reconcile starts before this (after one that a pause held back:
+    /// a pause lasts, and each try reads the whole window again).
+    retry_at: Option<Instant>,
     /// The last round's look failed, or its retention did (one warning
     /// line when that starts, one when it ends).
     look_failing: bool,
@@ -122,6 +126,7 @@ impl JournalActor {
             pending: Vec::new(),
             reconciling_since: None,
             reconciling: false,
+            retry_at: None,
             look_failing: false,
             retention_failing: false,
         }
@@ -203,7 +208,7 @@ impl JournalActor {
 
     /// Run the oldest pending reconcile, beside the rounds.
     fn reconcile_pending(&mut self, ctx: &mut Context<Self>) {
-        if self.reconciling || self.pending.is_empty() {
+        if self.reconciling || self.pending.is_empty() || self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
         let Some((pg, redis)) = self.pools.clone() else {
@@ -213,7 +218,10 @@ impl JournalActor {
         let (loss, noticed) = self.pending[0].clone();
         self.reconciling_since = Some(noticed);
         let mut selection = self.settings.selection(loss.window.clone());
-        selection.until_secs_ago = noticed.elapsed().as_secs() as i64;
+        // Up to when it was noticed, and a tick's deadline more: a tick that
+        // wrote to the old node just before may journal a little later.
+        let slack = self.settings.round_timeout + Duration::from_secs(1);
+        selection.until_secs_ago = noticed.elapsed().saturating_sub(slack).as_secs() as i64;
         let plan = Plan {
             selection,
             still_pending: self.settings.still_pending.clone(),
@@ -265,7 +273,8 @@ impl JournalActor {
                         "refused" => r.refused, "written" => r.written);
                     }
                     Ok(r) if r.paused > 0 => {
-                        info!(act.core.log, "journal reconcile: entries of paused jobs wait for the resume; it starts again at the next round";
+                        act.retry_at = Some(Instant::now() + PAUSED_RETRY);
+                        info!(act.core.log, "journal reconcile: entries of paused jobs wait for the resume; it starts again in a minute";
                         "paused" => r.paused, "written" => r.written);
                     }
                     Ok(r) => {
@@ -287,6 +296,9 @@ impl JournalActor {
         );
     }
 }
+
+/// How long a reconcile that a pause held back waits before it tries again.
+const PAUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// How often a running reconcile logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -405,10 +417,17 @@ async fn journal_holds<'p>(
     let Ok(c) = pg_conn(pg, conn, deadline).await else {
         return true;
     };
-    !matches!(
-        deadline.run("journal check", journal::any(&***c, sel)).await,
-        Ok(Ok(false))
-    )
+    match deadline.run("journal check", journal::any(&***c, sel)).await {
+        Ok(Ok(holds)) => holds,
+        Ok(Err(_)) => true,
+        Err(_) => {
+            // Still running on the server: never reused.
+            if let Some(mut c) = conn.take() {
+                pg.cancel_statement(&mut c).await;
+            }
+            true
+        }
+    }
 }
 
 impl Lifecycle for JournalActor {
@@ -454,8 +473,10 @@ impl Handler<Watch> for JournalActor {
             let Some((pg, redis)) = act.pools.clone() else {
                 return;
             };
-            // The one Postgres connection is the reconcile's while it runs.
-            let retention = act.settings.on() && !act.reconciling;
+            // A reconcile holds one of the two connections; retention
+            // takes the other (a TRUNCATE behind its read waits at most
+            // its lock_timeout).
+            let retention = act.settings.on();
             let work = round(
                 pg,
                 redis,

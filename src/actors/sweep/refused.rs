@@ -19,14 +19,15 @@ use crate::deadline::Deadline;
 /// Errors that are not refusals (a lost connection, a timeout) end the
 /// tick as usual. With the journal on (`journal`: its slice width and
 /// what was delivered), the delete journals what it deletes, behind a
-/// savepoint: a journal that refuses too costs the journal, not the delete.
+/// savepoint: a journal that refuses too costs the journal, not the delete
+/// (returned: the rows not journaled and why).
 pub(super) async fn settle_refused(
     conn: &mut tokio_postgres::Client,
     (delete, put_off): (&[i64], &[i64]),
     journal: Option<(i64, &Journal<'_>)>,
     delay: Duration,
     deadline: Deadline,
-) -> Result<Kept, TickError> {
+) -> Result<(Kept, Option<(usize, String)>), TickError> {
     const STAGE: &str = "settle after a refused write";
     let delay_ms = delay.as_millis().min(i64::MAX as u128) as i64;
     let every: Vec<i64> = delete.iter().chain(put_off).copied().collect();
@@ -55,22 +56,24 @@ pub(super) async fn settle_refused(
         let writes = async {
             tx.batch_execute(&set).await?;
             outbox::delete(&tx, delete).await?;
+            let mut refused = None;
             if let Some((width, j)) = journal.filter(|(_, j)| !delete.is_empty() && !j.rows.is_empty()) {
                 tx.batch_execute("SAVEPOINT journal").await?;
-                if journal::record(&tx, width, &j.rows, j.node).await.is_err() {
+                if let Err(e) = journal::record(&tx, width, &j.rows, j.node).await {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT journal").await?;
+                    refused = Some((j.rows.len(), crate::db::pg_error_text(&e)));
                 }
             }
             outbox::postpone(&tx, put_off, delay_ms).await?;
-            Ok::<_, tokio_postgres::Error>(())
+            Ok::<_, tokio_postgres::Error>(refused)
         };
         match deadline.run(STAGE, writes).await?.map_err(TickError::db(STAGE)) {
-            Ok(()) => {
+            Ok(refused) => {
                 tokio::time::timeout_at(deadline.instant() + COMMIT_GRACE, tx.commit())
                     .await
                     .map_err(|_| TickError::CommitUnknown("no answer from Postgres".into()))?
                     .map_err(TickError::db("postgres commit"))?;
-                return Ok(kept);
+                return Ok((kept, refused));
             }
             Err(TickError::Db { reason, .. }) => {
                 last = reason;
@@ -83,7 +86,7 @@ pub(super) async fn settle_refused(
         }
     }
     if nothing_delivered {
-        return Ok(Kept::Due);
+        return Ok((Kept::Due, None));
     }
     Err(TickError::Db {
         stage: STAGE,

@@ -422,7 +422,34 @@ async fn settle_writes(
         )
     };
     let (_, shape, restored, .., journaled) = deadline.run("postgres settle", settle_all).await??;
-    let journal_refused = match journaled {
+    let journal_refused = journal_outcome(tx, journaled, journal.rows.len(), deadline).await?;
+    Ok(Written {
+        shape,
+        restored,
+        to_restore: restore.len(),
+        journal_refused,
+    })
+}
+
+/// What became of the journal's insert (last in the settle, behind its
+/// savepoint): a passing failure fails the tick (its rows are sent again
+/// and journaled then); a refusal is rolled back to the savepoint and
+/// returned (rows not journaled, why), and the tick goes on.
+async fn journal_outcome(
+    tx: &Transaction<'_>,
+    journaled: Option<Result<u64, tokio_postgres::Error>>,
+    rows: usize,
+    deadline: Deadline,
+) -> Result<Option<(usize, String)>, TickError> {
+    Ok(match journaled {
+        // Passing (the connection, a timeout, a lock wait, a read-only
+        // server): the tick's, tried again with its rows; the journal is
+        // not dropped for it.
+        Some(Err(e))
+            if is_connection_lost(&e) || is_statement_timeout(&e) || db::is_read_only(&e) || is_contention(&e) =>
+        {
+            return Err(TickError::db("journal deliveries")(e));
+        }
         Some(Err(e)) => {
             deadline
                 .run(
@@ -431,15 +458,9 @@ async fn settle_writes(
                 )
                 .await?
                 .map_err(TickError::db("rollback to the journal's savepoint"))?;
-            Some((journal.rows.len(), pg_error_text(&e)))
+            Some((rows, pg_error_text(&e)))
         }
         _ => None,
-    };
-    Ok(Written {
-        shape,
-        restored,
-        to_restore: restore.len(),
-        journal_refused,
     })
 }
 
@@ -481,7 +502,8 @@ async fn keep_after_refusal(
     let put_off = plan.written_rows();
     let delay = settings.retry.base_backoff;
     let journal = settings.journal_width.map(|w| (w, journal));
-    let kept = settle_refused(conn, (&plan.delete, &put_off), journal, delay, deadline).await?;
+    let (kept, journal_refused) = settle_refused(conn, (&plan.delete, &put_off), journal, delay, deadline).await?;
+    report.journal_refused = journal_refused;
     report.retried = 0;
     report.dead_lettered = 0;
     report.set_aside.clear();
