@@ -5,10 +5,9 @@
 
 use crate::common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use super::web::{base64, users_file, Web};
+use super::web::{base64, console_alone, users_file, Web};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,17 +53,7 @@ async fn an_operator_reconciles_one_job_from_its_schedule_page() {
             format!("127.0.0.1:{metrics_port}"),
         ),
     ];
-    let mut child = relay_command(&["console"], &env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn console");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(child.try_wait().ok().flatten().is_none(), "console exited");
-        assert!(std::time::Instant::now() < deadline, "console never answered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut child = console_alone(&env, port).await;
 
     let (a, b) = (jobs[0].to_string(), jobs[1].to_string());
     // A viewer sees no button and may not act.

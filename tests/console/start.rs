@@ -5,10 +5,7 @@
 
 use crate::common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use super::web::{users_file, Web};
+use super::web::{console_alone, users_file, Web};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,17 +59,7 @@ async fn the_console_alone_sweeps_nothing_and_read_only_refuses_actions() {
             format!("127.0.0.1:{metrics_port}"),
         ),
     ];
-    let mut child = relay_command(&["console"], &env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn console");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(child.try_wait().ok().flatten().is_none(), "console exited");
-        assert!(std::time::Instant::now() < deadline, "console never answered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut child = console_alone(&env, port).await;
     let jobs = seed(&db, 50, 1).await;
     let mut alice = Web::new(port);
     assert_eq!(alice.sign_in("alice", "alice's password").await.status, 303);

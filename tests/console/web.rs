@@ -341,6 +341,23 @@ pub async fn relay_with_console(
     ConsoleRelay { relay, port }
 }
 
+/// `outbox-relay console` alone (no sweeping) with `env`, once it
+/// answers on `port`; the caller kills it.
+pub async fn console_alone(env: &[(String, String)], port: u16) -> std::process::Child {
+    let mut child = relay_command(&["console"], env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn console");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(child.try_wait().ok().flatten().is_none(), "console exited");
+        assert!(std::time::Instant::now() < deadline, "console never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
 pub async fn wait_console(port: u16, relay: &mut RelayProcess) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
