@@ -394,7 +394,11 @@ async fn look(redis: &Redis, prefix: &str, deadline: Deadline) -> Result<Option<
     match seen {
         Ok(Ok(o)) => Ok(Some(o)),
         Ok(Err(e)) => {
-            if !matches!(e, rds::node::ObserveError::NoMark) {
+            // A replica: ask again (Sentinel, DNS). A refusal (an ACL
+            // without +info or +set) keeps its connection: a new one
+            // would be refused the same, every round; a broken one the
+            // pool drops by itself.
+            if matches!(e, rds::node::ObserveError::Replica) {
                 conn.discard();
             }
             Err(e.to_string())

@@ -232,12 +232,16 @@ impl MetricsActor {
             None => {}
             Some(Ok(p)) => {
                 self.last_probe = Some((p, Instant::now()));
-                m.backlog_rows.set(p.backlog as f64);
+                // The backlog last: a scrape between two of these sets
+                // (they are not one step) that sees this round's backlog
+                // sees its age and the rest too (a CI run read 250 rows
+                // due with the age of the round before, 0).
                 m.oldest_age_seconds.set(p.oldest_age);
                 m.dead_letter_rows.set(p.dead_letters as f64);
                 m.set_aside_rows.set(p.set_aside as f64);
                 m.paused.set(i64::from(p.paused_all));
                 m.paused_jobs.set(p.paused_jobs);
+                m.backlog_rows.set(p.backlog as f64);
             }
             Some(Err(e)) => {
                 self.last_probe = None;
