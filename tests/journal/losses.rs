@@ -191,13 +191,7 @@ async fn a_flushall_is_noticed_and_repaired_by_the_running_relay() {
     let redis = RedisServer::start().await;
     let (relay, members) = delivered(&db, &redis.url(), &prefix, 500, &[]).await;
     // The watch has looked at least once with the marker there.
-    wait_until("the marker key", Duration::from_secs(30), || async {
-        let mut conn = redis_conn(&redis.url()).await;
-        conn.exists::<_, bool>(format!("{}journal:marker", &*prefix))
-            .await
-            .unwrap_or(false)
-    })
-    .await;
+    wait_for_marker(&redis.url(), &prefix).await;
     // At once: the look that wrote the marker is the one compared with
     // (the first review found a FLUSHALL right after it went unseen).
     let mut conn = redis_conn(&redis.url()).await;
@@ -399,13 +393,7 @@ async fn a_redis_frozen_mid_reconcile_is_waited_out() {
     let redis = RedisServer::start().await;
     let slow = [("OUTBOX_RELAY_JOURNAL__RECONCILE_RATE", "1000")];
     let (mut relay, members) = delivered(&db, &redis.url(), &prefix, 6_000, &slow).await;
-    wait_until("the marker key", Duration::from_secs(30), || async {
-        let mut conn = redis_conn(&redis.url()).await;
-        conn.exists::<_, bool>(format!("{}journal:marker", &*prefix))
-            .await
-            .unwrap_or(false)
-    })
-    .await;
+    wait_for_marker(&redis.url(), &prefix).await;
     let mut conn = redis_conn(&redis.url()).await;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
     wait_until("the reconcile under way", Duration::from_secs(60), || async {
@@ -433,4 +421,15 @@ async fn a_redis_frozen_mid_reconcile_is_waited_out() {
     .await;
     eprintln!("the reconcile gave up {:.1}s into the freeze", gave_up.as_secs_f64());
     relay.stop().await;
+}
+
+/// Until the watch has looked once and written its marker key.
+async fn wait_for_marker(url: &str, prefix: &str) {
+    wait_until("the marker key", Duration::from_secs(30), || async {
+        let mut conn = redis_conn(url).await;
+        conn.exists::<_, bool>(format!("{prefix}journal:marker"))
+            .await
+            .unwrap_or(false)
+    })
+    .await;
 }
