@@ -3,7 +3,7 @@
 //! `journal.still_pending`), a Sentinel failover at `wait_replicas = 0`
 //! with replication cut, a `FLUSHALL` under a running relay; and on demand
 //! (`reconcile`), with a cancelled job's entries left lost and a pause
-//! holding entries back.
+//! holding entries back; Redis or Postgres frozen in the middle of one.
 
 use crate::common;
 
@@ -416,6 +416,52 @@ async fn a_redis_frozen_mid_reconcile_is_waited_out() {
     assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
     assert_eq!(relay.records("redis lost data").len(), 1);
     wait_until("the reconcile's summary", Duration::from_secs(30), || async {
+        !relay.records("journal reconciled").is_empty()
+    })
+    .await;
+    eprintln!("the reconcile gave up {:.1}s into the freeze", gave_up.as_secs_f64());
+    relay.stop().await;
+}
+
+/// Postgres frozen (SIGSTOP: every backend, nothing answers, no socket
+/// closes) in the middle of a reconcile: the page read it waits on is
+/// bounded, so the reconcile gives up instead of holding the journal actor;
+/// the relay neither exits nor wedges, and once Postgres thaws the next
+/// round writes back the rest, exactly once.
+#[tokio::test]
+async fn a_postgres_frozen_mid_reconcile_is_waited_out() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let slow = [("OUTBOX_RELAY_JOURNAL__RECONCILE_RATE", "1000")];
+    let (mut relay, members) = delivered(&db, &redis.url(), &prefix, 6_000, &slow).await;
+    wait_for_marker(&redis.url(), &prefix).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    wait_until("the reconcile under way", Duration::from_secs(60), || async {
+        !schedule_members(&redis.url(), &prefix).await.is_empty()
+    })
+    .await;
+    let frozen = pg.freeze();
+    let at = Instant::now();
+    wait_until("the reconcile gives up", Duration::from_secs(120), || async {
+        !relay.records("journal reconcile failed").is_empty()
+    })
+    .await;
+    let gave_up = at.elapsed();
+    // Not all of it: the freeze caught it in the middle.
+    let before_thaw = schedule_members(&redis.url(), &prefix).await.len();
+    drop(frozen);
+    assert!(relay.is_running(), "{:#?}", relay.lines());
+    assert!(before_thaw < members.len(), "the reconcile finished before the freeze");
+    wait_until("every entry back", Duration::from_secs(120), || async {
+        schedule_members(&redis.url(), &prefix).await.len() == members.len()
+    })
+    .await;
+    assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
+    assert_eq!(relay.records("redis lost data").len(), 1);
+    wait_until("the reconcile's summary", Duration::from_secs(60), || async {
         !relay.records("journal reconciled").is_empty()
     })
     .await;
