@@ -200,9 +200,35 @@ impl Loss {
 /// look's own round trip the rest).
 pub const RESTART_MARGIN_SECS: u64 = 5;
 
+/// The longest a failed reconcile waits before it tries again.
+pub const RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// How long a reconcile waits after its `failures`-th failure in a row
+/// (1 for the first): one watch interval, doubled per failure, at most
+/// [`RETRY_CAP`]. A refusal that lasts (a revoked grant, a Redis out of
+/// memory) is tried a minute apart, not every round.
+pub fn retry_after(interval: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    interval
+        .saturating_mul(1 << doublings)
+        .min(RETRY_CAP)
+        .max(interval.min(RETRY_CAP))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_double_from_the_interval_up_to_a_minute() {
+        let five = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=7).map(|n| retry_after(five, n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60, 60]);
+        assert_eq!(retry_after(five, 0), five);
+        assert_eq!(retry_after(five, u32::MAX), RETRY_CAP);
+        assert_eq!(retry_after(Duration::from_millis(250), 2), Duration::from_millis(500));
+        assert_eq!(retry_after(Duration::from_secs(600), 1), RETRY_CAP);
+    }
 
     fn look(run_id: &str, replid: &str, offset: i64, marker: bool) -> Observation {
         Observation {

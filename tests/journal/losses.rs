@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
-use super::{delivered, journal_rows, reconcile, JOURNAL};
+use super::{delivered, delivered_by, journal_rows, reconcile, with, JOURNAL};
 use common::*;
 
 /// A Redis restarted without persistence after 10,000 journaled
@@ -466,6 +466,61 @@ async fn a_postgres_frozen_mid_reconcile_is_waited_out() {
     })
     .await;
     eprintln!("the reconcile gave up {:.1}s into the freeze", gave_up.as_secs_f64());
+    relay.stop().await;
+}
+
+/// Postgres refusing the reconcile's reads (the relay's role lost SELECT
+/// on the journal) for as long as it lasts: one warning that names the
+/// error, then retries further and further apart (each an info line, not a
+/// warning every round), and once the grant is back the next try writes
+/// everything back.
+#[tokio::test]
+async fn a_reconcile_postgres_refuses_backs_off_quietly_until_the_grant() {
+    let db = TestDb::new().await;
+    let relay_url = db.url_as("outbox_relay").await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let env = relay_env_as(&db, &relay_url, &redis.url(), &prefix, &with(&[]));
+    let (relay, members) = delivered_by(&db, &env, &redis.url(), &prefix, 2_000).await;
+    wait_for_marker(&redis.url(), &prefix).await;
+    let admin = db.client().await;
+    admin
+        .batch_execute("REVOKE SELECT ON outbox_relay_journal FROM outbox_relay")
+        .await
+        .expect("REVOKE");
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    // Three tries refused: at the loss, then 5 s and 10 s further on.
+    wait_until("three refused tries", Duration::from_secs(90), || async {
+        relay.records("journal reconcile failed").len() >= 3
+    })
+    .await;
+    let tries = relay.records("journal reconcile failed");
+    let warnings: Vec<_> = tries.iter().filter(|v| v["level"] == "warn").collect();
+    assert_eq!(warnings.len(), 1, "one warning for a lasting refusal: {tries:#?}");
+    assert!(
+        warnings[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("permission denied")),
+        "{tries:#?}"
+    );
+    let waits: Vec<u64> = tries.iter().filter_map(|v| v["retry_in_s"].as_u64()).collect();
+    assert!(
+        waits.len() >= 3 && waits.windows(2).all(|w| w[1] > w[0]),
+        "each try waits longer than the last: {waits:?}"
+    );
+    assert!(schedule_members(&redis.url(), &prefix).await.is_empty());
+    admin
+        .batch_execute("GRANT SELECT ON outbox_relay_journal TO outbox_relay")
+        .await
+        .expect("GRANT");
+    wait_until("every entry back", Duration::from_secs(120), || async {
+        schedule_members(&redis.url(), &prefix).await.len() == members.len()
+    })
+    .await;
+    assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
+    assert_eq!(relay.records("redis lost data").len(), 1);
+    relay.wait_http("/readyz", 200, Duration::from_secs(30)).await;
     relay.stop().await;
 }
 

@@ -52,8 +52,26 @@ pub async fn delivered(
     rows: i64,
     extra: &[(&'static str, &'static str)],
 ) -> (RelayProcess, HashMap<String, f64>) {
+    delivered_by(
+        db,
+        &relay_env(db, redis_url, prefix, &with(extra)),
+        redis_url,
+        prefix,
+        rows,
+    )
+    .await
+}
+
+/// [`delivered`] by a relay started with `env` (another role, say).
+pub async fn delivered_by(
+    db: &TestDb,
+    env: &[(String, String)],
+    redis_url: &str,
+    prefix: &str,
+    rows: i64,
+) -> (RelayProcess, HashMap<String, f64>) {
     seed(db, rows, 20).await;
-    let mut relay = RelayProcess::spawn(&relay_env(db, redis_url, prefix, &with(extra)));
+    let mut relay = RelayProcess::spawn(env);
     relay.wait_started().await;
     wait_drained_by(db, Duration::from_secs(120), &relay).await;
     wait_until("every delivery journaled", Duration::from_secs(30), || async {

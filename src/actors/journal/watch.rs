@@ -103,6 +103,11 @@ pub struct JournalActor {
     /// No reconcile starts before this (after one that a pause held back:
     /// a pause lasts, and each try reads the whole window again).
     retry_at: Option<Instant>,
+    /// Reconciles that failed in a row, and the last one's error: each
+    /// waits longer ([`crate::domain::journal::retry_after`]), and only the first of a
+    /// kind is a warning.
+    failures: u32,
+    last_failure: Option<String>,
     /// The last round's look failed, or its retention did (one warning
     /// line when that starts, one when it ends).
     look_failing: bool,
@@ -127,6 +132,8 @@ impl JournalActor {
             reconciling_since: None,
             reconciling: false,
             retry_at: None,
+            failures: 0,
+            last_failure: None,
             look_failing: false,
             retention_failing: false,
         }
@@ -269,8 +276,7 @@ impl JournalActor {
                 let since = act.reconciling_since.take();
                 match result {
                     Ok(r) if r.refused > 0 => {
-                        warn!(act.core.log, "journal reconcile: redis refused some lost entries; it starts again at the next round";
-                        "refused" => r.refused, "written" => r.written);
+                        act.failed(format!("redis refused {} lost entries", r.refused), r.written);
                     }
                     Ok(r) if r.paused > 0 => {
                         act.retry_at = Some(Instant::now() + PAUSED_RETRY);
@@ -278,6 +284,8 @@ impl JournalActor {
                         "paused" => r.paused, "written" => r.written);
                     }
                     Ok(r) => {
+                        act.failures = 0;
+                        act.last_failure = None;
                         // The loss it worked on, unless a larger one replaced it.
                         if let Some(i) = act.pending.iter().position(|(_, at)| Some(*at) == since) {
                             act.pending.remove(i);
@@ -288,12 +296,30 @@ impl JournalActor {
                         "not_pending" => r.not_pending, "refused" => r.refused,
                         "seconds" => format!("{:.1}", r.seconds));
                     }
-                    Err(e) => {
-                        warn!(act.core.log, "journal reconcile failed; it starts again at the next round"; "error" => e);
-                    }
+                    Err(e) => act.failed(e, 0),
                 }
             },
         );
+    }
+
+    /// A reconcile that failed (or that Redis refused entries of) tries
+    /// again later, each time later, up to a minute apart: the loss stays
+    /// pending. The first failure, and one with a new error, is a
+    /// warning; a repeat is an info line, so a refusal that lasts an hour
+    /// is one warning and a line a minute, not one every round.
+    fn failed(&mut self, error: String, written: u64) {
+        self.failures = self.failures.saturating_add(1);
+        let wait = crate::domain::journal::retry_after(self.settings.watch_interval, self.failures);
+        self.retry_at = Some(Instant::now() + wait);
+        let retry_in_s = wait.as_secs();
+        let tries = self.failures;
+        let msg = "journal reconcile failed; the lost entries stay pending and it tries again";
+        if self.last_failure.as_deref() == Some(error.as_str()) {
+            info!(self.core.log, "{}", msg; "error" => &error, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
+        } else {
+            warn!(self.core.log, "{}", msg; "error" => &error, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
+        }
+        self.last_failure = Some(error);
     }
 }
 
