@@ -3,7 +3,8 @@
 //! `journal.still_pending`), a Sentinel failover at `wait_replicas = 0`
 //! with replication cut, a `FLUSHALL` under a running relay; and on demand
 //! (`reconcile`), with a cancelled job's entries left lost and a pause
-//! holding entries back; Redis or Postgres frozen in the middle of one.
+//! holding entries back; Redis or Postgres frozen in the middle of one,
+//! Postgres stopped or refusing.
 
 use crate::common;
 
@@ -466,6 +467,41 @@ async fn a_postgres_frozen_mid_reconcile_is_waited_out() {
     })
     .await;
     eprintln!("the reconcile gave up {:.1}s into the freeze", gave_up.as_secs_f64());
+    relay.stop().await;
+}
+
+/// Postgres stopped (`pg_ctl stop -m fast`: every session cut) in the
+/// middle of a reconcile: it fails at once, the loss stays pending, and
+/// once Postgres is back a later try writes back the rest, exactly once.
+#[tokio::test]
+async fn a_postgres_stopped_mid_reconcile_is_waited_out() {
+    let pg = PrivatePostgres::start().await;
+    let db = TestDb::new_on(&pg.url()).await;
+    let prefix = key_prefix();
+    let redis = RedisServer::start().await;
+    let slow = [("OUTBOX_RELAY_JOURNAL__RECONCILE_RATE", "1000")];
+    let (mut relay, members) = delivered(&db, &redis.url(), &prefix, 6_000, &slow).await;
+    wait_for_marker(&redis.url(), &prefix).await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("FLUSHALL");
+    wait_until("the reconcile under way", Duration::from_secs(60), || async {
+        !schedule_members(&redis.url(), &prefix).await.is_empty()
+    })
+    .await;
+    pg.stop();
+    wait_until("the reconcile fails", Duration::from_secs(60), || async {
+        !relay.records("journal reconcile failed").is_empty()
+    })
+    .await;
+    assert!(schedule_members(&redis.url(), &prefix).await.len() < members.len());
+    pg.start_again().await;
+    wait_until("every entry back", Duration::from_secs(120), || async {
+        schedule_members(&redis.url(), &prefix).await.len() == members.len()
+    })
+    .await;
+    assert_eq!(schedule_members(&redis.url(), &prefix).await, members);
+    assert_eq!(relay.records("redis lost data").len(), 1);
+    assert!(relay.is_running(), "{:#?}", relay.lines());
     relay.stop().await;
 }
 
