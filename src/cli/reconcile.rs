@@ -126,8 +126,9 @@ pub async fn run(
     }
     if report.refused > 0 {
         return Err(ReconcileCmdError::Redis(format!(
-            "{} entries were refused by Redis and are still missing; run reconcile again when Redis accepts writes",
-            report.refused
+            "{} entries were refused by Redis ({}) and are still missing; run reconcile again when Redis accepts writes",
+            report.refused,
+            report.refusal.as_deref().unwrap_or("no reason given")
         )));
     }
     if report.paused > 0 && !report.dry_run {

@@ -4,15 +4,20 @@
 //! gone): the relay notices and writes the lost entries again, and
 //! `outbox-relay reconcile` does it on demand. A cancelled job stays
 //! cancelled; `journal.still_pending` keeps entries a consumer already
-//! finished from coming back. This file holds what both share.
+//! finished from coming back; `faults` what a reconcile does when Redis or
+//! Postgres is frozen, stopped or refusing under it. This file holds what
+//! they share.
 
 use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use redis::AsyncCommands;
+
 use common::*;
 
+mod faults;
 mod losses;
 mod records;
 
@@ -81,4 +86,15 @@ pub async fn delivered_by(
     let members = schedule_members(redis_url, prefix).await;
     assert_eq!(members.len() as i64, rows);
     (relay, members)
+}
+
+/// Until the watch has looked once and written its marker key.
+pub async fn wait_for_marker(url: &str, prefix: &str) {
+    wait_until("the marker key", Duration::from_secs(30), || async {
+        let mut conn = redis_conn(url).await;
+        conn.exists::<_, bool>(format!("{prefix}journal:marker"))
+            .await
+            .unwrap_or(false)
+    })
+    .await;
 }

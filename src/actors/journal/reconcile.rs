@@ -70,6 +70,9 @@ pub struct Report {
     pub written: u64,
     /// Redis refused to write them (a fence, OOM, READONLY, …): not written.
     pub refused: u64,
+    /// What Redis said of the first entry it refused (`NOPERM …`, `OOM …`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
     pub seconds: f64,
     pub dry_run: bool,
 }
@@ -259,7 +262,10 @@ async fn one_page(
         match o {
             EntryOutcome::Delivered => report.written += 1,
             EntryOutcome::Cancelled => report.cancelled += 1,
-            _ => report.refused += 1,
+            EntryOutcome::Rejected(why) | EntryOutcome::Deferred(why) | EntryOutcome::Unknown(why) => {
+                report.refused += 1;
+                report.refusal.get_or_insert_with(|| why.clone());
+            }
         }
     }
     Ok(())

@@ -276,7 +276,8 @@ impl JournalActor {
                 let since = act.reconciling_since.take();
                 match result {
                     Ok(r) if r.refused > 0 => {
-                        act.failed(format!("redis refused {} lost entries", r.refused), r.written);
+                        let why = r.refusal.as_deref().unwrap_or("no reason given");
+                        act.failed(format!("redis refused lost entries: {why}"), r.refused, r.written);
                     }
                     Ok(r) if r.paused > 0 => {
                         act.retry_at = Some(Instant::now() + PAUSED_RETRY);
@@ -296,7 +297,7 @@ impl JournalActor {
                         "not_pending" => r.not_pending, "refused" => r.refused,
                         "seconds" => format!("{:.1}", r.seconds));
                     }
-                    Err(e) => act.failed(e, 0),
+                    Err(e) => act.failed(e, 0, 0),
                 }
             },
         );
@@ -307,7 +308,7 @@ impl JournalActor {
     /// pending. The first failure, and one with a new error, is a
     /// warning; a repeat is an info line, so a refusal that lasts an hour
     /// is one warning and a line a minute, not one every round.
-    fn failed(&mut self, error: String, written: u64) {
+    fn failed(&mut self, error: String, refused: u64, written: u64) {
         self.failures = self.failures.saturating_add(1);
         let wait = crate::domain::journal::retry_after(self.settings.watch_interval, self.failures);
         self.retry_at = Some(Instant::now() + wait);
@@ -315,9 +316,9 @@ impl JournalActor {
         let tries = self.failures;
         let msg = "journal reconcile failed; the lost entries stay pending and it tries again";
         if self.last_failure.as_deref() == Some(error.as_str()) {
-            info!(self.core.log, "{}", msg; "error" => &error, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
+            info!(self.core.log, "{}", msg; "error" => &error, "refused" => refused, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
         } else {
-            warn!(self.core.log, "{}", msg; "error" => &error, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
+            warn!(self.core.log, "{}", msg; "error" => &error, "refused" => refused, "written" => written, "tries" => tries, "retry_in_s" => retry_in_s);
         }
         self.last_failure = Some(error);
     }
