@@ -211,8 +211,10 @@ pub fn roles_sql() -> String {
 
 /// Wait until a statement starting with `starts_with` waits for a lock in
 /// `db` (another session holds what it needs): the race a test sets up.
+/// Only `db`'s sessions count: another test's relay may wait on a lock of
+/// its own with the same statement at the same time.
 pub async fn wait_lock_waiter(db: &TestDb, starts_with: &str, what: &str) {
     let sql =
-        format!("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '{starts_with}%' AND wait_event_type = 'Lock'");
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '{starts_with}%' AND wait_event_type = 'Lock'");
     wait_until(what, Duration::from_secs(30), || async { db.count(&sql).await == 1 }).await;
 }

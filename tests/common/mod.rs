@@ -129,6 +129,19 @@ pub fn free_port() -> u16 {
     free_port_where(|_| true)
 }
 
+/// `OUTBOX_TEST_PORT_CLASS` (0 or 1): `scripts/test` runs two processes of
+/// this binary at once, and the list of ports already handed out is per
+/// process, so each takes only ports of its own class (bit 1 of the port:
+/// `bind(0)` hands out odd ports, half of each class, and a cluster bus
+/// port, +10,000, is of its node's class). Unset: any port.
+fn of_this_process(port: u16) -> bool {
+    match std::env::var("OUTBOX_TEST_PORT_CLASS").ok().as_deref() {
+        Some("0") => (port >> 1) & 1 == 0,
+        Some("1") => (port >> 1) & 1 == 1,
+        _ => true,
+    }
+}
+
 /// A port for a Redis Cluster node: it and its cluster bus port (+10000)
 /// are free and neither was handed out before (a node whose bus port is
 /// taken by another test's server exits at start).
@@ -149,7 +162,7 @@ fn free_port_where(ok: impl Fn(u16) -> bool) -> u16 {
             .map(|a| a.port())
             .expect("free port");
         let bus = port.checked_add(10_000);
-        if !given.contains(&port) && bus.is_none_or(|b| !given.contains(&b)) && ok(port) {
+        if of_this_process(port) && !given.contains(&port) && bus.is_none_or(|b| !given.contains(&b)) && ok(port) {
             given.push(port);
             if let Some(b) = bus {
                 // Kept out of later picks too: a cluster node may use it.
