@@ -209,10 +209,7 @@ pub const RETRY_CAP: Duration = Duration::from_secs(60);
 /// memory) is tried a minute apart, not every round.
 pub fn retry_after(interval: Duration, failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
-    interval
-        .saturating_mul(1 << doublings)
-        .min(RETRY_CAP)
-        .max(interval.min(RETRY_CAP))
+    interval.saturating_mul(1 << doublings).min(RETRY_CAP)
 }
 
 #[cfg(test)]
